@@ -1,0 +1,1 @@
+"""Site (hospital) side: the Flower ClientApp and the local training and audit tasks."""

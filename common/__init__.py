@@ -1,0 +1,1 @@
+"""Shared building blocks: config, phantoms, site data, model, file I/O. Imports nothing else of ours."""

@@ -1,0 +1,1 @@
+"""Privacy: DP accounting, the site privacy ledger, memorization and membership-inference audits."""

@@ -1,0 +1,1 @@
+"""Consortium server side: the Flower ServerApp, checkpoints, synthesis, the CLI and the demo."""
