@@ -1,0 +1,46 @@
+"""fedsynth ClientApp: the part of the federation that runs inside each hospital.
+
+Thin by design: it reads the site's node config and the server's round config, calls plain functions in
+`client.task` (training) and `client.audit` (privacy audits on local data), and replies. Raw images never leave.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.task import RoundPlan, run_training_round
+from common.config import SiteConfig
+
+app = ClientApp()
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = SiteConfig.from_flwr(context.node_config)
+    plan = RoundPlan.from_config(dict(msg.content["config"]))
+    arrays = msg.content["arrays"].to_torch_state_dict()
+    autoencoder = msg.content["autoencoder"].to_torch_state_dict() if "autoencoder" in msg.content else None
+    result = run_training_round(site, plan, arrays, autoencoder)
+    content = RecordDict({"privacy": ConfigRecord(_config_values(result.privacy))})
+    content["status"] = ConfigRecord({"site": result.site_name, "refused": result.refused})
+    if result.state_dict is not None:
+        content["arrays"] = ArrayRecord(result.state_dict)
+        content["metrics"] = MetricRecord({k: float(v) for k, v in result.metrics.items()})
+    return Message(content=content, reply_to=msg)
+
+
+def _config_values(d: dict) -> dict:
+    """ConfigRecord takes scalars and strings; floats like inf go as strings so nothing is silently dropped."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
+            out[k] = str(v)
+        elif isinstance(v, (int, float, str, bool)):
+            out[k] = v
+        else:
+            out[k] = str(v)
+    return out

@@ -1,0 +1,299 @@
+"""What a site does in one training round: load its own scans, plan the DP mechanism against its privacy ledger,
+train the autoencoder or the latent diffusion UNet with Opacus DP-SGD, and say what it spent.
+
+Nothing here sends anything: `client_app.py` turns the returned `RoundResult` into a Flower reply.
+Privacy is per patient: the site loader yields one record (slice or volume) per patient and DP-SGD samples
+records with Poisson sampling, so a step's sampling rate is a patient's probability of being in the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.config import ModelConfig, SiteConfig, model_config
+from common.model import (
+    autoencoder_loss,
+    build_autoencoder,
+    build_unet,
+    ddpm_scheduler,
+    diffusion_loss,
+    encode,
+)
+from common.site import SiteData, load_site, split_site
+from privacy.accounting import MechanismStep, calibrate_noise_multiplier, default_delta
+from privacy.dp import make_private
+from privacy.ledger import PrivacyLedger
+
+log = logging.getLogger("fedsynth.site")
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The server's instructions for one round, plus what the site needs to plan its privacy for the whole run."""
+
+    run_id: str
+    server_round: int
+    phase: str  # "autoencoder" | "diffusion"
+    num_server_rounds: int
+    federated_autoencoder_rounds: int
+    preset: str
+    local_epochs: int
+    batch_size: int
+    lr: float
+    kl_weight: float = 1e-6
+    latent_scale: float = 1.0
+    proximal_mu: float = 0.0
+    seed: int = 0
+
+    @property
+    def remaining_rounds(self) -> int:
+        """Rounds in which this site may still train, this one included (both phases count: both touch data)."""
+        return self.num_server_rounds - self.server_round + 1
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "RoundPlan":
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k.replace("-", "_"): v for k, v in cfg.items() if k.replace("-", "_") in names})
+
+    def to_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """The mechanism a site will run this round, decided before any record is touched."""
+
+    enabled: bool
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+    accountant: str
+    epsilon_before: float
+    epsilon_after: float
+    epsilon_budget: float
+
+    @property
+    def protection(self) -> str:
+        if not self.enabled:
+            return "none"
+        return f"formal sample-level DP per patient ({self.accountant.upper()} accountant, delta={self.delta:.2e})"
+
+
+@dataclass
+class RoundResult:
+    site_name: str
+    refused: str = ""  # non-empty: the site declined the round, and why
+    state_dict: dict[str, torch.Tensor] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_training_data(site: SiteConfig, cfg: ModelConfig) -> tuple[SiteData, SiteData]:
+    """The site's records split by patient into (train, audit hold-out); the hold-out is never trained on."""
+    data = load_site(site.site_dir, class_names=cfg.class_names, spatial_dims=cfg.spatial_dims, image_size=cfg.image_size)
+    for problem in data.problems:
+        log.warning("site %s: %s", site.name, problem)
+    return split_site(data, holdout_fraction=site.holdout_fraction)
+
+
+def dataset_fingerprint(site: SiteConfig, train: SiteData) -> str:
+    """Privacy spend is keyed by the patients trained on, so a new run on the same data keeps counting."""
+    h = hashlib.sha256(site.name.encode())
+    for sid in sorted(train.subject_ids):
+        h.update(b"\0" + sid.encode())
+    return h.hexdigest()
+
+
+def open_ledger(site: SiteConfig, train: SiteData) -> PrivacyLedger:
+    site.state_path.mkdir(parents=True, exist_ok=True)
+    return PrivacyLedger(site.state_path / "privacy_ledger.sqlite", dataset_fingerprint(site, train))
+
+
+def steps_per_round(n_records: int, plan: RoundPlan) -> tuple[float, int]:
+    """Sampling rate and DP-SGD steps of one local round (Opacus: q = 1 / ceil(N / B), ceil(N / B) steps/epoch)."""
+    batches = max(1, math.ceil(n_records / plan.batch_size))
+    return 1.0 / batches, batches * plan.local_epochs
+
+
+def plan_privacy(site: SiteConfig, ledger: PrivacyLedger, n_records: int, plan: RoundPlan) -> tuple[DPPlan | None, str]:
+    """Calibrate this round's noise so the whole remaining run fits the site's budget, given all past spend.
+
+    Returns (plan, "") or (None, reason to refuse).
+    """
+    q, steps = steps_per_round(n_records, plan)
+    delta = site.delta or default_delta(n_records)
+    if not site.dp:
+        return DPPlan(False, 0.0, q, steps, site.max_grad_norm, delta, "none", 0.0, math.inf, math.inf), ""
+    prior = ledger.history()
+    eps_now = ledger.epsilon(delta, site.accountant)
+    remaining = MechanismStep(noise_multiplier=1.0, sample_rate=q, steps=steps * plan.remaining_rounds)
+    try:
+        sigma = calibrate_noise_multiplier(
+            site.epsilon, delta, q, remaining.steps, accountant=site.accountant, prior=prior
+        )
+    except ValueError as err:
+        return None, f"privacy budget: {err} (spent epsilon={eps_now:.3f} of {site.epsilon} at delta={delta:.2e})"
+    this_round = [MechanismStep(noise_multiplier=sigma, sample_rate=q, steps=steps)]
+    decision = ledger.check_budget(this_round, site.epsilon, delta, site.accountant)
+    if not decision.allowed:
+        return None, decision.reason
+    return (
+        DPPlan(True, sigma, q, steps, site.max_grad_norm, delta, site.accountant, eps_now, decision.epsilon_after, site.epsilon),
+        "",
+    )
+
+
+def _train_loop(
+    module: torch.nn.Module,
+    dataset: TensorDataset,
+    plan: RoundPlan,
+    dp: DPPlan,
+    loss_fn: Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor],
+    device: torch.device,
+) -> dict[str, float]:
+    """Local DP-SGD (Opacus, Poisson sampling) for `plan.local_epochs` epochs; returns mean loss and step count."""
+    module.to(device).train()
+    global_params = [p.detach().clone() for p in module.parameters()]
+    optimizer = torch.optim.Adam(module.parameters(), lr=plan.lr)
+    loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=True)
+    generator = torch.Generator().manual_seed(plan.seed * 100_003 + plan.server_round)
+    if dp.enabled:
+        module, optimizer, loader = make_private(
+            module, optimizer, loader, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm
+        )
+        if abs(loader.sample_rate - dp.sample_rate) > 1e-12:
+            raise RuntimeError(f"Opacus sample rate {loader.sample_rate} differs from the planned {dp.sample_rate}")
+    losses, steps = [], 0
+    for _ in range(plan.local_epochs):
+        for batch in loader:
+            batch = tuple(t.to(device) for t in batch)
+            optimizer.zero_grad(set_to_none=True)
+            if len(batch[0]) == 0:  # Poisson sampling can draw an empty batch: the step still adds noise
+                _empty_step(module, optimizer)
+            else:
+                loss = loss_fn(module, batch).mean()
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            if plan.proximal_mu > 0:  # FedProx: a data-independent pull towards the global model (no privacy cost)
+                with torch.no_grad():
+                    for p, g in zip(module.parameters(), global_params):
+                        p.sub_(plan.lr * plan.proximal_mu * (p - g))
+            steps += 1
+    if dp.enabled and steps != dp.steps:
+        raise RuntimeError(f"ran {steps} DP-SGD steps but planned and recorded {dp.steps}")
+    del generator
+    return {"loss": sum(losses) / max(1, len(losses)), "steps": float(steps)}
+
+
+def _empty_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """An empty Poisson batch: zero per-sample gradients, so the DP optimizer releases pure noise as DP-SGD requires."""
+    for p in module.parameters():
+        if p.requires_grad:
+            p.grad_sample = torch.zeros((0,) + tuple(p.shape), device=p.device, dtype=p.dtype)
+    optimizer.step()
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "_module", module)
+
+
+def run_training_round(
+    site: SiteConfig,
+    plan: RoundPlan,
+    arrays: dict[str, torch.Tensor],
+    autoencoder_arrays: dict[str, torch.Tensor] | None = None,
+) -> RoundResult:
+    """One round at one site. `arrays` is the component to train; in the diffusion phase `autoencoder_arrays` is the
+    frozen global autoencoder used to encode the site's images."""
+    t0 = time.time()
+    cfg = model_config(plan.preset)
+    device = select_device(site.device)
+    torch.manual_seed(plan.seed * 1_000_003 + plan.server_round)
+    train, holdout = load_training_data(site, cfg)
+    ledger = open_ledger(site, train)
+    dp, reason = plan_privacy(site, ledger, len(train), plan)
+    if dp is None:
+        log.warning("site %s refuses round %d: %s", site.name, plan.server_round, reason)
+        return RoundResult(site.name, refused=reason, privacy=privacy_summary(site, ledger, train, None))
+
+    # The spend is committed before any record touches the mechanism: a crash from here on can only over-count.
+    if dp.enabled:
+        ledger.record(
+            run_id=plan.run_id, server_round=plan.server_round, phase=plan.phase, noise_multiplier=dp.noise_multiplier,
+            sample_rate=dp.sample_rate, steps=dp.steps, clipping_norm=dp.max_grad_norm, accountant=dp.accountant,
+        )
+    images = torch.from_numpy(train.images)
+    labels = torch.from_numpy(train.labels)
+    if plan.phase == "autoencoder":
+        module: torch.nn.Module = build_autoencoder(cfg)
+        module.load_state_dict(arrays)
+        dataset = TensorDataset(images)
+        stats = _train_loop(module, dataset, plan, dp, lambda m, b: autoencoder_loss(m, b[0], plan.kl_weight), device)
+    else:
+        if autoencoder_arrays is None:
+            raise ValueError("diffusion phase needs the global autoencoder")
+        ae = build_autoencoder(cfg)
+        ae.load_state_dict(autoencoder_arrays)
+        ae.to(device).eval()
+        mu, sigma = encode(ae, images.to(device))
+        module = build_unet(cfg)
+        module.load_state_dict(arrays)
+        scheduler = ddpm_scheduler(cfg)
+        scale = plan.latent_scale
+
+        def loss(m: torch.nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            z = (b[0] + b[1] * torch.randn_like(b[0])) * scale
+            return diffusion_loss(m, scheduler, z, b[2])
+
+        dataset = TensorDataset(mu.cpu(), sigma.cpu(), labels)
+        stats = _train_loop(module, dataset, plan, dp, loss, device)
+    state = {k: v.detach().cpu() for k, v in _unwrap(module).state_dict().items()}
+    seconds = time.time() - t0
+    metrics = {"num-examples": len(train), "loss": stats["loss"], "steps": stats["steps"], "seconds": seconds}
+    privacy = privacy_summary(site, ledger, train, dp)
+    metrics.update({"epsilon": privacy["epsilon"], "delta": privacy["delta"]})
+    log.info("site %s round %d %s: loss %.4f, %d steps, epsilon %.3f, %.1fs", site.name, plan.server_round,
+             plan.phase, stats["loss"], stats["steps"], privacy["epsilon"], seconds)
+    del holdout
+    return RoundResult(site.name, state_dict=state, metrics=metrics, privacy=privacy)
+
+
+def privacy_summary(site: SiteConfig, ledger: PrivacyLedger, train: SiteData, dp: DPPlan | None) -> dict[str, Any]:
+    """What the site reports about its spend: computed from its whole ledger, labelled with the kind of protection."""
+    delta = site.delta or default_delta(len(train))
+    eps = ledger.epsilon(delta, site.accountant) if site.dp else math.inf
+    history = ledger.history()
+    last = history[-1] if history else None
+    return {
+        "site": site.name,
+        "protection": (
+            f"formal sample-level DP per patient ({site.accountant.upper()} accountant, delta={delta:.2e})"
+            if site.dp else "none"
+        ),
+        "epsilon": eps,
+        "epsilon_budget": site.epsilon,
+        "delta": delta,
+        "accountant": site.accountant,
+        "noise_multiplier": dp.noise_multiplier if dp else (last.noise_multiplier if last else 0.0),
+        "sample_rate": dp.sample_rate if dp else (last.sample_rate if last else 0.0),
+        "steps_total": sum(s.steps for s in history),
+        "clipping_norm": site.max_grad_norm,
+        "patients_trained_on": len(train),
+    }

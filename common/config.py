@@ -1,0 +1,205 @@
+"""One typed configuration for a fedsynth run, read once and passed down.
+
+Three parts, by who owns them:
+- `ModelConfig`: the latent diffusion model (chosen by the consortium through a named preset).
+- `RunConfig`: the federation plan the server runs (rounds, phases, strategy, synthesis); it is what
+  `[tool.flwr.app.config]` in pyproject.toml and `flwr run --run-config` set.
+- `SiteConfig`: what one hospital decides for itself (its data folder, its privacy budget); it is the SuperNode's
+  `--node-config`.
+Keys in Flower configs are kebab-case (`num-server-rounds`); fields are the same names in snake_case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+CLASS_NAMES: tuple[str, ...] = ("healthy", "lesion")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """MONAI AutoencoderKL + class-conditional DiffusionModelUNet working in the autoencoder's latent space."""
+
+    name: str
+    spatial_dims: int = 2
+    image_size: int = 64
+    # Autoencoder: len(ae_channels) - 1 downsamplings by 2. No attention: cheap and DP-friendly.
+    ae_channels: tuple[int, ...] = (16, 32, 64)
+    ae_res_blocks: int = 1
+    ae_norm_groups: int = 8
+    latent_channels: int = 4
+    # Diffusion UNet on latents.
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    unet_attention: tuple[bool, ...] = (False, True, True)
+    unet_res_blocks: int = 1
+    unet_norm_groups: int = 8
+    unet_head_channels: int = 16
+    class_names: tuple[str, ...] = CLASS_NAMES
+    train_timesteps: int = 1000
+    ddim_steps: int = 50
+    # Multiplies latents so they have about unit variance. Never fitted on private data: the server estimates it
+    # on public phantoms (server.training.estimate_latent_scale) and records it in the checkpoint.
+    latent_scale: float = 1.0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.ae_channels) - 1)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return (1,) + (self.image_size,) * self.spatial_dims
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.latent_channels,) + (self.latent_size,) * self.spatial_dims
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tests: seconds per round on a laptop CPU.
+    "tiny": ModelConfig(
+        name="tiny", image_size=32, ae_channels=(8, 16), latent_channels=3, unet_channels=(16, 32),
+        unet_attention=(False, True), unet_head_channels=8, ddim_steps=10, train_timesteps=1000,
+    ),
+    # The CPU demo: 64x64 slices, 16x16x4 latents.
+    "small": ModelConfig(name="small"),
+    # GPU sites: 128x128 slices, 32x32x4 latents.
+    "base2d": ModelConfig(
+        name="base2d", image_size=128, ae_channels=(32, 64, 128), ae_res_blocks=2, unet_channels=(64, 128, 256),
+        unet_attention=(False, True, True), unet_res_blocks=2, unet_norm_groups=32, unet_head_channels=32,
+        ae_norm_groups=32,
+    ),
+    # GPU sites, volumes: 64^3 -> 16^3 x 4 latents.
+    "base3d": ModelConfig(
+        name="base3d", spatial_dims=3, image_size=64, ae_channels=(32, 64, 64), unet_channels=(64, 128, 128),
+        unet_attention=(False, False, True), unet_norm_groups=32, unet_head_channels=32, ae_norm_groups=16,
+    ),
+}
+
+
+def model_config(preset: str, **overrides: Any) -> ModelConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The federation plan. Field `x_y` is Flower run-config key `x-y`."""
+
+    preset: str = "small"
+    num_server_rounds: int = 6
+    autoencoder_rounds: int = 2  # the first rounds train the autoencoder, the rest the diffusion UNet
+    autoencoder_source: str = "federated"  # "federated" (trained at the sites, with DP) or "public" (phantoms only)
+    local_epochs: int = 1
+    batch_size: int = 16  # expected (Poisson) batch size at a site
+    lr_autoencoder: float = 2e-3
+    lr_diffusion: float = 1e-3
+    kl_weight: float = 1e-6
+    strategy: str = "fedavg"  # fedavg | fedadam | fedprox
+    proximal_mu: float = 0.01  # FedProx only
+    server_lr: float = 0.05  # FedAdam only
+    min_sites: int = 2
+    round_timeout: float = 900.0
+    run_dir: str = "runs/latest"
+    synthesize_per_class: int = 8
+    seed: int = 0
+    public_phantoms: int = 64  # public phantom images for the latent scale (and a public autoencoder)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: unknown {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if not 0 <= self.autoencoder_rounds <= self.num_server_rounds:
+            raise ValueError("autoencoder-rounds must be between 0 and num-server-rounds")
+        if self.autoencoder_source not in ("federated", "public"):
+            raise ValueError("autoencoder-source must be 'federated' or 'public'")
+        if self.autoencoder_source == "federated" and self.autoencoder_rounds == 0:
+            raise ValueError("autoencoder-source 'federated' needs autoencoder-rounds >= 1")
+        if self.strategy not in ("fedavg", "fedadam", "fedprox"):
+            raise ValueError(f"strategy: unknown {self.strategy!r}; choose fedavg, fedadam or fedprox")
+        if self.min_sites < 1:
+            raise ValueError("min-sites must be >= 1")
+
+    @property
+    def diffusion_rounds(self) -> int:
+        return self.num_server_rounds - self.federated_autoencoder_rounds
+
+    @property
+    def federated_autoencoder_rounds(self) -> int:
+        return self.autoencoder_rounds if self.autoencoder_source == "federated" else 0
+
+    def phase(self, server_round: int) -> str:
+        """Round numbers start at 1, as in Flower."""
+        return "autoencoder" if server_round <= self.federated_autoencoder_rounds else "diffusion"
+
+    @classmethod
+    def from_flwr(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        return _from_kebab(cls, run_config)
+
+    def to_flwr(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One hospital's own settings, from its SuperNode `--node-config`."""
+
+    site_dir: str
+    site_name: str = ""
+    state_dir: str = ""  # durable site state: privacy ledger; defaults to <site_dir>/.fedsynth
+    epsilon: float = 10.0  # this site's total (epsilon, delta) budget over all runs on this data
+    delta: float = 0.0  # 0 -> at most 1 / (10 x patients)
+    accountant: str = "rdp"  # rdp | prv
+    max_grad_norm: float = 1.0
+    dp: bool = True  # False only for experiments; the run record then says "none"
+    holdout_fraction: float = 0.25
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        if not self.site_dir:
+            raise ValueError("node config needs site-dir (the folder with the site's images and labels.csv)")
+        if self.accountant not in ("rdp", "prv"):
+            raise ValueError("accountant must be 'rdp' or 'prv'")
+        if self.epsilon <= 0 or self.delta < 0 or self.max_grad_norm <= 0:
+            raise ValueError("epsilon and max-grad-norm must be > 0, delta >= 0")
+
+    @property
+    def name(self) -> str:
+        return self.site_name or Path(self.site_dir).name
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir) if self.state_dir else Path(self.site_dir) / ".fedsynth"
+
+    @classmethod
+    def from_flwr(cls, node_config: Mapping[str, Any]) -> "SiteConfig":
+        return _from_kebab(cls, node_config, ignore_unknown=True)
+
+
+def _from_kebab(cls: type, values: Mapping[str, Any], ignore_unknown: bool = False) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            if ignore_unknown:
+                continue
+            raise ValueError(f"unknown config key {key!r}; known: {sorted(k.replace('_', '-') for k in fields)}")
+        default = fields[name].default
+        if isinstance(default, bool):
+            value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            value = int(value)
+        elif isinstance(default, float):
+            value = float(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+__all__ = ["CLASS_NAMES", "ModelConfig", "PRESETS", "model_config", "RunConfig", "SiteConfig"]

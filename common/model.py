@@ -1,0 +1,147 @@
+"""The latent diffusion model: MONAI AutoencoderKL + class-conditional DiffusionModelUNet, DDPM training, DDIM sampling.
+
+Images live in [0, 1]; the diffusion model works on `latent_scale * z` where z is the autoencoder's latent mean.
+Per-sample losses are returned (shape (B,)) so DP-SGD can clip per record and audits can score per record.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from common.config import ModelConfig
+
+SCHEDULE = dict(schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)
+
+
+def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
+    n = len(cfg.ae_channels)
+    return AutoencoderKL(
+        spatial_dims=cfg.spatial_dims,
+        in_channels=1,
+        out_channels=1,
+        channels=cfg.ae_channels,
+        num_res_blocks=(cfg.ae_res_blocks,) * n,
+        attention_levels=(False,) * n,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.ae_norm_groups,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+    )
+
+
+def build_unet(cfg: ModelConfig) -> DiffusionModelUNet:
+    n = len(cfg.unet_channels)
+    return DiffusionModelUNet(
+        spatial_dims=cfg.spatial_dims,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        channels=cfg.unet_channels,
+        attention_levels=cfg.unet_attention,
+        num_res_blocks=(cfg.unet_res_blocks,) * n,
+        norm_num_groups=cfg.unet_norm_groups,
+        num_head_channels=cfg.unet_head_channels,
+        num_class_embeds=cfg.num_classes,
+    )
+
+
+def ddpm_scheduler(cfg: ModelConfig) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, clip_sample=False, **SCHEDULE)
+
+
+def ddim_scheduler(cfg: ModelConfig) -> DDIMScheduler:
+    return DDIMScheduler(num_train_timesteps=cfg.train_timesteps, clip_sample=False, **SCHEDULE)
+
+
+def autoencoder_loss(ae: AutoencoderKL, images: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    """Per-sample L1 reconstruction + weighted KL divergence, shape (B,)."""
+    recon, mu, sigma = ae(images)
+    dims = tuple(range(1, images.ndim))
+    l1 = (recon - images).abs().mean(dim=dims)
+    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum(dim=dims)
+    return l1 + kl_weight * kl
+
+
+@torch.no_grad()
+def encode(ae: AutoencoderKL, images: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent mean and std for each image (no gradient), batched."""
+    mus, sigmas = [], []
+    for i in range(0, len(images), batch):
+        h = ae.encoder(images[i : i + batch])
+        mus.append(ae.quant_conv_mu(h))
+        sigmas.append(torch.exp(torch.clamp(ae.quant_conv_log_sigma(h), -30.0, 20.0) / 2))
+    return torch.cat(mus), torch.cat(sigmas)
+
+
+def diffusion_loss(
+    unet: DiffusionModelUNet,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample epsilon-prediction MSE, shape (B,). `latents` are already scaled."""
+    if noise is None:
+        noise = torch.randn_like(latents)
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.num_train_timesteps, (len(latents),), device=latents.device)
+    noisy = scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
+    pred = unet(noisy, timesteps=timesteps, class_labels=labels)
+    return F.mse_loss(pred, noise, reduction="none").mean(dim=tuple(range(1, latents.ndim)))
+
+
+@torch.no_grad()
+def sample_latents(
+    unet: DiffusionModelUNet,
+    cfg: ModelConfig,
+    labels: torch.Tensor,
+    *,
+    steps: int | None = None,
+    sampler: str = "ddim",
+    generator: torch.Generator | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Reverse diffusion from Gaussian noise for one batch of class labels (DDIM by default, DDPM for comparison)."""
+    device = labels.device
+    if sampler == "ddim":
+        scheduler = ddim_scheduler(cfg)
+        scheduler.set_timesteps(steps or cfg.ddim_steps, device=device)
+    elif sampler == "ddpm":
+        scheduler = ddpm_scheduler(cfg)
+        scheduler.set_timesteps(steps or cfg.train_timesteps, device=device)
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}")
+    x = torch.randn((len(labels),) + cfg.latent_shape, generator=generator, device="cpu").to(device)
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        t_batch = torch.full((len(labels),), int(t), device=device, dtype=torch.long)
+        eps = unet(x, timesteps=t_batch, class_labels=labels)
+        if sampler == "ddim":
+            x, _ = scheduler.step(eps.float(), int(t), x, eta=0.0)
+        else:
+            x, _ = scheduler.step(eps.float(), int(t), x, generator=generator)
+        if progress:
+            progress(i + 1, len(timesteps))
+    return x
+
+
+@torch.no_grad()
+def decode(ae: AutoencoderKL, latents: torch.Tensor, latent_scale: float) -> torch.Tensor:
+    return ae.decode(latents / latent_scale).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def estimate_latent_scale(ae: AutoencoderKL, public_images: torch.Tensor) -> float:
+    """1 / std of the latent means of PUBLIC images (never private ones: the scale would leak their statistics)."""
+    mu, _ = encode(ae, public_images)
+    std = float(mu.std())
+    return 1.0 / max(std, 1e-6)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,303 @@
+"""The federation loop the ServerApp runs: rounds, phases, aggregation, checkpoints, resume, dropouts, refusals.
+
+One obvious path: for each round, pick the sites still in the run, send them the component being trained (the
+autoencoder first, then the diffusion UNet), aggregate what comes back with the configured Flower strategy, write
+a checkpoint and the per-site metrics, and go on. Everything a later reader needs is in the run folder:
+
+    run.json          the run record: config, sites, who dropped or refused and why, status
+    metrics.jsonl     one line per site per round: loss, examples, seconds, epsilon, status
+    privacy.json      each site's privacy spend as last reported, labelled with the kind of protection
+    checkpoints/      round-NNN.pt (atomic), latest.pt -> the newest
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from common.config import ModelConfig, RunConfig, model_config
+from common.io import append_jsonl, atomic_path, write_json_atomic
+from common.model import autoencoder_loss, build_autoencoder, build_unet, estimate_latent_scale
+from common.phantoms import make_phantom_images
+
+log = logging.getLogger("fedsynth.server")
+PUBLIC_PHANTOM_SEED = 1_000_003  # public phantoms never share a seed with any site's data
+
+
+@dataclass
+class RunState:
+    """What survives a restart: the global model, the round reached, and what happened to each site."""
+
+    run_id: str
+    completed_round: int = 0
+    latent_scale: float = 1.0
+    autoencoder_source: str = "federated"
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # site name -> {node_id, status, reason, round}
+    status: str = "running"
+    reason: str = ""
+
+
+def make_strategy(run: RunConfig) -> Strategy:
+    common = dict(min_train_nodes=run.min_sites, min_available_nodes=run.min_sites, fraction_evaluate=0.0)
+    if run.strategy == "fedavg":
+        return FedAvg(**common)
+    if run.strategy == "fedadam":
+        return FedAdam(**common, eta=run.server_lr)
+    return FedProx(**common, proximal_mu=run.proximal_mu)
+
+
+def checkpoint_payload(cfg: ModelConfig, run: RunConfig, state: RunState, ae: dict, unet: dict) -> dict[str, Any]:
+    return {
+        "format": "fedsynth-checkpoint/1",
+        "model_config": dataclasses.asdict(cfg),
+        "run_config": dataclasses.asdict(run),
+        "run_state": dataclasses.asdict(state),
+        "autoencoder": ae,
+        "unet": unet,
+    }
+
+
+def save_checkpoint(run_dir: Path, payload: dict[str, Any]) -> Path:
+    round_ = payload["run_state"]["completed_round"]
+    path = run_dir / "checkpoints" / f"round-{round_:03d}.pt"
+    for target in (path, run_dir / "checkpoints" / "latest.pt"):
+        with atomic_path(target) as tmp:
+            torch.save(payload, tmp)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("format") != "fedsynth-checkpoint/1":
+        raise ValueError(f"{path}: not a fedsynth checkpoint")
+    return payload
+
+
+def public_images(cfg: ModelConfig, n: int, seed: int = PUBLIC_PHANTOM_SEED) -> torch.Tensor:
+    """Public phantom images in [0, 1] at the model's size: the only data the server ever fits anything on."""
+    return torch.from_numpy(make_phantom_images(n, size=cfg.image_size, dims=cfg.spatial_dims, seed=seed))
+
+
+def train_public_autoencoder(cfg: ModelConfig, run: RunConfig, steps: int = 300) -> dict[str, torch.Tensor]:
+    """An autoencoder fitted on public phantoms only (no patient data, so no privacy cost)."""
+    torch.manual_seed(run.seed)
+    ae = build_autoencoder(cfg)
+    images = public_images(cfg, run.public_phantoms)
+    opt = torch.optim.Adam(ae.parameters(), lr=run.lr_autoencoder)
+    for step in range(steps):
+        idx = torch.randint(0, len(images), (min(run.batch_size, len(images)),))
+        loss = autoencoder_loss(ae, images[idx], run.kl_weight).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0:
+            log.info("public autoencoder: step %d/%d, loss %.4f", step + 1, steps, float(loss))
+    return {k: v.detach().clone() for k, v in ae.state_dict().items()}
+
+
+def wait_for_sites(grid: Grid, n: int, timeout: float) -> list[int]:
+    deadline = time.time() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes
+        if time.time() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of the {n} sites needed connected within {timeout:.0f}s")
+        time.sleep(2.0)
+
+
+class Federation:
+    """Holds a run's folder and state; `run()` drives the rounds. Small on purpose: read top to bottom."""
+
+    def __init__(self, grid: Grid, run: RunConfig, progress: Callable[[str], None] | None = None):
+        self.grid = grid
+        self.run = run
+        self.cfg = model_config(run.preset)
+        self.dir = Path(run.run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.say = progress or (lambda m: log.info("%s", m))
+        self.privacy: dict[str, dict[str, Any]] = {}
+
+    # ---- state -------------------------------------------------------------------------------------------------
+    def _resume_or_start(self) -> tuple[RunState, dict, dict]:
+        latest = self.dir / "checkpoints" / "latest.pt"
+        if latest.exists():
+            payload = load_checkpoint(latest)
+            if payload["model_config"]["name"] != self.cfg.name:
+                raise ValueError(f"{latest}: checkpoint is for preset {payload['model_config']['name']!r}, "
+                                 f"this run asks for {self.cfg.name!r}; use a new run-dir")
+            state = RunState(**payload["run_state"])
+            state.status, state.reason = "running", ""
+            self.say(f"resuming run {state.run_id} after round {state.completed_round} from {latest}")
+            if (self.dir / "privacy.json").exists():
+                import json
+
+                self.privacy = json.loads((self.dir / "privacy.json").read_text())
+            return state, payload["autoencoder"], payload["unet"]
+        torch.manual_seed(self.run.seed)
+        state = RunState(run_id=uuid.uuid4().hex[:12], autoencoder_source=self.run.autoencoder_source)
+        ae = build_autoencoder(self.cfg).state_dict()
+        unet = build_unet(self.cfg).state_dict()
+        if self.run.autoencoder_source == "public":
+            self.say("training the autoencoder on public phantoms (no patient data)")
+            ae = train_public_autoencoder(self.cfg, self.run)
+        return state, ae, unet
+
+    def _write_record(self, state: RunState) -> None:
+        write_json_atomic(self.dir / "run.json", {
+            "run_id": state.run_id,
+            "status": state.status,
+            "reason": state.reason,
+            "completed_round": state.completed_round,
+            "num_server_rounds": self.run.num_server_rounds,
+            "autoencoder": (
+                "trained on public phantoms only (no patient data, no privacy cost)"
+                if state.autoencoder_source == "public" else "trained federated at the sites (DP-SGD)"
+            ),
+            "latent_scale": state.latent_scale,
+            "latent_scale_source": "public phantoms",
+            "sites": state.sites,
+            "run_config": dataclasses.asdict(self.run),
+            "model_config": dataclasses.asdict(self.cfg),
+        })
+        write_json_atomic(self.dir / "privacy.json", self.privacy)
+
+    # ---- one round ---------------------------------------------------------------------------------------------
+    def _active_nodes(self, state: RunState) -> list[int]:
+        refused = {s["node_id"] for s in state.sites.values() if s["status"] == "refused"}
+        return [n for n in self.grid.get_node_ids() if n not in refused]
+
+    def _round(self, strategy: Strategy, state: RunState, r: int, arrays: ArrayRecord, frozen: ArrayRecord | None):
+        phase = self.run.phase(r)
+        plan = {
+            "run-id": state.run_id, "server-round": r, "phase": phase, "preset": self.run.preset,
+            "num-server-rounds": self.run.num_server_rounds,
+            "federated-autoencoder-rounds": self.run.federated_autoencoder_rounds,
+            "local-epochs": self.run.local_epochs, "batch-size": self.run.batch_size,
+            "lr": self.run.lr_autoencoder if phase == "autoencoder" else self.run.lr_diffusion,
+            "kl-weight": self.run.kl_weight, "latent-scale": state.latent_scale, "seed": self.run.seed,
+            "proximal-mu": self.run.proximal_mu if self.run.strategy == "fedprox" else 0.0,
+        }
+        active = set(self._active_nodes(state))
+        messages = [m for m in strategy.configure_train(r, arrays, ConfigRecord(plan), self.grid)
+                    if m.metadata.dst_node_id in active]
+        if frozen is not None:
+            for m in messages:
+                m.content["autoencoder"] = frozen
+        self.say(f"round {r}/{self.run.num_server_rounds} ({phase}): asking {len(messages)} sites")
+        t0 = time.time()
+        replies = list(self.grid.send_and_receive(messages, timeout=self.run.round_timeout))
+        answered = {m.metadata.src_node_id for m in replies}
+        good: list[Message] = []
+        for m in replies:
+            self._note_reply(state, r, phase, m, good)
+        for node in {m.metadata.dst_node_id for m in messages} - answered:
+            self._mark(state, self._site_of(state, node), node, "dropped", r, "no reply within round-timeout")
+        new_arrays = None
+        if good:
+            new_arrays, _ = strategy.aggregate_train(r, good)
+        self.say(f"round {r}: {len(good)} updates aggregated in {time.time() - t0:.1f}s")
+        return new_arrays, len(good)
+
+    def _site_of(self, state: RunState, node: int) -> str:
+        for name, s in state.sites.items():
+            if s["node_id"] == node:
+                return name
+        return f"node-{node}"
+
+    def _mark(self, state: RunState, site: str, node: int, status: str, r: int, reason: str = "") -> None:
+        prev = state.sites.get(site, {})
+        if status != "active" or prev.get("status") != "active":
+            self.say(f"site {site}: {status}" + (f" ({reason})" if reason else ""))
+        state.sites[site] = {"node_id": node, "status": status, "round": r, "reason": reason,
+                             "first_round": prev.get("first_round", r)}
+        if status != "active":
+            append_jsonl(self.dir / "metrics.jsonl", {"round": r, "site": site, "node_id": node, "status": status,
+                                                      "reason": reason})
+
+    def _note_reply(self, state: RunState, r: int, phase: str, m: Message, good: list[Message]) -> None:
+        node = m.metadata.src_node_id
+        if m.has_error():
+            self._mark(state, self._site_of(state, node), node, "dropped", r, f"error: {m.error.reason}")
+            return
+        status = m.content["status"]
+        site = str(status["site"])
+        self.privacy[site] = dict(m.content["privacy"])
+        if status["refused"]:
+            self._mark(state, site, node, "refused", r, str(status["refused"]))
+            return
+        metrics = dict(m.content["metrics"])
+        self._mark(state, site, node, "active", r)
+        append_jsonl(self.dir / "metrics.jsonl", {"round": r, "phase": phase, "site": site, "node_id": node,
+                                                  "status": "ok", **metrics})
+        self.say(f"  {site}: loss {metrics['loss']:.4f}, {int(metrics['num-examples'])} patients, "
+                 f"{metrics['seconds']:.1f}s, epsilon so far {metrics['epsilon']:.2f}")
+        good.append(m)
+
+    # ---- the run -----------------------------------------------------------------------------------------------
+    def run_rounds(self) -> Path | None:
+        """Run (or resume) all rounds; returns the final checkpoint, or None if the run had to stop early."""
+        state, ae, unet = self._resume_or_start()
+        self._write_record(state)
+        wait_for_sites(self.grid, self.run.min_sites, self.run.round_timeout)
+        strategy, strategy_phase = None, None
+        ckpt = self.dir / "checkpoints" / "latest.pt" if state.completed_round else None
+        if state.completed_round >= self.run.num_server_rounds:
+            self.say("all rounds already done")
+        for r in range(state.completed_round + 1, self.run.num_server_rounds + 1):
+            phase = self.run.phase(r)
+            if phase != strategy_phase:  # a fresh strategy per phase: server optimiser state is per component
+                strategy, strategy_phase = make_strategy(self.run), phase
+                if phase == "diffusion":
+                    state.latent_scale = estimate_latent_scale(self._ae(ae), public_images(self.cfg, 64))
+                    self.say(f"latent scale {state.latent_scale:.3f} (from public phantoms)")
+            active = self._active_nodes(state)
+            if len(active) < self.run.min_sites:
+                return self._stop(state, f"only {len(active)} sites can still train, min-sites is {self.run.min_sites}")
+            component = ae if phase == "autoencoder" else unet
+            frozen = ArrayRecord(ae) if phase == "diffusion" else None
+            new, n_good = self._round(strategy, state, r, ArrayRecord(component), frozen)
+            if n_good < self.run.min_sites or new is None:
+                return self._stop(state, f"round {r}: {n_good} updates, fewer than min-sites={self.run.min_sites}")
+            if phase == "autoencoder":
+                ae = new.to_torch_state_dict()
+            else:
+                unet = new.to_torch_state_dict()
+            state.completed_round = r
+            ckpt = save_checkpoint(self.dir, checkpoint_payload(self.cfg, self.run, state, ae, unet))
+            self._write_record(state)
+        state.status = "completed"
+        self._write_record(state)
+        return self.dir / "checkpoints" / "latest.pt" if ckpt else None
+
+    def _ae(self, ae_state: dict) -> torch.nn.Module:
+        ae = build_autoencoder(self.cfg)
+        ae.load_state_dict(ae_state)
+        return ae.eval()
+
+    def _stop(self, state: RunState, reason: str) -> None:
+        state.status, state.reason = "stopped", reason
+        self.say(f"run stopped: {reason}")
+        self._write_record(state)
+        return None
+
+
+def latest_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    import json
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
