@@ -151,6 +151,17 @@ def signal(protocol: Protocol, t1, t2, pd):
     return float(s) if s.ndim == 0 else s
 
 
+def weighting(protocol: Protocol) -> str:
+    """Dominant contrast of a protocol: "T1", "T2", "PD" or "FLAIR" (a public label for site.json)."""
+    if protocol.sequence == "flair":
+        return "FLAIR"
+    if protocol.sequence == "gre":
+        return "T1" if protocol.te_ms < 15 else "T2*"
+    if protocol.tr_ms < 1000:
+        return "T1"
+    return "T2" if protocol.te_ms >= 60 else "PD"
+
+
 def default_site_specs(n_sites: int) -> list[SiteSpec]:
     """`n_sites` non-IID sites cycling through distinct T1-weighted protocols; later cycles vary noise/bias."""
     if n_sites < 1:
@@ -202,7 +213,7 @@ def _draw_anatomy(rng: np.random.Generator) -> dict:
         "scale": rng.uniform(0.92, 1.02),
         "deform": _draw_waves(rng, 12, (0.4, 1.0)),
         "deform_amp": rng.uniform(0.015, 0.03),
-        "folds": _draw_waves(rng, 14, (1.6, 2.4)),
+        "folds": _draw_waves(rng, 24, (3.0, 4.5)),
         "atrophy": rng.uniform(0.0, 1.0),  # wider CSF spaces and ventricles
         "ventricle": rng.uniform(0.75, 1.35),
         "slice_w": rng.uniform(0.0, 0.12),  # axial slice height (2D)
@@ -216,8 +227,11 @@ def _draw_anatomy(rng: np.random.Generator) -> dict:
     }
 
 
-def _label_anatomy(a: dict, u, v, w, voxel_units: float, lesion: bool) -> np.ndarray:
-    """Tissue labels at head-frame points (u right, v anterior, w superior; head surface near rho = 1)."""
+def _label_anatomy(a: dict, u, v, w, voxel_units: float, lesion: bool, slice_w: float | None) -> np.ndarray:
+    """Tissue labels at head-frame points (u right, v anterior, w superior; head surface near rho = 1).
+
+    A lesion is centred well inside the brain (on the slice `slice_w` for 2D) and spans >= 2 voxels in radius.
+    """
     ax, ay, az = a["axes"]
     ax_eff = ax * (1.0 - a["taper"] * v)
     rho = np.sqrt((u / ax_eff) ** 2 + (v / ay) ** 2 + (w / az) ** 2)
@@ -236,16 +250,19 @@ def _label_anatomy(a: dict, u, v, w, voxel_units: float, lesion: bool) -> np.nda
     medial = np.hypot(np.maximum(np.abs(u) - fissure_half, 0.0), np.maximum(cc_reach - np.abs(v), 0.0))
     depth = np.minimum(depth, medial)
 
-    # cortical folding: a field constant along radial lines; its zero lines are the sulci
-    r = np.sqrt(u * u + v * v + w * w) + 1e-6
-    g = _wave_field(a["folds"], 0.8 * u / r, 0.8 * v / r, 0.8 * w / r)
-    crown = np.clip(np.abs(g) / 0.6, 0.0, 1.0)  # 0 at a sulcal fundus line, 1 on a gyral crown
-    wm_depth = 0.05 + 0.13 * (1.0 - crown) ** 1.5
+    # cortical folding in the outer shell: a field constant along radial lines; its zero lines are the sulci
     brain = intracranial & (depth > 0)
-    lab[brain] = TISSUES["grey"]
-    lab[brain & (depth > wm_depth)] = TISSUES["white"]
-    sulcus = brain & (crown < 0.12 + 0.06 * a["atrophy"]) & (depth < wm_depth - 0.035)
-    lab[sulcus] = TISSUES["csf"]
+    lab[brain] = TISSUES["white"]
+    shell = brain & (depth < 0.2)
+    su, sv, sw = u[shell], v[shell], w[shell]
+    r = np.sqrt(su * su + sv * sv + sw * sw) + 1e-6
+    g = _wave_field(a["folds"], su / r, sv / r, sw / r)
+    crown = np.clip(np.abs(g) / 0.6, 0.0, 1.0)  # 0 at a sulcal fundus line, 1 on a gyral crown
+    wm_depth = 0.065 + 0.13 * (1.0 - crown) ** 1.5
+    d = depth[shell]
+    shell_lab = np.where(d > wm_depth, TISSUES["white"], TISSUES["grey"]).astype(np.uint8)
+    shell_lab[(crown < 0.12 + 0.06 * a["atrophy"]) & (d < wm_depth - 0.035)] = TISSUES["csf"]
+    lab[shell] = shell_lab
 
     # deep grey nuclei (caudate heads, thalami), then the lateral ventricles (butterfly) over them
     vs = a["ventricle"] * (1.0 + 0.35 * a["atrophy"])
@@ -267,6 +284,11 @@ def _label_anatomy(a: dict, u, v, w, voxel_units: float, lesion: bool) -> np.nda
 
     if lesion:
         c = np.array(a["lesion_centre"])
+        if slice_w is not None:
+            c[2] = slice_w
+        rho_c = math.sqrt(sum((cq / s) ** 2 for cq, s in zip(c, (ax, ay, az))))
+        if rho_c > 0.6:  # keep the centre deep enough that the blob lies in the brain
+            c[:2] *= math.sqrt(max(0.36 - (c[2] / az) ** 2, 0.0)) / math.hypot(c[0] / ax, c[1] / ay)
         radius = max(0.07, 2.6 * voxel_units) + a["lesion_radius"] * 0.12
         du, dv, dw = ((q - cq) / (radius * s) for q, cq, s in zip((u, v, w), c, a["lesion_axes"]))
         rr = np.sqrt(du * du + dv * dv + dw * dw) + 1e-6
@@ -308,14 +330,13 @@ def render_subject(
     n_hi = size * ss
     grid = ((np.arange(n_hi, dtype=np.float32) + 0.5) / n_hi * 2.0 - 1.0)
     units_per_mm = 2.0 / (size * protocol.voxel_mm)  # normalised FOV spans [-1, 1]
+    fill = _HEAD_FILL * min(1.15, _REF_VOXEL_MM / protocol.voxel_mm) * a["scale"]  # head size in the FOV
     if dims == 2:
         nz, ssz = 1, 3  # sub-slices across the slice thickness
         zs = (np.arange(ssz, dtype=np.float32) + 0.5) / ssz - 0.5
-        fill = _HEAD_FILL * min(1.15, _REF_VOXEL_MM / protocol.voxel_mm) * a["scale"]
-        zs = zs * protocol.slice_mm * units_per_mm + a["slice_w"] * fill
+        zs = zs * np.float32(protocol.slice_mm * units_per_mm) + np.float32(a["slice_w"] * fill)
     else:
         nz, ssz, zs = size, ss, grid
-        fill = _HEAD_FILL * min(1.15, _REF_VOXEL_MM / protocol.voxel_mm) * a["scale"]
     x, y, z = grid[:, None, None], grid[None, :, None], zs[None, None, :]
 
     # head frame: undo placement and orientation, then a smooth random deformation
@@ -334,7 +355,8 @@ def render_subject(
         v + amp * _wave_field(d[4:8], u, v, w),
         w + amp * _wave_field(d[8:12], u, v, w),
     )
-    labels_hi = _label_anatomy(a, u, v, w, voxel_units=2.0 / (size * fill), lesion=lesion)
+    slice_w = a["slice_w"] if dims == 2 else None
+    labels_hi = _label_anatomy(a, u, v, w, voxel_units=2.0 / (size * fill), lesion=lesion, slice_w=slice_w)
 
     # tissue fractions per output voxel (partial volume) and the noiseless signal
     blocks = labels_hi.reshape(size, ss, size, ss, nz, ssz)
@@ -356,7 +378,8 @@ def render_subject(
     centres = ((np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0)
     zc = zs.mean(keepdims=True) if dims == 2 else centres
     bias = _wave_field(a["bias"], centres[:, None, None], centres[None, :, None], zc[None, None, :])
-    clean = clean * np.exp(np.float32(protocol.bias_strength) * np.clip(bias, -2.0, 2.0))
+    bias /= max(float(np.abs(bias).max()), 1e-6)  # in [-1, 1]: gain spans exp(+-bias_strength)
+    clean = clean * np.exp(np.float32(protocol.bias_strength) * bias)
     clean /= max(float(clean.max()), 1e-12)
 
     # Rician noise: magnitude of the signal plus complex Gaussian noise
@@ -383,13 +406,14 @@ def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     return img
 
 
-def _site_public(spec: SiteSpec, dims: int, size: int, counts: dict[str, int]) -> dict:
+def _site_public(site_id: str, spec: SiteSpec, dims: int, size: int, counts: dict[str, int]) -> dict:
     p = spec.protocol
     return {
-        "site": spec.name,
+        "site": site_id,
+        "name": spec.name,
         "generator": "fedsynth.common.phantoms",
         "protocol": dataclasses.asdict(p),
-        "weighting": "T1" if (p.sequence == "gre" or (p.sequence == "se" and p.tr_ms < 1000)) else "T2/FLAIR",
+        "weighting": weighting(p),
         "lesion_prevalence": spec.lesion_prevalence,
         "dims": dims,
         "shape": [size, size, 1 if dims == 2 else size],
@@ -446,7 +470,7 @@ def make_phantom_sites(
                 writer.writerow(["subject_id", "class", "site"])
                 writer.writerows(rows)
             counts = {c: sum(r[1] == c for r in rows) for c in CLASS_NAMES}
-            public = _site_public(spec, dims, size, counts)
+            public = _site_public(f"site{i}", spec, dims, size, counts)
             (tmp / "site.json").write_text(json.dumps(public, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         site_dirs.append(final)
         if progress is not None:
