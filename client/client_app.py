@@ -6,13 +6,15 @@ Thin by design: it reads the site's node config and the server's round config, c
 
 from __future__ import annotations
 
+import json
 import logging
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.audit import audit_site
 from client.task import RoundPlan, run_training_round
-from common.config import SiteConfig
+from common.config import SiteConfig, model_config
 
 app = ClientApp()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -31,6 +33,29 @@ def train(msg: Message, context: Context) -> Message:
         content["arrays"] = ArrayRecord(result.state_dict)
         content["metrics"] = MetricRecord({k: float(v) for k, v in result.metrics.items()})
     return Message(content=content, reply_to=msg)
+
+
+@app.query("audit")
+def audit(msg: Message, context: Context) -> Message:
+    """Audit a candidate cohort against this site's members and hold-out; reply with aggregates only."""
+    site = SiteConfig.from_flwr(context.node_config)
+    config = msg.content["config"]
+    cohort = msg.content["cohort"]
+    result = audit_site(
+        site, model_config(str(config["preset"])),
+        synthetic=cohort["images"].numpy(), synthetic_ids=json.loads(str(config["synthetic-ids"])),
+        synthetic_labels=cohort["labels"].numpy(),
+        ae_state=msg.content["autoencoder"].to_torch_state_dict(), unet_state=msg.content["unet"].to_torch_state_dict(),
+        latent_scale=float(config["latent-scale"]),
+    )
+    return Message(content=RecordDict({"audit": ConfigRecord({"json": json.dumps(result, default=_json_default)})}),
+                   reply_to=msg)
+
+
+def _json_default(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
 
 
 def _config_values(d: dict) -> dict:

@@ -110,7 +110,13 @@ class RunConfig:
     run_dir: str = "runs/latest"
     synthesize_per_class: int = 8
     seed: int = 0
-    public_phantoms: int = 64  # public phantom images for the latent scale (and a public autoencoder)
+    public_phantoms: int = 96  # public phantom images for the latent scale, a public autoencoder, the warm start
+    public_autoencoder_steps: int = 300  # when autoencoder-source = "public"
+    public_unet_steps: int = 0  # > 0: warm-start the diffusion UNet on public phantoms before DP fine-tuning
+    audit: bool = True  # run the federated privacy audit on the cohort after synthesis
+    mode: str = "train"  # "train": rounds, synthesis, audit; "audit": only audit `cohort-dir` made from `checkpoint`
+    cohort_dir: str = ""  # mode "audit"
+    checkpoint: str = ""  # mode "audit"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -123,6 +129,10 @@ class RunConfig:
             raise ValueError("autoencoder-source 'federated' needs autoencoder-rounds >= 1")
         if self.strategy not in ("fedavg", "fedadam", "fedprox"):
             raise ValueError(f"strategy: unknown {self.strategy!r}; choose fedavg, fedadam or fedprox")
+        if self.mode not in ("train", "audit"):
+            raise ValueError("mode must be 'train' or 'audit'")
+        if self.mode == "audit" and not (self.cohort_dir and self.checkpoint):
+            raise ValueError("mode 'audit' needs cohort-dir and checkpoint")
         if self.min_sites < 1:
             raise ValueError("min-sites must be >= 1")
 
@@ -150,7 +160,7 @@ class RunConfig:
 class SiteConfig:
     """One hospital's own settings, from its SuperNode `--node-config`."""
 
-    site_dir: str
+    site_dir: str = ""
     site_name: str = ""
     state_dir: str = ""  # durable site state: privacy ledger; defaults to <site_dir>/.fedsynth
     epsilon: float = 10.0  # this site's total (epsilon, delta) budget over all runs on this data

@@ -1,1 +1,3 @@
 """Consortium server side: the Flower ServerApp, checkpoints, synthesis, the CLI and the demo."""
+
+FEDSYNTH_PACKAGE = "server"

@@ -1,6 +1,6 @@
-"""fedsynth ServerApp: trains the global latent diffusion model across the sites, then synthesizes a cohort.
-
-Thin by design: the rounds live in `server.training`, synthesis in `server.synthesis`.
+"""fedsynth ServerApp: trains the global latent diffusion model across the sites, synthesizes a cohort, and has the
+sites audit it. Thin by design: rounds live in `server.training`, synthesis in `server.synthesis`, the audit
+round in `server.audit`.
 """
 
 from __future__ import annotations
@@ -12,29 +12,45 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common import ensure_fedsynth_packages
 from common.config import RunConfig
+from server.audit import run_audit_round
 from server.synthesis import SynthesisRequest, synthesize_cohort
-from server.training import Federation
+from server.training import Federation, wait_for_sites
 
 app = ServerApp()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 log = logging.getLogger("fedsynth.server")
 
 
+def _say(message: str) -> None:
+    log.info("%s", message)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    ensure_fedsynth_packages()
     run = RunConfig.from_flwr(context.run_config)
-    federation = Federation(grid, run, progress=lambda m: log.info("%s", m))
-    checkpoint = federation.run_rounds()
+    run_dir = Path(run.run_dir)
+    if run.mode == "audit":
+        wait_for_sites(grid, run.min_sites, run.round_timeout)
+        run_audit_round(grid, Path(run.cohort_dir), Path(run.checkpoint), Path(run.cohort_dir).parent / "audit",
+                        timeout=run.round_timeout, progress=_say)
+        return
+    checkpoint = Federation(grid, run, progress=_say).run_rounds()
     if checkpoint is None or run.synthesize_per_class <= 0:
         return
-    run_dir = Path(run.run_dir)
     cohort = run_dir / "cohort"
+    privacy_path = run_dir / "privacy.json"
     if cohort.exists():
-        log.info("cohort already exists at %s; not overwriting", cohort)
-        return
-    privacy = json.loads((run_dir / "privacy.json").read_text()) if (run_dir / "privacy.json").exists() else None
-    synthesize_cohort(
-        SynthesisRequest(checkpoint=checkpoint, out_dir=cohort, per_class=run.synthesize_per_class, seed=run.seed),
-        privacy=privacy, progress=lambda m: log.info("%s", m),
-    )
+        _say(f"cohort already exists at {cohort}; not overwriting it")
+    else:
+        privacy = json.loads(privacy_path.read_text()) if privacy_path.exists() else None
+        synthesize_cohort(
+            SynthesisRequest(checkpoint=checkpoint, out_dir=cohort, per_class=run.synthesize_per_class, seed=run.seed),
+            privacy=privacy, progress=_say,
+        )
+    if run.audit:
+        record = json.loads((run_dir / "run.json").read_text())
+        run_audit_round(grid, cohort, checkpoint, run_dir / "audit", timeout=run.round_timeout,
+                        run_record=record, progress=_say)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
@@ -27,8 +29,17 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from common.config import ModelConfig, RunConfig, model_config
 from common.io import append_jsonl, atomic_path, write_json_atomic
-from common.model import autoencoder_loss, build_autoencoder, build_unet, estimate_latent_scale
-from common.phantoms import make_phantom_images
+from common.model import (
+    autoencoder_loss,
+    build_autoencoder,
+    build_unet,
+    ddpm_scheduler,
+    diffusion_loss,
+    encode,
+    estimate_latent_scale,
+)
+from common.phantoms import make_phantom_sites
+from common.site import load_site
 
 log = logging.getLogger("fedsynth.server")
 PUBLIC_PHANTOM_SEED = 1_000_003  # public phantoms never share a seed with any site's data
@@ -42,6 +53,7 @@ class RunState:
     completed_round: int = 0
     latent_scale: float = 1.0
     autoencoder_source: str = "federated"
+    unet_warm_started: bool = False
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # site name -> {node_id, status, reason, round}
     status: str = "running"
     reason: str = ""
@@ -83,16 +95,50 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return payload
 
 
-def public_images(cfg: ModelConfig, n: int, seed: int = PUBLIC_PHANTOM_SEED) -> torch.Tensor:
-    """Public phantom images in [0, 1] at the model's size: the only data the server ever fits anything on."""
-    return torch.from_numpy(make_phantom_images(n, size=cfg.image_size, dims=cfg.spatial_dims, seed=seed))
+def public_phantoms(cfg: ModelConfig, n: int, seed: int = PUBLIC_PHANTOM_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """Public phantom images in [0, 1] and their class labels: the only data the server ever fits anything on.
+
+    They go through the same files and loader as a site's scans, so their preprocessing is exactly the sites'.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        sites = make_phantom_sites(Path(tmp), n_sites=3, n_subjects=max(2, -(-n // 3)), dims=cfg.spatial_dims,
+                                   size=cfg.image_size, seed=seed)
+        data = [load_site(s, class_names=cfg.class_names, spatial_dims=cfg.spatial_dims, image_size=cfg.image_size)
+                for s in sites]
+    images = torch.from_numpy(np.concatenate([d.images for d in data]))
+    labels = torch.from_numpy(np.concatenate([d.labels for d in data]))
+    return images, labels
 
 
-def train_public_autoencoder(cfg: ModelConfig, run: RunConfig, steps: int = 300) -> dict[str, torch.Tensor]:
+def pretrain_public_unet(cfg: ModelConfig, run: RunConfig, ae_state: dict, latent_scale: float,
+                         steps: int) -> dict[str, torch.Tensor]:
+    """Warm-start the diffusion UNet on public phantoms (no patient data, no privacy cost); the sites then
+    fine-tune it with DP-SGD. Public pretraining is the standard way to make DP generative models useful."""
+    torch.manual_seed(run.seed + 1)
+    ae = build_autoencoder(cfg)
+    ae.load_state_dict(ae_state)
+    images, labels = public_phantoms(cfg, run.public_phantoms, seed=PUBLIC_PHANTOM_SEED + 1)
+    mu, sigma = encode(ae.eval(), images)
+    unet = build_unet(cfg)
+    opt = torch.optim.Adam(unet.parameters(), lr=run.lr_diffusion)
+    scheduler = ddpm_scheduler(cfg)
+    for step in range(steps):
+        idx = torch.randint(0, len(mu), (min(run.batch_size, len(mu)),))
+        z = (mu[idx] + sigma[idx] * torch.randn_like(mu[idx])) * latent_scale
+        loss = diffusion_loss(unet, scheduler, z, labels[idx]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % 100 == 0:
+            log.info("public diffusion warm start: step %d/%d, loss %.4f", step + 1, steps, float(loss))
+    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+def train_public_autoencoder(cfg: ModelConfig, run: RunConfig, steps: int) -> dict[str, torch.Tensor]:
     """An autoencoder fitted on public phantoms only (no patient data, so no privacy cost)."""
     torch.manual_seed(run.seed)
     ae = build_autoencoder(cfg)
-    images = public_images(cfg, run.public_phantoms)
+    images, _ = public_phantoms(cfg, run.public_phantoms)
     opt = torch.optim.Adam(ae.parameters(), lr=run.lr_autoencoder)
     for step in range(steps):
         idx = torch.randint(0, len(images), (min(run.batch_size, len(images)),))
@@ -150,7 +196,7 @@ class Federation:
         unet = build_unet(self.cfg).state_dict()
         if self.run.autoencoder_source == "public":
             self.say("training the autoencoder on public phantoms (no patient data)")
-            ae = train_public_autoencoder(self.cfg, self.run)
+            ae = train_public_autoencoder(self.cfg, self.run, self.run.public_autoencoder_steps)
         return state, ae, unet
 
     def _write_record(self, state: RunState) -> None:
@@ -166,6 +212,10 @@ class Federation:
             ),
             "latent_scale": state.latent_scale,
             "latent_scale_source": "public phantoms",
+            "diffusion_warm_start": (
+                f"pretrained {self.run.public_unet_steps} steps on public phantoms, then fine-tuned with DP at the sites"
+                if state.unet_warm_started else "none: trained from scratch at the sites"
+            ),
             "sites": state.sites,
             "run_config": dataclasses.asdict(self.run),
             "model_config": dataclasses.asdict(self.cfg),
@@ -259,8 +309,12 @@ class Federation:
             if phase != strategy_phase:  # a fresh strategy per phase: server optimiser state is per component
                 strategy, strategy_phase = make_strategy(self.run), phase
                 if phase == "diffusion":
-                    state.latent_scale = estimate_latent_scale(self._ae(ae), public_images(self.cfg, 64))
+                    state.latent_scale = estimate_latent_scale(self._ae(ae), public_phantoms(self.cfg, 48)[0])
                     self.say(f"latent scale {state.latent_scale:.3f} (from public phantoms)")
+                    if self.run.public_unet_steps > 0 and not state.unet_warm_started:
+                        self.say(f"warm-starting the diffusion UNet on public phantoms ({self.run.public_unet_steps} steps)")
+                        unet = pretrain_public_unet(self.cfg, self.run, ae, state.latent_scale, self.run.public_unet_steps)
+                        state.unet_warm_started = True
             active = self._active_nodes(state)
             if len(active) < self.run.min_sites:
                 return self._stop(state, f"only {len(active)} sites can still train, min-sites is {self.run.min_sites}")

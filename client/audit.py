@@ -1,0 +1,145 @@
+"""The privacy audit a site runs on a candidate cohort, on its own data; only aggregates leave.
+
+Members are the site's training records, non-members its audit hold-out (never trained on). The site returns:
+- memorization: distances from each synthetic image to its nearest member / non-member, summarised (share closer
+  to a member, near-copy count, histograms) plus the ids of flagged SYNTHETIC images (no patient ids);
+- membership inference: ROC summaries (AUC, TPR at 1 % / 0.1 % FPR, counts) and an empirical epsilon lower bound
+  for (a) a white-box loss attack on the global model and (b) a black-box distance-to-cohort attack;
+- fidelity and utility: Frechet distance and precision/recall/density/coverage of radiomics features, and
+  train-synthetic-test-real vs train-real-test-real classification, per class where it applies.
+Per-patient scores, features and images stay here: `audit_site` returns a dict of summaries only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from client.task import load_training_data, open_ledger, privacy_summary, select_device
+from common.config import ModelConfig, SiteConfig
+from common.model import build_autoencoder, build_unet, ddpm_scheduler, diffusion_loss, encode
+from common.site import SiteData
+from privacy.audit_stats import empirical_epsilon_lower_bound, roc_summary
+from privacy.fidelity import frechet_distance, feature_moments, precision_recall_coverage, radiomics_features
+from privacy.memorization import memorization_audit, pairwise_min_distances
+
+log = logging.getLogger("fedsynth.site.audit")
+WHITE_BOX_TIMESTEPS = (50, 100, 200, 400)  # loss attack: low-noise steps are where memorisation shows
+
+
+@torch.no_grad()
+def loss_scores(ae, unet, cfg: ModelConfig, data: SiteData, latent_scale: float, device: torch.device,
+                repeats: int = 4, seed: int = 0) -> np.ndarray:
+    """White-box membership score per record: minus the mean diffusion loss over fixed timesteps and noise draws
+    (members of an overfit model have lower loss). Computed and kept at the site."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.from_numpy(data.images).to(device)
+    labels = torch.from_numpy(data.labels).to(device)
+    mu, _ = encode(ae, images)
+    z = mu * latent_scale
+    scheduler = ddpm_scheduler(cfg)
+    total = torch.zeros(len(z), device=device)
+    for t in WHITE_BOX_TIMESTEPS:
+        for _ in range(repeats):
+            noise = torch.randn(z.shape, generator=gen).to(device)
+            ts = torch.full((len(z),), t, device=device, dtype=torch.long)
+            total += diffusion_loss(unet, scheduler, z, labels, ts, noise)
+    return -(total / (len(WHITE_BOX_TIMESTEPS) * repeats)).cpu().numpy()
+
+
+def _mia(member_scores: np.ndarray, nonmember_scores: np.ndarray, delta: float) -> dict[str, Any]:
+    out = roc_summary(member_scores, nonmember_scores)
+    out["epsilon_lower_bound"] = empirical_epsilon_lower_bound(member_scores, nonmember_scores, delta=delta)
+    return out
+
+
+def utility(synthetic: np.ndarray, synthetic_labels: np.ndarray, train: SiteData, holdout: SiteData) -> dict:
+    """Train-synthetic-test-real vs train-real-test-real, a logistic regression on radiomics features."""
+    def fit_eval(x_tr, y_tr, x_te, y_te) -> dict[str, float]:
+        if len(np.unique(y_tr)) < 2 or len(np.unique(y_te)) < 2:
+            return {"balanced_accuracy": float("nan"), "auc": float("nan"), "note": "needs both classes"}
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
+        clf.fit(x_tr, y_tr)
+        proba = clf.predict_proba(x_te)[:, 1]
+        return {"balanced_accuracy": float(balanced_accuracy_score(y_te, clf.predict(x_te))),
+                "auc": float(roc_auc_score(y_te, proba))}
+
+    f_syn, _ = radiomics_features(synthetic)
+    f_tr, _ = radiomics_features(train.images)
+    f_te, _ = radiomics_features(holdout.images)
+    return {
+        "classifier": "logistic regression on radiomics features (tested on the site's hold-out)",
+        "n_test": int(len(holdout)),
+        "train_synthetic_test_real": fit_eval(f_syn, synthetic_labels, f_te, holdout.labels),
+        "train_real_test_real": fit_eval(f_tr, train.labels, f_te, holdout.labels),
+    }
+
+
+def fidelity(synthetic: np.ndarray, synthetic_labels: np.ndarray, real: SiteData, class_names) -> dict:
+    f_syn, names = radiomics_features(synthetic)
+    f_real, _ = radiomics_features(real.images)
+    out: dict[str, Any] = {"features": names, "overall": _fid(f_real, f_syn), "per_class": {}}
+    for c, name in enumerate(class_names):
+        r, s = f_real[real.labels == c], f_syn[synthetic_labels == c]
+        if len(r) >= 2 and len(s) >= 2:
+            out["per_class"][name] = _fid(r, s)
+    return out
+
+
+def _fid(real_feats: np.ndarray, synth_feats: np.ndarray) -> dict[str, float]:
+    res = {"frechet_distance": float(frechet_distance(feature_moments(real_feats), feature_moments(synth_feats))),
+           "n_real": int(len(real_feats)), "n_synthetic": int(len(synth_feats))}
+    k = min(5, len(real_feats) - 1, len(synth_feats) - 1)
+    if k >= 1:
+        res.update({k_: float(v) for k_, v in precision_recall_coverage(real_feats, synth_feats, k=k).items()})
+    return res
+
+
+def audit_site(site: SiteConfig, cfg: ModelConfig, synthetic: np.ndarray, synthetic_ids: list[str],
+               synthetic_labels: np.ndarray, ae_state: dict, unet_state: dict, latent_scale: float) -> dict[str, Any]:
+    """Everything the site computes about a candidate cohort; the result holds aggregates only."""
+    device = select_device(site.device)
+    train, holdout = load_training_data(site, cfg)
+    if len(train) < 2 or len(holdout) < 2:
+        raise ValueError(f"site {site.name}: needs >= 2 training and >= 2 hold-out patients to audit")
+    privacy = privacy_summary(site, open_ledger(site, train), train, None)
+    delta = float(privacy["delta"])
+    log.info("site %s: auditing %d synthetic images against %d members and %d non-members", site.name,
+             len(synthetic), len(train), len(holdout))
+    mem = memorization_audit(synthetic, list(synthetic_ids), train.images, holdout.images,
+                             synthetic_labels=synthetic_labels, member_labels=train.labels,
+                             nonmember_labels=holdout.labels, class_names=list(cfg.class_names))
+    ae, unet = build_autoencoder(cfg), build_unet(cfg)
+    ae.load_state_dict(ae_state)
+    unet.load_state_dict(unet_state)
+    ae, unet = ae.to(device).eval(), unet.to(device).eval()
+    white_m = loss_scores(ae, unet, cfg, train, latent_scale, device)
+    white_n = loss_scores(ae, unet, cfg, holdout, latent_scale, device)
+    # Black box: a record close to some synthetic image is guessed "member" (score = minus the distance).
+    black_m = -pairwise_min_distances(train.images, synthetic)[0]
+    black_n = -pairwise_min_distances(holdout.images, synthetic)[0]
+    membership = {"white_box": _mia(white_m, white_n, delta), "black_box": _mia(black_m, black_n, delta)}
+    per_class: dict[str, Any] = {}
+    for c, name in enumerate(cfg.class_names):
+        m, n = train.labels == c, holdout.labels == c
+        if m.sum() >= 1 and n.sum() >= 1:
+            per_class[name] = {"white_box": _mia(white_m[m], white_n[n], delta),
+                               "black_box": _mia(black_m[m], black_n[n], delta)}
+    membership["per_class"] = per_class
+    return {
+        "site": site.name,
+        "n_members": int(len(train)),
+        "n_nonmembers": int(len(holdout)),
+        "claimed_privacy": privacy,
+        "memorization": mem,
+        "membership": membership,
+        "fidelity": fidelity(synthetic, synthetic_labels, train, cfg.class_names),
+        "utility": utility(synthetic, synthetic_labels, train, holdout),
+    }

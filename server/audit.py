@@ -1,0 +1,89 @@
+"""The audit round: send the candidate cohort and the global model to every site, collect their aggregates, and
+write the audit report (`audit.json` + `audit.html`) for privacy officers.
+
+The sites compute on their own records; what comes back is a JSON document of summaries per site (see
+client/audit.py). The server only combines them: worst case across sites and classes, verdict, report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import nibabel as nib
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from privacy.report import build_audit, write_audit_report
+from server.training import load_checkpoint
+
+log = logging.getLogger("fedsynth.server.audit")
+
+
+def load_cohort(cohort_dir: Path) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
+    """Synthetic images (N, 1, ...), their ids, class indices and the class names, from a cohort folder."""
+    manifest = json.loads((cohort_dir / "manifest.json").read_text())
+    class_names = list(manifest["class_names"])
+    rows = [line.split(",") for line in (cohort_dir / "labels.csv").read_text().splitlines()[1:] if line]
+    images, ids, labels = [], [], []
+    for sid, cls in rows:
+        data = np.asarray(nib.load(cohort_dir / "images" / f"{sid}.nii.gz").dataobj, dtype=np.float32)
+        if manifest["model_config"]["spatial_dims"] == 2:
+            data = data[:, :, 0]
+        images.append(data[None])
+        ids.append(sid)
+        labels.append(class_names.index(cls))
+    return np.stack(images), ids, np.asarray(labels, dtype=np.int64), class_names
+
+
+def audit_messages(grid: Grid, node_ids: list[int], cohort_dir: Path, checkpoint: Path) -> list[Message]:
+    images, ids, labels, _ = load_cohort(cohort_dir)
+    payload = load_checkpoint(checkpoint)
+    content = RecordDict({
+        "cohort": ArrayRecord({"images": images, "labels": labels}),
+        "autoencoder": ArrayRecord(payload["autoencoder"]),
+        "unet": ArrayRecord(payload["unet"]),
+        "config": ConfigRecord({
+            "synthetic-ids": json.dumps(ids),
+            "preset": payload["model_config"]["name"],
+            "latent-scale": float(payload["run_state"]["latent_scale"]),
+        }),
+    })
+    return [Message(content=content, message_type=f"{MessageType.QUERY}.audit", dst_node_id=n) for n in node_ids]
+
+
+def run_audit_round(grid: Grid, cohort_dir: Path, checkpoint: Path, out_dir: Path, *, timeout: float = 1800.0,
+                    run_record: dict[str, Any] | None = None,
+                    progress: Callable[[str], None] | None = None) -> tuple[Path, Path]:
+    say = progress or (lambda m: log.info("%s", m))
+    nodes = list(grid.get_node_ids())
+    say(f"audit: sending the candidate cohort to {len(nodes)} sites")
+    t0 = time.time()
+    replies = grid.send_and_receive(audit_messages(grid, nodes, cohort_dir, checkpoint), timeout=timeout)
+    site_results: dict[str, Any] = {}
+    failures: list[str] = []
+    for m in replies:
+        if m.has_error():
+            failures.append(f"node {m.metadata.src_node_id}: {m.error.reason}")
+            continue
+        result = json.loads(str(m.content["audit"]["json"]))
+        site_results[result["site"]] = result
+        say(f"  audit from {result['site']}: {result['n_members']} members, {result['n_nonmembers']} non-members")
+    answered = {m.metadata.src_node_id for m in replies}
+    failures += [f"node {n}: no audit reply within {timeout:.0f}s" for n in nodes if n not in answered]
+    images, ids, labels, class_names = load_cohort(cohort_dir)
+    manifest = json.loads((cohort_dir / "manifest.json").read_text())
+    audit = build_audit(site_results, cohort={
+        "path": str(cohort_dir), "n_images": len(ids), "class_names": class_names,
+        "checkpoint_sha256": manifest["checkpoint"]["sha256"], "run_id": manifest["checkpoint"]["run_id"],
+    }, failures=failures, run_record=run_record)
+    flagged = {sid for s in site_results.values() for sid in s["memorization"].get("flagged_ids", [])}
+    flagged_images = {sid: images[ids.index(sid)] for sid in sorted(flagged) if sid in ids}
+    paths = write_audit_report(audit, out_dir, sample_images=images, sample_labels=labels,
+                               class_names=class_names, flagged_images=flagged_images)
+    say(f"audit report written in {time.time() - t0:.0f}s: {paths[0]}, {paths[1]}")
+    return paths

@@ -1,0 +1,42 @@
+import pytest
+
+from common.config import PRESETS, RunConfig, SiteConfig, model_config
+
+
+def test_presets_build_consistent_shapes():
+    for name, cfg in PRESETS.items():
+        assert cfg.image_size % 2 ** (len(cfg.ae_channels) - 1) == 0, name
+        assert len(cfg.unet_attention) == len(cfg.unet_channels), name
+        assert cfg.latent_shape[0] == cfg.latent_channels
+
+
+def test_run_config_reads_flower_keys_and_phases():
+    run = RunConfig.from_flwr({"num-server-rounds": "4", "autoencoder-rounds": 1, "strategy": "fedadam"})
+    assert run.num_server_rounds == 4 and run.strategy == "fedadam"
+    assert [run.phase(r) for r in range(1, 5)] == ["autoencoder", "diffusion", "diffusion", "diffusion"]
+    public = RunConfig(autoencoder_source="public", autoencoder_rounds=0, num_server_rounds=2)
+    assert public.phase(1) == "diffusion" and public.federated_autoencoder_rounds == 0
+    assert RunConfig.from_flwr(run.to_flwr()) == run
+
+
+@pytest.mark.parametrize("bad", [{"strategy": "krum"}, {"preset": "huge"}, {"no-such-key": 1},
+                                 {"autoencoder-rounds": 9}, {"min-sites": 0}])
+def test_run_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        RunConfig.from_flwr(bad)
+
+
+def test_site_config_from_node_config():
+    site = SiteConfig.from_flwr({"site-dir": "/data/site-a", "epsilon": "4", "dp": "true", "unrelated": 1})
+    assert site.epsilon == 4.0 and site.dp is True and site.name == "site-a"
+    assert str(site.state_path).endswith(".fedsynth")
+    with pytest.raises(ValueError):
+        SiteConfig.from_flwr({"site-dir": "/x", "accountant": "gdp"})
+    with pytest.raises(ValueError):
+        SiteConfig.from_flwr({"epsilon": 1})
+
+
+def test_model_config_overrides():
+    assert model_config("tiny", ddim_steps=3).ddim_steps == 3
+    with pytest.raises(ValueError):
+        model_config("nope")
