@@ -145,7 +145,8 @@ def plan_privacy(site: SiteConfig, ledger: PrivacyLedger, n_records: int, plan: 
     remaining = MechanismStep(noise_multiplier=1.0, sample_rate=q, steps=steps * plan.remaining_rounds)
     try:
         sigma = calibrate_noise_multiplier(
-            site.epsilon, delta, q, remaining.steps, accountant=site.accountant, prior=prior
+            site.epsilon, delta, q, remaining.steps, accountant=site.accountant, prior=prior,
+            max_noise=site.max_noise_multiplier,
         )
     except ValueError as err:
         return None, f"privacy budget: {err} (spent epsilon={eps_now:.3f} of {site.epsilon} at delta={delta:.2e})"

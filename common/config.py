@@ -167,6 +167,8 @@ class SiteConfig:
     delta: float = 0.0  # 0 -> at most 1 / (10 x patients)
     accountant: str = "rdp"  # rdp | prv
     max_grad_norm: float = 1.0
+    # Refuse a round whose calibrated noise would exceed this: the remaining budget is too small to learn anything.
+    max_noise_multiplier: float = 10.0
     dp: bool = True  # False only for experiments; the run record then says "none"
     holdout_fraction: float = 0.25
     device: str = "auto"  # auto | cpu | cuda

@@ -1,0 +1,66 @@
+"""A site's training round, without Flower: data in, DP-SGD, ledger, update and spend out."""
+
+import math
+
+import pytest
+import torch
+
+from client.task import RoundPlan, dataset_fingerprint, load_training_data, open_ledger, run_training_round
+from common.config import SiteConfig, model_config
+from common.model import build_autoencoder, build_unet
+from common.phantoms import make_phantom_sites
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantoms")
+    return make_phantom_sites(out, n_sites=1, n_subjects=20, size=32, seed=3)[0]
+
+
+def plan(phase="autoencoder", r=1, rounds=2, ae_rounds=1, run_id="run-a"):
+    return RoundPlan(run_id=run_id, server_round=r, phase=phase, num_server_rounds=rounds,
+                     federated_autoencoder_rounds=ae_rounds, preset="tiny", local_epochs=1, batch_size=5, lr=1e-3)
+
+
+def test_autoencoder_round_trains_records_spend_and_stays_in_budget(tmp_path, site_dir):
+    site = SiteConfig(site_dir=str(site_dir), state_dir=str(tmp_path / "state"), epsilon=5.0)
+    cfg = model_config("tiny")
+    ae = build_autoencoder(cfg).state_dict()
+    result = run_training_round(site, plan(), ae)
+    assert not result.refused
+    assert result.state_dict.keys() == ae.keys()
+    assert any(not torch.equal(result.state_dict[k], ae[k]) for k in ae)
+    m = result.metrics
+    assert m["num-examples"] == 15  # 20 patients, a quarter held out for the audits
+    assert m["steps"] == 3  # ceil(15 / 5) Poisson steps per epoch
+    assert 0 < m["epsilon"] <= 5.0
+    p = result.privacy
+    assert "formal sample-level DP" in p["protection"] and p["accountant"] == "rdp"
+    assert p["noise_multiplier"] > 0 and math.isclose(p["sample_rate"], 1 / 3)
+    assert math.isclose(p["delta"], 1 / (10 * 15))
+
+
+def test_whole_planned_run_fits_the_budget_and_the_ledger_keeps_counting(tmp_path, site_dir):
+    site = SiteConfig(site_dir=str(site_dir), state_dir=str(tmp_path / "state"), epsilon=3.0)
+    cfg = model_config("tiny")
+    ae, unet = build_autoencoder(cfg).state_dict(), build_unet(cfg).state_dict()
+    r1 = run_training_round(site, plan("autoencoder", 1), ae)
+    r2 = run_training_round(site, plan("diffusion", 2), unet, r1.state_dict)
+    assert r1.metrics["epsilon"] < r2.metrics["epsilon"] <= 3.0 + 1e-9
+    # The whole planned run used (almost) the whole budget: the noise was calibrated for it, not per round.
+    assert r2.metrics["epsilon"] > 0.9 * 3.0
+    # A new run on the same patients keeps counting: nothing is left, so the site refuses and says why.
+    again = run_training_round(site, plan("autoencoder", 1, run_id="run-b"), ae)
+    assert again.refused and "budget" in again.refused
+    assert again.state_dict is None
+    train, _ = load_training_data(site, cfg)
+    ledger = open_ledger(site, train)
+    assert len(ledger.history()) == 2
+    assert ledger.epsilon(r2.privacy["delta"], "rdp") == pytest.approx(r2.metrics["epsilon"])
+
+
+def test_fingerprint_is_by_patients(tmp_path, site_dir):
+    site = SiteConfig(site_dir=str(site_dir))
+    train, holdout = load_training_data(site, model_config("tiny"))
+    assert dataset_fingerprint(site, train) != dataset_fingerprint(site, holdout)
+    assert dataset_fingerprint(site, train) == dataset_fingerprint(site, train.subset(list(range(len(train)))))

@@ -1,0 +1,65 @@
+"""End to end over a real deployment: SuperLink + SuperNodes over TLS with node authentication on loopback.
+
+Three phantom hospitals; one has already spent its privacy budget on the same patients in an earlier run, so it
+must refuse and the run must go on with the other two. Two rounds (autoencoder, then diffusion) with DP-SGD at
+the sites, a cohort whose manifest verifies, and the federated audit report.
+"""
+
+import json
+
+import pytest
+
+from client.task import load_training_data, open_ledger
+from common.config import RunConfig, SiteConfig, model_config
+from common.phantoms import make_phantom_sites
+from server.demo import write_app_dir
+from server.deployment import run_federation
+from server.synthesis import verify_cohort
+
+pytestmark = pytest.mark.slow
+
+
+def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
+    sites = make_phantom_sites(tmp_path / "sites", n_sites=3, n_subjects=16, size=32, seed=11)
+    node_configs = [{"site-dir": str(s), "site-name": s.name, "state-dir": str(tmp_path / "state" / s.name),
+                     "epsilon": 8.0} for s in sites]
+    # site-2 spent its budget on these patients before: its ledger must make it refuse.
+    exhausted = SiteConfig.from_flwr(node_configs[2])
+    train, _ = load_training_data(exhausted, model_config("tiny"))
+    open_ledger(exhausted, train).record(run_id="earlier", server_round=1, phase="diffusion", noise_multiplier=0.5,
+                                         sample_rate=1.0, steps=500, clipping_norm=1.0, accountant="rdp")
+    run_dir = tmp_path / "run"
+    run = RunConfig(preset="tiny", num_server_rounds=2, autoencoder_rounds=1, batch_size=4, min_sites=2,
+                    run_dir=str(run_dir), synthesize_per_class=3, round_timeout=300.0)
+    app_dir = write_app_dir(tmp_path / "app", run)
+    lines = []
+    result = run_federation(app_dir, tmp_path / "deploy", node_configs, run.to_flwr(), insecure=False,
+                            timeout_s=600, progress=lines.append)
+    assert result.returncode == 0, "\n".join(lines[-40:])
+
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and record["completed_round"] == 2
+    assert record["sites"]["site-2"]["status"] == "refused"
+    assert "budget" in record["sites"]["site-2"]["reason"]
+    assert {record["sites"][s]["status"] for s in ("site-0", "site-1")} == {"active"}
+
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ok = [m for m in metrics if m["status"] == "ok"]
+    assert sorted((m["round"], m["site"]) for m in ok) == [(1, "site-0"), (1, "site-1"), (2, "site-0"), (2, "site-1")]
+    assert all(m["loss"] > 0 and m["num-examples"] == 12 and m["seconds"] > 0 for m in ok)
+
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    for s in ("site-0", "site-1"):
+        assert 0 < float(privacy[s]["epsilon"]) <= 8.0
+        assert "formal sample-level DP" in privacy[s]["protection"]
+    assert float(privacy["site-2"]["epsilon"]) > 8.0  # what it had already spent, reported honestly
+
+    cohort = run_dir / "cohort"
+    assert verify_cohort(cohort) == []
+    manifest = json.loads((cohort / "manifest.json").read_text())
+    assert manifest["n_images"] == 6 and set(manifest["privacy"]) == {"site-0", "site-1", "site-2"}
+    assert (run_dir / "checkpoints" / "round-002.pt").exists()
+
+    audit = json.loads((run_dir / "audit" / "audit.json").read_text())
+    assert set(audit["sites"]) == {"site-0", "site-1", "site-2"}
+    assert "<html" in (run_dir / "audit" / "audit.html").read_text().lower()
