@@ -12,12 +12,12 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.audit import audit_site
 from client.task import RoundPlan, run_training_round
 from common.config import SiteConfig, model_config
 
 app = ClientApp()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower HTTP poll otherwise
 
 
 @app.train()
@@ -38,6 +38,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.query("audit")
 def audit(msg: Message, context: Context) -> Message:
     """Audit a candidate cohort against this site's members and hold-out; reply with aggregates only."""
+    from client.audit import audit_site  # the audit stack loads only when an audit is asked for
+
     site = SiteConfig.from_flwr(context.node_config)
     config = msg.content["config"]
     cohort = msg.content["cohort"]

@@ -14,12 +14,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import ensure_fedsynth_packages
 from common.config import RunConfig
-from server.audit import run_audit_round
 from server.synthesis import SynthesisRequest, synthesize_cohort
 from server.training import Federation, wait_for_sites
 
 app = ServerApp()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower HTTP poll otherwise
 log = logging.getLogger("fedsynth.server")
 
 
@@ -33,6 +33,8 @@ def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_flwr(context.run_config)
     run_dir = Path(run.run_dir)
     if run.mode == "audit":
+        from server.audit import run_audit_round
+
         wait_for_sites(grid, run.min_sites, run.round_timeout)
         run_audit_round(grid, Path(run.cohort_dir), Path(run.checkpoint), Path(run.cohort_dir).parent / "audit",
                         timeout=run.round_timeout, progress=_say)
@@ -51,6 +53,8 @@ def main(grid: Grid, context: Context) -> None:
             privacy=privacy, progress=_say,
         )
     if run.audit:
+        from server.audit import run_audit_round
+
         record = json.loads((run_dir / "run.json").read_text())
         run_audit_round(grid, cohort, checkpoint, run_dir / "audit", timeout=run.round_timeout,
                         run_record=record, progress=_say)
