@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -27,27 +27,91 @@ class MechanismStep:
     steps: int
 
 
+def _check_step(step: MechanismStep) -> None:
+    if not 0 < step.sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {step.sample_rate} in {step}")
+    if step.steps < 0 or int(step.steps) != step.steps:
+        raise ValueError(f"steps must be a non-negative integer, got {step.steps} in {step}")
+    if not step.noise_multiplier >= 0:  # also refuses NaN
+        raise ValueError(f"noise_multiplier must be >= 0, got {step.noise_multiplier} in {step}")
+
+
 def _accountant(history: Sequence[MechanismStep], accountant: str):
+    """A fresh Opacus accountant whose history (Opacus' own (sigma, q, steps) format) is `history`."""
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"unknown accountant {accountant!r}; choose one of {sorted(ACCOUNTANTS)}")
     acc = ACCOUNTANTS[accountant]()
-    acc.history = [(float(s.noise_multiplier), float(s.sample_rate), int(s.steps)) for s in history if s.steps > 0]
+    acc.history = [(float(s.noise_multiplier), float(s.sample_rate), int(s.steps)) for s in history]
     return acc
 
 
 def epsilon_for(history: Sequence[MechanismStep], delta: float, accountant: str = "rdp") -> float:
-    """Epsilon at `delta` of the composition of every step in `history` (0 for an empty history)."""
+    """Epsilon at `delta` of the composition of every step in `history` (0 for an empty history).
+
+    A step without noise (sigma 0) has no finite guarantee: the result is then inf.
+    """
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}; choose one of {sorted(ACCOUNTANTS)}")
+    for s in history:
+        _check_step(s)
     steps = [s for s in history if s.steps > 0]
     if not steps:
         return 0.0
-    if any(s.noise_multiplier <= 0 for s in steps):
-        return math.inf  # a step without noise has no finite guarantee
+    if any(s.noise_multiplier == 0 for s in steps):
+        return math.inf
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")  # Opacus' notes on the alpha grid / PRV domain; the value is still a bound
-        eps = float(_accountant(steps, accountant).get_epsilon(delta=delta))
+        try:
+            eps = float(_accountant(steps, accountant).get_epsilon(delta=delta))
+        except (OverflowError, FloatingPointError):
+            return math.inf  # so little noise that the bound overflows: no useful guarantee
     return eps if math.isfinite(eps) else math.inf
+
+
+def _smallest_feasible(feasible: Callable[[float], bool], eps_of: Callable[[float], float], target: float,
+                       guess: float, max_noise: float, rel_tol: float) -> float | None:
+    """Smallest sigma (within rel_tol, from above) with feasible(sigma); None if max_noise is not feasible.
+
+    Bracket by factors of 2 from `guess`, then Illinois false position on log(eps) against log(sigma), which is
+    nearly linear, so it needs a handful of accountant calls. The returned sigma was itself checked feasible.
+    """
+    if feasible(guess):
+        hi, lo = guess, guess / 2
+        while feasible(lo):
+            hi, lo = lo, lo / 2
+            if lo < 1e-6:
+                return hi
+    else:
+        if not feasible(max_noise):
+            return None
+        lo, hi = guess, min(2 * guess, max_noise)
+        while not feasible(hi):
+            lo, hi = hi, min(2 * hi, max_noise)
+    f_lo, f_hi = eps_of(lo), eps_of(hi)  # cached: no new accountant calls
+    y_lo = math.log(f_lo / target) if math.isfinite(f_lo) else math.inf  # > 0
+    y_hi = math.log(f_hi / target) if f_hi > 0 else -math.inf  # <= 0
+    side = 0
+    for _ in range(100):
+        if hi <= lo * (1 + rel_tol):
+            break
+        a, b = math.log(lo), math.log(hi)
+        t = y_lo / (y_lo - y_hi) if math.isfinite(y_lo) and math.isfinite(y_hi) and y_lo > y_hi else 0.5
+        x = math.exp(a + min(max(t, 0.05), 0.95) * (b - a))
+        f = eps_of(x)
+        y = math.log(f / target) if 0 < f < math.inf else (math.inf if f > 0 else -math.inf)
+        if f > target:
+            lo, y_lo = x, y
+            if side == -1:
+                y_hi /= 2  # Illinois: the kept end was kept twice, pull the secant towards it
+            side = -1
+        else:
+            hi, y_hi = x, y
+            if side == 1:
+                y_lo /= 2
+            side = 1
+    return hi
 
 
 def calibrate_noise_multiplier(
@@ -58,41 +122,51 @@ def calibrate_noise_multiplier(
     accountant: str = "rdp",
     prior: Sequence[MechanismStep] = (),
     max_noise: float = 1e3,
-    rel_tol: float = 2e-3,
+    rel_tol: float = 5e-3,
 ) -> float:
     """Smallest noise multiplier (rounded up) with which `prior` + `steps` more steps stay within `target_epsilon`.
 
-    Raises ValueError if no noise multiplier up to `max_noise` fits (typically: `prior` already spent the budget).
+    The result is always one the accountant was asked about and found within budget, so the bound holds; it is
+    within `rel_tol` of the exact threshold. Raises ValueError if no noise multiplier up to `max_noise` fits
+    (typically: `prior` already spent the budget).
     """
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     prior = list(prior)
+    _check_step(MechanismStep(1.0, sample_rate, steps))
+    cache: dict[float, float] = {}
 
-    def eps(sigma: float) -> float:
-        return epsilon_for(prior + [MechanismStep(sigma, sample_rate, steps)], delta, accountant)
+    def eps_of(sigma: float) -> float:
+        if sigma not in cache:
+            cache[sigma] = epsilon_for(prior + [MechanismStep(sigma, sample_rate, steps)], delta, accountant)
+        return cache[sigma]
+
+    def feasible(sigma: float) -> bool:
+        return eps_of(sigma) <= target_epsilon
 
     spent = epsilon_for(prior, delta, accountant)
-
-    def infeasible() -> ValueError:
-        return ValueError(
-            f"no noise multiplier <= {max_noise:g} keeps epsilon <= {target_epsilon:g} for {steps} more steps at "
-            f"sample rate {sample_rate:.4g} (already spent: {spent:.3f})"
-        )
-
-    if spent >= target_epsilon:
-        raise infeasible()
-    lo, hi = 0.0, 1.0
-    while eps(hi) > target_epsilon:  # grow until it fits: invariant eps(lo) > target (or lo = 0)
-        lo, hi = hi, hi * 2
-        if hi > max_noise:
-            raise infeasible()
-    while hi - lo > rel_tol * hi:  # bisection keeps eps(hi) <= target: the answer errs on the safe side
-        mid = (lo + hi) / 2
-        if eps(mid) > target_epsilon:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    guess = 1.0
+    if accountant == "prv" and spent < target_epsilon:
+        # PRV calls are slow at small sigma; RDP's answer (an upper bound on PRV's, usually close) is a cheap start
+        try:
+            guess = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, "rdp", prior,
+                                               max_noise, rel_tol=0.05)
+        except ValueError:
+            guess = 1.0
+    sigma = None if spent >= target_epsilon else _smallest_feasible(
+        feasible, eps_of, target_epsilon, guess, max_noise, rel_tol)
+    if sigma is None:
+        raise ValueError(
+            f"no noise multiplier <= {max_noise:g} keeps epsilon <= {target_epsilon:g} at delta={delta:.2e} "
+            f"({accountant.upper()}) for {steps} more steps at sample rate {sample_rate:.4g}; "
+            f"already spent: epsilon {spent:.3f}")
+    return sigma
 
 
 def default_delta(n_patients: int) -> float:
-    """At most 1 / (10 x patients): a delta near 1/n would allow leaking one patient outright."""
-    return 1.0 / (10 * max(1, n_patients))
+    """1 / (10 x patients): a delta near 1/n would allow leaking one patient outright."""
+    if n_patients < 1:
+        raise ValueError(f"n_patients must be >= 1, got {n_patients}")
+    return 1.0 / (10 * n_patients)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -44,7 +45,7 @@ def audit_messages(grid: Grid, node_ids: list[int], cohort_dir: Path, checkpoint
     images, ids, labels, _ = load_cohort(cohort_dir)
     payload = load_checkpoint(checkpoint)
     content = RecordDict({
-        "cohort": ArrayRecord({"images": images, "labels": labels}),
+        "cohort": ArrayRecord({"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}),
         "autoencoder": ArrayRecord(payload["autoencoder"]),
         "unet": ArrayRecord(payload["unet"]),
         "config": ConfigRecord({
