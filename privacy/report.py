@@ -37,6 +37,9 @@ from common.io import write_json_atomic, write_text_atomic
 AUDIT_SCHEMA_VERSION = "1.0"
 CONFIDENCE = 0.95
 # Review thresholds of the audit itself; the consortium's release policy (server/release.py) sets binding ones.
+# A figure from fewer records than this (per side) is reported but not used for the worst case: one member and one
+# non-member give an AUC of 0 or 1 by chance.
+MIN_RECORDS = 10
 REVIEW_THRESHOLDS = {"membership_auc": 0.6, "tpr_at_fpr_1pct": 0.05, "n_near_copies": 0, "share_closer_to_member": 0.65}
 
 THREAT_MODEL = {
@@ -93,6 +96,8 @@ def _worst(sites: dict[str, dict]) -> dict[str, Any]:
 
     for name, site in sites.items():
         for cls, kind, res in _attacks(site):
+            if min(res.get("n_members", 0), res.get("n_nonmembers", 0)) < MIN_RECORDS:
+                continue
             where = {"site": name, "class": cls, "attack": kind}
             consider("membership_auc", res.get("auc"), where)
             consider("tpr_at_fpr_1pct", res.get("tpr_at_fpr_1pct"), where)
@@ -101,7 +106,8 @@ def _worst(sites: dict[str, dict]) -> dict[str, Any]:
         consider("n_near_copies", m.get("n_near_copies"), {"site": name, "class": "all"})
         consider("share_closer_to_member", m.get("share_closer_to_member"), {"site": name, "class": "all"})
         for cls, per in m.get("per_class", {}).items():
-            consider("share_closer_to_member", per.get("share_closer_to_member"), {"site": name, "class": cls})
+            if per.get("n_synthetic", 0) >= MIN_RECORDS and per.get("n_nonmembers", 0) >= MIN_RECORDS:
+                consider("share_closer_to_member", per.get("share_closer_to_member"), {"site": name, "class": cls})
         consider("claimed_epsilon", site.get("claimed_privacy", {}).get("epsilon"), {"site": name})
         fid = site.get("fidelity", {})
         consider("frechet_distance", fid.get("overall", {}).get("frechet_distance"), {"site": name, "class": "all"})
@@ -127,6 +133,13 @@ def build_audit(site_results: dict[str, dict], *, cohort: dict, failures: list[s
                          f"{site.get('claimed_privacy', {}).get('protection', 'unknown')})")
     worst = _worst(site_results)
     reasons = list(suspect)
+    small = [f"{name} ({cls}, {kind})" for name, site in site_results.items() for cls, kind, res in _attacks(site)
+             if min(res.get("n_members", 0), res.get("n_nonmembers", 0)) < MIN_RECORDS]
+    if small:
+        flags.append(f"membership figures from fewer than {MIN_RECORDS} members or non-members are shown but not "
+                     f"used for the worst case: {', '.join(small)}")
+    if site_results and "membership_auc" not in worst:
+        reasons.append(f"no site has {MIN_RECORDS}+ members and non-members: membership inference cannot be assessed")
     for key, limit in REVIEW_THRESHOLDS.items():
         if key in worst and worst[key]["value"] > limit:
             w = worst[key]

@@ -130,7 +130,7 @@ def pretrain_public_unet(cfg: ModelConfig, run: RunConfig, ae_state: dict, laten
         loss.backward()
         opt.step()
         if (step + 1) % 100 == 0:
-            log.info("public diffusion warm start: step %d/%d, loss %.4f", step + 1, steps, float(loss))
+            log.info("public diffusion warm start: step %d/%d, loss %.4f", step + 1, steps, loss.item())
     return {k: v.detach().clone() for k, v in unet.state_dict().items()}
 
 
@@ -147,7 +147,7 @@ def train_public_autoencoder(cfg: ModelConfig, run: RunConfig, steps: int) -> di
         loss.backward()
         opt.step()
         if (step + 1) % 50 == 0:
-            log.info("public autoencoder: step %d/%d, loss %.4f", step + 1, steps, float(loss))
+            log.info("public autoencoder: step %d/%d, loss %.4f", step + 1, steps, loss.item())
     return {k: v.detach().clone() for k, v in ae.state_dict().items()}
 
 

@@ -63,3 +63,18 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
     audit = json.loads((run_dir / "audit" / "audit.json").read_text())
     assert set(audit["sites"]) == {"site-0", "site-1", "site-2"}
     assert "<html" in (run_dir / "audit" / "audit.html").read_text().lower()
+
+    # Resume with one more round: rounds 1-2 are not redone. site-1 now fails (its labels are gone) and drops out,
+    # site-2 still refuses, so only one site can train: the run stops cleanly and says why.
+    (sites[1] / "labels.csv").unlink()
+    more = RunConfig(**{**run.__dict__, "num_server_rounds": 3})
+    result = run_federation(write_app_dir(tmp_path / "app2", more), tmp_path / "deploy2", node_configs, more.to_flwr(),
+                            timeout_s=600, progress=lines.append)
+    assert result.returncode == 0
+    assert any("resuming run" in line and "after round 2" in line for line in lines)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "stopped" and "min-sites" in record["reason"]
+    assert record["sites"]["site-1"]["status"] == "dropped" and "labels.csv" in record["sites"]["site-1"]["reason"]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics if m["status"] == "ok"].count(1) == 2  # round 1 was not trained again
+    assert not (run_dir / "checkpoints" / "round-003.pt").exists()
