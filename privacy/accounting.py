@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 
 ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
@@ -36,12 +38,26 @@ def _check_step(step: MechanismStep) -> None:
         raise ValueError(f"noise_multiplier must be >= 0, got {step.noise_multiplier} in {step}")
 
 
+def _merged(history: Sequence[MechanismStep]) -> list[tuple[float, float, int]]:
+    """Opacus' (sigma, q, steps) history, with runs of equal (sigma, q) added up wherever they occur.
+
+    Composition is commutative, so this changes no epsilon; it keeps the accountant's work proportional to the
+    number of distinct mechanisms, not of rounds (PRV in particular is slow per distinct mechanism).
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for s in history:
+        if s.steps > 0:
+            key = (float(s.noise_multiplier), float(s.sample_rate))
+            steps[key] = steps.get(key, 0) + int(s.steps)
+    return [(sigma, q, n) for (sigma, q), n in steps.items()]
+
+
 def _accountant(history: Sequence[MechanismStep], accountant: str):
     """A fresh Opacus accountant whose history (Opacus' own (sigma, q, steps) format) is `history`."""
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"unknown accountant {accountant!r}; choose one of {sorted(ACCOUNTANTS)}")
     acc = ACCOUNTANTS[accountant]()
-    acc.history = [(float(s.noise_multiplier), float(s.sample_rate), int(s.steps)) for s in history]
+    acc.history = _merged(history)
     return acc
 
 
@@ -61,8 +77,7 @@ def epsilon_for(history: Sequence[MechanismStep], delta: float, accountant: str 
         return 0.0
     if any(s.noise_multiplier == 0 for s in steps):
         return math.inf
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")  # Opacus' notes on the alpha grid / PRV domain; the value is still a bound
+    with _quiet():
         try:
             eps = float(_accountant(steps, accountant).get_epsilon(delta=delta))
         except (OverflowError, FloatingPointError):
@@ -70,28 +85,70 @@ def epsilon_for(history: Sequence[MechanismStep], delta: float, accountant: str 
     return eps if math.isfinite(eps) else math.inf
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence Opacus' notes on the alpha grid / PRV domain and numpy overflow: the value is still a bound."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _rdp_epsilon_after(prior: Sequence[MechanismStep], sample_rate: float, steps: int,
+                       delta: float) -> Callable[[float], float]:
+    """sigma -> RDP epsilon of prior + (sigma, sample_rate, steps), with the prior's RDP curve computed once.
+
+    The same arithmetic as RDPAccountant.get_privacy_spent (a calibration search asks for it many times).
+    """
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    with _quiet():
+        prior_rdp = sum(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=orders)
+                        for sigma, q, n in _merged(prior))
+
+    def eps(sigma: float) -> float:
+        with _quiet():
+            try:
+                rdp = prior_rdp + rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps,
+                                                           orders=orders)
+                value = float(rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
+            except (OverflowError, FloatingPointError):
+                return math.inf
+        return value if math.isfinite(value) else math.inf
+
+    return eps
+
+
 def _smallest_feasible(feasible: Callable[[float], bool], eps_of: Callable[[float], float], target: float,
                        guess: float, max_noise: float, rel_tol: float) -> float | None:
     """Smallest sigma (within rel_tol, from above) with feasible(sigma); None if max_noise is not feasible.
 
-    Bracket by factors of 2 from `guess`, then Illinois false position on log(eps) against log(sigma), which is
-    nearly linear, so it needs a handful of accountant calls. The returned sigma was itself checked feasible.
+    Bracket the threshold from `guess` with extrapolating steps, then Illinois false position on log(eps) against
+    log(sigma), which is nearly linear, so it needs a handful of accountant calls. The returned sigma was itself
+    checked feasible.
     """
+    def jump(sigma: float) -> float:  # where eps would meet target if eps ~ 1/sigma (it falls at least as fast)
+        f = eps_of(sigma)
+        return min(max(f / target, 2.0) if math.isfinite(f) else 2.0, 1e3)
+
+    def log_ratio(sigma: float) -> float:  # log(eps / target), <= 0 where feasible
+        f = eps_of(sigma)
+        return math.log(f / target) if 0 < f < math.inf else (math.inf if f > 0 else -math.inf)
+
     if feasible(guess):
-        hi, lo = guess, guess / 2
+        hi, lo = guess, guess * 0.9  # a good guess (PRV starts from RDP's answer) is usually within 10 %
         while feasible(lo):
-            hi, lo = lo, lo / 2
+            # secant through the last two feasible points (log-log), overshooting a little to get below
+            slope = (log_ratio(lo) - log_ratio(hi)) / math.log(hi / lo)
+            step = math.exp(log_ratio(lo) / slope) * 0.97 if 0 < slope < math.inf else 0.5
+            hi, lo = lo, lo * min(max(step, 0.5), 0.97)
             if lo < 1e-6:
                 return hi
     else:
-        if not feasible(max_noise):
-            return None
-        lo, hi = guess, min(2 * guess, max_noise)
+        lo, hi = guess, min(guess * jump(guess), max_noise)
         while not feasible(hi):
-            lo, hi = hi, min(2 * hi, max_noise)
-    f_lo, f_hi = eps_of(lo), eps_of(hi)  # cached: no new accountant calls
-    y_lo = math.log(f_lo / target) if math.isfinite(f_lo) else math.inf  # > 0
-    y_hi = math.log(f_hi / target) if f_hi > 0 else -math.inf  # <= 0
+            if hi >= max_noise:
+                return None
+            lo, hi = hi, min(hi * jump(hi), max_noise)
+    y_lo, y_hi = log_ratio(lo), log_ratio(hi)  # cached: no new accountant calls
     side = 0
     for _ in range(100):
         if hi <= lo * (1 + rel_tol):
@@ -99,9 +156,8 @@ def _smallest_feasible(feasible: Callable[[float], bool], eps_of: Callable[[floa
         a, b = math.log(lo), math.log(hi)
         t = y_lo / (y_lo - y_hi) if math.isfinite(y_lo) and math.isfinite(y_hi) and y_lo > y_hi else 0.5
         x = math.exp(a + min(max(t, 0.05), 0.95) * (b - a))
-        f = eps_of(x)
-        y = math.log(f / target) if 0 < f < math.inf else (math.inf if f > 0 else -math.inf)
-        if f > target:
+        y = log_ratio(x)
+        if not feasible(x):
             lo, y_lo = x, y
             if side == -1:
                 y_hi /= 2  # Illinois: the kept end was kept twice, pull the secant towards it
@@ -138,9 +194,14 @@ def calibrate_noise_multiplier(
     _check_step(MechanismStep(1.0, sample_rate, steps))
     cache: dict[float, float] = {}
 
+    def exact(sigma: float) -> float:
+        return epsilon_for(prior + [MechanismStep(sigma, sample_rate, steps)], delta, accountant)
+
+    search = _rdp_epsilon_after(prior, sample_rate, steps, delta) if accountant == "rdp" else exact
+
     def eps_of(sigma: float) -> float:
         if sigma not in cache:
-            cache[sigma] = epsilon_for(prior + [MechanismStep(sigma, sample_rate, steps)], delta, accountant)
+            cache[sigma] = search(sigma)
         return cache[sigma]
 
     def feasible(sigma: float) -> bool:
@@ -162,7 +223,11 @@ def calibrate_noise_multiplier(
             f"no noise multiplier <= {max_noise:g} keeps epsilon <= {target_epsilon:g} at delta={delta:.2e} "
             f"({accountant.upper()}) for {steps} more steps at sample rate {sample_rate:.4g}; "
             f"already spent: epsilon {spent:.3f}")
-    return sigma
+    for _ in range(100):  # the search's shortcut can differ from epsilon_for in the last bits: settle on the safe side
+        if (exact(sigma) if accountant == "rdp" else eps_of(sigma)) <= target_epsilon:
+            return sigma
+        sigma *= 1 + rel_tol / 10
+    raise ValueError(f"calibration did not converge for target epsilon {target_epsilon:g} (sigma {sigma:g})")
 
 
 def default_delta(n_patients: int) -> float:

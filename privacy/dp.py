@@ -1,8 +1,10 @@
 """DP-SGD with Opacus, refusing to run when a precondition of the guarantee does not hold.
 
-The guarantee the ledger accounts for assumes: every trainable layer's per-sample gradient is well defined
-(no BatchNorm mixing samples, no running statistics), the model is in train mode, and records are drawn with
-Poisson sampling at the rate the accountant is told. `make_private` checks each and says which one failed.
+The guarantee the ledger accounts for assumes: every layer's per-sample gradient is well defined (no BatchNorm
+mixing the samples of a batch, no running statistics learnt from private data), the model is in train mode, and
+records (one per patient) are drawn with Poisson sampling at the rate the accountant is told. `make_private`
+checks each and says which one failed. Opacus' engine keeps its own accountant, but it is not the source of
+truth: it forgets across rounds. The site's ledger (privacy/ledger.py) is.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ from __future__ import annotations
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.utils.module_utils import trainable_modules
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
+
+# Normalisation layers leak across samples (batch statistics) or through running statistics even when frozen.
+_ALWAYS_CHECKED = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm)
 
 
 class PrivacyPreconditionError(Exception):
@@ -20,26 +26,41 @@ class PrivacyPreconditionError(Exception):
 
 
 def check_model(model: torch.nn.Module) -> None:
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        named = {id(m): n for n, m in model.named_modules()}
-        lines = []
-        for err in errors:
-            module = getattr(err, "module", None)
-            where = named.get(id(module), "?") if module is not None else "?"
-            lines.append(f"{where or '<root>'}: {err}")
+    """Refuse layers without a per-sample gradient (BatchNorm, InstanceNorm with running stats, ...) and eval mode.
+
+    Uses Opacus' registered module validators, run per named module so the message says which module failed.
+    """
+    trainable = {id(m) for _, m in trainable_modules(model)}
+    problems = []
+    for name, module in model.named_modules():
+        validator = ModuleValidator.VALIDATORS.get(type(module))
+        if validator is None or not (id(module) in trainable or isinstance(module, _ALWAYS_CHECKED)):
+            continue
+        for err in validator(module):
+            problems.append(f"{name or '<root>'} ({type(module).__name__}): {err}")
+    if problems:
         raise PrivacyPreconditionError(
-            "the model has layers incompatible with per-sample DP-SGD:\n  " + "\n  ".join(lines))
+            "the model has layers incompatible with per-sample DP-SGD (replace them, e.g. BatchNorm -> GroupNorm "
+            "with opacus ModuleValidator.fix):\n  " + "\n  ".join(problems))
     if not model.training:
         raise PrivacyPreconditionError("the model is in eval mode; DP-SGD needs train mode (call model.train())")
 
 
 def check_loader(loader: DataLoader) -> None:
+    """Refuse a loader that does not draw records by Poisson sampling (what the accountant assumes)."""
     sampler = getattr(loader, "batch_sampler", None)
     if not isinstance(loader, DPDataLoader) and not isinstance(sampler, UniformWithReplacementSampler):
         raise PrivacyPreconditionError(
-            "the data loader does not use Poisson sampling (Opacus DPDataLoader / UniformWithReplacementSampler); "
-            "the accountant's sampling rate would not describe how records were drawn")
+            f"the data loader ({type(loader).__name__} with {type(sampler).__name__}) does not use Poisson "
+            "sampling (Opacus DPDataLoader / UniformWithReplacementSampler); the accountant's sampling rate "
+            "would not describe how records were drawn")
+
+
+def sample_rate_of(loader: DataLoader) -> float:
+    """The Poisson sampling rate a private loader draws each record with: what the ledger must record."""
+    check_loader(loader)
+    sampler = loader.batch_sampler
+    return float(getattr(loader, "sample_rate", None) or sampler.sample_rate)
 
 
 def make_private(
@@ -52,12 +73,16 @@ def make_private(
     grad_sample_mode: str = "hooks",
     seed: int | None = None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
-    """Opacus' make_private with Poisson sampling, after checking the preconditions.
+    """Opacus' make_private with Poisson sampling (rate 1 / len(loader)), after checking the preconditions.
 
-    The engine's own accountant is not the source of truth (it forgets across rounds): the site's ledger is.
+    `seed` seeds both the noise and the Poisson sampler (reproducible tests and audits; leave it None in
+    production, where predictable noise would weaken the guarantee).
     """
-    if noise_multiplier <= 0 or max_grad_norm <= 0:
-        raise PrivacyPreconditionError("noise_multiplier and max_grad_norm must be > 0")
+    if not noise_multiplier > 0 or not max_grad_norm > 0:
+        raise PrivacyPreconditionError(
+            f"noise_multiplier and max_grad_norm must be > 0, got {noise_multiplier} and {max_grad_norm}")
+    if isinstance(loader, DataLoader) and len(loader.dataset) == 0:  # type: ignore[arg-type]
+        raise PrivacyPreconditionError("the data loader has no records to train on")
     check_model(model)
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -67,5 +92,6 @@ def make_private(
         noise_generator=generator,
     )
     check_loader(loader)
-    check_model(model)
+    if seed is not None:
+        loader.batch_sampler.generator = torch.Generator().manual_seed(seed + 1)
     return model, optimizer, loader

@@ -1,0 +1,142 @@
+"""DP-SGD preconditions and mechanics: clipping bounds each patient's influence, noise has the configured std."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from opacus.data_loader import DPDataLoader
+from scipy import stats
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from privacy.dp import PrivacyPreconditionError, check_loader, check_model, make_private, sample_rate_of
+
+
+def _loader(n: int = 64, features: int = 16, batch_size: int = 8) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, features, generator=g), torch.randn(n, 1, generator=g))
+    return DataLoader(data, batch_size=batch_size, shuffle=True)
+
+
+def _mlp(features: int = 16) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(features, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _private(model, loader, *, sigma=1.0, clip=0.5):
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    return make_private(model, opt, loader, noise_multiplier=sigma, max_grad_norm=clip, seed=0)
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _summed_clipped_grad(model, opt, x) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample raw gradient norms, sum of clipped per-sample gradients) for batch x, as Opacus computes them."""
+    opt.zero_grad()
+    (model(x) ** 2).sum().backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    raw = torch.stack([p.grad_sample.reshape(len(x), -1).norm(dim=1) for p in params], dim=1).norm(dim=1)
+    opt.clip_and_accumulate()
+    return raw, _flat(p.summed_grad for p in params)
+
+
+def test_per_sample_gradients_are_clipped_to_max_grad_norm():
+    clip = 0.5
+    model, opt, _ = _private(_mlp(), _loader(), clip=clip)
+    x = torch.randn(12, 16, generator=torch.Generator().manual_seed(1)) * 5
+    raw, _ = _summed_clipped_grad(model, opt, x)
+    assert (raw > clip).any(), "test needs samples whose unclipped gradient exceeds the clipping norm"
+    for i in range(len(x)):  # each patient's contribution to the update, alone
+        raw_i, clipped_i = _summed_clipped_grad(model, opt, x[i:i + 1])
+        assert clipped_i.norm() <= clip + 1e-5
+        assert clipped_i.norm() == pytest.approx(min(raw_i.item(), clip), rel=1e-4)
+    # sensitivity: adding one patient (an outlier) moves the summed gradient by at most the clipping norm
+    outlier = torch.full((1, 16), 50.0)
+    raw_all, with_outlier = _summed_clipped_grad(model, opt, torch.cat([x, outlier]))
+    _, without = _summed_clipped_grad(model, opt, x)
+    assert raw_all[-1] > 10 * clip
+    assert (with_outlier - without).norm() <= clip + 1e-5
+
+
+def test_noise_has_the_configured_std():
+    sigma, clip, batch = 1.5, 2.0, 64
+    torch.manual_seed(0)
+    model = nn.Linear(100, 100)  # 10,100 noisy coordinates
+    data = TensorDataset(torch.randn(640, 100))
+    model, opt, loader = make_private(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                      DataLoader(data, batch_size=batch), noise_multiplier=sigma,
+                                      max_grad_norm=clip, seed=123)
+    assert sample_rate_of(loader) == pytest.approx(batch / 640)
+    assert opt.expected_batch_size == batch
+    out = model(torch.randn(batch, 100))
+    (0.0 * out.sum()).backward()  # every per-sample gradient is zero: what remains is the noise alone
+    assert all(float(p.grad_sample.abs().max()) == 0.0 for p in model.parameters())
+    assert opt.pre_step()
+    noise = _flat(p.grad for p in model.parameters()).double()
+    expected_std = sigma * clip / batch  # Gaussian noise std sigma*C on the sum, averaged over the expected batch
+    n = noise.numel()
+    assert abs(noise.mean().item()) < 5 * expected_std / math.sqrt(n)
+    assert noise.std().item() == pytest.approx(expected_std, rel=0.05)
+    chi2 = float(((noise / expected_std) ** 2).sum())
+    p_value = 2 * min(stats.chi2.cdf(chi2, n), stats.chi2.sf(chi2, n))
+    assert p_value > 1e-3, (chi2, n)
+
+
+def test_batchnorm_is_refused_naming_the_module():
+    model = nn.Sequential()
+    model.add_module("encoder", nn.Sequential(nn.Linear(16, 8)))
+    model.encoder.add_module("norm", nn.BatchNorm1d(8))
+    with pytest.raises(PrivacyPreconditionError, match=r"encoder\.norm \(BatchNorm1d\)"):
+        check_model(model)
+    frozen = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8, affine=False))  # no parameters, still mixes samples
+    with pytest.raises(PrivacyPreconditionError, match=r"1 \(BatchNorm1d\)"):
+        check_model(frozen)
+    with pytest.raises(PrivacyPreconditionError, match="BatchNorm"):
+        make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), _loader(),
+                     noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_instancenorm_with_running_stats_is_refused_and_groupnorm_is_fine():
+    with pytest.raises(PrivacyPreconditionError, match=r"1 \(InstanceNorm2d\).*running stats"):
+        check_model(nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True)))
+    check_model(nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, affine=True), nn.GroupNorm(2, 4)))
+
+
+def test_eval_mode_model_is_refused():
+    model = _mlp().eval()
+    with pytest.raises(PrivacyPreconditionError, match="eval mode"):
+        check_model(model)
+    with pytest.raises(PrivacyPreconditionError, match="eval mode"):
+        _private(model, _loader())
+
+
+def test_only_poisson_loaders_are_accepted():
+    plain = _loader()
+    with pytest.raises(PrivacyPreconditionError, match="Poisson"):
+        check_loader(plain)
+    with pytest.raises(PrivacyPreconditionError, match="Poisson"):
+        sample_rate_of(plain)
+    poisson = DPDataLoader.from_data_loader(plain)
+    check_loader(poisson)
+    assert sample_rate_of(poisson) == pytest.approx(1 / len(plain))
+
+
+def test_make_private_trains_with_poisson_batches():
+    model, opt, loader = _private(_mlp(), _loader(n=64, batch_size=8), sigma=0.5, clip=1.0)
+    assert isinstance(loader, DPDataLoader) and sample_rate_of(loader) == pytest.approx(8 / 64)
+    opt.original_optimizer.param_groups[0]["lr"] = 0.1
+    before = _flat(p.detach().clone() for p in model.parameters())
+    sizes = []
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sizes.append(len(x))
+    assert len(sizes) == 8 and len(set(sizes)) > 1  # Poisson: batch sizes vary around the expected 8
+    assert not torch.equal(before, _flat(p.detach() for p in model.parameters()))
+    with pytest.raises(PrivacyPreconditionError, match="noise_multiplier"):
+        _private(_mlp(), _loader(), sigma=0.0)
