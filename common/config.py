@@ -113,6 +113,7 @@ class RunConfig:
     public_phantoms: int = 96  # public phantom images for the latent scale, a public autoencoder, the warm start
     public_autoencoder_steps: int = 300  # when autoencoder-source = "public"
     public_unet_steps: int = 0  # > 0: warm-start the diffusion UNet on public phantoms before DP fine-tuning
+    public_batch_size: int = 16  # batch size of the server's public-phantom training
     audit: bool = True  # run the federated privacy audit on the cohort after synthesis
     mode: str = "train"  # "train": rounds, synthesis, audit; "audit": only audit `cohort-dir` made from `checkpoint`
     cohort_dir: str = ""  # mode "audit"

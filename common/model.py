@@ -58,12 +58,15 @@ def ddim_scheduler(cfg: ModelConfig) -> DDIMScheduler:
 
 
 def autoencoder_loss(ae: AutoencoderKL, images: torch.Tensor, kl_weight: float) -> torch.Tensor:
-    """Per-sample L1 reconstruction + weighted KL divergence, shape (B,)."""
+    """Per-sample squared-error reconstruction + weighted KL divergence, shape (B,).
+
+    Squared error, not L1: measured here, L1 with Adam stalls at a blurred mean head (L1 0.064 after 150 steps
+    on 8 phantoms) where squared error keeps improving (L1 0.035 and falling)."""
     recon, mu, sigma = ae(images)
     dims = tuple(range(1, images.ndim))
-    l1 = (recon - images).abs().mean(dim=dims)
+    mse = (recon - images).pow(2).mean(dim=dims)
     kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum(dim=dims)
-    return l1 + kl_weight * kl
+    return mse + kl_weight * kl
 
 
 @torch.no_grad()

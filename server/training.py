@@ -123,7 +123,7 @@ def pretrain_public_unet(cfg: ModelConfig, run: RunConfig, ae_state: dict, laten
     opt = torch.optim.Adam(unet.parameters(), lr=run.lr_diffusion)
     scheduler = ddpm_scheduler(cfg)
     for step in range(steps):
-        idx = torch.randint(0, len(mu), (min(run.batch_size, len(mu)),))
+        idx = torch.randint(0, len(mu), (min(run.public_batch_size, len(mu)),))
         z = (mu[idx] + sigma[idx] * torch.randn_like(mu[idx])) * latent_scale
         loss = diffusion_loss(unet, scheduler, z, labels[idx]).mean()
         opt.zero_grad()
@@ -141,7 +141,7 @@ def train_public_autoencoder(cfg: ModelConfig, run: RunConfig, steps: int) -> di
     images, _ = public_phantoms(cfg, run.public_phantoms)
     opt = torch.optim.Adam(ae.parameters(), lr=run.lr_autoencoder)
     for step in range(steps):
-        idx = torch.randint(0, len(images), (min(run.batch_size, len(images)),))
+        idx = torch.randint(0, len(images), (min(run.public_batch_size, len(images)),))
         loss = autoencoder_loss(ae, images[idx], run.kl_weight).mean()
         opt.zero_grad()
         loss.backward()
