@@ -22,7 +22,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from client.task import load_training_data, open_ledger, privacy_summary, select_device
+from client.task import configure_compute, load_training_data, open_ledger, privacy_summary
 from common.config import ModelConfig, SiteConfig
 from common.model import build_autoencoder, build_unet, ddpm_scheduler, diffusion_loss, encode
 from common.site import SiteData
@@ -105,7 +105,7 @@ def _fid(real_feats: np.ndarray, synth_feats: np.ndarray) -> dict[str, float]:
 def audit_site(site: SiteConfig, cfg: ModelConfig, synthetic: np.ndarray, synthetic_ids: list[str],
                synthetic_labels: np.ndarray, ae_state: dict, unet_state: dict, latent_scale: float) -> dict[str, Any]:
     """Everything the site computes about a candidate cohort; the result holds aggregates only."""
-    device = select_device(site.device)
+    device = configure_compute(site)
     train, holdout = load_training_data(site, cfg)
     if len(train) < 2 or len(holdout) < 2:
         raise ValueError(f"site {site.name}: needs >= 2 training and >= 2 hold-out patients to audit")

@@ -98,6 +98,12 @@ class RoundResult:
     privacy: dict[str, Any] = field(default_factory=dict)
 
 
+def configure_compute(site: SiteConfig) -> torch.device:
+    if site.threads > 0:
+        torch.set_num_threads(site.threads)
+    return select_device(site.device)
+
+
 def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -225,7 +231,7 @@ def run_training_round(
     frozen global autoencoder used to encode the site's images."""
     t0 = time.time()
     cfg = model_config(plan.preset)
-    device = select_device(site.device)
+    device = configure_compute(site)
     torch.manual_seed(plan.seed * 1_000_003 + plan.server_round)
     train, holdout = load_training_data(site, cfg)
     ledger = open_ledger(site, train)

@@ -173,6 +173,7 @@ class SiteConfig:
     dp: bool = True  # False only for experiments; the run record then says "none"
     holdout_fraction: float = 0.25
     device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # CPU threads for this site's training (0: torch's default); several sites on one machine: 1
 
     def __post_init__(self) -> None:
         if not self.site_dir:

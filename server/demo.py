@@ -8,6 +8,7 @@ stopped when it ends, on failure and on Ctrl-C (server.deployment owns that).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -55,13 +56,13 @@ def demo_run_config(opts: DemoOptions, run_dir: Path) -> RunConfig:
     tiny = opts.preset == "tiny"
     return RunConfig(
         preset=opts.preset,
-        num_server_rounds=opts.rounds or (2 if tiny else 3),
+        num_server_rounds=opts.rounds or 2,
         autoencoder_rounds=0,
         autoencoder_source="public",
         public_autoencoder_steps=40 if tiny else 400,
         public_unet_steps=40 if tiny else 1200,
         public_phantoms=24 if tiny else 120,
-        local_epochs=1 if tiny else 4,
+        local_epochs=1 if tiny else 3,
         batch_size=8 if tiny else 32,
         lr_diffusion=1e-3 if tiny else 2e-4,  # DP fine-tuning of a warm-started model: small steps
         min_sites=min(2, opts.sites),
@@ -95,7 +96,7 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] = print) -> int:
     run = demo_run_config(opts, run_dir)
     node_configs = [
         {"site-dir": str(d), "site-name": d.name, "state-dir": str(out / "site-state" / d.name),
-         "epsilon": opts.epsilon}
+         "epsilon": opts.epsilon, "threads": max(1, (os.cpu_count() or 1) // len(site_dirs))}
         for d in site_dirs
     ]
     app_dir = write_app_dir(out / "app", run)
