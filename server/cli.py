@@ -5,6 +5,7 @@
     fedsynth site check DIR                          what a site's folder holds, and every problem in it
     fedsynth synthesize --checkpoint CKPT --per-class N --out DIR
     fedsynth verify COHORT                           re-hash a cohort against its manifest
+    fedsynth audit --demo DIR                        re-run the federated privacy audit of a demo's cohort
     fedsynth pki --out DIR --nodes N                 CA, SuperLink certificate, SuperNode auth keys
 """
 
@@ -80,6 +81,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(opts, progress=_say)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from server.demo import run_demo_audit
+
+    return run_demo_audit(Path(args.demo), insecure=args.insecure, progress=_say)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedsynth", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -123,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="verify a cohort's files against its manifest")
     v.add_argument("cohort")
     v.set_defaults(fn=cmd_verify)
+
+    a = sub.add_parser("audit", help="re-run the federated privacy audit on a demo's cohort (sites compute locally)")
+    a.add_argument("--demo", required=True, help="the demo's --out folder")
+    a.add_argument("--insecure", action="store_true")
+    a.set_defaults(fn=cmd_audit)
 
     k = sub.add_parser("pki", help="make a CA, a SuperLink certificate and SuperNode auth keys")
     k.add_argument("--out", required=True)

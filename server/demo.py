@@ -64,7 +64,7 @@ def demo_run_config(opts: DemoOptions, run_dir: Path) -> RunConfig:
         public_phantoms=24 if tiny else 120,
         local_epochs=1 if tiny else 3,
         batch_size=8 if tiny else 32,
-        lr_diffusion=1e-3 if tiny else 2e-4,  # DP fine-tuning of a warm-started model: small steps
+        lr_diffusion=1e-3 if tiny else 5e-5,  # DP fine-tuning of a warm-started model: small steps
         min_sites=min(2, opts.sites),
         run_dir=str(run_dir),
         synthesize_per_class=4 if tiny else 8,
@@ -80,6 +80,30 @@ def write_app_dir(app_dir: Path, run: RunConfig) -> Path:
     return app_dir
 
 
+def demo_node_configs(out: Path, epsilon: float) -> list[dict]:
+    site_dirs = sorted(p for p in (out / "sites").iterdir() if p.is_dir() and (p / "labels.csv").exists())
+    return [
+        {"site-dir": str(d), "site-name": d.name, "state-dir": str(out / "site-state" / d.name),
+         "epsilon": epsilon, "threads": max(1, (os.cpu_count() or 1) // len(site_dirs))}
+        for d in site_dirs
+    ]
+
+
+def run_demo_audit(out: Path, insecure: bool = False, progress: Callable[[str], None] = print) -> int:
+    """Audit the demo's cohort again: the same hospitals, a new loopback federation, the ServerApp in audit mode."""
+    out = out.resolve()
+    run_dir = out / "run"
+    record = json.loads((run_dir / "run.json").read_text())
+    run = RunConfig(**{**record["run_config"], "mode": "audit", "cohort_dir": str(run_dir / "cohort"),
+                       "checkpoint": str(run_dir / "checkpoints" / "latest.pt")})
+    app_dir = write_app_dir(out / "app-audit", run)
+    run_federation(app_dir, out / "deployment-audit", demo_node_configs(out, 10.0), run.to_flwr(),
+                   insecure=insecure, progress=progress)
+    verdict = json.loads((run_dir / "audit" / "audit.json").read_text())["verdict"]
+    progress(f"audit report: {run_dir / 'audit' / 'audit.html'} (verdict: {verdict['status']})")
+    return 0
+
+
 def run_demo(opts: DemoOptions, progress: Callable[[str], None] = print) -> int:
     out = opts.out.resolve()
     run_dir = out / "run"
@@ -92,15 +116,10 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] = print) -> int:
         make_phantom_sites(sites_dir, n_sites=opts.sites, n_subjects=subjects, size=64, seed=0, progress=progress)
     else:
         progress(f"[1/3] reusing phantom hospitals in {sites_dir}")
-    site_dirs = sorted(p for p in sites_dir.iterdir() if p.is_dir() and (p / "labels.csv").exists())
     run = demo_run_config(opts, run_dir)
-    node_configs = [
-        {"site-dir": str(d), "site-name": d.name, "state-dir": str(out / "site-state" / d.name),
-         "epsilon": opts.epsilon, "threads": max(1, (os.cpu_count() or 1) // len(site_dirs))}
-        for d in site_dirs
-    ]
+    node_configs = demo_node_configs(out, opts.epsilon)
     app_dir = write_app_dir(out / "app", run)
-    progress(f"[2/3] federated training: {len(site_dirs)} sites, {run.num_server_rounds} rounds, "
+    progress(f"[2/3] federated training: {len(node_configs)} sites, {run.num_server_rounds} rounds, "
              f"{'INSECURE (no TLS)' if opts.insecure else 'TLS + SuperNode authentication'} on loopback")
     run_federation(app_dir, out / "deployment", node_configs, run.to_flwr(), insecure=opts.insecure,
                    timeout_s=opts.timeout_s, progress=progress)
@@ -113,6 +132,11 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] = print) -> int:
     if cohort.exists():
         progress(f"  cohort:      {cohort}")
         progress(f"  preview:     {cohort / 'preview.png'}")
+        audit = run_dir / "audit" / "audit.json"
+        if audit.exists():
+            verdict = json.loads(audit.read_text())["verdict"]
+            progress(f"  audit:       {run_dir / 'audit' / 'audit.html'} (verdict: {verdict['status']})")
+        progress(f"  verify:      fedsynth verify {cohort}")
         return 0
     progress("  no cohort was produced (see the run record)")
     return 1
