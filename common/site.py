@@ -1,9 +1,10 @@
 """One site's data: a folder of NIfTI files and/or DICOM series plus labels.csv, validated and normalised.
 
-Convention: images sit in `DIR/images/` if it exists, else in `DIR/`. A NIfTI file's subject id is its name without
-`.nii`/`.nii.gz`; a single `.dcm` file's is its stem; a sub-folder of DICOM files is one series named by the folder.
-`labels.csv` has `subject_id,class[,site]`. Each patient gives exactly ONE record (the middle axial slice for a 2D
-model, the volume for a 3D one): privacy is counted per patient.
+Convention: images sit in `DIR/images/` if it exists, else in `DIR/` (not recursive; `labels.csv`, `site.json`,
+hidden entries and `masks/` are skipped). A NIfTI file's subject id is its name without `.nii`/`.nii.gz`; a single
+`.dcm` file's is its stem; a sub-folder of DICOM files is one series named by the folder. `labels.csv` has
+`subject_id,class[,site]`. Each patient gives exactly ONE record (the middle axial slice for a 2D model, the
+volume for a 3D one) because privacy is counted per patient.
 
 Bad input never stops the site while something is usable: every problem is a `SiteProblem` naming the file.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import warnings
-from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,10 +25,6 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SKIP_NAMES = {"labels.csv", "site.json", "masks"}
 
 
-class SiteError(Exception):
-    """The site has nothing usable (the message lists why)."""
-
-
 @dataclass
 class SiteProblem:
     path: str
@@ -38,169 +34,218 @@ class SiteProblem:
         return f"{self.path}: {self.problem}"
 
 
+class SiteError(Exception):
+    """The site has nothing usable; the message (and `.problems`) say why."""
+
+    def __init__(self, message: str, problems: Sequence[SiteProblem] = ()):
+        super().__init__(message)
+        self.problems = list(problems)
+
+
 @dataclass
 class SiteData:
     subject_ids: list[str]
     images: np.ndarray  # float32 (N, 1, *spatial) in [0, 1]
-    labels: np.ndarray  # int64 (N,)
+    labels: np.ndarray  # int64 (N,) index into class_names
     class_names: tuple[str, ...]
     problems: list[SiteProblem] = field(default_factory=list)
-    spacings: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    spacings: dict[str, tuple[float, ...]] = field(default_factory=dict)  # subject -> voxel spacing (mm), as read
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # subject -> spatial shape, as read
 
     def __len__(self) -> int:
         return len(self.subject_ids)
 
     def subset(self, idx: Sequence[int]) -> "SiteData":
-        idx = list(idx)
+        idx = [int(i) for i in idx]
+        ids = [self.subject_ids[i] for i in idx]
         return SiteData(
-            subject_ids=[self.subject_ids[i] for i in idx],
-            images=self.images[idx] if idx else self.images[:0],
-            labels=self.labels[idx] if idx else self.labels[:0],
+            subject_ids=ids,
+            images=self.images[idx],
+            labels=self.labels[idx],
             class_names=self.class_names,
             problems=list(self.problems),
-            spacings={self.subject_ids[i]: self.spacings[self.subject_ids[i]] for i in idx
-                      if self.subject_ids[i] in self.spacings},
-            shapes={self.subject_ids[i]: self.shapes[self.subject_ids[i]] for i in idx
-                    if self.subject_ids[i] in self.shapes},
+            spacings={s: self.spacings[s] for s in ids if s in self.spacings},
+            shapes={s: self.shapes[s] for s in ids if s in self.shapes},
         )
 
 
-# ---- finding files -------------------------------------------------------------------------------------------
+# ---- finding files and labels --------------------------------------------------------------------------------
 
 def _subject_id(path: Path) -> str | None:
-    name = path.name
+    name, lower = path.name, path.name.lower()
     for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
+        if lower.endswith(suffix):
             return name[: -len(suffix)]
-    if name.lower().endswith(".dcm"):
+    if lower.endswith(".dcm"):
         return path.stem
     return None
 
 
-def _is_dicom_dir(path: Path) -> bool:
-    return path.is_dir() and any(p.is_file() and not p.name.startswith(".") for p in path.iterdir())
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def find_images(site_dir: Path, problems: list[SiteProblem]) -> dict[str, Path]:
-    """Subject id -> image path (file or DICOM series folder). Ambiguous ids are dropped with a problem."""
+def find_images(site_dir: Path, problems: list[SiteProblem]) -> tuple[dict[str, Path], set[str]]:
+    """(subject id -> image path (a file or a DICOM series folder), ids dropped as ambiguous, each with a problem)."""
     root = site_dir / "images" if (site_dir / "images").is_dir() else site_dir
     found: dict[str, list[Path]] = {}
     for path in sorted(root.iterdir()):
-        if path.name.startswith(".") or path.name in SKIP_NAMES or path.name == "images":
+        if path.name.startswith(".") or path.name in SKIP_NAMES or (root == site_dir and path.name == "images"):
             continue
         if path.is_dir():
-            if _is_dicom_dir(path):
-                found.setdefault(path.name, []).append(path)
+            if not any(p.is_file() and not p.name.startswith(".") for p in path.iterdir()):
+                problems.append(SiteProblem(str(path), "empty folder (expected a DICOM series); ignored"))
+                continue
+            found.setdefault(path.name, []).append(path)
             continue
         sid = _subject_id(path)
         if sid is None:
-            problems.append(SiteProblem(str(path), "not an image file (expected .nii, .nii.gz, .dcm or a DICOM series folder); ignored"))
+            problems.append(SiteProblem(
+                str(path), "not an image file (expected .nii, .nii.gz, .dcm or a DICOM series folder); ignored"))
             continue
         found.setdefault(sid, []).append(path)
     out: dict[str, Path] = {}
+    ambiguous: set[str] = set()
     for sid, paths in found.items():
         if len(paths) > 1:
             problems.append(SiteProblem(", ".join(str(p) for p in paths),
                                         f"several images for subject {sid!r}; all are ignored (ambiguous)"))
+            ambiguous.add(sid)
         else:
             out[sid] = paths[0]
-    return out
+    return out, ambiguous
 
 
-def read_labels(site_dir: Path, class_names: tuple[str, ...], problems: list[SiteProblem]) -> dict[str, int]:
+def read_labels(site_dir: Path, class_names: tuple[str, ...],
+                problems: list[SiteProblem]) -> tuple[dict[str, int], set[str]]:
+    """(subject id -> class index, ids whose rows were rejected, each with a problem).
+
+    A missing or malformed labels.csv makes the site unusable (SiteError)."""
     path = site_dir / "labels.csv"
     if not path.is_file():
-        raise SiteError(f"{path}: missing; a site needs labels.csv with columns subject_id,class")
+        raise SiteError(f"{path}: missing; a site needs labels.csv with header subject_id,class[,site]")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-            header = rows[0].keys() if rows else []
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as err:
         raise SiteError(f"{path}: not a readable CSV ({err})") from err
-    if not rows or not {"subject_id", "class"} <= set(header):
-        raise SiteError(f"{path}: needs a header with subject_id and class and at least one row")
+    if not {"subject_id", "class"} <= set(header):
+        raise SiteError(f"{path}: header must contain subject_id and class, got {','.join(header) or 'nothing'}")
+    if not rows:
+        raise SiteError(f"{path}: no rows below the header")
     labels: dict[str, int] = {}
     seen: dict[str, int] = {}
+    rejected: set[str] = set()
     for line, row in enumerate(rows, start=2):
         sid, cls = (row.get("subject_id") or "").strip(), (row.get("class") or "").strip()
-        seen[sid] = seen.get(sid, 0) + 1
         if not sid:
             problems.append(SiteProblem(f"{path}:{line}", "empty subject_id; row ignored"))
-        elif cls not in class_names:
-            problems.append(SiteProblem(f"{path}:{line}", f"unknown class {cls!r} for {sid!r} (known: {', '.join(class_names)}); row ignored"))
+            continue
+        seen[sid] = seen.get(sid, 0) + 1
+        if cls not in class_names:
+            problems.append(SiteProblem(
+                f"{path}:{line}", f"unknown class {cls!r} for {sid!r} (known: {', '.join(class_names)}); row ignored"))
+            rejected.add(sid)
         else:
             labels[sid] = class_names.index(cls)
     for sid, n in seen.items():
-        if n > 1 and sid:
-            problems.append(SiteProblem(str(path), f"subject {sid!r} listed {n} times; ignored (ambiguous)"))
+        if n > 1:
+            problems.append(SiteProblem(str(path), f"subject {sid!r} listed {n} times; all rows ignored (ambiguous)"))
             labels.pop(sid, None)
-    return labels
+            rejected.add(sid)
+    return {s: y for s, y in labels.items() if s not in rejected}, rejected
 
 
 # ---- reading one image ---------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=2)
-def _loader(kind: str):
-    """MONAI load -> channel first -> RAS orientation, with the reader named (no trial and error per file)."""
-    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
 
-    reader = "NibabelReader" if kind == "nifti" else "PydicomReader"
-    return Compose([LoadImage(image_only=True, reader=reader), EnsureChannelFirst(), Orientation(axcodes="RAS")])
+
+def _read(path: Path):
+    """MONAI LoadImage with the reader named, so the reader's own error surfaces (not 'no suitable reader')."""
+    import pydicom.misc
+    from monai.data import NibabelReader, PydicomReader
+    from monai.transforms import LoadImage
+
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError("empty file")
+    if path.is_dir() and not any(pydicom.misc.is_dicom(p) for p in path.iterdir() if p.is_file()):
+        raise ValueError("folder holds no DICOM files")
+    reader = NibabelReader() if _is_nifti(path) else PydicomReader()
+    kind = "NIfTI" if _is_nifti(path) else "DICOM"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return LoadImage(image_only=True)(str(path), reader=reader)
+    except Exception as err:  # nibabel/pydicom/gzip raise many types; each means "this file is unusable"
+        raise ValueError(f"unreadable {kind} ({_reason(err)})") from None
 
 
 def load_image(path: Path, *, spatial_dims: int, image_size: int) -> tuple[np.ndarray, tuple[float, ...], tuple[int, ...]]:
-    """One record (1, *spatial) float32 in [0, 1], plus the voxel spacing and the original shape.
+    """One record (1, *[image_size]*spatial_dims) float32 in [0, 1], plus the voxel spacing and shape as read.
 
     Raises ValueError with a readable reason for anything unusable.
     """
     import torch
-    from monai.transforms import Resize, ScaleIntensityRangePercentiles
+    from monai.transforms import EnsureChannelFirst, Orientation, Resize, ScaleIntensity, ScaleIntensityRangePercentiles
 
-    if path.is_file() and path.stat().st_size == 0:
-        raise ValueError("empty file")
+    img = _read(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            kind = "nifti" if path.name.endswith(NIFTI_SUFFIXES) else "dicom"
-            img = _loader(kind)(str(path))
-    except Exception as err:  # MONAI wraps reader errors in RuntimeError/OSError/...: all mean "unreadable"
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise ValueError(f"unreadable image ({type(err).__name__}: {reason[:200]})") from None
+        img = EnsureChannelFirst()(img)
+    except Exception as err:
+        raise ValueError(f"cannot find the channel axis (shape {tuple(img.shape)}; {_reason(err)})") from None
+    shape = tuple(int(s) for s in img.shape[1:])
+    if img.shape[0] != 1:
+        raise ValueError(f"{img.shape[0]} channels/volumes (shape {tuple(img.shape)}); expected a single image")
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{len(shape)}-D image (shape {shape}); expected 2-D or 3-D")
+    spacing = tuple(round(float(s), 4) for s in img.pixdim[: len(shape)])
     arr = torch.as_tensor(img).float()
-    spacing = tuple(float(s) for s in getattr(img, "pixdim", [])[: arr.ndim - 1]) if hasattr(img, "pixdim") else ()
-    shape = tuple(arr.shape[1:])
-    if arr.shape[0] != 1:
-        raise ValueError(f"{arr.shape[0]} channels/volumes (shape {tuple(arr.shape)}); expected a single image")
-    if arr.ndim not in (3, 4):
-        raise ValueError(f"{arr.ndim - 1}-D image (shape {shape}); expected 2-D or 3-D")
     if not torch.isfinite(arr).all():
         raise ValueError(f"{int((~torch.isfinite(arr)).sum())} NaN/inf voxels")
+    ras = Orientation(axcodes="RAS"[: len(shape)], labels=(("L", "R"), ("P", "A"), ("I", "S")))
+    arr = ras(img.float())  # the last axis is then inferior -> superior, so [..., k] are axial slices
     if spatial_dims == 2:
         if arr.ndim == 4:
             arr = arr[..., arr.shape[-1] // 2]  # the middle axial slice: one record per patient
     elif arr.ndim != 4 or min(arr.shape[1:]) < 2:
         raise ValueError(f"a 3-D model needs a volume, got shape {shape}")
     if float(arr.max() - arr.min()) <= 0:
-        raise ValueError("constant image (no dynamic range)")
+        raise ValueError("constant image (no dynamic range)" if arr.ndim == len(shape) + 1
+                         else "constant middle slice (no dynamic range)")
     arr = Resize((image_size,) * spatial_dims, mode="area" if spatial_dims == 2 else "trilinear")(arr)
-    arr = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)(arr)
+    lo, hi = np.percentile(np.asarray(arr), [0.5, 99.5])
+    if hi > lo:
+        arr = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)(arr)
+    else:  # >99 % of voxels equal (a speck on a flat background): percentiles collapse, fall back to min-max
+        arr = ScaleIntensity(minv=0.0, maxv=1.0)(arr)
     return np.asarray(arr, dtype=np.float32), spacing, shape
 
 
 # ---- the site --------------------------------------------------------------------------------------------------
 
-def load_site(site_dir: Path | str, *, class_names: tuple[str, ...] = DEFAULT_CLASS_NAMES, spatial_dims: int = 2,
+def load_site(site_dir: Path | str, *, class_names: Sequence[str] = DEFAULT_CLASS_NAMES, spatial_dims: int = 2,
               image_size: int = 64, progress: Callable[[int, int], None] | None = None) -> SiteData:
-    site_dir = Path(site_dir)
+    """Every usable (labelled, readable, valid) patient as one normalised record; the rest become problems."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    site_dir, class_names = Path(site_dir), tuple(class_names)
     if not site_dir.is_dir():
         raise SiteError(f"{site_dir}: not a folder")
     problems: list[SiteProblem] = []
-    labels = read_labels(site_dir, tuple(class_names), problems)
-    images = find_images(site_dir, problems)
+    labels, rejected = read_labels(site_dir, class_names, problems)
+    images, ambiguous = find_images(site_dir, problems)
     for sid in sorted(set(images) - set(labels)):
-        problems.append(SiteProblem(str(images[sid]), f"no row in labels.csv for subject {sid!r}; ignored"))
-    for sid in sorted(set(labels) - set(images)):
+        why = "its labels.csv row was rejected" if sid in rejected else f"no row in labels.csv for subject {sid!r}"
+        problems.append(SiteProblem(str(images[sid]), f"{why}; ignored"))
+    for sid in sorted(set(labels) - set(images) - ambiguous):
         problems.append(SiteProblem(str(site_dir / "labels.csv"), f"subject {sid!r} has a label but no image"))
     ids, arrays, ys, spacings, shapes = [], [], [], {}, {}
     todo = sorted(set(images) & set(labels))
@@ -209,84 +254,114 @@ def load_site(site_dir: Path | str, *, class_names: tuple[str, ...] = DEFAULT_CL
             arr, spacing, shape = load_image(images[sid], spatial_dims=spatial_dims, image_size=image_size)
         except ValueError as err:
             problems.append(SiteProblem(str(images[sid]), f"{err}; ignored"))
-            continue
-        ids.append(sid)
-        arrays.append(arr)
-        ys.append(labels[sid])
-        spacings[sid], shapes[sid] = spacing, shape
+        except Exception as err:  # an odd file must not stop the site; name it and go on
+            problems.append(SiteProblem(str(images[sid]), f"could not be processed ({_reason(err)}); ignored"))
+        else:
+            ids.append(sid)
+            arrays.append(arr)
+            ys.append(labels[sid])
+            spacings[sid], shapes[sid] = spacing, shape
         if progress:
             progress(i + 1, len(todo))
     if not ids:
         listing = "\n  ".join(str(p) for p in problems) or "no images found"
-        raise SiteError(f"{site_dir}: no usable subjects:\n  {listing}")
-    return SiteData(ids, np.stack(arrays), np.asarray(ys, dtype=np.int64), tuple(class_names), problems,
-                    spacings, shapes)
+        raise SiteError(f"{site_dir}: no usable subjects:\n  {listing}", problems)
+    return SiteData(ids, np.stack(arrays), np.asarray(ys, dtype=np.int64), class_names, problems, spacings, shapes)
+
+
+def _unit_hash(salt: str, sid: str) -> float:
+    digest = hashlib.sha256(f"{salt}\0{sid}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def split_site(data: SiteData, holdout_fraction: float = 0.25,
                salt: str = "fedsynth-audit-holdout") -> tuple[SiteData, SiteData]:
-    """(train, hold-out) by patient, decided by a hash of (salt, subject id) so it never changes between runs and
-    adding a patient moves nobody else. Per class, the hold-out takes the lowest-hash share (at least one patient
-    when the class has two or more)."""
+    """(train, audit hold-out) by patient.
+
+    A patient is held out when hash(salt, subject id) < holdout_fraction, so the split never changes between runs
+    and adding a patient moves nobody else. Per class with two or more patients, if the hash left one side empty,
+    the patient nearest the threshold is moved so both sides have one. The fraction is therefore approximate.
+    """
     if not 0 < holdout_fraction < 1:
-        raise ValueError("holdout_fraction must be between 0 and 1")
-
-    def rank(sid: str) -> str:
-        return hashlib.sha256(f"{salt}\0{sid}".encode()).hexdigest()
-
-    holdout: list[int] = []
+        raise ValueError(f"holdout_fraction must be between 0 and 1, got {holdout_fraction}")
+    u = np.array([_unit_hash(salt, s) for s in data.subject_ids])
+    held = u < holdout_fraction
     for c in np.unique(data.labels):
-        members = sorted(np.flatnonzero(data.labels == c), key=lambda i: rank(data.subject_ids[i]))
-        k = int(round(holdout_fraction * len(members)))
-        if len(members) >= 2:
-            k = min(max(k, 1), len(members) - 1)
-        else:
-            k = 0
-        holdout += [int(i) for i in members[:k]]
-    held = set(holdout)
-    train = [i for i in range(len(data)) if i not in held]
-    return data.subset(train), data.subset(sorted(held))
+        members = np.flatnonzero(data.labels == c)
+        if len(members) < 2:
+            continue
+        if not held[members].any():
+            held[members[np.argmin(u[members])]] = True
+        elif held[members].all():
+            held[members[np.argmax(u[members])]] = False
+    return data.subset(np.flatnonzero(~held)), data.subset(np.flatnonzero(held))
 
+
+# ---- the report `fedsynth site check` prints -------------------------------------------------------------------
 
 @dataclass
 class SiteReport:
     site_dir: str
+    images_found: int = 0
+    labelled_subjects: int = 0
     usable_subjects: int = 0
-    class_counts: dict[str, int] = field(default_factory=dict)
-    shapes: dict[str, int] = field(default_factory=dict)  # original shape -> count
-    spacings: dict[str, int] = field(default_factory=dict)  # voxel spacing -> count
-    problems: list[str] = field(default_factory=list)
     train_subjects: int = 0
     holdout_subjects: int = 0
+    class_counts: dict[str, int] = field(default_factory=dict)  # usable subjects per class
+    holdout_class_counts: dict[str, int] = field(default_factory=dict)
+    shapes: dict[str, int] = field(default_factory=dict)  # shape as read -> count
+    spacings: dict[str, int] = field(default_factory=dict)  # voxel spacing (mm) -> count
+    problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+                for k, v in self.__dict__.items()}
 
     def to_text(self) -> str:
-        lines = [f"site {self.site_dir}", f"  usable subjects: {self.usable_subjects} "
-                 f"(train {self.train_subjects}, audit hold-out {self.holdout_subjects})"]
-        lines.append("  classes: " + (", ".join(f"{k} {v}" for k, v in self.class_counts.items()) or "none"))
-        lines.append("  shapes: " + (", ".join(f"{k} x{v}" for k, v in self.shapes.items()) or "none"))
-        lines.append("  voxel spacing (mm): " + (", ".join(f"{k} x{v}" for k, v in self.spacings.items()) or "none"))
-        lines.append(f"  problems: {len(self.problems)}")
-        lines += [f"    - {p}" for p in self.problems]
-        return "\n".join(lines)
+        def counts(d: dict[str, int]) -> str:
+            return ", ".join(f"{k}: {v}" for k, v in d.items()) or "none"
+
+        return "\n".join([
+            f"site {self.site_dir}",
+            f"  images found: {self.images_found}, labelled subjects: {self.labelled_subjects}",
+            f"  usable subjects: {self.usable_subjects} (train {self.train_subjects}, "
+            f"audit hold-out {self.holdout_subjects})",
+            f"  classes: {counts(self.class_counts)}",
+            f"  hold-out classes: {counts(self.holdout_class_counts)}",
+            f"  shapes: {counts(self.shapes)}",
+            f"  voxel spacing (mm): {counts(self.spacings)}",
+            f"  problems: {len(self.problems)}",
+            *[f"    - {p}" for p in self.problems],
+        ])
 
 
-def check_site(site_dir: Path | str, *, class_names: tuple[str, ...] = DEFAULT_CLASS_NAMES, spatial_dims: int = 2,
+def check_site(site_dir: Path | str, *, class_names: Sequence[str] = DEFAULT_CLASS_NAMES, spatial_dims: int = 2,
                image_size: int = 64) -> SiteReport:
-    """What `fedsynth site check` prints: never raises on bad files, reports them."""
-    report = SiteReport(str(site_dir), class_counts={c: 0 for c in class_names})
+    """Counts, shapes, spacings, class balance and problems of one site. Never raises on bad files."""
+    site_dir, class_names = Path(site_dir), tuple(class_names)
+    report = SiteReport(str(site_dir), class_counts={c: 0 for c in class_names},
+                        holdout_class_counts={c: 0 for c in class_names})
+    try:
+        report.images_found = len(find_images(site_dir, [])[0])
+        report.labelled_subjects = len(read_labels(site_dir, class_names, [])[0])
+    except (OSError, SiteError):
+        pass  # load_site below reports the same failure as a problem
     try:
         data = load_site(site_dir, class_names=class_names, spatial_dims=spatial_dims, image_size=image_size)
     except SiteError as err:
-        report.problems = [str(err)]
+        report.problems = [str(p) for p in err.problems] or [str(err)]
+        if err.problems:
+            report.problems.append(f"{site_dir}: no usable subjects")
+        return report
+    except OSError as err:
+        report.problems = [f"{site_dir}: cannot be read ({_reason(err)})"]
         return report
     train, holdout = split_site(data)
-    report.usable_subjects = len(data)
-    report.train_subjects, report.holdout_subjects = len(train), len(holdout)
+    report.usable_subjects, report.train_subjects, report.holdout_subjects = len(data), len(train), len(holdout)
     for y in data.labels:
         report.class_counts[class_names[int(y)]] += 1
+    for y in holdout.labels:
+        report.holdout_class_counts[class_names[int(y)]] += 1
     for sid in data.subject_ids:
         shape = "x".join(map(str, data.shapes.get(sid, ())))
         spacing = "x".join(f"{s:g}" for s in data.spacings.get(sid, ()))
