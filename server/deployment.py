@@ -1,17 +1,17 @@
 """Flower in deployment mode on one machine: a SuperLink with TLS and SuperNode authentication, one SuperNode per
-site, `flwr run` — and every process stopped afterwards, on failure and on Ctrl-C too.
+site, `flwr run` — and every process stopped afterwards, on failure and on Ctrl-C/SIGTERM too.
 
 This is what `fedsynth demo` and the integration tests use; a real consortium runs the same commands on several
-machines (deploy/README.md). Flower 1.41: Fleet, Control and Runtime APIs share one HTTP port on the SuperLink;
+machines (deploy/README.md). Flower 1.41: Fleet, Control and Runtime APIs share one HTTPS port on the SuperLink;
 each SuperNode has its own Runtime port for its ClientApp process; `flwr` reads its connection from
-$FLWR_HOME/config.toml (we use a private FLWR_HOME, never ~/.flwr).
+$FLWR_HOME/config.toml. Every process gets a private FLWR_HOME (never ~/.flwr), which also marks the processes
+Flower spawns itself (SuperExec, flwr-serverapp, flwr-clientapp) so none can outlive the federation.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import socket
@@ -19,14 +19,17 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from server.pki import make_pki
+from common.io import write_text_atomic
+from server.pki import PkiPaths, make_pki
 
 CONNECTION = "fedsynth-local"
+Progress = Callable[[str], None]
 
 
 class DeploymentError(RuntimeError):
@@ -36,75 +39,172 @@ class DeploymentError(RuntimeError):
 @dataclass
 class FederationResult:
     returncode: int
-    logs: dict[str, Path] = field(default_factory=dict)
+    status: str  # the SuperLink's final run status, e.g. "finished:completed"
+    run_id: int | None
+    logs: dict[str, Path] = field(default_factory=dict)  # superlink, supernode-K, run, flwr (CLI calls)
 
 
 def free_port() -> int:
+    """A port that is free right now (bound to port 0), so parallel runs don't collide."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
-
-
-def _tail(path: Path, n: int = 30) -> str:
+def _tail(path: Path, n: int = 40) -> str:
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+        text = re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace"))
+        return "\n".join(text.splitlines()[-n:])
     except OSError:
-        return "(no log)"
+        return f"(no log at {path})"
 
 
-def _toml_value(v: Any) -> str:
-    return json.dumps(v) if isinstance(v, str) else ("true" if v is True else "false" if v is False else repr(v))
+def toml_value(key: str, value: Any) -> str:
+    """One TOML value for a flat Flower config (run config, node config); other types are refused."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (int, float)):
+        return repr(value)
+    raise ValueError(f"config value {key}={value!r}: Flower configs hold only str, int, float or bool")
 
 
-def node_config_arg(config: dict[str, Any]) -> str:
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
+def write_flat_toml(path: Path, config: dict[str, Any]) -> Path:
+    write_text_atomic(path, "".join(f"{json.dumps(str(k))} = {toml_value(k, v)}\n" for k, v in config.items()))
+    return path
+
+
+def flwr_processes(flwr_home: Path) -> list[int]:
+    """Pids of live processes whose environment has FLWR_HOME=flwr_home (Linux /proc; [] elsewhere)."""
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0") and int(entry.name) != os.getpid():
+                pids.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return pids
 
 
 class Processes:
-    """Processes started in their own process groups, all stopped by `stop_all` (idempotent)."""
+    """Processes started in their own process groups, each with a log file; `stop` is idempotent."""
 
     def __init__(self, log_dir: Path):
         self.log_dir = log_dir
         self.procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self.stopped: set[str] = set()
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
         log = self.log_dir / f"{name}.log"
-        f = open(log, "ab")
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        f.close()
+        with open(log, "wb") as f:
+            f.write(f"$ {' '.join(argv)}\n".encode())
+            f.flush()
+            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
         self.procs[name] = (proc, log)
         return proc
 
-    def stop(self, name: str, grace: float = 10.0) -> None:
-        proc, _ = self.procs[name]
-        if proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        try:  # children that outlived their parent in the same group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    def log(self, name: str) -> Path:
+        return self.procs[name][1]
+
+    def stop(self, *names: str, grace: float = 10.0) -> None:
+        """SIGTERM the process groups together (Flower shuts down gracefully on it), then SIGKILL what is left."""
+        names = tuple(n for n in names if n not in self.stopped)
+        _signal_groups([self.procs[n][0] for n in names], signal.SIGTERM)
+        deadline = time.time() + grace
+        for name in names:
+            try:
+                self.procs[name][0].wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        # the leaders that ignored SIGTERM, and children that outlived them in the same group
+        _signal_groups([self.procs[n][0] for n in names], signal.SIGKILL, even_if_exited=True)
+        for name in names:
+            self.procs[name][0].wait()
+        self.stopped.update(names)
 
     def stop_all(self) -> None:
-        for name in reversed(list(self.procs)):
-            self.stop(name)
+        self.stop(*reversed(list(self.procs)))
 
     def check_alive(self, name: str) -> None:
         proc, log = self.procs[name]
         if proc.poll() is not None:
-            raise DeploymentError(f"{name} exited with code {proc.returncode}; last log lines:\n{_tail(log)}")
+            raise DeploymentError(f"{name} exited with code {proc.returncode}; last lines of {log}:\n{_tail(log)}")
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C/SIGTERM while stopping processes, so a second Ctrl-C cannot leave some of them running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _signal_groups(procs: list[subprocess.Popen], sig: int, even_if_exited: bool = False) -> None:
+    for proc in procs:
+        if even_if_exited or proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _kill_leftovers(flwr_home: Path, grace: float = 5.0) -> None:
+    """Processes Flower detached into sessions of their own (the SuperLink's SuperExec and its apps)."""
+    pids = flwr_processes(flwr_home)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while pids and time.time() < deadline:
+            time.sleep(0.1)
+            pids = flwr_processes(flwr_home)
+        if not pids:
+            return
+
+
+@dataclass
+class SuperLink:
+    """A running local SuperLink: its address, the private FLWR_HOME/env, the PKI and every process started."""
+
+    port: int
+    work_dir: Path
+    bin_dir: Path
+    env: dict[str, str]
+    procs: Processes
+    pki: PkiPaths | None  # None when insecure
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def flwr_home(self) -> Path:
+        return Path(self.env["FLWR_HOME"])
+
+    def flwr(self, args: list[str], timeout: float = 120.0) -> str:
+        """Run the `flwr` CLI against this SuperLink; its output goes to logs/flwr.log; raise if it fails."""
+        argv = [str(self.bin_dir / "flwr"), *args]
+        try:
+            proc = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            raise DeploymentError(f"flwr {' '.join(args)} did not answer within {timeout:.0f}s") from e
+        with open(self.procs.log_dir / "flwr.log", "a") as f:
+            f.write(f"$ flwr {' '.join(args)}  (exit {proc.returncode})\n{proc.stdout}{proc.stderr}\n")
+        if proc.returncode != 0:
+            raise DeploymentError(f"flwr {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+        return proc.stdout
 
 
 def _wait_port(port: int, procs: Processes, name: str, timeout: float = 60.0) -> None:
@@ -114,18 +214,169 @@ def _wait_port(port: int, procs: Processes, name: str, timeout: float = 60.0) ->
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
-        time.sleep(0.3)
-    raise DeploymentError(f"{name} did not open port {port} within {timeout:.0f}s:\n{_tail(procs.procs[name][1])}")
+        time.sleep(0.2)
+    raise DeploymentError(f"{name} did not open port {port} within {timeout:.0f}s:\n{_tail(procs.log(name))}")
 
 
 @contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) become KeyboardInterrupt so `finally` blocks stop what was started."""
+def local_superlink(work_dir: Path, n_nodes: int, *, insecure: bool = False, python_bin_dir: Path | None = None,
+                    progress: Progress = print) -> Iterator[SuperLink]:
+    """A SuperLink on a free loopback port (TLS + SuperNode auth unless `insecure`), stopped on exit.
+
+    Writes work_dir/pki (CA, server certificate, `n_nodes` SuperNode keys), work_dir/flwr-home/config.toml
+    (connection CONNECTION) and work_dir/logs/.
+    """
+    work_dir = Path(work_dir).resolve()
+    bin_dir = Path(python_bin_dir or Path(sys.executable).parent)
+    if not (bin_dir / "flower-superlink").exists():
+        raise DeploymentError(f"no flower-superlink in {bin_dir}: is flwr installed in this environment?")
+    log_dir = work_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    flwr_home = work_dir / "flwr-home"
+    flwr_home.mkdir(exist_ok=True)
+    # Flower spawns flower-superexec / flwr-serverapp / flwr-clientapp by name: our environment's bin goes first.
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    port = free_port()
+    pki = None if insecure else make_pki(work_dir / "pki", n_nodes, overwrite=True)
+    security = "insecure = true" if insecure else f"root-certificates = {toml_value('ca', str(pki.ca_cert))}"
+    write_text_atomic(flwr_home / "config.toml", f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+                      f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n{security}\n')
+    argv = [str(bin_dir / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+            "--disable-runtime-dependency-installation"]
+    if insecure:
+        argv.append("--insecure")
+    else:
+        argv += ["--ssl-ca-certfile", str(pki.ca_cert), "--ssl-certfile", str(pki.server_cert),
+                 "--ssl-keyfile", str(pki.server_key), "--enable-supernode-auth"]
+    procs = Processes(log_dir)
+    try:
+        procs.start("superlink", argv, env)
+        _wait_port(port, procs, "superlink")
+        progress(f"SuperLink up on 127.0.0.1:{port} ({'INSECURE, no TLS' if insecure else 'TLS, SuperNode auth'})")
+        yield SuperLink(port, work_dir, bin_dir, env, procs, pki)
+    finally:
+        with _signals_deferred():
+            procs.stop_all()
+            _kill_leftovers(flwr_home)
+        progress("stopped the SuperLink and SuperNodes")
+
+
+@contextmanager
+def local_supernodes(link: SuperLink, node_configs: list[dict[str, Any]],
+                     progress: Progress = print) -> Iterator[list[str]]:
+    """Register (TLS) and start one SuperNode per node config; yields their names in link.procs ("supernode-K").
+
+    Each node's config goes to work_dir/node-configs/node-K.toml, passed as `--node-config FILE.toml` (Flower reads
+    a .toml path there like it does for --run-config; key=value strings would break on quotes in paths).
+    """
+    if link.pki is not None and len(link.pki.node_keys) < len(node_configs):
+        raise DeploymentError(f"{len(node_configs)} nodes but only {len(link.pki.node_keys)} node keys")
+    if link.pki is not None:  # each registration is a `flwr` process (~2 s to import): do them side by side
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda pub: link.flwr(["supernode", "register", str(pub), CONNECTION]),
+                          link.pki.node_public_keys[:len(node_configs)]))
+    names = []
+    try:
+        for i, config in enumerate(node_configs):
+            name = f"supernode-{i}"
+            config_file = write_flat_toml(link.work_dir / "node-configs" / f"node-{i}.toml", config)
+            argv = [str(link.bin_dir / "flower-supernode"), "--superlink", link.address, "--host", "127.0.0.1",
+                    "--port", str(free_port()), "--node-config", str(config_file)]
+            if link.pki is None:
+                argv.append("--insecure")
+            else:
+                argv += ["--root-certificates", str(link.pki.ca_cert),
+                         "--auth-supernode-private-key", str(link.pki.node_keys[i])]
+            link.procs.start(name, argv, link.env)
+            names.append(name)
+            progress(f"SuperNode {i} started for {config.get('site-name', config.get('site-dir', i))}")
+        _wait_connected(link.procs, names)
+        progress(f"{len(names)} SuperNode(s) connected")
+        yield names
+    finally:
+        with _signals_deferred():
+            link.procs.stop(*names)
+
+
+def _wait_connected(procs: Processes, names: list[str], timeout: float = 90.0) -> None:
+    """Until every SuperNode has connected (it logs "SuperNode ID: N" once the SuperLink accepted it)."""
+    deadline, waiting = time.time() + timeout, list(names)
+    while waiting:
+        for name in list(waiting):
+            procs.check_alive(name)  # a bad key or config makes a SuperNode exit at once
+            if "SuperNode ID:" in procs.log(name).read_text(errors="replace"):
+                waiting.remove(name)
+        if waiting and time.time() > deadline:
+            raise DeploymentError(f"{waiting[0]} did not connect to the SuperLink within {timeout:.0f}s; last lines "
+                                  f"of {procs.log(waiting[0])}:\n{_tail(procs.log(waiting[0]))}")
+        time.sleep(0.2)
+
+
+def run_app(link: SuperLink, app_dir: Path, run_config: dict[str, Any], *, timeout_s: float = 1800.0,
+            progress: Progress = print) -> FederationResult:
+    """`flwr run APP CONNECTION --stream --run-config FILE.toml`; its lines go to `progress` and logs/run.log.
+
+    `flwr run --stream` exits 0 even when the ServerApp raised, so the verdict is the SuperLink's run status.
+    Fails fast if the SuperLink dies; a SuperNode dying is only reported (sites may drop out).
+    """
+    overrides = write_flat_toml(link.work_dir / "run-config.toml", run_config)
+    argv = [str(link.bin_dir / "flwr"), "run", str(Path(app_dir).resolve()), CONNECTION, "--stream",
+            "--run-config", str(overrides)]
+    runs = sum(name.startswith("flwr-run") for name in link.procs.procs)
+    run_name = f"flwr-run-{runs}" if runs else "flwr-run"  # one log per run when a SuperLink serves several
+    proc = link.procs.start(run_name, argv, link.env)
+    log = link.procs.log(run_name)
+    logs = {name: path for name, (_, path) in link.procs.procs.items() if not name.startswith("flwr-run")}
+    logs |= {"run": log, "flwr": link.procs.log_dir / "flwr.log"}
+    deadline, pending, dead = time.time() + timeout_s, b"", set()
+    with open(log, "rb") as f:
+        while True:
+            done = proc.poll() is not None
+            *lines, pending = (pending + f.read()).split(b"\n")
+            for line in [*lines, pending] if done else lines:
+                text = re.sub(r"\x1b\[[0-9;]*m", "", line.decode(errors="replace")).rstrip()
+                if text.strip() and not text.startswith("$ "):
+                    progress(text)
+            if done:
+                break
+            if time.time() > deadline:
+                link.procs.stop(run_name)
+                raise DeploymentError(f"the run did not finish within {timeout_s:.0f}s; last lines:\n{_tail(log)}")
+            link.procs.check_alive("superlink")
+            for name, (p, _) in link.procs.procs.items():
+                if name.startswith("supernode-") and name not in dead and p.poll() is not None:
+                    dead.add(name)
+                    progress(f"{name} exited with code {p.returncode} during the run (see {logs[name]})")
+            time.sleep(0.2)
+    match = re.search(r"Successfully started run (\d+)", log.read_text(errors="replace"))
+    run_id = int(match.group(1)) if match else None
+    status = _run_status(link, run_id)
+    if proc.returncode != 0 or status != "finished:completed":
+        raise DeploymentError(
+            f"the Flower run ended with status {status!r} (flwr run exit code {proc.returncode}); last lines of "
+            f"{log}:\n{_tail(log)}\nlast lines of {logs['superlink']}:\n{_tail(logs['superlink'], 15)}")
+    return FederationResult(proc.returncode, status, run_id, logs)
+
+
+def _run_status(link: SuperLink, run_id: int | None) -> str:
+    if run_id is None:
+        return "not started"
+    try:
+        runs = json.loads(link.flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])).get("runs")
+        return str(runs[0]["status"]) if runs else "unknown"
+    except (DeploymentError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+        return f"unknown ({e})"
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt (like Ctrl-C) so `finally` blocks stop what was started."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def raise_interrupt(signum, frame):
+    def raise_interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     old = {s: signal.signal(s, raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
@@ -136,127 +387,19 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def run_federation(
-    app_dir: Path,
-    work_dir: Path,
-    node_configs: list[dict[str, Any]],
-    run_config: dict[str, Any],
-    *,
-    insecure: bool = False,
-    timeout_s: float = 1800.0,
-    progress: Callable[[str], None] = print,
-) -> FederationResult:
+def run_federation(app_dir: Path, work_dir: Path, node_configs: list[dict[str, Any]], run_config: dict[str, Any],
+                   *, insecure: bool = False, timeout_s: float = 1800.0, progress: Progress = print,
+                   python_bin_dir: Path | None = None) -> FederationResult:
     """Start a SuperLink and one SuperNode per node config, run the app, stop everything; raise on failure."""
-    work_dir = Path(work_dir).resolve()
-    log_dir = work_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    flwr_home = work_dir / "flwr-home"
-    flwr_home.mkdir(exist_ok=True)
-    # Flower spawns flower-superexec / flwr-serverapp / flwr-clientapp by name: our environment's bin goes first.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1", "PATH": path}
-    port = free_port()
-    pki = None if insecure else make_pki(work_dir / "pki", len(node_configs))
-    conn = [f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]', f'address = "127.0.0.1:{port}"']
-    conn.append("insecure = true" if insecure else f'root-certificates = "{pki.ca_cert}"')
-    (flwr_home / "config.toml").write_text("\n".join(conn) + "\n")
-    overrides = work_dir / "run_config.toml"
-    overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
-
-    procs = Processes(log_dir)
-    logs: dict[str, Path] = {}
-    with _stop_on_signals():
-        try:
-            link = [_bin("flower-superlink"), "--port", str(port), "--disable-runtime-dependency-installation",
-                    "--database", str(work_dir / "superlink.db")]
-            if insecure:
-                link.append("--insecure")
-            else:
-                link += ["--ssl-ca-certfile", str(pki.ca_cert), "--ssl-certfile", str(pki.server_cert),
-                         "--ssl-keyfile", str(pki.server_key), "--enable-supernode-auth"]
-            procs.start("superlink", link, env)
-            _wait_port(port, procs, "superlink")
-            progress(f"SuperLink up on 127.0.0.1:{port} ({'insecure' if insecure else 'TLS, SuperNode auth'})")
-            for i, config in enumerate(node_configs):
-                name = f"supernode-{i}"
-                node = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                        "--node-config", node_config_arg(config)]
-                if insecure:
-                    node.append("--insecure")
-                else:
-                    key = pki.node_keys[i]
-                    _flwr(["supernode", "register", str(key) + ".pub", CONNECTION], env, log_dir / "register.log")
-                    node += ["--root-certificates", str(pki.ca_cert), "--auth-supernode-private-key", str(key)]
-                procs.start(name, node, env)
-                progress(f"SuperNode {i} started for {config.get('site-name', config.get('site-dir'))}")
-            for i in range(len(node_configs)):
-                time.sleep(0.2)
-                procs.check_alive(f"supernode-{i}")
-            logs = {name: log for name, (_, log) in procs.procs.items()}
-            logs["run"] = log_dir / "run.log"
-            code = _stream_run(app_dir, overrides, env, logs["run"], procs, timeout_s, progress)
-            status = _run_status(logs["run"], env, log_dir / "ls.log")
-            if code != 0 or not status.endswith("completed"):
-                raise DeploymentError(f"the Flower run ended with status {status!r} (flwr run exit code {code}); "
-                                      f"last lines:\n{_tail(logs['run'])}")
-            return FederationResult(code, logs)
-        finally:
-            procs.stop_all()
-            progress("stopped the SuperLink and SuperNodes")
-
-
-def _flwr(args: list[str], env: dict[str, str], log: Path) -> str:
-    proc = subprocess.run([_bin("flwr"), *args], env=env, capture_output=True, text=True, timeout=120)
-    with open(log, "a") as f:
-        f.write(f"$ flwr {' '.join(args)}\n{proc.stdout}\n{proc.stderr}\n")
-    if proc.returncode != 0:
-        raise DeploymentError(f"flwr {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
-
-
-def _run_status(run_log: Path, env: dict[str, str], log: Path) -> str:
-    """The run's final status from the SuperLink (`flwr run --stream` exits 0 even when the ServerApp failed)."""
-    match = re.search(r"Successfully started run (\d+)", run_log.read_text(errors="replace"))
-    if not match:
-        return "not started"
-    out = _flwr(["ls", CONNECTION, "--run-id", match.group(1), "--format", "json"], env, log)
-    try:
-        runs = json.loads(out).get("runs", [])
-        return str(runs[0].get("status", "unknown")) if runs else "unknown"
-    except (json.JSONDecodeError, AttributeError):
-        return "unknown"
-
-
-def _stream_run(app_dir: Path, overrides: Path, env: dict[str, str], log: Path, procs: Processes,
-                timeout_s: float, progress: Callable[[str], None]) -> int:
-    """`flwr run --stream`, its lines passed to `progress`; fails fast if the SuperLink dies or time runs out."""
-    argv = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(overrides)]
-    deadline = time.time() + timeout_s
-    lines: queue.Queue[str | None] = queue.Queue()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                            start_new_session=True)
-    procs.procs["flwr-run"] = (proc, log)
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    with open(log, "w") as f:
-        while True:
-            try:
-                line = lines.get(timeout=1.0)
-            except queue.Empty:
-                line = ""
-            if line is None:
-                return proc.wait()
-            if line:
-                f.write(line)
-                f.flush()
-                if line.strip():
-                    progress(line.rstrip())
-            if time.time() > deadline:
-                raise DeploymentError(f"the run did not finish within {timeout_s:.0f}s")
-            procs.check_alive("superlink")
+    if not node_configs:
+        raise ValueError("run_federation needs at least one node config")
+    for config in (run_config, *node_configs):
+        for k, v in config.items():
+            toml_value(k, v)  # refuse bad values before starting anything
+    if not (Path(app_dir) / "pyproject.toml").is_file():
+        raise ValueError(f"{Path(app_dir) / 'pyproject.toml'} not found: app_dir must be a Flower app folder")
+    with stop_on_signals():
+        with local_superlink(work_dir, len(node_configs), insecure=insecure, python_bin_dir=python_bin_dir,
+                             progress=progress) as link:
+            with local_supernodes(link, node_configs, progress=progress):
+                return run_app(link, app_dir, run_config, timeout_s=timeout_s, progress=progress)

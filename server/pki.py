@@ -32,6 +32,10 @@ class PkiPaths:
     server_key: Path
     node_keys: list[Path]  # private keys; the public key is the same path + ".pub"
 
+    @property
+    def node_public_keys(self) -> list[Path]:
+        return [p.with_name(p.name + ".pub") for p in self.node_keys]
+
 
 def _write_private(path: Path, data: bytes) -> None:
     write_bytes_atomic(path, data)
@@ -49,8 +53,16 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def make_pki(out_dir: Path, n_nodes: int, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
-             days: int = 365) -> PkiPaths:
+             days: int = 365, overwrite: bool = False) -> PkiPaths:
+    """Write a CA, a SuperLink certificate for `hosts` signed by it, and `n_nodes` SuperNode key pairs.
+
+    Refuses to replace an existing CA unless `overwrite` (a new CA silently invalidates every certificate).
+    """
     out_dir = Path(out_dir)
+    if n_nodes < 0 or not hosts:
+        raise ValueError(f"make_pki needs n_nodes >= 0 and at least one host, got {n_nodes} and {hosts}")
+    if (out_dir / "ca.key").exists() and not overwrite:
+        raise FileExistsError(f"{out_dir / 'ca.key'} already exists; refusing to replace the consortium's CA")
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedsynth consortium"),
@@ -63,6 +75,7 @@ def make_pki(out_dir: Path, n_nodes: int, hosts: tuple[str, ...] = ("localhost",
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                      content_commitment=False, key_encipherment=False, data_encipherment=False,
                                      key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     server_key = ec.generate_private_key(ec.SECP384R1())
@@ -80,6 +93,11 @@ def make_pki(out_dir: Path, n_nodes: int, hosts: tuple[str, ...] = ("localhost",
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     paths = PkiPaths(out_dir / "ca.crt", out_dir / "ca.key", out_dir / "superlink.crt", out_dir / "superlink.key",
@@ -98,15 +116,23 @@ def make_pki(out_dir: Path, n_nodes: int, hosts: tuple[str, ...] = ("localhost",
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m server.pki", description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--host", action="append", default=[], help="extra DNS name or IP for the SuperLink certificate")
+    ap.add_argument("--days", type=int, default=365, help="validity of the certificates")
+    ap.add_argument("--force", action="store_true", help="replace an existing CA in --out")
     args = ap.parse_args(argv)
-    paths = make_pki(Path(args.out), args.nodes, hosts=("localhost", "127.0.0.1", *args.host))
+    try:
+        paths = make_pki(Path(args.out), args.nodes, hosts=("localhost", "127.0.0.1", *args.host), days=args.days,
+                         overwrite=args.force)
+    except (FileExistsError, ValueError) as e:
+        ap.error(str(e))
     print(f"CA: {paths.ca_cert}\nSuperLink: {paths.server_cert} {paths.server_key}")
     for p in paths.node_keys:
         print(f"SuperNode key: {p} (register {p}.pub)")
+    print(f"keep {paths.ca_key} offline: it signs SuperLink certificates")
     return 0
 
 

@@ -46,7 +46,9 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ok = [m for m in metrics if m["status"] == "ok"]
     assert sorted((m["round"], m["site"]) for m in ok) == [(1, "site-0"), (1, "site-1"), (2, "site-0"), (2, "site-1")]
-    assert all(m["loss"] > 0 and m["num-examples"] == 12 and m["seconds"] > 0 for m in ok)
+    trained = {s.name: len(load_training_data(SiteConfig.from_flwr(c), model_config("tiny"))[0])
+               for s, c in zip(sites, node_configs)}
+    assert all(m["loss"] > 0 and m["num-examples"] == trained[m["site"]] and m["seconds"] > 0 for m in ok)
 
     privacy = json.loads((run_dir / "privacy.json").read_text())
     for s in ("site-0", "site-1"):

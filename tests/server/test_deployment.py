@@ -1,0 +1,186 @@
+"""A real loopback deployment (SuperLink + 2 SuperNodes over TLS with node authentication) running a tiny app.
+
+The tiny app is written into tmp_path with its own pyproject.toml: Flower builds a FAB from that folder, so its
+modules must be importable in the ServerApp/ClientApp processes Flower spawns.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from server.deployment import DeploymentError, flwr_processes, local_superlink, local_supernodes, run_federation
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="the orphan checks read Linux /proc")]
+
+PYPROJECT = """\
+[project]
+name = "tinyapp"
+version = "0.1.0"
+description = "deployment test app"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedsynthtest"
+
+[tool.flwr.app.components]
+serverapp = "tinyapp.apps:server"
+clientapp = "tinyapp.apps:client"
+
+[tool.flwr.app.config]
+out = "unset"
+nodes = 2
+fail = false
+"""
+
+APPS = '''\
+import json, time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    if cfg["fail"]:
+        raise RuntimeError("tiny app failed on purpose")
+    deadline = time.time() + 30
+    while len(nodes := list(grid.get_node_ids())) < cfg["nodes"] and time.time() < deadline:
+        time.sleep(0.5)
+    msgs = [Message(RecordDict({"q": ConfigRecord({"ask": "site"})}), dst_node_id=n, message_type="query")
+            for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=30))
+    answers = {str(r.metadata.src_node_id): dict(r.content["a"]) for r in replies if r.has_content()}
+    Path(cfg["out"]).write_text(json.dumps(answers))
+
+
+@client.query()
+def query(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"a": ConfigRecord(dict(context.node_config))}), reply_to=msg)
+'''
+
+
+def _tiny_app(root: Path) -> Path:
+    app = root / "app"
+    (app / "tinyapp").mkdir(parents=True)
+    (app / "pyproject.toml").write_text(PYPROJECT)
+    (app / "tinyapp" / "__init__.py").write_text("")
+    (app / "tinyapp" / "apps.py").write_text(APPS)
+    return app
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _ports(work_dir: Path) -> list[int]:
+    """The SuperLink port (from the private flwr config) and every SuperNode runtime port (from their logs)."""
+    config = (work_dir / "flwr-home" / "config.toml").read_text()
+    ports = [int(re.search(r'address = "127.0.0.1:(\d+)"', config).group(1))]
+    for log in (work_dir / "logs").glob("supernode-*.log"):
+        ports.append(int(re.search(r"--port (\d+)", log.read_text()).group(1)))
+    return ports
+
+
+def _command(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "(gone)"
+    script = next((a for a in argv[:2] if b"/bin/" in a and not a.endswith((b"python", b"python3"))), argv[0])
+    return Path(script.decode()).name
+
+
+def _assert_all_stopped(work_dir: Path, n_nodes: int) -> None:
+    assert flwr_processes(work_dir.resolve() / "flwr-home") == []  # SuperExec, serverapp, clientapp included
+    ports = _ports(work_dir)
+    assert len(ports) == 1 + n_nodes
+    assert not [p for p in ports if _port_open(p)]
+
+
+def test_tls_federation_reaches_every_node_and_stops_everything(tmp_path):
+    app = _tiny_app(tmp_path)
+    out = tmp_path / "answers.json"
+    nodes = [{"site-name": f"site-{i}", "site-dir": str(tmp_path / f"site {i} \"q\""), "threads": i + 1}
+             for i in range(2)]
+    lines: list[str] = []
+    result = run_federation(app, tmp_path / "deploy", nodes, {"out": str(out), "nodes": 2},
+                            timeout_s=120, progress=lines.append)
+    assert result.returncode == 0 and result.status == "finished:completed" and result.run_id
+    answers = json.loads(out.read_text())
+    assert sorted(answers.values(), key=lambda a: a["site-name"]) == nodes  # quotes and spaces survive
+    assert any("TLS, SuperNode auth" in line for line in lines)
+    assert "registered successfully" in result.logs["flwr"].read_text()
+    assert "Successfully started run" in result.logs["run"].read_text()
+    assert {"superlink", "supernode-0", "supernode-1", "run"} <= set(result.logs)
+    _assert_all_stopped(tmp_path / "deploy", 2)
+
+
+def test_failing_server_app_raises_with_log_tail_and_cleans_up(tmp_path):
+    app = _tiny_app(tmp_path)
+    with pytest.raises(DeploymentError) as err:
+        run_federation(app, tmp_path / "deploy", [{"site-name": "site-0"}], {"fail": True, "nodes": 1},
+                       timeout_s=120, progress=lambda _: None)
+    assert "finished:failed" in str(err.value)
+    assert "tiny app failed on purpose" in str(err.value)
+    _assert_all_stopped(tmp_path / "deploy", 1)
+
+
+def test_ctrl_c_during_a_run_stops_every_process(tmp_path):
+    app = _tiny_app(tmp_path)
+    work = tmp_path / "deploy"
+    script = (f"from pathlib import Path; from server.deployment import run_federation\n"
+              f"run_federation(Path({str(app)!r}), Path({str(work)!r}), [{{'site-name': 'site-0'}}], "
+              f"{{'nodes': 5}}, timeout_s=120, progress=lambda line: print(line, flush=True))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    seen, live = [], set()
+    for line in proc.stdout:  # the ServerApp waits for 5 nodes that never come: interrupt it while it waits
+        seen.append(line)
+        if "Start `flwr-serverapp` process" in line:
+            time.sleep(1.0)
+            live = {_command(pid) for pid in flwr_processes(work.resolve() / "flwr-home")}
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=60)[0]
+    # the orphan check below can fail: Flower's own detached processes carry the private FLWR_HOME too
+    assert {"flower-superlink", "flower-superexec", "flower-supernode", "flwr", "flwr-serverapp"} <= live, live
+    assert proc.returncode != 0, "".join(seen) + rest
+    assert "KeyboardInterrupt" in rest and "stopped the SuperLink and SuperNodes" in rest
+    _assert_all_stopped(work, 1)
+
+
+def test_a_supernode_that_cannot_start_is_reported_and_everything_stops(tmp_path):
+    work = tmp_path / "deploy"
+    with pytest.raises(DeploymentError) as err:
+        with local_superlink(work, 1, progress=lambda _: None) as link:
+            link.pki.node_keys[0].write_text("not a key\n")
+            with local_supernodes(link, [{"site-name": "site-0"}], progress=lambda _: None):
+                pytest.fail("the SuperNode started with a broken key")
+    assert "supernode-0 exited" in str(err.value) and "Unable to parse the private key" in str(err.value)
+    assert flwr_processes(work.resolve() / "flwr-home") == []
+
+
+def test_bad_config_value_is_refused_before_anything_starts(tmp_path):
+    with pytest.raises(ValueError, match="nested"):
+        run_federation(tmp_path, tmp_path / "deploy", [{"nested": {"a": 1}}], {}, progress=lambda _: None)
+    with pytest.raises(ValueError, match="pyproject.toml not found"):
+        run_federation(tmp_path, tmp_path / "deploy", [{"site-name": "a"}], {}, progress=lambda _: None)
+    assert not (tmp_path / "deploy").exists()
