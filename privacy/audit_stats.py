@@ -1,4 +1,5 @@
-"""Statistics of membership-inference audits: ROC summaries and an empirical epsilon lower bound.
+"""Statistics of membership-inference audits: exact binomial intervals, ROC summaries and an empirical epsilon
+lower bound.
 
 Scores: higher means "more likely a member". Every summary here is an aggregate (counts, rates, a downsampled
 curve); per-record scores never leave the function that has them.
@@ -9,17 +10,32 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import beta
+from scipy.stats import beta, norm
 from sklearn.metrics import roc_auc_score, roc_curve
+
+ROC_MAX_POINTS = 200
 
 
 def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Exact two-sided (1 - alpha) confidence interval for a binomial proportion k / n."""
-    if n <= 0:
+    """Exact two-sided (1 - alpha) confidence interval for a binomial proportion k / n (Clopper-Pearson).
+
+    Each end is a one-sided bound at confidence 1 - alpha/2. n = 0 gives the vacuous interval (0, 1)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"clopper_pearson: alpha must be in (0, 1), got {alpha}")
+    if n < 0 or not 0 <= k <= max(n, 0):
+        raise ValueError(f"clopper_pearson: need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
         return 0.0, 1.0
     lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
     hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
     return lo, hi
+
+
+def _scores(x, what: str) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64).ravel()
+    if not np.isfinite(a).all():
+        raise ValueError(f"{what}: scores must be finite numbers ({int((~np.isfinite(a)).sum())} are not)")
+    return a
 
 
 def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
@@ -27,72 +43,141 @@ def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
     return float(tpr[ok].max()) if ok.any() else 0.0
 
 
-def roc_summary(member_scores, nonmember_scores, max_points: int = 200) -> dict:
-    m = np.asarray(member_scores, dtype=np.float64)
-    n = np.asarray(nonmember_scores, dtype=np.float64)
-    out = {"n_members": int(len(m)), "n_nonmembers": int(len(n))}
+def _auc_ci(auc: float, n_pos: int, n_neg: int, alpha: float) -> list[float]:
+    """Hanley-McNeil (1982) normal-approximation interval for the AUC, clipped to [0, 1]."""
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (n_pos * n_neg)
+    half = norm.ppf(1 - alpha / 2) * math.sqrt(max(var, 0.0))
+    # a perfect or empty-looking AUC still has sampling error: never report a zero-width interval
+    half = max(half, 1.0 / math.sqrt(n_pos * n_neg))
+    return [max(0.0, auc - half), min(1.0, auc + half)]
+
+
+def _downsample(fpr: np.ndarray, tpr: np.ndarray, max_points: int) -> tuple[list[float], list[float]]:
+    """At most max_points ROC points: half spread evenly along the curve, half at log-spaced FPR (the low-FPR
+    region matters on a log-log plot), always with both ends."""
+    if len(fpr) <= max_points:
+        keep = np.arange(len(fpr))
+    else:
+        even = np.linspace(0, len(fpr) - 1, max_points // 2).round().astype(int)
+        pos = fpr[fpr > 0]
+        targets = np.logspace(np.log10(pos.min()), 0, max_points - len(even) - 2) if len(pos) else np.array([])
+        logi = np.searchsorted(fpr, targets, side="right") - 1
+        keep = np.unique(np.r_[0, len(fpr) - 1, even, np.clip(logi, 0, len(fpr) - 1)])[:max_points]
+    return fpr[keep].round(6).tolist(), tpr[keep].round(6).tolist()
+
+
+def roc_summary(member_scores, nonmember_scores, max_points: int = ROC_MAX_POINTS, alpha: float = 0.05) -> dict:
+    """AUC (with a Hanley-McNeil interval), TPR at 1 % and 0.1 % FPR, counts, and a downsampled ROC curve.
+
+    TPR at FPR x is only resolvable with at least 1/x non-members; `resolvable` says which ones are (below that
+    it is the TPR at zero false positives and should not be read as "at 1 %")."""
+    m, n = _scores(member_scores, "roc_summary members"), _scores(nonmember_scores, "roc_summary non-members")
+    out = {"n_members": int(len(m)), "n_nonmembers": int(len(n)), "confidence": 1 - alpha,
+           "resolvable": {"tpr_at_fpr_1pct": len(n) >= 100, "tpr_at_fpr_0_1pct": len(n) >= 1000}}
     if len(m) == 0 or len(n) == 0:
-        return {**out, "auc": float("nan"), "tpr_at_fpr_1pct": float("nan"), "tpr_at_fpr_0_1pct": float("nan"),
-                "roc": {"fpr": [], "tpr": []}}
+        return {**out, "auc": float("nan"), "auc_ci": [0.0, 1.0], "tpr_at_fpr_1pct": float("nan"),
+                "tpr_at_fpr_0_1pct": float("nan"), "roc": {"fpr": [], "tpr": []}}
     y = np.r_[np.ones(len(m)), np.zeros(len(n))]
     s = np.r_[m, n]
-    fpr, tpr, _ = roc_curve(y, s)
-    keep = np.unique(np.linspace(0, len(fpr) - 1, min(max_points, len(fpr))).round().astype(int))
-    return {
-        **out,
-        "auc": float(roc_auc_score(y, s)),
-        "tpr_at_fpr_1pct": _tpr_at(fpr, tpr, 0.01),
-        "tpr_at_fpr_0_1pct": _tpr_at(fpr, tpr, 0.001),
-        "roc": {"fpr": fpr[keep].round(5).tolist(), "tpr": tpr[keep].round(5).tolist()},
-    }
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    auc = float(roc_auc_score(y, s))
+    f, t = _downsample(fpr, tpr, max_points)
+    return {**out, "auc": auc, "auc_ci": _auc_ci(auc, len(m), len(n), alpha),
+            "tpr_at_fpr_1pct": _tpr_at(fpr, tpr, 0.01), "tpr_at_fpr_0_1pct": _tpr_at(fpr, tpr, 0.001),
+            "roc": {"fpr": f, "tpr": t}}
 
 
-def _eps_from_counts(tp: int, n_pos: int, fp: int, n_neg: int, delta: float, alpha: float) -> float:
-    """Epsilon lower bound of one threshold test from its counts, with one-sided Clopper-Pearson bounds
-    (TPR lower, FPR upper, each at 1 - alpha/2 so both hold jointly at 1 - alpha)."""
-    tpr_lo = clopper_pearson(tp, n_pos, alpha)[0]
-    fpr_hi = clopper_pearson(fp, n_neg, alpha)[1]
-    cands = []
-    if fpr_hi > 0 and tpr_lo - delta > 0:
-        cands.append(math.log((tpr_lo - delta) / fpr_hi))
-    if tpr_lo < 1 and 1 - fpr_hi - delta > 0:
-        cands.append(math.log((1 - fpr_hi - delta) / (1 - tpr_lo)))
-    return max([0.0, *cands])
+def epsilon_from_counts(tp, n_pos: int, fp, n_neg: int, delta: float, alpha: float = 0.05):
+    """Epsilon lower bound of threshold tests from their counts (vectorised over tp, fp).
+
+    TPR_lo is the Clopper-Pearson lower bound of tp / n_pos and FPR_hi the upper bound of fp / n_neg, each
+    one-sided at 1 - alpha/2, so both hold jointly at 1 - alpha (union bound). (eps, delta)-DP implies
+    TPR <= e^eps FPR + delta and 1 - FPR <= e^eps (1 - TPR) + delta, hence
+    eps_lb = max(ln((TPR_lo - delta) / FPR_hi), ln((1 - FPR_hi - delta) / (1 - TPR_lo))), floored at 0;
+    a term whose numerator is <= 0 or whose denominator is 0 contributes nothing.
+    Returns (eps_lb, tpr_lo, fpr_hi) as arrays (or floats for scalar input)."""
+    tp, fp = np.asarray(tp, dtype=np.float64), np.asarray(fp, dtype=np.float64)
+    if n_pos <= 0 or n_neg <= 0:
+        zero = np.zeros(np.broadcast(tp, fp).shape)
+        return zero, zero, zero + 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tpr_lo = np.where(tp > 0, beta.ppf(alpha / 2, np.maximum(tp, 1), n_pos - tp + 1), 0.0)
+        fpr_hi = np.where(fp < n_neg, beta.ppf(1 - alpha / 2, fp + 1, np.maximum(n_neg - fp, 1)), 1.0)
+        a_num, b_num = tpr_lo - delta, 1 - fpr_hi - delta
+        term_a = np.where((a_num > 0) & (fpr_hi > 0), np.log(np.maximum(a_num, 1e-300) / np.maximum(fpr_hi, 1e-300)), 0.0)
+        term_b = np.where((b_num > 0) & (tpr_lo < 1), np.log(np.maximum(b_num, 1e-300) / np.maximum(1 - tpr_lo, 1e-300)), 0.0)
+    eps = np.maximum(0.0, np.maximum(term_a, term_b))
+    if eps.ndim == 0:
+        return float(eps), float(tpr_lo), float(fpr_hi)
+    return eps, tpr_lo, fpr_hi
+
+
+def _threshold_counts(m: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every candidate threshold t (all observed scores): #members >= t, #non-members >= t."""
+    t = np.unique(np.r_[m, n])
+    ms, ns = np.sort(m), np.sort(n)
+    return t, len(m) - np.searchsorted(ms, t, side="left"), len(n) - np.searchsorted(ns, t, side="left")
 
 
 def empirical_epsilon_lower_bound(member_scores, nonmember_scores, delta: float, alpha: float = 0.05,
                                   seed: int = 0) -> dict:
-    """A statistically valid lower bound on the epsilon of whatever produced these scores.
+    """A statistically valid lower bound, at confidence 1 - alpha, on the epsilon of the mechanism that produced
+    these scores (the training run, as seen through this attack).
 
-    For (eps, delta)-DP, any test "score >= t" satisfies TPR <= e^eps FPR + delta (and the mirror inequality), so
-    eps >= ln((TPR - delta) / FPR). With confidence bounds on TPR and FPR this is a lower bound at confidence
-    1 - alpha — for ONE threshold fixed in advance. Choosing the best of many thresholds on the same data would
-    over-claim, so: the threshold is selected on a random half of members and non-members (maximising the point
-    estimate), and the bound is computed on the other half only. Returns the bound with the counts it rests on.
-    """
-    m = np.asarray(member_scores, dtype=np.float64)
-    n = np.asarray(nonmember_scores, dtype=np.float64)
-    result = {"epsilon_lower_bound": 0.0, "confidence": 1 - alpha, "delta": delta, "method":
-              "threshold chosen on a random half, Clopper-Pearson bounds on the other half"}
+    For one threshold test "member if score >= t" fixed in advance, `epsilon_from_counts` is a valid bound. Taking
+    the best of many thresholds on the same data would over-claim (multiple comparisons). Correction used here:
+    SAMPLE SPLITTING. Members and non-members are each split at random (seeded) into a selection half and an
+    evaluation half. On the selection half every observed score is tried as a threshold, in both directions
+    ("score >= t" and its mirror "score <= t"), and the one with the largest Clopper-Pearson bound is chosen;
+    the bound is then computed once, on the evaluation half only, which the choice never saw. The cost is half the
+    records; the benefit is that the reported figure keeps its 1 - alpha guarantee.
+
+    Returns the bound and the counts it rests on (TP, FN, FP, TN on the evaluation half, TPR_lo, FPR_hi); no
+    score or threshold value is returned (a threshold is some patient's score)."""
+    if not 0 <= delta < 1:
+        raise ValueError(f"empirical_epsilon_lower_bound: delta must be in [0, 1), got {delta}")
+    m = _scores(member_scores, "empirical_epsilon_lower_bound members")
+    n = _scores(nonmember_scores, "empirical_epsilon_lower_bound non-members")
+    result = {"epsilon_lower_bound": 0.0, "confidence": 1 - alpha, "delta": float(delta),
+              "method": "sample splitting: threshold chosen on a random half of members and non-members, "
+                        "Clopper-Pearson bounds on the other half", "n_members": int(len(m)),
+              "n_nonmembers": int(len(n))}
     if len(m) < 4 or len(n) < 4:
-        return {**result, "note": "too few members or non-members for a bound"}
+        return {**result, "note": "too few members or non-members (need 4 of each) for a bound"}
     rng = np.random.default_rng(seed)
     pm, pn = rng.permutation(len(m)), rng.permutation(len(n))
     m_sel, m_eval = m[pm[: len(m) // 2]], m[pm[len(m) // 2:]]
     n_sel, n_eval = n[pn[: len(n) // 2]], n[pn[len(n) // 2:]]
-    best_t, best = None, -1.0
-    for t in np.unique(np.r_[m_sel, n_sel]):
-        for direction in (1, -1):  # "member if score >= t" or its mirror
-            tp = int(((direction * m_sel) >= direction * t).sum())
-            fp = int(((direction * n_sel) >= direction * t).sum())
-            tpr, fpr = tp / len(m_sel), max(fp / len(n_sel), 1 / (2 * len(n_sel)))
-            est = math.log(max(tpr - delta, 1e-12) / fpr)
-            if est > best:
-                best, best_t = est, (t, direction)
-    t, direction = best_t
-    tp = int(((direction * m_eval) >= direction * t).sum())
-    fp = int(((direction * n_eval) >= direction * t).sum())
-    eps = _eps_from_counts(tp, len(m_eval), fp, len(n_eval), delta, alpha)
-    return {**result, "epsilon_lower_bound": eps, "threshold_direction": "higher" if direction > 0 else "lower",
-            "true_positives": tp, "n_members_evaluated": int(len(m_eval)), "false_positives": fp,
-            "n_nonmembers_evaluated": int(len(n_eval))}
+    best = (-1.0, 0.0, 1)
+    for direction in (1, -1):
+        t, tp, fp = _threshold_counts(direction * m_sel, direction * n_sel)
+        eps, _, _ = epsilon_from_counts(tp, len(m_sel), fp, len(n_sel), delta, alpha)
+        i = int(np.argmax(eps))
+        if eps[i] > best[0]:
+            best = (float(eps[i]), float(t[i]), direction)
+    _, t, direction = best
+    tp = int((direction * m_eval >= t).sum())
+    fp = int((direction * n_eval >= t).sum())
+    eps, tpr_lo, fpr_hi = epsilon_from_counts(tp, len(m_eval), fp, len(n_eval), delta, alpha)
+    return {**result, "epsilon_lower_bound": eps,
+            "threshold_direction": "higher score = member" if direction > 0 else "lower score = member",
+            "true_positives": tp, "false_negatives": int(len(m_eval) - tp), "false_positives": fp,
+            "true_negatives": int(len(n_eval) - fp), "tpr_lower": tpr_lo, "fpr_upper": fpr_hi,
+            "n_members_evaluated": int(len(m_eval)), "n_nonmembers_evaluated": int(len(n_eval))}
+
+
+def worst_case(summaries: dict[str, dict], min_records: int = 10) -> dict:
+    """Worst case across sites of membership summaries {site: roc_summary (+ "epsilon_lower_bound")}: the largest
+    AUC, TPR at 1 % FPR and epsilon lower bound, each with the site it comes from. Sites with fewer than
+    `min_records` members or non-members are skipped (one record each gives an AUC of 0 or 1 by chance)."""
+    out: dict[str, dict] = {}
+    for site, s in summaries.items():
+        if min(s.get("n_members", 0), s.get("n_nonmembers", 0)) < min_records:
+            continue
+        values = {"auc": s.get("auc"), "tpr_at_fpr_1pct": s.get("tpr_at_fpr_1pct"),
+                  "epsilon_lower_bound": (s.get("epsilon_lower_bound") or {}).get("epsilon_lower_bound")}
+        for key, v in values.items():
+            if v is not None and math.isfinite(v) and (key not in out or v > out[key]["value"]):
+                out[key] = {"value": float(v), "site": site}
+    return out

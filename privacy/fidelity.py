@@ -1,103 +1,198 @@
 """Fidelity of a synthetic cohort to a site's real data, from radiomics-style features.
 
-`radiomics_features` describes each image by intensity statistics, GLCM texture and tissue proportions (names
-returned alongside). A site compares its real images with the cohort locally and sends only summary numbers:
-the Frechet distance between Gaussian fits of the two feature sets, and precision / recall (Kynkaanniemi et al.
-2019) and density / coverage (Naeem et al. 2020) in the standardised feature space.
+`radiomics_features` describes each image by intensity statistics, GLCM texture and tissue proportions (names and
+definitions in `FEATURE_DEFINITIONS`). A site compares its real images with the cohort locally and sends only
+summary numbers: the Frechet distance between Gaussian fits of the two feature sets (`feature_moments` is the
+aggregate a site may send: n, mean, covariance), and improved precision / recall (Kynkaanniemi et al. 2019) and
+density / coverage (Naeem et al. 2020), which need the real features and are therefore computed at the site.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy import linalg, stats
+from scipy.spatial.distance import cdist
 
+FOREGROUND_LEVEL = 0.1   # intensity above which a voxel is tissue (images are in [0, 1])
+DARK_MID_BRIGHT = (0.35, 0.65)
+HIST_BINS = 32
 GLCM_LEVELS = 16
-GLCM_OFFSETS = ((0, 1), (1, 0), (1, 1), (0, 2))
+# In-plane neighbour offsets (rows, columns) per distance; each GLCM feature is averaged over the 4 directions.
+GLCM_OFFSETS = {1: ((0, 1), (1, 0), (1, 1), (1, -1)), 2: ((0, 2), (2, 0), (2, 2), (2, -2))}
+CHUNK = 256
 
-
-def _glcm_features(img: np.ndarray) -> list[float]:
-    q = np.clip((img * GLCM_LEVELS).astype(int), 0, GLCM_LEVELS - 1)
-    i_idx, j_idx = np.meshgrid(np.arange(GLCM_LEVELS), np.arange(GLCM_LEVELS), indexing="ij")
-    feats = []
-    for dy, dx in GLCM_OFFSETS:
-        a = q[: q.shape[0] - dy, : q.shape[1] - dx].ravel()
-        b = q[dy:, dx:].ravel()
-        p = np.bincount(a * GLCM_LEVELS + b, minlength=GLCM_LEVELS**2).reshape(GLCM_LEVELS, GLCM_LEVELS).astype(float)
-        p = p + p.T
-        p /= max(p.sum(), 1.0)
-        mu_i, mu_j = (i_idx * p).sum(), (j_idx * p).sum()
-        sd_i = np.sqrt(((i_idx - mu_i) ** 2 * p).sum())
-        sd_j = np.sqrt(((j_idx - mu_j) ** 2 * p).sum())
-        feats += [
-            float(((i_idx - j_idx) ** 2 * p).sum()),  # contrast
-            float((p / (1.0 + np.abs(i_idx - j_idx))).sum()),  # homogeneity
-            float((p**2).sum()),  # energy
-            float(((i_idx - mu_i) * (j_idx - mu_j) * p).sum() / (sd_i * sd_j + 1e-12)),  # correlation
-        ]
-    return feats
+FEATURE_DEFINITIONS = {
+    "mean": "mean intensity of the foreground (the mask, else voxels above 0.1)",
+    "std": "standard deviation of foreground intensity",
+    "skewness": "skewness of foreground intensity (0 for a symmetric distribution)",
+    "kurtosis": "excess kurtosis of foreground intensity (0 for a Gaussian)",
+    "p10": "10th percentile of foreground intensity", "p50": "median foreground intensity",
+    "p90": "90th percentile of foreground intensity",
+    "histogram_entropy": "Shannon entropy (nats) of the 32-bin foreground intensity histogram on [0, 1]",
+    **{f"glcm_{m}_d{d}": f"grey-level co-occurrence {m} of neighbours at distance {d} (16 levels on [0, 1], "
+                         "symmetric, foreground pairs only, in-plane, mean of 4 directions)"
+       for d in GLCM_OFFSETS for m in ("contrast", "homogeneity", "energy", "correlation")},
+    "foreground_fraction": "fraction of the image that is foreground",
+    "dark_fraction": "fraction of the image with intensity in (0.1, 0.35]",
+    "mid_fraction": "fraction of the image with intensity in (0.35, 0.65]",
+    "bright_fraction": "fraction of the image with intensity above 0.65",
+}
 
 
 def feature_names() -> list[str]:
-    names = ["mean", "std", "skewness", "kurtosis", "p10", "p50", "p90", "histogram_entropy"]
-    for dy, dx in GLCM_OFFSETS:
-        names += [f"glcm_{m}_d{dy}{dx}" for m in ("contrast", "homogeneity", "energy", "correlation")]
-    names += ["foreground_fraction", "dark_fraction", "mid_fraction", "bright_fraction"]
-    return names
+    return list(FEATURE_DEFINITIONS)
+
+
+def _shift(a: np.ndarray, dy: int, dx: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two members of every in-plane neighbour pair (offset dy rows, dx columns) of a (N, ..., H, W) array."""
+    h, w = a.shape[-2:]
+    x0, x1 = (0, w - dx) if dx >= 0 else (-dx, w)
+    first = a[..., : h - dy, x0:x1]
+    second = a[..., dy:, x0 + dx : x1 + dx]
+    return first.reshape(len(a), -1), second.reshape(len(a), -1)
+
+
+def _glcm(q: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """(N, 8) GLCM features (contrast, homogeneity, energy, correlation at distances 1 and 2)."""
+    n, L = len(q), GLCM_LEVELS
+    i, j = np.meshgrid(np.arange(L), np.arange(L), indexing="ij")
+    rows = np.arange(n)[:, None]
+    out = []
+    for offsets in GLCM_OFFSETS.values():
+        acc = np.zeros((n, 4))
+        for dy, dx in offsets:
+            a, b = _shift(q, dy, dx)
+            wa, wb = _shift(fg, dy, dx)
+            p = np.bincount((rows * L * L + a * L + b).ravel(), weights=(wa & wb).ravel().astype(float),
+                            minlength=n * L * L).reshape(n, L, L)
+            p = p + p.transpose(0, 2, 1)
+            p /= np.maximum(p.sum((1, 2), keepdims=True), 1.0)
+            mu_i = (i * p).sum((1, 2))
+            var_i = (((i - mu_i[:, None, None]) ** 2) * p).sum((1, 2))  # symmetric: same for j
+            cov = ((i - mu_i[:, None, None]) * (j - mu_i[:, None, None]) * p).sum((1, 2))
+            acc += np.stack([((i - j) ** 2 * p).sum((1, 2)), (p / (1.0 + np.abs(i - j))).sum((1, 2)),
+                             (p**2).sum((1, 2)), np.where(var_i > 1e-12, cov / np.maximum(var_i, 1e-12), 0.0)], 1)
+        out.append(acc / len(offsets))
+    return np.concatenate(out, 1)
+
+
+def _chunk_features(x: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
+    n = len(x)
+    img = x[:, 0]
+    v = img.reshape(n, -1).astype(np.float64)
+    fg_img = (masks[:, 0] > 0) if masks is not None else img > FOREGROUND_LEVEL
+    fg = fg_img.reshape(n, -1).copy()
+    fg[~fg.any(1)] = True  # no foreground: describe the whole image
+    w = fg.astype(np.float64)
+    cnt = w.sum(1)
+    mean = (w * v).sum(1) / cnt
+    c = v - mean[:, None]
+    var = (w * c**2).sum(1) / cnt
+    std = np.sqrt(var)
+    safe = np.where(std > 1e-12, std, 1.0)
+    skew = np.where(std > 1e-12, (w * c**3).sum(1) / cnt / safe**3, 0.0)
+    kurt = np.where(std > 1e-12, (w * c**4).sum(1) / cnt / safe**4 - 3.0, 0.0)
+    pct = np.nanpercentile(np.where(fg, v, np.nan), [10, 50, 90], axis=1).T
+    bins = np.clip((v * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1)
+    hist = np.bincount((np.arange(n)[:, None] * HIST_BINS + bins).ravel(), weights=w.ravel(),
+                       minlength=n * HIST_BINS).reshape(n, HIST_BINS) / cnt[:, None]
+    entropy = -(hist * np.log(np.where(hist > 0, hist, 1.0))).sum(1)
+    q = np.clip((img * GLCM_LEVELS).astype(np.int64), 0, GLCM_LEVELS - 1)
+    lo, hi = DARK_MID_BRIGHT
+    tissue = np.stack([fg_img.reshape(n, -1).mean(1), ((v > FOREGROUND_LEVEL) & (v <= lo)).mean(1),
+                       ((v > lo) & (v <= hi)).mean(1), (v > hi).mean(1)], 1)
+    return np.concatenate([np.stack([mean, std, skew, kurt], 1), pct, entropy[:, None],
+                           _glcm(q, fg.reshape(fg_img.shape)), tissue], 1)
 
 
 def radiomics_features(images, masks=None) -> tuple[np.ndarray, list[str]]:
-    """(N, F) features of images (N, 1, H, W) or (N, 1, D, H, W) in [0, 1]; a volume is described by its middle
-    axial slice for texture. `masks` (optional, same shape) restricts intensity statistics to the foreground."""
-    images = np.asarray(images, dtype=np.float32)
-    rows = []
-    for k, img in enumerate(images[:, 0]):
-        fg_mask = (masks[k, 0] > 0) if masks is not None else img > 0.1
-        fg = img[fg_mask] if fg_mask.any() else img.ravel()
-        hist = np.histogram(fg, bins=32, range=(0, 1))[0].astype(float)
-        hist /= max(hist.sum(), 1)
-        slice2d = img if img.ndim == 2 else img[:, :, img.shape[2] // 2]
-        rows.append([
-            float(fg.mean()), float(fg.std()), float(np.nan_to_num(stats.skew(fg))),
-            float(np.nan_to_num(stats.kurtosis(fg))), *np.percentile(fg, [10, 50, 90]).astype(float).tolist(),
-            float(-(hist[hist > 0] * np.log(hist[hist > 0])).sum()),
-            *_glcm_features(slice2d),
-            float(fg_mask.mean()), float(((img > 0.1) & (img <= 0.35)).mean()),
-            float(((img > 0.35) & (img <= 0.65)).mean()), float((img > 0.65).mean()),
-        ])
-    return np.asarray(rows, dtype=np.float64), feature_names()
+    """(N, F) features of images (N, 1, H, W) or volumes (N, 1, D, H, W) in [0, 1], and their names (see
+    `FEATURE_DEFINITIONS`). `masks` (optional, same shape, > 0 = region of interest) replaces the intensity
+    threshold as the foreground for intensity statistics and texture. For volumes, texture pairs are taken
+    in-plane (last two axes) on every slice."""
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim not in (4, 5) or x.shape[1] != 1:
+        raise ValueError(f"radiomics_features: expected images (N, 1, H, W) or (N, 1, D, H, W), got {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("radiomics_features: images contain NaN or infinite values")
+    if masks is not None:
+        masks = np.asarray(masks)
+        if masks.shape != x.shape:
+            raise ValueError(f"radiomics_features: masks have shape {masks.shape}, images {x.shape}")
+    rows = [_chunk_features(x[s : s + CHUNK], None if masks is None else masks[s : s + CHUNK])
+            for s in range(0, len(x), CHUNK)]
+    names = feature_names()
+    return (np.concatenate(rows) if rows else np.zeros((0, len(names)))), names
 
 
 def feature_moments(features) -> dict:
+    """The aggregate a site may send for a Frechet distance: {"n", "mean" (list), "cov" (list of lists)},
+    JSON-serialisable. The covariance is the unbiased sample covariance (zeros for one record)."""
     f = np.asarray(features, dtype=np.float64)
-    return {"n": int(len(f)), "mean": f.mean(0), "cov": np.cov(f, rowvar=False) if len(f) > 1 else np.zeros((f.shape[1],) * 2)}
+    if f.ndim != 2 or len(f) == 0:
+        raise ValueError(f"feature_moments: expected a non-empty (N, F) matrix, got shape {f.shape}")
+    cov = np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1]) if len(f) > 1 else np.zeros((f.shape[1],) * 2)
+    return {"n": int(len(f)), "mean": f.mean(0).tolist(), "cov": cov.tolist()}
 
 
-def frechet_distance(a: dict, b: dict, eps: float = 1e-6) -> float:
-    mu1, mu2 = np.asarray(a["mean"]), np.asarray(b["mean"])
-    s1, s2 = np.atleast_2d(a["cov"]), np.atleast_2d(b["cov"])
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(s1)) * eps
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    covmean = covmean.real
-    return float(max(0.0, ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)))
+def pool_moments(parts: list[dict]) -> dict:
+    """Moments of the union of several sets from their moments alone (e.g. all sites' real data, server side)."""
+    parts = [p for p in parts if p["n"] > 0]
+    if not parts:
+        raise ValueError("pool_moments: no non-empty moments to pool")
+    n = sum(p["n"] for p in parts)
+    means = [np.asarray(p["mean"], float) for p in parts]
+    mean = sum(p["n"] * m for p, m in zip(parts, means)) / n
+    scatter = sum((p["n"] - 1) * np.asarray(p["cov"], float) + p["n"] * np.outer(m - mean, m - mean)
+                  for p, m in zip(parts, means))
+    return {"n": n, "mean": mean.tolist(), "cov": (scatter / max(n - 1, 1)).tolist()}
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(moments_a: dict, moments_b: dict) -> float:
+    """Frechet distance between Gaussians N(mu_a, S_a) and N(mu_b, S_b):
+    |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2).
+    The trace term is computed from symmetric eigendecompositions (tr sqrt(S_a S_b) equals it), which stays real
+    and stable for the singular covariances of small sets; tiny negative results from rounding become 0."""
+    mu1, mu2 = np.asarray(moments_a["mean"], float), np.asarray(moments_b["mean"], float)
+    s1, s2 = np.atleast_2d(np.asarray(moments_a["cov"], float)), np.atleast_2d(np.asarray(moments_b["cov"], float))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"frechet_distance: moments do not match (means {mu1.shape} vs {mu2.shape}, covariances "
+                         f"{s1.shape} vs {s2.shape})")
+    r1 = _psd_sqrt(s1)
+    eig = np.linalg.eigvalsh(r1 @ s2 @ r1)
+    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
+    fd = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
+    scale = np.trace(s1) + np.trace(s2) + 1e-12
+    return float(fd) if fd > 1e-9 * scale else 0.0
 
 
 def precision_recall_coverage(real_feats, synth_feats, k: int = 5) -> dict:
-    """Improved precision/recall and density/coverage with k-NN balls, in features standardised on the real set."""
+    """Improved precision / recall (Kynkaanniemi et al. 2019) and density / coverage (Naeem et al. 2020) with
+    k-nearest-neighbour balls, in features standardised on the real set. Computed at the site (it needs the real
+    features); returns only the four numbers:
+    precision: share of synthetic samples inside some real sample's k-NN ball;
+    recall: share of real samples inside some synthetic sample's k-NN ball;
+    density: mean number of real k-NN balls containing a synthetic sample, divided by k (about 1 when matched);
+    coverage: share of real samples whose k-NN ball contains at least one synthetic sample."""
     real, syn = np.asarray(real_feats, float), np.asarray(synth_feats, float)
-    mu, sd = real.mean(0), real.std(0) + 1e-8
+    if real.ndim != 2 or syn.ndim != 2 or real.shape[1] != syn.shape[1]:
+        raise ValueError(f"precision_recall_coverage: feature matrices must be (N, F) with equal F, got {real.shape} "
+                         f"and {syn.shape}")
+    if not 1 <= k < min(len(real), len(syn)):
+        raise ValueError(f"precision_recall_coverage: need 1 <= k < number of records (k={k}, {len(real)} real, "
+                         f"{len(syn)} synthetic)")
+    mu, sd = real.mean(0), real.std(0)
+    sd = np.where(sd > 1e-12, sd, 1.0)
     real, syn = (real - mu) / sd, (syn - mu) / sd
-
-    def knn_radius(x):
-        d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
-        return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
-
-    r_real, r_syn = knn_radius(real), knn_radius(syn)
-    d_sr = np.sqrt(((syn[:, None] - real[None]) ** 2).sum(-1))  # (S, R)
+    r_real = np.sort(cdist(real, real), axis=1)[:, k]  # column 0 is the point itself
+    r_syn = np.sort(cdist(syn, syn), axis=1)[:, k]
+    d_sr = cdist(syn, real)  # (S, R)
     inside_real = d_sr <= r_real[None]
-    precision = float(inside_real.any(1).mean())
-    recall = float((d_sr.T <= r_syn[None]).any(1).mean())
-    density = float(inside_real.sum(1).mean() / k)
-    coverage = float((d_sr.min(0) <= r_real).mean())
-    return {"precision": precision, "recall": recall, "density": density, "coverage": coverage}
+    return {"precision": float(inside_real.any(1).mean()),
+            "recall": float((d_sr <= r_syn[:, None]).any(0).mean()),
+            "density": float(inside_real.sum(1).mean() / k),
+            "coverage": float((d_sr.min(0) <= r_real).mean())}

@@ -1,0 +1,128 @@
+"""Memorization audit: exact nearest neighbours, copies caught, independent samples left alone, aggregates only."""
+
+import numpy as np
+import pytest
+
+from privacy.memorization import (HIST_BINS, feature_embedding, memorization_audit, near_copy_threshold,
+                                  pairwise_min_distances)
+
+
+def phantom_like(rng, n, size=32):
+    """Smooth random blobs with noise: distinct 'patients' that are nonetheless alike."""
+    yy, xx = np.mgrid[:size, :size] / size
+    out = []
+    for _ in range(n):
+        cx, cy = rng.uniform(0.35, 0.65, 2)
+        img = np.clip(1.2 - np.hypot(xx - cx, yy - cy) / rng.uniform(0.2, 0.35), 0, 1) * rng.uniform(0.6, 1.0)
+        out.append(img + rng.normal(0, 0.02, img.shape))
+    return np.clip(np.asarray(out, np.float32)[:, None], 0, 1)
+
+
+def brute(q, r):
+    d = np.sqrt(((q.reshape(len(q), 1, -1).astype(np.float64) - r.reshape(1, len(r), -1)) ** 2).mean(-1))
+    return d.min(1), d.argmin(1)
+
+
+@pytest.mark.parametrize("batch", [7, 16, 1024])
+def test_batched_nearest_neighbours_equal_brute_force(batch):
+    rng = np.random.default_rng(1)
+    q, r = rng.random((37, 1, 8, 8), dtype=np.float32), rng.random((53, 1, 8, 8), dtype=np.float32)
+    q[:5] = r[[3, 10, 20, 40, 52]] + 1e-4  # near-duplicates: float32 cancellation must not hide them
+    d, i = pairwise_min_distances(q, r, batch=batch)
+    ref_d, ref_i = brute(q, r)
+    assert np.allclose(d, ref_d, atol=1e-7) and np.array_equal(i, ref_i)
+    assert np.allclose(d[:5], 1e-4, rtol=1e-2)
+
+
+def test_nearest_neighbours_of_volumes_and_exact_copies():
+    rng = np.random.default_rng(2)
+    r = rng.random((20, 1, 4, 6, 6), dtype=np.float32) * 0.1 + 0.9  # large common offset, small differences
+    d, i = pairwise_min_distances(r[[4, 7]], r, batch=3)
+    assert np.array_equal(i, [4, 7]) and np.all(d == 0)
+    with pytest.raises(ValueError, match="values per record"):
+        pairwise_min_distances(r, rng.random((3, 1, 4, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        pairwise_min_distances(np.full((2, 1, 2, 2), np.nan), r[:, :, 0, :2, :2])
+
+
+def test_feature_embedding_is_deterministic_standardised_and_size_independent():
+    rng = np.random.default_rng(3)
+    x = phantom_like(rng, 12)
+    f = feature_embedding(x)
+    assert np.array_equal(f, feature_embedding(x)) and np.isfinite(f).all()
+    assert np.abs(f.mean(0)).max() < 1e-5  # standardised over the reference (here the images themselves)
+    assert feature_embedding(phantom_like(rng, 3, size=64)).shape[1] == f.shape[1]
+    ref = phantom_like(rng, 20)
+    assert feature_embedding(x[:2], reference=ref).shape == (2, f.shape[1])
+
+
+def test_exact_copies_are_flagged_and_closer_to_members():
+    rng = np.random.default_rng(4)
+    members, nonmembers = phantom_like(rng, 40), phantom_like(rng, 40)
+    ids = [f"syn-{i}" for i in range(20)]
+    out = memorization_audit(members[:20] + 0.001, ids, members, nonmembers)
+    assert out["share_closer_to_member"] == 1.0 and out["feature"]["share_closer_to_member"] == 1.0
+    assert out["n_near_copies"] == 20 and out["flagged_ids"] == sorted(ids)
+    assert out["pixel"]["share_ci95"][0] > 0.8
+
+
+def test_independent_samples_are_not_flagged():
+    shares, flagged = [], []
+    for seed in range(3):
+        rng = np.random.default_rng(10 + seed)
+        members, nonmembers, synthetic = phantom_like(rng, 60), phantom_like(rng, 40), phantom_like(rng, 60)
+        out = memorization_audit(synthetic, [f"s{i}" for i in range(60)], members, nonmembers, seed=seed)
+        assert out["pixel"]["matched_set_size"] == 40  # members subsampled to the non-members' count
+        lo, hi = out["pixel"]["share_ci95"]
+        assert lo < out["share_closer_to_member"] < hi
+        shares.append(out["share_closer_to_member"])
+        flagged.append(out["n_near_copies"])
+    assert 0.35 <= np.mean(shares) <= 0.65
+    assert sum(flagged) <= 2  # the threshold is calibrated to flag at most ~1 % of fresh real patients
+
+
+def test_near_copy_threshold_is_a_conservative_one_percent_order_statistic():
+    rng = np.random.default_rng(7)
+    hits = []
+    for _ in range(3000):
+        gaps = rng.random(199)
+        t, rule = near_copy_threshold(gaps)
+        assert t == np.sort(gaps)[1] and "2-th smallest" in rule
+        hits.append(rng.random() < t)  # a fresh exchangeable draw
+    assert np.mean(hits) < 0.015
+    t, rule = near_copy_threshold(np.array([0.4, 0.2, 0.3]))
+    assert t == pytest.approx(0.1) and "too few" in rule
+
+
+def test_per_class_figures_and_aggregates_only():
+    rng = np.random.default_rng(5)
+    members, nonmembers = phantom_like(rng, 30), phantom_like(rng, 24)
+    synthetic = np.concatenate([members[:3] + 0.001, phantom_like(rng, 9)])
+    ml, nl, sl = np.arange(30) % 2, np.arange(24) % 2, np.array([0, 1, 0] + [0, 1] * 4 + [1])
+    out = memorization_audit(synthetic, [f"s{i}" for i in range(12)], members, nonmembers, synthetic_labels=sl,
+                             member_labels=ml, nonmember_labels=nl, class_names=["healthy", "lesion"])
+    assert set(out["per_class"]) == {"healthy", "lesion"}
+    assert {"s0", "s1", "s2"} <= set(out["flagged_ids"])
+    assert out["per_class"]["healthy"]["n_synthetic"] == int((sl == 0).sum())
+    assert "s1" in out["per_class"]["lesion"]["flagged_ids"]
+    h = out["pixel"]["histogram"]
+    assert len(h["edges"]) == HIST_BINS + 1 and sum(h["synthetic_to_member"]) == 12
+    assert sum(h["real_nonmember_to_member"]) == 24
+
+    def lists(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                yield from lists(v)
+        elif isinstance(x, list):
+            yield x
+    for lst in lists(out):  # histograms, intervals and synthetic ids only: nothing per real patient
+        assert len(lst) in (2, HIST_BINS, HIST_BINS + 1) or all(isinstance(v, str) for v in lst)
+
+
+def test_bad_input_is_named():
+    rng = np.random.default_rng(6)
+    a = phantom_like(rng, 5)
+    with pytest.raises(ValueError, match="synthetic ids"):
+        memorization_audit(a, ["x"], a, a)
+    with pytest.raises(ValueError, match="shapes differ"):
+        memorization_audit(a, [str(i) for i in range(5)], phantom_like(rng, 5, size=16), a)

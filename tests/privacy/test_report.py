@@ -1,0 +1,100 @@
+"""The audit report: versioned strict JSON, a self-contained HTML page, the verdict rule, escaping."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from privacy.audit_stats import empirical_epsilon_lower_bound, roc_summary
+from privacy.memorization import memorization_audit
+from privacy.report import AUDIT_SCHEMA_VERSION, build_audit, load_audit, write_audit_report
+
+
+def blobs(rng, n, size=24):
+    yy, xx = np.mgrid[:size, :size] / size
+    out = [np.clip(1.2 - np.hypot(xx - rng.uniform(.4, .6), yy - rng.uniform(.4, .6)) / rng.uniform(.2, .35), 0, 1)
+           * rng.uniform(0.6, 1.0) + rng.normal(0, 0.02, (size, size)) for _ in range(n)]
+    return np.clip(np.asarray(out, np.float32)[:, None], 0, 1)
+
+
+def attack(rng, shift, n=60, delta=1e-3):
+    m, nm = rng.normal(shift, 1, n), rng.normal(0, 1, n)
+    return {**roc_summary(m, nm), "epsilon_lower_bound": empirical_epsilon_lower_bound(m, nm, delta)}
+
+
+def site(rng, *, name, shift=0.0, copies=False, epsilon=8.0):
+    members, nonmembers = blobs(rng, 30), blobs(rng, 30)
+    synthetic = members[:10] + 0.001 if copies else blobs(rng, 10)
+    return {
+        "site": name, "n_members": 30, "n_nonmembers": 30,
+        "claimed_privacy": {"protection": "formal sample-level DP per patient (RDP accountant, delta=1e-3)"
+                            if math.isfinite(epsilon) else "none", "epsilon": epsilon, "delta": 1e-3,
+                            "accountant": "rdp"},
+        "memorization": memorization_audit(synthetic, [f"syn-{i}" for i in range(10)], members, nonmembers),
+        "membership": {"white_box": attack(rng, shift), "black_box": attack(rng, 0.0)},
+        "fidelity": {"overall": {"frechet_distance": 1.5, "precision": 0.8, "recall": 0.7, "density": 0.9,
+                                 "coverage": 0.8}},
+    }
+
+
+@pytest.fixture(scope="module")
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_clean_audit_passes(rng):
+    audit = build_audit({"a": site(rng, name="a"), "b": site(rng, name="b")}, cohort={"n_images": 10})
+    assert audit["verdict"]["status"] == "pass", audit["verdict"]
+    assert not audit["verdict"]["dp_suspect"] and audit["schema_version"] == AUDIT_SCHEMA_VERSION
+
+
+def test_eps_lower_bound_above_claim_fails_as_dp_suspect(rng):
+    audit = build_audit({"a": site(rng, name="a", shift=6.0, epsilon=0.1)}, cohort={"n_images": 10})
+    assert audit["verdict"]["status"] == "fail" and audit["verdict"]["dp_suspect"]
+    assert any("DP implementation is suspect" in r for r in audit["verdict"]["reasons"])
+    assert audit["worst_case"]["epsilon_lower_bound"]["site"] == "a"
+
+
+def test_copies_fail_and_missing_sites_are_inconclusive(rng):
+    copied = build_audit({"a": site(rng, name="a", copies=True)}, cohort={"n_images": 10})
+    assert copied["verdict"]["status"] == "fail" and not copied["verdict"]["dp_suspect"]
+    assert any("near-copies" in r for r in copied["verdict"]["reasons"])
+    missing = build_audit({"a": site(rng, name="a")}, cohort={"n_images": 10}, failures=["node 7: timeout"])
+    assert missing["verdict"]["status"] == "inconclusive"
+    assert build_audit({}, cohort={})["verdict"]["status"] == "inconclusive"
+
+
+def test_report_files_are_strict_json_and_self_contained_html(tmp_path, rng):
+    hostile = "<script>alert(1)</script>"
+    s = site(rng, name=hostile, copies=True, epsilon=math.inf)
+    s["claimed_privacy"]["accountant"] = "<b>rdp</b>"
+    s["membership"]["per_class"] = {"<img src=x onerror=alert(2)>": {"white_box": attack(rng, 0.0, n=5)}}
+    audit = build_audit({hostile: s}, cohort={"n_images": 10, "class_names": ["healthy", "le$ion"]})
+    images = blobs(rng, 8)
+    j, h = write_audit_report(audit, tmp_path / "audit", sample_images=images, sample_labels=np.array([0, 1] * 4),
+                              class_names=["healthy", "le$ion"], flagged_images={"syn-0": images[0], "$x$": images[1]})
+    def no_constants(c):
+        raise AssertionError(f"non-standard JSON constant {c}")
+    data = json.loads(j.read_text(), parse_constant=no_constants)
+    assert data["schema_version"] == "1.0" and data["sites"][hostile]["claimed_privacy"]["epsilon"] is None
+    assert load_audit(j)["verdict"] == data["verdict"]
+    page = h.read_text()
+    assert "Verdict: FAIL" in page and page.count('src="data:image/png;base64,') >= 5
+    assert hostile not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<img src=x" not in page and "<b>rdp</b>" not in page
+    assert "no formal guarantee" in page and "kind of protection" in page and "95%" in page
+    assert "http://" not in page and "https://" not in page  # nothing loaded from elsewhere
+    assert sorted(p.name for p in (tmp_path / "audit").iterdir()) == ["audit.html", "audit.json"]  # no temp files
+
+
+def test_bad_audit_input_is_named(tmp_path):
+    with pytest.raises(ValueError, match="lacks"):
+        write_audit_report({"schema_version": "1.0"}, tmp_path)
+    bad = tmp_path / "audit.json"
+    bad.write_text(json.dumps({"schema_version": "0.1"}))
+    with pytest.raises(ValueError, match="schema"):
+        load_audit(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="audit.json"):
+        load_audit(bad)
