@@ -26,9 +26,14 @@ def train(msg: Message, context: Context) -> Message:
     plan = RoundPlan.from_config(dict(msg.content["config"]))
     arrays = msg.content["arrays"].to_torch_state_dict()
     autoencoder = msg.content["autoencoder"].to_torch_state_dict() if "autoencoder" in msg.content else None
-    result = run_training_round(site, plan, arrays, autoencoder)
+    try:
+        result = run_training_round(site, plan, arrays, autoencoder)
+    except Exception as err:  # reply with the site's name and the reason, so the run record says who dropped and why
+        logging.getLogger("fedsynth.site").exception("site %s: round %d failed", site.name, plan.server_round)
+        status = {"site": site.name, "refused": "", "error": f"{type(err).__name__}: {err}"[:2000]}
+        return Message(content=RecordDict({"status": ConfigRecord(status)}), reply_to=msg)
     content = RecordDict({"privacy": ConfigRecord(_config_values(result.privacy))})
-    content["status"] = ConfigRecord({"site": result.site_name, "refused": result.refused})
+    content["status"] = ConfigRecord({"site": result.site_name, "refused": result.refused, "error": ""})
     if result.state_dict is not None:
         content["arrays"] = ArrayRecord(result.state_dict)
         content["metrics"] = MetricRecord({k: float(v) for k, v in result.metrics.items()})

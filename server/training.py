@@ -282,6 +282,9 @@ class Federation:
             return
         status = m.content["status"]
         site = str(status["site"])
+        if status.get("error"):
+            self._mark(state, site, node, "dropped", r, f"error: {status['error']}")
+            return
         self.privacy[site] = dict(m.content["privacy"])
         if status["refused"]:
             self._mark(state, site, node, "refused", r, str(status["refused"]))
