@@ -5,6 +5,8 @@
 Modes, each in its own subprocess so peak memory (max RSS, or max CUDA allocation on a GPU) is its own:
 - nondp:  plain Adam steps;
 - hooks:  Opacus per-sample gradients with hooks (materialises a gradient per sample per parameter);
+- hooks-fast: the same, with privacy.grad_samplers.install_fast_grad_samplers() (exact, faster Conv2d / GroupNorm /
+          Linear per-sample gradients) called before make_private;
 - ghost:  Opacus ghost clipping (per-sample gradient NORMS without materialising per-sample gradients; the loss is
           reduced per sample first, then Opacus' criterion wrapper does the second backward pass).
 The same UNet, latents, batch and seed in every mode. Results are printed and written into --out between markers.
@@ -54,10 +56,15 @@ def worker(mode: str, preset: str, batch: int, steps: int) -> dict:
     loader = DataLoader(data, batch_size=batch)
     opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
     criterion = PerSampleLoss()
+    if mode == "hooks-fast":
+        from privacy.grad_samplers import install_fast_grad_samplers
+
+        install_fast_grad_samplers()
     if mode != "nondp":
         engine = PrivacyEngine(accountant="rdp")
         kwargs = dict(module=unet, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-                      poisson_sampling=False, grad_sample_mode=mode)  # fixed batches: identical work per mode
+                      poisson_sampling=False,  # fixed batches: identical work per mode
+                      grad_sample_mode="hooks" if mode == "hooks-fast" else mode)
         if mode == "ghost":
             unet, opt, criterion, loader = engine.make_private(criterion=criterion, **kwargs)
         else:
@@ -92,7 +99,7 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--modes", nargs="+", default=["nondp", "hooks", "ghost"])
+    ap.add_argument("--modes", nargs="+", default=["nondp", "hooks", "hooks-fast", "ghost"])
     ap.add_argument("--out", default="docs/PERFORMANCE.md")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
