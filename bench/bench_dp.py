@@ -1,6 +1,6 @@
 """DP-SGD vs non-private training of the diffusion UNet: throughput and peak memory, side by side in one run.
 
-    python bench/bench_dp.py [--preset small] [--batch 32] [--steps 6] [--out docs/PERFORMANCE.md]
+    python -m bench.bench_dp [--preset small] [--batch 32] [--steps 6] [--out docs/PERFORMANCE.md]
 
 Modes, each in its own subprocess so peak memory (max RSS, or max CUDA allocation on a GPU) is its own:
 - nondp:  plain Adam steps;
@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench.report import write_block
 
 
 class PerSampleLoss(torch.nn.Module):
@@ -109,7 +111,7 @@ def main() -> None:
 
     results = {}
     for mode in args.modes:
-        proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--preset", args.preset,
+        proc = subprocess.run([sys.executable, "-m", "bench.bench_dp", "--worker", mode, "--preset", args.preset,
                                "--batch", str(args.batch), "--steps", str(args.steps)],
                               capture_output=True, text=True, check=True)
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -123,8 +125,7 @@ def main() -> None:
     device = base["device"]
     machine = (torch.cuda.get_device_name(0) if device.startswith("cuda")
                else f"CPU {platform.machine()}, {torch.get_num_threads()} threads")
-    block = "\n".join([
-        "<!-- bench_dp:start -->",
+    block = write_block(args.out, "bench_dp", [
         f"### DP-SGD vs non-private training (`bench/bench_dp.py --preset {args.preset} --batch {args.batch}`)",
         "",
         f"Machine: {machine}, torch {torch.__version__}. Diffusion UNet {base['params_m']:.2f} M params on latents of "
@@ -134,17 +135,8 @@ def main() -> None:
         "| mode | s/step | samples/s | throughput vs non-DP | peak MB | memory vs non-DP |",
         "|---|---|---|---|---|---|",
         *rows,
-        "<!-- bench_dp:end -->",
     ])
     print(block)
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else "# Performance\n\n"
-    start, end = "<!-- bench_dp:start -->", "<!-- bench_dp:end -->"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Memorization-audit time: exact nearest neighbours of N synthetic among N real 64x64 images, batched.
 
-    python bench/bench_memorization.py [--n 10000] [--size 64] [--batch 1024 2048] [--out docs/PERFORMANCE.md]
+    python -m bench.bench_memorization [--n 10000] [--size 64] [--batch 1024 2048] [--out docs/PERFORMANCE.md]
 
 Measures `privacy.memorization.pairwise_min_distances` (matrix-product form, torch) at the given batch sizes side by
 side, checks it against a brute-force reference on a subset, and writes the figures into --out between markers.
@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.report import write_block
+
 from privacy.memorization import pairwise_min_distances
 
 
@@ -30,8 +32,9 @@ def main() -> None:
     synth = rng.random((args.n, 1, args.size, args.size), dtype=np.float32)
     real = rng.random((args.n, 1, args.size, args.size), dtype=np.float32)
     # correctness on a subset, against brute force
-    d, i = pairwise_min_distances(synth[:200], real[:500])
-    ref = np.sqrt(((synth[:200, None].reshape(200, 1, -1) - real[None, :500].reshape(1, 500, -1)) ** 2).mean(-1))
+    nq, nr = min(200, args.n), min(500, args.n)
+    d, i = pairwise_min_distances(synth[:nq], real[:nr])
+    ref = np.sqrt(((synth[:nq].reshape(nq, 1, -1) - real[:nr].reshape(1, nr, -1)) ** 2).mean(-1))
     assert np.allclose(d, ref.min(1), atol=1e-4) and (i == ref.argmin(1)).mean() > 0.99
     rows = []
     for b in args.batch:
@@ -41,8 +44,7 @@ def main() -> None:
         pairs = args.n * args.n
         rows.append(f"| {b} | {s:.1f} | {pairs / s / 1e6:.1f} |")
         print(rows[-1], flush=True)
-    block = "\n".join([
-        "<!-- bench_memorization:start -->",
+    block = write_block(args.out, "bench_memorization", [
         f"### Memorization audit (`bench/bench_memorization.py --n {args.n} --size {args.size}`)",
         "",
         f"Machine: CPU {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. Exact nearest "
@@ -52,17 +54,8 @@ def main() -> None:
         "| block size | seconds | million pairs/s |",
         "|---|---|---|",
         *rows,
-        "<!-- bench_memorization:end -->",
     ])
     print(block)
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else "# Performance\n\n"
-    start, end = "<!-- bench_memorization:start -->", "<!-- bench_memorization:end -->"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Synthesis and training throughput, measured side by side in one run.
 
-    python bench/bench_synthesis.py [--preset small] [--batch 16] [--ddim-steps 10 25 50] [--out docs/PERFORMANCE.md]
+    python -m bench.bench_synthesis [--preset small] [--batch 16] [--ddim-steps 10 25 50] [--out docs/PERFORMANCE.md]
 
 Measures, on whatever device is present (GPU with bf16 autocast if there is one, else CPU):
 - synthesis images/s for DDIM-k (k in --ddim-steps) and DDPM-1000, same model, same batch, and their ratio;
@@ -18,6 +18,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+from bench.report import write_block
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.config import model_config
@@ -116,7 +118,6 @@ def main() -> None:
 
     ddpm_key = f"DDPM-{args.ddpm_steps}"
     lines = [
-        "<!-- bench_synthesis:start -->",
         f"### Synthesis and training throughput (`bench/bench_synthesis.py --preset {args.preset} --batch {args.batch}`)",
         "",
         f"Machine: {machine()}. Preset `{cfg.name}`: {cfg.image_size}^{cfg.spatial_dims} images, latents "
@@ -131,19 +132,9 @@ def main() -> None:
         + ", ".join(f"{k}: {v / results[ddpm_key]:.1f}x" for k, v in results.items() if k != ddpm_key) + ".",
         "",
         f"Training (no DP), batch {args.batch}: autoencoder {ae_sps:.1f} samples/s, diffusion UNet {unet_sps:.1f} samples/s.",
-        "<!-- bench_synthesis:end -->",
     ]
-    block = "\n".join(lines)
+    block = write_block(args.out, "bench_synthesis", lines)
     print(block)
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else "# Performance\n\n"
-    start, end = "<!-- bench_synthesis:start -->", "<!-- bench_synthesis:end -->"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
 
 
 if __name__ == "__main__":
