@@ -7,12 +7,21 @@
     fedsynth verify COHORT                           re-hash a cohort against its manifest
     fedsynth audit --demo DIR                        re-run the federated privacy audit of a demo's cohort
     fedsynth pki --out DIR --nodes N                 CA, SuperLink certificate, SuperNode auth keys
+    fedsynth keys new --name NAME --out DIR          Ed25519 key pair for the consortium or an officer
+    fedsynth release gate --audit DIR --policy FILE  apply a release policy to an audit (exit 1 if it fails)
+    fedsynth release build --cohort DIR --audit DIR --policy FILE --consortium-key KEY --officer NAME=PUB ... --out DIR
+    fedsynth release approve RELEASE --officer NAME --key KEY [--reject --reason TEXT]
+    fedsynth release verify RELEASE --consortium-key PUB
+    fedsynth portal serve --data DIR --cert C --key K   the partner portal (HTTPS): officers approve, partners download
+    fedsynth portal token --data DIR --role R --name N  issue a portal token (printed once); portal revoke, portal add
+    fedsynth pull COHORT --portal URL --token T [--out DIR] [--ca CA] [--consortium-key PUB]   download + verify
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -87,6 +96,193 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return run_demo_audit(Path(args.demo), insecure=args.insecure, progress=_say)
 
 
+# ---- keys and releases (privacy/policy.py, common/signing.py, server/release.py) ----
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    from common.signing import fingerprint, generate_keypair, load_public_key
+
+    key, pub = generate_keypair(Path(args.out), args.name)
+    _say(f"private key {key} (mode 0600: keep it secret)\npublic key  {pub}\n"
+         f"fingerprint {fingerprint(load_public_key(pub))}")
+    return 0
+
+
+def cmd_release_gate(args: argparse.Namespace) -> int:
+    from privacy.policy import evaluate_policy, gate_table, load_policy
+    from privacy.report import load_audit
+
+    audit_path = Path(args.audit) / "audit.json" if Path(args.audit).is_dir() else Path(args.audit)
+    gate = evaluate_policy(load_policy(Path(args.policy)), load_audit(audit_path))
+    _say(gate_table(gate))
+    return 0 if gate.passed else 1
+
+
+def cmd_release_build(args: argparse.Namespace) -> int:
+    from privacy.policy import GateResult, RuleResult, gate_table, load_policy
+    from server.release import build_release
+
+    officers = {}
+    for item in args.officer:
+        name, sep, pub = item.partition("=")
+        if not sep or not name or not pub:
+            raise ValueError(f"--officer {item!r}: expected NAME=PUBLIC_KEY_FILE")
+        officers[name] = Path(pub)
+    out = build_release(Path(args.cohort), Path(args.audit), Path(args.out), policy=load_policy(Path(args.policy)),
+                        consortium_key=Path(args.consortium_key), officer_keys=officers, cohort_id=args.cohort_id)
+    gate = json.loads((out / "gate.json").read_text())
+    _say(gate_table(GateResult([RuleResult(**r) for r in gate["rules"]], gate["withheld_ids"])))
+    _say(f"release candidate written to {out}"
+         + ("" if gate["passed"] else " (BLOCKED by the gate: built so the officers can see why)"))
+    return 0 if gate["passed"] else 1
+
+
+def cmd_release_approve(args: argparse.Namespace) -> int:
+    from server.release import approval_statement, sign_approval, summary, write_approval
+
+    decision = "reject" if args.reject else "approve"
+    statement = approval_statement(Path(args.release), args.officer, decision, args.reason or "")
+    path = write_approval(Path(args.release), sign_approval(statement, Path(args.key)))
+    _say(f"{decision} by {args.officer} signed and stored in {path}\n" + summary(Path(args.release)).rstrip())
+    return 0
+
+
+def cmd_release_verify(args: argparse.Namespace) -> int:
+    from server.release import summary, verify_release
+
+    problems = verify_release(Path(args.release), Path(args.consortium_key))
+    for p in problems:
+        _say(f"FAIL {p}")
+    if problems:
+        _say(f"{len(problems)} problem(s): do not use this release")
+        return 1
+    _say("release intact: signed by the consortium key, every file matches release.json, every approval valid\n"
+         + summary(Path(args.release)).rstrip())
+    return 0
+
+
+def _add_release_commands(sub) -> None:
+    keys = sub.add_parser("keys", help="Ed25519 signing keys for the consortium and privacy officers")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    kn = keys_sub.add_parser("new", help="write NAME.key (private, 0600) and NAME.pub")
+    kn.add_argument("--name", required=True)
+    kn.add_argument("--out", required=True)
+    kn.set_defaults(fn=cmd_keys_new)
+
+    rel = sub.add_parser("release", help="policy gate, signed release candidates, officer approvals")
+    rel_sub = rel.add_subparsers(dest="release_command", required=True)
+    g = rel_sub.add_parser("gate", help="apply a policy to an audit and print every rule (exit 1 if it fails)")
+    g.add_argument("--audit", required=True, help="the audit folder (or its audit.json)")
+    g.add_argument("--policy", required=True, help="policy TOML (see deploy/policy.example.toml)")
+    g.set_defaults(fn=cmd_release_gate)
+    b = rel_sub.add_parser("build", help="build a signed release candidate (exit 1 if the gate blocks it)")
+    b.add_argument("--cohort", required=True)
+    b.add_argument("--audit", required=True)
+    b.add_argument("--policy", required=True)
+    b.add_argument("--consortium-key", required=True, help="the consortium's private key (NAME.key)")
+    b.add_argument("--officer", action="append", required=True, metavar="NAME=PUBKEY",
+                   help="a privacy officer who may approve, with their public key file (repeat)")
+    b.add_argument("--cohort-id", default=None)
+    b.add_argument("--out", required=True)
+    b.set_defaults(fn=cmd_release_build)
+    ap = rel_sub.add_parser("approve", help="sign an officer's approval (or --reject) of a release candidate")
+    ap.add_argument("release")
+    ap.add_argument("--officer", required=True)
+    ap.add_argument("--key", required=True, help="the officer's private key")
+    ap.add_argument("--reject", action="store_true")
+    ap.add_argument("--reason", default="", help="why (required with --reject)")
+    ap.set_defaults(fn=cmd_release_approve)
+    vr = rel_sub.add_parser("verify", help="check a release's signature, files and approvals")
+    vr.add_argument("release")
+    vr.add_argument("--consortium-key", required=True, help="the consortium's PUBLIC key (NAME.pub)")
+    vr.set_defaults(fn=cmd_release_verify)
+
+
+def cmd_portal_serve(args: argparse.Namespace) -> int:
+    from server.portal import serve
+
+    _say(f"portal on https://{args.host}:{args.port}/ serving {args.data}")
+    serve(Path(args.data), host=args.host, port=args.port, cert=Path(args.cert), key=Path(args.key))
+    return 0
+
+
+def cmd_portal_token(args: argparse.Namespace) -> int:
+    from server.portal_store import Store
+
+    token_id, token = Store(Path(args.data)).issue_token(args.role, args.name)
+    _say(f"token id {token_id} ({args.role} {args.name}); the token, shown only now:\n{token}")
+    return 0
+
+
+def cmd_portal_revoke(args: argparse.Namespace) -> int:
+    from server.portal_store import Store
+
+    if not Store(Path(args.data)).revoke_token(args.token_id):
+        raise ValueError(f"no unrevoked token with id {args.token_id} in {args.data}")
+    _say(f"token {args.token_id} revoked")
+    return 0
+
+
+def cmd_portal_add(args: argparse.Namespace) -> int:
+    from server.portal import register_release
+
+    key = Path(args.consortium_key) if args.consortium_key else None
+    cohort_id = register_release(Path(args.data), Path(args.release), consortium_key=key, move=args.move)
+    _say(f"cohort {cohort_id} registered in {Path(args.data) / 'cohorts' / cohort_id}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from server.pull import PullError, pull
+
+    try:
+        pull(args.cohort, args.portal, args.token or os.environ.get("FEDSYNTH_TOKEN", ""),
+             Path(args.out) if args.out else None, ca=Path(args.ca) if args.ca else None,
+             consortium_key=Path(args.consortium_key) if args.consortium_key else None, progress=_say)
+    except PullError as err:
+        print(f"PULL FAILED: {err}", file=sys.stderr, flush=True)
+        partial = Path(f"{args.out or args.cohort}.partial")
+        if partial.exists():
+            print(f"{partial} is NOT a verified cohort (kept so that the same command resumes)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_portal_commands(sub) -> None:
+    po = sub.add_parser("portal", help="the partner portal: officers approve releases, partners download them")
+    po_sub = po.add_subparsers(dest="portal_command", required=True)
+    s = po_sub.add_parser("serve", help="serve the portal over HTTPS")
+    s.add_argument("--data", required=True, help="the portal data folder (portal.db, cohorts/, consortium.pub)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8443)
+    s.add_argument("--cert", required=True, help="TLS certificate (e.g. fedsynth pki's superlink.crt)")
+    s.add_argument("--key", required=True, help="its private key")
+    s.set_defaults(fn=cmd_portal_serve)
+    t = po_sub.add_parser("token", help="issue an access token (printed once; only its hash is stored)")
+    t.add_argument("--data", required=True)
+    t.add_argument("--role", required=True, choices=("partner", "officer", "admin"))
+    t.add_argument("--name", required=True, help="who holds it; an officer's name is its key name in release.json")
+    t.set_defaults(fn=cmd_portal_token)
+    r = po_sub.add_parser("revoke", help="revoke a token by its id")
+    r.add_argument("--data", required=True)
+    r.add_argument("--token-id", required=True)
+    r.set_defaults(fn=cmd_portal_revoke)
+    a = po_sub.add_parser("add", help="verify a release candidate and register it (copied into DATA/cohorts/)")
+    a.add_argument("--data", required=True)
+    a.add_argument("release")
+    a.add_argument("--consortium-key", default=None, help="consortium PUBLIC key (required the first time)")
+    a.add_argument("--move", action="store_true", help="move the folder instead of copying it")
+    a.set_defaults(fn=cmd_portal_add)
+
+    pl = sub.add_parser("pull", help="download a released cohort from the portal and verify it")
+    pl.add_argument("cohort")
+    pl.add_argument("--portal", required=True, help="https://HOST:PORT")
+    pl.add_argument("--token", default=None, help="partner token (default: $FEDSYNTH_TOKEN)")
+    pl.add_argument("--out", default=None, help="folder to create (default: ./COHORT)")
+    pl.add_argument("--ca", default=None, help="CA certificate of the portal's TLS certificate")
+    pl.add_argument("--consortium-key", default=None, help="consortium PUBLIC key (without it: trust on first use)")
+    pl.set_defaults(fn=cmd_pull)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedsynth", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -140,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", required=True)
     k.add_argument("--nodes", type=int, default=3)
     k.set_defaults(fn=cmd_pki)
+    _add_release_commands(sub)
+    _add_portal_commands(sub)
     return p
 
 

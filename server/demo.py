@@ -104,6 +104,53 @@ def run_demo_audit(out: Path, insecure: bool = False, progress: Callable[[str], 
     return 0
 
 
+def publish_demo_release(out: Path, progress: Callable[[str], None] = print) -> dict:
+    """After a demo with a cohort and an audit: a consortium key and one privacy officer key (out/keys/), the
+    release candidate under the default policy (one approval, since the demo has one officer), and a portal data
+    folder (out/portal/) with the candidate registered and an officer and a partner token in out/portal/tokens.txt
+    (0600). Prints how to serve the portal and pull the cohort."""
+    import dataclasses
+
+    from common.io import atomic_path
+    from common.signing import fingerprint, generate_keypair, load_public_key
+    from privacy.policy import DEFAULT_POLICY
+    from server.pki import make_pki
+    from server.portal import register_release
+    from server.portal_store import Store
+    from server.release import build_release
+
+    out = Path(out).resolve()
+    keys, portal = out / "keys", out / "portal"
+    if portal.exists():
+        raise FileExistsError(f"{portal} exists: the demo's portal was already prepared")
+    consortium_key, consortium_pub = generate_keypair(keys, "consortium")
+    _, officer_pub = generate_keypair(keys, "officer")
+    policy = dataclasses.replace(DEFAULT_POLICY, required_approvals=1)
+    release = build_release(out / "run" / "cohort", out / "run" / "audit", out / "release", policy=policy,
+                            consortium_key=consortium_key, officer_keys={"officer": officer_pub})
+    cohort_id = register_release(portal, release, consortium_key=consortium_pub)
+    store = Store(portal)
+    tokens = {role: store.issue_token(role, name) for role, name in (("officer", "officer"), ("partner", "partner"),
+                                                                       ("admin", "admin"))}
+    with atomic_path(portal / "tokens.txt") as tmp:
+        os.chmod(tmp, 0o600)
+        tmp.write_text("".join(f"{role} {tid} {secret}\n" for role, (tid, secret) in tokens.items()))
+    tls = out / "deployment" / "pki"
+    if not (tls / "superlink.crt").exists():
+        tls = out / "portal-tls"
+        make_pki(tls, 0, overwrite=True)
+    status = store.cohort(cohort_id)["status"]
+    progress(f"  release:     {release} (cohort {cohort_id}: {status}; consortium key {fingerprint(load_public_key(consortium_pub))[:16]}...)")
+    progress(f"  portal:      fedsynth portal serve --data {portal} --cert {tls / 'superlink.crt'} --key {tls / 'superlink.key'}")
+    progress(f"               then open https://127.0.0.1:8443/ (CA: {tls / 'ca.crt'}), sign in with the officer token "
+             f"from {portal / 'tokens.txt'} and sign with {keys / 'officer.key'}")
+    progress(f"  pull:        fedsynth pull {cohort_id} --portal https://127.0.0.1:8443 --token PARTNER_TOKEN "
+             f"--ca {tls / 'ca.crt'} --consortium-key {consortium_pub}")
+    return {"cohort_id": cohort_id, "status": status, "release": release, "portal": portal,
+            "tokens": portal / "tokens.txt", "consortium_pub": consortium_pub, "officer_key": keys / "officer.key",
+            "cert": tls / "superlink.crt", "key": tls / "superlink.key", "ca": tls / "ca.crt"}
+
+
 def run_demo(opts: DemoOptions, progress: Callable[[str], None] = print) -> int:
     out = opts.out.resolve()
     run_dir = out / "run"
@@ -137,6 +184,11 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] = print) -> int:
             verdict = json.loads(audit.read_text())["verdict"]
             progress(f"  audit:       {run_dir / 'audit' / 'audit.html'} (verdict: {verdict['status']})")
         progress(f"  verify:      fedsynth verify {cohort}")
+        if audit.exists():
+            try:
+                publish_demo_release(out, progress)
+            except Exception as err:  # the cohort and its audit stand without the portal
+                progress(f"  portal:      not prepared ({type(err).__name__}: {err})")
         return 0
     progress("  no cohort was produced (see the run record)")
     return 1

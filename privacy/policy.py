@@ -1,0 +1,324 @@
+"""The release gate: a consortium's written policy, applied to an audit (audit.json, see privacy/report.py).
+
+A policy is a TOML file of flat keys (`deploy/policy.example.toml` documents each; every key is required, so the
+file says everything that was decided). `evaluate_policy` turns it into one rule result per line of the policy,
+each judged on the WORST value the audit reports: the worst site, the worst class (where the audit reports per
+class) and the worst attack. A figure the audit does not report fails its rule ("not measured"): the gate refuses
+rather than assumes.
+
+Rules:
+    max_epsilon, max_delta       each site's claimed (epsilon, delta) from its privacy ledger; a site without
+                                 a finite epsilon (no formal DP) fails
+    max_membership_auc           white- and black-box attacks, overall and per class; only attacks with at least
+    max_tpr_at_1pct_fpr          `min_attack_records` members and non-members count (and TPR at 1 % FPR only where
+                                 the site had the 100+ non-members to resolve it), as in the audit's worst case
+    near-copies                  synthetic images the sites flagged as near-copies of a training patient. With
+                                 `withhold_near_copies` they are withheld from the release (`GateResult.withheld_ids`)
+                                 and the rule counts the near-copies LEFT in the release against `max_near_copies`;
+                                 without it, all of them are left in. `max_withheld_share` caps the share of the
+                                 cohort that may be withheld: many near-copies mean a memorising model, and
+                                 dropping the ones that were caught does not make the rest safe
+    min_precision, min_coverage  radiomics fidelity (privacy/fidelity.py), overall and per class, every site
+    min_tstr_balanced_accuracy   train-synthetic-test-real balanced accuracy at every site
+    audit_verdict                the audit's own verdict must be "pass" ("inconclusive" too with
+                                 `allow_inconclusive`); a "fail" caused only by near-copies counts as the verdict the
+                                 audit's rule gives once they are discounted, when they are withheld
+`required_approvals` is not a rule of the gate: it is how many privacy officers must sign a release that passed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from privacy.report import build_audit
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a cohort's audit must show before the consortium may release it."""
+    max_epsilon: float
+    max_delta: float
+    max_membership_auc: float
+    max_tpr_at_1pct_fpr: float
+    min_attack_records: int
+    max_near_copies: int
+    withhold_near_copies: bool
+    max_withheld_share: float
+    min_precision: float
+    min_coverage: float
+    min_tstr_balanced_accuracy: float
+    allow_inconclusive: bool
+    required_approvals: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+DEFAULT_POLICY = Policy(
+    max_epsilon=10.0, max_delta=1e-4, max_membership_auc=0.6, max_tpr_at_1pct_fpr=0.05, min_attack_records=10,
+    max_near_copies=0, withhold_near_copies=True, max_withheld_share=0.05, min_precision=0.5, min_coverage=0.3,
+    min_tstr_balanced_accuracy=0.6, allow_inconclusive=False, required_approvals=2,
+)
+
+_PROBABILITIES = {"max_membership_auc", "max_tpr_at_1pct_fpr", "max_withheld_share", "min_precision",
+                  "min_coverage", "min_tstr_balanced_accuracy"}
+
+
+def _check_value(where: str, name: str, kind: type, value: Any) -> Any:
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:  # float: an integer is fine (max_epsilon = 8)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    if not ok:
+        raise ValueError(f"{where}: key {name!r} must be {'a finite number' if kind is float else kind.__name__}, "
+                         f"got {value!r}")
+    if kind is not bool and value < 0:
+        raise ValueError(f"{where}: key {name!r} must not be negative, got {value!r}")
+    if name in _PROBABILITIES and value > 1:
+        raise ValueError(f"{where}: key {name!r} is a share or rate between 0 and 1, got {value!r}")
+    return value
+
+
+def policy_from_dict(data: dict[str, Any], where: str = "policy") -> Policy:
+    """A Policy from a dict of every key, checked (ValueError naming `where` and the key)."""
+    kinds = {f.name: {"float": float, "int": int, "bool": bool}[f.type] for f in fields(Policy)}
+    unknown = sorted(set(data) - set(kinds))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(kinds)})")
+    missing = [k for k in kinds if k not in data]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {', '.join(map(repr, missing))} (every key must be set; see "
+                         "deploy/policy.example.toml)")
+    return Policy(**{k: _check_value(where, k, kind, data[k]) for k, kind in kinds.items()})
+
+
+def load_policy(path: Path) -> Policy:
+    """Read and check a policy TOML file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: policy file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the policy ({err})") from err
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML ({err})") from err
+    return policy_from_dict(data, str(path))
+
+
+def policy_toml(policy: Policy) -> str:
+    """The policy as TOML text that `load_policy` reads back to an equal Policy."""
+    lines = ["# fedsynth release policy (written by fedsynth; keys documented in deploy/policy.example.toml)"]
+    for k, v in policy.to_dict().items():
+        lines.append(f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}")
+    return "\n".join(lines) + "\n"
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------------
+
+@dataclass
+class RuleResult:
+    """One line of the gate: the worst value measured, the policy's threshold, and where the worst value was."""
+    rule: str
+    passed: bool
+    measured: Any
+    threshold: Any
+    where: str = ""
+    note: str = ""
+
+
+@dataclass
+class GateResult:
+    """The gate's decision on one audit: passed only if every rule passed."""
+    rules: list[RuleResult]
+    withheld_ids: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rules)
+
+    def failed(self) -> list[RuleResult]:
+        return [r for r in self.rules if not r.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "rules": [asdict(r) for r in self.rules], "withheld_ids": self.withheld_ids}
+
+
+def _num(x: Any) -> float | None:
+    """A finite number, else None (audit.json writes non-finite numbers as null)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _limit(rule: str, values: list[tuple[float | None, str]], threshold: float, *, upper: bool,
+           what: str) -> RuleResult:
+    """Judge the worst of (value, where) pairs against an upper (or lower) limit; a missing value fails."""
+    if not values:
+        return RuleResult(rule, False, None, threshold, "", f"not measured: the audit reports no {what}")
+    missing = [where for v, where in values if v is None]
+    if missing:
+        return RuleResult(rule, False, None, threshold, missing[0], f"not measured: no {what} at {missing[0]}")
+    value, where = (max if upper else min)(values, key=lambda vw: vw[0])
+    passed = value <= threshold if upper else value >= threshold
+    return RuleResult(rule, passed, value, threshold, where)
+
+
+def _sites(audit: dict) -> dict[str, dict]:
+    return audit.get("sites") or {}
+
+
+def _privacy_rules(policy: Policy, audit: dict) -> list[RuleResult]:
+    eps, delta = [], []
+    for name, site in _sites(audit).items():
+        cp = site.get("claimed_privacy") or {}
+        eps.append((_num(cp.get("epsilon")), f"site {name} ({cp.get('protection', 'protection unknown')})"))
+        delta.append((_num(cp.get("delta")), f"site {name}"))
+    out = [_limit("max_epsilon", eps, policy.max_epsilon, upper=True, what="finite claimed epsilon"),
+           _limit("max_delta", delta, policy.max_delta, upper=True, what="claimed delta")]
+    if out[0].measured is None and eps:
+        out[0].note = "no formal DP guarantee (claimed epsilon is null or infinite)"
+    return out
+
+
+def _attack_rules(policy: Policy, audit: dict) -> list[RuleResult]:
+    auc, tpr = [], []
+    for name, site in _sites(audit).items():
+        mem = site.get("membership") or {}
+        attacks = [("all", kind, mem[kind]) for kind in ("white_box", "black_box") if kind in mem]
+        for cls, per in (mem.get("per_class") or {}).items():
+            attacks += [(cls, kind, per[kind]) for kind in ("white_box", "black_box") if kind in per]
+        for cls, kind, res in attacks:
+            n = min(res.get("n_members") or 0, res.get("n_nonmembers") or 0)
+            if n < policy.min_attack_records:
+                continue
+            where = f"site {name}, class {cls}, {kind.replace('_', '-')} attack"
+            auc.append((_num(res.get("auc")), where))
+            if (res.get("resolvable") or {}).get("tpr_at_fpr_1pct", (res.get("n_nonmembers") or 0) >= 100):
+                tpr.append((_num(res.get("tpr_at_fpr_1pct")), where))
+    return [
+        _limit("max_membership_auc", auc, policy.max_membership_auc, upper=True,
+               what=f"membership AUC from {policy.min_attack_records}+ members and non-members"),
+        _limit("max_tpr_at_1pct_fpr", tpr, policy.max_tpr_at_1pct_fpr, upper=True,
+               what="resolvable TPR at 1 % FPR (needs 100+ non-members at a site)"),
+    ]
+
+
+def flagged_near_copies(audit: dict) -> dict[str, list[str]] | None:
+    """{synthetic id: [sites that flagged it]} from every site's memorization block; None when a site has none."""
+    flagged: dict[str, list[str]] = {}
+    for name, site in _sites(audit).items():
+        m = site.get("memorization")
+        if not isinstance(m, dict) or not isinstance(m.get("flagged_ids"), list):
+            return None
+        ids = set(map(str, m["flagged_ids"]))
+        for per in (m.get("per_class") or {}).values():
+            ids |= set(map(str, per.get("flagged_ids") or []))
+        for sid in ids:
+            flagged.setdefault(sid, []).append(name)
+    return flagged if _sites(audit) else None
+
+
+def _near_copy_rules(policy: Policy, audit: dict) -> tuple[list[RuleResult], list[str]]:
+    flagged = flagged_near_copies(audit)
+    if flagged is None:
+        note = "not measured: a site reports no memorization audit (flagged_ids)"
+        return [RuleResult("max_near_copies", False, None, policy.max_near_copies, "", note),
+                RuleResult("max_withheld_share", False, None, policy.max_withheld_share, "", note)], []
+    withheld = sorted(flagged) if policy.withhold_near_copies else []
+    left = len(flagged) - len(withheld)
+    where = "; ".join(f"{sid} (site {', '.join(s)})" for sid, s in sorted(flagged.items())[:10])
+    rules = [RuleResult("max_near_copies", left <= policy.max_near_copies, left, policy.max_near_copies, where,
+                        f"{len(flagged)} near-copies found, {len(withheld)} withheld, {left} left in the release")]
+    n_images = _num((audit.get("cohort") or {}).get("n_images"))
+    if not n_images:
+        rules.append(RuleResult("max_withheld_share", False, None, policy.max_withheld_share, "",
+                                "not measured: the audit does not say how many images the cohort has"))
+    else:
+        share = len(withheld) / n_images
+        rules.append(RuleResult("max_withheld_share", share <= policy.max_withheld_share, share,
+                                policy.max_withheld_share, f"{len(withheld)} of {int(n_images)} images"))
+    return rules, withheld
+
+
+def _quality_rules(policy: Policy, audit: dict) -> list[RuleResult]:
+    precision, coverage, tstr = [], [], []
+    for name, site in _sites(audit).items():
+        fid = site.get("fidelity") or {}
+        blocks = [("all", fid.get("overall") or {})] + list((fid.get("per_class") or {}).items())
+        for cls, blk in blocks:
+            precision.append((_num(blk.get("precision")), f"site {name}, class {cls}"))
+            coverage.append((_num(blk.get("coverage")), f"site {name}, class {cls}"))
+        ts = (site.get("utility") or {}).get("train_synthetic_test_real") or {}
+        tstr.append((_num(ts.get("balanced_accuracy")), f"site {name}"))
+    return [
+        _limit("min_precision", precision, policy.min_precision, upper=False, what="fidelity precision"),
+        _limit("min_coverage", coverage, policy.min_coverage, upper=False, what="fidelity coverage"),
+        _limit("min_tstr_balanced_accuracy", tstr, policy.min_tstr_balanced_accuracy, upper=False,
+               what="train-synthetic-test-real balanced accuracy"),
+    ]
+
+
+def _verdict_rule(policy: Policy, audit: dict, withheld: list[str]) -> RuleResult:
+    verdict = audit.get("verdict") or {}
+    status = verdict.get("status")
+    allowed = ["pass", "inconclusive"] if policy.allow_inconclusive else ["pass"]
+    threshold = " or ".join(allowed)
+    if status not in ("pass", "fail", "inconclusive"):
+        return RuleResult("audit_verdict", False, None, threshold, "", "not measured: the audit has no verdict")
+    note = "; ".join(map(str, verdict.get("reasons") or []))[:500]
+    if status == "fail" and withheld:
+        # The audit's own rule, re-applied with the withheld near-copies discounted.
+        sites = copy.deepcopy(_sites(audit))
+        for site in sites.values():
+            if isinstance(site.get("memorization"), dict):
+                site["memorization"]["n_near_copies"] = 0
+        again = build_audit(sites, cohort=audit.get("cohort") or {}, failures=audit.get("failures") or [])
+        status = again["verdict"]["status"]
+        note = (f"audit verdict 'fail'; with the {len(withheld)} near-copies withheld: '{status}' ("
+                + "; ".join(map(str, again["verdict"]["reasons"]))[:500] + ")")
+    return RuleResult("audit_verdict", status in allowed, status, threshold, "", note)
+
+
+def evaluate_policy(policy: Policy, audit: dict) -> GateResult:
+    """Apply every rule of `policy` to an audit dict (as loaded from audit.json)."""
+    if not isinstance(audit, dict):
+        raise ValueError(f"evaluate_policy: the audit must be a dict (audit.json), got {type(audit).__name__}")
+    near, withheld = _near_copy_rules(policy, audit)
+    rules = [*_privacy_rules(policy, audit), *_attack_rules(policy, audit), *near, *_quality_rules(policy, audit),
+             _verdict_rule(policy, audit, withheld)]
+    if not _sites(audit):
+        rules.insert(0, RuleResult("sites_audited", False, 0, ">= 1", "", "not measured: no site returned an audit"))
+    return GateResult(rules=rules, withheld_ids=withheld)
+
+
+def gate_table(gate: GateResult) -> str:
+    """The gate as a plain-text table: rule, measured, threshold, pass/fail, where / why."""
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    rows = [("rule", "measured", "threshold", "result", "where / why")]
+    rows += [(r.rule, fmt(r.measured), fmt(r.threshold), "pass" if r.passed else "FAIL",
+              "; ".join(x for x in (r.where, r.note) if x)) for r in gate.rules]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+    lines.append(f"gate: {'PASSED' if gate.passed else 'FAILED'}"
+                 + (f"; {len(gate.withheld_ids)} near-copies withheld" if gate.withheld_ids else ""))
+    return "\n".join(lines)

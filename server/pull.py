@@ -1,0 +1,179 @@
+"""`fedsynth pull`: a partner downloads a released cohort from the portal and verifies it before using it.
+
+    fedsynth pull COHORT --portal https://portal.example.org:8443 --token T [--out DIR] [--ca ca.crt]
+                  [--consortium-key consortium.pub]
+
+Everything lands in `OUT.partial/` first: release.json and release.sig, every file release.json lists (an
+interrupted download resumes with HTTP Range), and the officers' approvals. Each file's sha256 is checked against
+release.json, the consortium's signature of release.json is checked with the consortium key (from
+--consortium-key, or, loudly, the key the portal serves: trust on first use), and the release status is computed
+here, from the downloaded approvals: it must be "released". Only then is `OUT.partial` renamed to `OUT`. On any
+mismatch the command names the file, exits non-zero, and leaves no folder named OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import sys
+from pathlib import Path
+from typing import Callable
+from urllib.parse import quote
+
+import httpx
+
+from common.io import sha256_file
+
+
+class PullError(Exception):
+    """The cohort could not be downloaded or did not verify; the message names the file and the problem."""
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _client(portal: str, token: str, ca: Path | None, timeout: float) -> httpx.Client:
+    if not portal.startswith("https://"):
+        raise PullError(f"portal {portal!r}: must be an https:// URL (the token and the cohort travel over TLS)")
+    if ca is not None and not Path(ca).is_file():
+        raise PullError(f"{ca}: CA certificate not found")
+    ctx = ssl.create_default_context(cafile=str(ca)) if ca else ssl.create_default_context()
+    return httpx.Client(base_url=portal.rstrip("/"), verify=ctx, timeout=timeout, follow_redirects=False,
+                        headers={"Authorization": f"Bearer {token}"})
+
+
+def _check(r: httpx.Response, what: str) -> httpx.Response:
+    if r.status_code in (200, 206):
+        return r
+    try:
+        detail = r.json().get("detail")
+    except ValueError:
+        detail = r.text[:200]
+    hint = {401: "the token is unknown or revoked", 403: "not allowed (is the cohort released?)",
+            404: "not on the portal"}.get(r.status_code, "")
+    raise PullError(f"{what}: HTTP {r.status_code} {hint} ({detail})".replace(" ()", ""))
+
+
+def _download(client: httpx.Client, url: str, dest: Path, rel: str, expected: str | None) -> int:
+    """Download `url` into `dest`, resuming a partial file with Range, and check its sha256 when `expected` is
+    given. Returns the bytes transferred. A file that does not verify is deleted and raises PullError."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if expected and dest.is_file() and sha256_file(dest) == expected:
+        return 0
+    transferred = 0
+    for attempt in range(2):
+        have = dest.stat().st_size if (expected and dest.is_file()) else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        with client.stream("GET", url, headers=headers) as r:
+            if r.status_code == 416 and have:  # the local part is longer than the file: start again
+                dest.unlink()
+                continue
+            _check(r, rel)
+            served = r.headers.get("x-sha256")
+            if expected and served and served != expected:
+                raise PullError(f"{rel}: the portal serves sha256 {served[:16]}..., release.json says "
+                                f"{expected[:16]}...: the portal's copy does not match the signed release")
+            if r.status_code == 206:
+                if not r.headers.get("content-range", "").startswith(f"bytes {have}-"):
+                    raise PullError(f"{rel}: the portal answered Range bytes={have}- with "
+                                    f"{r.headers.get('content-range')!r}")
+                mode = "ab"
+            else:
+                mode = "wb"
+            with open(dest, mode) as f:
+                for block in r.iter_bytes(1 << 20):
+                    f.write(block)
+                    transferred += len(block)
+                f.flush()
+                os.fsync(f.fileno())
+        if not expected:
+            return transferred
+        got = sha256_file(dest)
+        if got == expected:
+            return transferred
+        dest.unlink()
+        if have and attempt == 0:  # resumed onto a bad partial file: download it whole once
+            continue
+        raise PullError(f"{rel}: sha256 {got[:16]}... does not match release.json ({expected[:16]}...): the file "
+                        "was changed after the consortium signed the release")
+    raise PullError(f"{rel}: could not be downloaded")
+
+
+def pull(cohort_id: str, portal: str, token: str, out: Path | None = None, *, ca: Path | None = None,
+         consortium_key: Path | None = None, timeout: float = 60.0,
+         progress: Callable[[str], None] = print, warn: Callable[[str], None] = _err) -> Path:
+    """Download and verify a released cohort into `out` (default: ./COHORT). Raises PullError on any problem."""
+    from common.signing import fingerprint, load_public_key, verify
+    from server.portal import APPROVAL_FILE_RE, COHORT_ID_RE, safe_rel_path
+    from server.release import load_approvals, release_status, verify_release
+
+    if not isinstance(cohort_id, str) or not COHORT_ID_RE.match(cohort_id):
+        raise PullError(f"cohort id {cohort_id!r}: not a valid cohort id")
+    out = Path(out) if out is not None else Path(cohort_id)
+    if out.exists():
+        raise PullError(f"{out} already exists; refusing to overwrite it (remove it or choose --out)")
+    partial = out.with_name(out.name + ".partial")
+    base = f"/api/cohorts/{quote(cohort_id)}"
+    try:
+        with _client(portal, token, ca, timeout) as client:
+            info = _check(client.get(base), f"cohort {cohort_id}").json()
+            if consortium_key is not None:
+                public = load_public_key(Path(consortium_key))
+            else:
+                pem = _check(client.get(f"{base}/consortium.pub"), "consortium.pub").text
+                public = load_public_key(pem.encode())
+                bar = "!" * 78
+                warn(f"{bar}\nWARNING: no --consortium-key given: trusting the consortium key the PORTAL serves "
+                     f"(trust on first use).\nWARNING: its fingerprint is {fingerprint(public)}\nWARNING: compare "
+                     "it with the fingerprint your consortium published, save the key and pass --consortium-key "
+                     f"next time.\n{bar}")
+            partial.mkdir(parents=True, exist_ok=True)
+            for rel in ("release.json", "release.sig"):  # the root of trust: always fetched whole
+                (partial / rel).unlink(missing_ok=True)
+                _download(client, f"{base}/files/{rel}", partial / rel, rel, None)
+            data = (partial / "release.json").read_bytes()
+            if not verify(public, (partial / "release.sig").read_text().strip(), data):
+                raise PullError(f"release.json: the signature in release.sig does not verify with the consortium "
+                                f"key {fingerprint(public)[:16]}...: release.json was changed or signed by another "
+                                "key")
+            try:
+                manifest = json.loads(data)
+            except ValueError as err:
+                raise PullError(f"release.json: not valid JSON ({err})") from None
+            if manifest.get("cohort_id") != cohort_id:
+                raise PullError(f"release.json: describes cohort {manifest.get('cohort_id')!r}, not {cohort_id}")
+            files = manifest.get("files") or {}
+            unsafe = [rel for rel in files if not safe_rel_path(rel)]
+            if unsafe:
+                raise PullError(f"release.json: unsafe file paths {unsafe[:5]}")
+            approvals = [a for a in info.get("approvals") or [] if APPROVAL_FILE_RE.match(str(a))]
+            wanted = set(files) | {"release.json", "release.sig"} | set(approvals)
+            for p in sorted(partial.rglob("*")):  # leftovers of an earlier attempt that this release lacks
+                if (p.is_file() or p.is_symlink()) and p.relative_to(partial).as_posix() not in wanted:
+                    p.unlink()
+            total = 0
+            for i, (rel, digest) in enumerate(sorted(files.items()), 1):
+                total += _download(client, f"{base}/files/{quote(rel)}", partial / rel, rel, digest)
+                if i % 50 == 0 or i == len(files):
+                    progress(f"{i}/{len(files)} files verified ({total / 1e6:.1f} MB transferred)")
+            for rel in approvals:
+                (partial / rel).unlink(missing_ok=True)
+                _download(client, f"{base}/files/{quote(rel)}", partial / rel, rel, None)
+    except httpx.HTTPError as err:
+        raise PullError(f"portal {portal}: {type(err).__name__}: {err} (run the same command again to resume)") \
+            from None
+    problems = verify_release(partial, public)
+    if problems:
+        raise PullError(f"{partial}: the release does not verify: " + "; ".join(problems[:10]))
+    status = release_status(partial, load_approvals(partial))
+    if status != "released":
+        raise PullError(f"cohort {cohort_id}: status {status!r} by the downloaded approvals "
+                        f"({len(approvals)} stored, {manifest.get('required_approvals')} required): not released")
+    if out.exists():
+        raise PullError(f"{out} appeared while downloading; refusing to overwrite it")
+    os.replace(partial, out)
+    progress(f"cohort {cohort_id}: {len(files)} files verified against release.json, signed by consortium key "
+             f"{fingerprint(public)[:16]}..., released by {len(approvals)} officer approval(s): {out}")
+    return out
