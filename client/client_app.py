@@ -9,13 +9,46 @@ from __future__ import annotations
 import json
 import logging
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update, get_norm
 
 from client.task import RoundPlan, run_training_round
 from common.config import SiteConfig, model_config
 
-app = ClientApp()
+
+def central_dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Central DP, client side: clip this site's model update (new - global) to the norm the server asks for.
+
+    Exactly what Flower's `fixedclipping_mod` does (same `compute_clip_model_update`), for our messages: that mod
+    needs exactly one ArrayRecord in the train message (ours also carries the frozen "autoencoder" in the diffusion
+    phase) and turns every reply without arrays (a refusal, a failed round) into an error; and mods are fixed when
+    the ClientApp is built, so this one does nothing unless the round's config carries a clipping norm (Flower's
+    `DifferentialPrivacyClientSideFixedClipping` puts it there when the run has central DP on).
+    """
+    config = msg.content.config_records.get("config") if msg.metadata.message_type == MessageType.TRAIN else None
+    if config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    clipping_norm = float(config[KEY_CLIPPING_NORM])
+    sent = msg.content["arrays"]
+    reply = call_next(msg, context)
+    if reply.has_error() or "arrays" not in reply.content:
+        return reply  # nothing of the model leaves
+    new = reply.content["arrays"]
+    if list(new.keys()) != list(sent.keys()):
+        raise ValueError("central DP: the reply's arrays do not match the global model's")
+    new_nd, sent_nd = new.to_numpy_ndarrays(), sent.to_numpy_ndarrays()
+    norm = get_norm([np.subtract(a, b) for a, b in zip(new_nd, sent_nd, strict=True)])
+    compute_clip_model_update(param1=new_nd, param2=sent_nd, clipping_norm=clipping_norm)
+    # the unclipped norm says something about the site's data: it stays in the site's own log
+    logging.getLogger("fedsynth.site").info("central DP: model update norm %.4g, clipped to %.4g before it leaves",
+                                            norm, min(norm, clipping_norm))
+    reply.content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(new.keys(), new_nd, strict=True)})
+    return reply
+
+
+app = ClientApp(mods=[central_dp_clipping_mod])
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower HTTP poll otherwise
 

@@ -118,6 +118,13 @@ class RunConfig:
     mode: str = "train"  # "train": rounds, synthesis, audit; "audit": only audit `cohort-dir` made from `checkpoint`
     cohort_dir: str = ""  # mode "audit"
     checkpoint: str = ""  # mode "audit"
+    # Central (client-level) DP: sites clip their model update, the server adds Gaussian noise to the aggregate
+    # (Flower's DifferentialPrivacyClientSideFixedClipping) and accounts the whole run with Flower's RdpAccountant.
+    central_dp: str = "off"  # "off" | "client-side-fixed"
+    central_dp_noise_multiplier: float = 1.0  # noise std on the aggregate = this x clipping norm / sites
+    central_dp_clipping_norm: float = 1.0  # L2 bound on one site's model update (new - global) per round
+    central_dp_delta: float = 0.0  # 0 -> 1 / (10 x sites)
+    central_dp_max_epsilon: float = 0.0  # > 0: stop before a round whose release would take epsilon past this
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -136,6 +143,20 @@ class RunConfig:
             raise ValueError("mode 'audit' needs cohort-dir and checkpoint")
         if self.min_sites < 1:
             raise ValueError("min-sites must be >= 1")
+        if self.central_dp not in ("off", "client-side-fixed"):
+            raise ValueError(f"central-dp: unknown {self.central_dp!r}; choose 'off' or 'client-side-fixed'")
+        if self.central_dp != "off":
+            if not 0 < self.central_dp_noise_multiplier < float("inf"):
+                raise ValueError("central-dp-noise-multiplier must be > 0 and finite (0 would give no guarantee)")
+            if not 0 < self.central_dp_clipping_norm < float("inf"):
+                raise ValueError("central-dp-clipping-norm must be > 0 and finite")
+            if not 0 <= self.central_dp_delta < 1:
+                raise ValueError("central-dp-delta must be in [0, 1) (0: 1 / (10 x sites))")
+            if not 0 <= self.central_dp_max_epsilon < float("inf"):
+                raise ValueError("central-dp-max-epsilon must be >= 0 and finite (0: no limit)")
+            if self.strategy == "fedadam":
+                raise ValueError("central-dp needs strategy 'fedavg' or 'fedprox': Flower's client-level accounting "
+                                 "assumes FedAvg aggregation with uniform weights")
 
     @property
     def diffusion_rounds(self) -> int:

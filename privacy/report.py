@@ -7,7 +7,7 @@ is written as null):
     threat_model: {black_box, white_box, out_of_scope}
     definitions: {figure name: what it means}
     cohort: {path, n_images, class_names, checkpoint_sha256, run_id}
-    run: {run_id, status, ...} (from the run record, when given)
+    run: {run_id, status, ..., central_dp: the run's client-level DP label} (from the run record, when given)
     sites: {site: {n_members, n_nonmembers,
                    claimed_privacy: {protection (kind: "formal sample-level DP ...", "client-level DP ...", "none"),
                                      epsilon, delta, accountant, ...}          (from the site's ledger)
@@ -227,7 +227,7 @@ def build_audit(site_results: dict[str, dict], *, cohort: dict, failures: list[s
         "definitions": DEFINITIONS,
         "cohort": cohort,
         "run": {k: run_record.get(k) for k in ("run_id", "status", "autoencoder", "diffusion_warm_start",
-                                               "completed_round")} if run_record else {},
+                                               "completed_round", "central_dp")} if run_record else {},
         "sites": site_results,
         "worst_case": worst,
         "failures": failures,
@@ -416,6 +416,11 @@ def _html(audit: dict, sample_images, sample_labels, class_names, flagged_images
                        f"lower bound, white-box ({conf})", f"lower bound, black-box ({conf})", "claim vs bound",
                        "members / non-members"], rows)
              + (_epsilon_plot(sites) if sites else ""))
+    central = (audit.get("run") or {}).get("central_dp") or {}
+    if central:  # the run's client-level (central DP) label, beside the sites' sample-level ones
+        p.append(f"<p><b>Client level (whole site):</b> {e(str(central.get('protection', 'unknown')))}"
+                 + (f"; epsilon {_fmt(_finite(central.get('epsilon')))} after {_fmt(central.get('rounds'))} rounds, "
+                    f"{_fmt(central.get('sites'))} sites" if central.get("protection") != "none" else "") + ".</p>")
     rows = []
     for key, w in audit["worst_case"].items():
         where = ", ".join(f"{k} {w[k]}" for k in ("site", "class", "attack", "space") if k in w)

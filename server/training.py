@@ -6,7 +6,9 @@ a checkpoint and the per-site metrics, and go on. Everything a later reader need
 
     run.json          the run record: config, sites, who dropped or refused and why, status
     metrics.jsonl     one line per site per round: loss, examples, seconds, epsilon, status
-    privacy.json      each site's privacy spend as last reported, labelled with the kind of protection
+    privacy.json      {"sample_level": {site: spend as last reported}, "client_level": {...}}, each labelled
+                      with the kind of protection (client_level: central DP, or "none")
+    central_dp_accountant.json   Flower RdpAccountant state when central DP is on (server/central_dp.py)
     checkpoints/      round-NNN.pt (atomic), latest.pt -> the newest
 """
 
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from common.config import ModelConfig, RunConfig, model_config
@@ -40,6 +43,7 @@ from common.model import (
 )
 from common.phantoms import make_phantom_sites
 from common.site import load_site
+from server.central_dp import UNIFORM_WEIGHT_KEY, CentralDP, SitesGrid, sample_level
 
 log = logging.getLogger("fedsynth.server")
 PUBLIC_PHANTOM_SEED = 1_000_003  # public phantoms never share a seed with any site's data
@@ -61,6 +65,8 @@ class RunState:
 
 def make_strategy(run: RunConfig) -> Strategy:
     common = dict(min_train_nodes=run.min_sites, min_available_nodes=run.min_sites, fraction_evaluate=0.0)
+    if run.central_dp != "off":  # Flower's client-level accounting assumes a uniform FedAvg mean
+        common["weighted_by_key"] = UNIFORM_WEIGHT_KEY
     if run.strategy == "fedavg":
         return FedAvg(**common)
     if run.strategy == "fedadam":
@@ -172,7 +178,9 @@ class Federation:
         self.dir = Path(run.run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.say = progress or (lambda m: log.info("%s", m))
-        self.privacy: dict[str, dict[str, Any]] = {}
+        self.privacy: dict[str, dict[str, Any]] = {}  # site -> sample-level spend as last reported
+        self.central = CentralDP(run, self.dir)
+        self._phase_nodes: list[int] = []  # central DP: the sites the phase's DP wrapper was set up for
 
     # ---- state -------------------------------------------------------------------------------------------------
     def _resume_or_start(self) -> tuple[RunState, dict, dict]:
@@ -188,7 +196,7 @@ class Federation:
             if (self.dir / "privacy.json").exists():
                 import json
 
-                self.privacy = json.loads((self.dir / "privacy.json").read_text())
+                self.privacy = sample_level(json.loads((self.dir / "privacy.json").read_text()))
             return state, payload["autoencoder"], payload["unet"]
         torch.manual_seed(self.run.seed)
         state = RunState(run_id=uuid.uuid4().hex[:12], autoencoder_source=self.run.autoencoder_source)
@@ -217,10 +225,12 @@ class Federation:
                 if state.unet_warm_started else "none: trained from scratch at the sites"
             ),
             "sites": state.sites,
+            "central_dp": self.central.summary(state.completed_round),
             "run_config": dataclasses.asdict(self.run),
             "model_config": dataclasses.asdict(self.cfg),
         })
-        write_json_atomic(self.dir / "privacy.json", self.privacy)
+        write_json_atomic(self.dir / "privacy.json", {"sample_level": self.privacy,
+                                                       "client_level": self.central.summary(state.completed_round)})
 
     # ---- one round ---------------------------------------------------------------------------------------------
     def _active_nodes(self, state: RunState) -> list[int]:
@@ -238,9 +248,19 @@ class Federation:
             "kl-weight": self.run.kl_weight, "latent-scale": state.latent_scale, "seed": self.run.seed,
             "proximal-mu": self.run.proximal_mu if self.run.strategy == "fedprox" else 0.0,
         }
-        active = set(self._active_nodes(state))
-        messages = [m for m in strategy.configure_train(r, arrays, ConfigRecord(plan), self.grid)
-                    if m.metadata.dst_node_id in active]
+        active = self._active_nodes(state)
+        if self.central.enabled:  # Flower's DP wrapper was set up for exactly these sites
+            if not set(self._phase_nodes) <= set(active):
+                return None, 0, (f"round {r}: central DP: {len(set(self._phase_nodes) - set(active))} of the phase's "
+                                 f"{len(self._phase_nodes)} sites are gone; nothing was released. Resume the run to "
+                                 "go on with the sites that remain")
+            active = self._phase_nodes
+        if len(active) < self.run.min_sites:
+            return None, 0, f"only {len(active)} sites can still train, min-sites is {self.run.min_sites}"
+        try:
+            messages = list(strategy.configure_train(r, arrays, ConfigRecord(plan), SitesGrid(self.grid, active)))
+        except PrivacyBudgetExhausted as err:
+            return None, 0, f"round {r}: central DP: {err}"
         if frozen is not None:
             for m in messages:
                 m.content["autoencoder"] = frozen
@@ -254,10 +274,37 @@ class Federation:
         for node in {m.metadata.dst_node_id for m in messages} - answered:
             self._mark(state, self._site_of(state, node), node, "dropped", r, "no reply within round-timeout")
         new_arrays = None
+        if self.central.enabled:
+            return self._aggregate_central_dp(strategy, state, r, phase, arrays, messages, good, t0)
         if good:
             new_arrays, _ = strategy.aggregate_train(r, good)
         self.say(f"round {r}: {len(good)} updates aggregated in {time.time() - t0:.1f}s")
-        return new_arrays, len(good)
+        return new_arrays, len(good), None
+
+    def _aggregate_central_dp(self, strategy: Strategy, state: RunState, r: int, phase: str, arrays: ArrayRecord,
+                              messages: list[Message], good: list[Message], t0: float):
+        """Flower's DP wrapper: uniform mean of the clipped updates + Gaussian noise, one accounted release.
+
+        It aggregates only when every asked site sent an update (a missing one changes the sensitivity the noise
+        was set for); otherwise nothing is released and the run stops, saying why.
+        """
+        self.central.prepare_replies(good, arrays, {s["node_id"]: name for name, s in state.sites.items()})
+        new_arrays, _ = strategy.aggregate_train(r, good)  # also drops the round's pending privacy event
+        if new_arrays is None:
+            return None, len(good), (f"round {r}: central DP: {len(good)} of {len(messages)} asked sites sent an "
+                                     "update; Flower's accounted aggregation needs all of them, so nothing was "
+                                     "released. Resume the run to go on without the sites that refused or dropped")
+        self.central.save()  # before the checkpoint: a crash from here on can only over-count
+        eps, delta = self.central.epsilon()
+        std = self.central.noise_std(len(good))
+        append_jsonl(self.dir / "metrics.jsonl", {
+            "round": r, "phase": phase, "site": "(aggregate)", "status": "aggregated", "sites": len(good),
+            "central-dp-noise-std": std, "client-level-epsilon": eps, "client-level-delta": delta,
+        })
+        self.say(f"round {r}: {len(good)} clipped updates aggregated in {time.time() - t0:.1f}s, central DP noise "
+                 f"std {std:.3g}; client-level epsilon so far {eps:.2f} (delta {delta:.1e}, "
+                 f"{self.central.releases} releases)")
+        return new_arrays, len(good), None
 
     def _site_of(self, state: RunState, node: int) -> str:
         for name, s in state.sites.items():
@@ -311,6 +358,11 @@ class Federation:
             phase = self.run.phase(r)
             if phase != strategy_phase:  # a fresh strategy per phase: server optimiser state is per component
                 strategy, strategy_phase = make_strategy(self.run), phase
+                self._phase_nodes = self._active_nodes(state)
+                if self.central.enabled and len(self._phase_nodes) >= self.run.min_sites:
+                    # Flower's DP wrapper, for this phase's sites; the accountant is the run's, shared by all phases
+                    strategy = self.central.wrap(strategy, len(self._phase_nodes),
+                                                 population=len(list(self.grid.get_node_ids())))
                 if phase == "diffusion":
                     state.latent_scale = estimate_latent_scale(self._ae(ae), public_phantoms(self.cfg, 48)[0])
                     self.say(f"latent scale {state.latent_scale:.3f} (from public phantoms)")
@@ -323,7 +375,9 @@ class Federation:
                 return self._stop(state, f"only {len(active)} sites can still train, min-sites is {self.run.min_sites}")
             component = ae if phase == "autoencoder" else unet
             frozen = ArrayRecord(ae) if phase == "diffusion" else None
-            new, n_good = self._round(strategy, state, r, ArrayRecord(component), frozen)
+            new, n_good, failure = self._round(strategy, state, r, ArrayRecord(component), frozen)
+            if failure:
+                return self._stop(state, failure)
             if n_good < self.run.min_sites or new is None:
                 return self._stop(state, f"round {r}: {n_good} updates, fewer than min-sites={self.run.min_sites}")
             if phase == "autoencoder":

@@ -50,7 +50,9 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
                for s, c in zip(sites, node_configs)}
     assert all(m["loss"] > 0 and m["num-examples"] == trained[m["site"]] and m["seconds"] > 0 for m in ok)
 
-    privacy = json.loads((run_dir / "privacy.json").read_text())
+    record_privacy = json.loads((run_dir / "privacy.json").read_text())
+    assert record_privacy["client_level"]["protection"] == "none"  # central DP is off in this run
+    privacy = record_privacy["sample_level"]
     for s in ("site-0", "site-1"):
         assert 0 < float(privacy[s]["epsilon"]) <= 8.0
         assert "formal sample-level DP" in privacy[s]["protection"]
@@ -59,7 +61,7 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
     cohort = run_dir / "cohort"
     assert verify_cohort(cohort) == []
     manifest = json.loads((cohort / "manifest.json").read_text())
-    assert manifest["n_images"] == 6 and set(manifest["privacy"]) == {"site-0", "site-1", "site-2"}
+    assert manifest["n_images"] == 6 and set(manifest["privacy"]["sample_level"]) == {"site-0", "site-1", "site-2"}
     assert (run_dir / "checkpoints" / "round-002.pt").exists()
 
     audit = json.loads((run_dir / "audit" / "audit.json").read_text())
