@@ -4,9 +4,27 @@ Distances are RMS distances (L2 / sqrt(number of values)) between images in [0, 
 feature vectors ("feature space", see `feature_embedding`). For each synthetic image the audit finds its nearest
 member (training patient) and nearest non-member (hold-out patient, never trained on).
 
-Share closer to a member: members and non-members are first subsampled (seeded) to the same size; a generator that
-copies nothing is then as likely to land nearest a member as nearest a non-member, so the share is about 0.5, with
-an exact binomial 95 % interval. Memorisation pushes it towards 1.
+Share closer to a member (matched set sizes): members and non-members are subsampled to the same size k (the
+smaller of the two); the share is the fraction of synthetic images whose nearest real image in the matched sets is
+a member. It is averaged EXACTLY over all ways of drawing the two subsamples (a closed form over the distance
+ranks, so it does not depend on one random subsample). A generator that copies nothing gives about 0.5;
+memorisation pushes it towards 1.
+
+Is the share significantly above chance? Not by a binomial interval: synthetic images are not independent trials.
+A weak generator puts its images away from the real data, and most of them then share the same few nearest real
+images ("hubs"); one hub that happens to be a member drags every image with it. The test is a label-permutation
+(exchangeability) test instead. Null hypothesis: the generator does not depend on which patients were trained on.
+The member / non-member split is a random patient-level split, so under the null the labels of the pooled real
+records (members + non-members) are exchangeable. The distances from the synthetic images to the pooled records are
+computed once; the observed statistic is the share above; the null distribution is the same statistic with the
+labels randomly permuted over the pool, B times (seeded; `PERM_B_MAX` = 999 for small problems, fewer, down to
+`PERM_B_MIN`, for big ones; B is always reported). One-sided p-value: (1 + #{null >= observed}) / (1 + B).
+Ties between a member and a non-member at the same distance are broken by one seeded random order of the pool.
+Reported beside it: the null mean and 95th percentile, and the numbers of distinct nearest members and
+non-members, an effective-sample-size diagnostic (few distinct neighbours = hubs = little information). The
+distance matrix is capped at `PERM_MAX_CELLS` (synthetic x pool) values; above that the synthetic images are
+subsampled (seeded) for this test and the audit says so (`synthetic_subsampled`, `n_synthetic_tested`). The
+exact binomial interval (`share_ci95`) is still reported but assumes independent images; it is not evidence.
 
 Near-copy: the calibration is real data. For each non-member, its distance to the nearest member is the distance
 that separates a new, never-trained-on patient from the closest training patient. The near-copy threshold is the
@@ -19,13 +37,14 @@ nearest member < `near_copy_ratio` x distance to the nearest non-member; ratio 1
 flagged by synthetic id so that they can be withheld. The rule is applied in pixel space, in feature space and
 per class; an image flagged by any of them is flagged.
 
-Only aggregates and synthetic ids are returned: counts, shares, intervals, binned histograms, thresholds.
+Only aggregates and synthetic ids are returned: counts, shares, p-values, intervals, binned histograms, thresholds.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.special import gammaln
 
 from privacy.audit_stats import clopper_pearson
 from privacy.fidelity import radiomics_features
@@ -35,6 +54,13 @@ NEAR_COPY_RATIO = 1.0
 SMALL_SITE_FACTOR = 0.5
 HIST_BINS = 30
 REFINE_CANDIDATES = 8
+PERM_B_MAX = 999  # permutations of the share test for small problems
+PERM_B_MIN = 199  # ... and the fewest for big ones
+PERM_WORK = 200_000_000  # permutations x synthetic x window cells per test: sets B between the two
+PERM_MAX_CELLS = 20_000_000  # synthetic x pooled real distances held at once; synthetic subsampled above
+PERM_WINDOW_EVENTS = 25  # window = 25 x the expected rank of the nearest drawn record (+ 8)
+PERM_TAIL_TOL = 1e-9  # largest tolerated probability that no drawn record is in the window
+RANK_RTOL = 2e-6  # float32 ranks closer than this (x squared norms; ~8x the largest rounding measured) are re-measured
 
 
 def _check_images(x, what: str) -> np.ndarray:
@@ -136,6 +162,154 @@ def feature_embedding(images, *, reference=None) -> np.ndarray:
     return _standardise(raw, ref, widths)
 
 
+# ---- the share closer to a member and its permutation test ---------------------------------------------------
+
+def _log_comb(n: np.ndarray, k: int) -> np.ndarray:
+    """log C(n, k) elementwise; -inf where n < k."""
+    n = np.asarray(n, dtype=np.float64)
+    ok = n >= k
+    out = np.full(n.shape, -np.inf)
+    out[ok] = gammaln(n[ok] + 1) - gammaln(k + 1) - gammaln(n[ok] - k + 1)
+    return out
+
+
+def _first_tables(n_mem: int, n_non: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities over a uniform draw of k of the n_mem members and k of the n_non non-members:
+    first[a]: a given member is drawn and none of the a members nearer than it (C(n_mem-a-1, k-1) / C(n_mem, k));
+    none_m[a]: none of a given a members is drawn; none_n[b]: none of a given b non-members is drawn."""
+    a, b = np.arange(n_mem + 1), np.arange(n_non + 1)
+    first = np.exp(_log_comb(n_mem - a - 1, k - 1) - _log_comb(np.array(n_mem), k))
+    none_m = np.exp(_log_comb(n_mem - a, k) - _log_comb(np.array(n_mem), k))
+    none_n = np.exp(_log_comb(n_non - b, k) - _log_comb(np.array(n_non), k))
+    return first, none_m, none_n
+
+
+def _window_shares(lab: np.ndarray, tables) -> tuple[np.ndarray, float]:
+    """Exact matched-subsample share from labels along each synthetic image's sorted real records.
+
+    lab: (..., n_syn, T) bool, True where the j-th nearest pooled record is a (pseudo-)member. The share of a row is
+    P(the nearest drawn record is a member) = sum over members j of first[a_j] * none_n[b_j], a_j / b_j the members /
+    non-members nearer than j. Returns the shares (...,) averaged over rows and the largest probability that no
+    drawn record lies in the window (truncation error bound)."""
+    first, none_m, none_n = tables
+    t = lab.shape[-1]
+    cum = np.cumsum(lab, axis=-1, dtype=np.int32)
+    a = cum - lab
+    b = np.arange(t, dtype=np.int32) - a
+    rows = np.where(lab, first[a] * none_n[b], 0.0).sum(-1)
+    tail = none_m[cum[..., -1]] * none_n[t - cum[..., -1]]
+    return rows.mean(-1), float(tail.max(initial=0.0))
+
+
+def _distance_matrix(queries: np.ndarray, references: np.ndarray, batch: int = 2048) -> np.ndarray:
+    """(n_q, n_r) RMS distances, float32 matrix products on centred data (ranks refined later in float64)."""
+    centre = references.mean(0, dtype=np.float64).astype(np.float32)
+    q = torch.from_numpy(np.ascontiguousarray(queries - centre, dtype=np.float32))
+    r = torch.from_numpy(np.ascontiguousarray(references - centre, dtype=np.float32))
+    r_sq = (r * r).sum(1)
+    out = np.empty((len(q), len(r)), dtype=np.float32)
+    with torch.no_grad():
+        for i in range(0, len(q), batch):
+            qi = q[i : i + batch]
+            d2 = (qi * qi).sum(1, keepdim=True) + r_sq - 2 * qi @ r.T
+            out[i : i + len(qi)] = d2.clamp_min_(0).div_(q.shape[1]).sqrt_().numpy()
+    return out
+
+
+def _sorted_window(d: np.ndarray, syn: np.ndarray, pool: np.ndarray, t: int, tiebreak: np.ndarray) -> np.ndarray:
+    """Indices (n_syn, t) of each synthetic image's t nearest pooled records, nearest first. Candidates come from
+    the float32 matrix; rows where two neighbours in the window are closer than the float32 rounding could
+    distinguish (`RANK_RTOL` of the squared norms; exact ties included) are re-measured exactly in float64. Exact
+    ties are ordered by `tiebreak`, a seeded random rank of the pool."""
+    n_pool = d.shape[1]
+    cand = np.argsort(d, axis=1, kind="stable") if t >= n_pool else np.argpartition(d, t - 1, axis=1)[:, :t]
+    cand = cand[:, :t]
+    d2 = np.take_along_axis(d, cand, 1).astype(np.float64) ** 2
+    order = np.lexsort((tiebreak[cand], d2), axis=-1)
+    cand, d2 = np.take_along_axis(cand, order, 1), np.take_along_axis(d2, order, 1)
+    centre = pool.mean(0, dtype=np.float64)
+    q_sq = ((syn - centre) ** 2).mean(1)
+    r_sq_max = float(((pool - centre) ** 2).mean(1).max())
+    tol = RANK_RTOL * (q_sq + r_sq_max)
+    ambiguous = np.flatnonzero((np.diff(d2, axis=1) <= tol[:, None]).any(1)) if t > 1 else np.array([], int)
+    step = max(1, 16_000_000 // (t * syn.shape[1]))
+    for s in range(0, len(ambiguous), step):
+        rows = ambiguous[s : s + step]
+        cc = cand[rows]
+        exact = ((syn[rows, None, :].astype(np.float64) - pool[cc].astype(np.float64)) ** 2).sum(-1)
+        cand[rows] = np.take_along_axis(cc, np.lexsort((tiebreak[cc], exact), axis=-1), 1)
+    return cand
+
+
+def share_permutation_test(synthetic, members, nonmembers, *, rng: np.random.Generator,
+                           n_permutations: int | None = None) -> dict:
+    """The matched-size share closer to a member and its label-permutation test (module docstring).
+
+    Inputs are records (images or feature vectors), flattened per record. Returns aggregates only: the share, the
+    permutation p-value, B, the null mean and 95th percentile, the numbers of distinct nearest members and
+    non-members, whether synthetic images were subsampled for the test, and the binomial interval (independence
+    assumed, not used for the verdict)."""
+    if min(len(synthetic), len(members), len(nonmembers)) < 1:
+        raise ValueError(f"share_permutation_test: needs >= 1 synthetic, member and non-member record, got "
+                         f"{len(synthetic)}, {len(members)}, {len(nonmembers)}")
+    syn = np.asarray(synthetic, dtype=np.float32).reshape(len(synthetic), -1)
+    mem = np.asarray(members, dtype=np.float32).reshape(len(members), -1)
+    non = np.asarray(nonmembers, dtype=np.float32).reshape(len(nonmembers), -1)
+    if not syn.shape[1] == mem.shape[1] == non.shape[1]:
+        raise ValueError(f"share_permutation_test: values per record differ: synthetic {syn.shape[1]}, members "
+                         f"{mem.shape[1]}, non-members {non.shape[1]}")
+    n_mem, n_non = len(mem), len(non)
+    n_pool, k = n_mem + n_non, min(n_mem, n_non)
+    pool = np.concatenate([mem, non])
+    n_syn_all = len(syn)
+    keep = max(1, PERM_MAX_CELLS // n_pool)
+    subsampled = n_syn_all > keep
+    if subsampled:
+        syn = syn[np.sort(rng.choice(n_syn_all, keep, replace=False))]
+    n_syn = len(syn)
+    d = _distance_matrix(syn, pool)
+    n_distinct_mem = int(len(np.unique(d[:, :n_mem].argmin(1))))
+    n_distinct_non = int(len(np.unique(d[:, n_mem:].argmin(1))))
+    tiebreak = rng.permutation(n_pool)
+    tables = _first_tables(n_mem, n_non, k)
+    labels = np.zeros(n_pool, dtype=bool)
+    labels[:n_mem] = True
+    # window: a drawn record (2k of n_pool) lies among the first t with probability ~ 1 - exp(-25)
+    t = int(min(n_pool, np.ceil(PERM_WINDOW_EVENTS * n_pool / (2 * k)) + 8))
+    if n_permutations is None:
+        n_permutations = int(np.clip(PERM_WORK // (n_syn * t), PERM_B_MIN, PERM_B_MAX))
+    n_permutations = int(n_permutations)
+    if n_permutations < 1:
+        raise ValueError(f"share_permutation_test: n_permutations must be >= 1, got {n_permutations}")
+    perm_labels = rng.permuted(np.tile(labels, (n_permutations, 1)), axis=1)
+    while True:
+        order = _sorted_window(d, syn, pool, t, tiebreak)
+        observed, tail = _window_shares(labels[order], tables)
+        null = np.empty(n_permutations)
+        per_batch = max(1, 2_000_000 // (n_syn * t))
+        for s in range(0, n_permutations, per_batch):
+            shares, tl = _window_shares(perm_labels[s : s + per_batch][:, order], tables)
+            null[s : s + len(shares)], tail = shares, max(tail, tl)
+        if tail <= PERM_TAIL_TOL or t >= n_pool:
+            break
+        t = min(n_pool, 2 * t)  # a drawn record may lie beyond the window: widen it (rare)
+    observed = float(observed)
+    p_value = (1 + int((null >= observed - 1e-12).sum())) / (1 + n_permutations)
+    n_closer = int(round(observed * n_syn))
+    lo, hi = clopper_pearson(n_closer, n_syn)
+    return {
+        "share_closer_to_member": observed, "n_closer_to_member": n_closer, "matched_set_size": int(k),
+        "share_p_value": float(p_value), "n_permutations": n_permutations,
+        "share_null_mean": float(null.mean()), "share_null_q95": float(np.quantile(null, 0.95)),
+        "n_synthetic_tested": int(n_syn), "synthetic_subsampled": bool(subsampled),
+        "n_distinct_nearest_members": n_distinct_mem, "n_distinct_nearest_nonmembers": n_distinct_non,
+        "share_test": "label permutation over the pooled members and non-members, one-sided",
+        "share_ci95": [lo, hi],
+        "share_ci95_method": "exact binomial; assumes independent synthetic images (they are not); not used "
+                             "for the verdict",
+    }
+
+
 # ---- the audit ------------------------------------------------------------------------------------------------
 
 def near_copy_threshold(real_gaps: np.ndarray) -> tuple[float, str]:
@@ -154,26 +328,19 @@ def _hist(values: np.ndarray, edges: np.ndarray) -> list[int]:
 
 def _space_audit(syn: np.ndarray, mem: np.ndarray, non: np.ndarray, ids: list[str], rng: np.random.Generator,
                  ratio: float) -> dict:
-    """One space (pixel or feature): matched share, calibrated near-copy threshold, flags, histograms."""
-    k = min(len(mem), len(non))
-    mem_pick, non_pick = rng.permutation(len(mem))[:k], rng.permutation(len(non))[:k]
-    rest = np.setdiff1d(np.arange(len(mem)), mem_pick)
-    d_mem_matched, _ = pairwise_min_distances(syn, mem[mem_pick])
-    d_mem = np.minimum(d_mem_matched, pairwise_min_distances(syn, mem[rest])[0]) if len(rest) else d_mem_matched
+    """One space (pixel or feature): matched share and its permutation test, calibrated near-copy threshold,
+    flags, histograms."""
+    test = share_permutation_test(syn, mem, non, rng=rng)
+    d_mem, _ = pairwise_min_distances(syn, mem)
     d_non, _ = pairwise_min_distances(syn, non)
-    d_non_matched = d_non if k == len(non) else pairwise_min_distances(syn, non[non_pick])[0]
     real_gap, _ = pairwise_min_distances(non, mem)  # a never-trained-on patient to the nearest training patient
     threshold, rule = near_copy_threshold(real_gap)
-    closer = d_mem_matched < d_non_matched
     flagged = (d_mem < threshold) & (d_mem < ratio * d_non)
     top = float(max(d_mem.max(), d_non.max(), real_gap.max()) * 1.05 + 1e-9)
     edges = np.linspace(0.0, top, HIST_BINS + 1)
-    n_closer = int(closer.sum())
-    lo, hi = clopper_pearson(n_closer, len(closer))
     return {
         "n_synthetic": int(len(syn)), "n_members": int(len(mem)), "n_nonmembers": int(len(non)),
-        "matched_set_size": int(k), "n_closer_to_member": n_closer,
-        "share_closer_to_member": n_closer / len(closer), "share_ci95": [lo, hi],
+        **test,
         "near_copy_quantile": NEAR_COPY_QUANTILE, "near_copy_ratio": ratio,
         "near_copy_threshold": threshold, "near_copy_rule": rule, "n_near_copies": int(flagged.sum()),
         "flagged_ids": [ids[i] for i in np.flatnonzero(flagged)],
@@ -193,7 +360,9 @@ def memorization_audit(synthetic, synthetic_ids, members, nonmembers, *, synthet
     docstring for the definitions), overall in pixel and feature space, and per class when labels are given.
 
     Returns {"definition", "pixel": {...}, "feature": {...}, "per_class": {class: {"pixel", "feature", ...}},
-    "share_closer_to_member" (pixel space), "flagged_ids" (union over spaces and classes), "n_near_copies"}."""
+    "share_closer_to_member" and "share_p_value" (pixel space), "flagged_ids" (union over spaces and classes),
+    "n_near_copies"}. Each space block holds the share, its permutation p-value and B (`share_permutation_test`),
+    the near-copy threshold and flags, medians and binned histograms."""
     synthetic = _check_images(synthetic, "memorization_audit synthetic")
     members = _check_images(members, "memorization_audit members")
     nonmembers = _check_images(nonmembers, "memorization_audit non-members")
@@ -215,6 +384,7 @@ def memorization_audit(synthetic, synthetic_ids, members, nonmembers, *, synthet
         "per_class": {},
     }
     out["share_closer_to_member"] = out["pixel"]["share_closer_to_member"]
+    out["share_p_value"] = out["pixel"]["share_p_value"]
     if synthetic_labels is not None and member_labels is not None and nonmember_labels is not None:
         sl, ml, nl = (np.asarray(a).ravel() for a in (synthetic_labels, member_labels, nonmember_labels))
         if (len(sl), len(ml), len(nl)) != (len(synthetic), len(members), len(nonmembers)):
@@ -231,7 +401,7 @@ def memorization_audit(synthetic, synthetic_ids, members, nonmembers, *, synthet
                 px = per["pixel"]
                 out["per_class"][name] = {
                     **{k: px[k] for k in ("n_synthetic", "n_members", "n_nonmembers", "share_closer_to_member",
-                                          "share_ci95", "near_copy_threshold")},
+                                          "share_p_value", "n_permutations", "share_ci95", "near_copy_threshold")},
                     "flagged_ids": sorted(set(px["flagged_ids"]) | set(per["feature"]["flagged_ids"])),
                     "pixel": {k: v for k, v in px.items() if k != "histogram"},
                     "feature": {k: v for k, v in per["feature"].items() if k != "histogram"},

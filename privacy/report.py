@@ -1,9 +1,9 @@
 """The audit report for privacy officers: `audit.json` (versioned, every figure with its definition) and a
 self-contained `audit.html` (plots inline as base64 PNG) that reads without code.
 
-audit.json, schema 1.0 (strict JSON: a number that is not finite, e.g. the claimed epsilon of a site without DP,
+audit.json, schema 1.1 (strict JSON: a number that is not finite, e.g. the claimed epsilon of a site without DP,
 is written as null):
-    schema_version: "1.0"; created_at: ISO 8601 UTC; confidence: 0.95 (of every interval and bound)
+    schema_version: "1.1"; created_at: ISO 8601 UTC; confidence: 0.95 (of every interval and bound)
     threat_model: {black_box, white_box, out_of_scope}
     definitions: {figure name: what it means}
     cohort: {path, n_images, class_names, checkpoint_sha256, run_id}
@@ -12,6 +12,12 @@ is written as null):
                    claimed_privacy: {protection (kind: "formal sample-level DP ...", "client-level DP ...", "none"),
                                      epsilon, delta, accountant, ...}          (from the site's ledger)
                    memorization: privacy.memorization.memorization_audit(...)   (pixel, feature, per_class, flags)
+                                 each space block (pixel, feature, per_class.{class}.pixel/feature) holds
+                                 share_closer_to_member, matched_set_size, share_ci95 (binomial, assumes
+                                 independence, not used for the verdict) and, new in 1.1: share_p_value,
+                                 n_permutations, share_null_mean, share_null_q95, n_distinct_nearest_members,
+                                 n_distinct_nearest_nonmembers, n_synthetic_tested, synthetic_subsampled,
+                                 share_test, share_ci95_method
                    membership: {white_box: roc_summary + {epsilon_lower_bound: {...}}, black_box: same,
                                 per_class: {class: {white_box, black_box}}}
                    fidelity: {overall: {frechet_distance, precision, recall, density, coverage}, per_class: {...}}
@@ -20,12 +26,19 @@ is written as null):
     failures: [sites that did not answer]
     flags: [human-readable findings and caveats]
     verdict: {status: "pass" | "fail" | "inconclusive", reasons: [...], findings: [...], caveats: [...],
-              thresholds: {...}, dp_suspect: bool}
+              thresholds: {...}, dp_suspect: bool,
+              share_tests: {n_tests, correction, alpha} (new in 1.1: the multiple-testing correction used)}
+Schema 1.1 only adds fields to 1.0; `load_audit` reads both (`READABLE_SCHEMA_VERSIONS`). A 1.0 memorization
+block (no share_p_value) is still judged by the 1.0 rule (binomial interval), with a caveat.
 
 Verdict rule: "fail" if any site's empirical epsilon lower bound exceeds its claimed epsilon (the DP
-implementation is suspect), if any near-copy was found, or if a membership AUC or a share closer to a member is
-above its threshold AND significantly above chance (its 95 % interval excludes 0.5); otherwise "inconclusive" if a
-site did not answer or no site has enough records to assess membership; otherwise "pass".
+implementation is suspect), if any near-copy was found, if a membership AUC is above its threshold AND
+significantly above chance (its 95 % interval excludes 0.5), or if a share closer to a member is above its
+threshold AND significant in its one-sided label-permutation test after a Holm correction over all the share tests
+of the audit (every site x space x class that has a p-value): Holm-adjusted p < 0.05. Otherwise "inconclusive" if
+a site did not answer or no site has enough records to assess membership; otherwise "pass". A share above its
+threshold that is not significant is listed as a caveat (typically a few "hub" real images nearest to most
+synthetic images), not a finding.
 """
 
 from __future__ import annotations
@@ -43,7 +56,9 @@ import numpy as np
 
 from common.io import write_json_atomic, write_text_atomic
 
-AUDIT_SCHEMA_VERSION = "1.0"
+AUDIT_SCHEMA_VERSION = "1.1"
+READABLE_SCHEMA_VERSIONS = ("1.0", "1.1")  # 1.1 only adds fields (see the module docstring)
+SHARE_ALPHA = 0.05  # family-wise level of the share permutation tests (Holm over the tests of one audit)
 CONFIDENCE = 0.95
 # A membership figure from fewer records than this (per side) is reported but not used for the verdict or the
 # worst case: one member and one non-member give an AUC of 0 or 1 by chance.
@@ -71,8 +86,15 @@ DEFINITIONS = {
                            "epsilon means the DP implementation or its accounting is suspect; a bound below it "
                            "does not prove the claim",
     "share_closer_to_member": "share of synthetic images whose nearest real image is a training patient rather "
-                              "than a hold-out patient, with equal set sizes; about 0.5 when nothing is memorised "
-                              "(exact binomial 95 % interval)",
+                              "than a hold-out patient, with equal set sizes (averaged exactly over all matched "
+                              "subsamples); about 0.5 when nothing is memorised. Judged by a one-sided "
+                              "label-permutation test: the member / non-member labels of the pooled real patients "
+                              "are shuffled B times (B reported, 999 for small problems) and the p-value is "
+                              "(1 + #shuffles with a share >= the observed one) / (1 + B); Holm-corrected over all "
+                              "share tests of the audit. The binomial interval also shown assumes independent "
+                              "synthetic images and is not used: images sharing a few nearest real images (hubs) "
+                              "are not independent, which the numbers of distinct nearest members / non-members "
+                              "show",
     "near_copy": "a synthetic image closer to a training patient than 99 % of hold-out patients are to their "
                  "nearest training patient (the distance that separates two different real patients; with fewer "
                  "than 99 hold-out patients, half the smallest such distance), and closer to that training patient "
@@ -139,6 +161,29 @@ def _shares(site: dict) -> list[tuple[str, str, dict]]:
     return out
 
 
+def _holm(pvalues: list[float]) -> list[float]:
+    """Holm step-down adjusted p-values (family-wise error control under any dependence)."""
+    m = len(pvalues)
+    adjusted, running = [1.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: pvalues[j])):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def _share_tests(sites: dict[str, dict]) -> dict[tuple[str, str, str], tuple[float, float]]:
+    """{(site, class, space): (permutation p-value, Holm-adjusted p-value)} over every share test of the audit
+    that has a p-value (schema 1.1 blocks)."""
+    keys, pvalues = [], []
+    for name, site in sites.items():
+        for cls, space, blk in _shares(site):
+            p = _finite(blk.get("share_p_value"))
+            if p is not None:
+                keys.append((name, cls, space))
+                pvalues.append(p)
+    return {key: (p, padj) for key, p, padj in zip(keys, pvalues, _holm(pvalues))}
+
+
 def _worst(sites: dict[str, dict]) -> dict[str, Any]:
     worst: dict[str, Any] = {}
 
@@ -175,6 +220,8 @@ def build_audit(site_results: dict[str, dict], *, cohort: dict, failures: list[s
     if not isinstance(site_results, dict):
         raise TypeError(f"build_audit: site_results must be a dict {{site: result}}, got {type(site_results).__name__}")
     failures = [str(f) for f in failures or []]
+    tests = _share_tests(site_results)
+    n_tests = len(tests)
     findings: list[str] = []
     caveats: list[str] = []
     suspect = False
@@ -198,16 +245,50 @@ def build_audit(site_results: dict[str, dict], *, cohort: dict, failures: list[s
                             f"(flagged ids: {', '.join(map(str, m.get('flagged_ids', [])[:20]))})")
         for cls, space, blk in _shares(site):
             share, ci = _finite(blk.get("share_closer_to_member")), blk.get("share_ci95") or [0.0, 1.0]
-            if share is not None and share > THRESHOLDS["share_closer_to_member"] and ci[0] > 0.5:
-                findings.append(f"{name} ({space} space, class {cls}): {share:.0%} of synthetic images are closer "
-                                f"to a training patient than to a hold-out patient (95 % interval {ci[0]:.2f}-"
-                                f"{ci[1]:.2f}; 0.5 expected without memorisation)")
+            if share is None or share <= THRESHOLDS["share_closer_to_member"]:
+                continue
+            where = f"{name} ({space} space, class {cls})"
+            if (name, cls, space) not in tests:  # a schema 1.0 block: no permutation test, the 1.0 rule
+                if ci[0] > 0.5:
+                    findings.append(f"{where}: {share:.0%} of synthetic images are closer to a training patient "
+                                    f"than to a hold-out patient (binomial 95 % interval {ci[0]:.2f}-{ci[1]:.2f}, "
+                                    "assuming independent images; schema 1.0 audit without a permutation test)")
+                continue
+            p, padj = tests[(name, cls, space)]
+            detail = (f"permutation p = {p:.3g} with B = {_fmt(blk.get('n_permutations'))} label shuffles, "
+                      f"Holm-adjusted over {n_tests} share test(s): {padj:.3g}; null mean "
+                      f"{_fmt(blk.get('share_null_mean'), 2)}, 95th percentile {_fmt(blk.get('share_null_q95'), 2)}; "
+                      f"nearest real images: {_fmt(blk.get('n_distinct_nearest_members'))} distinct member(s) and "
+                      f"{_fmt(blk.get('n_distinct_nearest_nonmembers'))} distinct non-member(s) for "
+                      f"{_fmt(blk.get('n_synthetic_tested', blk.get('n_synthetic')))} synthetic images")
+            if padj < SHARE_ALPHA:
+                findings.append(f"{where}: {share:.0%} of synthetic images are closer to a training patient than "
+                                f"to a hold-out patient, significantly above chance ({detail} < {SHARE_ALPHA})")
+            else:
+                caveats.append(f"{where}: {share:.0%} of synthetic images are closer to a training patient, above "
+                               f"{THRESHOLDS['share_closer_to_member']} but not significant ({detail}): with few "
+                               "distinct nearest real images this is what a few 'hub' images give by chance; not "
+                               "evidence of memorisation")
+            if blk.get("synthetic_subsampled"):
+                caveats.append(f"{where}: the share test used {_fmt(blk.get('n_synthetic_tested'))} of "
+                               f"{_fmt(blk.get('n_synthetic'))} synthetic images (seeded subsample; distance-matrix "
+                               "cap)")
+        legacy = [f"{cls}/{space}" for cls, space, blk in _shares(site) if (name, cls, space) not in tests
+                  and _finite(blk.get("share_closer_to_member")) is not None]
+        if legacy:
+            caveats.append(f"{name}: share closer to a member without a permutation test (schema 1.0 block), judged "
+                           f"by the binomial interval, which assumes independent images: {', '.join(legacy)}")
         if claimed is None:
             caveats.append(f"{name}: no finite formal privacy guarantee (protection: {cp.get('protection', 'unknown')})")
         small = [f"{cls}/{kind}" for cls, kind, res in _attacks(site) if not _enough(res)]
         if small:
             caveats.append(f"{name}: membership figures from fewer than {MIN_RECORDS} members or non-members are "
                            f"shown but not used for the verdict: {', '.join(small)}")
+    blind = [f"{name}/{cls}/{space}" for name, site in site_results.items() for cls, space, blk in _shares(site)
+             if (name, cls, space) in tests and n_tests / (1 + (_finite(blk.get("n_permutations")) or 0)) >= SHARE_ALPHA]
+    if blind:
+        caveats.append(f"share tests that cannot reach Holm significance with their number of permutations B "
+                       f"({n_tests} tests x 1 / (1 + B) >= {SHARE_ALPHA}): {', '.join(blind[:10])}")
     worst = _worst(site_results)
     inconclusive = []
     if not site_results:
@@ -233,7 +314,10 @@ def build_audit(site_results: dict[str, dict], *, cohort: dict, failures: list[s
         "failures": failures,
         "flags": findings + inconclusive + caveats,
         "verdict": {"status": status, "reasons": reasons, "findings": findings, "caveats": caveats,
-                    "thresholds": THRESHOLDS, "dp_suspect": suspect},
+                    "thresholds": THRESHOLDS, "dp_suspect": suspect,
+                    "share_tests": {"n_tests": n_tests, "alpha": SHARE_ALPHA,
+                                    "correction": f"Holm over the {n_tests} share permutation test(s) of this audit "
+                                                  "(site x space x class)"}},
     })
 
 
@@ -393,9 +477,10 @@ def _html(audit: dict, sample_images, sample_labels, class_names, flagged_images
              f"bound is at {conf} confidence. Each hospital computed these figures on its own patients; only "
              "aggregates (counts, rates, binned histograms) left the hospital.</p>"
              "<p class='def'>How it is decided: FAIL if an empirical epsilon lower bound exceeds the claimed epsilon, "
-             "if any near-copy of a patient is found, or if an attack or the closer-to-member share is above its "
-             "threshold and significantly above chance; INCONCLUSIVE if a site did not answer or there are too few "
-             f"records to judge; PASS otherwise. Thresholds: {e(json.dumps(v.get('thresholds', {})))}.</p>")
+             "if any near-copy of a patient is found, if an attack is above its threshold and significantly above "
+             "chance, or if the closer-to-member share is above its threshold and significant in its label-permutation "
+             f"test (Holm-adjusted p &lt; {SHARE_ALPHA} over all share tests); INCONCLUSIVE if a site did not answer "
+             f"or there are too few records to judge; PASS otherwise. Thresholds: {e(json.dumps(v.get('thresholds', {})))}.</p>")
     p.append("<h2>Threat model</h2><ul>" + "".join(f"<li><b>{e(k.replace('_', ' '))}</b>: {e(str(t))}</li>"
                                                     for k, t in audit["threat_model"].items()) + "</ul>")
     rows = []
@@ -447,14 +532,25 @@ def _html(audit: dict, sample_images, sample_labels, class_names, flagged_images
                        "members / non-members"], rows))
     p.append("<h2>Memorization</h2><p class='def'>Is any synthetic image a copy of a patient? "
              f"{_sent(DEFINITIONS['share_closer_to_member'])}. Near-copy: {e(DEFINITIONS['near_copy'])}.</p>")
+    tests = _share_tests(sites)
     for name, site in sites.items():
         m = site.get("memorization") or {}
-        rows = [[e(str(cls)), e(space), _fmt(b.get("share_closer_to_member")), _ci(b.get("share_ci95")),
-                 _fmt(b.get("n_near_copies")), _fmt(b.get("near_copy_threshold")),
-                 f"{_fmt(b.get('n_synthetic'))} / {_fmt(b.get('n_members'))} / {_fmt(b.get('n_nonmembers'))}"]
-                for cls, space, b in _shares(site)]
+        rows = []
+        for cls, space, b in _shares(site):
+            p_raw, p_adj = tests.get((name, cls, space), (None, None))
+            sig = p_adj is not None and p_adj < SHARE_ALPHA
+            rows.append([e(str(cls)), e(space), _fmt(b.get("share_closer_to_member")),
+                         (f"<span class='bad'>{_fmt(p_raw)}</span>" if sig else _fmt(p_raw))
+                         + (f" (B = {_fmt(b.get('n_permutations'))})" if p_raw is not None else " (no test: schema 1.0)"),
+                         _fmt(p_adj), f"{_fmt(b.get('share_null_mean'), 2)} / {_fmt(b.get('share_null_q95'), 2)}",
+                         f"{_fmt(b.get('n_distinct_nearest_members'))} / {_fmt(b.get('n_distinct_nearest_nonmembers'))}",
+                         _ci(b.get("share_ci95")), _fmt(b.get("n_near_copies")), _fmt(b.get("near_copy_threshold")),
+                         f"{_fmt(b.get('n_synthetic'))} / {_fmt(b.get('n_members'))} / {_fmt(b.get('n_nonmembers'))}"])
         p.append(f"<h3>{e(name)}</h3><p>Near-copies (any space or class): <b>{_fmt(m.get('n_near_copies'))}</b></p>"
-                 + _table(["class", "space", "share closer to a member", f"{conf} interval", "near-copies",
+                 + _table(["class", "space", "share closer to a member", "permutation p-value (one-sided)",
+                           f"Holm-adjusted p ({len(tests)} tests)", "null mean / 95th percentile",
+                           "distinct nearest members / non-members",
+                           f"binomial {conf} interval (assumes independence; not used)", "near-copies",
                            "near-copy threshold (RMS distance)", "synthetic / members / non-members"], rows)
                  + _hist_plot(name, m))
     if flagged_images:
@@ -523,6 +619,7 @@ def load_audit(path: Path) -> dict:
         audit = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable audit.json ({err})") from err
-    if audit.get("schema_version") != AUDIT_SCHEMA_VERSION:
-        raise ValueError(f"{path}: audit schema {audit.get('schema_version')!r}, expected {AUDIT_SCHEMA_VERSION}")
+    if audit.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+        raise ValueError(f"{path}: audit schema {audit.get('schema_version')!r}, expected one of "
+                         f"{', '.join(READABLE_SCHEMA_VERSIONS)}")
     return audit

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
+import privacy.memorization as memorization
 from privacy.memorization import (HIST_BINS, feature_embedding, memorization_audit, near_copy_threshold,
-                                  pairwise_min_distances)
+                                  pairwise_min_distances, share_permutation_test)
 
 
 def phantom_like(rng, n, size=32):
@@ -64,6 +65,9 @@ def test_exact_copies_are_flagged_and_closer_to_members():
     assert out["share_closer_to_member"] == 1.0 and out["feature"]["share_closer_to_member"] == 1.0
     assert out["n_near_copies"] == 20 and out["flagged_ids"] == sorted(ids)
     assert out["pixel"]["share_ci95"][0] > 0.8
+    # 20 distinct nearest members: the permutation test sees 20 pieces of evidence, not one hub
+    assert out["pixel"]["n_distinct_nearest_members"] == 20
+    assert out["pixel"]["share_p_value"] <= 0.002 and out["pixel"]["n_permutations"] == 999
 
 
 def test_independent_samples_are_not_flagged():
@@ -102,6 +106,10 @@ def test_per_class_figures_and_aggregates_only():
     out = memorization_audit(synthetic, [f"s{i}" for i in range(12)], members, nonmembers, synthetic_labels=sl,
                              member_labels=ml, nonmember_labels=nl, class_names=["healthy", "lesion"])
     assert set(out["per_class"]) == {"healthy", "lesion"}
+    again = memorization_audit(synthetic, [f"s{i}" for i in range(12)], members, nonmembers, synthetic_labels=sl,
+                               member_labels=ml, nonmember_labels=nl, class_names=["healthy", "lesion"])
+    assert again == out  # deterministic for a seed (p-values, null summaries, subsamples included)
+    assert 0 < out["per_class"]["lesion"]["feature"]["share_p_value"] <= 1
     assert {"s0", "s1", "s2"} <= set(out["flagged_ids"])
     assert out["per_class"]["healthy"]["n_synthetic"] == int((sl == 0).sum())
     assert "s1" in out["per_class"]["lesion"]["flagged_ids"]
@@ -126,3 +134,79 @@ def test_bad_input_is_named():
         memorization_audit(a, ["x"], a, a)
     with pytest.raises(ValueError, match="shapes differ"):
         memorization_audit(a, [str(i) for i in range(5)], phantom_like(rng, 5, size=16), a)
+
+
+# ---- the share closer to a member: permutation test -----------------------------------------------------------
+
+def hub_cohort(rng, n_syn=16):
+    """Real 'patients' plus synthetic images far from all of them whose nearest real image is one member (the hub):
+    a weak generator, nothing memorised."""
+    members, nonmembers = phantom_like(rng, 40), phantom_like(rng, 40)
+    members[0] = 0.6  # a uniformly bright patient: the real image nearest to bright synthetic images
+    synthetic = np.clip(1.0 - rng.uniform(0, 0.05, (n_syn, *members.shape[1:])), 0, 1).astype(np.float32)
+    return synthetic, members, nonmembers
+
+
+def test_hub_share_of_one_is_not_significant():
+    synthetic, members, nonmembers = hub_cohort(np.random.default_rng(20))
+    out = memorization_audit(synthetic, [f"s{i}" for i in range(16)], members, nonmembers, seed=1)
+    px = out["pixel"]
+    assert px["share_closer_to_member"] == 1.0 and px["n_distinct_nearest_members"] == 1
+    assert px["share_ci95"][0] > 0.5  # the binomial interval (independence assumed) would call this memorisation
+    assert px["share_p_value"] > 0.3  # the hub's label is a coin flip under the null: no evidence
+    assert px["share_null_q95"] == 1.0 and 0.3 < px["share_null_mean"] < 0.7
+    assert out["n_near_copies"] == 0
+    assert out["share_p_value"] == px["share_p_value"]
+
+
+def test_memoriser_of_distinct_members_is_significant():
+    rng = np.random.default_rng(21)
+    members, nonmembers = rng.normal(size=(40, 32)), rng.normal(size=(40, 32))
+    synthetic = members[rng.permutation(40)[:20]] + rng.normal(0, 0.2, (20, 32))  # noisy copies of 20 members
+    res = share_permutation_test(synthetic, members, nonmembers, rng=np.random.default_rng(0))
+    assert res["share_closer_to_member"] > 0.9 and res["n_distinct_nearest_members"] >= 18
+    assert res["share_p_value"] == 1 / 1000 and res["n_permutations"] == 999
+    assert abs(res["share_null_mean"] - 0.5) < 0.05
+
+
+def test_permutation_p_value_is_valid_under_the_null():
+    """Synthetic records independent of the split (half of the problems near the data, half far away = hubs): the
+    rejection rate at 0.05 stays at or below the nominal level, where the binomial interval rejects far more."""
+    p_values, binomial_rejects = [], 0
+    for i in range(200):
+        g = np.random.default_rng(1000 + i)
+        real = g.normal(size=(30, 6))
+        synthetic = g.normal(size=(20, 6)) if i % 2 else g.normal(size=(20, 6)) * 0.3 + 4.0
+        res = share_permutation_test(synthetic, real[:15], real[15:], rng=g, n_permutations=199)
+        p_values.append(res["share_p_value"])
+        binomial_rejects += res["share_ci95"][0] > 0.5
+    p_values = np.asarray(p_values)
+    assert np.mean(p_values < 0.05) <= 0.08
+    assert np.mean(p_values[1::2] < 0.5) > 0.3  # near the data the p-value spreads over (0, 1), not stuck at 1
+    assert binomial_rejects >= 30  # the old rule's false alarms on hubs
+
+
+def test_share_is_the_exact_average_over_matched_subsamples():
+    g = np.random.default_rng(22)
+    members, nonmembers, synthetic = g.normal(size=(50, 5)), g.normal(size=(12, 5)), g.normal(size=(30, 5))
+    res = share_permutation_test(synthetic, members, nonmembers, rng=g, n_permutations=99)
+    dm = np.sqrt(((synthetic[:, None] - members[None]) ** 2).mean(-1))
+    dn = np.sqrt(((synthetic[:, None] - nonmembers[None]) ** 2).mean(-1))
+    draws = [(dm[:, g.choice(50, 12, replace=False)].min(1) < dn.min(1)).mean() for _ in range(4000)]
+    assert res["matched_set_size"] == 12
+    assert abs(res["share_closer_to_member"] - np.mean(draws)) < 0.01  # Monte Carlo error ~ 0.002
+
+
+def test_share_test_is_deterministic_capped_and_aggregate_only(monkeypatch):
+    g = np.random.default_rng(23)
+    members, nonmembers, synthetic = g.normal(size=(30, 8)), g.normal(size=(20, 8)), g.normal(size=(40, 8))
+    a = share_permutation_test(synthetic, members, nonmembers, rng=np.random.default_rng(5))
+    b = share_permutation_test(synthetic, members, nonmembers, rng=np.random.default_rng(5))
+    assert a == b and not a["synthetic_subsampled"] and a["n_synthetic_tested"] == 40
+    for key, value in a.items():  # scalars, one interval, text: nothing per patient
+        assert isinstance(value, (int, float, bool, str)) or (key == "share_ci95" and len(value) == 2), key
+    monkeypatch.setattr(memorization, "PERM_MAX_CELLS", 50 * 25)  # cap: 25 synthetic x 50 pooled records
+    c = share_permutation_test(synthetic, members, nonmembers, rng=np.random.default_rng(5))
+    assert c["synthetic_subsampled"] and c["n_synthetic_tested"] == 25
+    with pytest.raises(ValueError, match=">= 1"):
+        share_permutation_test(synthetic, members[:0], nonmembers, rng=g)

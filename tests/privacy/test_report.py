@@ -8,7 +8,7 @@ import pytest
 
 from privacy.audit_stats import empirical_epsilon_lower_bound, roc_summary
 from privacy.memorization import memorization_audit
-from privacy.report import AUDIT_SCHEMA_VERSION, build_audit, load_audit, write_audit_report
+from privacy.report import AUDIT_SCHEMA_VERSION, _holm, build_audit, load_audit, write_audit_report
 
 
 def blobs(rng, n, size=24):
@@ -23,9 +23,14 @@ def attack(rng, shift, n=60, delta=1e-3):
     return {**roc_summary(m, nm), "epsilon_lower_bound": empirical_epsilon_lower_bound(m, nm, delta)}
 
 
-def site(rng, *, name, shift=0.0, copies=False, epsilon=8.0):
+def site(rng, *, name, shift=0.0, copies=False, epsilon=8.0, hub=False, noisy_copies=False):
     members, nonmembers = blobs(rng, 30), blobs(rng, 30)
     synthetic = members[:10] + 0.001 if copies else blobs(rng, 10)
+    if hub:  # a weak generator: every image far from the data, all nearest to one member (the hub)
+        members[0] = 0.6
+        synthetic = np.clip(1.0 - rng.uniform(0, 0.05, (10, *members.shape[1:])), 0, 1).astype(np.float32)
+    if noisy_copies:  # a memoriser: perturbed copies of 10 distinct members
+        synthetic = np.clip(members[:10] + rng.normal(0, 0.05, members[:10].shape), 0, 1).astype(np.float32)
     return {
         "site": name, "n_members": 30, "n_nonmembers": 30,
         "claimed_privacy": {"protection": "formal sample-level DP per patient (RDP accountant, delta=1e-3)"
@@ -77,20 +82,21 @@ def test_report_files_are_strict_json_and_self_contained_html(tmp_path, rng):
     def no_constants(c):
         raise AssertionError(f"non-standard JSON constant {c}")
     data = json.loads(j.read_text(), parse_constant=no_constants)
-    assert data["schema_version"] == "1.0" and data["sites"][hostile]["claimed_privacy"]["epsilon"] is None
+    assert data["schema_version"] == "1.1" and data["sites"][hostile]["claimed_privacy"]["epsilon"] is None
     assert load_audit(j)["verdict"] == data["verdict"]
     page = h.read_text()
     assert "Verdict: FAIL" in page and page.count('src="data:image/png;base64,') >= 5
     assert hostile not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<img src=x" not in page and "<b>rdp</b>" not in page
     assert "no formal guarantee" in page and "kind of protection" in page and "95%" in page
+    assert "permutation p-value (one-sided)" in page and "(B = 999)" in page and "assumes independence" in page
     assert "http://" not in page and "https://" not in page  # nothing loaded from elsewhere
     assert sorted(p.name for p in (tmp_path / "audit").iterdir()) == ["audit.html", "audit.json"]  # no temp files
 
 
 def test_bad_audit_input_is_named(tmp_path):
     with pytest.raises(ValueError, match="lacks"):
-        write_audit_report({"schema_version": "1.0"}, tmp_path)
+        write_audit_report({"schema_version": "1.1"}, tmp_path)
     bad = tmp_path / "audit.json"
     bad.write_text(json.dumps({"schema_version": "0.1"}))
     with pytest.raises(ValueError, match="schema"):
@@ -98,3 +104,51 @@ def test_bad_audit_input_is_named(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="audit.json"):
         load_audit(bad)
+
+
+def test_hub_share_does_not_fail_but_is_a_caveat(rng):
+    hub = site(rng, name="a", hub=True)
+    px = hub["memorization"]["pixel"]
+    assert px["share_closer_to_member"] == 1.0 and px["share_ci95"][0] > 0.5  # the 1.0 rule failed here
+    assert px["n_distinct_nearest_members"] == 1 and px["share_p_value"] > 0.3
+    audit = build_audit({"a": hub, "b": site(rng, name="b")}, cohort={"n_images": 10})
+    assert audit["verdict"]["status"] == "pass", audit["verdict"]
+    caveat = next(c for c in audit["verdict"]["caveats"] if c.startswith("a (pixel space, class all)"))
+    assert "not significant" in caveat and "B = 999" in caveat and "1 distinct member" in caveat
+    assert audit["verdict"]["share_tests"]["n_tests"] == 4  # 2 sites x pixel, feature
+    legacy = {"a": {**hub, "memorization": {**hub["memorization"], "pixel": {
+        k: v for k, v in px.items() if k != "share_p_value"}}}}  # a schema 1.0 block: judged by the 1.0 rule
+    old = build_audit(legacy, cohort={"n_images": 10})
+    assert old["verdict"]["status"] == "fail" and any("schema 1.0" in c for c in old["verdict"]["caveats"])
+
+
+def test_memoriser_share_fails_with_holm_corrected_permutation_p():
+    g = np.random.default_rng(7)
+    s = site(g, name="a", noisy_copies=True)
+    s["memorization"]["n_near_copies"], s["memorization"]["flagged_ids"] = 0, []  # as if withheld (privacy.policy)
+    p = s["memorization"]["pixel"]["share_p_value"]
+    assert p <= 0.005 and s["memorization"]["pixel"]["n_permutations"] == 999
+    audit = build_audit({"a": s, "b": site(g, name="b")}, cohort={"n_images": 10})
+    assert audit["verdict"]["status"] == "fail", audit["verdict"]
+    reason = next(r for r in audit["verdict"]["reasons"] if r.startswith("a (pixel space, class all)"))
+    assert "significantly above chance" in reason and f"permutation p = {p:.3g} with B = 999" in reason
+    assert "Holm-adjusted over 4 share test(s)" in reason and "10 distinct member(s)" in reason
+
+
+def test_share_tests_that_cannot_reach_significance_are_named():
+    blk = {"share_closer_to_member": 0.5, "share_p_value": 0.5, "n_permutations": 19}
+    s = {"site": "a", "memorization": {"pixel": blk, "feature": dict(blk)}}
+    caveats = build_audit({"a": s}, cohort={})["verdict"]["caveats"]
+    assert any("cannot reach Holm significance" in c and "a/all/pixel" in c for c in caveats)
+
+
+def test_holm_adjustment():
+    assert _holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert _holm([]) == [] and _holm([0.6, 0.6]) == [1.0, 1.0]
+
+
+def test_schema_1_0_audits_still_load(tmp_path, rng):
+    audit = build_audit({"a": site(rng, name="a")}, cohort={"n_images": 10})
+    old = tmp_path / "audit.json"
+    old.write_text(json.dumps({**audit, "schema_version": "1.0"}))
+    assert load_audit(old)["schema_version"] == "1.0"
