@@ -29,6 +29,7 @@ Rules:
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -58,6 +59,10 @@ class Policy:
     min_tstr_balanced_accuracy: float
     allow_inconclusive: bool
     required_approvals: int
+    # Rules that may pass when the audit could not measure their figure (at some or all sites), e.g. TPR at 1 % FPR
+    # with fewer than 100 hold-out patients per site. Only the rules in ALLOWED_UNMEASURED: formal privacy,
+    # near-copies and the audit's verdict must always be measured. The gate line says what was not measured.
+    allow_unmeasured: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,14 +71,23 @@ class Policy:
 DEFAULT_POLICY = Policy(
     max_epsilon=10.0, max_delta=1e-4, max_membership_auc=0.6, max_tpr_at_1pct_fpr=0.05, min_attack_records=10,
     max_near_copies=0, withhold_near_copies=True, max_withheld_share=0.05, min_precision=0.5, min_coverage=0.3,
-    min_tstr_balanced_accuracy=0.6, allow_inconclusive=False, required_approvals=2,
+    min_tstr_balanced_accuracy=0.6, allow_inconclusive=False, required_approvals=2, allow_unmeasured=(),
 )
+ALLOWED_UNMEASURED = ("max_tpr_at_1pct_fpr", "min_precision", "min_coverage", "min_tstr_balanced_accuracy")
 
 _PROBABILITIES = {"max_membership_auc", "max_tpr_at_1pct_fpr", "max_withheld_share", "min_precision",
                   "min_coverage", "min_tstr_balanced_accuracy"}
 
 
 def _check_value(where: str, name: str, kind: type, value: Any) -> Any:
+    if kind is tuple:  # allow_unmeasured: a list of rule names
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where}: key {name!r} must be a list of rule names, got {value!r}")
+        bad = sorted(set(value) - set(ALLOWED_UNMEASURED))
+        if bad:
+            raise ValueError(f"{where}: key {name!r}: {', '.join(map(repr, bad))} may not pass unmeasured (allowed: "
+                             f"{', '.join(ALLOWED_UNMEASURED)})")
+        return tuple(value)
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:
@@ -93,7 +107,8 @@ def _check_value(where: str, name: str, kind: type, value: Any) -> Any:
 
 def policy_from_dict(data: dict[str, Any], where: str = "policy") -> Policy:
     """A Policy from a dict of every key, checked (ValueError naming `where` and the key)."""
-    kinds = {f.name: {"float": float, "int": int, "bool": bool}[f.type] for f in fields(Policy)}
+    kinds = {f.name: {"float": float, "int": int, "bool": bool, "tuple[str, ...]": tuple}[f.type]
+             for f in fields(Policy)}
     unknown = sorted(set(data) - set(kinds))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(kinds)})")
@@ -123,7 +138,13 @@ def policy_toml(policy: Policy) -> str:
     """The policy as TOML text that `load_policy` reads back to an equal Policy."""
     lines = ["# fedsynth release policy (written by fedsynth; keys documented in deploy/policy.example.toml)"]
     for k, v in policy.to_dict().items():
-        lines.append(f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}")
+        if isinstance(v, bool):
+            v = str(v).lower()
+        elif isinstance(v, (tuple, list)):
+            v = json.dumps(list(v))  # a TOML array of strings
+        else:
+            v = repr(v)
+        lines.append(f"{k} = {v}")
     return "\n".join(lines) + "\n"
 
 
@@ -165,16 +186,23 @@ def _num(x: Any) -> float | None:
 
 
 def _limit(rule: str, values: list[tuple[float | None, str]], threshold: float, *, upper: bool,
-           what: str) -> RuleResult:
-    """Judge the worst of (value, where) pairs against an upper (or lower) limit; a missing value fails."""
-    if not values:
-        return RuleResult(rule, False, None, threshold, "", f"not measured: the audit reports no {what}")
+           what: str, policy: Policy) -> RuleResult:
+    """Judge the worst of (value, where) pairs against an upper (or lower) limit; a missing value fails, unless the
+    policy lists the rule in allow_unmeasured (then the measured values are judged, and the line says what was not)."""
+    allowed = rule in policy.allow_unmeasured
     missing = [where for v, where in values if v is None]
-    if missing:
+    present = [(v, where) for v, where in values if v is not None]
+    if not present:
+        where = missing[0] if missing else ""
+        why = f"not measured: no {what} at {missing[0]}" if missing else f"not measured: the audit reports no {what}"
+        return RuleResult(rule, allowed, None, threshold, where,
+                          why + ("; the policy allows it (allow_unmeasured)" if allowed else ""))
+    if missing and not allowed:
         return RuleResult(rule, False, None, threshold, missing[0], f"not measured: no {what} at {missing[0]}")
-    value, where = (max if upper else min)(values, key=lambda vw: vw[0])
+    value, where = (max if upper else min)(present, key=lambda vw: vw[0])
     passed = value <= threshold if upper else value >= threshold
-    return RuleResult(rule, passed, value, threshold, where)
+    note = (f"not measured at {', '.join(missing[:5])}; the policy allows it (allow_unmeasured)" if missing else "")
+    return RuleResult(rule, passed, value, threshold, where, note)
 
 
 def _sites(audit: dict) -> dict[str, dict]:
@@ -187,8 +215,8 @@ def _privacy_rules(policy: Policy, audit: dict) -> list[RuleResult]:
         cp = site.get("claimed_privacy") or {}
         eps.append((_num(cp.get("epsilon")), f"site {name} ({cp.get('protection', 'protection unknown')})"))
         delta.append((_num(cp.get("delta")), f"site {name}"))
-    out = [_limit("max_epsilon", eps, policy.max_epsilon, upper=True, what="finite claimed epsilon"),
-           _limit("max_delta", delta, policy.max_delta, upper=True, what="claimed delta")]
+    out = [_limit("max_epsilon", eps, policy.max_epsilon, upper=True, what="finite claimed epsilon", policy=policy),
+           _limit("max_delta", delta, policy.max_delta, upper=True, what="claimed delta", policy=policy)]
     if out[0].measured is None and eps:
         out[0].note = "no formal DP guarantee (claimed epsilon is null or infinite)"
     return out
@@ -211,9 +239,9 @@ def _attack_rules(policy: Policy, audit: dict) -> list[RuleResult]:
                 tpr.append((_num(res.get("tpr_at_fpr_1pct")), where))
     return [
         _limit("max_membership_auc", auc, policy.max_membership_auc, upper=True,
-               what=f"membership AUC from {policy.min_attack_records}+ members and non-members"),
+               what=f"membership AUC from {policy.min_attack_records}+ members and non-members", policy=policy),
         _limit("max_tpr_at_1pct_fpr", tpr, policy.max_tpr_at_1pct_fpr, upper=True,
-               what="resolvable TPR at 1 % FPR (needs 100+ non-members at a site)"),
+               what="resolvable TPR at 1 % FPR (needs 100+ non-members at a site)", policy=policy),
     ]
 
 
@@ -265,10 +293,10 @@ def _quality_rules(policy: Policy, audit: dict) -> list[RuleResult]:
         ts = (site.get("utility") or {}).get("train_synthetic_test_real") or {}
         tstr.append((_num(ts.get("balanced_accuracy")), f"site {name}"))
     return [
-        _limit("min_precision", precision, policy.min_precision, upper=False, what="fidelity precision"),
-        _limit("min_coverage", coverage, policy.min_coverage, upper=False, what="fidelity coverage"),
+        _limit("min_precision", precision, policy.min_precision, upper=False, what="fidelity precision", policy=policy),
+        _limit("min_coverage", coverage, policy.min_coverage, upper=False, what="fidelity coverage", policy=policy),
         _limit("min_tstr_balanced_accuracy", tstr, policy.min_tstr_balanced_accuracy, upper=False,
-               what="train-synthetic-test-real balanced accuracy"),
+               what="train-synthetic-test-real balanced accuracy", policy=policy),
     ]
 
 

@@ -161,6 +161,31 @@ def test_small_attacks_do_not_count_and_unresolvable_tpr_is_not_measured():
     assert not rule(gate, "max_tpr_at_1pct_fpr").passed and "100+ non-members" in rule(gate, "max_tpr_at_1pct_fpr").note
 
 
+def test_allow_unmeasured_judges_what_was_measured_and_says_what_was_not(tmp_path):
+    a, b = site("a", tstr=0.7), site("b")
+    b.pop("utility")  # e.g. a site with no patients of one class: balanced accuracy is undefined there
+    audit = make_audit({"a": a, "b": b})
+    strict = rule(evaluate_policy(LENIENT, audit), "min_tstr_balanced_accuracy")
+    assert not strict.passed and strict.measured is None
+    lenient = replace(LENIENT, allow_unmeasured=("min_tstr_balanced_accuracy",))
+    r = rule(evaluate_policy(lenient, audit), "min_tstr_balanced_accuracy")
+    assert r.passed and r.measured == 0.7 and "site b" in r.note and "allow_unmeasured" in r.note
+    a["utility"]["train_synthetic_test_real"]["balanced_accuracy"] = 0.3  # what was measured is still judged
+    assert not rule(evaluate_policy(lenient, make_audit({"a": a, "b": b})), "min_tstr_balanced_accuracy").passed
+    mid = site("a")  # 50 non-members: TPR at 1 % FPR cannot be resolved anywhere
+    mid["membership"] = {"white_box": attack(1, n=50), "black_box": attack(2, n=50)}
+    r = rule(evaluate_policy(replace(LENIENT, allow_unmeasured=("max_tpr_at_1pct_fpr",)), make_audit({"a": mid})),
+             "max_tpr_at_1pct_fpr")
+    assert r.passed and r.measured is None and "allow_unmeasured" in r.note
+    p = tmp_path / "p.toml"
+    p.write_text(policy_toml(lenient))
+    assert load_policy(p) == lenient
+    for bad in ('["max_epsilon"]', '["max_near_copies"]', '"min_coverage"', '[1]'):
+        p.write_text(policy_toml(LENIENT).replace("allow_unmeasured = []", f"allow_unmeasured = {bad}"))
+        with pytest.raises(ValueError, match="allow_unmeasured"):
+            load_policy(p)
+
+
 def test_near_copies_kept_in_the_release_or_too_many_withheld_fail():
     audit = make_audit({"a": site("a", flagged=["x1", "x2"]), "b": site("b", flagged=["x2"])}, n_images=10)
     keep = evaluate_policy(replace(LENIENT, withhold_near_copies=False), audit)
