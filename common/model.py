@@ -50,11 +50,13 @@ def build_unet(cfg: ModelConfig) -> DiffusionModelUNet:
 
 
 def ddpm_scheduler(cfg: ModelConfig) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, clip_sample=False, **SCHEDULE)
+    return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, clip_sample=False,
+                         prediction_type=cfg.prediction_type, **SCHEDULE)
 
 
 def ddim_scheduler(cfg: ModelConfig) -> DDIMScheduler:
-    return DDIMScheduler(num_train_timesteps=cfg.train_timesteps, clip_sample=False, **SCHEDULE)
+    return DDIMScheduler(num_train_timesteps=cfg.train_timesteps, clip_sample=False,
+                         prediction_type=cfg.prediction_type, **SCHEDULE)
 
 
 def autoencoder_loss(ae: AutoencoderKL, images: torch.Tensor, kl_weight: float) -> torch.Tensor:
@@ -88,14 +90,16 @@ def diffusion_loss(
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample epsilon-prediction MSE, shape (B,). `latents` are already scaled."""
+    """Per-sample MSE of the UNet's prediction (the noise, or v, as the scheduler's prediction_type says), shape
+    (B,). `latents` are already scaled."""
     if noise is None:
         noise = torch.randn_like(latents)
     if timesteps is None:
         timesteps = torch.randint(0, scheduler.num_train_timesteps, (len(latents),), device=latents.device)
     noisy = scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
     pred = unet(noisy, timesteps=timesteps, class_labels=labels)
-    return F.mse_loss(pred, noise, reduction="none").mean(dim=tuple(range(1, latents.ndim)))
+    target = noise if scheduler.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    return F.mse_loss(pred, target, reduction="none").mean(dim=tuple(range(1, latents.ndim)))
 
 
 @torch.no_grad()
@@ -123,11 +127,11 @@ def sample_latents(
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
         t_batch = torch.full((len(labels),), int(t), device=device, dtype=torch.long)
-        eps = unet(x, timesteps=t_batch, class_labels=labels)
+        pred = unet(x, timesteps=t_batch, class_labels=labels)
         if sampler == "ddim":
-            x, _ = scheduler.step(eps.float(), int(t), x, eta=0.0)
+            x, _ = scheduler.step(pred.float(), int(t), x, eta=0.0)
         else:
-            x, _ = scheduler.step(eps.float(), int(t), x, generator=generator)
+            x, _ = scheduler.step(pred.float(), int(t), x, generator=generator)
         if progress:
             progress(i + 1, len(timesteps))
     return x

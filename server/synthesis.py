@@ -56,6 +56,7 @@ def _device(name: str) -> torch.device:
 def load_generator(checkpoint: Path, device: torch.device):
     payload = load_checkpoint(checkpoint)
     cfg_dict = dict(payload["model_config"])
+    cfg_dict.setdefault("prediction_type", "epsilon")  # checkpoints written before the field existed
     cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
     ae, unet = build_autoencoder(cfg), build_unet(cfg)
     ae.load_state_dict(payload["autoencoder"])

@@ -60,3 +60,49 @@ def test_latent_scale_normalises_latent_std():
     scale = estimate_latent_scale(ae, x)
     mu, _ = encode(ae, x)
     assert abs(float((mu * scale).std()) - 1.0) < 1e-3
+
+
+class Oracle(torch.nn.Module):
+    """The ideal denoiser for data that is one known latent z0: what a perfectly trained UNet would predict."""
+
+    def __init__(self, z0: torch.Tensor, scheduler, prediction_type: str):
+        super().__init__()
+        self.z0, self.abar, self.kind = z0, scheduler.alphas_cumprod, prediction_type
+
+    def forward(self, x, timesteps, class_labels):
+        a = self.abar[timesteps].view(-1, *([1] * (x.ndim - 1)))
+        eps = (x - a.sqrt() * self.z0) / (1 - a).sqrt()
+        return eps if self.kind == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * self.z0
+
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_samplers_and_loss_agree_on_what_the_unet_predicts(prediction_type):
+    """DDIM and DDPM recover the data from a perfect predictor, and the training loss of that predictor is zero:
+    a scheduler built without the config's prediction type would fail both."""
+    cfg = dataclasses.replace(model_config("tiny"), prediction_type=prediction_type)
+    z0 = torch.randn(1, *cfg.latent_shape).expand(2, *cfg.latent_shape)
+    oracle = Oracle(z0, ddpm_scheduler(cfg), prediction_type)
+    labels = torch.tensor([0, 1])
+    assert diffusion_loss(oracle, ddpm_scheduler(cfg), z0, labels).max() < 1e-8
+    for sampler, steps in (("ddim", 10), ("ddpm", 1000)):
+        z = sample_latents(oracle, cfg, labels, steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(z, z0, atol=2e-3), (sampler, (z - z0).abs().max())
+
+
+def test_v_prediction_is_the_default_and_old_checkpoints_load_as_epsilon(tmp_path):
+    from server.synthesis import load_generator
+    from server.training import save_checkpoint
+
+    cfg = model_config("tiny")
+    assert cfg.prediction_type == "v_prediction" and ddpm_scheduler(cfg).prediction_type == "v_prediction"
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "prediction_type"}  # written before the field
+    payload = {"format": "fedsynth-checkpoint/1", "model_config": old, "run_config": {},
+               "run_state": {"completed_round": 1, "run_id": "r", "latent_scale": 1.0},
+               "autoencoder": build_autoencoder(cfg).state_dict(), "unet": build_unet(cfg).state_dict()}
+    loaded_cfg, *_ = load_generator(save_checkpoint(tmp_path, payload), torch.device("cpu"))
+    assert loaded_cfg.prediction_type == "epsilon"
