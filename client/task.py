@@ -29,7 +29,7 @@ from common.model import (
 )
 from common.site import SiteData, load_site, split_site
 from privacy.accounting import MechanismStep, calibrate_noise_multiplier, default_delta
-from privacy.dp import make_private
+from privacy.dp import batch_loss, make_private
 from privacy.ledger import PrivacyLedger
 
 log = logging.getLogger("fedsynth.site")
@@ -173,8 +173,11 @@ def _train_loop(
     dp: DPPlan,
     loss_fn: Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor],
     device: torch.device,
+    grad_sample_mode: str = "bookkeeping",
 ) -> dict[str, float]:
-    """Local DP-SGD (Opacus, Poisson sampling) for `plan.local_epochs` epochs; returns mean loss and step count."""
+    """Local DP-SGD (Opacus, Poisson sampling) for `plan.local_epochs` epochs; returns mean loss and step count.
+
+    `grad_sample_mode`: how the clipped per-sample gradients are computed (privacy/dp.py make_private)."""
     module.to(device).train()
     global_params = [p.detach().clone() for p in module.parameters()]
     optimizer = torch.optim.Adam(module.parameters(), lr=plan.lr)
@@ -182,7 +185,8 @@ def _train_loop(
     generator = torch.Generator().manual_seed(plan.seed * 100_003 + plan.server_round)
     if dp.enabled:
         module, optimizer, loader = make_private(
-            module, optimizer, loader, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm
+            module, optimizer, loader, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            grad_sample_mode=grad_sample_mode,
         )
         if abs(loader.sample_rate - dp.sample_rate) > 1e-12:
             raise RuntimeError(f"Opacus sample rate {loader.sample_rate} differs from the planned {dp.sample_rate}")
@@ -194,7 +198,7 @@ def _train_loop(
             if len(batch[0]) == 0:  # Poisson sampling can draw an empty batch: the step still adds noise
                 _empty_step(module, optimizer)
             else:
-                loss = loss_fn(module, batch).mean()
+                loss = batch_loss(optimizer, loss_fn(module, batch))  # the batch mean (Opacus' wrapper in ghost mode)
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
@@ -210,10 +214,13 @@ def _train_loop(
 
 
 def _empty_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """An empty Poisson batch: zero per-sample gradients, so the DP optimizer releases pure noise as DP-SGD requires."""
+    """An empty Poisson batch: zero per-sample gradients, so the DP optimizer releases pure noise as DP-SGD requires.
+
+    (hooks mode reads `grad_sample`, ghost mode `grad`; bookkeeping mode sees no forward pass: zero as well.)"""
     for p in module.parameters():
         if p.requires_grad:
             p.grad_sample = torch.zeros((0,) + tuple(p.shape), device=p.device, dtype=p.dtype)
+            p.grad = torch.zeros_like(p)
     optimizer.step()
 
 
@@ -252,7 +259,8 @@ def run_training_round(
         module: torch.nn.Module = build_autoencoder(cfg)
         module.load_state_dict(arrays)
         dataset = TensorDataset(images)
-        stats = _train_loop(module, dataset, plan, dp, lambda m, b: autoencoder_loss(m, b[0], plan.kl_weight), device)
+        stats = _train_loop(module, dataset, plan, dp, lambda m, b: autoencoder_loss(m, b[0], plan.kl_weight), device,
+                            site.grad_sample_mode)
     else:
         if autoencoder_arrays is None:
             raise ValueError("diffusion phase needs the global autoencoder")
@@ -270,7 +278,7 @@ def run_training_round(
             return diffusion_loss(m, scheduler, z, b[2])
 
         dataset = TensorDataset(mu.cpu(), sigma.cpu(), labels)
-        stats = _train_loop(module, dataset, plan, dp, loss, device)
+        stats = _train_loop(module, dataset, plan, dp, loss, device, site.grad_sample_mode)
     state = {k: v.detach().cpu() for k, v in _unwrap(module).state_dict().items()}
     seconds = time.time() - t0
     metrics = {"num-examples": len(train), "loss": stats["loss"], "steps": stats["steps"], "seconds": seconds}

@@ -200,12 +200,17 @@ class SiteConfig:
     holdout_fraction: float = 0.25
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU threads for this site's training (0: torch's default); several sites on one machine: 1
+    # How DP-SGD gets the clipped per-sample gradients; all exact (privacy/dp.py). bookkeeping: fastest here
+    # (docs/PERFORMANCE.md); hooks / ghost: Opacus' own, for other layer types or comparison.
+    grad_sample_mode: str = "bookkeeping"  # bookkeeping | hooks | ghost
 
     def __post_init__(self) -> None:
         if not self.site_dir:
             raise ValueError("node config needs site-dir (the folder with the site's images and labels.csv)")
         if self.accountant not in ("rdp", "prv"):
             raise ValueError("accountant must be 'rdp' or 'prv'")
+        if self.grad_sample_mode not in ("bookkeeping", "hooks", "ghost"):
+            raise ValueError("grad-sample-mode must be 'bookkeeping', 'hooks' or 'ghost'")
         if self.epsilon <= 0 or self.delta < 0 or self.max_grad_norm <= 0:
             raise ValueError("epsilon and max-grad-norm must be > 0, delta >= 0")
 

@@ -17,6 +17,13 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
+from privacy.bookkeeping import BookKeepingDPOptimizer, BookKeepingModule
+
+# "bookkeeping" (privacy/bookkeeping.py): exact per-sample clipping at ~1.8x the throughput of Opacus' hooks or
+# ghost modes on the diffusion UNet (docs/PERFORMANCE.md); "hooks" and "ghost": Opacus' own, for comparison and
+# for layer types bookkeeping does not handle (it refuses them by name).
+GRAD_SAMPLE_MODES = ("bookkeeping", "hooks", "ghost")
+
 # Normalisation layers leak across samples (batch statistics) or through running statistics even when frozen.
 _ALWAYS_CHECKED = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm)
 
@@ -70,11 +77,15 @@ def make_private(
     *,
     noise_multiplier: float,
     max_grad_norm: float,
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = "bookkeeping",
     seed: int | None = None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
     """Opacus' make_private with Poisson sampling (rate 1 / len(loader)), after checking the preconditions.
 
+    grad_sample_mode: "bookkeeping" (the default, fastest here), or Opacus' "hooks" or "ghost"; all exact. The
+    training loop is the same in every mode: `loss = batch_loss(optimizer, per_sample_losses); loss.backward();
+    optimizer.step()`, one forward and one backward pass per step (ghost clipping's second backward pass runs
+    inside `loss.backward()`, Opacus' criterion wrapper).
     `seed` seeds both the noise and the Poisson sampler (reproducible tests and audits; leave it None in
     production, where predictable noise would weaken the guarantee).
     """
@@ -83,15 +94,65 @@ def make_private(
             f"noise_multiplier and max_grad_norm must be > 0, got {noise_multiplier} and {max_grad_norm}")
     if isinstance(loader, DataLoader) and len(loader.dataset) == 0:  # type: ignore[arg-type]
         raise PrivacyPreconditionError("the data loader has no records to train on")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
     check_model(model)
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
-        noise_generator=generator,
-    )
+    if grad_sample_mode == "bookkeeping":
+        model, optimizer, loader = _make_private_bookkeeping(
+            engine, model, optimizer, loader, noise_multiplier, max_grad_norm, generator)
+    else:
+        kwargs = dict(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+                      max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
+                      noise_generator=generator)
+        if grad_sample_mode == "ghost":
+            model, optimizer, criterion, loader = engine.make_private(criterion=_MeanOfPerSampleLosses(), **kwargs)
+            optimizer.dp_criterion = criterion  # what batch_loss reduces with
+        else:
+            model, optimizer, loader = engine.make_private(**kwargs)
     check_loader(loader)
     if seed is not None:
         loader.batch_sampler.generator = torch.Generator().manual_seed(seed + 1)
     return model, optimizer, loader
+
+
+def batch_loss(optimizer: torch.optim.Optimizer, per_sample_losses: torch.Tensor):
+    """The loss to call `.backward()` on: the batch mean of the per-sample losses (what every mode's clipping
+    assumes), wrapped by Opacus' criterion in ghost mode so that `.backward()` runs its two passes."""
+    criterion = getattr(optimizer, "dp_criterion", None)
+    return per_sample_losses.mean() if criterion is None else criterion(per_sample_losses)
+
+
+class _MeanOfPerSampleLosses(torch.nn.Module):
+    """Opacus' ghost clipping wraps a criterion and sets its `reduction`; ours gets per-sample losses already."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, per_sample: torch.Tensor) -> torch.Tensor:
+        if self.reduction == "none":
+            return per_sample
+        return per_sample.mean() if self.reduction == "mean" else per_sample.sum()
+
+
+def _make_private_bookkeeping(
+    engine: PrivacyEngine, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+    noise_multiplier: float, max_grad_norm: float, generator: torch.Generator | None,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
+    """What PrivacyEngine.make_private does for flat clipping, mean loss reduction and Poisson sampling, with the
+    model wrapped by BookKeepingModule and its DPOptimizer subclass (Opacus' noise, scaling and step hook)."""
+    model_params = set(model.parameters())
+    if any(p not in model_params for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError("Module parameters are different than optimizer Parameters")
+    ModuleValidator.validate(model, strict=True)  # what Opacus' wrap_model checks
+    module = BookKeepingModule(model)
+    loader = DPDataLoader.from_data_loader(loader, generator=None)  # Poisson sampling, as Opacus builds it
+    sample_rate = 1 / len(loader)
+    expected_batch_size = int(len(loader.dataset) * sample_rate)  # type: ignore[arg-type]
+    dp_optimizer = BookKeepingDPOptimizer(
+        optimizer, module=module, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator, secure_mode=False)
+    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return module, dp_optimizer, loader

@@ -20,6 +20,7 @@ from torch.func import functional_call, grad, vmap
 
 from common.config import model_config
 from common.model import build_unet, ddpm_scheduler, diffusion_loss
+from privacy.bookkeeping import BookKeepingModule
 from privacy.grad_samplers import (
     FAST_GRAD_SAMPLERS,
     _prefer_grouped_conv,
@@ -41,11 +42,13 @@ def fast_installed():
     restore_grad_samplers(previous)
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    scale = b.abs().max().clamp_min(1e-12)
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = RTOL, floor: float = 1e-12) -> None:
+    """Max error relative to the largest entry of b, or to `floor` for gradients that are zero up to rounding
+    (the attention key bias: softmax ignores a constant added to every score)."""
+    scale = b.abs().max().clamp_min(floor)
     err = ((a - b).abs().max() / scale).item()
     assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    assert err < RTOL, f"{what}: max error {err:.2e} of the largest entry"
+    assert err < rtol, f"{what}: max error {err:.2e} of the largest entry"
 
 
 def _vmap_grads(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -115,10 +118,21 @@ def test_linear_per_sample_gradients_are_exact(shape, bias):
         _close(ours[p], reference[p], f"{name} vs Opacus")
 
 
-def _unet_batch(n: int = 4):
-    cfg = model_config("tiny")
+def _trained_looking_unet(cfg):
+    """MONAI zero-initialises the output convolutions (of the UNet and of each residual block), so at
+    initialisation most parameters get no gradient at all and a test would compare zeros with zeros: perturb
+    every parameter."""
     torch.manual_seed(0)
     unet = build_unet(cfg).train()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    return unet
+
+
+def _unet_batch(n: int = 4):
+    cfg = model_config("tiny")
+    unet = _trained_looking_unet(cfg)
     g = torch.Generator().manual_seed(1)
     x = torch.randn((n,) + cfg.latent_shape, generator=g)
     labels = torch.randint(0, cfg.num_classes, (n,), generator=g)
@@ -154,9 +168,10 @@ def test_tiny_unet_per_sample_gradients_match_opacus_and_vmap():
     truth = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))(params, x, labels, t, noise)
     kinds = {type(m) for m in unet.modules()}
     assert nn.Conv2d in kinds and nn.Linear in kinds
+    floor = 1e-3 * max(float(g.abs().max()) for g in truth.values())
     for name in stock:
-        _close(fast[name], stock[name], f"{name} vs Opacus")
-        _close(fast[name], truth[name], f"{name} vs vmap")
+        _close(fast[name], stock[name], f"{name} vs Opacus", floor=floor)
+        _close(fast[name], truth[name], f"{name} vs vmap", floor=floor)
 
 
 def test_reused_buffers_do_not_leak_between_steps(fast_installed):
@@ -215,3 +230,176 @@ def test_install_is_explicit_and_idempotent():
         restore_grad_samplers(first)
     assert GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] is compute_conv_grad_sample
     assert not fast_grad_samplers_installed()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Book-keeping clipping (privacy/bookkeeping.py): the clipped gradient SUM of one step, against the definition:
+# per-sample gradients from torch.func vmap(grad), each clipped to C over all parameters (flat), summed. C is set
+# between the per-sample norms so that some samples are clipped and some are not.
+
+def _clip_and_sum_reference(per_sample: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, dict, float]:
+    norms = torch.stack([g.reshape(n, -1).norm(dim=1) for g in per_sample.values()], dim=1).norm(dim=1)
+    clip = float(norms.median())  # half the samples above the bound, half below (or at it)
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    assert (norms > clip * 1.01).any() and (norms < clip * 0.99).any(), norms
+    return norms, {k: torch.einsum("i,i...->...", factor, g) for k, g in per_sample.items()}, clip
+
+
+def _check_bookkeeping(model: nn.Module, per_sample_loss, inputs: tuple[torch.Tensor, ...], rtol: float = RTOL) -> None:
+    """per_sample_loss(model, *inputs) -> (N,) losses; the model's clipped sum must match the reference."""
+    n = len(inputs[0])
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def loss_one(p, *xs):
+        return per_sample_loss(lambda *a: functional_call(model, p, a), *(x[None] for x in xs)).sum()
+
+    truth = vmap(grad(loss_one), in_dims=(None,) + (0,) * len(inputs))(params, *inputs)
+    norms, reference, clip = _clip_and_sum_reference(truth, n)
+    assert all(g.abs().max() > 0 for g in reference.values()), "every parameter must have a gradient to compare"
+    wrapped = BookKeepingModule(model)
+    per_sample_loss(wrapped, *inputs).mean().backward()  # the mean over the batch, as in training
+    assert all(p.grad is None for p in model.parameters()), "autograd should compute no weight gradient"
+    ours = wrapped.clipped_grad_sum(clip)
+    _close(ours, norms, "per-sample norms", rtol)
+    floor = 1e-3 * max(float(g.abs().max()) for g in reference.values())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            _close(p.grad, reference[name], f"{name} clipped sum", rtol, floor)
+        else:
+            assert p.grad is None, f"{name} is frozen"
+
+
+class _Convs(nn.Module):
+    """Every Conv path of the book-keeping norms: ghost (small maps), per-sample via im2col + bmm and via the
+    grouped convolution (larger maps), padding modes, even-kernel 'same', groups, no bias; then the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.im2col_path = nn.Conv2d(3, 16, 3, padding=1)  # 8x8 maps: per-sample gradients
+        self.grouped_path = nn.Conv2d(16, 16, 3, padding=1)
+        self.groups = nn.Conv2d(16, 16, 3, padding=1, groups=2, bias=False)
+        self.ghost = nn.Conv2d(16, 16, 3, stride=3)  # 8x8 -> 2x2: ghost norm
+        self.ghost_reflect = nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect")
+        self.ghost_same_even = nn.Conv2d(16, 8, 4, padding="same")
+        self.norm = nn.GroupNorm(4, 8)
+
+    def forward(self, x):
+        h = torch.tanh(self.im2col_path(x))
+        h = torch.tanh(self.groups(torch.tanh(self.grouped_path(h))))
+        h = self.ghost_same_even(self.ghost_reflect(torch.tanh(self.ghost(h))))
+        return self.norm(h)
+
+
+class _Mixed(nn.Module):
+    """Linear with 1 token (outer product), few tokens (ghost) and many (per-sample), Embedding with repeated
+    rows and a padding row, Conv1d / Conv3d, a frozen parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(5, 6, padding_idx=0)
+        self.one_token = nn.Linear(6, 7)
+        self.few_tokens = nn.Linear(6, 7)
+        self.many_tokens = nn.Linear(7, 3, bias=False)
+        self.conv1d = nn.Conv1d(3, 4, 3, padding=1)
+        self.conv3d = nn.Conv3d(1, 2, 2)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.weight.requires_grad_(False)
+
+    def forward(self, idx, vol):
+        e = self.embed(idx)  # (N, 8, 6)
+        h = torch.tanh(self.few_tokens(e[:, :2])).sum(1) + self.one_token(e.mean(1))  # (N, 7)
+        t = torch.tanh(self.many_tokens(torch.tanh(h)[:, None, :] * torch.linspace(-1, 1, 8, dtype=h.dtype)[None, :, None]))
+        c = self.frozen(self.conv1d(t.transpose(1, 2)).mean(2))  # (N, 4)
+        return c.sum(1) * self.conv3d(vol).mean((1, 2, 3, 4))
+
+
+def test_bookkeeping_conv_and_groupnorm_paths_are_exact():
+    torch.manual_seed(0)
+    model = _Convs().double().train()  # float64: a wrong formula cannot hide in rounding
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64) * torch.linspace(0.2, 3, 6, dtype=torch.float64)[:, None, None, None]
+    _check_bookkeeping(model, lambda m, x: (m(x) - 0.5).square().flatten(1).mean(1), (x,), rtol=1e-10)
+
+
+def test_bookkeeping_linear_embedding_conv1d_conv3d_are_exact():
+    torch.manual_seed(0)
+    model = _Mixed().double().train()
+    idx = torch.tensor([[1, 1, 2, 0, 3, 4, 1, 0], [2, 3, 4, 1, 0, 0, 2, 2], [4, 4, 4, 4, 1, 2, 3, 0],
+                        [0, 1, 2, 3, 4, 0, 1, 2], [3, 3, 1, 1, 2, 2, 4, 4], [1, 2, 1, 2, 1, 2, 1, 2]])
+    vol = torch.randn(6, 1, 3, 4, 4, dtype=torch.float64)
+    _check_bookkeeping(model, lambda m, i, v: m(i, v).square(), (idx, vol), rtol=1e-10)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_bookkeeping_unet_clipped_sum_matches_per_sample_reference(preset):
+    cfg = model_config(preset)
+    unet = _trained_looking_unet(cfg)
+    sched = ddpm_scheduler(cfg)
+    g = torch.Generator().manual_seed(1)
+    n = 4
+    x = torch.randn((n,) + cfg.latent_shape, generator=g) * torch.tensor([0.5, 1.0, 2.0, 4.0])[:, None, None, None]
+    labels = torch.randint(0, cfg.num_classes, (n,), generator=g)
+    t = torch.tensor([10, 300, 600, 990])
+    noise = torch.randn(x.shape, generator=g)
+
+    def per_sample_loss(m, xi, yi, ti, ni):  # m takes positional arguments only (functional_call above)
+        def call(noisy, timesteps, class_labels):
+            return m(noisy, timesteps, None, class_labels)
+        return diffusion_loss(call, sched, xi, yi, timesteps=ti, noise=ni)
+
+    _check_bookkeeping(unet, per_sample_loss, (x, labels, t, noise))
+
+
+def test_bookkeeping_refuses_what_it_cannot_clip_exactly():
+    with pytest.raises(ValueError, match=r"hooks.*0 \(LSTM\)"):
+        BookKeepingModule(nn.Sequential(nn.LSTM(3, 3)))
+    shared = nn.Linear(3, 3)
+    wrapped = BookKeepingModule(nn.Sequential(shared, nn.Tanh(), shared))  # one layer called twice
+    with pytest.raises(RuntimeError, match="called twice"):
+        wrapped(torch.randn(2, 3))
+    wrapped = BookKeepingModule(nn.Linear(3, 1))
+    wrapped(torch.randn(2, 3))
+    with pytest.raises(RuntimeError, match="without backward"):
+        wrapped.clipped_grad_sum(1.0)
+
+
+def test_bookkeeping_records_only_training_passes_through_the_wrapper():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    wrapped = BookKeepingModule(model)
+    model(torch.randn(2, 3)).sum().backward()  # the bare model: ordinary autograd, nothing recorded
+    assert not wrapped._records and model[0].weight.grad is not None
+    with torch.no_grad():
+        wrapped(torch.randn(2, 3))
+    wrapped.eval()
+    wrapped(torch.randn(2, 3))
+    assert not wrapped._records
+    wrapped.train()
+    wrapped(torch.randn(2, 3))
+    assert len(wrapped._records) == 2 and all(p.requires_grad for p in model.parameters())
+    assert wrapped.close() is model and not model[0]._forward_hooks
+
+
+def test_bookkeeping_autoencoder_clipped_sum_matches_opacus():
+    """The site trains the autoencoder with DP-SGD too (its forward draws noise: same seed for both passes)."""
+    from common.model import autoencoder_loss, build_autoencoder
+
+    cfg = model_config("tiny")
+    torch.manual_seed(0)
+    ae = build_autoencoder(cfg).train()
+    n = 4
+    images = torch.rand(n, 1, cfg.image_size, cfg.image_size) * torch.tensor([0.2, 0.6, 1.0, 1.5])[:, None, None, None]
+    gsm = GradSampleModule(ae)
+    torch.manual_seed(5)
+    autoencoder_loss(gsm, images, 1e-3).mean().backward()
+    per_sample = {name: p.grad_sample.clone() for name, p in ae.named_parameters()}
+    gsm._close()
+    for p in ae.parameters():
+        p.grad, p.grad_sample = None, None
+    norms, reference, clip = _clip_and_sum_reference(per_sample, n)
+    assert all(g.abs().max() > 0 for g in reference.values())
+    wrapped = BookKeepingModule(ae)
+    torch.manual_seed(5)
+    autoencoder_loss(wrapped, images, 1e-3).mean().backward()
+    _close(wrapped.clipped_grad_sum(clip), norms, "per-sample norms")
+    floor = 1e-3 * max(float(g.abs().max()) for g in reference.values())
+    for name, p in ae.named_parameters():
+        _close(p.grad, reference[name], f"{name} clipped sum", floor=floor)
