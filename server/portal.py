@@ -635,7 +635,7 @@ def _cohort_page(store: Store, row: dict, status: str, who: Principal) -> HTMLRe
     rules = "".join(
         f"<tr><td>{_e(r.get('rule'))}</td><td>{_e(_fmt(r.get('measured')))}</td><td>{_e(_fmt(r.get('threshold')))}"
         f"</td><td class='{'pass' if r.get('passed') else 'fail'}'>{'pass' if r.get('passed') else 'FAIL'}</td>"
-        f"<td>{_e(r.get('where') or '')}</td></tr>" for r in gate.get("rules") or [])
+        f"<td>{_e('; '.join(x for x in (r.get('where'), r.get('note')) if x))}</td></tr>" for r in gate.get("rules") or [])
     withheld = manifest.get("withheld") or {}
     decisions = "".join(f"<li>{_e(a['officer'])}: <b>{_e(a['decision'])}</b> {_e(a['at'])}"
                         f"{(' - ' + _e(a['reason'])) if a['reason'] else ''}</li>" for a in store.approvals(cid))

@@ -190,7 +190,7 @@ def build_release(cohort_dir: Path, audit_dir: Path, out_dir: Path, *, policy: P
             "files": _files(tmp),
             "gate": {"passed": gate.passed,
                      "rules": [{"rule": r.rule, "passed": r.passed, "measured": r.measured,
-                                "threshold": r.threshold, "where": r.where} for r in gate.rules]},
+                                "threshold": r.threshold, "where": r.where, "note": r.note} for r in gate.rules]},
             "withheld": {"count": len(withheld), "ids": sorted(withheld),
                          "reason": "flagged by the sites' memorization audit as near-copies of a training patient"},
             "audit_verdict": (audit.get("verdict") or {}).get("status"),

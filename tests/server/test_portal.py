@@ -291,6 +291,7 @@ def test_login_cookie_and_pages(env):
         page = browser.get("/cohorts/blocked-1")
         assert page.status_code == 200 and "gate-table" in page.text and "max_epsilon" in page.text
         assert "FAIL" in page.text and "Content-Security-Policy" in page.headers
+        assert "near-copies found" in page.text  # each gate line shows its note (what was measured, or not)
         # a cookie-authenticated write without the portal's request header (a cross-site form) is refused
         r = browser.post("/api/cohorts/traversal-1/decision", json={"statement": "{}", "signature": "x"})
         assert r.status_code == 403 and "x-fedsynth-request" in r.json()["detail"]
