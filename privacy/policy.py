@@ -333,15 +333,18 @@ def evaluate_policy(policy: Policy, audit: dict) -> GateResult:
     return GateResult(rules=rules, withheld_ids=withheld)
 
 
+def format_value(v: Any) -> str:
+    """A measured value or threshold as people read it in the gate table ("n/a" when not measured)."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
 def gate_table(gate: GateResult) -> str:
     """The gate as a plain-text table: rule, measured, threshold, pass/fail, where / why."""
-    def fmt(v: Any) -> str:
-        if v is None:
-            return "n/a"
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
+    fmt = format_value
     rows = [("rule", "measured", "threshold", "result", "where / why")]
     rows += [(r.rule, fmt(r.measured), fmt(r.threshold), "pass" if r.passed else "FAIL",
               "; ".join(x for x in (r.where, r.note) if x)) for r in gate.rules]

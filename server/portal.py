@@ -39,6 +39,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response, \
     StreamingResponse
 
+from privacy.policy import format_value
 from server.portal_store import Principal, Store
 
 COHORT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -613,14 +614,6 @@ def _page(title: str, body: str, who: Principal | None, status: int = 200, nonce
     return HTMLResponse(doc, status_code=status, headers={"Content-Security-Policy": csp})
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def _cohort_page(store: Store, row: dict, status: str, who: Principal) -> HTMLResponse:
     cid = row["id"]
     base = f"/api/cohorts/{quote(cid)}/files"
@@ -633,7 +626,8 @@ def _cohort_page(store: Store, row: dict, status: str, who: Principal) -> HTMLRe
     except (OSError, ValueError):
         verdict = {"status": "unreadable", "reasons": ["audit/audit.json could not be read"]}
     rules = "".join(
-        f"<tr><td>{_e(r.get('rule'))}</td><td>{_e(_fmt(r.get('measured')))}</td><td>{_e(_fmt(r.get('threshold')))}"
+        f"<tr><td>{_e(r.get('rule'))}</td><td>{_e(format_value(r.get('measured')))}</td>"
+        f"<td>{_e(format_value(r.get('threshold')))}"
         f"</td><td class='{'pass' if r.get('passed') else 'fail'}'>{'pass' if r.get('passed') else 'FAIL'}</td>"
         f"<td>{_e('; '.join(x for x in (r.get('where'), r.get('note')) if x))}</td></tr>" for r in gate.get("rules") or [])
     withheld = manifest.get("withheld") or {}
