@@ -149,8 +149,10 @@ def test_ctrl_c_during_a_run_stops_every_process(tmp_path):
     script = (f"from pathlib import Path; from server.deployment import run_federation\n"
               f"run_federation(Path({str(app)!r}), Path({str(work)!r}), [{{'site-name': 'site-0'}}], "
               f"{{'nodes': 5}}, timeout_s=120, progress=lambda line: print(line, flush=True))\n")
+    # A shell's background job (e.g. `.ci/run &`) ignores SIGINT and its children inherit that, so Python would
+    # install no Ctrl-C handler: give the child the default disposition, as a terminal would.
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, live = [], set()
     for line in proc.stdout:  # the ServerApp waits for 5 nodes that never come: interrupt it while it waits
         seen.append(line)
