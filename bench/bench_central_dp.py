@@ -33,6 +33,8 @@ from common.phantoms import make_phantom_sites
 from server.central_dp import update_norm
 from server.training import Federation, load_checkpoint, public_phantoms
 
+from bench.report import write_block
+
 
 class InProcessGrid:
     """The sites answer in this process, through the ClientApp's train handler and its central-DP mod."""
@@ -118,6 +120,7 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=1.0)
     ap.add_argument("--clip", type=float, default=0.0, help="0: the median update norm of the run without central DP")
     ap.add_argument("--epsilon", type=float, default=8.0, help="each site's sample-level budget")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "PERFORMANCE.md"))
     args = ap.parse_args()
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # no deployment: stamp messages
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,6 +132,27 @@ def main() -> None:
         on = one_run(work, "central-dp-on", sites, args, central_dp="client-side-fixed",
                      central_dp_noise_multiplier=args.noise, central_dp_clipping_norm=round(clip, 4))
     print(json.dumps({"args": vars(args), "clipping_norm": clip, "runs": [off, on]}, indent=1, default=str))
+    print(write_block(args.out, "bench_central_dp", report_lines(args, clip, off, on)))
+
+
+def report_lines(args, clip: float, off: dict, on: dict) -> list[str]:
+    """The side-by-side table for docs/PERFORMANCE.md."""
+    lines = [f"### What client-level (central) DP costs with {args.sites} sites (`python -m bench.bench_central_dp "
+             f"--preset {args.preset} --sites {args.sites} --rounds {args.rounds} --noise {args.noise}`)", "",
+             f"{args.sites} phantom sites x {args.subjects} patients, {args.ae_rounds} autoencoder + "
+             f"{args.rounds - args.ae_rounds} diffusion rounds, sample-level DP-SGD (epsilon {args.epsilon}) at every "
+             f"site in both runs; central DP: sigma {args.noise}, clipping norm C = {clip:.4g} (the median update "
+             "norm without central DP). Held-out losses on public phantoms never trained on (lower is better; "
+             "predicting nothing scores about 1).", "",
+             "| run | autoencoder MSE | diffusion loss | noise / mean update (autoencoder, diffusion rounds) | "
+             "client-level epsilon |", "|---|---|---|---|---|"]
+    for run in (off, on):
+        ratios = [r["noise_to_update"] for r in run["rounds"] if "noise_to_update" in r]
+        eps = run["client_level"].get("epsilon")
+        lines.append(f"| {run['name']} | {run['held_out']['autoencoder_mse']:.4g} | "
+                     f"{run['held_out']['diffusion_loss']:.4g} | {', '.join(f'{x:g}' for x in ratios) or '-'} | "
+                     f"{f'{eps:.2f}' if isinstance(eps, (int, float)) else 'none'} |")
+    return lines
 
 
 if __name__ == "__main__":
