@@ -23,7 +23,6 @@ and "invalid" when release.json no longer carries the consortium's signature.
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import json
 import os
@@ -39,8 +38,19 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response, \
     StreamingResponse
 
+from common.io import sha256_file, write_bytes_atomic
+from common.signing import fingerprint, load_public_key, public_key_pem, verify
 from privacy.policy import format_value
 from server.portal_store import Principal, Store
+from server.release import (
+    approval_statement,
+    check_approval,
+    load_approvals,
+    release_sha256,
+    release_status,
+    verify_release,
+    write_approval,
+)
 
 COHORT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # One relative path inside a release: segments of safe characters, none of them "." or "..".
@@ -97,9 +107,6 @@ def register_release(data_dir: Path, release_dir: Path, *, consortium_key: Path 
     """Verify a release candidate against the consortium key and register it as DATA/cohorts/<cohort_id>/
     (copied, or moved with `move`). The first registration needs `consortium_key`, which the portal keeps as
     DATA/consortium.pub; later ones must be signed by the same key. Returns the cohort id."""
-    from common.io import write_bytes_atomic
-    from common.signing import fingerprint, load_public_key, public_key_pem
-    from server.release import load_approvals, release_status, verify_release
 
     data_dir, release_dir = Path(data_dir).resolve(), Path(release_dir).resolve()
     store = Store(data_dir)
@@ -154,7 +161,6 @@ def register_release(data_dir: Path, release_dir: Path, *, consortium_key: Path 
 
 def release_signed(data_dir: Path, release_dir: Path) -> bool:
     """True if release.json still carries the consortium's signature (cheap: no file is re-hashed)."""
-    from common.signing import load_public_key, verify
 
     try:
         public = load_public_key(consortium_key_path(data_dir))
@@ -167,7 +173,6 @@ def release_signed(data_dir: Path, release_dir: Path) -> bool:
 def cohort_status(store: Store, row: dict) -> str:
     """`release_status` of a registered cohort with its stored, verified decisions (cached in the database);
     "invalid" when release.json on the portal's disk no longer carries the consortium's signature."""
-    from server.release import release_status
 
     approvals = [{"statement": a["statement"], "signature": a["signature"]} for a in store.approvals(row["id"])]
     if not release_signed(store.data_dir, Path(row["path"])):
@@ -230,12 +235,6 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 def _media_type(rel: str) -> str:
     return MEDIA_TYPES.get(Path(rel).suffix, "application/octet-stream")
-
-
-def _sha256(path: Path) -> str:
-    from common.io import sha256_file
-
-    return sha256_file(path)
 
 
 # ---- the app --------------------------------------------------------------------------------------------------
@@ -301,7 +300,7 @@ def create_app(data_dir: Path) -> FastAPI:
         manifest = _read_release_json(path)
         files = listed_files(path, manifest)
         out = {"cohort_id": row["id"], "status": status, "registered_at": row["registered_at"],
-               "release_sha256": hashlib.sha256((path / "release.json").read_bytes()).hexdigest(),
+               "release_sha256": release_sha256(path),
                "release": manifest, "files": sorted(files),
                "approvals": sorted(f for f in files if f.startswith("approvals/"))}
         if who.role != "partner":
@@ -358,7 +357,7 @@ def create_app(data_dir: Path) -> FastAPI:
             store.log(who.who, who.role, request.method, request.url.path, 404)
             raise
         size = path.stat().st_size
-        digest = files[rel] or _sha256(path)
+        digest = files[rel] or sha256_file(path)
         headers = {"Accept-Ranges": "bytes", "X-Sha256": digest, "ETag": f'"{digest}"',
                    "Digest": "sha-256=" + base64.b64encode(bytes.fromhex(digest)).decode()}
         if rel.endswith(".html"):  # the audit report: shown in the cohort page, never allowed to run anything
@@ -401,7 +400,6 @@ def create_app(data_dir: Path) -> FastAPI:
     @app.get("/api/cohorts/{cohort_id}/statement")
     def api_statement(request: Request, cohort_id: str, decision: str = "approve", reason: str = ""):
         """The exact approval statement text the officer signs (with their own key, on their own machine)."""
-        from server.release import approval_statement
 
         who = require(request, "officer")
         row, _ = cohort_for(request, who, cohort_id)
@@ -422,7 +420,6 @@ def create_app(data_dir: Path) -> FastAPI:
         return decide(request, who, cohort_id, body)
 
     def decide(request: Request, who: Principal, cohort_id: str, body: Any) -> dict:
-        from server.release import check_approval, write_approval
 
         row, status = cohort_for(request, who, cohort_id)
         what = request.url.path
@@ -637,7 +634,7 @@ def _cohort_page(store: Store, row: dict, status: str, who: Principal) -> HTMLRe
     body = [f"<h1>Cohort <code id='cohort-id'>{_e(cid)}</code></h1>",
             f"<p>Status: <b id='status' class='st-{_e(status)}'>{_e(status)}</b> &middot; "
             f"{_e(manifest.get('n_images'))} images &middot; {_e(manifest.get('required_approvals'))} approvals "
-            f"required &middot; release sha256 <code>{_e(hashlib.sha256((path / 'release.json').read_bytes()).hexdigest()[:16])}...</code></p>",
+            f"required &middot; release sha256 <code>{_e(release_sha256(path)[:16])}...</code></p>",
             f"<h2>Audit verdict: <span id='verdict' class='{'pass' if verdict.get('status') == 'pass' else 'fail'}'>"
             f"{_e(verdict.get('status'))}</span></h2><ul>"
             + "".join(f"<li>{_e(r)}</li>" for r in verdict.get("reasons") or []) + "</ul>",
