@@ -20,7 +20,9 @@ is written as null):
                                  share_test, share_ci95_method
                    membership: {white_box: roc_summary + {epsilon_lower_bound: {...}}, black_box: same,
                                 per_class: {class: {white_box, black_box}}}
-                   fidelity: {overall: {frechet_distance, precision, recall, density, coverage}, per_class: {...}}
+                   fidelity: {overall: {frechet_distance, precision, recall, density, coverage}, per_class: {...},
+                              reference: {holdout_patients: {...}, holdout_through_autoencoder: {...}}}
+                              (the same figures for real hold-out images and for them passed through the autoencoder)
                    utility: {train_synthetic_test_real: {...}, train_real_test_real: {...}}}}
     worst_case: {figure: {value, site, class, attack}}   (largest value across sites, classes and attacks)
     failures: [sites that did not answer]
@@ -65,6 +67,12 @@ CONFIDENCE = 0.95
 MIN_RECORDS = 10
 THRESHOLDS = {"membership_auc": 0.6, "share_closer_to_member": 0.65, "n_near_copies": 0}
 MAX_GRID = 48
+
+REFERENCE_LABELS = {
+    "holdout_patients": "hold-out patients (real images never trained on)",
+    "holdout_through_autoencoder": "hold-out patients through the autoencoder (the best a generator in this latent "
+                                   "space could reach)",
+}
 
 THREAT_MODEL = {
     "black_box": "an honest-but-curious server or any partner who receives the released cohort (images only)",
@@ -566,6 +574,10 @@ def _html(audit: dict, sample_images, sample_labels, class_names, flagged_images
         fid = site.get("fidelity") or {}
         for cls, f in [("all", fid.get("overall") or {})] + list((fid.get("per_class") or {}).items()):
             rows.append([e(name), e(str(cls))] + [_fmt(f.get(k)) for k in (
+                "frechet_distance", "precision", "recall", "density", "coverage", "n_real", "n_synthetic")])
+        for ref, f in (fid.get("reference") or {}).items():  # what real images / the autoencoder reach, for scale
+            label = "<i>reference: " + e(REFERENCE_LABELS.get(ref, ref)) + "</i>"
+            rows.append([e(name), label] + [_fmt(f.get(k)) for k in (
                 "frechet_distance", "precision", "recall", "density", "coverage", "n_real", "n_synthetic")])
     urows = []
     for name, site in sites.items():

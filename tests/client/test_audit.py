@@ -96,6 +96,10 @@ def test_site_reply_holds_aggregates_only(tmp_path, site_dir):
     synthetic = np.random.default_rng(2).random((6, 1, 32, 32)).astype(np.float32)
     ids = [f"s{i}" for i in range(6)]
     result = audit_site(site, cfg, synthetic, ids, np.array([0, 1] * 3), ae.state_dict(), unet.state_dict(), 1.0)
+    ref = result["fidelity"]["reference"]  # real hold-out images and their autoencoder reconstructions, for scale
+    assert set(ref) == {"holdout_patients", "holdout_through_autoencoder"}
+    assert ref["holdout_patients"]["precision"] > 0.8 > result["fidelity"]["overall"]["precision"]  # noise is not
+    assert ref["holdout_patients"]["frechet_distance"] < result["fidelity"]["overall"]["frechet_distance"]
     payload = json.dumps(result, default=float)
     for sid in train.subject_ids + holdout.subject_ids:
         assert sid not in payload  # no patient id
