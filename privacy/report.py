@@ -588,7 +588,7 @@ def _html(audit: dict, sample_images, sample_labels, class_names, flagged_images
     p.append(f"<h2>Fidelity and utility</h2><p class='def'>{_sent(DEFINITIONS['frechet_distance'])}. "
              f"{_sent(DEFINITIONS['precision_recall'])}. {_sent(DEFINITIONS['utility'])}.</p>"
              + _table(["site", "class", "Frechet distance", "precision", "recall", "density", "coverage", "real",
-                       "synthetic"], rows)
+                       "synthetic (or reference) images"], rows)
              + (_table(["site", "train synthetic, test real: balanced acc / AUC",
                         "train real, test real: balanced acc / AUC", "test patients"], urows)
                 if any(site.get("utility") for site in sites.values()) else "<p>No utility figures reported.</p>"))
