@@ -6,14 +6,18 @@ the sites, a cohort whose manifest verifies, and the federated audit report.
 """
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from client.task import load_training_data, open_ledger
 from common.config import RunConfig, SiteConfig, model_config
 from common.phantoms import make_phantom_sites
+from common.signing import generate_keypair
+from privacy.policy import DEFAULT_POLICY
 from server.demo import write_app_dir
 from server.deployment import run_federation
+from server.release import build_release, release_status, verify_release
 from server.synthesis import verify_cohort
 
 pytestmark = pytest.mark.slow
@@ -70,6 +74,19 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
     assert {"site-0", "site-1"} <= set(audit["sites"])
     assert "site-2" in audit["sites"] or any("site" in f or "node" in f for f in audit["failures"])
     assert "<html" in (run_dir / "audit" / "audit.html").read_text().lower()
+
+    # The real cohort and audit become a signed release candidate that verifies; with 4 hold-out patients per site
+    # no membership attack has the 10 records the default policy needs, so the gate refuses ("not measured").
+    keys = tmp_path / "keys"
+    consortium, consortium_pub = generate_keypair(keys, "consortium")
+    officer_pub = generate_keypair(keys, "officer")[1]
+    release = build_release(cohort, run_dir / "audit", tmp_path / "release", policy=replace(DEFAULT_POLICY,
+                            required_approvals=1), consortium_key=consortium, officer_keys={"officer": officer_pub})
+    assert verify_release(release, consortium_pub) == []
+    gate = json.loads((release / "gate.json").read_text())
+    auc_rule = next(r for r in gate["rules"] if r["rule"] == "max_membership_auc")
+    assert not gate["passed"] and not auc_rule["passed"] and auc_rule["note"].startswith("not measured")
+    assert release_status(release, []) == "blocked"
 
     # Resume with one more round: rounds 1-2 are not redone. site-1 now fails (its labels are gone) and drops out,
     # site-2 still refuses, so only one site can train: the run stops cleanly and says why.
