@@ -74,7 +74,8 @@ def make_strategy(run: RunConfig) -> Strategy:
     return FedProx(**common, proximal_mu=run.proximal_mu)
 
 
-def checkpoint_payload(cfg: ModelConfig, run: RunConfig, state: RunState, ae: dict, unet: dict) -> dict[str, Any]:
+def checkpoint_payload(cfg: ModelConfig, run: RunConfig, state: RunState, ae: dict, unet: dict,
+                       server_optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "format": "fedsynth-checkpoint/1",
         "model_config": dataclasses.asdict(cfg),
@@ -82,7 +83,26 @@ def checkpoint_payload(cfg: ModelConfig, run: RunConfig, state: RunState, ae: di
         "run_state": dataclasses.asdict(state),
         "autoencoder": ae,
         "unet": unet,
+        "server_optimizer": server_optimizer,
     }
+
+
+def server_optimizer_state(strategy: Strategy, phase: str) -> dict[str, Any] | None:
+    """A server optimiser's moments (FedAdam's m_t and v_t), so a resumed run continues the same optimiser instead
+    of restarting it; None for strategies without state (FedAvg, FedProx)."""
+    m_t, v_t = getattr(strategy, "m_t", None), getattr(strategy, "v_t", None)
+    if not m_t:
+        return None
+    return {"phase": phase, "m_t": {k: v.copy() for k, v in m_t.items()}, "v_t": {k: v.copy() for k, v in v_t.items()}}
+
+
+def restore_server_optimizer(strategy: Strategy, saved: dict[str, Any] | None, phase: str) -> bool:
+    """Put saved moments back into a fresh strategy of the same phase; True if it did."""
+    if not saved or saved.get("phase") != phase or not hasattr(strategy, "m_t"):
+        return False
+    strategy.m_t = {k: v.copy() for k, v in saved["m_t"].items()}
+    strategy.v_t = {k: v.copy() for k, v in saved["v_t"].items()}
+    return True
 
 
 def save_checkpoint(run_dir: Path, payload: dict[str, Any]) -> Path:
@@ -180,6 +200,7 @@ class Federation:
         self.say = progress or (lambda m: log.info("%s", m))
         self.privacy: dict[str, dict[str, Any]] = {}  # site -> sample-level spend as last reported
         self.central = CentralDP(run, self.dir)
+        self._saved_server_optimizer: dict[str, Any] | None = None  # FedAdam moments, when resuming
         self._phase_nodes: list[int] = []  # central DP: the sites the phase's DP wrapper was set up for
 
     # ---- state -------------------------------------------------------------------------------------------------
@@ -193,6 +214,7 @@ class Federation:
             state = RunState(**payload["run_state"])
             state.status, state.reason = "running", ""
             self.say(f"resuming run {state.run_id} after round {state.completed_round} from {latest}")
+            self._saved_server_optimizer = payload.get("server_optimizer")
             if (self.dir / "privacy.json").exists():
                 import json
 
@@ -358,6 +380,8 @@ class Federation:
             phase = self.run.phase(r)
             if phase != strategy_phase:  # a fresh strategy per phase: server optimiser state is per component
                 strategy, strategy_phase = make_strategy(self.run), phase
+                if restore_server_optimizer(strategy, self._saved_server_optimizer, phase):
+                    self.say(f"server optimiser ({self.run.strategy}) moments restored from the checkpoint")
                 self._phase_nodes = self._active_nodes(state)
                 if self.central.enabled and len(self._phase_nodes) >= self.run.min_sites:
                     # Flower's DP wrapper, for this phase's sites; the accountant is the run's, shared by all phases
@@ -385,7 +409,8 @@ class Federation:
             else:
                 unet = new.to_torch_state_dict()
             state.completed_round = r
-            ckpt = save_checkpoint(self.dir, checkpoint_payload(self.cfg, self.run, state, ae, unet))
+            ckpt = save_checkpoint(self.dir, checkpoint_payload(self.cfg, self.run, state, ae, unet,
+                                                                server_optimizer_state(strategy, phase)))
             self._write_record(state)
         state.status = "completed"
         self._write_record(state)
