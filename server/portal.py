@@ -42,20 +42,19 @@ from common.io import sha256_file, write_bytes_atomic
 from common.signing import fingerprint, load_public_key, public_key_pem, verify
 from privacy.policy import format_value
 from server.portal_store import Principal, Store
+from server.release import NAME as COHORT_ID
 from server.release import (
+    APPROVAL_FILE,
     approval_statement,
     check_approval,
     load_approvals,
     release_sha256,
     release_status,
+    safe_rel_path,
     verify_release,
     write_approval,
 )
 
-COHORT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-# One relative path inside a release: segments of safe characters, none of them "." or "..".
-REL_PATH_RE = re.compile(r"^(?!/)(?:[A-Za-z0-9_][A-Za-z0-9._-]{0,199})(?:/[A-Za-z0-9_][A-Za-z0-9._-]{0,199}){0,7}$")
-APPROVAL_FILE_RE = re.compile(r"^approvals/[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.json$")
 COOKIE = "fedsynth_token"
 CSRF_HEADER = "x-fedsynth-request"  # a cross-site form cannot set it: cookie-authenticated writes must carry it
 CHUNK = 256 * 1024
@@ -72,11 +71,6 @@ class RangeNotSatisfiable(ValueError):
 
 
 # ---- releases on the portal's disk ----------------------------------------------------------------------------
-
-def safe_rel_path(rel: str) -> bool:
-    """True for a plain relative path inside a release: no '..', no absolute path, no backslash, no odd bytes."""
-    return isinstance(rel, str) and bool(REL_PATH_RE.match(rel)) and ".." not in rel.split("/")
-
 
 def _read_release_json(release_dir: Path) -> dict:
     path = Path(release_dir) / "release.json"
@@ -122,7 +116,7 @@ def register_release(data_dir: Path, release_dir: Path, *, consortium_key: Path 
         trusted = load_public_key(Path(consortium_key))
     manifest = _read_release_json(release_dir)
     cohort_id = manifest.get("cohort_id")
-    if not isinstance(cohort_id, str) or not COHORT_ID_RE.match(cohort_id):
+    if not isinstance(cohort_id, str) or not COHORT_ID.match(cohort_id):
         raise ValueError(f"{release_dir / 'release.json'}: cohort_id {cohort_id!r} is not a valid cohort id")
     bad = [rel for rel in manifest["files"] if not safe_rel_path(rel)]
     if bad:
@@ -194,7 +188,7 @@ def listed_files(release_dir: Path, manifest: dict) -> dict[str, str | None]:
     if adir.is_dir() and not adir.is_symlink():
         for p in sorted(adir.glob("*.json")):
             rel = f"approvals/{p.name}"
-            if APPROVAL_FILE_RE.match(rel):
+            if APPROVAL_FILE.match(rel):
                 files[rel] = None
     return files
 
@@ -282,7 +276,7 @@ def create_app(data_dir: Path) -> FastAPI:
 
     def cohort_for(request: Request, who: Principal, cohort_id: str) -> tuple[dict, str]:
         """A registered cohort and its status; partners see only released ones (403 otherwise)."""
-        if not COHORT_ID_RE.match(cohort_id):
+        if not COHORT_ID.match(cohort_id):
             store.log(who.who, who.role, request.method, request.url.path, 400)
             raise HTTPException(400, "malformed cohort id")
         row = store.cohort(cohort_id)

@@ -24,6 +24,8 @@ from urllib.parse import quote
 import httpx
 
 from common.io import sha256_file
+from common.signing import fingerprint, load_public_key, verify
+from server.release import APPROVAL_FILE, NAME, load_approvals, release_status, safe_rel_path, verify_release
 
 
 class PullError(Exception):
@@ -105,11 +107,7 @@ def pull(cohort_id: str, portal: str, token: str, out: Path | None = None, *, ca
          consortium_key: Path | None = None, timeout: float = 60.0,
          progress: Callable[[str], None] = print, warn: Callable[[str], None] = _err) -> Path:
     """Download and verify a released cohort into `out` (default: ./COHORT). Raises PullError on any problem."""
-    from common.signing import fingerprint, load_public_key, verify
-    from server.portal import APPROVAL_FILE_RE, COHORT_ID_RE, safe_rel_path
-    from server.release import load_approvals, release_status, verify_release
-
-    if not isinstance(cohort_id, str) or not COHORT_ID_RE.match(cohort_id):
+    if not isinstance(cohort_id, str) or not NAME.match(cohort_id):
         raise PullError(f"cohort id {cohort_id!r}: not a valid cohort id")
     out = Path(out) if out is not None else Path(cohort_id)
     if out.exists():
@@ -148,7 +146,7 @@ def pull(cohort_id: str, portal: str, token: str, out: Path | None = None, *, ca
             unsafe = [rel for rel in files if not safe_rel_path(rel)]
             if unsafe:
                 raise PullError(f"release.json: unsafe file paths {unsafe[:5]}")
-            approvals = [a for a in info.get("approvals") or [] if APPROVAL_FILE_RE.match(str(a))]
+            approvals = [a for a in info.get("approvals") or [] if APPROVAL_FILE.match(str(a))]
             wanted = set(files) | {"release.json", "release.sig"} | set(approvals)
             for p in sorted(partial.rglob("*")):  # leftovers of an earlier attempt that this release lacks
                 if (p.is_file() or p.is_symlink()) and p.relative_to(partial).as_posix() not in wanted:

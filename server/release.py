@@ -43,6 +43,9 @@ from server.synthesis import verify_cohort, write_preview
 RELEASE_FORMAT = "fedsynth-release/1"
 APPROVAL_FORMAT = "fedsynth-approval/1"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # officer names and cohort ids: safe in paths and URLs
+# One relative path inside a release: segments of safe characters, none of them "." or "..".
+REL_PATH = re.compile(r"^(?!/)(?:[A-Za-z0-9_][A-Za-z0-9._-]{0,199})(?:/[A-Za-z0-9_][A-Za-z0-9._-]{0,199}){0,7}$")
+APPROVAL_FILE = re.compile(r"^approvals/[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.json$")
 UNSIGNED = ("release.json", "release.sig")
 PREVIEW_PER_ROW = 8  # server.synthesis.write_preview shows the first 8 images of each class
 
@@ -52,6 +55,11 @@ def _check_name(kind: str, name: str) -> str:
         raise ValueError(f"{kind} {name!r}: use letters, digits, '.', '_' or '-' (at most 100, not starting with "
                          "'.' or '-')")
     return name
+
+
+def safe_rel_path(rel: str) -> bool:
+    """True for a plain relative path inside a release: no '..', no absolute path, no backslash, no odd bytes."""
+    return isinstance(rel, str) and bool(REL_PATH.match(rel)) and ".." not in rel.split("/")
 
 
 def manifest_bytes(manifest: dict) -> bytes:
@@ -361,8 +369,8 @@ def verify_release(release_dir: Path, consortium_public_key) -> list[str]:
             problems.append(f"{rel}: not listed in release.json")
     for rel, digest in sorted(listed.items()):
         path = release_dir / rel
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            problems.append(f"{rel}: listed in release.json with a path outside the release")
+        if not safe_rel_path(rel):
+            problems.append(f"{rel}: listed in release.json with an unsafe path (outside the release or odd bytes)")
         elif not path.is_file():
             problems.append(f"{rel}: listed in release.json but missing")
         elif sha256_file(path) != digest:
