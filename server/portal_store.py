@@ -24,10 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from server.release import NAME  # token holder names follow release names: an officer's is its key name
+
 SCHEMA_VERSION = 1
 DB_NAME = "portal.db"
 ROLES = ("partner", "officer", "admin")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # token holder names; an officer's = its key name
 TOKEN_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 
 _SCHEMA = """
@@ -108,7 +109,7 @@ class Store:
         """A new bearer token for `name` in `role`: (token id, secret). Only the secret's sha256 is stored."""
         if role not in ROLES:
             raise ValueError(f"role {role!r}: must be one of {', '.join(ROLES)}")
-        if not NAME_RE.match(name or ""):
+        if not NAME.match(name or ""):
             raise ValueError(f"name {name!r}: use letters, digits, '.', '_' or '-' (at most 100); an officer's "
                              "name is the name of its signing key")
         token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
