@@ -17,8 +17,9 @@ gradients (32 x the model, ~360 MB for the small UNet) cost memory passes. Here,
    (biases, GroupNorm, convolutions on large maps) the product sum_i c_i g_i; elsewhere the non-private
    weight-gradient computation with dL/dy_i scaled by sample i's clip factor: sum_i c_i dy_i^T x_i.
 
-Measured on the small UNet (docs/PERFORMANCE.md, bench/bench_dp.py): 0.65x the non-private throughput where
-Opacus' hooks and ghost modes reach 0.34-0.36x, with 1.15x the non-private peak memory instead of 1.65x.
+Measured on the small UNet (docs/PERFORMANCE.md, bench/bench_dp.py, batch 32, 1 and 2 threads): 0.66-0.67x the
+non-private throughput where Opacus' hooks and ghost modes reach 0.33-0.38x, with 1.14-1.16x the non-private peak
+memory instead of 1.64x for hooks.
 
 Noise, its generator, the division by the expected batch size and skipped steps stay Opacus'
 (`DPOptimizerFastGradientClipping`, which adds noise to `p.grad` as given); only the clipped sum is ours.

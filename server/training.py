@@ -15,6 +15,7 @@ a checkpoint and the per-site metrics, and go on. Everything a later reader need
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tempfile
 import time
@@ -216,8 +217,6 @@ class Federation:
             self.say(f"resuming run {state.run_id} after round {state.completed_round} from {latest}")
             self._saved_server_optimizer = payload.get("server_optimizer")
             if (self.dir / "privacy.json").exists():
-                import json
-
                 self.privacy = sample_level(json.loads((self.dir / "privacy.json").read_text()))
             return state, payload["autoencoder"], payload["unet"]
         torch.manual_seed(self.run.seed)
@@ -429,8 +428,6 @@ class Federation:
 
 
 def latest_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    import json
-
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
