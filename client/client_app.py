@@ -82,7 +82,7 @@ def audit(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cohort = msg.content["cohort"]
     result = audit_site(
-        site, model_config(str(config["preset"])),
+        site, model_config(str(config["preset"]), prediction_type=str(config.get("prediction-type", "epsilon"))),
         synthetic=cohort["images"].numpy(), synthetic_ids=json.loads(str(config["synthetic-ids"])),
         synthetic_labels=cohort["labels"].numpy(),
         ae_state=msg.content["autoencoder"].to_torch_state_dict(), unet_state=msg.content["unet"].to_torch_state_dict(),

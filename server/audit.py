@@ -51,6 +51,8 @@ def audit_messages(grid: Grid, node_ids: list[int], cohort_dir: Path, checkpoint
         "config": ConfigRecord({
             "synthetic-ids": json.dumps(ids),
             "preset": payload["model_config"]["name"],
+            # what the checkpoint's UNet predicts (checkpoints from before the field: the noise)
+            "prediction-type": payload["model_config"].get("prediction_type", "epsilon"),
             "latent-scale": float(payload["run_state"]["latent_scale"]),
         }),
     })

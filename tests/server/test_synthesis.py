@@ -80,3 +80,22 @@ def test_refuses_to_overwrite(tmp_path, checkpoint):
     synthesize_cohort(SynthesisRequest(checkpoint, tmp_path / "d", per_class=1))
     with pytest.raises(FileExistsError):
         synthesize_cohort(SynthesisRequest(checkpoint, tmp_path / "d", per_class=1))
+
+
+def test_audit_task_tells_the_sites_what_the_checkpoints_unet_predicts(tmp_path, checkpoint, monkeypatch):
+    """The sites' white-box attack scores records with the checkpoint's own loss: same prediction type."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.audit import audit_messages
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    cohort = synthesize_cohort(SynthesisRequest(checkpoint, tmp_path / "cohort", per_class=1, batch_size=2))
+    [msg] = audit_messages(None, [5], cohort, checkpoint)
+    assert msg.content["config"]["prediction-type"] == model_config("tiny").prediction_type == "v_prediction"
+    payload = torch.load(checkpoint, weights_only=False)
+    del payload["model_config"]["prediction_type"]  # a checkpoint from before the field: the UNet predicted noise
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    [msg] = audit_messages(None, [5], cohort, old)
+    assert msg.content["config"]["prediction-type"] == "epsilon"
