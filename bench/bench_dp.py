@@ -46,7 +46,9 @@ def worker(mode: str, preset: str, batch: int, threads: int) -> None:
     from common.model import build_unet, ddpm_scheduler, diffusion_loss
     from privacy.dp import batch_loss, make_private
 
-    warnings.filterwarnings("ignore", message="(Full backward hook|Secure RNG)")  # Opacus' own, every step
+    warnings.filterwarnings(
+        "ignore", message="(Full backward hook|Secure RNG)"
+    )  # Opacus' own, every step
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,9 +64,17 @@ def worker(mode: str, preset: str, batch: int, threads: int) -> None:
 
         install_fast_grad_samplers()
     if mode != "nondp":
-        unet, opt, _ = make_private(unet, opt, DataLoader(data, batch_size=batch), noise_multiplier=1.0,
-                                    max_grad_norm=1.0, grad_sample_mode="hooks" if mode == "hooks-fast" else mode)
-    x, y = data[:batch]  # one fixed batch: identical work in every mode (the Poisson loader is not drawn from)
+        unet, opt, _ = make_private(
+            unet,
+            opt,
+            DataLoader(data, batch_size=batch),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            grad_sample_mode="hooks" if mode == "hooks-fast" else mode,
+        )
+    x, y = data[
+        :batch
+    ]  # one fixed batch: identical work in every mode (the Poisson loader is not drawn from)
     x, y = x.to(device), y.to(device)
 
     def step() -> None:
@@ -93,8 +103,11 @@ def worker(mode: str, preset: str, batch: int, threads: int) -> None:
             print(json.dumps({"wall": wall, "cpu": cpu}), flush=True)
         else:
             break
-    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak_mb = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
     print(json.dumps({"peak_mb": peak_mb, "params_m": params_m, "device": str(device)}), flush=True)
 
 
@@ -103,9 +116,24 @@ class Worker:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         self.mode = mode
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.bench_dp", "--worker", mode, "--preset", args.preset,
-             "--batch", str(args.batch), "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            [
+                sys.executable,
+                "-m",
+                "bench.bench_dp",
+                "--worker",
+                mode,
+                "--preset",
+                args.preset,
+                "--batch",
+                str(args.batch),
+                "--threads",
+                str(threads),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
 
     def _reply(self) -> dict:
         line = self.proc.stdout.readline()
@@ -136,12 +164,15 @@ def measure(args: argparse.Namespace, threads: int) -> dict[str, dict]:
     per_repeat: dict[str, list[float]] = {m: [] for m in args.modes}
     cpu: dict[str, list[float]] = {m: [] for m in args.modes}
     for r in range(args.repeats):
-        for w in workers[r % len(workers):] + workers[: r % len(workers)]:  # rotate who goes first
+        for w in workers[r % len(workers) :] + workers[: r % len(workers)]:  # rotate who goes first
             out = w.run(args.steps)
             per_repeat[w.mode].append(statistics.median(out["wall"]))
             cpu[w.mode].append(statistics.median(out["cpu"]))
-        print(f"threads={threads} repeat {r + 1}/{args.repeats}: "
-              + ", ".join(f"{m} {per_repeat[m][-1]:.3f}s" for m in args.modes), flush=True)
+        print(
+            f"threads={threads} repeat {r + 1}/{args.repeats}: "
+            + ", ".join(f"{m} {per_repeat[m][-1]:.3f}s" for m in args.modes),
+            flush=True,
+        )
     results = {}
     base = per_repeat[args.modes[0]]
     for w in workers:
@@ -151,8 +182,13 @@ def measure(args: argparse.Namespace, threads: int) -> dict[str, dict]:
             "seconds_per_step": statistics.median(s),
             "cpu_seconds_per_step": statistics.median(cpu[w.mode]),
             "samples_per_s": args.batch / statistics.median(s),
-            "ratio": statistics.median(b / t for b, t in zip(base, s)),  # paired: same repeat, seconds apart
-            "ratio_range": (min(b / t for b, t in zip(base, s)), max(b / t for b, t in zip(base, s))),
+            "ratio": statistics.median(
+                b / t for b, t in zip(base, s, strict=False)
+            ),  # paired: same repeat, seconds apart
+            "ratio_range": (
+                min(b / t for b, t in zip(base, s, strict=False)),
+                max(b / t for b, t in zip(base, s, strict=False)),
+            ),
             "spread": max(s) / min(s),  # > 1.5: other jobs competed for the cores during this run
             **info,
         }
@@ -184,39 +220,58 @@ def main() -> None:
         base = results["nondp"]
         for m, r in results.items():
             lo, hi = r["ratio_range"]
-            rows.append(f"| {m} | {t} | {r['seconds_per_step']:.3f} | {r['samples_per_s']:.1f} | **{r['ratio']:.2f}** "
-                        f"({lo:.2f}-{hi:.2f}) | {r['cpu_seconds_per_step']:.3f} | {r['peak_mb']:.0f} "
-                        f"| {r['peak_mb'] / base['peak_mb']:.2f} |")
-    noisy = [f"threads={t}: s/step of some mode varied {max(r['spread'] for r in res.values()):.1f}x between repeats"
-             for t, res in table.items() if max(r["spread"] for r in res.values()) > 1.5]
+            rows.append(
+                f"| {m} | {t} | {r['seconds_per_step']:.3f} | {r['samples_per_s']:.1f} | **{r['ratio']:.2f}** "
+                f"({lo:.2f}-{hi:.2f}) | {r['cpu_seconds_per_step']:.3f} | {r['peak_mb']:.0f} "
+                f"| {r['peak_mb'] / base['peak_mb']:.2f} |"
+            )
+    noisy = [
+        f"threads={t}: s/step of some mode varied {max(r['spread'] for r in res.values()):.1f}x between repeats"
+        for t, res in table.items()
+        if max(r["spread"] for r in res.values()) > 1.5
+    ]
     first = next(iter(table.values()))["nondp"]
     device = first["device"]
-    machine = (torch.cuda.get_device_name(0) if device.startswith("cuda")
-               else f"CPU {platform.machine()} ({os.cpu_count()} cores)")
-    block = write_block(args.out, "bench_dp", [
-        f"### DP-SGD vs non-private training (`python -m bench.bench_dp --preset {args.preset} --batch {args.batch}"
-        f" --threads {' '.join(map(str, args.threads))} --repeats {args.repeats} --steps {args.steps}`)",
-        "",
-        f"Machine: {machine}, torch {torch.__version__}. Diffusion UNet {first['params_m']:.2f} M params on latents of "
-        f"preset `{args.preset}`; batch {args.batch}; Adam; noise multiplier 1, clipping norm 1. Every DP mode is "
-        "exact DP-SGD through `privacy.dp.make_private`. Modes run in separate processes, interleaved: "
-        f"{args.repeats} repeats x {args.steps} steps each; s/step is the median over repeats, throughput vs "
-        "non-DP the median of per-repeat ratios (range in brackets). Peak memory: the process's max RSS "
-        f"({'CUDA max allocated' if device.startswith('cuda') else 'includes Python and libraries'}). "
-        f"Load average before / after: {load_before[0]:.1f} / {load_after[0]:.1f} (shared machine).",
-        "",
-        "| mode | threads | s/step | samples/s | throughput vs non-DP | CPU s/step | peak MB | memory vs non-DP |",
-        "|---|---|---|---|---|---|---|---|",
-        *rows,
-        *([""] + [f"**Unreliable rows** ({'; '.join(noisy)}): other jobs competed for the cores; re-run on a quieter "
-                  "machine."] if noisy else []),
-        "",
-        "`bookkeeping` (privacy/bookkeeping.py, the site's default `grad-sample-mode`): the backward pass computes no "
-        "weight gradient; per-sample gradient norms come from each layer's input and backprop (ghost norms where "
-        "the feature map is small, per-sample gradients where it is large); then one weight-gradient computation "
-        "per layer with each sample's clip factor. `hooks` stores a gradient per sample per parameter; `ghost` "
-        "runs a second backward pass.",
-    ])
+    machine = (
+        torch.cuda.get_device_name(0)
+        if device.startswith("cuda")
+        else f"CPU {platform.machine()} ({os.cpu_count()} cores)"
+    )
+    block = write_block(
+        args.out,
+        "bench_dp",
+        [
+            f"### DP-SGD vs non-private training (`python -m bench.bench_dp --preset {args.preset} --batch {args.batch}"
+            f" --threads {' '.join(map(str, args.threads))} --repeats {args.repeats} --steps {args.steps}`)",
+            "",
+            f"Machine: {machine}, torch {torch.__version__}. Diffusion UNet {first['params_m']:.2f} M params on latents of "
+            f"preset `{args.preset}`; batch {args.batch}; Adam; noise multiplier 1, clipping norm 1. Every DP mode is "
+            "exact DP-SGD through `privacy.dp.make_private`. Modes run in separate processes, interleaved: "
+            f"{args.repeats} repeats x {args.steps} steps each; s/step is the median over repeats, throughput vs "
+            "non-DP the median of per-repeat ratios (range in brackets). Peak memory: the process's max RSS "
+            f"({'CUDA max allocated' if device.startswith('cuda') else 'includes Python and libraries'}). "
+            f"Load average before / after: {load_before[0]:.1f} / {load_after[0]:.1f} (shared machine).",
+            "",
+            "| mode | threads | s/step | samples/s | throughput vs non-DP | CPU s/step | peak MB | memory vs non-DP |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+            *(
+                [""]
+                + [
+                    f"**Unreliable rows** ({'; '.join(noisy)}): other jobs competed for the cores; re-run on a quieter "
+                    "machine."
+                ]
+                if noisy
+                else []
+            ),
+            "",
+            "`bookkeeping` (privacy/bookkeeping.py, the site's default `grad-sample-mode`): the backward pass computes no "
+            "weight gradient; per-sample gradient norms come from each layer's input and backprop (ghost norms where "
+            "the feature map is small, per-sample gradients where it is large); then one weight-gradient computation "
+            "per layer with each sample's clip factor. `hooks` stores a gradient per sample per parameter; `ghost` "
+            "runs a second backward pass.",
+        ],
+    )
     print(block)
 
 

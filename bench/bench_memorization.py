@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from bench.report import write_block
-
 from privacy.memorization import PERM_MAX_CELLS, pairwise_min_distances, share_permutation_test
 
 
@@ -47,31 +46,43 @@ def main() -> None:
         rows.append(f"| {b} | {s:.1f} | {pairs / s / 1e6:.1f} |")
         print(rows[-1], flush=True)
     t0 = time.perf_counter()
-    test = share_permutation_test(synth, real[: args.n // 2], real[args.n // 2 :], rng=np.random.default_rng(0))
+    test = share_permutation_test(
+        synth, real[: args.n // 2], real[args.n // 2 :], rng=np.random.default_rng(0)
+    )
     s_perm = time.perf_counter() - t0
-    perm = (f"| share permutation test, {args.n:,} synthetic vs {args.n // 2:,} members + {args.n - args.n // 2:,} "
-            f"non-members ({test['n_synthetic_tested']:,} synthetic tested"
-            + (f", subsampled: cap {PERM_MAX_CELLS:,} distances" if test["synthetic_subsampled"] else "")
-            + f"; B = {test['n_permutations']}) | {s_perm:.1f} | p = {test['share_p_value']:.3f} |")
+    perm = (
+        f"| share permutation test, {args.n:,} synthetic vs {args.n // 2:,} members + {args.n - args.n // 2:,} "
+        f"non-members ({test['n_synthetic_tested']:,} synthetic tested"
+        + (
+            f", subsampled: cap {PERM_MAX_CELLS:,} distances"
+            if test["synthetic_subsampled"]
+            else ""
+        )
+        + f"; B = {test['n_permutations']}) | {s_perm:.1f} | p = {test['share_p_value']:.3f} |"
+    )
     print(perm, flush=True)
-    block = write_block(args.out, "bench_memorization", [
-        f"### Memorization audit (`bench/bench_memorization.py --n {args.n} --size {args.size}`)",
-        "",
-        f"Machine: CPU {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. Exact nearest "
-        f"neighbour of each of {args.n:,} synthetic among {args.n:,} real {args.size}x{args.size} images (pixel space, "
-        "float32 matrix products in blocks), checked against brute force on a subset.",
-        "",
-        "| block size | seconds | million pairs/s |",
-        "|---|---|---|",
-        *rows,
-        "",
-        "Share closer to a member, label-permutation test (one distance matrix, window of the nearest pooled records, "
-        "near-ties re-measured in float64, permutations vectorised over that window; random images, so p is uniform):",
-        "",
-        "| what | seconds | result |",
-        "|---|---|---|",
-        perm,
-    ])
+    block = write_block(
+        args.out,
+        "bench_memorization",
+        [
+            f"### Memorization audit (`bench/bench_memorization.py --n {args.n} --size {args.size}`)",
+            "",
+            f"Machine: CPU {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. Exact nearest "
+            f"neighbour of each of {args.n:,} synthetic among {args.n:,} real {args.size}x{args.size} images (pixel space, "
+            "float32 matrix products in blocks), checked against brute force on a subset.",
+            "",
+            "| block size | seconds | million pairs/s |",
+            "|---|---|---|",
+            *rows,
+            "",
+            "Share closer to a member, label-permutation test (one distance matrix, window of the nearest pooled records, "
+            "near-ties re-measured in float64, permutations vectorised over that window; random images, so p is uniform):",
+            "",
+            "| what | seconds | result |",
+            "|---|---|---|",
+            perm,
+        ],
+    )
     print(block)
 
 

@@ -17,10 +17,9 @@ import time
 from contextlib import nullcontext
 
 import torch
-
-from bench.report import write_block
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.report import write_block
 from common.config import model_config
 from common.model import (
     autoencoder_loss,
@@ -62,7 +61,9 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    )
     cfg = model_config(args.preset)
     torch.manual_seed(0)
     ae, unet = build_autoencoder(cfg).to(device).eval(), build_unet(cfg).to(device).eval()
@@ -78,11 +79,19 @@ def main() -> None:
     for name, sampler, steps in [(f"DDIM-{k}", "ddim", k) for k in args.ddim_steps] + [
         (f"DDPM-{args.ddpm_steps}", "ddpm", args.ddpm_steps)
     ]:
-        def run():
+
+        def run(steps=steps, sampler=sampler):
             with torch.no_grad(), autocast:
-                lat = sample_latents(unet, cfg, labels, steps=steps, sampler=sampler,
-                                     generator=torch.Generator().manual_seed(0))
+                lat = sample_latents(
+                    unet,
+                    cfg,
+                    labels,
+                    steps=steps,
+                    sampler=sampler,
+                    generator=torch.Generator().manual_seed(0),
+                )
                 decode(ae, lat.float(), 1.0)
+
         seconds = timed(run)
         ips = args.batch / seconds
         results[name] = ips
@@ -128,7 +137,10 @@ def main() -> None:
         *rows,
         "",
         "Speed-up of DDIM over DDPM, measured in this run: "
-        + ", ".join(f"{k}: {v / results[ddpm_key]:.1f}x" for k, v in results.items() if k != ddpm_key) + ".",
+        + ", ".join(
+            f"{k}: {v / results[ddpm_key]:.1f}x" for k, v in results.items() if k != ddpm_key
+        )
+        + ".",
         "",
         f"Training (no DP), batch {args.batch}: autoencoder {ae_sps:.1f} samples/s, diffusion UNet {unet_sps:.1f} samples/s.",
     ]

@@ -11,7 +11,7 @@ def write_block(out: Path | str, name: str, lines: list[str]) -> str:
     out = Path(out)
     text = out.read_text() if out.exists() else "# Performance\n\n"
     if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)

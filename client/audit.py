@@ -24,19 +24,44 @@ from sklearn.preprocessing import StandardScaler
 
 from client.task import configure_compute, load_training_data, open_ledger, privacy_summary
 from common.config import ModelConfig, SiteConfig
-from common.model import build_autoencoder, build_unet, ddpm_scheduler, decode, diffusion_loss, encode
+from common.model import (
+    build_autoencoder,
+    build_unet,
+    ddpm_scheduler,
+    decode,
+    diffusion_loss,
+    encode,
+)
 from common.site import SiteData
 from privacy.audit_stats import empirical_epsilon_lower_bound, roc_summary
-from privacy.fidelity import frechet_distance, feature_moments, precision_recall_coverage, radiomics_features
+from privacy.fidelity import (
+    feature_moments,
+    frechet_distance,
+    precision_recall_coverage,
+    radiomics_features,
+)
 from privacy.memorization import memorization_audit, pairwise_min_distances
 
 log = logging.getLogger("fedsynth.site.audit")
-WHITE_BOX_TIMESTEPS = (50, 100, 200, 400)  # loss attack: low-noise steps are where memorisation shows
+WHITE_BOX_TIMESTEPS = (
+    50,
+    100,
+    200,
+    400,
+)  # loss attack: low-noise steps are where memorisation shows
 
 
 @torch.no_grad()
-def loss_scores(ae, unet, cfg: ModelConfig, data: SiteData, latent_scale: float, device: torch.device,
-                repeats: int = 4, seed: int = 0) -> np.ndarray:
+def loss_scores(
+    ae,
+    unet,
+    cfg: ModelConfig,
+    data: SiteData,
+    latent_scale: float,
+    device: torch.device,
+    repeats: int = 4,
+    seed: int = 0,
+) -> np.ndarray:
     """White-box membership score per record: minus the mean diffusion loss over fixed timesteps and noise draws
     (members of an overfit model have lower loss). Computed and kept at the site."""
     gen = torch.Generator().manual_seed(seed)
@@ -56,20 +81,33 @@ def loss_scores(ae, unet, cfg: ModelConfig, data: SiteData, latent_scale: float,
 
 def _mia(member_scores: np.ndarray, nonmember_scores: np.ndarray, delta: float) -> dict[str, Any]:
     out = roc_summary(member_scores, nonmember_scores)
-    out["epsilon_lower_bound"] = empirical_epsilon_lower_bound(member_scores, nonmember_scores, delta=delta)
+    out["epsilon_lower_bound"] = empirical_epsilon_lower_bound(
+        member_scores, nonmember_scores, delta=delta
+    )
     return out
 
 
-def utility(synthetic: np.ndarray, synthetic_labels: np.ndarray, train: SiteData, holdout: SiteData) -> dict:
+def utility(
+    synthetic: np.ndarray, synthetic_labels: np.ndarray, train: SiteData, holdout: SiteData
+) -> dict:
     """Train-synthetic-test-real vs train-real-test-real, a logistic regression on radiomics features."""
+
     def fit_eval(x_tr, y_tr, x_te, y_te) -> dict[str, float]:
         if len(np.unique(y_tr)) < 2 or len(np.unique(y_te)) < 2:
-            return {"balanced_accuracy": float("nan"), "auc": float("nan"), "note": "needs both classes"}
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
+            return {
+                "balanced_accuracy": float("nan"),
+                "auc": float("nan"),
+                "note": "needs both classes",
+            }
+        clf = make_pipeline(
+            StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced")
+        )
         clf.fit(x_tr, y_tr)
         proba = clf.predict_proba(x_te)[:, 1]
-        return {"balanced_accuracy": float(balanced_accuracy_score(y_te, clf.predict(x_te))),
-                "auc": float(roc_auc_score(y_te, proba))}
+        return {
+            "balanced_accuracy": float(balanced_accuracy_score(y_te, clf.predict(x_te))),
+            "auc": float(roc_auc_score(y_te, proba)),
+        }
 
     f_syn, _ = radiomics_features(synthetic)
     f_tr, _ = radiomics_features(train.images)
@@ -82,8 +120,13 @@ def utility(synthetic: np.ndarray, synthetic_labels: np.ndarray, train: SiteData
     }
 
 
-def fidelity(synthetic: np.ndarray, synthetic_labels: np.ndarray, real: SiteData, class_names,
-             references: dict[str, np.ndarray] | None = None) -> dict:
+def fidelity(
+    synthetic: np.ndarray,
+    synthetic_labels: np.ndarray,
+    real: SiteData,
+    class_names,
+    references: dict[str, np.ndarray] | None = None,
+) -> dict:
     """Synthetic vs the site's training patients, overall and per class; `references` are other image sets scored
     the same way (e.g. the hold-out patients, and the hold-out patients passed through the autoencoder), so that a
     reader can tell a weak generator from figures that even real images or the autoencoder cannot reach."""
@@ -94,12 +137,17 @@ def fidelity(synthetic: np.ndarray, synthetic_labels: np.ndarray, real: SiteData
         r, s = f_real[real.labels == c], f_syn[synthetic_labels == c]
         if len(r) >= 2 and len(s) >= 2:
             out["per_class"][name] = _fid(r, s)
-    out["reference"] = {name: _fid(f_real, radiomics_features(images)[0]) for name, images in (references or {}).items()}
+    out["reference"] = {
+        name: _fid(f_real, radiomics_features(images)[0])
+        for name, images in (references or {}).items()
+    }
     return out
 
 
 @torch.no_grad()
-def autoencoder_reconstructions(ae, data: SiteData, latent_scale: float, device: torch.device) -> np.ndarray:
+def autoencoder_reconstructions(
+    ae, data: SiteData, latent_scale: float, device: torch.device
+) -> np.ndarray:
     """The records passed through the global autoencoder (encode to the latent mean, decode): the best any
     generator working in this latent space could produce for them."""
     mu, _ = encode(ae, torch.from_numpy(data.images).to(device))
@@ -107,28 +155,60 @@ def autoencoder_reconstructions(ae, data: SiteData, latent_scale: float, device:
 
 
 def _fid(real_feats: np.ndarray, synth_feats: np.ndarray) -> dict[str, float]:
-    res = {"frechet_distance": float(frechet_distance(feature_moments(real_feats), feature_moments(synth_feats))),
-           "n_real": int(len(real_feats)), "n_synthetic": int(len(synth_feats))}
+    res = {
+        "frechet_distance": float(
+            frechet_distance(feature_moments(real_feats), feature_moments(synth_feats))
+        ),
+        "n_real": int(len(real_feats)),
+        "n_synthetic": int(len(synth_feats)),
+    }
     k = min(5, len(real_feats) - 1, len(synth_feats) - 1)
     if k >= 1:
-        res.update({k_: float(v) for k_, v in precision_recall_coverage(real_feats, synth_feats, k=k).items()})
+        res.update(
+            {
+                k_: float(v)
+                for k_, v in precision_recall_coverage(real_feats, synth_feats, k=k).items()
+            }
+        )
     return res
 
 
-def audit_site(site: SiteConfig, cfg: ModelConfig, synthetic: np.ndarray, synthetic_ids: list[str],
-               synthetic_labels: np.ndarray, ae_state: dict, unet_state: dict, latent_scale: float) -> dict[str, Any]:
+def audit_site(
+    site: SiteConfig,
+    cfg: ModelConfig,
+    synthetic: np.ndarray,
+    synthetic_ids: list[str],
+    synthetic_labels: np.ndarray,
+    ae_state: dict,
+    unet_state: dict,
+    latent_scale: float,
+) -> dict[str, Any]:
     """Everything the site computes about a candidate cohort; the result holds aggregates only."""
     device = configure_compute(site)
     train, holdout = load_training_data(site, cfg)
     if len(train) < 2 or len(holdout) < 2:
-        raise ValueError(f"site {site.name}: needs >= 2 training and >= 2 hold-out patients to audit")
+        raise ValueError(
+            f"site {site.name}: needs >= 2 training and >= 2 hold-out patients to audit"
+        )
     privacy = privacy_summary(site, open_ledger(site, train), train, None)
     delta = float(privacy["delta"])
-    log.info("site %s: auditing %d synthetic images against %d members and %d non-members", site.name,
-             len(synthetic), len(train), len(holdout))
-    mem = memorization_audit(synthetic, list(synthetic_ids), train.images, holdout.images,
-                             synthetic_labels=synthetic_labels, member_labels=train.labels,
-                             nonmember_labels=holdout.labels, class_names=list(cfg.class_names))
+    log.info(
+        "site %s: auditing %d synthetic images against %d members and %d non-members",
+        site.name,
+        len(synthetic),
+        len(train),
+        len(holdout),
+    )
+    mem = memorization_audit(
+        synthetic,
+        list(synthetic_ids),
+        train.images,
+        holdout.images,
+        synthetic_labels=synthetic_labels,
+        member_labels=train.labels,
+        nonmember_labels=holdout.labels,
+        class_names=list(cfg.class_names),
+    )
     ae, unet = build_autoencoder(cfg), build_unet(cfg)
     ae.load_state_dict(ae_state)
     unet.load_state_dict(unet_state)
@@ -138,13 +218,18 @@ def audit_site(site: SiteConfig, cfg: ModelConfig, synthetic: np.ndarray, synthe
     # Black box: a record close to some synthetic image is guessed "member" (score = minus the distance).
     black_m = -pairwise_min_distances(train.images, synthetic)[0]
     black_n = -pairwise_min_distances(holdout.images, synthetic)[0]
-    membership = {"white_box": _mia(white_m, white_n, delta), "black_box": _mia(black_m, black_n, delta)}
+    membership = {
+        "white_box": _mia(white_m, white_n, delta),
+        "black_box": _mia(black_m, black_n, delta),
+    }
     per_class: dict[str, Any] = {}
     for c, name in enumerate(cfg.class_names):
         m, n = train.labels == c, holdout.labels == c
         if m.sum() >= 1 and n.sum() >= 1:
-            per_class[name] = {"white_box": _mia(white_m[m], white_n[n], delta),
-                               "black_box": _mia(black_m[m], black_n[n], delta)}
+            per_class[name] = {
+                "white_box": _mia(white_m[m], white_n[n], delta),
+                "black_box": _mia(black_m[m], black_n[n], delta),
+            }
     membership["per_class"] = per_class
     return {
         "site": site.name,
@@ -153,8 +238,17 @@ def audit_site(site: SiteConfig, cfg: ModelConfig, synthetic: np.ndarray, synthe
         "claimed_privacy": privacy,
         "memorization": mem,
         "membership": membership,
-        "fidelity": fidelity(synthetic, synthetic_labels, train, cfg.class_names, references={
-            "holdout_patients": holdout.images,
-            "holdout_through_autoencoder": autoencoder_reconstructions(ae, holdout, latent_scale, device)}),
+        "fidelity": fidelity(
+            synthetic,
+            synthetic_labels,
+            train,
+            cfg.class_names,
+            references={
+                "holdout_patients": holdout.images,
+                "holdout_through_autoencoder": autoencoder_reconstructions(
+                    ae, holdout, latent_scale, device
+                ),
+            },
+        ),
         "utility": utility(synthetic, synthetic_labels, train, holdout),
     }

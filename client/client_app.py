@@ -10,9 +10,22 @@ import json
 import logging
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update, get_norm
+from flwr.supercore.differential_privacy import (
+    KEY_CLIPPING_NORM,
+    compute_clip_model_update,
+    get_norm,
+)
 
 from client.task import RoundPlan, run_training_round
 from common.config import SiteConfig, model_config
@@ -27,7 +40,11 @@ def central_dp_clipping_mod(msg: Message, context: Context, call_next) -> Messag
     the ClientApp is built, so this one does nothing unless the round's config carries a clipping norm (Flower's
     `DifferentialPrivacyClientSideFixedClipping` puts it there when the run has central DP on).
     """
-    config = msg.content.config_records.get("config") if msg.metadata.message_type == MessageType.TRAIN else None
+    config = (
+        msg.content.config_records.get("config")
+        if msg.metadata.message_type == MessageType.TRAIN
+        else None
+    )
     if config is None or KEY_CLIPPING_NORM not in config:
         return call_next(msg, context)
     clipping_norm = float(config[KEY_CLIPPING_NORM])
@@ -42,9 +59,14 @@ def central_dp_clipping_mod(msg: Message, context: Context, call_next) -> Messag
     norm = get_norm([np.subtract(a, b) for a, b in zip(new_nd, sent_nd, strict=True)])
     compute_clip_model_update(param1=new_nd, param2=sent_nd, clipping_norm=clipping_norm)
     # the unclipped norm says something about the site's data: it stays in the site's own log
-    logging.getLogger("fedsynth.site").info("central DP: model update norm %.4g, clipped to %.4g before it leaves",
-                                            norm, min(norm, clipping_norm))
-    reply.content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(new.keys(), new_nd, strict=True)})
+    logging.getLogger("fedsynth.site").info(
+        "central DP: model update norm %.4g, clipped to %.4g before it leaves",
+        norm,
+        min(norm, clipping_norm),
+    )
+    reply.content["arrays"] = ArrayRecord(
+        {k: Array(np.asarray(v)) for k, v in zip(new.keys(), new_nd, strict=True)}
+    )
     return reply
 
 
@@ -58,15 +80,21 @@ def train(msg: Message, context: Context) -> Message:
     site = SiteConfig.from_flwr(context.node_config)
     plan = RoundPlan.from_config(dict(msg.content["config"]))
     arrays = msg.content["arrays"].to_torch_state_dict()
-    autoencoder = msg.content["autoencoder"].to_torch_state_dict() if "autoencoder" in msg.content else None
+    autoencoder = (
+        msg.content["autoencoder"].to_torch_state_dict() if "autoencoder" in msg.content else None
+    )
     try:
         result = run_training_round(site, plan, arrays, autoencoder)
     except Exception as err:  # reply with the site's name and the reason, so the run record says who dropped and why
-        logging.getLogger("fedsynth.site").exception("site %s: round %d failed", site.name, plan.server_round)
+        logging.getLogger("fedsynth.site").exception(
+            "site %s: round %d failed", site.name, plan.server_round
+        )
         status = {"site": site.name, "refused": "", "error": f"{type(err).__name__}: {err}"[:2000]}
         return Message(content=RecordDict({"status": ConfigRecord(status)}), reply_to=msg)
     content = RecordDict({"privacy": ConfigRecord(_config_values(result.privacy))})
-    content["status"] = ConfigRecord({"site": result.site_name, "refused": result.refused, "error": ""})
+    content["status"] = ConfigRecord(
+        {"site": result.site_name, "refused": result.refused, "error": ""}
+    )
     if result.state_dict is not None:
         content["arrays"] = ArrayRecord(result.state_dict)
         content["metrics"] = MetricRecord({k: float(v) for k, v in result.metrics.items()})
@@ -82,14 +110,23 @@ def audit(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cohort = msg.content["cohort"]
     result = audit_site(
-        site, model_config(str(config["preset"]), prediction_type=str(config.get("prediction-type", "epsilon"))),
-        synthetic=cohort["images"].numpy(), synthetic_ids=json.loads(str(config["synthetic-ids"])),
+        site,
+        model_config(
+            str(config["preset"]), prediction_type=str(config.get("prediction-type", "epsilon"))
+        ),
+        synthetic=cohort["images"].numpy(),
+        synthetic_ids=json.loads(str(config["synthetic-ids"])),
         synthetic_labels=cohort["labels"].numpy(),
-        ae_state=msg.content["autoencoder"].to_torch_state_dict(), unet_state=msg.content["unet"].to_torch_state_dict(),
+        ae_state=msg.content["autoencoder"].to_torch_state_dict(),
+        unet_state=msg.content["unet"].to_torch_state_dict(),
         latent_scale=float(config["latent-scale"]),
     )
-    return Message(content=RecordDict({"audit": ConfigRecord({"json": json.dumps(result, default=_json_default)})}),
-                   reply_to=msg)
+    return Message(
+        content=RecordDict(
+            {"audit": ConfigRecord({"json": json.dumps(result, default=_json_default)})}
+        ),
+        reply_to=msg,
+    )
 
 
 def _json_default(value):

@@ -12,8 +12,9 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -59,9 +60,11 @@ class RoundPlan:
         return self.num_server_rounds - self.server_round + 1
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "RoundPlan":
+    def from_config(cls, cfg: dict[str, Any]) -> RoundPlan:
         names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k.replace("-", "_"): v for k, v in cfg.items() if k.replace("-", "_") in names})
+        return cls(
+            **{k.replace("-", "_"): v for k, v in cfg.items() if k.replace("-", "_") in names}
+        )
 
     def to_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -112,7 +115,12 @@ def select_device(name: str) -> torch.device:
 
 def load_training_data(site: SiteConfig, cfg: ModelConfig) -> tuple[SiteData, SiteData]:
     """The site's records split by patient into (train, audit hold-out); the hold-out is never trained on."""
-    data = load_site(site.site_dir, class_names=cfg.class_names, spatial_dims=cfg.spatial_dims, image_size=cfg.image_size)
+    data = load_site(
+        site.site_dir,
+        class_names=cfg.class_names,
+        spatial_dims=cfg.spatial_dims,
+        image_size=cfg.image_size,
+    )
     for problem in data.problems:
         log.warning("site %s: %s", site.name, problem)
     return split_site(data, holdout_fraction=site.holdout_fraction)
@@ -128,7 +136,9 @@ def dataset_fingerprint(site: SiteConfig, train: SiteData) -> str:
 
 def open_ledger(site: SiteConfig, train: SiteData) -> PrivacyLedger:
     site.state_path.mkdir(parents=True, exist_ok=True)
-    return PrivacyLedger(site.state_path / "privacy_ledger.sqlite", dataset_fingerprint(site, train))
+    return PrivacyLedger(
+        site.state_path / "privacy_ledger.sqlite", dataset_fingerprint(site, train)
+    )
 
 
 def steps_per_round(n_records: int, plan: RoundPlan) -> tuple[float, int]:
@@ -137,7 +147,9 @@ def steps_per_round(n_records: int, plan: RoundPlan) -> tuple[float, int]:
     return 1.0 / batches, batches * plan.local_epochs
 
 
-def plan_privacy(site: SiteConfig, ledger: PrivacyLedger, n_records: int, plan: RoundPlan) -> tuple[DPPlan | None, str]:
+def plan_privacy(
+    site: SiteConfig, ledger: PrivacyLedger, n_records: int, plan: RoundPlan
+) -> tuple[DPPlan | None, str]:
     """Calibrate this round's noise so the whole remaining run fits the site's budget, given all past spend.
 
     Returns (plan, "") or (None, reason to refuse).
@@ -145,23 +157,46 @@ def plan_privacy(site: SiteConfig, ledger: PrivacyLedger, n_records: int, plan: 
     q, steps = steps_per_round(n_records, plan)
     delta = site.delta or default_delta(n_records)
     if not site.dp:
-        return DPPlan(False, 0.0, q, steps, site.max_grad_norm, delta, "none", 0.0, math.inf, math.inf), ""
+        return DPPlan(
+            False, 0.0, q, steps, site.max_grad_norm, delta, "none", 0.0, math.inf, math.inf
+        ), ""
     prior = ledger.history()
     eps_now = ledger.epsilon(delta, site.accountant)
-    remaining = MechanismStep(noise_multiplier=1.0, sample_rate=q, steps=steps * plan.remaining_rounds)
+    remaining = MechanismStep(
+        noise_multiplier=1.0, sample_rate=q, steps=steps * plan.remaining_rounds
+    )
     try:
         sigma = calibrate_noise_multiplier(
-            site.epsilon, delta, q, remaining.steps, accountant=site.accountant, prior=prior,
+            site.epsilon,
+            delta,
+            q,
+            remaining.steps,
+            accountant=site.accountant,
+            prior=prior,
             max_noise=site.max_noise_multiplier,
         )
     except ValueError as err:
-        return None, f"privacy budget: {err} (spent epsilon={eps_now:.3f} of {site.epsilon} at delta={delta:.2e})"
+        return (
+            None,
+            f"privacy budget: {err} (spent epsilon={eps_now:.3f} of {site.epsilon} at delta={delta:.2e})",
+        )
     this_round = [MechanismStep(noise_multiplier=sigma, sample_rate=q, steps=steps)]
     decision = ledger.check_budget(this_round, site.epsilon, delta, site.accountant)
     if not decision.allowed:
         return None, decision.reason
     return (
-        DPPlan(True, sigma, q, steps, site.max_grad_norm, delta, site.accountant, eps_now, decision.epsilon_after, site.epsilon),
+        DPPlan(
+            True,
+            sigma,
+            q,
+            steps,
+            site.max_grad_norm,
+            delta,
+            site.accountant,
+            eps_now,
+            decision.epsilon_after,
+            site.epsilon,
+        ),
         "",
     )
 
@@ -185,26 +220,38 @@ def _train_loop(
     generator = torch.Generator().manual_seed(plan.seed * 100_003 + plan.server_round)
     if dp.enabled:
         module, optimizer, loader = make_private(
-            module, optimizer, loader, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            module,
+            optimizer,
+            loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
             grad_sample_mode=grad_sample_mode,
         )
         if abs(loader.sample_rate - dp.sample_rate) > 1e-12:
-            raise RuntimeError(f"Opacus sample rate {loader.sample_rate} differs from the planned {dp.sample_rate}")
+            raise RuntimeError(
+                f"Opacus sample rate {loader.sample_rate} differs from the planned {dp.sample_rate}"
+            )
     losses, steps = [], 0
     for _ in range(plan.local_epochs):
         for batch in loader:
             batch = tuple(t.to(device) for t in batch)
             optimizer.zero_grad(set_to_none=True)
-            if len(batch[0]) == 0:  # Poisson sampling can draw an empty batch: the step still adds noise
+            if (
+                len(batch[0]) == 0
+            ):  # Poisson sampling can draw an empty batch: the step still adds noise
                 _empty_step(module, optimizer)
             else:
-                loss = batch_loss(optimizer, loss_fn(module, batch))  # the batch mean (Opacus' wrapper in ghost mode)
+                loss = batch_loss(
+                    optimizer, loss_fn(module, batch)
+                )  # the batch mean (Opacus' wrapper in ghost mode)
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
-            if plan.proximal_mu > 0:  # FedProx: a data-independent pull towards the global model (no privacy cost)
+            if (
+                plan.proximal_mu > 0
+            ):  # FedProx: a data-independent pull towards the global model (no privacy cost)
                 with torch.no_grad():
-                    for p, g in zip(module.parameters(), global_params):
+                    for p, g in zip(module.parameters(), global_params, strict=False):
                         p.sub_(plan.lr * plan.proximal_mu * (p - g))
             steps += 1
     if dp.enabled and steps != dp.steps:
@@ -245,13 +292,21 @@ def run_training_round(
     dp, reason = plan_privacy(site, ledger, len(train), plan)
     if dp is None:
         log.warning("site %s refuses round %d: %s", site.name, plan.server_round, reason)
-        return RoundResult(site.name, refused=reason, privacy=privacy_summary(site, ledger, train, None))
+        return RoundResult(
+            site.name, refused=reason, privacy=privacy_summary(site, ledger, train, None)
+        )
 
     # The spend is committed before any record touches the mechanism: a crash from here on can only over-count.
     if dp.enabled:
         ledger.record(
-            run_id=plan.run_id, server_round=plan.server_round, phase=plan.phase, noise_multiplier=dp.noise_multiplier,
-            sample_rate=dp.sample_rate, steps=dp.steps, clipping_norm=dp.max_grad_norm, accountant=dp.accountant,
+            run_id=plan.run_id,
+            server_round=plan.server_round,
+            phase=plan.phase,
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=dp.sample_rate,
+            steps=dp.steps,
+            clipping_norm=dp.max_grad_norm,
+            accountant=dp.accountant,
         )
     images = torch.from_numpy(train.images)
     labels = torch.from_numpy(train.labels)
@@ -259,8 +314,15 @@ def run_training_round(
         module: torch.nn.Module = build_autoencoder(cfg)
         module.load_state_dict(arrays)
         dataset = TensorDataset(images)
-        stats = _train_loop(module, dataset, plan, dp, lambda m, b: autoencoder_loss(m, b[0], plan.kl_weight), device,
-                            site.grad_sample_mode)
+        stats = _train_loop(
+            module,
+            dataset,
+            plan,
+            dp,
+            lambda m, b: autoencoder_loss(m, b[0], plan.kl_weight),
+            device,
+            site.grad_sample_mode,
+        )
     else:
         if autoencoder_arrays is None:
             raise ValueError("diffusion phase needs the global autoencoder")
@@ -281,16 +343,31 @@ def run_training_round(
         stats = _train_loop(module, dataset, plan, dp, loss, device, site.grad_sample_mode)
     state = {k: v.detach().cpu() for k, v in _unwrap(module).state_dict().items()}
     seconds = time.time() - t0
-    metrics = {"num-examples": len(train), "loss": stats["loss"], "steps": stats["steps"], "seconds": seconds}
+    metrics = {
+        "num-examples": len(train),
+        "loss": stats["loss"],
+        "steps": stats["steps"],
+        "seconds": seconds,
+    }
     privacy = privacy_summary(site, ledger, train, dp)
     metrics.update({"epsilon": privacy["epsilon"], "delta": privacy["delta"]})
-    log.info("site %s round %d %s: loss %.4f, %d steps, epsilon %.3f, %.1fs", site.name, plan.server_round,
-             plan.phase, stats["loss"], stats["steps"], privacy["epsilon"], seconds)
+    log.info(
+        "site %s round %d %s: loss %.4f, %d steps, epsilon %.3f, %.1fs",
+        site.name,
+        plan.server_round,
+        plan.phase,
+        stats["loss"],
+        stats["steps"],
+        privacy["epsilon"],
+        seconds,
+    )
     del holdout
     return RoundResult(site.name, state_dict=state, metrics=metrics, privacy=privacy)
 
 
-def privacy_summary(site: SiteConfig, ledger: PrivacyLedger, train: SiteData, dp: DPPlan | None) -> dict[str, Any]:
+def privacy_summary(
+    site: SiteConfig, ledger: PrivacyLedger, train: SiteData, dp: DPPlan | None
+) -> dict[str, Any]:
     """What the site reports about its spend: computed from its whole ledger, labelled with the kind of protection."""
     delta = site.delta or default_delta(len(train))
     eps = ledger.epsilon(delta, site.accountant) if site.dp else math.inf
@@ -300,7 +377,8 @@ def privacy_summary(site: SiteConfig, ledger: PrivacyLedger, train: SiteData, dp
         "site": site.name,
         "protection": (
             f"formal sample-level DP per patient ({site.accountant.upper()} accountant, delta={delta:.2e})"
-            if site.dp else "none"
+            if site.dp
+            else "none"
         ),
         "epsilon": eps,
         "epsilon_budget": site.epsilon,

@@ -12,9 +12,10 @@ Keys in Flower configs are kebab-case (`num-server-rounds`); fields are the same
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 CLASS_NAMES: tuple[str, ...] = ("healthy", "lesion")
 
@@ -69,21 +70,42 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # Tests: seconds per round on a laptop CPU.
     "tiny": ModelConfig(
-        name="tiny", image_size=32, ae_channels=(8, 16), latent_channels=3, unet_channels=(16, 32),
-        unet_attention=(False, True), unet_head_channels=8, ddim_steps=10, train_timesteps=1000,
+        name="tiny",
+        image_size=32,
+        ae_channels=(8, 16),
+        latent_channels=3,
+        unet_channels=(16, 32),
+        unet_attention=(False, True),
+        unet_head_channels=8,
+        ddim_steps=10,
+        train_timesteps=1000,
     ),
     # The CPU demo: 64x64 slices, 16x16x4 latents.
     "small": ModelConfig(name="small"),
     # GPU sites: 128x128 slices, 32x32x4 latents.
     "base2d": ModelConfig(
-        name="base2d", image_size=128, ae_channels=(32, 64, 128), ae_res_blocks=2, unet_channels=(64, 128, 256),
-        unet_attention=(False, True, True), unet_res_blocks=2, unet_norm_groups=32, unet_head_channels=32,
+        name="base2d",
+        image_size=128,
+        ae_channels=(32, 64, 128),
+        ae_res_blocks=2,
+        unet_channels=(64, 128, 256),
+        unet_attention=(False, True, True),
+        unet_res_blocks=2,
+        unet_norm_groups=32,
+        unet_head_channels=32,
         ae_norm_groups=32,
     ),
     # GPU sites, volumes: 64^3 -> 16^3 x 4 latents.
     "base3d": ModelConfig(
-        name="base3d", spatial_dims=3, image_size=64, ae_channels=(32, 64, 64), unet_channels=(64, 128, 128),
-        unet_attention=(False, False, True), unet_norm_groups=32, unet_head_channels=32, ae_norm_groups=16,
+        name="base3d",
+        spatial_dims=3,
+        image_size=64,
+        ae_channels=(32, 64, 64),
+        unet_channels=(64, 128, 128),
+        unet_attention=(False, False, True),
+        unet_norm_groups=32,
+        unet_head_channels=32,
+        ae_norm_groups=16,
     ),
 }
 
@@ -100,8 +122,12 @@ class RunConfig:
 
     preset: str = "small"
     num_server_rounds: int = 6
-    autoencoder_rounds: int = 2  # the first rounds train the autoencoder, the rest the diffusion UNet
-    autoencoder_source: str = "federated"  # "federated" (trained at the sites, with DP) or "public" (phantoms only)
+    autoencoder_rounds: int = (
+        2  # the first rounds train the autoencoder, the rest the diffusion UNet
+    )
+    autoencoder_source: str = (
+        "federated"  # "federated" (trained at the sites, with DP) or "public" (phantoms only)
+    )
     local_epochs: int = 1
     batch_size: int = 16  # expected (Poisson) batch size at a site
     lr_autoencoder: float = 2e-3
@@ -115,9 +141,13 @@ class RunConfig:
     run_dir: str = "runs/latest"
     synthesize_per_class: int = 8
     seed: int = 0
-    public_phantoms: int = 96  # public phantom images for the latent scale, a public autoencoder, the warm start
+    public_phantoms: int = (
+        96  # public phantom images for the latent scale, a public autoencoder, the warm start
+    )
     public_autoencoder_steps: int = 300  # when autoencoder-source = "public"
-    public_unet_steps: int = 0  # > 0: warm-start the diffusion UNet on public phantoms before DP fine-tuning
+    public_unet_steps: int = (
+        0  # > 0: warm-start the diffusion UNet on public phantoms before DP fine-tuning
+    )
     public_batch_size: int = 16  # batch size of the server's public-phantom training
     audit: bool = True  # run the federated privacy audit on the cohort after synthesis
     mode: str = "train"  # "train": rounds, synthesis, audit; "audit": only audit `cohort-dir` made from `checkpoint`
@@ -126,10 +156,16 @@ class RunConfig:
     # Central (client-level) DP: sites clip their model update, the server adds Gaussian noise to the aggregate
     # (Flower's DifferentialPrivacyClientSideFixedClipping) and accounts the whole run with Flower's RdpAccountant.
     central_dp: str = "off"  # "off" | "client-side-fixed"
-    central_dp_noise_multiplier: float = 1.0  # noise std on the aggregate = this x clipping norm / sites
-    central_dp_clipping_norm: float = 1.0  # L2 bound on one site's model update (new - global) per round
+    central_dp_noise_multiplier: float = (
+        1.0  # noise std on the aggregate = this x clipping norm / sites
+    )
+    central_dp_clipping_norm: float = (
+        1.0  # L2 bound on one site's model update (new - global) per round
+    )
     central_dp_delta: float = 0.0  # 0 -> 1 / (10 x sites)
-    central_dp_max_epsilon: float = 0.0  # > 0: stop before a round whose release would take epsilon past this
+    central_dp_max_epsilon: float = (
+        0.0  # > 0: stop before a round whose release would take epsilon past this
+    )
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -141,7 +177,9 @@ class RunConfig:
         if self.autoencoder_source == "federated" and self.autoencoder_rounds == 0:
             raise ValueError("autoencoder-source 'federated' needs autoencoder-rounds >= 1")
         if self.strategy not in ("fedavg", "fedadam", "fedprox"):
-            raise ValueError(f"strategy: unknown {self.strategy!r}; choose fedavg, fedadam or fedprox")
+            raise ValueError(
+                f"strategy: unknown {self.strategy!r}; choose fedavg, fedadam or fedprox"
+            )
         if self.mode not in ("train", "audit"):
             raise ValueError("mode must be 'train' or 'audit'")
         if self.mode == "audit" and not (self.cohort_dir and self.checkpoint):
@@ -149,10 +187,14 @@ class RunConfig:
         if self.min_sites < 1:
             raise ValueError("min-sites must be >= 1")
         if self.central_dp not in ("off", "client-side-fixed"):
-            raise ValueError(f"central-dp: unknown {self.central_dp!r}; choose 'off' or 'client-side-fixed'")
+            raise ValueError(
+                f"central-dp: unknown {self.central_dp!r}; choose 'off' or 'client-side-fixed'"
+            )
         if self.central_dp != "off":
             if not 0 < self.central_dp_noise_multiplier < float("inf"):
-                raise ValueError("central-dp-noise-multiplier must be > 0 and finite (0 would give no guarantee)")
+                raise ValueError(
+                    "central-dp-noise-multiplier must be > 0 and finite (0 would give no guarantee)"
+                )
             if not 0 < self.central_dp_clipping_norm < float("inf"):
                 raise ValueError("central-dp-clipping-norm must be > 0 and finite")
             if not 0 <= self.central_dp_delta < 1:
@@ -160,8 +202,10 @@ class RunConfig:
             if not 0 <= self.central_dp_max_epsilon < float("inf"):
                 raise ValueError("central-dp-max-epsilon must be >= 0 and finite (0: no limit)")
             if self.strategy == "fedadam":
-                raise ValueError("central-dp needs strategy 'fedavg' or 'fedprox': Flower's client-level accounting "
-                                 "assumes FedAvg aggregation with uniform weights")
+                raise ValueError(
+                    "central-dp needs strategy 'fedavg' or 'fedprox': Flower's client-level accounting "
+                    "assumes FedAvg aggregation with uniform weights"
+                )
 
     @property
     def diffusion_rounds(self) -> int:
@@ -176,7 +220,7 @@ class RunConfig:
         return "autoencoder" if server_round <= self.federated_autoencoder_rounds else "diffusion"
 
     @classmethod
-    def from_flwr(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+    def from_flwr(cls, run_config: Mapping[str, Any]) -> RunConfig:
         return _from_kebab(cls, run_config)
 
     def to_flwr(self) -> dict[str, Any]:
@@ -206,7 +250,9 @@ class SiteConfig:
 
     def __post_init__(self) -> None:
         if not self.site_dir:
-            raise ValueError("node config needs site-dir (the folder with the site's images and labels.csv)")
+            raise ValueError(
+                "node config needs site-dir (the folder with the site's images and labels.csv)"
+            )
         if self.accountant not in ("rdp", "prv"):
             raise ValueError("accountant must be 'rdp' or 'prv'")
         if self.grad_sample_mode not in ("bookkeeping", "hooks", "ghost"):
@@ -223,7 +269,7 @@ class SiteConfig:
         return Path(self.state_dir) if self.state_dir else Path(self.site_dir) / ".fedsynth"
 
     @classmethod
-    def from_flwr(cls, node_config: Mapping[str, Any]) -> "SiteConfig":
+    def from_flwr(cls, node_config: Mapping[str, Any]) -> SiteConfig:
         return _from_kebab(cls, node_config, ignore_unknown=True)
 
 
@@ -235,7 +281,9 @@ def _from_kebab(cls: type, values: Mapping[str, Any], ignore_unknown: bool = Fal
         if name not in fields:
             if ignore_unknown:
                 continue
-            raise ValueError(f"unknown config key {key!r}; known: {sorted(k.replace('_', '-') for k in fields)}")
+            raise ValueError(
+                f"unknown config key {key!r}; known: {sorted(k.replace('_', '-') for k in fields)}"
+            )
         default = fields[name].default
         if isinstance(default, bool):
             value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")

@@ -6,7 +6,7 @@ Per-sample losses are returned (shape (B,)) so DP-SGD can clip per record and au
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,13 +50,21 @@ def build_unet(cfg: ModelConfig) -> DiffusionModelUNet:
 
 
 def ddpm_scheduler(cfg: ModelConfig) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, clip_sample=False,
-                         prediction_type=cfg.prediction_type, **SCHEDULE)
+    return DDPMScheduler(
+        num_train_timesteps=cfg.train_timesteps,
+        clip_sample=False,
+        prediction_type=cfg.prediction_type,
+        **SCHEDULE,
+    )
 
 
 def ddim_scheduler(cfg: ModelConfig) -> DDIMScheduler:
-    return DDIMScheduler(num_train_timesteps=cfg.train_timesteps, clip_sample=False,
-                         prediction_type=cfg.prediction_type, **SCHEDULE)
+    return DDIMScheduler(
+        num_train_timesteps=cfg.train_timesteps,
+        clip_sample=False,
+        prediction_type=cfg.prediction_type,
+        **SCHEDULE,
+    )
 
 
 def autoencoder_loss(ae: AutoencoderKL, images: torch.Tensor, kl_weight: float) -> torch.Tensor:
@@ -72,7 +80,9 @@ def autoencoder_loss(ae: AutoencoderKL, images: torch.Tensor, kl_weight: float) 
 
 
 @torch.no_grad()
-def encode(ae: AutoencoderKL, images: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(
+    ae: AutoencoderKL, images: torch.Tensor, batch: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent mean and std for each image (no gradient), batched."""
     mus, sigmas = [], []
     for i in range(0, len(images), batch):
@@ -95,10 +105,16 @@ def diffusion_loss(
     if noise is None:
         noise = torch.randn_like(latents)
     if timesteps is None:
-        timesteps = torch.randint(0, scheduler.num_train_timesteps, (len(latents),), device=latents.device)
+        timesteps = torch.randint(
+            0, scheduler.num_train_timesteps, (len(latents),), device=latents.device
+        )
     noisy = scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
     pred = unet(noisy, timesteps=timesteps, class_labels=labels)
-    target = noise if scheduler.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    target = (
+        noise
+        if scheduler.prediction_type == "epsilon"
+        else scheduler.get_velocity(latents, noise, timesteps)
+    )
     return F.mse_loss(pred, target, reduction="none").mean(dim=tuple(range(1, latents.ndim)))
 
 

@@ -19,9 +19,9 @@ import csv
 import dataclasses
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -75,7 +75,9 @@ class Protocol:
         if self.sequence == "flair" and (self.ti_ms is None or not 0 < self.ti_ms < self.tr_ms):
             raise ValueError(f"{where}: FLAIR needs 0 < TI < TR, got TI {self.ti_ms}")
         if self.sequence == "gre" and (self.flip_deg is None or not 0 < self.flip_deg <= 90):
-            raise ValueError(f"{where}: GRE needs a flip angle in (0, 90] degrees, got {self.flip_deg}")
+            raise ValueError(
+                f"{where}: GRE needs a flip angle in (0, 90] degrees, got {self.flip_deg}"
+            )
         if self.noise_sigma < 0 or self.bias_strength < 0:
             raise ValueError(f"{where}: noise_sigma and bias_strength must be >= 0")
         if self.voxel_mm <= 0 or self.slice_mm <= 0:
@@ -99,12 +101,34 @@ PROTOCOLS: dict[str, Protocol] = {
     p.name: p
     for p in (
         Protocol("t1_se_1.5t", "se", 1.5, 500.0, 15.0, noise_sigma=0.015, bias_strength=0.10),
-        Protocol("t1_gre_3t", "gre", 3.0, 25.0, 4.0, flip_deg=30.0, noise_sigma=0.02, bias_strength=0.30),
-        Protocol("t1_se_1.5t_lowres", "se", 1.5, 450.0, 20.0, noise_sigma=0.045, bias_strength=0.15,
-                 voxel_mm=4.0, slice_mm=6.0),
-        Protocol("t1_se_3t", "se", 3.0, 600.0, 10.0, noise_sigma=0.012, bias_strength=0.25, slice_mm=4.0),
-        Protocol("t1_gre_1.5t", "gre", 1.5, 20.0, 5.0, flip_deg=25.0, noise_sigma=0.025, bias_strength=0.20,
-                 voxel_mm=3.5),
+        Protocol(
+            "t1_gre_3t", "gre", 3.0, 25.0, 4.0, flip_deg=30.0, noise_sigma=0.02, bias_strength=0.30
+        ),
+        Protocol(
+            "t1_se_1.5t_lowres",
+            "se",
+            1.5,
+            450.0,
+            20.0,
+            noise_sigma=0.045,
+            bias_strength=0.15,
+            voxel_mm=4.0,
+            slice_mm=6.0,
+        ),
+        Protocol(
+            "t1_se_3t", "se", 3.0, 600.0, 10.0, noise_sigma=0.012, bias_strength=0.25, slice_mm=4.0
+        ),
+        Protocol(
+            "t1_gre_1.5t",
+            "gre",
+            1.5,
+            20.0,
+            5.0,
+            flip_deg=25.0,
+            noise_sigma=0.025,
+            bias_strength=0.20,
+            voxel_mm=3.5,
+        ),
         Protocol("t2_se_1.5t", "se", 1.5, 4000.0, 100.0),
         Protocol("t2_se_3t", "se", 3.0, 5000.0, 90.0),
         Protocol("flair_1.5t", "flair", 1.5, 9000.0, 120.0, ti_ms=2400.0),
@@ -208,7 +232,11 @@ def _draw_anatomy(rng: np.random.Generator) -> dict:
     return {
         "axes": (rng.uniform(0.74, 0.84), rng.uniform(0.95, 1.0), rng.uniform(0.80, 0.90)),
         "taper": rng.uniform(0.04, 0.10),  # head narrower at the front
-        "angles": (rng.normal(0, 0.08), rng.normal(0, 0.04), rng.normal(0, 0.04)),  # yaw, pitch, roll (rad)
+        "angles": (
+            rng.normal(0, 0.08),
+            rng.normal(0, 0.04),
+            rng.normal(0, 0.04),
+        ),  # yaw, pitch, roll (rad)
         "centre": rng.normal(0, 0.02, size=3),
         "scale": rng.uniform(0.92, 1.02),
         "deform": _draw_waves(rng, 12, (0.4, 1.0)),
@@ -219,7 +247,11 @@ def _draw_anatomy(rng: np.random.Generator) -> dict:
         "slice_w": rng.uniform(0.0, 0.12),  # axial slice height (2D)
         "tissue_jitter": rng.normal(0, 0.03, size=(len(_TISSUES_15T), 3)),
         "bias": _draw_waves(rng, 4, (0.15, 0.45)),
-        "lesion_centre": (rng.uniform(-0.45, 0.45), rng.uniform(-0.55, 0.55), rng.uniform(-0.3, 0.4)),
+        "lesion_centre": (
+            rng.uniform(-0.45, 0.45),
+            rng.uniform(-0.55, 0.55),
+            rng.uniform(-0.3, 0.4),
+        ),
         "lesion_radius": rng.uniform(0.0, 1.0),
         "lesion_axes": rng.uniform(0.75, 1.3, size=3),
         "lesion_shape": _draw_waves(rng, 6, (0.8, 1.6)),
@@ -227,7 +259,9 @@ def _draw_anatomy(rng: np.random.Generator) -> dict:
     }
 
 
-def _label_anatomy(a: dict, u, v, w, voxel_units: float, lesion: bool, slice_w: float | None) -> np.ndarray:
+def _label_anatomy(
+    a: dict, u, v, w, voxel_units: float, lesion: bool, slice_w: float | None
+) -> np.ndarray:
     """Tissue labels at head-frame points (u right, v anterior, w superior; head surface near rho = 1).
 
     A lesion is centred well inside the brain (on the slice `slice_w` for 2D) and spans >= 2 voxels in radius.
@@ -245,9 +279,13 @@ def _label_anatomy(a: dict, u, v, w, voxel_units: float, lesion: bool, slice_w: 
     brain_surface = 0.85 - 0.025 * a["atrophy"]
     depth = brain_surface - rho
     # the corpus callosum (between genu and splenium) blocks the fissure around the ventricles
-    cc_reach = np.where(v > 0, 0.44, 0.50) * np.sqrt(np.clip(1.0 - ((w - 0.05) / 0.38) ** 2, 0.0, 1.0))
+    cc_reach = np.where(v > 0, 0.44, 0.50) * np.sqrt(
+        np.clip(1.0 - ((w - 0.05) / 0.38) ** 2, 0.0, 1.0)
+    )
     fissure_half = 0.010 + 0.008 * a["atrophy"]
-    medial = np.hypot(np.maximum(np.abs(u) - fissure_half, 0.0), np.maximum(cc_reach - np.abs(v), 0.0))
+    medial = np.hypot(
+        np.maximum(np.abs(u) - fissure_half, 0.0), np.maximum(cc_reach - np.abs(v), 0.0)
+    )
     depth = np.minimum(depth, medial)
 
     # cortical folding in the outer shell: a field constant along radial lines; its zero lines are the sulci
@@ -273,10 +311,17 @@ def _label_anatomy(a: dict, u, v, w, voxel_units: float, lesion: bool, slice_w: 
         ):
             e = ((u - side * cu) / su) ** 2 + ((v - cv) / sv) ** 2 + ((w - cw) / sw) ** 2
             lab[intracranial & (e < 1.0) & (depth > 0.1)] = TISSUES["grey"]
-        t = np.clip(v / (0.30 * (0.8 + 0.2 * vs)), -1.3, 1.3)  # position along the ventricle, -1 back .. 1 front
+        t = np.clip(
+            v / (0.30 * (0.8 + 0.2 * vs)), -1.3, 1.3
+        )  # position along the ventricle, -1 back .. 1 front
         height = np.sqrt(np.clip(1.0 - ((w - 0.08) / (0.20 * (0.8 + 0.2 * vs))) ** 2, 0.0, 1.0))
         medial = 0.012 + 0.09 * t * t  # the horns diverge from the septum (butterfly)
-        width = 0.065 * vs * (1.0 + 0.3 * np.maximum(t, 0.0)) * np.sqrt(np.clip(1.0 - (t / 1.25) ** 2, 0, 1))
+        width = (
+            0.065
+            * vs
+            * (1.0 + 0.3 * np.maximum(t, 0.0))
+            * np.sqrt(np.clip(1.0 - (t / 1.25) ** 2, 0, 1))
+        )
         inside = (side * u > medial) & (side * u < medial + width * height) & (np.abs(t) < 1.25)
         lab[inside] = TISSUES["csf"]
     third = (np.abs(u) < 0.008 * vs) & (v > -0.2) & (v < -0.02) & (np.abs(w) < 0.12)
@@ -286,13 +331,18 @@ def _label_anatomy(a: dict, u, v, w, voxel_units: float, lesion: bool, slice_w: 
         c = np.array(a["lesion_centre"])
         if slice_w is not None:
             c[2] = slice_w
-        rho_c = math.sqrt(sum((cq / s) ** 2 for cq, s in zip(c, (ax, ay, az))))
+        rho_c = math.sqrt(sum((cq / s) ** 2 for cq, s in zip(c, (ax, ay, az), strict=False)))
         if rho_c > 0.6:  # keep the centre deep enough that the blob lies in the brain
             c[:2] *= math.sqrt(max(0.36 - (c[2] / az) ** 2, 0.0)) / math.hypot(c[0] / ax, c[1] / ay)
         radius = max(0.07, 2.6 * voxel_units) + a["lesion_radius"] * 0.12
-        du, dv, dw = ((q - cq) / (radius * s) for q, cq, s in zip((u, v, w), c, a["lesion_axes"]))
+        du, dv, dw = (
+            (q - cq) / (radius * s)
+            for q, cq, s in zip((u, v, w), c, a["lesion_axes"], strict=False)
+        )
         rr = np.sqrt(du * du + dv * dv + dw * dw) + 1e-6
-        wobble = 1.0 + 0.15 * np.clip(_wave_field(a["lesion_shape"], du / rr, dv / rr, dw / rr), -1.3, 1.3)
+        wobble = 1.0 + 0.15 * np.clip(
+            _wave_field(a["lesion_shape"], du / rr, dv / rr, dw / rr), -1.3, 1.3
+        )
         lab[intracranial & (rr < wobble)] = TISSUES["lesion"]
     return lab
 
@@ -314,7 +364,12 @@ def _affine(size: int, voxel_mm: float, slice_mm: float, n_slices: int) -> np.nd
 
 
 def render_subject(
-    rng: np.random.Generator, protocol: Protocol, *, dims: int = 2, size: int = 64, lesion: bool = False
+    rng: np.random.Generator,
+    protocol: Protocol,
+    *,
+    dims: int = 2,
+    size: int = 64,
+    lesion: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Simulate one subject: (image float32, tissue labels uint8, 4x4 RAS affine).
 
@@ -328,9 +383,11 @@ def render_subject(
     a = _draw_anatomy(rng)
     ss = 3 if dims == 2 else 2  # supersampling per axis for partial volume
     n_hi = size * ss
-    grid = ((np.arange(n_hi, dtype=np.float32) + 0.5) / n_hi * 2.0 - 1.0)
+    grid = (np.arange(n_hi, dtype=np.float32) + 0.5) / n_hi * 2.0 - 1.0
     units_per_mm = 2.0 / (size * protocol.voxel_mm)  # normalised FOV spans [-1, 1]
-    fill = _HEAD_FILL * min(1.15, _REF_VOXEL_MM / protocol.voxel_mm) * a["scale"]  # head size in the FOV
+    fill = (
+        _HEAD_FILL * min(1.15, _REF_VOXEL_MM / protocol.voxel_mm) * a["scale"]
+    )  # head size in the FOV
     if dims == 2:
         nz, ssz = 1, 3  # sub-slices across the slice thickness
         zs = (np.arange(ssz, dtype=np.float32) + 0.5) / ssz - 0.5
@@ -356,7 +413,9 @@ def render_subject(
         w + amp * _wave_field(d[8:12], u, v, w),
     )
     slice_w = a["slice_w"] if dims == 2 else None
-    labels_hi = _label_anatomy(a, u, v, w, voxel_units=2.0 / (size * fill), lesion=lesion, slice_w=slice_w)
+    labels_hi = _label_anatomy(
+        a, u, v, w, voxel_units=2.0 / (size * fill), lesion=lesion, slice_w=slice_w
+    )
 
     # tissue fractions per output voxel (partial volume) and the noiseless signal
     blocks = labels_hi.reshape(size, ss, size, ss, nz, ssz)
@@ -366,16 +425,21 @@ def render_subject(
     props = tissue_properties(protocol.field_t)
     if lesion:
         t1, t2, pd = a["lesion_props"]
-        scale = props["lesion"][0] / _TISSUES_15T["lesion"][0], props["lesion"][1] / _TISSUES_15T["lesion"][1]
+        scale = (
+            props["lesion"][0] / _TISSUES_15T["lesion"][0],
+            props["lesion"][1] / _TISSUES_15T["lesion"][1],
+        )
         props["lesion"] = (t1 * scale[0], t2 * scale[1], pd)
     tissue_signal = np.zeros(len(TISSUES), dtype=np.float32)
     for row, (name, (t1, t2, pd)) in enumerate(props.items()):
         j1, j2, jp = a["tissue_jitter"][row]
-        tissue_signal[TISSUES[name]] = signal(protocol, t1 * (1 + j1), t2 * (1 + j2), pd * (1 + jp / 3))
+        tissue_signal[TISSUES[name]] = signal(
+            protocol, t1 * (1 + j1), t2 * (1 + j2), pd * (1 + jp / 3)
+        )
     clean = fractions @ tissue_signal
 
     # smooth multiplicative bias field (coil sensitivity), evaluated at output voxel centres
-    centres = ((np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0)
+    centres = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
     zc = zs.mean(keepdims=True) if dims == 2 else centres
     bias = _wave_field(a["bias"], centres[:, None, None], centres[None, :, None], zc[None, None, :])
     bias /= max(float(np.abs(bias).max()), 1e-6)  # in [-1, 1]: gain spans exp(+-bias_strength)
@@ -406,7 +470,9 @@ def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     return img
 
 
-def _site_public(site_id: str, spec: SiteSpec, dims: int, size: int, counts: dict[str, int]) -> dict:
+def _site_public(
+    site_id: str, spec: SiteSpec, dims: int, size: int, counts: dict[str, int]
+) -> dict:
     p = spec.protocol
     return {
         "site": site_id,
@@ -460,19 +526,27 @@ def make_phantom_sites(
             for j in range(n_subjects):
                 rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i, 1 + j)))
                 is_lesion = j in lesion_idx
-                image, labels, affine = render_subject(rng, spec.protocol, dims=dims, size=size, lesion=is_lesion)
+                image, labels, affine = render_subject(
+                    rng, spec.protocol, dims=dims, size=size, lesion=is_lesion
+                )
                 subject_id = f"site{i}-sub{j:04d}"
                 nib.save(_nifti(image, affine), tmp / "images" / f"{subject_id}.nii.gz")
                 nib.save(_nifti(labels, affine), tmp / "masks" / f"{subject_id}.nii.gz")
-                rows.append((subject_id, CLASS_NAMES[1] if is_lesion else CLASS_NAMES[0], f"site{i}"))
+                rows.append(
+                    (subject_id, CLASS_NAMES[1] if is_lesion else CLASS_NAMES[0], f"site{i}")
+                )
             with open(tmp / "labels.csv", "w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f)
                 writer.writerow(["subject_id", "class", "site"])
                 writer.writerows(rows)
             counts = {c: sum(r[1] == c for r in rows) for c in CLASS_NAMES}
             public = _site_public(f"site{i}", spec, dims, size, counts)
-            (tmp / "site.json").write_text(json.dumps(public, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            (tmp / "site.json").write_text(
+                json.dumps(public, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            )
         site_dirs.append(final)
         if progress is not None:
-            progress(f"{spec.name}: {n_subjects} subjects ({counts['lesion']} lesion), protocol {spec.protocol.name}")
+            progress(
+                f"{spec.name}: {n_subjects} subjects ({counts['lesion']} lesion), protocol {spec.protocol.name}"
+            )
     return site_dirs

@@ -34,10 +34,13 @@ def generate_keypair(out_dir: Path, name: str) -> tuple[Path, Path]:
         if p.exists():
             raise FileExistsError(f"{p} already exists; refusing to overwrite a key")
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     with atomic_path(key_path) as tmp:
-        os.chmod(tmp, 0o600)  # before the secret is written: it is never readable by others, even briefly
+        os.chmod(
+            tmp, 0o600
+        )  # before the secret is written: it is never readable by others, even briefly
         with open(tmp, "wb") as f:
             f.write(pem)
             f.flush()
@@ -65,7 +68,9 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     except ValueError as err:
         raise ValueError(f"{path}: not a PEM private key ({err})") from err
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path}: a {type(key).__name__.lstrip('_')}, expected an Ed25519 private key")
+        raise ValueError(
+            f"{path}: a {type(key).__name__.lstrip('_')}, expected an Ed25519 private key"
+        )
     return key
 
 
@@ -84,7 +89,9 @@ def load_public_key(source: Path | str | bytes | Ed25519PublicKey) -> Ed25519Pub
     except ValueError as err:
         raise ValueError(f"{where}: not a PEM public key ({err})") from err
     if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"{where}: a {type(key).__name__.lstrip('_')}, expected an Ed25519 public key")
+        raise ValueError(
+            f"{where}: a {type(key).__name__.lstrip('_')}, expected an Ed25519 public key"
+        )
     return key
 
 
@@ -108,7 +115,9 @@ def public_key_pem(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     """The SubjectPublicKeyInfo PEM text of a key (of the public half, for a private key)."""
     if isinstance(key, Ed25519PrivateKey):
         key = key.public_key()
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
 
 
 def fingerprint(public_key: Ed25519PublicKey | Ed25519PrivateKey) -> str:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -49,13 +49,17 @@ class SiteData:
     labels: np.ndarray  # int64 (N,) index into class_names
     class_names: tuple[str, ...]
     problems: list[SiteProblem] = field(default_factory=list)
-    spacings: dict[str, tuple[float, ...]] = field(default_factory=dict)  # subject -> voxel spacing (mm), as read
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # subject -> spatial shape, as read
+    spacings: dict[str, tuple[float, ...]] = field(
+        default_factory=dict
+    )  # subject -> voxel spacing (mm), as read
+    shapes: dict[str, tuple[int, ...]] = field(
+        default_factory=dict
+    )  # subject -> spatial shape, as read
 
     def __len__(self) -> int:
         return len(self.subject_ids)
 
-    def subset(self, idx: Sequence[int]) -> "SiteData":
+    def subset(self, idx: Sequence[int]) -> SiteData:
         idx = [int(i) for i in idx]
         ids = [self.subject_ids[i] for i in idx]
         return SiteData(
@@ -70,6 +74,7 @@ class SiteData:
 
 
 # ---- finding files and labels --------------------------------------------------------------------------------
+
 
 def _subject_id(path: Path) -> str | None:
     name, lower = path.name, path.name.lower()
@@ -90,40 +95,57 @@ def find_images(site_dir: Path, problems: list[SiteProblem]) -> tuple[dict[str, 
     root = site_dir / "images" if (site_dir / "images").is_dir() else site_dir
     found: dict[str, list[Path]] = {}
     for path in sorted(root.iterdir()):
-        if path.name.startswith(".") or path.name in SKIP_NAMES or (root == site_dir and path.name == "images"):
+        if (
+            path.name.startswith(".")
+            or path.name in SKIP_NAMES
+            or (root == site_dir and path.name == "images")
+        ):
             continue
         if path.is_dir():
             if not any(p.is_file() and not p.name.startswith(".") for p in path.iterdir()):
-                problems.append(SiteProblem(str(path), "empty folder (expected a DICOM series); ignored"))
+                problems.append(
+                    SiteProblem(str(path), "empty folder (expected a DICOM series); ignored")
+                )
                 continue
             found.setdefault(path.name, []).append(path)
             continue
         sid = _subject_id(path)
         if sid is None:
-            problems.append(SiteProblem(
-                str(path), "not an image file (expected .nii, .nii.gz, .dcm or a DICOM series folder); ignored"))
+            problems.append(
+                SiteProblem(
+                    str(path),
+                    "not an image file (expected .nii, .nii.gz, .dcm or a DICOM series folder); ignored",
+                )
+            )
             continue
         found.setdefault(sid, []).append(path)
     out: dict[str, Path] = {}
     ambiguous: set[str] = set()
     for sid, paths in found.items():
         if len(paths) > 1:
-            problems.append(SiteProblem(", ".join(str(p) for p in paths),
-                                        f"several images for subject {sid!r}; all are ignored (ambiguous)"))
+            problems.append(
+                SiteProblem(
+                    ", ".join(str(p) for p in paths),
+                    f"several images for subject {sid!r}; all are ignored (ambiguous)",
+                )
+            )
             ambiguous.add(sid)
         else:
             out[sid] = paths[0]
     return out, ambiguous
 
 
-def read_labels(site_dir: Path, class_names: tuple[str, ...],
-                problems: list[SiteProblem]) -> tuple[dict[str, int], set[str]]:
+def read_labels(
+    site_dir: Path, class_names: tuple[str, ...], problems: list[SiteProblem]
+) -> tuple[dict[str, int], set[str]]:
     """(subject id -> class index, ids whose rows were rejected, each with a problem).
 
     A missing or malformed labels.csv makes the site unusable (SiteError)."""
     path = site_dir / "labels.csv"
     if not path.is_file():
-        raise SiteError(f"{path}: missing; a site needs labels.csv with header subject_id,class[,site]")
+        raise SiteError(
+            f"{path}: missing; a site needs labels.csv with header subject_id,class[,site]"
+        )
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -133,7 +155,9 @@ def read_labels(site_dir: Path, class_names: tuple[str, ...],
     except (UnicodeDecodeError, csv.Error) as err:
         raise SiteError(f"{path}: not a readable CSV ({err})") from err
     if not {"subject_id", "class"} <= set(header):
-        raise SiteError(f"{path}: header must contain subject_id and class, got {','.join(header) or 'nothing'}")
+        raise SiteError(
+            f"{path}: header must contain subject_id and class, got {','.join(header) or 'nothing'}"
+        )
     if not rows:
         raise SiteError(f"{path}: no rows below the header")
     labels: dict[str, int] = {}
@@ -146,20 +170,29 @@ def read_labels(site_dir: Path, class_names: tuple[str, ...],
             continue
         seen[sid] = seen.get(sid, 0) + 1
         if cls not in class_names:
-            problems.append(SiteProblem(
-                f"{path}:{line}", f"unknown class {cls!r} for {sid!r} (known: {', '.join(class_names)}); row ignored"))
+            problems.append(
+                SiteProblem(
+                    f"{path}:{line}",
+                    f"unknown class {cls!r} for {sid!r} (known: {', '.join(class_names)}); row ignored",
+                )
+            )
             rejected.add(sid)
         else:
             labels[sid] = class_names.index(cls)
     for sid, n in seen.items():
         if n > 1:
-            problems.append(SiteProblem(str(path), f"subject {sid!r} listed {n} times; all rows ignored (ambiguous)"))
+            problems.append(
+                SiteProblem(
+                    str(path), f"subject {sid!r} listed {n} times; all rows ignored (ambiguous)"
+                )
+            )
             labels.pop(sid, None)
             rejected.add(sid)
     return {s: y for s, y in labels.items() if s not in rejected}, rejected
 
 
 # ---- reading one image ---------------------------------------------------------------------------------------
+
 
 def _reason(err: BaseException) -> str:
     text = " ".join(str(err).split())
@@ -182,26 +215,40 @@ def _read(path: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return LoadImage(image_only=True)(str(path), reader=reader)
-    except Exception as err:  # nibabel/pydicom/gzip raise many types; each means "this file is unusable"
+    except (
+        Exception
+    ) as err:  # nibabel/pydicom/gzip raise many types; each means "this file is unusable"
         raise ValueError(f"unreadable {kind} ({_reason(err)})") from None
 
 
-def load_image(path: Path, *, spatial_dims: int, image_size: int) -> tuple[np.ndarray, tuple[float, ...], tuple[int, ...]]:
+def load_image(
+    path: Path, *, spatial_dims: int, image_size: int
+) -> tuple[np.ndarray, tuple[float, ...], tuple[int, ...]]:
     """One record (1, *[image_size]*spatial_dims) float32 in [0, 1], plus the voxel spacing and shape as read.
 
     Raises ValueError with a readable reason for anything unusable.
     """
     import torch
-    from monai.transforms import EnsureChannelFirst, Orientation, Resize, ScaleIntensity, ScaleIntensityRangePercentiles
+    from monai.transforms import (
+        EnsureChannelFirst,
+        Orientation,
+        Resize,
+        ScaleIntensity,
+        ScaleIntensityRangePercentiles,
+    )
 
     img = _read(path)
     try:
         img = EnsureChannelFirst()(img)
     except Exception as err:
-        raise ValueError(f"cannot find the channel axis (shape {tuple(img.shape)}; {_reason(err)})") from None
+        raise ValueError(
+            f"cannot find the channel axis (shape {tuple(img.shape)}; {_reason(err)})"
+        ) from None
     shape = tuple(int(s) for s in img.shape[1:])
     if img.shape[0] != 1:
-        raise ValueError(f"{img.shape[0]} channels/volumes (shape {tuple(img.shape)}); expected a single image")
+        raise ValueError(
+            f"{img.shape[0]} channels/volumes (shape {tuple(img.shape)}); expected a single image"
+        )
     if len(shape) not in (2, 3):
         raise ValueError(f"{len(shape)}-D image (shape {shape}); expected 2-D or 3-D")
     spacing = tuple(round(float(s), 4) for s in img.pixdim[: len(shape)])
@@ -209,19 +256,28 @@ def load_image(path: Path, *, spatial_dims: int, image_size: int) -> tuple[np.nd
     if not torch.isfinite(arr).all():
         raise ValueError(f"{int((~torch.isfinite(arr)).sum())} NaN/inf voxels")
     ras = Orientation(axcodes="RAS"[: len(shape)], labels=(("L", "R"), ("P", "A"), ("I", "S")))
-    arr = ras(img.float())  # the last axis is then inferior -> superior, so [..., k] are axial slices
+    arr = ras(
+        img.float()
+    )  # the last axis is then inferior -> superior, so [..., k] are axial slices
     if spatial_dims == 2:
         if arr.ndim == 4:
             arr = arr[..., arr.shape[-1] // 2]  # the middle axial slice: one record per patient
     elif arr.ndim != 4 or min(arr.shape[1:]) < 2:
         raise ValueError(f"a 3-D model needs a volume, got shape {shape}")
     if float(arr.max() - arr.min()) <= 0:
-        raise ValueError("constant image (no dynamic range)" if arr.ndim == len(shape) + 1
-                         else "constant middle slice (no dynamic range)")
-    arr = Resize((image_size,) * spatial_dims, mode="area" if spatial_dims == 2 else "trilinear")(arr)
+        raise ValueError(
+            "constant image (no dynamic range)"
+            if arr.ndim == len(shape) + 1
+            else "constant middle slice (no dynamic range)"
+        )
+    arr = Resize((image_size,) * spatial_dims, mode="area" if spatial_dims == 2 else "trilinear")(
+        arr
+    )
     lo, hi = np.percentile(np.asarray(arr), [0.5, 99.5])
     if hi > lo:
-        arr = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)(arr)
+        arr = ScaleIntensityRangePercentiles(
+            lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True
+        )(arr)
     else:  # >99 % of voxels equal (a speck on a flat background): percentiles collapse, fall back to min-max
         arr = ScaleIntensity(minv=0.0, maxv=1.0)(arr)
     return np.asarray(arr, dtype=np.float32), spacing, shape
@@ -229,8 +285,15 @@ def load_image(path: Path, *, spatial_dims: int, image_size: int) -> tuple[np.nd
 
 # ---- the site --------------------------------------------------------------------------------------------------
 
-def load_site(site_dir: Path | str, *, class_names: Sequence[str] = DEFAULT_CLASS_NAMES, spatial_dims: int = 2,
-              image_size: int = 64, progress: Callable[[int, int], None] | None = None) -> SiteData:
+
+def load_site(
+    site_dir: Path | str,
+    *,
+    class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
+    spatial_dims: int = 2,
+    image_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> SiteData:
     """Every usable (labelled, readable, valid) patient as one normalised record; the rest become problems."""
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -243,19 +306,29 @@ def load_site(site_dir: Path | str, *, class_names: Sequence[str] = DEFAULT_CLAS
     labels, rejected = read_labels(site_dir, class_names, problems)
     images, ambiguous = find_images(site_dir, problems)
     for sid in sorted(set(images) - set(labels)):
-        why = "its labels.csv row was rejected" if sid in rejected else f"no row in labels.csv for subject {sid!r}"
+        why = (
+            "its labels.csv row was rejected"
+            if sid in rejected
+            else f"no row in labels.csv for subject {sid!r}"
+        )
         problems.append(SiteProblem(str(images[sid]), f"{why}; ignored"))
     for sid in sorted(set(labels) - set(images) - ambiguous):
-        problems.append(SiteProblem(str(site_dir / "labels.csv"), f"subject {sid!r} has a label but no image"))
+        problems.append(
+            SiteProblem(str(site_dir / "labels.csv"), f"subject {sid!r} has a label but no image")
+        )
     ids, arrays, ys, spacings, shapes = [], [], [], {}, {}
     todo = sorted(set(images) & set(labels))
     for i, sid in enumerate(todo):
         try:
-            arr, spacing, shape = load_image(images[sid], spatial_dims=spatial_dims, image_size=image_size)
+            arr, spacing, shape = load_image(
+                images[sid], spatial_dims=spatial_dims, image_size=image_size
+            )
         except ValueError as err:
             problems.append(SiteProblem(str(images[sid]), f"{err}; ignored"))
         except Exception as err:  # an odd file must not stop the site; name it and go on
-            problems.append(SiteProblem(str(images[sid]), f"could not be processed ({_reason(err)}); ignored"))
+            problems.append(
+                SiteProblem(str(images[sid]), f"could not be processed ({_reason(err)}); ignored")
+            )
         else:
             ids.append(sid)
             arrays.append(arr)
@@ -266,16 +339,25 @@ def load_site(site_dir: Path | str, *, class_names: Sequence[str] = DEFAULT_CLAS
     if not ids:
         listing = "\n  ".join(str(p) for p in problems) or "no images found"
         raise SiteError(f"{site_dir}: no usable subjects:\n  {listing}", problems)
-    return SiteData(ids, np.stack(arrays), np.asarray(ys, dtype=np.int64), class_names, problems, spacings, shapes)
+    return SiteData(
+        ids,
+        np.stack(arrays),
+        np.asarray(ys, dtype=np.int64),
+        class_names,
+        problems,
+        spacings,
+        shapes,
+    )
 
 
 def _unit_hash(salt: str, sid: str) -> float:
-    digest = hashlib.sha256(f"{salt}\0{sid}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{salt}\0{sid}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def split_site(data: SiteData, holdout_fraction: float = 0.25,
-               salt: str = "fedsynth-audit-holdout") -> tuple[SiteData, SiteData]:
+def split_site(
+    data: SiteData, holdout_fraction: float = 0.25, salt: str = "fedsynth-audit-holdout"
+) -> tuple[SiteData, SiteData]:
     """(train, audit hold-out) by patient.
 
     A patient is held out when hash(salt, subject id) < holdout_fraction, so the split never changes between runs
@@ -299,6 +381,7 @@ def split_site(data: SiteData, holdout_fraction: float = 0.25,
 
 # ---- the report `fedsynth site check` prints -------------------------------------------------------------------
 
+
 @dataclass
 class SiteReport:
     site_dir: str
@@ -314,40 +397,54 @@ class SiteReport:
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
-                for k, v in self.__dict__.items()}
+        return {
+            k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+            for k, v in self.__dict__.items()
+        }
 
     def to_text(self) -> str:
         def counts(d: dict[str, int]) -> str:
             return ", ".join(f"{k}: {v}" for k, v in d.items()) or "none"
 
-        return "\n".join([
-            f"site {self.site_dir}",
-            f"  images found: {self.images_found}, labelled subjects: {self.labelled_subjects}",
-            f"  usable subjects: {self.usable_subjects} (train {self.train_subjects}, "
-            f"audit hold-out {self.holdout_subjects})",
-            f"  classes: {counts(self.class_counts)}",
-            f"  hold-out classes: {counts(self.holdout_class_counts)}",
-            f"  shapes: {counts(self.shapes)}",
-            f"  voxel spacing (mm): {counts(self.spacings)}",
-            f"  problems: {len(self.problems)}",
-            *[f"    - {p}" for p in self.problems],
-        ])
+        return "\n".join(
+            [
+                f"site {self.site_dir}",
+                f"  images found: {self.images_found}, labelled subjects: {self.labelled_subjects}",
+                f"  usable subjects: {self.usable_subjects} (train {self.train_subjects}, "
+                f"audit hold-out {self.holdout_subjects})",
+                f"  classes: {counts(self.class_counts)}",
+                f"  hold-out classes: {counts(self.holdout_class_counts)}",
+                f"  shapes: {counts(self.shapes)}",
+                f"  voxel spacing (mm): {counts(self.spacings)}",
+                f"  problems: {len(self.problems)}",
+                *[f"    - {p}" for p in self.problems],
+            ]
+        )
 
 
-def check_site(site_dir: Path | str, *, class_names: Sequence[str] = DEFAULT_CLASS_NAMES, spatial_dims: int = 2,
-               image_size: int = 64) -> SiteReport:
+def check_site(
+    site_dir: Path | str,
+    *,
+    class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
+    spatial_dims: int = 2,
+    image_size: int = 64,
+) -> SiteReport:
     """Counts, shapes, spacings, class balance and problems of one site. Never raises on bad files."""
     site_dir, class_names = Path(site_dir), tuple(class_names)
-    report = SiteReport(str(site_dir), class_counts={c: 0 for c in class_names},
-                        holdout_class_counts={c: 0 for c in class_names})
+    report = SiteReport(
+        str(site_dir),
+        class_counts={c: 0 for c in class_names},
+        holdout_class_counts={c: 0 for c in class_names},
+    )
     try:
         report.images_found = len(find_images(site_dir, [])[0])
         report.labelled_subjects = len(read_labels(site_dir, class_names, [])[0])
     except (OSError, SiteError):
         pass  # load_site below reports the same failure as a problem
     try:
-        data = load_site(site_dir, class_names=class_names, spatial_dims=spatial_dims, image_size=image_size)
+        data = load_site(
+            site_dir, class_names=class_names, spatial_dims=spatial_dims, image_size=image_size
+        )
     except SiteError as err:
         report.problems = [str(p) for p in err.problems] or [str(err)]
         if err.problems:
@@ -357,7 +454,11 @@ def check_site(site_dir: Path | str, *, class_names: Sequence[str] = DEFAULT_CLA
         report.problems = [f"{site_dir}: cannot be read ({_reason(err)})"]
         return report
     train, holdout = split_site(data)
-    report.usable_subjects, report.train_subjects, report.holdout_subjects = len(data), len(train), len(holdout)
+    report.usable_subjects, report.train_subjects, report.holdout_subjects = (
+        len(data),
+        len(train),
+        len(holdout),
+    )
     for y in data.labels:
         report.class_counts[class_names[int(y)]] += 1
     for y in holdout.labels:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -93,23 +93,29 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _rdp_epsilon_after(prior: Sequence[MechanismStep], sample_rate: float, steps: int,
-                       delta: float) -> Callable[[float], float]:
+def _rdp_epsilon_after(
+    prior: Sequence[MechanismStep], sample_rate: float, steps: int, delta: float
+) -> Callable[[float], float]:
     """sigma -> RDP epsilon of prior + (sigma, sample_rate, steps), with the prior's RDP curve computed once.
 
     The same arithmetic as RDPAccountant.get_privacy_spent (a calibration search asks for it many times).
     """
     orders = RDPAccountant.DEFAULT_ALPHAS
     with _quiet():
-        prior_rdp = sum(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=orders)
-                        for sigma, q, n in _merged(prior))
+        prior_rdp = sum(
+            rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=orders)
+            for sigma, q, n in _merged(prior)
+        )
 
     def eps(sigma: float) -> float:
         with _quiet():
             try:
-                rdp = prior_rdp + rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps,
-                                                           orders=orders)
-                value = float(rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
+                rdp = prior_rdp + rdp_analysis.compute_rdp(
+                    q=sample_rate, noise_multiplier=sigma, steps=steps, orders=orders
+                )
+                value = float(
+                    rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0]
+                )
             except (OverflowError, FloatingPointError):
                 return math.inf
         return value if math.isfinite(value) else math.inf
@@ -117,15 +123,24 @@ def _rdp_epsilon_after(prior: Sequence[MechanismStep], sample_rate: float, steps
     return eps
 
 
-def _smallest_feasible(feasible: Callable[[float], bool], eps_of: Callable[[float], float], target: float,
-                       guess: float, max_noise: float, rel_tol: float) -> float | None:
+def _smallest_feasible(
+    feasible: Callable[[float], bool],
+    eps_of: Callable[[float], float],
+    target: float,
+    guess: float,
+    max_noise: float,
+    rel_tol: float,
+) -> float | None:
     """Smallest sigma (within rel_tol, from above) with feasible(sigma); None if max_noise is not feasible.
 
     Bracket the threshold from `guess` with extrapolating steps, then Illinois false position on log(eps) against
     log(sigma), which is nearly linear, so it needs a handful of accountant calls. The returned sigma was itself
     checked feasible.
     """
-    def jump(sigma: float) -> float:  # where eps would meet target if eps ~ 1/sigma (it falls at least as fast)
+
+    def jump(
+        sigma: float,
+    ) -> float:  # where eps would meet target if eps ~ 1/sigma (it falls at least as fast)
         f = eps_of(sigma)
         return min(max(f / target, 2.0) if math.isfinite(f) else 2.0, 1e3)
 
@@ -134,7 +149,10 @@ def _smallest_feasible(feasible: Callable[[float], bool], eps_of: Callable[[floa
         return math.log(f / target) if 0 < f < math.inf else (math.inf if f > 0 else -math.inf)
 
     if feasible(guess):
-        hi, lo = guess, guess * 0.9  # a good guess (PRV starts from RDP's answer) is usually within 10 %
+        hi, lo = (
+            guess,
+            guess * 0.9,
+        )  # a good guess (PRV starts from RDP's answer) is usually within 10 %
         while feasible(lo):
             # secant through the last two feasible points (log-log), overshooting a little to get below
             slope = (log_ratio(lo) - log_ratio(hi)) / math.log(hi / lo)
@@ -154,7 +172,11 @@ def _smallest_feasible(feasible: Callable[[float], bool], eps_of: Callable[[floa
         if hi <= lo * (1 + rel_tol):
             break
         a, b = math.log(lo), math.log(hi)
-        t = y_lo / (y_lo - y_hi) if math.isfinite(y_lo) and math.isfinite(y_hi) and y_lo > y_hi else 0.5
+        t = (
+            y_lo / (y_lo - y_hi)
+            if math.isfinite(y_lo) and math.isfinite(y_hi) and y_lo > y_hi
+            else 0.5
+        )
         x = math.exp(a + min(max(t, 0.05), 0.95) * (b - a))
         y = log_ratio(x)
         if not feasible(x):
@@ -212,22 +234,31 @@ def calibrate_noise_multiplier(
     if accountant == "prv" and spent < target_epsilon:
         # PRV calls are slow at small sigma; RDP's answer (an upper bound on PRV's, usually close) is a cheap start
         try:
-            guess = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, "rdp", prior,
-                                               max_noise, rel_tol=0.05)
+            guess = calibrate_noise_multiplier(
+                target_epsilon, delta, sample_rate, steps, "rdp", prior, max_noise, rel_tol=0.05
+            )
         except ValueError:
             guess = 1.0
-    sigma = None if spent >= target_epsilon else _smallest_feasible(
-        feasible, eps_of, target_epsilon, guess, max_noise, rel_tol)
+    sigma = (
+        None
+        if spent >= target_epsilon
+        else _smallest_feasible(feasible, eps_of, target_epsilon, guess, max_noise, rel_tol)
+    )
     if sigma is None:
         raise ValueError(
             f"no noise multiplier <= {max_noise:g} keeps epsilon <= {target_epsilon:g} at delta={delta:.2e} "
             f"({accountant.upper()}) for {steps} more steps at sample rate {sample_rate:.4g}; "
-            f"already spent: epsilon {spent:.3f}")
-    for _ in range(100):  # the search's shortcut can differ from epsilon_for in the last bits: settle on the safe side
+            f"already spent: epsilon {spent:.3f}"
+        )
+    for _ in range(
+        100
+    ):  # the search's shortcut can differ from epsilon_for in the last bits: settle on the safe side
         if (exact(sigma) if accountant == "rdp" else eps_of(sigma)) <= target_epsilon:
             return sigma
         sigma *= 1 + rel_tol / 10
-    raise ValueError(f"calibration did not converge for target epsilon {target_epsilon:g} (sigma {sigma:g})")
+    raise ValueError(
+        f"calibration did not converge for target epsilon {target_epsilon:g} (sigma {sigma:g})"
+    )
 
 
 def default_delta(n_patients: int) -> float:

@@ -34,7 +34,9 @@ def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
 def _scores(x, what: str) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64).ravel()
     if not np.isfinite(a).all():
-        raise ValueError(f"{what}: scores must be finite numbers ({int((~np.isfinite(a)).sum())} are not)")
+        raise ValueError(
+            f"{what}: scores must be finite numbers ({int((~np.isfinite(a)).sum())} are not)"
+        )
     return a
 
 
@@ -46,14 +48,18 @@ def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
 def _auc_ci(auc: float, n_pos: int, n_neg: int, alpha: float) -> list[float]:
     """Hanley-McNeil (1982) normal-approximation interval for the AUC, clipped to [0, 1]."""
     q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
-    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (n_pos * n_neg)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (
+        n_pos * n_neg
+    )
     half = norm.ppf(1 - alpha / 2) * math.sqrt(max(var, 0.0))
     # a perfect or empty-looking AUC still has sampling error: never report a zero-width interval
     half = max(half, 1.0 / math.sqrt(n_pos * n_neg))
     return [max(0.0, auc - half), min(1.0, auc + half)]
 
 
-def _downsample(fpr: np.ndarray, tpr: np.ndarray, max_points: int) -> tuple[list[float], list[float]]:
+def _downsample(
+    fpr: np.ndarray, tpr: np.ndarray, max_points: int
+) -> tuple[list[float], list[float]]:
     """At most max_points ROC points: half spread evenly along the curve, half at log-spaced FPR (the low-FPR
     region matters on a log-log plot), always with both ends."""
     if len(fpr) <= max_points:
@@ -61,31 +67,55 @@ def _downsample(fpr: np.ndarray, tpr: np.ndarray, max_points: int) -> tuple[list
     else:
         even = np.linspace(0, len(fpr) - 1, max_points // 2).round().astype(int)
         pos = fpr[fpr > 0]
-        targets = np.logspace(np.log10(pos.min()), 0, max_points - len(even) - 2) if len(pos) else np.array([])
+        targets = (
+            np.logspace(np.log10(pos.min()), 0, max_points - len(even) - 2)
+            if len(pos)
+            else np.array([])
+        )
         logi = np.searchsorted(fpr, targets, side="right") - 1
         keep = np.unique(np.r_[0, len(fpr) - 1, even, np.clip(logi, 0, len(fpr) - 1)])[:max_points]
     return fpr[keep].round(6).tolist(), tpr[keep].round(6).tolist()
 
 
-def roc_summary(member_scores, nonmember_scores, max_points: int = ROC_MAX_POINTS, alpha: float = 0.05) -> dict:
+def roc_summary(
+    member_scores, nonmember_scores, max_points: int = ROC_MAX_POINTS, alpha: float = 0.05
+) -> dict:
     """AUC (with a Hanley-McNeil interval), TPR at 1 % and 0.1 % FPR, counts, and a downsampled ROC curve.
 
     TPR at FPR x is only resolvable with at least 1/x non-members; `resolvable` says which ones are (below that
     it is the TPR at zero false positives and should not be read as "at 1 %")."""
-    m, n = _scores(member_scores, "roc_summary members"), _scores(nonmember_scores, "roc_summary non-members")
-    out = {"n_members": int(len(m)), "n_nonmembers": int(len(n)), "confidence": 1 - alpha,
-           "resolvable": {"tpr_at_fpr_1pct": len(n) >= 100, "tpr_at_fpr_0_1pct": len(n) >= 1000}}
+    m, n = (
+        _scores(member_scores, "roc_summary members"),
+        _scores(nonmember_scores, "roc_summary non-members"),
+    )
+    out = {
+        "n_members": int(len(m)),
+        "n_nonmembers": int(len(n)),
+        "confidence": 1 - alpha,
+        "resolvable": {"tpr_at_fpr_1pct": len(n) >= 100, "tpr_at_fpr_0_1pct": len(n) >= 1000},
+    }
     if len(m) == 0 or len(n) == 0:
-        return {**out, "auc": float("nan"), "auc_ci": [0.0, 1.0], "tpr_at_fpr_1pct": float("nan"),
-                "tpr_at_fpr_0_1pct": float("nan"), "roc": {"fpr": [], "tpr": []}}
+        return {
+            **out,
+            "auc": float("nan"),
+            "auc_ci": [0.0, 1.0],
+            "tpr_at_fpr_1pct": float("nan"),
+            "tpr_at_fpr_0_1pct": float("nan"),
+            "roc": {"fpr": [], "tpr": []},
+        }
     y = np.r_[np.ones(len(m)), np.zeros(len(n))]
     s = np.r_[m, n]
     fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
     auc = float(roc_auc_score(y, s))
     f, t = _downsample(fpr, tpr, max_points)
-    return {**out, "auc": auc, "auc_ci": _auc_ci(auc, len(m), len(n), alpha),
-            "tpr_at_fpr_1pct": _tpr_at(fpr, tpr, 0.01), "tpr_at_fpr_0_1pct": _tpr_at(fpr, tpr, 0.001),
-            "roc": {"fpr": f, "tpr": t}}
+    return {
+        **out,
+        "auc": auc,
+        "auc_ci": _auc_ci(auc, len(m), len(n), alpha),
+        "tpr_at_fpr_1pct": _tpr_at(fpr, tpr, 0.01),
+        "tpr_at_fpr_0_1pct": _tpr_at(fpr, tpr, 0.001),
+        "roc": {"fpr": f, "tpr": t},
+    }
 
 
 def epsilon_from_counts(tp, n_pos: int, fp, n_neg: int, delta: float, alpha: float = 0.05):
@@ -103,10 +133,20 @@ def epsilon_from_counts(tp, n_pos: int, fp, n_neg: int, delta: float, alpha: flo
         return zero, zero, zero + 1.0
     with np.errstate(divide="ignore", invalid="ignore"):
         tpr_lo = np.where(tp > 0, beta.ppf(alpha / 2, np.maximum(tp, 1), n_pos - tp + 1), 0.0)
-        fpr_hi = np.where(fp < n_neg, beta.ppf(1 - alpha / 2, fp + 1, np.maximum(n_neg - fp, 1)), 1.0)
+        fpr_hi = np.where(
+            fp < n_neg, beta.ppf(1 - alpha / 2, fp + 1, np.maximum(n_neg - fp, 1)), 1.0
+        )
         a_num, b_num = tpr_lo - delta, 1 - fpr_hi - delta
-        term_a = np.where((a_num > 0) & (fpr_hi > 0), np.log(np.maximum(a_num, 1e-300) / np.maximum(fpr_hi, 1e-300)), 0.0)
-        term_b = np.where((b_num > 0) & (tpr_lo < 1), np.log(np.maximum(b_num, 1e-300) / np.maximum(1 - tpr_lo, 1e-300)), 0.0)
+        term_a = np.where(
+            (a_num > 0) & (fpr_hi > 0),
+            np.log(np.maximum(a_num, 1e-300) / np.maximum(fpr_hi, 1e-300)),
+            0.0,
+        )
+        term_b = np.where(
+            (b_num > 0) & (tpr_lo < 1),
+            np.log(np.maximum(b_num, 1e-300) / np.maximum(1 - tpr_lo, 1e-300)),
+            0.0,
+        )
     eps = np.maximum(0.0, np.maximum(term_a, term_b))
     if eps.ndim == 0:
         return float(eps), float(tpr_lo), float(fpr_hi)
@@ -117,11 +157,16 @@ def _threshold_counts(m: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndar
     """For every candidate threshold t (all observed scores): #members >= t, #non-members >= t."""
     t = np.unique(np.r_[m, n])
     ms, ns = np.sort(m), np.sort(n)
-    return t, len(m) - np.searchsorted(ms, t, side="left"), len(n) - np.searchsorted(ns, t, side="left")
+    return (
+        t,
+        len(m) - np.searchsorted(ms, t, side="left"),
+        len(n) - np.searchsorted(ns, t, side="left"),
+    )
 
 
-def empirical_epsilon_lower_bound(member_scores, nonmember_scores, delta: float, alpha: float = 0.05,
-                                  seed: int = 0) -> dict:
+def empirical_epsilon_lower_bound(
+    member_scores, nonmember_scores, delta: float, alpha: float = 0.05, seed: int = 0
+) -> dict:
     """A statistically valid lower bound, at confidence 1 - alpha, on the epsilon of the mechanism that produced
     these scores (the training run, as seen through this attack).
 
@@ -139,16 +184,21 @@ def empirical_epsilon_lower_bound(member_scores, nonmember_scores, delta: float,
         raise ValueError(f"empirical_epsilon_lower_bound: delta must be in [0, 1), got {delta}")
     m = _scores(member_scores, "empirical_epsilon_lower_bound members")
     n = _scores(nonmember_scores, "empirical_epsilon_lower_bound non-members")
-    result = {"epsilon_lower_bound": 0.0, "confidence": 1 - alpha, "delta": float(delta),
-              "method": "sample splitting: threshold chosen on a random half of members and non-members, "
-                        "Clopper-Pearson bounds on the other half", "n_members": int(len(m)),
-              "n_nonmembers": int(len(n))}
+    result = {
+        "epsilon_lower_bound": 0.0,
+        "confidence": 1 - alpha,
+        "delta": float(delta),
+        "method": "sample splitting: threshold chosen on a random half of members and non-members, "
+        "Clopper-Pearson bounds on the other half",
+        "n_members": int(len(m)),
+        "n_nonmembers": int(len(n)),
+    }
     if len(m) < 4 or len(n) < 4:
         return {**result, "note": "too few members or non-members (need 4 of each) for a bound"}
     rng = np.random.default_rng(seed)
     pm, pn = rng.permutation(len(m)), rng.permutation(len(n))
-    m_sel, m_eval = m[pm[: len(m) // 2]], m[pm[len(m) // 2:]]
-    n_sel, n_eval = n[pn[: len(n) // 2]], n[pn[len(n) // 2:]]
+    m_sel, m_eval = m[pm[: len(m) // 2]], m[pm[len(m) // 2 :]]
+    n_sel, n_eval = n[pn[: len(n) // 2]], n[pn[len(n) // 2 :]]
     best = (-1.0, 0.0, 1)
     for direction in (1, -1):
         t, tp, fp = _threshold_counts(direction * m_sel, direction * n_sel)
@@ -160,11 +210,19 @@ def empirical_epsilon_lower_bound(member_scores, nonmember_scores, delta: float,
     tp = int((direction * m_eval >= t).sum())
     fp = int((direction * n_eval >= t).sum())
     eps, tpr_lo, fpr_hi = epsilon_from_counts(tp, len(m_eval), fp, len(n_eval), delta, alpha)
-    return {**result, "epsilon_lower_bound": eps,
-            "threshold_direction": "higher score = member" if direction > 0 else "lower score = member",
-            "true_positives": tp, "false_negatives": int(len(m_eval) - tp), "false_positives": fp,
-            "true_negatives": int(len(n_eval) - fp), "tpr_lower": tpr_lo, "fpr_upper": fpr_hi,
-            "n_members_evaluated": int(len(m_eval)), "n_nonmembers_evaluated": int(len(n_eval))}
+    return {
+        **result,
+        "epsilon_lower_bound": eps,
+        "threshold_direction": "higher score = member" if direction > 0 else "lower score = member",
+        "true_positives": tp,
+        "false_negatives": int(len(m_eval) - tp),
+        "false_positives": fp,
+        "true_negatives": int(len(n_eval) - fp),
+        "tpr_lower": tpr_lo,
+        "fpr_upper": fpr_hi,
+        "n_members_evaluated": int(len(m_eval)),
+        "n_nonmembers_evaluated": int(len(n_eval)),
+    }
 
 
 def worst_case(summaries: dict[str, dict], min_records: int = 10) -> dict:
@@ -175,8 +233,11 @@ def worst_case(summaries: dict[str, dict], min_records: int = 10) -> dict:
     for site, s in summaries.items():
         if min(s.get("n_members", 0), s.get("n_nonmembers", 0)) < min_records:
             continue
-        values = {"auc": s.get("auc"), "tpr_at_fpr_1pct": s.get("tpr_at_fpr_1pct"),
-                  "epsilon_lower_bound": (s.get("epsilon_lower_bound") or {}).get("epsilon_lower_bound")}
+        values = {
+            "auc": s.get("auc"),
+            "tpr_at_fpr_1pct": s.get("tpr_at_fpr_1pct"),
+            "epsilon_lower_bound": (s.get("epsilon_lower_bound") or {}).get("epsilon_lower_bound"),
+        }
         for key, v in values.items():
             if v is not None and math.isfinite(v) and (key not in out or v > out[key]["value"]):
                 out[key] = {"value": float(v), "site": site}

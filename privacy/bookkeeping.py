@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,9 @@ class BookKeepingModule(nn.Module):
 
     def __init__(self, module: nn.Module):
         super().__init__()
-        self._module = module  # the name Opacus' GradSampleModule uses: callers unwrap with `._module`
+        self._module = (
+            module  # the name Opacus' GradSampleModule uses: callers unwrap with `._module`
+        )
         self._records: dict[nn.Module, _Record] = {}
         self._recording = False  # only calls through this wrapper's forward are recorded
         self._layers: list[nn.Module] = []
@@ -76,18 +78,24 @@ class BookKeepingModule(nn.Module):
             own = [p for p in layer.parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
-            if type(layer) not in SUPPORTED:  # exact types: a subclass may compute something else in forward
+            if (
+                type(layer) not in SUPPORTED
+            ):  # exact types: a subclass may compute something else in forward
                 unsupported.append(f"{name} ({type(layer).__name__})")
                 continue
             for p in own:
-                if id(p) in owner:  # a shared parameter's per-sample gradient spans two layers: not handled
+                if (
+                    id(p) in owner
+                ):  # a shared parameter's per-sample gradient spans two layers: not handled
                     unsupported.append(f"{name} shares a parameter with {owner[id(p)]}")
                 owner[id(p)] = name
             self._layers.append(layer)
             self._hooks.append(layer.register_forward_hook(self._capture))
         if unsupported:
-            raise ValueError("book-keeping clipping supports trainable Linear, Conv1d/2d/3d, GroupNorm and "
-                             "Embedding layers only; use grad_sample_mode='hooks' for: " + ", ".join(unsupported))
+            raise ValueError(
+                "book-keeping clipping supports trainable Linear, Conv1d/2d/3d, GroupNorm and "
+                "Embedding layers only; use grad_sample_mode='hooks' for: " + ", ".join(unsupported)
+            )
 
     @contextlib.contextmanager
     def _detached_parameters(self) -> Iterator[None]:
@@ -123,11 +131,15 @@ class BookKeepingModule(nn.Module):
         if not (self._recording and layer.training):
             return
         if layer in self._records:  # the per-sample gradient would be a sum over calls; not handled
-            raise RuntimeError(f"{type(layer).__name__} called twice in one forward pass; book-keeping clipping "
-                               "needs one call per layer (use grad_sample_mode='hooks')")
+            raise RuntimeError(
+                f"{type(layer).__name__} called twice in one forward pass; book-keeping clipping "
+                "needs one call per layer (use grad_sample_mode='hooks')"
+            )
         record = _Record(inputs[0].detach())
         self._records[layer] = record
-        if not output.requires_grad:  # nothing upstream needs a gradient (first conv, embeddings): start here
+        if (
+            not output.requires_grad
+        ):  # nothing upstream needs a gradient (first conv, embeddings): start here
             output.requires_grad_(True)
         ref = weakref.ref(record)  # the graph must not keep records alive past the step
         output.register_hook(lambda g: _store(ref, g))
@@ -140,17 +152,23 @@ class BookKeepingModule(nn.Module):
         last step) gives zero gradients: the optimizer then releases noise only, as DP-SGD requires.
         """
         records, self._records = list(self._records.items()), {}
-        params = [p for layer in self._layers for p in layer.parameters(recurse=False) if p.requires_grad]
+        params = [
+            p for layer in self._layers for p in layer.parameters(recurse=False) if p.requires_grad
+        ]
         n = records[0][1].x.shape[0] if records else 0
         if n > 0 and all(r.dy is None for _, r in records):
             raise RuntimeError("optimizer step after a forward pass without backward()")
-        live = [(layer, r) for layer, r in records if r.dy is not None and n > 0]  # dy None: loss not reached
+        live = [
+            (layer, r) for layer, r in records if r.dy is not None and n > 0
+        ]  # dy None: loss not reached
         dtype = params[0].dtype if params else torch.float32
         sq_norms = torch.zeros(n, dtype=dtype, device=params[0].device if params else None)
         materialised: list[dict[nn.Parameter, torch.Tensor]] = []
         for layer, r in live:
             if r.x.shape[0] != n:
-                raise RuntimeError(f"{type(layer).__name__} saw {r.x.shape[0]} samples, the first layer {n}")
+                raise RuntimeError(
+                    f"{type(layer).__name__} saw {r.x.shape[0]} samples, the first layer {n}"
+                )
             sq, per_sample = _NORMS[type(layer)](layer, r.x, r.dy)
             sq_norms += sq
             materialised.append(per_sample)
@@ -160,17 +178,22 @@ class BookKeepingModule(nn.Module):
         weights = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * n
         for p in params:
             p.grad = None
-        for (layer, r), per_sample in zip(live, materialised):
-            for p, g in per_sample.items():  # computed for the norm already: sum_i w_i g_i is one GEMV
+        for (layer, r), per_sample in zip(live, materialised, strict=False):
+            for (
+                p,
+                g,
+            ) in per_sample.items():  # computed for the norm already: sum_i w_i g_i is one GEMV
                 p.grad = (weights.to(g.dtype) @ g.reshape(n, -1)).view_as(p)
             _WEIGHTED_SUM[type(layer)](layer, r.x, r.dy, weights.to(r.dy.dtype), skip=per_sample)
-        for p in params:  # layers the loss did not reach this step (or an empty batch): zero gradient
+        for (
+            p
+        ) in params:  # layers the loss did not reach this step (or an empty batch): zero gradient
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         return norms
 
 
-def _store(ref: "weakref.ref[_Record]", grad: torch.Tensor) -> None:
+def _store(ref: weakref.ref[_Record], grad: torch.Tensor) -> None:
     record = ref()
     if record is not None:
         record.dy = grad if record.dy is None else record.dy + grad
@@ -191,10 +214,14 @@ def _sq_norms(per_sample: torch.Tensor) -> torch.Tensor:
 #                   {param: (N, ...) per-sample gradients} for the parameters whose gradients it computed);
 #   _WEIGHTED_SUM: sets p.grad = sum_i w_i * (per-sample gradient of p) for the parameters not in `skip`.
 
+
 # ---------------------------------------------------------------------------------------------- Linear
 def _linear_norms(layer: nn.Linear, x: torch.Tensor, dy: torch.Tensor):
     n = x.shape[0]
-    x, dy = x.reshape(n, -1, x.shape[-1]), dy.reshape(n, -1, dy.shape[-1])  # (N, T, in), (N, T, out)
+    x, dy = (
+        x.reshape(n, -1, x.shape[-1]),
+        dy.reshape(n, -1, dy.shape[-1]),
+    )  # (N, T, in), (N, T, out)
     t, d_in, d_out = x.shape[1], x.shape[2], dy.shape[2]
     sq, per_sample = dy.new_zeros(n), {}
     if _trains(layer.bias):
@@ -204,7 +231,9 @@ def _linear_norms(layer: nn.Linear, x: torch.Tensor, dy: torch.Tensor):
         pass  # a frozen weight (the bias alone trains)
     elif t == 1:  # outer product: ||dy x^T||^2 = ||dy||^2 ||x||^2
         sq += dy.square().sum((1, 2)) * x.square().sum((1, 2))
-    elif t * (d_in + d_out) <= d_in * d_out:  # ghost norm: T x T Gram matrices are smaller than the gradient
+    elif (
+        t * (d_in + d_out) <= d_in * d_out
+    ):  # ghost norm: T x T Gram matrices are smaller than the gradient
         sq += (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(dy, dy.transpose(1, 2))).sum((1, 2))
     else:
         per_sample[layer.weight] = gw = torch.bmm(dy.transpose(1, 2), x)
@@ -212,10 +241,14 @@ def _linear_norms(layer: nn.Linear, x: torch.Tensor, dy: torch.Tensor):
     return sq, per_sample
 
 
-def _linear_weighted_sum(layer: nn.Linear, x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor, skip) -> None:
+def _linear_weighted_sum(
+    layer: nn.Linear, x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor, skip
+) -> None:
     """The weight's non-private gradient with sample i's dy scaled by w_i (the bias is always in `skip`)."""
     if _trains(layer.weight) and layer.weight not in skip:
-        dyw = (dy.reshape(dy.shape[0], -1, dy.shape[-1]) * w[:, None, None]).reshape(-1, dy.shape[-1])
+        dyw = (dy.reshape(dy.shape[0], -1, dy.shape[-1]) * w[:, None, None]).reshape(
+            -1, dy.shape[-1]
+        )
         layer.weight.grad = dyw.t() @ x.reshape(-1, x.shape[-1])
 
 
@@ -223,16 +256,23 @@ def _linear_weighted_sum(layer: nn.Linear, x: torch.Tensor, dy: torch.Tensor, w:
 def _conv_input(layer: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """The layer's input with any padding the convolution itself does not apply, and the padding it applies."""
     d = len(layer.kernel_size)
-    if layer.padding_mode != "zeros":  # reflect / replicate / circular: pad exactly as the layer's forward does
+    if (
+        layer.padding_mode != "zeros"
+    ):  # reflect / replicate / circular: pad exactly as the layer's forward does
         return F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), [0] * d
     if layer.padding == "valid":
         return x, [0] * d
     if layer.padding == "same":
-        lo = [dil * (k - 1) // 2 for dil, k in zip(layer.dilation, layer.kernel_size)]
-        hi = [dil * (k - 1) - l for dil, k, l in zip(layer.dilation, layer.kernel_size, lo)]
+        lo = [dil * (k - 1) // 2 for dil, k in zip(layer.dilation, layer.kernel_size, strict=False)]
+        hi = [
+            dil * (k - 1) - low
+            for dil, k, low in zip(layer.dilation, layer.kernel_size, lo, strict=False)
+        ]
         if lo == hi:
             return x, lo
-        pads = [v for l, h in zip(reversed(lo), reversed(hi)) for v in (l, h)]  # F.pad: last dim first
+        pads = [
+            v for low, h in zip(reversed(lo), reversed(hi), strict=False) for v in (low, h)
+        ]  # F.pad: last dim first
         return F.pad(x, pads), [0] * d
     return x, list(layer.padding)
 
@@ -248,33 +288,67 @@ def _conv_norms(layer: nn.modules.conv._ConvNd, x: torch.Tensor, dy: torch.Tenso
         return sq, per_sample
     length = dy_flat.shape[2]
     d = layer.weight[0].numel()  # inputs per output: C/groups * prod(kernel)
-    if isinstance(layer, nn.Conv2d) and layer.groups == 1 and length * (d + layer.out_channels) < d * layer.out_channels:
-        xp, pad = _conv_input(layer, x)  # ghost norm over the L x L Gram matrices of the im2col columns
-        cols = F.unfold(xp, layer.kernel_size, dilation=layer.dilation, padding=pad, stride=layer.stride)
+    if (
+        isinstance(layer, nn.Conv2d)
+        and layer.groups == 1
+        and length * (d + layer.out_channels) < d * layer.out_channels
+    ):
+        xp, pad = _conv_input(
+            layer, x
+        )  # ghost norm over the L x L Gram matrices of the im2col columns
+        cols = F.unfold(
+            xp, layer.kernel_size, dilation=layer.dilation, padding=pad, stride=layer.stride
+        )
         gram_x = torch.bmm(cols.transpose(1, 2), cols)
         gram_dy = torch.bmm(dy_flat.transpose(1, 2), dy_flat)
         return sq + (gram_x * gram_dy).sum((1, 2)), per_sample
-    if isinstance(layer, nn.Conv2d):  # the exact per-sample samplers of privacy.grad_samplers (tested vs Opacus)
+    if isinstance(
+        layer, nn.Conv2d
+    ):  # the exact per-sample samplers of privacy.grad_samplers (tested vs Opacus)
         gw = conv2d_grad_sample(layer, [x], dy)[layer.weight]
     else:  # Conv1d / Conv3d: batch folded into the groups, one weight-gradient convolution for all samples
         xp, pad = _conv_input(layer, x)
         g = layer.groups
-        shape_only = x.new_zeros(()).expand((n * layer.out_channels,) + tuple(layer.weight.shape[1:]))
+        shape_only = x.new_zeros(()).expand(
+            (n * layer.out_channels,) + tuple(layer.weight.shape[1:])
+        )
         _, gw, _ = torch.ops.aten.convolution_backward(
-            dy.reshape((1, -1) + tuple(dy.shape[2:])), xp.reshape((1, -1) + tuple(xp.shape[2:])), shape_only,
-            None, list(layer.stride), pad, list(layer.dilation), False, [0] * len(pad), n * g, [False, True, False])
+            dy.reshape((1, -1) + tuple(dy.shape[2:])),
+            xp.reshape((1, -1) + tuple(xp.shape[2:])),
+            shape_only,
+            None,
+            list(layer.stride),
+            pad,
+            list(layer.dilation),
+            False,
+            [0] * len(pad),
+            n * g,
+            [False, True, False],
+        )
     per_sample[layer.weight] = gw = gw.reshape(n, -1)
     return sq + _sq_norms(gw), per_sample
 
 
-def _conv_weighted_sum(layer: nn.modules.conv._ConvNd, x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor, skip) -> None:
+def _conv_weighted_sum(
+    layer: nn.modules.conv._ConvNd, x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor, skip
+) -> None:
     """The weight's non-private gradient with sample i's dy scaled by w_i (the bias is always in `skip`)."""
     if _trains(layer.weight) and layer.weight not in skip:
         dyw = dy * w.view((-1,) + (1,) * (dy.dim() - 1))
         xp, pad = _conv_input(layer, x)
         _, layer.weight.grad, _ = torch.ops.aten.convolution_backward(
-            dyw, xp, layer.weight.detach(), None, list(layer.stride), pad, list(layer.dilation), False,
-            [0] * len(pad), layer.groups, [False, True, False])
+            dyw,
+            xp,
+            layer.weight.detach(),
+            None,
+            list(layer.stride),
+            pad,
+            list(layer.dilation),
+            False,
+            [0] * len(pad),
+            layer.groups,
+            [False, True, False],
+        )
 
 
 # ---------------------------------------------------------------------------------------------- GroupNorm
@@ -292,12 +366,16 @@ def _groupnorm_norms(layer: nn.GroupNorm, x: torch.Tensor, dy: torch.Tensor):
     return sq, per_sample
 
 
-def _nothing_left(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor, skip) -> None:
+def _nothing_left(
+    layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor, skip
+) -> None:
     """For layers whose per-sample gradients are all computed by their _NORMS function."""
 
 
 # ---------------------------------------------------------------------------------------------- Embedding
-def _embedding_dy(layer: nn.Embedding, idx: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _embedding_dy(
+    layer: nn.Embedding, idx: torch.Tensor, dy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     n = idx.shape[0]
     idx, dy = idx.reshape(n, -1), dy.reshape(n, -1, layer.embedding_dim)
     if layer.padding_idx is not None:  # the padding row receives no gradient
@@ -315,7 +393,9 @@ def _embedding_norms(layer: nn.Embedding, idx: torch.Tensor, dy: torch.Tensor):
     return (same_row * torch.bmm(dy, dy.transpose(1, 2))).sum((1, 2)), {}
 
 
-def _embedding_weighted_sum(layer: nn.Embedding, idx: torch.Tensor, dy: torch.Tensor, w: torch.Tensor, skip) -> None:
+def _embedding_weighted_sum(
+    layer: nn.Embedding, idx: torch.Tensor, dy: torch.Tensor, w: torch.Tensor, skip
+) -> None:
     if not layer.weight.requires_grad:
         return
     idx, dy = _embedding_dy(layer, idx, dy)
@@ -324,12 +404,20 @@ def _embedding_weighted_sum(layer: nn.Embedding, idx: torch.Tensor, dy: torch.Te
 
 
 _NORMS: dict[type, Callable[..., tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]]]] = {
-    nn.Linear: _linear_norms, nn.Conv1d: _conv_norms, nn.Conv2d: _conv_norms, nn.Conv3d: _conv_norms,
-    nn.GroupNorm: _groupnorm_norms, nn.Embedding: _embedding_norms,
+    nn.Linear: _linear_norms,
+    nn.Conv1d: _conv_norms,
+    nn.Conv2d: _conv_norms,
+    nn.Conv3d: _conv_norms,
+    nn.GroupNorm: _groupnorm_norms,
+    nn.Embedding: _embedding_norms,
 }
 _WEIGHTED_SUM: dict[type, Callable[..., None]] = {
-    nn.Linear: _linear_weighted_sum, nn.Conv1d: _conv_weighted_sum, nn.Conv2d: _conv_weighted_sum,
-    nn.Conv3d: _conv_weighted_sum, nn.GroupNorm: _nothing_left, nn.Embedding: _embedding_weighted_sum,
+    nn.Linear: _linear_weighted_sum,
+    nn.Conv1d: _conv_weighted_sum,
+    nn.Conv2d: _conv_weighted_sum,
+    nn.Conv3d: _conv_weighted_sum,
+    nn.GroupNorm: _nothing_left,
+    nn.Embedding: _embedding_weighted_sum,
 }
 
 
@@ -349,7 +437,9 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
         """Opacus deep-copies `p.grad` into `p.summed_grad`; ours is a fresh tensor nobody else holds, so it
         is adopted as is (saves a copy of the model's size and its page faults every step)."""
         for p in self.params:
-            if p.summed_grad is not None:  # the previous step was skipped: keep adding, as Opacus does
+            if (
+                p.summed_grad is not None
+            ):  # the previous step was skipped: keep adding, as Opacus does
                 p.summed_grad.add_(p.grad.data)
             else:
                 p.summed_grad = p.grad.data

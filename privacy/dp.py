@@ -25,7 +25,10 @@ from privacy.bookkeeping import BookKeepingDPOptimizer, BookKeepingModule
 GRAD_SAMPLE_MODES = ("bookkeeping", "hooks", "ghost")
 
 # Normalisation layers leak across samples (batch statistics) or through running statistics even when frozen.
-_ALWAYS_CHECKED = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm)
+_ALWAYS_CHECKED = (
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.modules.instancenorm._InstanceNorm,
+)
 
 
 class PrivacyPreconditionError(Exception):
@@ -41,26 +44,34 @@ def check_model(model: torch.nn.Module) -> None:
     problems = []
     for name, module in model.named_modules():
         validator = ModuleValidator.VALIDATORS.get(type(module))
-        if validator is None or not (id(module) in trainable or isinstance(module, _ALWAYS_CHECKED)):
+        if validator is None or not (
+            id(module) in trainable or isinstance(module, _ALWAYS_CHECKED)
+        ):
             continue
         for err in validator(module):
             problems.append(f"{name or '<root>'} ({type(module).__name__}): {err}")
     if problems:
         raise PrivacyPreconditionError(
             "the model has layers incompatible with per-sample DP-SGD (replace them, e.g. BatchNorm -> GroupNorm "
-            "with opacus ModuleValidator.fix):\n  " + "\n  ".join(problems))
+            "with opacus ModuleValidator.fix):\n  " + "\n  ".join(problems)
+        )
     if not model.training:
-        raise PrivacyPreconditionError("the model is in eval mode; DP-SGD needs train mode (call model.train())")
+        raise PrivacyPreconditionError(
+            "the model is in eval mode; DP-SGD needs train mode (call model.train())"
+        )
 
 
 def check_loader(loader: DataLoader) -> None:
     """Refuse a loader that does not draw records by Poisson sampling (what the accountant assumes)."""
     sampler = getattr(loader, "batch_sampler", None)
-    if not isinstance(loader, DPDataLoader) and not isinstance(sampler, UniformWithReplacementSampler):
+    if not isinstance(loader, DPDataLoader) and not isinstance(
+        sampler, UniformWithReplacementSampler
+    ):
         raise PrivacyPreconditionError(
             f"the data loader ({type(loader).__name__} with {type(sampler).__name__}) does not use Poisson "
             "sampling (Opacus DPDataLoader / UniformWithReplacementSampler); the accountant's sampling rate "
-            "would not describe how records were drawn")
+            "would not describe how records were drawn"
+        )
 
 
 def sample_rate_of(loader: DataLoader) -> float:
@@ -91,23 +102,36 @@ def make_private(
     """
     if not noise_multiplier > 0 or not max_grad_norm > 0:
         raise PrivacyPreconditionError(
-            f"noise_multiplier and max_grad_norm must be > 0, got {noise_multiplier} and {max_grad_norm}")
+            f"noise_multiplier and max_grad_norm must be > 0, got {noise_multiplier} and {max_grad_norm}"
+        )
     if isinstance(loader, DataLoader) and len(loader.dataset) == 0:  # type: ignore[arg-type]
         raise PrivacyPreconditionError("the data loader has no records to train on")
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
+        raise ValueError(
+            f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
+        )
     check_model(model)
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     if grad_sample_mode == "bookkeeping":
         model, optimizer, loader = _make_private_bookkeeping(
-            engine, model, optimizer, loader, noise_multiplier, max_grad_norm, generator)
+            engine, model, optimizer, loader, noise_multiplier, max_grad_norm, generator
+        )
     else:
-        kwargs = dict(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-                      max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
-                      noise_generator=generator)
+        kwargs = dict(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=grad_sample_mode,
+            noise_generator=generator,
+        )
         if grad_sample_mode == "ghost":
-            model, optimizer, criterion, loader = engine.make_private(criterion=_MeanOfPerSampleLosses(), **kwargs)
+            model, optimizer, criterion, loader = engine.make_private(
+                criterion=_MeanOfPerSampleLosses(), **kwargs
+            )
             optimizer.dp_criterion = criterion  # what batch_loss reduces with
         else:
             model, optimizer, loader = engine.make_private(**kwargs)
@@ -138,8 +162,13 @@ class _MeanOfPerSampleLosses(torch.nn.Module):
 
 
 def _make_private_bookkeeping(
-    engine: PrivacyEngine, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-    noise_multiplier: float, max_grad_norm: float, generator: torch.Generator | None,
+    engine: PrivacyEngine,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    generator: torch.Generator | None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
     """What PrivacyEngine.make_private does for flat clipping, mean loss reduction and Poisson sampling, with the
     model wrapped by BookKeepingModule and its DPOptimizer subclass (Opacus' noise, scaling and step hook)."""
@@ -148,11 +177,20 @@ def _make_private_bookkeeping(
         raise ValueError("Module parameters are different than optimizer Parameters")
     ModuleValidator.validate(model, strict=True)  # what Opacus' wrap_model checks
     module = BookKeepingModule(model)
-    loader = DPDataLoader.from_data_loader(loader, generator=None)  # Poisson sampling, as Opacus builds it
+    loader = DPDataLoader.from_data_loader(
+        loader, generator=None
+    )  # Poisson sampling, as Opacus builds it
     sample_rate = 1 / len(loader)
     expected_batch_size = int(len(loader.dataset) * sample_rate)  # type: ignore[arg-type]
     dp_optimizer = BookKeepingDPOptimizer(
-        optimizer, module=module, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator, secure_mode=False)
+        optimizer,
+        module=module,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=generator,
+        secure_mode=False,
+    )
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     return module, dp_optimizer, loader

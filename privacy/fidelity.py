@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial.distance import cdist
 
-FOREGROUND_LEVEL = 0.1   # intensity above which a voxel is tissue (images are in [0, 1])
+FOREGROUND_LEVEL = 0.1  # intensity above which a voxel is tissue (images are in [0, 1])
 DARK_MID_BRIGHT = (0.35, 0.65)
 HIST_BINS = 32
 GLCM_LEVELS = 16
@@ -25,12 +25,16 @@ FEATURE_DEFINITIONS = {
     "std": "standard deviation of foreground intensity",
     "skewness": "skewness of foreground intensity (0 for a symmetric distribution)",
     "kurtosis": "excess kurtosis of foreground intensity (0 for a Gaussian)",
-    "p10": "10th percentile of foreground intensity", "p50": "median foreground intensity",
+    "p10": "10th percentile of foreground intensity",
+    "p50": "median foreground intensity",
     "p90": "90th percentile of foreground intensity",
     "histogram_entropy": "Shannon entropy (nats) of the 32-bin foreground intensity histogram on [0, 1]",
-    **{f"glcm_{m}_d{d}": f"grey-level co-occurrence {m} of neighbours at distance {d} (16 levels on [0, 1], "
-                         "symmetric, foreground pairs only, in-plane, mean of 4 directions)"
-       for d in GLCM_OFFSETS for m in ("contrast", "homogeneity", "energy", "correlation")},
+    **{
+        f"glcm_{m}_d{d}": f"grey-level co-occurrence {m} of neighbours at distance {d} (16 levels on [0, 1], "
+        "symmetric, foreground pairs only, in-plane, mean of 4 directions)"
+        for d in GLCM_OFFSETS
+        for m in ("contrast", "homogeneity", "energy", "correlation")
+    },
     "foreground_fraction": "fraction of the image that is foreground",
     "dark_fraction": "fraction of the image with intensity in (0.1, 0.35]",
     "mid_fraction": "fraction of the image with intensity in (0.35, 0.65]",
@@ -62,15 +66,25 @@ def _glcm(q: np.ndarray, fg: np.ndarray) -> np.ndarray:
         for dy, dx in offsets:
             a, b = _shift(q, dy, dx)
             wa, wb = _shift(fg, dy, dx)
-            p = np.bincount((rows * L * L + a * L + b).ravel(), weights=(wa & wb).ravel().astype(float),
-                            minlength=n * L * L).reshape(n, L, L)
+            p = np.bincount(
+                (rows * L * L + a * L + b).ravel(),
+                weights=(wa & wb).ravel().astype(float),
+                minlength=n * L * L,
+            ).reshape(n, L, L)
             p = p + p.transpose(0, 2, 1)
             p /= np.maximum(p.sum((1, 2), keepdims=True), 1.0)
             mu_i = (i * p).sum((1, 2))
             var_i = (((i - mu_i[:, None, None]) ** 2) * p).sum((1, 2))  # symmetric: same for j
             cov = ((i - mu_i[:, None, None]) * (j - mu_i[:, None, None]) * p).sum((1, 2))
-            acc += np.stack([((i - j) ** 2 * p).sum((1, 2)), (p / (1.0 + np.abs(i - j))).sum((1, 2)),
-                             (p**2).sum((1, 2)), np.where(var_i > 1e-12, cov / np.maximum(var_i, 1e-12), 0.0)], 1)
+            acc += np.stack(
+                [
+                    ((i - j) ** 2 * p).sum((1, 2)),
+                    (p / (1.0 + np.abs(i - j))).sum((1, 2)),
+                    (p**2).sum((1, 2)),
+                    np.where(var_i > 1e-12, cov / np.maximum(var_i, 1e-12), 0.0),
+                ],
+                1,
+            )
         out.append(acc / len(offsets))
     return np.concatenate(out, 1)
 
@@ -93,15 +107,36 @@ def _chunk_features(x: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
     kurt = np.where(std > 1e-12, (w * c**4).sum(1) / cnt / safe**4 - 3.0, 0.0)
     pct = np.nanpercentile(np.where(fg, v, np.nan), [10, 50, 90], axis=1).T
     bins = np.clip((v * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1)
-    hist = np.bincount((np.arange(n)[:, None] * HIST_BINS + bins).ravel(), weights=w.ravel(),
-                       minlength=n * HIST_BINS).reshape(n, HIST_BINS) / cnt[:, None]
+    hist = (
+        np.bincount(
+            (np.arange(n)[:, None] * HIST_BINS + bins).ravel(),
+            weights=w.ravel(),
+            minlength=n * HIST_BINS,
+        ).reshape(n, HIST_BINS)
+        / cnt[:, None]
+    )
     entropy = -(hist * np.log(np.where(hist > 0, hist, 1.0))).sum(1)
     q = np.clip((img * GLCM_LEVELS).astype(np.int64), 0, GLCM_LEVELS - 1)
     lo, hi = DARK_MID_BRIGHT
-    tissue = np.stack([fg_img.reshape(n, -1).mean(1), ((v > FOREGROUND_LEVEL) & (v <= lo)).mean(1),
-                       ((v > lo) & (v <= hi)).mean(1), (v > hi).mean(1)], 1)
-    return np.concatenate([np.stack([mean, std, skew, kurt], 1), pct, entropy[:, None],
-                           _glcm(q, fg.reshape(fg_img.shape)), tissue], 1)
+    tissue = np.stack(
+        [
+            fg_img.reshape(n, -1).mean(1),
+            ((v > FOREGROUND_LEVEL) & (v <= lo)).mean(1),
+            ((v > lo) & (v <= hi)).mean(1),
+            (v > hi).mean(1),
+        ],
+        1,
+    )
+    return np.concatenate(
+        [
+            np.stack([mean, std, skew, kurt], 1),
+            pct,
+            entropy[:, None],
+            _glcm(q, fg.reshape(fg_img.shape)),
+            tissue,
+        ],
+        1,
+    )
 
 
 def radiomics_features(images, masks=None) -> tuple[np.ndarray, list[str]]:
@@ -111,15 +146,21 @@ def radiomics_features(images, masks=None) -> tuple[np.ndarray, list[str]]:
     in-plane (last two axes) on every slice."""
     x = np.asarray(images, dtype=np.float32)
     if x.ndim not in (4, 5) or x.shape[1] != 1:
-        raise ValueError(f"radiomics_features: expected images (N, 1, H, W) or (N, 1, D, H, W), got {x.shape}")
+        raise ValueError(
+            f"radiomics_features: expected images (N, 1, H, W) or (N, 1, D, H, W), got {x.shape}"
+        )
     if not np.isfinite(x).all():
         raise ValueError("radiomics_features: images contain NaN or infinite values")
     if masks is not None:
         masks = np.asarray(masks)
         if masks.shape != x.shape:
-            raise ValueError(f"radiomics_features: masks have shape {masks.shape}, images {x.shape}")
-    rows = [_chunk_features(x[s : s + CHUNK], None if masks is None else masks[s : s + CHUNK])
-            for s in range(0, len(x), CHUNK)]
+            raise ValueError(
+                f"radiomics_features: masks have shape {masks.shape}, images {x.shape}"
+            )
+    rows = [
+        _chunk_features(x[s : s + CHUNK], None if masks is None else masks[s : s + CHUNK])
+        for s in range(0, len(x), CHUNK)
+    ]
     names = feature_names()
     return (np.concatenate(rows) if rows else np.zeros((0, len(names)))), names
 
@@ -129,8 +170,14 @@ def feature_moments(features) -> dict:
     JSON-serialisable. The covariance is the unbiased sample covariance (zeros for one record)."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or len(f) == 0:
-        raise ValueError(f"feature_moments: expected a non-empty (N, F) matrix, got shape {f.shape}")
-    cov = np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1]) if len(f) > 1 else np.zeros((f.shape[1],) * 2)
+        raise ValueError(
+            f"feature_moments: expected a non-empty (N, F) matrix, got shape {f.shape}"
+        )
+    cov = (
+        np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+        if len(f) > 1
+        else np.zeros((f.shape[1],) * 2)
+    )
     return {"n": int(len(f)), "mean": f.mean(0).tolist(), "cov": cov.tolist()}
 
 
@@ -141,9 +188,11 @@ def pool_moments(parts: list[dict]) -> dict:
         raise ValueError("pool_moments: no non-empty moments to pool")
     n = sum(p["n"] for p in parts)
     means = [np.asarray(p["mean"], float) for p in parts]
-    mean = sum(p["n"] * m for p, m in zip(parts, means)) / n
-    scatter = sum((p["n"] - 1) * np.asarray(p["cov"], float) + p["n"] * np.outer(m - mean, m - mean)
-                  for p, m in zip(parts, means))
+    mean = sum(p["n"] * m for p, m in zip(parts, means, strict=False)) / n
+    scatter = sum(
+        (p["n"] - 1) * np.asarray(p["cov"], float) + p["n"] * np.outer(m - mean, m - mean)
+        for p, m in zip(parts, means, strict=False)
+    )
     return {"n": n, "mean": mean.tolist(), "cov": (scatter / max(n - 1, 1)).tolist()}
 
 
@@ -158,10 +207,15 @@ def frechet_distance(moments_a: dict, moments_b: dict) -> float:
     The trace term is computed from symmetric eigendecompositions (tr sqrt(S_a S_b) equals it), which stays real
     and stable for the singular covariances of small sets; tiny negative results from rounding become 0."""
     mu1, mu2 = np.asarray(moments_a["mean"], float), np.asarray(moments_b["mean"], float)
-    s1, s2 = np.atleast_2d(np.asarray(moments_a["cov"], float)), np.atleast_2d(np.asarray(moments_b["cov"], float))
+    s1, s2 = (
+        np.atleast_2d(np.asarray(moments_a["cov"], float)),
+        np.atleast_2d(np.asarray(moments_b["cov"], float)),
+    )
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
-        raise ValueError(f"frechet_distance: moments do not match (means {mu1.shape} vs {mu2.shape}, covariances "
-                         f"{s1.shape} vs {s2.shape})")
+        raise ValueError(
+            f"frechet_distance: moments do not match (means {mu1.shape} vs {mu2.shape}, covariances "
+            f"{s1.shape} vs {s2.shape})"
+        )
     r1 = _psd_sqrt(s1)
     eig = np.linalg.eigvalsh(r1 @ s2 @ r1)
     tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
@@ -180,11 +234,15 @@ def precision_recall_coverage(real_feats, synth_feats, k: int = 5) -> dict:
     coverage: share of real samples whose k-NN ball contains at least one synthetic sample."""
     real, syn = np.asarray(real_feats, float), np.asarray(synth_feats, float)
     if real.ndim != 2 or syn.ndim != 2 or real.shape[1] != syn.shape[1]:
-        raise ValueError(f"precision_recall_coverage: feature matrices must be (N, F) with equal F, got {real.shape} "
-                         f"and {syn.shape}")
+        raise ValueError(
+            f"precision_recall_coverage: feature matrices must be (N, F) with equal F, got {real.shape} "
+            f"and {syn.shape}"
+        )
     if not 1 <= k < min(len(real), len(syn)):
-        raise ValueError(f"precision_recall_coverage: need 1 <= k < number of records (k={k}, {len(real)} real, "
-                         f"{len(syn)} synthetic)")
+        raise ValueError(
+            f"precision_recall_coverage: need 1 <= k < number of records (k={k}, {len(real)} real, "
+            f"{len(syn)} synthetic)"
+        )
     mu, sd = real.mean(0), real.std(0)
     sd = np.where(sd > 1e-12, sd, 1.0)
     real, syn = (real - mu) / sd, (syn - mu) / sd
@@ -192,7 +250,9 @@ def precision_recall_coverage(real_feats, synth_feats, k: int = 5) -> dict:
     r_syn = np.sort(cdist(syn, syn), axis=1)[:, k]
     d_sr = cdist(syn, real)  # (S, R)
     inside_real = d_sr <= r_real[None]
-    return {"precision": float(inside_real.any(1).mean()),
-            "recall": float((d_sr <= r_syn[:, None]).any(0).mean()),
-            "density": float(inside_real.sum(1).mean() / k),
-            "coverage": float((d_sr.min(0) <= r_real).mean())}
+    return {
+        "precision": float(inside_real.any(1).mean()),
+        "recall": float((d_sr <= r_syn[:, None]).any(0).mean()),
+        "density": float(inside_real.sum(1).mean() / k),
+        "coverage": float((d_sr.min(0) <= r_real).mean()),
+    }

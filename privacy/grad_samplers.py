@@ -28,7 +28,7 @@ before `make_private`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +37,19 @@ from opacus.grad_sample.utils import register_grad_sampler
 from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
-GradSampler = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], dict[nn.Parameter, torch.Tensor]]
+GradSampler = Callable[
+    [nn.Module, list[torch.Tensor], torch.Tensor], dict[nn.Parameter, torch.Tensor]
+]
 _BUFFER = "_fast_grad_sample_buffer"
 
 
 def _in_opacus_hook(layer: nn.Module, param: nn.Parameter, n: int) -> bool:
     """Called from Opacus' backward hook, first contribution of this pass, full batch, nothing pending."""
-    return (getattr(layer, "max_batch_len", None) == n and getattr(param, "grad_sample", None) is None
-            and not hasattr(param, "_current_grad_sample"))
+    return (
+        getattr(layer, "max_batch_len", None) == n
+        and getattr(param, "grad_sample", None) is None
+        and not hasattr(param, "_current_grad_sample")
+    )
 
 
 def _output(layer: nn.Module, param: nn.Parameter, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -53,14 +58,21 @@ def _output(layer: nn.Module, param: nn.Parameter, n: int, like: torch.Tensor) -
     if not _in_opacus_hook(layer, param, n):
         return like.new_empty(shape)
     buf = getattr(param, _BUFFER, None)
-    if buf is None or buf.shape[0] < n or buf.shape[1:] != param.shape or buf.dtype != like.dtype \
-            or buf.device != like.device:
+    if (
+        buf is None
+        or buf.shape[0] < n
+        or buf.shape[1:] != param.shape
+        or buf.dtype != like.dtype
+        or buf.device != like.device
+    ):
         buf = like.new_empty((n + n // 8,) + tuple(param.shape))  # headroom for Poisson batch sizes
         setattr(param, _BUFFER, buf)
     return buf[:n]
 
 
-def _hand_over(layer: nn.Module, grads: dict[nn.Parameter, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
+def _hand_over(
+    layer: nn.Module, grads: dict[nn.Parameter, torch.Tensor]
+) -> dict[nn.Parameter, torch.Tensor]:
     """Give Opacus each first full-batch gradient directly as `_current_grad_sample`; return the rest.
 
     What is returned goes through Opacus' `create_or_accumulate_grad_sample` (zeros + copy, or `+=` for a
@@ -89,13 +101,15 @@ def release_grad_sample_buffers(model: nn.Module) -> int:
 
 def _padding(layer: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """The layer's input and the symmetric zero padding (h, w) still to apply; any other padding is applied."""
-    if layer.padding_mode != "zeros":  # reflect / replicate / circular: pad exactly as Conv2d.forward does
+    if (
+        layer.padding_mode != "zeros"
+    ):  # reflect / replicate / circular: pad exactly as Conv2d.forward does
         return F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), (0, 0)
     if layer.padding == "valid":
         return x, (0, 0)
     if layer.padding == "same":
         pads: list[int] = []  # F.pad order: width (left, right), then height (top, bottom)
-        for d, k in zip(reversed(layer.dilation), reversed(layer.kernel_size)):
+        for d, k in zip(reversed(layer.dilation), reversed(layer.kernel_size), strict=False):
             pads += [d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2]
         if pads[0] != pads[1] or pads[2] != pads[3]:  # even kernels: asymmetric
             return F.pad(x, pads), (0, 0)
@@ -126,28 +140,50 @@ def conv2d_grad_sample(
             ret[layer.weight] = backprops.new_zeros((0,) + tuple(layer.weight.shape))
         elif _prefer_grouped_conv(layer, dy.shape[-1]):
             x, pad = _padding(layer, x)
-            weight = x.new_zeros(()).expand((n * layer.out_channels,) + tuple(layer.weight.shape[1:]))  # shape only
+            weight = x.new_zeros(()).expand(
+                (n * layer.out_channels,) + tuple(layer.weight.shape[1:])
+            )  # shape only
             _, gw, _ = torch.ops.aten.convolution_backward(
-                backprops.reshape((1, -1) + tuple(backprops.shape[-2:])), x.reshape((1, -1) + tuple(x.shape[-2:])),
-                weight, None, list(layer.stride), list(pad), list(layer.dilation), False, [0, 0], n * g,
+                backprops.reshape((1, -1) + tuple(backprops.shape[-2:])),
+                x.reshape((1, -1) + tuple(x.shape[-2:])),
+                weight,
+                None,
+                list(layer.stride),
+                list(pad),
+                list(layer.dilation),
+                False,
+                [0, 0],
+                n * g,
                 [False, True, False],
             )
             gw = gw.view((n,) + tuple(layer.weight.shape))
-            if _in_opacus_hook(layer, layer.weight, n):  # into the reused buffer: a copy costs less than the
-                gw = _output(layer, layer.weight, n, dy).copy_(gw)  # page faults of fresh memory every step
+            if _in_opacus_hook(
+                layer, layer.weight, n
+            ):  # into the reused buffer: a copy costs less than the
+                gw = _output(layer, layer.weight, n, dy).copy_(
+                    gw
+                )  # page faults of fresh memory every step
             ret[layer.weight] = gw
         else:
             x, pad = _padding(layer, x)
             if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and pad == (0, 0):
                 cols = x.reshape(n, x.shape[1], -1)  # 1x1 kernels need no im2col
             else:
-                cols = unfold2d(x, kernel_size=layer.kernel_size, padding=pad, stride=layer.stride,
-                                dilation=layer.dilation)  # (N, C*kh*kw, L), channel-major like the weight
+                cols = unfold2d(
+                    x,
+                    kernel_size=layer.kernel_size,
+                    padding=pad,
+                    stride=layer.stride,
+                    dilation=layer.dilation,
+                )  # (N, C*kh*kw, L), channel-major like the weight
             out = _output(layer, layer.weight, n, dy)
             length = dy.shape[-1]
             # group j's outputs and inputs are contiguous blocks of rows: (batch, group) is the bmm batch
-            torch.bmm(dy.reshape(n * g, -1, length), cols.reshape(n * g, -1, length).transpose(1, 2),
-                      out=out.view(n * g, layer.out_channels // g, -1))
+            torch.bmm(
+                dy.reshape(n * g, -1, length),
+                cols.reshape(n * g, -1, length).transpose(1, 2),
+                out=out.view(n * g, layer.out_channels // g, -1),
+            )
             ret[layer.weight] = out
     if layer.bias is not None and layer.bias.requires_grad:
         ret[layer.bias] = torch.sum(dy, dim=2, out=_output(layer, layer.bias, n, dy))
@@ -174,7 +210,10 @@ def linear_grad_sample(
     return _hand_over(layer, ret)
 
 
-FAST_GRAD_SAMPLERS: dict[type[nn.Module], GradSampler] = {nn.Conv2d: conv2d_grad_sample, nn.Linear: linear_grad_sample}
+FAST_GRAD_SAMPLERS: dict[type[nn.Module], GradSampler] = {
+    nn.Conv2d: conv2d_grad_sample,
+    nn.Linear: linear_grad_sample,
+}
 
 
 def install_fast_grad_samplers() -> dict[type[nn.Module], GradSampler | None]:
@@ -199,4 +238,6 @@ def restore_grad_samplers(previous: dict[type[nn.Module], GradSampler | None]) -
 
 
 def fast_grad_samplers_installed() -> bool:
-    return all(GradSampleModule.GRAD_SAMPLERS.get(cls) is fn for cls, fn in FAST_GRAD_SAMPLERS.items())
+    return all(
+        GradSampleModule.GRAD_SAMPLERS.get(cls) is fn for cls, fn in FAST_GRAD_SAMPLERS.items()
+    )

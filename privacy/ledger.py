@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
+from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from privacy.accounting import ACCOUNTANTS, MechanismStep, epsilon_for
 
@@ -70,8 +70,18 @@ class PrivacyLedger:
         db.execute("PRAGMA synchronous=FULL")  # in WAL mode: fsync the log on every commit
         return db
 
-    def record(self, *, run_id: str, server_round: int, phase: str, noise_multiplier: float, sample_rate: float,
-               steps: int, clipping_norm: float, accountant: str) -> None:
+    def record(
+        self,
+        *,
+        run_id: str,
+        server_round: int,
+        phase: str,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        clipping_norm: float,
+        accountant: str,
+    ) -> None:
         """Append one mechanism; durable when this returns. Call it BEFORE the update it pays for is sent.
 
         Never overwrites: recording a retried (run_id, server_round, phase) again adds to the spend, because the
@@ -94,8 +104,19 @@ class PrivacyLedger:
             db.execute(
                 "INSERT INTO entries (dataset_fingerprint, run_id, server_round, phase, noise_multiplier, sample_rate,"
                 " steps, clipping_norm, accountant, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (self.fingerprint, str(run_id), int(server_round), str(phase), float(noise_multiplier),
-                 float(sample_rate), int(steps), float(clipping_norm), accountant, "committed", time.time()),
+                (
+                    self.fingerprint,
+                    str(run_id),
+                    int(server_round),
+                    str(phase),
+                    float(noise_multiplier),
+                    float(sample_rate),
+                    int(steps),
+                    float(clipping_norm),
+                    accountant,
+                    "committed",
+                    time.time(),
+                ),
             )
 
     def entries(self) -> list[dict]:
@@ -104,30 +125,51 @@ class PrivacyLedger:
             db.row_factory = sqlite3.Row
             rows = db.execute(
                 "SELECT * FROM entries WHERE dataset_fingerprint = ? AND status = 'committed' ORDER BY id",
-                (self.fingerprint,))
+                (self.fingerprint,),
+            )
             return [dict(r) for r in rows]
 
     def history(self) -> list[MechanismStep]:
-        return [MechanismStep(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.entries()]
+        return [
+            MechanismStep(e["noise_multiplier"], e["sample_rate"], e["steps"])
+            for e in self.entries()
+        ]
 
     def epsilon(self, delta: float, accountant: str = "rdp") -> float:
         """Epsilon spent so far on this dataset: the composition of its whole history."""
         return epsilon_for(self.history(), delta, accountant)
 
-    def epsilon_if(self, planned: Sequence[MechanismStep], delta: float, accountant: str = "rdp") -> float:
+    def epsilon_if(
+        self, planned: Sequence[MechanismStep], delta: float, accountant: str = "rdp"
+    ) -> float:
         """Epsilon this dataset would have spent after the `planned` steps too."""
         return epsilon_for(self.history() + list(planned), delta, accountant)
 
-    def check_budget(self, planned: Sequence[MechanismStep], epsilon_budget: float, delta: float,
-                     accountant: str = "rdp") -> BudgetDecision:
+    def check_budget(
+        self,
+        planned: Sequence[MechanismStep],
+        epsilon_budget: float,
+        delta: float,
+        accountant: str = "rdp",
+    ) -> BudgetDecision:
         """Allow the planned steps only if the whole history plus them stays within `epsilon_budget`."""
         history = self.history()
         now = epsilon_for(history, delta, accountant)
         after = epsilon_for(history + list(planned), delta, accountant)
         where = f"at delta={delta:.2e} ({accountant.upper()}, {len(history)} ledger entries)"
         if after > epsilon_budget:
-            return BudgetDecision(False, now, after, (
-                f"privacy budget exceeded: the planned round would bring epsilon from {now:.3f} to {after:.3f}, "
-                f"over the site's budget of {epsilon_budget:g} {where}"))
-        return BudgetDecision(True, now, after,
-                              f"within budget: epsilon {now:.3f} -> {after:.3f} of {epsilon_budget:g} {where}")
+            return BudgetDecision(
+                False,
+                now,
+                after,
+                (
+                    f"privacy budget exceeded: the planned round would bring epsilon from {now:.3f} to {after:.3f}, "
+                    f"over the site's budget of {epsilon_budget:g} {where}"
+                ),
+            )
+        return BudgetDecision(
+            True,
+            now,
+            after,
+            f"within budget: epsilon {now:.3f} -> {after:.3f} of {epsilon_budget:g} {where}",
+        )

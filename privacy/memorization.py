@@ -57,7 +57,9 @@ REFINE_CANDIDATES = 8
 PERM_B_MAX = 999  # permutations of the share test for small problems
 PERM_B_MIN = 199  # ... and the fewest for big ones
 PERM_WORK = 200_000_000  # permutations x synthetic x window cells per test: sets B between the two
-PERM_MAX_CELLS = 20_000_000  # synthetic x pooled real distances held at once; synthetic subsampled above
+PERM_MAX_CELLS = (
+    20_000_000  # synthetic x pooled real distances held at once; synthetic subsampled above
+)
 PERM_WINDOW_EVENTS = 25  # window = 25 x the expected rank of the nearest drawn record (+ 8)
 PERM_TAIL_TOL = 1e-9  # largest tolerated probability that no drawn record is in the window
 RANK_RTOL = 2e-6  # float32 ranks closer than this (x squared norms; ~8x the largest rounding measured) are re-measured
@@ -72,8 +74,13 @@ def _check_images(x, what: str) -> np.ndarray:
     return a
 
 
-def pairwise_min_distances(queries, references, batch: int = 1024, *, device: str | torch.device | None = None,
-                           ) -> tuple[np.ndarray, np.ndarray]:
+def pairwise_min_distances(
+    queries,
+    references,
+    batch: int = 1024,
+    *,
+    device: str | torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact nearest neighbour of every query among the references: (RMS distance, index of the reference).
 
     Inputs are flattened per record. Squared distances come from the matrix-product form
@@ -84,8 +91,10 @@ def pairwise_min_distances(queries, references, batch: int = 1024, *, device: st
     q_np, r_np = _check_images(queries, "queries"), _check_images(references, "references")
     q_np, r_np = q_np.reshape(len(q_np), -1), r_np.reshape(len(r_np), -1)
     if q_np.shape[1] != r_np.shape[1]:
-        raise ValueError(f"pairwise_min_distances: queries have {q_np.shape[1]} values per record, references "
-                         f"{r_np.shape[1]}")
+        raise ValueError(
+            f"pairwise_min_distances: queries have {q_np.shape[1]} values per record, references "
+            f"{r_np.shape[1]}"
+        )
     dev = torch.device(device) if device is not None else torch.device("cpu")
     centre = r_np.mean(0, dtype=np.float64).astype(np.float32)
     q = torch.from_numpy(q_np - centre).to(dev)
@@ -104,7 +113,9 @@ def pairwise_min_distances(queries, references, batch: int = 1024, *, device: st
                 d2 = qi_sq + r_sq[j : j + batch] - 2 * qi @ r[j : j + batch].T
                 kk = min(k, d2.shape[1])
                 v, idx = d2.topk(kk, dim=1, largest=False)
-                cand_d, order = torch.cat([cand_d, v], 1).topk(min(k, cand_d.shape[1] + kk), 1, largest=False)
+                cand_d, order = torch.cat([cand_d, v], 1).topk(
+                    min(k, cand_d.shape[1] + kk), 1, largest=False
+                )
                 cand_i = torch.cat([cand_i, idx + j], 1).gather(1, order)
             cand = cand_i.cpu().numpy()
             step = max(1, 4_000_000 // (k * q_np.shape[1]))  # exact re-measure, bounded memory
@@ -123,16 +134,25 @@ def pairwise_min_distances(queries, references, batch: int = 1024, *, device: st
 
 # ---- feature space --------------------------------------------------------------------------------------------
 
+
 def _raw_embedding(images: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """Unscaled feature blocks of `feature_embedding` and their widths."""
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     dims = x.ndim - 2
-    pool = torch.nn.functional.adaptive_avg_pool2d if dims == 2 else torch.nn.functional.adaptive_avg_pool3d
+    pool = (
+        torch.nn.functional.adaptive_avg_pool2d
+        if dims == 2
+        else torch.nn.functional.adaptive_avg_pool3d
+    )
     blocks = [pool(x, g).flatten(1).numpy() for g in ((4,) * dims, (8,) * dims)]
     grads = torch.stack(torch.gradient(x[:, 0], dim=tuple(range(1, dims + 1)))).pow(2).sum(0).sqrt()
     for values, hi in ((x[:, 0], 1.0), (grads, 0.5)):
         flat = values.flatten(1).clamp(0, hi)
-        blocks.append((torch.stack([torch.histc(v, bins=16, min=0, max=hi) for v in flat]) / flat.shape[1]).numpy())
+        blocks.append(
+            (
+                torch.stack([torch.histc(v, bins=16, min=0, max=hi) for v in flat]) / flat.shape[1]
+            ).numpy()
+        )
     blocks.append(radiomics_features(images)[0])
     return np.concatenate(blocks, 1).astype(np.float64), [b.shape[1] for b in blocks]
 
@@ -158,11 +178,16 @@ def feature_embedding(images, *, reference=None) -> np.ndarray:
     structure and texture rather than exact pixel alignment."""
     images = _check_images(images, "feature_embedding images")
     raw, widths = _raw_embedding(images)
-    ref = raw if reference is None else _raw_embedding(_check_images(reference, "feature_embedding reference"))[0]
+    ref = (
+        raw
+        if reference is None
+        else _raw_embedding(_check_images(reference, "feature_embedding reference"))[0]
+    )
     return _standardise(raw, ref, widths)
 
 
 # ---- the share closer to a member and its permutation test ---------------------------------------------------
+
 
 def _log_comb(n: np.ndarray, k: int) -> np.ndarray:
     """log C(n, k) elementwise; -inf where n < k."""
@@ -216,13 +241,19 @@ def _distance_matrix(queries: np.ndarray, references: np.ndarray, batch: int = 2
     return out
 
 
-def _sorted_window(d: np.ndarray, syn: np.ndarray, pool: np.ndarray, t: int, tiebreak: np.ndarray) -> np.ndarray:
+def _sorted_window(
+    d: np.ndarray, syn: np.ndarray, pool: np.ndarray, t: int, tiebreak: np.ndarray
+) -> np.ndarray:
     """Indices (n_syn, t) of each synthetic image's t nearest pooled records, nearest first. Candidates come from
     the float32 matrix; rows where two neighbours in the window are closer than the float32 rounding could
     distinguish (`RANK_RTOL` of the squared norms; exact ties included) are re-measured exactly in float64. Exact
     ties are ordered by `tiebreak`, a seeded random rank of the pool."""
     n_pool = d.shape[1]
-    cand = np.argsort(d, axis=1, kind="stable") if t >= n_pool else np.argpartition(d, t - 1, axis=1)[:, :t]
+    cand = (
+        np.argsort(d, axis=1, kind="stable")
+        if t >= n_pool
+        else np.argpartition(d, t - 1, axis=1)[:, :t]
+    )
     cand = cand[:, :t]
     d2 = np.take_along_axis(d, cand, 1).astype(np.float64) ** 2
     order = np.lexsort((tiebreak[cand], d2), axis=-1)
@@ -231,7 +262,9 @@ def _sorted_window(d: np.ndarray, syn: np.ndarray, pool: np.ndarray, t: int, tie
     q_sq = ((syn - centre) ** 2).mean(1)
     r_sq_max = float(((pool - centre) ** 2).mean(1).max())
     tol = RANK_RTOL * (q_sq + r_sq_max)
-    ambiguous = np.flatnonzero((np.diff(d2, axis=1) <= tol[:, None]).any(1)) if t > 1 else np.array([], int)
+    ambiguous = (
+        np.flatnonzero((np.diff(d2, axis=1) <= tol[:, None]).any(1)) if t > 1 else np.array([], int)
+    )
     step = max(1, 16_000_000 // (t * syn.shape[1]))
     for s in range(0, len(ambiguous), step):
         rows = ambiguous[s : s + step]
@@ -241,8 +274,9 @@ def _sorted_window(d: np.ndarray, syn: np.ndarray, pool: np.ndarray, t: int, tie
     return cand
 
 
-def share_permutation_test(synthetic, members, nonmembers, *, rng: np.random.Generator,
-                           n_permutations: int | None = None) -> dict:
+def share_permutation_test(
+    synthetic, members, nonmembers, *, rng: np.random.Generator, n_permutations: int | None = None
+) -> dict:
     """The matched-size share closer to a member and its label-permutation test (module docstring).
 
     Inputs are records (images or feature vectors), flattened per record. Returns aggregates only: the share, the
@@ -250,14 +284,18 @@ def share_permutation_test(synthetic, members, nonmembers, *, rng: np.random.Gen
     non-members, whether synthetic images were subsampled for the test, and the binomial interval (independence
     assumed, not used for the verdict)."""
     if min(len(synthetic), len(members), len(nonmembers)) < 1:
-        raise ValueError(f"share_permutation_test: needs >= 1 synthetic, member and non-member record, got "
-                         f"{len(synthetic)}, {len(members)}, {len(nonmembers)}")
+        raise ValueError(
+            f"share_permutation_test: needs >= 1 synthetic, member and non-member record, got "
+            f"{len(synthetic)}, {len(members)}, {len(nonmembers)}"
+        )
     syn = np.asarray(synthetic, dtype=np.float32).reshape(len(synthetic), -1)
     mem = np.asarray(members, dtype=np.float32).reshape(len(members), -1)
     non = np.asarray(nonmembers, dtype=np.float32).reshape(len(nonmembers), -1)
     if not syn.shape[1] == mem.shape[1] == non.shape[1]:
-        raise ValueError(f"share_permutation_test: values per record differ: synthetic {syn.shape[1]}, members "
-                         f"{mem.shape[1]}, non-members {non.shape[1]}")
+        raise ValueError(
+            f"share_permutation_test: values per record differ: synthetic {syn.shape[1]}, members "
+            f"{mem.shape[1]}, non-members {non.shape[1]}"
+        )
     n_mem, n_non = len(mem), len(non)
     n_pool, k = n_mem + n_non, min(n_mem, n_non)
     pool = np.concatenate([mem, non])
@@ -280,7 +318,9 @@ def share_permutation_test(synthetic, members, nonmembers, *, rng: np.random.Gen
         n_permutations = int(np.clip(PERM_WORK // (n_syn * t), PERM_B_MIN, PERM_B_MAX))
     n_permutations = int(n_permutations)
     if n_permutations < 1:
-        raise ValueError(f"share_permutation_test: n_permutations must be >= 1, got {n_permutations}")
+        raise ValueError(
+            f"share_permutation_test: n_permutations must be >= 1, got {n_permutations}"
+        )
     perm_labels = rng.permuted(np.tile(labels, (n_permutations, 1)), axis=1)
     while True:
         order = _sorted_window(d, syn, pool, t, tiebreak)
@@ -298,64 +338,101 @@ def share_permutation_test(synthetic, members, nonmembers, *, rng: np.random.Gen
     n_closer = int(round(observed * n_syn))
     lo, hi = clopper_pearson(n_closer, n_syn)
     return {
-        "share_closer_to_member": observed, "n_closer_to_member": n_closer, "matched_set_size": int(k),
-        "share_p_value": float(p_value), "n_permutations": n_permutations,
-        "share_null_mean": float(null.mean()), "share_null_q95": float(np.quantile(null, 0.95)),
-        "n_synthetic_tested": int(n_syn), "synthetic_subsampled": bool(subsampled),
-        "n_distinct_nearest_members": n_distinct_mem, "n_distinct_nearest_nonmembers": n_distinct_non,
+        "share_closer_to_member": observed,
+        "n_closer_to_member": n_closer,
+        "matched_set_size": int(k),
+        "share_p_value": float(p_value),
+        "n_permutations": n_permutations,
+        "share_null_mean": float(null.mean()),
+        "share_null_q95": float(np.quantile(null, 0.95)),
+        "n_synthetic_tested": int(n_syn),
+        "synthetic_subsampled": bool(subsampled),
+        "n_distinct_nearest_members": n_distinct_mem,
+        "n_distinct_nearest_nonmembers": n_distinct_non,
         "share_test": "label permutation over the pooled members and non-members, one-sided",
         "share_ci95": [lo, hi],
         "share_ci95_method": "exact binomial; assumes independent synthetic images (they are not); not used "
-                             "for the verdict",
+        "for the verdict",
     }
 
 
 # ---- the audit ------------------------------------------------------------------------------------------------
+
 
 def near_copy_threshold(real_gaps: np.ndarray) -> tuple[float, str]:
     """The near-copy threshold from real patient-to-nearest-training-patient distances, and the rule used."""
     gaps = np.sort(np.asarray(real_gaps, dtype=np.float64))
     k = int(np.floor(NEAR_COPY_QUANTILE * (len(gaps) + 1)))
     if k >= 1:
-        return float(gaps[k - 1]), f"{k}-th smallest of {len(gaps)} real distances (<= {NEAR_COPY_QUANTILE:.0%} quantile)"
-    return float(SMALL_SITE_FACTOR * gaps[0]), (f"{SMALL_SITE_FACTOR} x the smallest of {len(gaps)} real distances "
-                                                f"(too few non-members to estimate the {NEAR_COPY_QUANTILE:.0%} quantile)")
+        return float(
+            gaps[k - 1]
+        ), f"{k}-th smallest of {len(gaps)} real distances (<= {NEAR_COPY_QUANTILE:.0%} quantile)"
+    return float(SMALL_SITE_FACTOR * gaps[0]), (
+        f"{SMALL_SITE_FACTOR} x the smallest of {len(gaps)} real distances "
+        f"(too few non-members to estimate the {NEAR_COPY_QUANTILE:.0%} quantile)"
+    )
 
 
 def _hist(values: np.ndarray, edges: np.ndarray) -> list[int]:
     return np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)[0].astype(int).tolist()
 
 
-def _space_audit(syn: np.ndarray, mem: np.ndarray, non: np.ndarray, ids: list[str], rng: np.random.Generator,
-                 ratio: float) -> dict:
+def _space_audit(
+    syn: np.ndarray,
+    mem: np.ndarray,
+    non: np.ndarray,
+    ids: list[str],
+    rng: np.random.Generator,
+    ratio: float,
+) -> dict:
     """One space (pixel or feature): matched share and its permutation test, calibrated near-copy threshold,
     flags, histograms."""
     test = share_permutation_test(syn, mem, non, rng=rng)
     d_mem, _ = pairwise_min_distances(syn, mem)
     d_non, _ = pairwise_min_distances(syn, non)
-    real_gap, _ = pairwise_min_distances(non, mem)  # a never-trained-on patient to the nearest training patient
+    real_gap, _ = pairwise_min_distances(
+        non, mem
+    )  # a never-trained-on patient to the nearest training patient
     threshold, rule = near_copy_threshold(real_gap)
     flagged = (d_mem < threshold) & (d_mem < ratio * d_non)
     top = float(max(d_mem.max(), d_non.max(), real_gap.max()) * 1.05 + 1e-9)
     edges = np.linspace(0.0, top, HIST_BINS + 1)
     return {
-        "n_synthetic": int(len(syn)), "n_members": int(len(mem)), "n_nonmembers": int(len(non)),
+        "n_synthetic": int(len(syn)),
+        "n_members": int(len(mem)),
+        "n_nonmembers": int(len(non)),
         **test,
-        "near_copy_quantile": NEAR_COPY_QUANTILE, "near_copy_ratio": ratio,
-        "near_copy_threshold": threshold, "near_copy_rule": rule, "n_near_copies": int(flagged.sum()),
+        "near_copy_quantile": NEAR_COPY_QUANTILE,
+        "near_copy_ratio": ratio,
+        "near_copy_threshold": threshold,
+        "near_copy_rule": rule,
+        "n_near_copies": int(flagged.sum()),
         "flagged_ids": [ids[i] for i in np.flatnonzero(flagged)],
         "median_distance_to_member": float(np.median(d_mem)),
         "median_distance_to_nonmember": float(np.median(d_non)),
         "median_real_gap": float(np.median(real_gap)),
-        "histogram": {"edges": edges.round(6).tolist(), "synthetic_to_member": _hist(d_mem, edges),
-                      "synthetic_to_nonmember": _hist(d_non, edges),
-                      "real_nonmember_to_member": _hist(real_gap, edges)},
+        "histogram": {
+            "edges": edges.round(6).tolist(),
+            "synthetic_to_member": _hist(d_mem, edges),
+            "synthetic_to_nonmember": _hist(d_non, edges),
+            "real_nonmember_to_member": _hist(real_gap, edges),
+        },
     }
 
 
-def memorization_audit(synthetic, synthetic_ids, members, nonmembers, *, synthetic_labels=None, member_labels=None,
-                       nonmember_labels=None, class_names=None, seed: int = 0,
-                       near_copy_ratio: float = NEAR_COPY_RATIO) -> dict:
+def memorization_audit(
+    synthetic,
+    synthetic_ids,
+    members,
+    nonmembers,
+    *,
+    synthetic_labels=None,
+    member_labels=None,
+    nonmember_labels=None,
+    class_names=None,
+    seed: int = 0,
+    near_copy_ratio: float = NEAR_COPY_RATIO,
+) -> dict:
     """Memorization figures of a synthetic cohort against one site's members and non-members (see the module
     docstring for the definitions), overall in pixel and feature space, and per class when labels are given.
 
@@ -367,11 +444,15 @@ def memorization_audit(synthetic, synthetic_ids, members, nonmembers, *, synthet
     members = _check_images(members, "memorization_audit members")
     nonmembers = _check_images(nonmembers, "memorization_audit non-members")
     if not synthetic.shape[1:] == members.shape[1:] == nonmembers.shape[1:]:
-        raise ValueError(f"memorization_audit: image shapes differ: synthetic {synthetic.shape[1:]}, members "
-                         f"{members.shape[1:]}, non-members {nonmembers.shape[1:]}")
+        raise ValueError(
+            f"memorization_audit: image shapes differ: synthetic {synthetic.shape[1:]}, members "
+            f"{members.shape[1:]}, non-members {nonmembers.shape[1:]}"
+        )
     ids = [str(i) for i in synthetic_ids]
     if len(ids) != len(synthetic):
-        raise ValueError(f"memorization_audit: {len(ids)} synthetic ids for {len(synthetic)} synthetic images")
+        raise ValueError(
+            f"memorization_audit: {len(ids)} synthetic ids for {len(synthetic)} synthetic images"
+        )
     rng = np.random.default_rng(seed)
     raw = [_raw_embedding(a) for a in (synthetic, members, nonmembers)]
     widths = raw[0][1]
@@ -386,23 +467,48 @@ def memorization_audit(synthetic, synthetic_ids, members, nonmembers, *, synthet
     out["share_closer_to_member"] = out["pixel"]["share_closer_to_member"]
     out["share_p_value"] = out["pixel"]["share_p_value"]
     if synthetic_labels is not None and member_labels is not None and nonmember_labels is not None:
-        sl, ml, nl = (np.asarray(a).ravel() for a in (synthetic_labels, member_labels, nonmember_labels))
+        sl, ml, nl = (
+            np.asarray(a).ravel() for a in (synthetic_labels, member_labels, nonmember_labels)
+        )
         if (len(sl), len(ml), len(nl)) != (len(synthetic), len(members), len(nonmembers)):
-            raise ValueError("memorization_audit: labels must have one entry per synthetic image, member and "
-                             "non-member")
-        names = list(class_names) if class_names is not None else [str(c) for c in sorted(set(sl.tolist()))]
+            raise ValueError(
+                "memorization_audit: labels must have one entry per synthetic image, member and "
+                "non-member"
+            )
+        names = (
+            list(class_names)
+            if class_names is not None
+            else [str(c) for c in sorted(set(sl.tolist()))]
+        )
         for c, name in enumerate(names):
             s, m, n = sl == c, ml == c, nl == c
             if s.sum() >= 1 and m.sum() >= 1 and n.sum() >= 1:
                 sub_ids = [ids[i] for i in np.flatnonzero(s)]
-                per = {space: _space_audit(a[s], b[m], d[n], sub_ids, rng, near_copy_ratio)
-                       for space, (a, b, d) in (("pixel", (synthetic, members, nonmembers)),
-                                                ("feature", (f_syn, f_mem, f_non)))}
+                per = {
+                    space: _space_audit(a[s], b[m], d[n], sub_ids, rng, near_copy_ratio)
+                    for space, (a, b, d) in (
+                        ("pixel", (synthetic, members, nonmembers)),
+                        ("feature", (f_syn, f_mem, f_non)),
+                    )
+                }
                 px = per["pixel"]
                 out["per_class"][name] = {
-                    **{k: px[k] for k in ("n_synthetic", "n_members", "n_nonmembers", "share_closer_to_member",
-                                          "share_p_value", "n_permutations", "share_ci95", "near_copy_threshold")},
-                    "flagged_ids": sorted(set(px["flagged_ids"]) | set(per["feature"]["flagged_ids"])),
+                    **{
+                        k: px[k]
+                        for k in (
+                            "n_synthetic",
+                            "n_members",
+                            "n_nonmembers",
+                            "share_closer_to_member",
+                            "share_p_value",
+                            "n_permutations",
+                            "share_ci95",
+                            "near_copy_threshold",
+                        )
+                    },
+                    "flagged_ids": sorted(
+                        set(px["flagged_ids"]) | set(per["feature"]["flagged_ids"])
+                    ),
                     "pixel": {k: v for k, v in px.items() if k != "histogram"},
                     "feature": {k: v for k, v in per["feature"].items() if k != "histogram"},
                 }

@@ -46,6 +46,7 @@ from privacy.report import build_audit
 @dataclass(frozen=True)
 class Policy:
     """What a cohort's audit must show before the consortium may release it."""
+
     max_epsilon: float
     max_delta: float
     max_membership_auc: float
@@ -69,14 +70,36 @@ class Policy:
 
 
 DEFAULT_POLICY = Policy(
-    max_epsilon=10.0, max_delta=1e-4, max_membership_auc=0.6, max_tpr_at_1pct_fpr=0.05, min_attack_records=10,
-    max_near_copies=0, withhold_near_copies=True, max_withheld_share=0.05, min_precision=0.5, min_coverage=0.3,
-    min_tstr_balanced_accuracy=0.6, allow_inconclusive=False, required_approvals=2, allow_unmeasured=(),
+    max_epsilon=10.0,
+    max_delta=1e-4,
+    max_membership_auc=0.6,
+    max_tpr_at_1pct_fpr=0.05,
+    min_attack_records=10,
+    max_near_copies=0,
+    withhold_near_copies=True,
+    max_withheld_share=0.05,
+    min_precision=0.5,
+    min_coverage=0.3,
+    min_tstr_balanced_accuracy=0.6,
+    allow_inconclusive=False,
+    required_approvals=2,
+    allow_unmeasured=(),
 )
-ALLOWED_UNMEASURED = ("max_tpr_at_1pct_fpr", "min_precision", "min_coverage", "min_tstr_balanced_accuracy")
+ALLOWED_UNMEASURED = (
+    "max_tpr_at_1pct_fpr",
+    "min_precision",
+    "min_coverage",
+    "min_tstr_balanced_accuracy",
+)
 
-_PROBABILITIES = {"max_membership_auc", "max_tpr_at_1pct_fpr", "max_withheld_share", "min_precision",
-                  "min_coverage", "min_tstr_balanced_accuracy"}
+_PROBABILITIES = {
+    "max_membership_auc",
+    "max_tpr_at_1pct_fpr",
+    "max_withheld_share",
+    "min_precision",
+    "min_coverage",
+    "min_tstr_balanced_accuracy",
+}
 
 
 def _check_value(where: str, name: str, kind: type, value: Any) -> Any:
@@ -85,19 +108,25 @@ def _check_value(where: str, name: str, kind: type, value: Any) -> Any:
             raise ValueError(f"{where}: key {name!r} must be a list of rule names, got {value!r}")
         bad = sorted(set(value) - set(ALLOWED_UNMEASURED))
         if bad:
-            raise ValueError(f"{where}: key {name!r}: {', '.join(map(repr, bad))} may not pass unmeasured (allowed: "
-                             f"{', '.join(ALLOWED_UNMEASURED)})")
+            raise ValueError(
+                f"{where}: key {name!r}: {', '.join(map(repr, bad))} may not pass unmeasured (allowed: "
+                f"{', '.join(ALLOWED_UNMEASURED)})"
+            )
         return tuple(value)
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     else:  # float: an integer is fine (max_epsilon = 8)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
         value = float(value) if ok else value
     if not ok:
-        raise ValueError(f"{where}: key {name!r} must be {'a finite number' if kind is float else kind.__name__}, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{where}: key {name!r} must be {'a finite number' if kind is float else kind.__name__}, "
+            f"got {value!r}"
+        )
     if kind is not bool and value < 0:
         raise ValueError(f"{where}: key {name!r} must not be negative, got {value!r}")
     if name in _PROBABILITIES and value > 1:
@@ -107,15 +136,21 @@ def _check_value(where: str, name: str, kind: type, value: Any) -> Any:
 
 def policy_from_dict(data: dict[str, Any], where: str = "policy") -> Policy:
     """A Policy from a dict of every key, checked (ValueError naming `where` and the key)."""
-    kinds = {f.name: {"float": float, "int": int, "bool": bool, "tuple[str, ...]": tuple}[f.type]
-             for f in fields(Policy)}
+    kinds = {
+        f.name: {"float": float, "int": int, "bool": bool, "tuple[str, ...]": tuple}[f.type]
+        for f in fields(Policy)
+    }
     unknown = sorted(set(data) - set(kinds))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(kinds)})")
+        raise ValueError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(kinds)})"
+        )
     missing = [k for k in kinds if k not in data]
     if missing:
-        raise ValueError(f"{where}: missing key(s) {', '.join(map(repr, missing))} (every key must be set; see "
-                         "deploy/policy.example.toml)")
+        raise ValueError(
+            f"{where}: missing key(s) {', '.join(map(repr, missing))} (every key must be set; see "
+            "deploy/policy.example.toml)"
+        )
     return Policy(**{k: _check_value(where, k, kind, data[k]) for k, kind in kinds.items()})
 
 
@@ -136,7 +171,9 @@ def load_policy(path: Path) -> Policy:
 
 def policy_toml(policy: Policy) -> str:
     """The policy as TOML text that `load_policy` reads back to an equal Policy."""
-    lines = ["# fedsynth release policy (written by fedsynth; keys documented in deploy/policy.example.toml)"]
+    lines = [
+        "# fedsynth release policy (written by fedsynth; keys documented in deploy/policy.example.toml)"
+    ]
     for k, v in policy.to_dict().items():
         if isinstance(v, bool):
             v = str(v).lower()
@@ -150,9 +187,11 @@ def policy_toml(policy: Policy) -> str:
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
 
+
 @dataclass
 class RuleResult:
     """One line of the gate: the worst value measured, the policy's threshold, and where the worst value was."""
+
     rule: str
     passed: bool
     measured: Any
@@ -164,6 +203,7 @@ class RuleResult:
 @dataclass
 class GateResult:
     """The gate's decision on one audit: passed only if every rule passed."""
+
     rules: list[RuleResult]
     withheld_ids: list[str] = field(default_factory=list)
 
@@ -175,7 +215,11 @@ class GateResult:
         return [r for r in self.rules if not r.passed]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "rules": [asdict(r) for r in self.rules], "withheld_ids": self.withheld_ids}
+        return {
+            "passed": self.passed,
+            "rules": [asdict(r) for r in self.rules],
+            "withheld_ids": self.withheld_ids,
+        }
 
 
 def _num(x: Any) -> float | None:
@@ -185,8 +229,15 @@ def _num(x: Any) -> float | None:
     return float(x)
 
 
-def _limit(rule: str, values: list[tuple[float | None, str]], threshold: float, *, upper: bool,
-           what: str, policy: Policy) -> RuleResult:
+def _limit(
+    rule: str,
+    values: list[tuple[float | None, str]],
+    threshold: float,
+    *,
+    upper: bool,
+    what: str,
+    policy: Policy,
+) -> RuleResult:
     """Judge the worst of (value, where) pairs against an upper (or lower) limit; a missing value fails, unless the
     policy lists the rule in allow_unmeasured (then the measured values are judged, and the line says what was not)."""
     allowed = rule in policy.allow_unmeasured
@@ -194,14 +245,30 @@ def _limit(rule: str, values: list[tuple[float | None, str]], threshold: float, 
     present = [(v, where) for v, where in values if v is not None]
     if not present:
         where = missing[0] if missing else ""
-        why = f"not measured: no {what} at {missing[0]}" if missing else f"not measured: the audit reports no {what}"
-        return RuleResult(rule, allowed, None, threshold, where,
-                          why + ("; the policy allows it (allow_unmeasured)" if allowed else ""))
+        why = (
+            f"not measured: no {what} at {missing[0]}"
+            if missing
+            else f"not measured: the audit reports no {what}"
+        )
+        return RuleResult(
+            rule,
+            allowed,
+            None,
+            threshold,
+            where,
+            why + ("; the policy allows it (allow_unmeasured)" if allowed else ""),
+        )
     if missing and not allowed:
-        return RuleResult(rule, False, None, threshold, missing[0], f"not measured: no {what} at {missing[0]}")
+        return RuleResult(
+            rule, False, None, threshold, missing[0], f"not measured: no {what} at {missing[0]}"
+        )
     value, where = (max if upper else min)(present, key=lambda vw: vw[0])
     passed = value <= threshold if upper else value >= threshold
-    note = (f"not measured at {', '.join(missing[:5])}; the policy allows it (allow_unmeasured)" if missing else "")
+    note = (
+        f"not measured at {', '.join(missing[:5])}; the policy allows it (allow_unmeasured)"
+        if missing
+        else ""
+    )
     return RuleResult(rule, passed, value, threshold, where, note)
 
 
@@ -213,10 +280,23 @@ def _privacy_rules(policy: Policy, audit: dict) -> list[RuleResult]:
     eps, delta = [], []
     for name, site in _sites(audit).items():
         cp = site.get("claimed_privacy") or {}
-        eps.append((_num(cp.get("epsilon")), f"site {name} ({cp.get('protection', 'protection unknown')})"))
+        eps.append(
+            (_num(cp.get("epsilon")), f"site {name} ({cp.get('protection', 'protection unknown')})")
+        )
         delta.append((_num(cp.get("delta")), f"site {name}"))
-    out = [_limit("max_epsilon", eps, policy.max_epsilon, upper=True, what="finite claimed epsilon", policy=policy),
-           _limit("max_delta", delta, policy.max_delta, upper=True, what="claimed delta", policy=policy)]
+    out = [
+        _limit(
+            "max_epsilon",
+            eps,
+            policy.max_epsilon,
+            upper=True,
+            what="finite claimed epsilon",
+            policy=policy,
+        ),
+        _limit(
+            "max_delta", delta, policy.max_delta, upper=True, what="claimed delta", policy=policy
+        ),
+    ]
     if out[0].measured is None and eps:
         out[0].note = "no formal DP guarantee (claimed epsilon is null or infinite)"
     return out
@@ -228,20 +308,36 @@ def _attack_rules(policy: Policy, audit: dict) -> list[RuleResult]:
         mem = site.get("membership") or {}
         attacks = [("all", kind, mem[kind]) for kind in ("white_box", "black_box") if kind in mem]
         for cls, per in (mem.get("per_class") or {}).items():
-            attacks += [(cls, kind, per[kind]) for kind in ("white_box", "black_box") if kind in per]
+            attacks += [
+                (cls, kind, per[kind]) for kind in ("white_box", "black_box") if kind in per
+            ]
         for cls, kind, res in attacks:
             n = min(res.get("n_members") or 0, res.get("n_nonmembers") or 0)
             if n < policy.min_attack_records:
                 continue
             where = f"site {name}, class {cls}, {kind.replace('_', '-')} attack"
             auc.append((_num(res.get("auc")), where))
-            if (res.get("resolvable") or {}).get("tpr_at_fpr_1pct", (res.get("n_nonmembers") or 0) >= 100):
+            if (res.get("resolvable") or {}).get(
+                "tpr_at_fpr_1pct", (res.get("n_nonmembers") or 0) >= 100
+            ):
                 tpr.append((_num(res.get("tpr_at_fpr_1pct")), where))
     return [
-        _limit("max_membership_auc", auc, policy.max_membership_auc, upper=True,
-               what=f"membership AUC from {policy.min_attack_records}+ members and non-members", policy=policy),
-        _limit("max_tpr_at_1pct_fpr", tpr, policy.max_tpr_at_1pct_fpr, upper=True,
-               what="resolvable TPR at 1 % FPR (needs 100+ non-members at a site)", policy=policy),
+        _limit(
+            "max_membership_auc",
+            auc,
+            policy.max_membership_auc,
+            upper=True,
+            what=f"membership AUC from {policy.min_attack_records}+ members and non-members",
+            policy=policy,
+        ),
+        _limit(
+            "max_tpr_at_1pct_fpr",
+            tpr,
+            policy.max_tpr_at_1pct_fpr,
+            upper=True,
+            what="resolvable TPR at 1 % FPR (needs 100+ non-members at a site)",
+            policy=policy,
+        ),
     ]
 
 
@@ -264,21 +360,46 @@ def _near_copy_rules(policy: Policy, audit: dict) -> tuple[list[RuleResult], lis
     flagged = flagged_near_copies(audit)
     if flagged is None:
         note = "not measured: a site reports no memorization audit (flagged_ids)"
-        return [RuleResult("max_near_copies", False, None, policy.max_near_copies, "", note),
-                RuleResult("max_withheld_share", False, None, policy.max_withheld_share, "", note)], []
+        return [
+            RuleResult("max_near_copies", False, None, policy.max_near_copies, "", note),
+            RuleResult("max_withheld_share", False, None, policy.max_withheld_share, "", note),
+        ], []
     withheld = sorted(flagged) if policy.withhold_near_copies else []
     left = len(flagged) - len(withheld)
     where = "; ".join(f"{sid} (site {', '.join(s)})" for sid, s in sorted(flagged.items())[:10])
-    rules = [RuleResult("max_near_copies", left <= policy.max_near_copies, left, policy.max_near_copies, where,
-                        f"{len(flagged)} near-copies found, {len(withheld)} withheld, {left} left in the release")]
+    rules = [
+        RuleResult(
+            "max_near_copies",
+            left <= policy.max_near_copies,
+            left,
+            policy.max_near_copies,
+            where,
+            f"{len(flagged)} near-copies found, {len(withheld)} withheld, {left} left in the release",
+        )
+    ]
     n_images = _num((audit.get("cohort") or {}).get("n_images"))
     if not n_images:
-        rules.append(RuleResult("max_withheld_share", False, None, policy.max_withheld_share, "",
-                                "not measured: the audit does not say how many images the cohort has"))
+        rules.append(
+            RuleResult(
+                "max_withheld_share",
+                False,
+                None,
+                policy.max_withheld_share,
+                "",
+                "not measured: the audit does not say how many images the cohort has",
+            )
+        )
     else:
         share = len(withheld) / n_images
-        rules.append(RuleResult("max_withheld_share", share <= policy.max_withheld_share, share,
-                                policy.max_withheld_share, f"{len(withheld)} of {int(n_images)} images"))
+        rules.append(
+            RuleResult(
+                "max_withheld_share",
+                share <= policy.max_withheld_share,
+                share,
+                policy.max_withheld_share,
+                f"{len(withheld)} of {int(n_images)} images",
+            )
+        )
     return rules, withheld
 
 
@@ -293,10 +414,30 @@ def _quality_rules(policy: Policy, audit: dict) -> list[RuleResult]:
         ts = (site.get("utility") or {}).get("train_synthetic_test_real") or {}
         tstr.append((_num(ts.get("balanced_accuracy")), f"site {name}"))
     return [
-        _limit("min_precision", precision, policy.min_precision, upper=False, what="fidelity precision", policy=policy),
-        _limit("min_coverage", coverage, policy.min_coverage, upper=False, what="fidelity coverage", policy=policy),
-        _limit("min_tstr_balanced_accuracy", tstr, policy.min_tstr_balanced_accuracy, upper=False,
-               what="train-synthetic-test-real balanced accuracy", policy=policy),
+        _limit(
+            "min_precision",
+            precision,
+            policy.min_precision,
+            upper=False,
+            what="fidelity precision",
+            policy=policy,
+        ),
+        _limit(
+            "min_coverage",
+            coverage,
+            policy.min_coverage,
+            upper=False,
+            what="fidelity coverage",
+            policy=policy,
+        ),
+        _limit(
+            "min_tstr_balanced_accuracy",
+            tstr,
+            policy.min_tstr_balanced_accuracy,
+            upper=False,
+            what="train-synthetic-test-real balanced accuracy",
+            policy=policy,
+        ),
     ]
 
 
@@ -306,7 +447,9 @@ def _verdict_rule(policy: Policy, audit: dict, withheld: list[str]) -> RuleResul
     allowed = ["pass", "inconclusive"] if policy.allow_inconclusive else ["pass"]
     threshold = " or ".join(allowed)
     if status not in ("pass", "fail", "inconclusive"):
-        return RuleResult("audit_verdict", False, None, threshold, "", "not measured: the audit has no verdict")
+        return RuleResult(
+            "audit_verdict", False, None, threshold, "", "not measured: the audit has no verdict"
+        )
     note = "; ".join(map(str, verdict.get("reasons") or []))[:500]
     if status == "fail" and withheld:
         # The audit's own rule, re-applied with the withheld near-copies discounted.
@@ -314,22 +457,39 @@ def _verdict_rule(policy: Policy, audit: dict, withheld: list[str]) -> RuleResul
         for site in sites.values():
             if isinstance(site.get("memorization"), dict):
                 site["memorization"]["n_near_copies"] = 0
-        again = build_audit(sites, cohort=audit.get("cohort") or {}, failures=audit.get("failures") or [])
+        again = build_audit(
+            sites, cohort=audit.get("cohort") or {}, failures=audit.get("failures") or []
+        )
         status = again["verdict"]["status"]
-        note = (f"audit verdict 'fail'; with the {len(withheld)} near-copies withheld: '{status}' ("
-                + "; ".join(map(str, again["verdict"]["reasons"]))[:500] + ")")
+        note = (
+            f"audit verdict 'fail'; with the {len(withheld)} near-copies withheld: '{status}' ("
+            + "; ".join(map(str, again["verdict"]["reasons"]))[:500]
+            + ")"
+        )
     return RuleResult("audit_verdict", status in allowed, status, threshold, "", note)
 
 
 def evaluate_policy(policy: Policy, audit: dict) -> GateResult:
     """Apply every rule of `policy` to an audit dict (as loaded from audit.json)."""
     if not isinstance(audit, dict):
-        raise ValueError(f"evaluate_policy: the audit must be a dict (audit.json), got {type(audit).__name__}")
+        raise ValueError(
+            f"evaluate_policy: the audit must be a dict (audit.json), got {type(audit).__name__}"
+        )
     near, withheld = _near_copy_rules(policy, audit)
-    rules = [*_privacy_rules(policy, audit), *_attack_rules(policy, audit), *near, *_quality_rules(policy, audit),
-             _verdict_rule(policy, audit, withheld)]
+    rules = [
+        *_privacy_rules(policy, audit),
+        *_attack_rules(policy, audit),
+        *near,
+        *_quality_rules(policy, audit),
+        _verdict_rule(policy, audit, withheld),
+    ]
     if not _sites(audit):
-        rules.insert(0, RuleResult("sites_audited", False, 0, ">= 1", "", "not measured: no site returned an audit"))
+        rules.insert(
+            0,
+            RuleResult(
+                "sites_audited", False, 0, ">= 1", "", "not measured: no site returned an audit"
+            ),
+        )
     return GateResult(rules=rules, withheld_ids=withheld)
 
 
@@ -346,10 +506,23 @@ def gate_table(gate: GateResult) -> str:
     """The gate as a plain-text table: rule, measured, threshold, pass/fail, where / why."""
     fmt = format_value
     rows = [("rule", "measured", "threshold", "result", "where / why")]
-    rows += [(r.rule, fmt(r.measured), fmt(r.threshold), "pass" if r.passed else "FAIL",
-              "; ".join(x for x in (r.where, r.note) if x)) for r in gate.rules]
+    rows += [
+        (
+            r.rule,
+            fmt(r.measured),
+            fmt(r.threshold),
+            "pass" if r.passed else "FAIL",
+            "; ".join(x for x in (r.where, r.note) if x),
+        )
+        for r in gate.rules
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
-    lines.append(f"gate: {'PASSED' if gate.passed else 'FAILED'}"
-                 + (f"; {len(gate.withheld_ids)} near-copies withheld" if gate.withheld_ids else ""))
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=False)) + "  " + row[4]
+        for row in rows
+    ]
+    lines.append(
+        f"gate: {'PASSED' if gate.passed else 'FAILED'}"
+        + (f"; {len(gate.withheld_ids)} near-copies withheld" if gate.withheld_ids else "")
+    )
     return "\n".join(lines)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -29,10 +30,14 @@ def load_cohort(cohort_dir: Path) -> tuple[np.ndarray, list[str], np.ndarray, li
     """Synthetic images (N, 1, ...), their ids, class indices and the class names, from a cohort folder."""
     manifest = json.loads((cohort_dir / "manifest.json").read_text())
     class_names = list(manifest["class_names"])
-    rows = [line.split(",") for line in (cohort_dir / "labels.csv").read_text().splitlines()[1:] if line]
+    rows = [
+        line.split(",") for line in (cohort_dir / "labels.csv").read_text().splitlines()[1:] if line
+    ]
     images, ids, labels = [], [], []
     for sid, cls in rows:
-        data = np.asarray(nib.load(cohort_dir / "images" / f"{sid}.nii.gz").dataobj, dtype=np.float32)
+        data = np.asarray(
+            nib.load(cohort_dir / "images" / f"{sid}.nii.gz").dataobj, dtype=np.float32
+        )
         if manifest["model_config"]["spatial_dims"] == 2:
             data = data[:, :, 0]
         images.append(data[None])
@@ -41,32 +46,52 @@ def load_cohort(cohort_dir: Path) -> tuple[np.ndarray, list[str], np.ndarray, li
     return np.stack(images), ids, np.asarray(labels, dtype=np.int64), class_names
 
 
-def audit_messages(grid: Grid, node_ids: list[int], cohort_dir: Path, checkpoint: Path) -> list[Message]:
+def audit_messages(
+    grid: Grid, node_ids: list[int], cohort_dir: Path, checkpoint: Path
+) -> list[Message]:
     images, ids, labels, _ = load_cohort(cohort_dir)
     payload = load_checkpoint(checkpoint)
-    content = RecordDict({
-        "cohort": ArrayRecord({"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}),
-        "autoencoder": ArrayRecord(payload["autoencoder"]),
-        "unet": ArrayRecord(payload["unet"]),
-        "config": ConfigRecord({
-            "synthetic-ids": json.dumps(ids),
-            "preset": payload["model_config"]["name"],
-            # what the checkpoint's UNet predicts (checkpoints from before the field: the noise)
-            "prediction-type": payload["model_config"].get("prediction_type", "epsilon"),
-            "latent-scale": float(payload["run_state"]["latent_scale"]),
-        }),
-    })
-    return [Message(content=content, message_type=f"{MessageType.QUERY}.audit", dst_node_id=n) for n in node_ids]
+    content = RecordDict(
+        {
+            "cohort": ArrayRecord(
+                {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}
+            ),
+            "autoencoder": ArrayRecord(payload["autoencoder"]),
+            "unet": ArrayRecord(payload["unet"]),
+            "config": ConfigRecord(
+                {
+                    "synthetic-ids": json.dumps(ids),
+                    "preset": payload["model_config"]["name"],
+                    # what the checkpoint's UNet predicts (checkpoints from before the field: the noise)
+                    "prediction-type": payload["model_config"].get("prediction_type", "epsilon"),
+                    "latent-scale": float(payload["run_state"]["latent_scale"]),
+                }
+            ),
+        }
+    )
+    return [
+        Message(content=content, message_type=f"{MessageType.QUERY}.audit", dst_node_id=n)
+        for n in node_ids
+    ]
 
 
-def run_audit_round(grid: Grid, cohort_dir: Path, checkpoint: Path, out_dir: Path, *, timeout: float = 1800.0,
-                    run_record: dict[str, Any] | None = None,
-                    progress: Callable[[str], None] | None = None) -> tuple[Path, Path]:
+def run_audit_round(
+    grid: Grid,
+    cohort_dir: Path,
+    checkpoint: Path,
+    out_dir: Path,
+    *,
+    timeout: float = 1800.0,
+    run_record: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Path, Path]:
     say = progress or (lambda m: log.info("%s", m))
     nodes = list(grid.get_node_ids())
     say(f"audit: sending the candidate cohort to {len(nodes)} sites")
     t0 = time.time()
-    replies = grid.send_and_receive(audit_messages(grid, nodes, cohort_dir, checkpoint), timeout=timeout)
+    replies = grid.send_and_receive(
+        audit_messages(grid, nodes, cohort_dir, checkpoint), timeout=timeout
+    )
     site_results: dict[str, Any] = {}
     failures: list[str] = []
     for m in replies:
@@ -75,18 +100,38 @@ def run_audit_round(grid: Grid, cohort_dir: Path, checkpoint: Path, out_dir: Pat
             continue
         result = json.loads(str(m.content["audit"]["json"]))
         site_results[result["site"]] = result
-        say(f"  audit from {result['site']}: {result['n_members']} members, {result['n_nonmembers']} non-members")
+        say(
+            f"  audit from {result['site']}: {result['n_members']} members, {result['n_nonmembers']} non-members"
+        )
     answered = {m.metadata.src_node_id for m in replies}
-    failures += [f"node {n}: no audit reply within {timeout:.0f}s" for n in nodes if n not in answered]
+    failures += [
+        f"node {n}: no audit reply within {timeout:.0f}s" for n in nodes if n not in answered
+    ]
     images, ids, labels, class_names = load_cohort(cohort_dir)
     manifest = json.loads((cohort_dir / "manifest.json").read_text())
-    audit = build_audit(site_results, cohort={
-        "path": str(cohort_dir), "n_images": len(ids), "class_names": class_names,
-        "checkpoint_sha256": manifest["checkpoint"]["sha256"], "run_id": manifest["checkpoint"]["run_id"],
-    }, failures=failures, run_record=run_record)
-    flagged = {sid for s in site_results.values() for sid in s["memorization"].get("flagged_ids", [])}
+    audit = build_audit(
+        site_results,
+        cohort={
+            "path": str(cohort_dir),
+            "n_images": len(ids),
+            "class_names": class_names,
+            "checkpoint_sha256": manifest["checkpoint"]["sha256"],
+            "run_id": manifest["checkpoint"]["run_id"],
+        },
+        failures=failures,
+        run_record=run_record,
+    )
+    flagged = {
+        sid for s in site_results.values() for sid in s["memorization"].get("flagged_ids", [])
+    }
     flagged_images = {sid: images[ids.index(sid)] for sid in sorted(flagged) if sid in ids}
-    paths = write_audit_report(audit, out_dir, sample_images=images, sample_labels=labels,
-                               class_names=class_names, flagged_images=flagged_images)
+    paths = write_audit_report(
+        audit,
+        out_dir,
+        sample_images=images,
+        sample_labels=labels,
+        class_names=class_names,
+        flagged_images=flagged_images,
+    )
     say(f"audit report written in {time.time() - t0:.0f}s: {paths[0]}, {paths[1]}")
     return paths

@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
@@ -34,9 +35,15 @@ from common.io import write_json_atomic
 
 log = logging.getLogger("fedsynth.server")
 ACCOUNTANT_FILE = "central_dp_accountant.json"
-UNIFORM_WEIGHT_KEY = "central-dp-weight"  # FedAvg weighs by this key under central DP: 1.0 for every site
-REFERENCE_DELTA = 1e-5  # client_level also reports epsilon here, for comparison with the usual "delta << 1/n"
-NORM_TOLERANCE = 1e-4  # relative slack for float32 rounding when the server re-checks a clipped update
+UNIFORM_WEIGHT_KEY = (
+    "central-dp-weight"  # FedAvg weighs by this key under central DP: 1.0 for every site
+)
+REFERENCE_DELTA = (
+    1e-5  # client_level also reports epsilon here, for comparison with the usual "delta << 1/n"
+)
+NORM_TOLERANCE = (
+    1e-4  # relative slack for float32 rounding when the server re-checks a clipped update
+)
 
 
 def default_delta(n_sites: int) -> float:
@@ -76,11 +83,19 @@ class CentralDP:
         stored = dict(state.get("config") or {})
         population = int(stored.get("population_size", 0))
         if stored.get("sampling_method") != SamplingMethod.NO_AMPLIFICATION.value:
-            raise ValueError(f"{self.path}: accountant state with sampling {stored.get('sampling_method')!r}; "
-                             "fedsynth composes no-amplification releases only")
+            raise ValueError(
+                f"{self.path}: accountant state with sampling {stored.get('sampling_method')!r}; "
+                "fedsynth composes no-amplification releases only"
+            )
         config = self._config(population)
-        state = {**state, "config": {**stored, "target_delta": config.target_delta,
-                                     "max_epsilon": config.max_epsilon}}
+        state = {
+            **state,
+            "config": {
+                **stored,
+                "target_delta": config.target_delta,
+                "max_epsilon": config.max_epsilon,
+            },
+        }
         self.accountant = RdpAccountant(config)
         self.accountant.load_state_dict(state)
 
@@ -109,22 +124,35 @@ class CentralDP:
         return float(spent.epsilon), float(spent.delta)
 
     # ---- the strategy ------------------------------------------------------------------------------------------
-    def wrap(self, strategy: Strategy, sites: int, population: int) -> DifferentialPrivacyClientSideFixedClipping:
+    def wrap(
+        self, strategy: Strategy, sites: int, population: int
+    ) -> DifferentialPrivacyClientSideFixedClipping:
         """Flower's client-side fixed-clipping wrapper around `strategy`, for `sites` sites per round."""
         acc = self.ensure_accountant(population)
         if sites > acc.config.population_size:
-            raise ValueError(f"central DP: {sites} sites to train but the run's accountant was set up for "
-                             f"{acc.config.population_size} (the sites at the start of the run); use a new run-dir")
+            raise ValueError(
+                f"central DP: {sites} sites to train but the run's accountant was set up for "
+                f"{acc.config.population_size} (the sites at the start of the run); use a new run-dir"
+            )
         return DifferentialPrivacyClientSideFixedClipping(
-            strategy, noise_multiplier=self.run.central_dp_noise_multiplier,
-            clipping_norm=self.run.central_dp_clipping_norm, num_sampled_clients=sites, accountant=acc,
+            strategy,
+            noise_multiplier=self.run.central_dp_noise_multiplier,
+            clipping_norm=self.run.central_dp_clipping_norm,
+            num_sampled_clients=sites,
+            accountant=acc,
         )
 
     def noise_std(self, sites: int) -> float:
-        return compute_stdv(self.run.central_dp_noise_multiplier, self.run.central_dp_clipping_norm, sites)
+        return compute_stdv(
+            self.run.central_dp_noise_multiplier, self.run.central_dp_clipping_norm, sites
+        )
 
-    def prepare_replies(self, replies: Iterable[Message], global_arrays: ArrayRecord,
-                        site_of: dict[int, str] | None = None) -> None:
+    def prepare_replies(
+        self,
+        replies: Iterable[Message],
+        global_arrays: ArrayRecord,
+        site_of: dict[int, str] | None = None,
+    ) -> None:
         """Give every reply the same FedAvg weight, and re-check that its update is within the clipping norm.
 
         The sites clip; the server re-clips (same Flower function) any update that is not, naming the site, so the
@@ -139,18 +167,28 @@ class CentralDP:
             norm = update_norm(nd, global_nd)
             if norm > c * (1 + NORM_TOLERANCE):
                 name = (site_of or {}).get(m.metadata.src_node_id, f"node {m.metadata.src_node_id}")
-                log.warning("central DP: %s sent an update of norm %.4g > clipping norm %.4g; clipped at the server",
-                            name, norm, c)
+                log.warning(
+                    "central DP: %s sent an update of norm %.4g > clipping norm %.4g; clipped at the server",
+                    name,
+                    norm,
+                    c,
+                )
                 compute_clip_model_update(nd, global_nd, c)
-                m.content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(record.keys(), nd)})
+                m.content["arrays"] = ArrayRecord(
+                    {k: Array(np.asarray(v)) for k, v in zip(record.keys(), nd, strict=False)}
+                )
 
     # ---- labels ------------------------------------------------------------------------------------------------
     def summary(self, completed_rounds: int) -> dict[str, Any]:
         """The `client_level` part of privacy.json (and run.json)."""
         if not self.enabled:
-            earlier = sum(int(c.get("count", 0)) for c in (self._stored or {}).get("compositions", []))
-            note = ("central-dp is off: the server adds no noise to the aggregate, so the released model carries no "
-                    "client-level guarantee; each site's updates carry only its own sample-level DP")
+            earlier = sum(
+                int(c.get("count", 0)) for c in (self._stored or {}).get("compositions", [])
+            )
+            note = (
+                "central-dp is off: the server adds no noise to the aggregate, so the released model carries no "
+                "client-level guarantee; each site's updates carry only its own sample-level DP"
+            )
             if earlier:
                 note += f" (central DP was on for {earlier} earlier release(s) of this run; that does not carry over)"
             return {"protection": "none", "note": note}
@@ -159,14 +197,19 @@ class CentralDP:
         sites = acc.config.population_size if acc else 0
         unprotected = max(0, completed_rounds - self.releases)
         out: dict[str, Any] = {
-            "protection": ("client-level DP: bounds what anyone who sees the released model can learn about whether "
-                           f"a whole site participated (RDP, delta={delta:.2e})" if delta else
-                           "client-level DP (RDP, delta = 1/(10 x sites) once the sites are known)"),
+            "protection": (
+                "client-level DP: bounds what anyone who sees the released model can learn about whether "
+                f"a whole site participated (RDP, delta={delta:.2e})"
+                if delta
+                else "client-level DP (RDP, delta = 1/(10 x sites) once the sites are known)"
+            ),
             "epsilon": eps if not unprotected else math.inf,
             "delta": delta,
-            f"epsilon_at_delta_{REFERENCE_DELTA:g}": (float(acc.get_epsilon(REFERENCE_DELTA))
-                                                      if acc and acc.num_releases and not unprotected
-                                                      else (0.0 if not unprotected else math.inf)),
+            f"epsilon_at_delta_{REFERENCE_DELTA:g}": (
+                float(acc.get_epsilon(REFERENCE_DELTA))
+                if acc and acc.num_releases and not unprotected
+                else (0.0 if not unprotected else math.inf)
+            ),
             "noise_multiplier": self.run.central_dp_noise_multiplier,
             "clipping_norm": self.run.central_dp_clipping_norm,
             "noise_std_on_aggregate": self.noise_std(sites) if sites else None,
@@ -174,15 +217,17 @@ class CentralDP:
             "sites": sites,
             "sampling": "none: every site in every round (no amplification)",
             "mechanism": "Flower DifferentialPrivacyClientSideFixedClipping (update clipping at the sites, "
-                         "Gaussian noise on the uniform FedAvg aggregate at the server)",
+            "Gaussian noise on the uniform FedAvg aggregate at the server)",
             "accountant": "flwr RdpAccountant",
             "max_epsilon": self.run.central_dp_max_epsilon or None,
             "trust": "the server sees each site's clipped update (no secure aggregation); the guarantee is "
-                     "towards everyone who sees only the released aggregates",
+            "towards everyone who sees only the released aggregates",
         }
         if unprotected:
-            out["note"] = (f"{unprotected} round(s) of this run were released without central DP: the final model "
-                           "has no finite client-level guarantee")
+            out["note"] = (
+                f"{unprotected} round(s) of this run were released without central DP: the final model "
+                "has no finite client-level guarantee"
+            )
         return out
 
 

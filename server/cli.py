@@ -1,20 +1,20 @@
 """`fedsynth`: the command line for consortia, sites, privacy officers and partners.
 
-    fedsynth demo [--out DIR]                        the whole path on loopback: phantoms -> TLS federation -> cohort
-    fedsynth phantoms --sites N --subjects M --out DIR [--dims 2|3] [--seed S]
-    fedsynth site check DIR                          what a site's folder holds, and every problem in it
-    fedsynth synthesize --checkpoint CKPT --per-class N --out DIR
-    fedsynth verify COHORT                           re-hash a cohort against its manifest
-    fedsynth audit --demo DIR                        re-run the federated privacy audit of a demo's cohort
-    fedsynth pki --out DIR --nodes N                 CA, SuperLink certificate, SuperNode auth keys
-    fedsynth keys new --name NAME --out DIR          Ed25519 key pair for the consortium or an officer
-    fedsynth release gate --audit DIR --policy FILE  apply a release policy to an audit (exit 1 if it fails)
-    fedsynth release build --cohort DIR --audit DIR --policy FILE --consortium-key KEY --officer NAME=PUB ... --out DIR
-    fedsynth release approve RELEASE --officer NAME --key KEY [--reject --reason TEXT]
-    fedsynth release verify RELEASE --consortium-key PUB
-    fedsynth portal serve --data DIR --cert C --key K   the partner portal (HTTPS): officers approve, partners download
-    fedsynth portal token --data DIR --role R --name N  issue a portal token (printed once); portal revoke, portal add
-    fedsynth pull COHORT --portal URL --token T [--out DIR] [--ca CA] [--consortium-key PUB]   download + verify
+fedsynth demo [--out DIR]                        the whole path on loopback: phantoms -> TLS federation -> cohort
+fedsynth phantoms --sites N --subjects M --out DIR [--dims 2|3] [--seed S]
+fedsynth site check DIR                          what a site's folder holds, and every problem in it
+fedsynth synthesize --checkpoint CKPT --per-class N --out DIR
+fedsynth verify COHORT                           re-hash a cohort against its manifest
+fedsynth audit --demo DIR                        re-run the federated privacy audit of a demo's cohort
+fedsynth pki --out DIR --nodes N                 CA, SuperLink certificate, SuperNode auth keys
+fedsynth keys new --name NAME --out DIR          Ed25519 key pair for the consortium or an officer
+fedsynth release gate --audit DIR --policy FILE  apply a release policy to an audit (exit 1 if it fails)
+fedsynth release build --cohort DIR --audit DIR --policy FILE --consortium-key KEY --officer NAME=PUB ... --out DIR
+fedsynth release approve RELEASE --officer NAME --key KEY [--reject --reason TEXT]
+fedsynth release verify RELEASE --consortium-key PUB
+fedsynth portal serve --data DIR --cert C --key K   the partner portal (HTTPS): officers approve, partners download
+fedsynth portal token --data DIR --role R --name N  issue a portal token (printed once); portal revoke, portal add
+fedsynth pull COHORT --portal URL --token T [--out DIR] [--ca CA] [--consortium-key PUB]   download + verify
 """
 
 from __future__ import annotations
@@ -35,8 +35,15 @@ def _say(msg: str) -> None:
 def cmd_phantoms(args: argparse.Namespace) -> int:
     from common.phantoms import make_phantom_sites
 
-    sites = make_phantom_sites(Path(args.out), n_sites=args.sites, n_subjects=args.subjects, dims=args.dims,
-                               size=args.size, seed=args.seed, progress=_say)
+    sites = make_phantom_sites(
+        Path(args.out),
+        n_sites=args.sites,
+        n_subjects=args.subjects,
+        dims=args.dims,
+        size=args.size,
+        seed=args.seed,
+        progress=_say,
+    )
     _say(f"{len(sites)} phantom sites in {args.out}")
     return 0
 
@@ -46,8 +53,12 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     from common.site import check_site
 
     cfg = model_config(args.preset)
-    report = check_site(Path(args.dir), class_names=cfg.class_names, spatial_dims=cfg.spatial_dims,
-                        image_size=cfg.image_size)
+    report = check_site(
+        Path(args.dir),
+        class_names=cfg.class_names,
+        spatial_dims=cfg.spatial_dims,
+        image_size=cfg.image_size,
+    )
     _say(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_text())
     return 0 if report.usable_subjects > 0 else 1
 
@@ -58,8 +69,15 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint)
     privacy_path = ckpt.parent.parent / "privacy.json"
     privacy = json.loads(privacy_path.read_text()) if privacy_path.exists() else None
-    req = SynthesisRequest(checkpoint=ckpt, out_dir=Path(args.out), per_class=args.per_class, seed=args.seed,
-                           batch_size=args.batch_size, steps=args.steps, device=args.device)
+    req = SynthesisRequest(
+        checkpoint=ckpt,
+        out_dir=Path(args.out),
+        per_class=args.per_class,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        device=args.device,
+    )
     synthesize_cohort(req, privacy=privacy, progress=_say)
     return 0
 
@@ -70,7 +88,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problems = verify_cohort(Path(args.cohort))
     for p in problems:
         _say(f"FAIL {p}")
-    _say("cohort intact: every file matches the manifest" if not problems else f"{len(problems)} problem(s)")
+    _say(
+        "cohort intact: every file matches the manifest"
+        if not problems
+        else f"{len(problems)} problem(s)"
+    )
     return 0 if not problems else 1
 
 
@@ -85,8 +107,14 @@ def cmd_pki(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from server.demo import DemoOptions, run_demo
 
-    opts = DemoOptions(out=Path(args.out), preset=args.preset, rounds=args.rounds, subjects=args.subjects,
-                       insecure=args.insecure, epsilon=args.epsilon)
+    opts = DemoOptions(
+        out=Path(args.out),
+        preset=args.preset,
+        rounds=args.rounds,
+        subjects=args.subjects,
+        insecure=args.insecure,
+        epsilon=args.epsilon,
+    )
     return run_demo(opts, progress=_say)
 
 
@@ -98,12 +126,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # ---- keys and releases (privacy/policy.py, common/signing.py, server/release.py) ----
 
+
 def cmd_keys_new(args: argparse.Namespace) -> int:
     from common.signing import fingerprint, generate_keypair, load_public_key
 
     key, pub = generate_keypair(Path(args.out), args.name)
-    _say(f"private key {key} (mode 0600: keep it secret)\npublic key  {pub}\n"
-         f"fingerprint {fingerprint(load_public_key(pub))}")
+    _say(
+        f"private key {key} (mode 0600: keep it secret)\npublic key  {pub}\n"
+        f"fingerprint {fingerprint(load_public_key(pub))}"
+    )
     return 0
 
 
@@ -127,12 +158,21 @@ def cmd_release_build(args: argparse.Namespace) -> int:
         if not sep or not name or not pub:
             raise ValueError(f"--officer {item!r}: expected NAME=PUBLIC_KEY_FILE")
         officers[name] = Path(pub)
-    out = build_release(Path(args.cohort), Path(args.audit), Path(args.out), policy=load_policy(Path(args.policy)),
-                        consortium_key=Path(args.consortium_key), officer_keys=officers, cohort_id=args.cohort_id)
+    out = build_release(
+        Path(args.cohort),
+        Path(args.audit),
+        Path(args.out),
+        policy=load_policy(Path(args.policy)),
+        consortium_key=Path(args.consortium_key),
+        officer_keys=officers,
+        cohort_id=args.cohort_id,
+    )
     gate = json.loads((out / "gate.json").read_text())
     _say(gate_table(GateResult([RuleResult(**r) for r in gate["rules"]], gate["withheld_ids"])))
-    _say(f"release candidate written to {out}"
-         + ("" if gate["passed"] else " (BLOCKED by the gate: built so the officers can see why)"))
+    _say(
+        f"release candidate written to {out}"
+        + ("" if gate["passed"] else " (BLOCKED by the gate: built so the officers can see why)")
+    )
     return 0 if gate["passed"] else 1
 
 
@@ -142,7 +182,10 @@ def cmd_release_approve(args: argparse.Namespace) -> int:
     decision = "reject" if args.reject else "approve"
     statement = approval_statement(Path(args.release), args.officer, decision, args.reason or "")
     path = write_approval(Path(args.release), sign_approval(statement, Path(args.key)))
-    _say(f"{decision} by {args.officer} signed and stored in {path}\n" + summary(Path(args.release)).rstrip())
+    _say(
+        f"{decision} by {args.officer} signed and stored in {path}\n"
+        + summary(Path(args.release)).rstrip()
+    )
     return 0
 
 
@@ -155,36 +198,55 @@ def cmd_release_verify(args: argparse.Namespace) -> int:
     if problems:
         _say(f"{len(problems)} problem(s): do not use this release")
         return 1
-    _say("release intact: signed by the consortium key, every file matches release.json, every approval valid\n"
-         + summary(Path(args.release)).rstrip())
+    _say(
+        "release intact: signed by the consortium key, every file matches release.json, every approval valid\n"
+        + summary(Path(args.release)).rstrip()
+    )
     return 0
 
 
 def _add_release_commands(sub) -> None:
-    keys = sub.add_parser("keys", help="Ed25519 signing keys for the consortium and privacy officers")
+    keys = sub.add_parser(
+        "keys", help="Ed25519 signing keys for the consortium and privacy officers"
+    )
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     kn = keys_sub.add_parser("new", help="write NAME.key (private, 0600) and NAME.pub")
     kn.add_argument("--name", required=True)
     kn.add_argument("--out", required=True)
     kn.set_defaults(fn=cmd_keys_new)
 
-    rel = sub.add_parser("release", help="policy gate, signed release candidates, officer approvals")
+    rel = sub.add_parser(
+        "release", help="policy gate, signed release candidates, officer approvals"
+    )
     rel_sub = rel.add_subparsers(dest="release_command", required=True)
-    g = rel_sub.add_parser("gate", help="apply a policy to an audit and print every rule (exit 1 if it fails)")
+    g = rel_sub.add_parser(
+        "gate", help="apply a policy to an audit and print every rule (exit 1 if it fails)"
+    )
     g.add_argument("--audit", required=True, help="the audit folder (or its audit.json)")
     g.add_argument("--policy", required=True, help="policy TOML (see deploy/policy.example.toml)")
     g.set_defaults(fn=cmd_release_gate)
-    b = rel_sub.add_parser("build", help="build a signed release candidate (exit 1 if the gate blocks it)")
+    b = rel_sub.add_parser(
+        "build", help="build a signed release candidate (exit 1 if the gate blocks it)"
+    )
     b.add_argument("--cohort", required=True)
     b.add_argument("--audit", required=True)
     b.add_argument("--policy", required=True)
-    b.add_argument("--consortium-key", required=True, help="the consortium's private key (NAME.key)")
-    b.add_argument("--officer", action="append", required=True, metavar="NAME=PUBKEY",
-                   help="a privacy officer who may approve, with their public key file (repeat)")
+    b.add_argument(
+        "--consortium-key", required=True, help="the consortium's private key (NAME.key)"
+    )
+    b.add_argument(
+        "--officer",
+        action="append",
+        required=True,
+        metavar="NAME=PUBKEY",
+        help="a privacy officer who may approve, with their public key file (repeat)",
+    )
     b.add_argument("--cohort-id", default=None)
     b.add_argument("--out", required=True)
     b.set_defaults(fn=cmd_release_build)
-    ap = rel_sub.add_parser("approve", help="sign an officer's approval (or --reject) of a release candidate")
+    ap = rel_sub.add_parser(
+        "approve", help="sign an officer's approval (or --reject) of a release candidate"
+    )
     ap.add_argument("release")
     ap.add_argument("--officer", required=True)
     ap.add_argument("--key", required=True, help="the officer's private key")
@@ -193,7 +255,9 @@ def _add_release_commands(sub) -> None:
     ap.set_defaults(fn=cmd_release_approve)
     vr = rel_sub.add_parser("verify", help="check a release's signature, files and approvals")
     vr.add_argument("release")
-    vr.add_argument("--consortium-key", required=True, help="the consortium's PUBLIC key (NAME.pub)")
+    vr.add_argument(
+        "--consortium-key", required=True, help="the consortium's PUBLIC key (NAME.pub)"
+    )
     vr.set_defaults(fn=cmd_release_verify)
 
 
@@ -226,7 +290,9 @@ def cmd_portal_add(args: argparse.Namespace) -> int:
     from server.portal import register_release
 
     key = Path(args.consortium_key) if args.consortium_key else None
-    cohort_id = register_release(Path(args.data), Path(args.release), consortium_key=key, move=args.move)
+    cohort_id = register_release(
+        Path(args.data), Path(args.release), consortium_key=key, move=args.move
+    )
     _say(f"cohort {cohort_id} registered in {Path(args.data) / 'cohorts' / cohort_id}")
     return 0
 
@@ -235,41 +301,66 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from server.pull import PullError, pull
 
     try:
-        pull(args.cohort, args.portal, args.token or os.environ.get("FEDSYNTH_TOKEN", ""),
-             Path(args.out) if args.out else None, ca=Path(args.ca) if args.ca else None,
-             consortium_key=Path(args.consortium_key) if args.consortium_key else None, progress=_say)
+        pull(
+            args.cohort,
+            args.portal,
+            args.token or os.environ.get("FEDSYNTH_TOKEN", ""),
+            Path(args.out) if args.out else None,
+            ca=Path(args.ca) if args.ca else None,
+            consortium_key=Path(args.consortium_key) if args.consortium_key else None,
+            progress=_say,
+        )
     except PullError as err:
         print(f"PULL FAILED: {err}", file=sys.stderr, flush=True)
         partial = Path(f"{args.out or args.cohort}.partial")
         if partial.exists():
-            print(f"{partial} is NOT a verified cohort (kept so that the same command resumes)", file=sys.stderr)
+            print(
+                f"{partial} is NOT a verified cohort (kept so that the same command resumes)",
+                file=sys.stderr,
+            )
         return 1
     return 0
 
 
 def _add_portal_commands(sub) -> None:
-    po = sub.add_parser("portal", help="the partner portal: officers approve releases, partners download them")
+    po = sub.add_parser(
+        "portal", help="the partner portal: officers approve releases, partners download them"
+    )
     po_sub = po.add_subparsers(dest="portal_command", required=True)
     s = po_sub.add_parser("serve", help="serve the portal over HTTPS")
-    s.add_argument("--data", required=True, help="the portal data folder (portal.db, cohorts/, consortium.pub)")
+    s.add_argument(
+        "--data", required=True, help="the portal data folder (portal.db, cohorts/, consortium.pub)"
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8443)
-    s.add_argument("--cert", required=True, help="TLS certificate (e.g. fedsynth pki's superlink.crt)")
+    s.add_argument(
+        "--cert", required=True, help="TLS certificate (e.g. fedsynth pki's superlink.crt)"
+    )
     s.add_argument("--key", required=True, help="its private key")
     s.set_defaults(fn=cmd_portal_serve)
-    t = po_sub.add_parser("token", help="issue an access token (printed once; only its hash is stored)")
+    t = po_sub.add_parser(
+        "token", help="issue an access token (printed once; only its hash is stored)"
+    )
     t.add_argument("--data", required=True)
     t.add_argument("--role", required=True, choices=("partner", "officer", "admin"))
-    t.add_argument("--name", required=True, help="who holds it; an officer's name is its key name in release.json")
+    t.add_argument(
+        "--name",
+        required=True,
+        help="who holds it; an officer's name is its key name in release.json",
+    )
     t.set_defaults(fn=cmd_portal_token)
     r = po_sub.add_parser("revoke", help="revoke a token by its id")
     r.add_argument("--data", required=True)
     r.add_argument("--token-id", required=True)
     r.set_defaults(fn=cmd_portal_revoke)
-    a = po_sub.add_parser("add", help="verify a release candidate and register it (copied into DATA/cohorts/)")
+    a = po_sub.add_parser(
+        "add", help="verify a release candidate and register it (copied into DATA/cohorts/)"
+    )
     a.add_argument("--data", required=True)
     a.add_argument("release")
-    a.add_argument("--consortium-key", default=None, help="consortium PUBLIC key (required the first time)")
+    a.add_argument(
+        "--consortium-key", default=None, help="consortium PUBLIC key (required the first time)"
+    )
     a.add_argument("--move", action="store_true", help="move the folder instead of copying it")
     a.set_defaults(fn=cmd_portal_add)
 
@@ -279,21 +370,34 @@ def _add_portal_commands(sub) -> None:
     pl.add_argument("--token", default=None, help="partner token (default: $FEDSYNTH_TOKEN)")
     pl.add_argument("--out", default=None, help="folder to create (default: ./COHORT)")
     pl.add_argument("--ca", default=None, help="CA certificate of the portal's TLS certificate")
-    pl.add_argument("--consortium-key", default=None, help="consortium PUBLIC key (without it: trust on first use)")
+    pl.add_argument(
+        "--consortium-key",
+        default=None,
+        help="consortium PUBLIC key (without it: trust on first use)",
+    )
     pl.set_defaults(fn=cmd_pull)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedsynth", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="fedsynth", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run the whole pipeline on loopback with phantom hospitals")
     d.add_argument("--out", default="fedsynth-demo")
     d.add_argument("--preset", default="small")
-    d.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the preset's demo plan)")
+    d.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="federated rounds (default: the preset's demo plan)",
+    )
     d.add_argument("--subjects", type=int, default=None, help="patients per phantom site")
     d.add_argument("--epsilon", type=float, default=10.0, help="each site's privacy budget")
-    d.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (debugging only)")
+    d.add_argument(
+        "--insecure", action="store_true", help="no TLS, no node authentication (debugging only)"
+    )
     d.set_defaults(fn=cmd_demo)
 
     ph = sub.add_parser("phantoms", help="write physics-phantom hospitals (NIfTI + labels.csv)")
@@ -307,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     site = sub.add_parser("site", help="site data tools")
     site_sub = site.add_subparsers(dest="site_command", required=True)
-    chk = site_sub.add_parser("check", help="report counts, shapes, spacing, class balance and problems")
+    chk = site_sub.add_parser(
+        "check", help="report counts, shapes, spacing, class balance and problems"
+    )
     chk.add_argument("dir")
     chk.add_argument("--preset", default="small")
     chk.add_argument("--json", action="store_true")
@@ -327,7 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("cohort")
     v.set_defaults(fn=cmd_verify)
 
-    a = sub.add_parser("audit", help="re-run the federated privacy audit on a demo's cohort (sites compute locally)")
+    a = sub.add_parser(
+        "audit",
+        help="re-run the federated privacy audit on a demo's cohort (sites compute locally)",
+    )
     a.add_argument("--demo", required=True, help="the demo's --out folder")
     a.add_argument("--insecure", action="store_true")
     a.set_defaults(fn=cmd_audit)

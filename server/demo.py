@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from common.config import RunConfig
 from common.phantoms import make_phantom_sites
@@ -82,24 +82,45 @@ def write_app_dir(app_dir: Path, run: RunConfig) -> Path:
 
 
 def demo_node_configs(out: Path, epsilon: float) -> list[dict]:
-    site_dirs = sorted(p for p in (out / "sites").iterdir() if p.is_dir() and (p / "labels.csv").exists())
+    site_dirs = sorted(
+        p for p in (out / "sites").iterdir() if p.is_dir() and (p / "labels.csv").exists()
+    )
     return [
-        {"site-dir": str(d), "site-name": d.name, "state-dir": str(out / "site-state" / d.name),
-         "epsilon": epsilon, "threads": max(1, (os.cpu_count() or 1) // len(site_dirs))}
+        {
+            "site-dir": str(d),
+            "site-name": d.name,
+            "state-dir": str(out / "site-state" / d.name),
+            "epsilon": epsilon,
+            "threads": max(1, (os.cpu_count() or 1) // len(site_dirs)),
+        }
         for d in site_dirs
     ]
 
 
-def run_demo_audit(out: Path, insecure: bool = False, progress: Callable[[str], None] = print) -> int:
+def run_demo_audit(
+    out: Path, insecure: bool = False, progress: Callable[[str], None] = print
+) -> int:
     """Audit the demo's cohort again: the same hospitals, a new loopback federation, the ServerApp in audit mode."""
     out = out.resolve()
     run_dir = out / "run"
     record = json.loads((run_dir / "run.json").read_text())
-    run = RunConfig(**{**record["run_config"], "mode": "audit", "cohort_dir": str(run_dir / "cohort"),
-                       "checkpoint": str(run_dir / "checkpoints" / "latest.pt")})
+    run = RunConfig(
+        **{
+            **record["run_config"],
+            "mode": "audit",
+            "cohort_dir": str(run_dir / "cohort"),
+            "checkpoint": str(run_dir / "checkpoints" / "latest.pt"),
+        }
+    )
     app_dir = write_app_dir(out / "app-audit", run)
-    run_federation(app_dir, out / "deployment-audit", demo_node_configs(out, 10.0), run.to_flwr(),
-                   insecure=insecure, progress=progress)
+    run_federation(
+        app_dir,
+        out / "deployment-audit",
+        demo_node_configs(out, 10.0),
+        run.to_flwr(),
+        insecure=insecure,
+        progress=progress,
+    )
     verdict = json.loads((run_dir / "audit" / "audit.json").read_text())["verdict"]
     progress(f"audit report: {run_dir / 'audit' / 'audit.html'} (verdict: {verdict['status']})")
     return 0
@@ -117,8 +138,13 @@ def demo_policy(default):
     - One approval: the demo names one privacy officer.
     """
     return dataclasses.replace(
-        default, max_delta=2e-3, min_precision=0.0, min_coverage=0.0, min_tstr_balanced_accuracy=0.0,
-        allow_unmeasured=("max_tpr_at_1pct_fpr", "min_tstr_balanced_accuracy"), required_approvals=1,
+        default,
+        max_delta=2e-3,
+        min_precision=0.0,
+        min_coverage=0.0,
+        min_tstr_balanced_accuracy=0.0,
+        allow_unmeasured=("max_tpr_at_1pct_fpr", "min_tstr_balanced_accuracy"),
+        required_approvals=1,
     )
 
 
@@ -143,29 +169,56 @@ def publish_demo_release(out: Path, progress: Callable[[str], None] = print) -> 
     consortium_key, consortium_pub = generate_keypair(keys, "consortium")
     _, officer_pub = generate_keypair(keys, "officer")
     policy = demo_policy(DEFAULT_POLICY)
-    release = build_release(out / "run" / "cohort", out / "run" / "audit", out / "release", policy=policy,
-                            consortium_key=consortium_key, officer_keys={"officer": officer_pub})
+    release = build_release(
+        out / "run" / "cohort",
+        out / "run" / "audit",
+        out / "release",
+        policy=policy,
+        consortium_key=consortium_key,
+        officer_keys={"officer": officer_pub},
+    )
     cohort_id = register_release(portal, release, consortium_key=consortium_pub)
     store = Store(portal)
-    tokens = {role: store.issue_token(role, name) for role, name in (("officer", "officer"), ("partner", "partner"),
-                                                                       ("admin", "admin"))}
+    tokens = {
+        role: store.issue_token(role, name)
+        for role, name in (("officer", "officer"), ("partner", "partner"), ("admin", "admin"))
+    }
     with atomic_path(portal / "tokens.txt") as tmp:
         os.chmod(tmp, 0o600)
-        tmp.write_text("".join(f"{role} {tid} {secret}\n" for role, (tid, secret) in tokens.items()))
+        tmp.write_text(
+            "".join(f"{role} {tid} {secret}\n" for role, (tid, secret) in tokens.items())
+        )
     tls = out / "deployment" / "pki"
     if not (tls / "superlink.crt").exists():
         tls = out / "portal-tls"
         make_pki(tls, 0, overwrite=True)
     status = store.cohort(cohort_id)["status"]
-    progress(f"  release:     {release} (cohort {cohort_id}: {status}; consortium key {fingerprint(load_public_key(consortium_pub))[:16]}...)")
-    progress(f"  portal:      fedsynth portal serve --data {portal} --cert {tls / 'superlink.crt'} --key {tls / 'superlink.key'}")
-    progress(f"               then open https://127.0.0.1:8443/ (CA: {tls / 'ca.crt'}), sign in with the officer token "
-             f"from {portal / 'tokens.txt'} and sign with {keys / 'officer.key'}")
-    progress(f"  pull:        fedsynth pull {cohort_id} --portal https://127.0.0.1:8443 --token PARTNER_TOKEN "
-             f"--ca {tls / 'ca.crt'} --consortium-key {consortium_pub}")
-    return {"cohort_id": cohort_id, "status": status, "release": release, "portal": portal,
-            "tokens": portal / "tokens.txt", "consortium_pub": consortium_pub, "officer_key": keys / "officer.key",
-            "cert": tls / "superlink.crt", "key": tls / "superlink.key", "ca": tls / "ca.crt"}
+    progress(
+        f"  release:     {release} (cohort {cohort_id}: {status}; consortium key {fingerprint(load_public_key(consortium_pub))[:16]}...)"
+    )
+    progress(
+        f"  portal:      fedsynth portal serve --data {portal} --cert {tls / 'superlink.crt'} --key {tls / 'superlink.key'}"
+    )
+    progress(
+        f"               then open https://127.0.0.1:8443/ (CA: {tls / 'ca.crt'}), sign in with the officer token "
+        f"from {portal / 'tokens.txt'} and sign with {keys / 'officer.key'}"
+    )
+    progress(
+        f"  pull:        fedsynth pull {cohort_id} --portal https://127.0.0.1:8443 --token PARTNER_TOKEN "
+        f"--ca {tls / 'ca.crt'} --consortium-key {consortium_pub}"
+    )
+    return {
+        "cohort_id": cohort_id,
+        "status": status,
+        "release": release,
+        "portal": portal,
+        "tokens": portal / "tokens.txt",
+        "consortium_pub": consortium_pub,
+        "officer_key": keys / "officer.key",
+        "cert": tls / "superlink.crt",
+        "key": tls / "superlink.key",
+        "ca": tls / "ca.crt",
+    }
 
 
 def run_demo(opts: DemoOptions, progress: Callable[[str], None] = print) -> int:
@@ -176,21 +229,36 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] = print) -> int:
         raise FileExistsError(f"{run_dir / 'cohort'} exists: choose another --out or remove it")
     subjects = opts.subjects or (16 if opts.preset == "tiny" else 120)
     if not sites_dir.exists():
-        progress(f"[1/3] making {opts.sites} phantom hospitals with {subjects} patients each in {sites_dir}")
-        make_phantom_sites(sites_dir, n_sites=opts.sites, n_subjects=subjects, size=64, seed=0, progress=progress)
+        progress(
+            f"[1/3] making {opts.sites} phantom hospitals with {subjects} patients each in {sites_dir}"
+        )
+        make_phantom_sites(
+            sites_dir, n_sites=opts.sites, n_subjects=subjects, size=64, seed=0, progress=progress
+        )
     else:
         progress(f"[1/3] reusing phantom hospitals in {sites_dir}")
     run = demo_run_config(opts, run_dir)
     node_configs = demo_node_configs(out, opts.epsilon)
     app_dir = write_app_dir(out / "app", run)
-    progress(f"[2/3] federated training: {len(node_configs)} sites, {run.num_server_rounds} rounds, "
-             f"{'INSECURE (no TLS)' if opts.insecure else 'TLS + SuperNode authentication'} on loopback")
-    run_federation(app_dir, out / "deployment", node_configs, run.to_flwr(), insecure=opts.insecure,
-                   timeout_s=opts.timeout_s, progress=progress)
+    progress(
+        f"[2/3] federated training: {len(node_configs)} sites, {run.num_server_rounds} rounds, "
+        f"{'INSECURE (no TLS)' if opts.insecure else 'TLS + SuperNode authentication'} on loopback"
+    )
+    run_federation(
+        app_dir,
+        out / "deployment",
+        node_configs,
+        run.to_flwr(),
+        insecure=opts.insecure,
+        timeout_s=opts.timeout_s,
+        progress=progress,
+    )
     record = json.loads((run_dir / "run.json").read_text())
     cohort = run_dir / "cohort"
     progress("[3/3] done")
-    progress(f"  run record:  {run_dir / 'run.json'} (status: {record['status']}{', ' + record['reason'] if record['reason'] else ''})")
+    progress(
+        f"  run record:  {run_dir / 'run.json'} (status: {record['status']}{', ' + record['reason'] if record['reason'] else ''})"
+    )
     progress(f"  metrics:     {run_dir / 'metrics.jsonl'}")
     progress(f"  privacy:     {run_dir / 'privacy.json'}")
     if cohort.exists():
@@ -199,7 +267,9 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] = print) -> int:
         audit = run_dir / "audit" / "audit.json"
         if audit.exists():
             verdict = json.loads(audit.read_text())["verdict"]
-            progress(f"  audit:       {run_dir / 'audit' / 'audit.html'} (verdict: {verdict['status']})")
+            progress(
+                f"  audit:       {run_dir / 'audit' / 'audit.html'} (verdict: {verdict['status']})"
+            )
         progress(f"  verify:      fedsynth verify {cohort}")
         if audit.exists():
             try:

@@ -19,11 +19,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from common.io import write_text_atomic
 from server.pki import PkiPaths, make_pki
@@ -41,7 +42,9 @@ class FederationResult:
     returncode: int
     status: str  # the SuperLink's final run status, e.g. "finished:completed"
     run_id: int | None
-    logs: dict[str, Path] = field(default_factory=dict)  # superlink, supernode-K, run, flwr (CLI calls)
+    logs: dict[str, Path] = field(
+        default_factory=dict
+    )  # superlink, supernode-K, run, flwr (CLI calls)
 
 
 def free_port() -> int:
@@ -67,11 +70,15 @@ def toml_value(key: str, value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
     if isinstance(value, (int, float)):
         return repr(value)
-    raise ValueError(f"config value {key}={value!r}: Flower configs hold only str, int, float or bool")
+    raise ValueError(
+        f"config value {key}={value!r}: Flower configs hold only str, int, float or bool"
+    )
 
 
 def write_flat_toml(path: Path, config: dict[str, Any]) -> Path:
-    write_text_atomic(path, "".join(f"{json.dumps(str(k))} = {toml_value(k, v)}\n" for k, v in config.items()))
+    write_text_atomic(
+        path, "".join(f"{json.dumps(str(k))} = {toml_value(k, v)}\n" for k, v in config.items())
+    )
     return path
 
 
@@ -81,7 +88,10 @@ def flwr_processes(flwr_home: Path) -> list[int]:
     pids = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            if marker in (entry / "environ").read_bytes().split(b"\0") and int(entry.name) != os.getpid():
+            if (
+                marker in (entry / "environ").read_bytes().split(b"\0")
+                and int(entry.name) != os.getpid()
+            ):
                 pids.append(int(entry.name))
         except (OSError, ValueError):
             continue
@@ -101,8 +111,14 @@ class Processes:
         with open(log, "wb") as f:
             f.write(f"$ {' '.join(argv)}\n".encode())
             f.flush()
-            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
         self.procs[name] = (proc, log)
         return proc
 
@@ -131,7 +147,9 @@ class Processes:
     def check_alive(self, name: str) -> None:
         proc, log = self.procs[name]
         if proc.poll() is not None:
-            raise DeploymentError(f"{name} exited with code {proc.returncode}; last lines of {log}:\n{_tail(log)}")
+            raise DeploymentError(
+                f"{name} exited with code {proc.returncode}; last lines of {log}:\n{_tail(log)}"
+            )
 
 
 @contextmanager
@@ -196,14 +214,26 @@ class SuperLink:
         """Run the `flwr` CLI against this SuperLink; its output goes to logs/flwr.log; raise if it fails."""
         argv = [str(self.bin_dir / "flwr"), *args]
         try:
-            proc = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                argv,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired as e:
-            raise DeploymentError(f"flwr {' '.join(args)} did not answer within {timeout:.0f}s") from e
+            raise DeploymentError(
+                f"flwr {' '.join(args)} did not answer within {timeout:.0f}s"
+            ) from e
         with open(self.procs.log_dir / "flwr.log", "a") as f:
-            f.write(f"$ flwr {' '.join(args)}  (exit {proc.returncode})\n{proc.stdout}{proc.stderr}\n")
+            f.write(
+                f"$ flwr {' '.join(args)}  (exit {proc.returncode})\n{proc.stdout}{proc.stderr}\n"
+            )
         if proc.returncode != 0:
-            raise DeploymentError(f"flwr {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+            raise DeploymentError(
+                f"flwr {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
+            )
         return proc.stdout
 
 
@@ -215,12 +245,20 @@ def _wait_port(port: int, procs: Processes, name: str, timeout: float = 60.0) ->
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.2)
-    raise DeploymentError(f"{name} did not open port {port} within {timeout:.0f}s:\n{_tail(procs.log(name))}")
+    raise DeploymentError(
+        f"{name} did not open port {port} within {timeout:.0f}s:\n{_tail(procs.log(name))}"
+    )
 
 
 @contextmanager
-def local_superlink(work_dir: Path, n_nodes: int, *, insecure: bool = False, python_bin_dir: Path | None = None,
-                    progress: Progress = print) -> Iterator[SuperLink]:
+def local_superlink(
+    work_dir: Path,
+    n_nodes: int,
+    *,
+    insecure: bool = False,
+    python_bin_dir: Path | None = None,
+    progress: Progress = print,
+) -> Iterator[SuperLink]:
     """A SuperLink on a free loopback port (TLS + SuperNode auth unless `insecure`), stopped on exit.
 
     Writes work_dir/pki (CA, server certificate, `n_nodes` SuperNode keys), work_dir/flwr-home/config.toml
@@ -229,31 +267,59 @@ def local_superlink(work_dir: Path, n_nodes: int, *, insecure: bool = False, pyt
     work_dir = Path(work_dir).resolve()
     bin_dir = Path(python_bin_dir or Path(sys.executable).parent)
     if not (bin_dir / "flower-superlink").exists():
-        raise DeploymentError(f"no flower-superlink in {bin_dir}: is flwr installed in this environment?")
+        raise DeploymentError(
+            f"no flower-superlink in {bin_dir}: is flwr installed in this environment?"
+        )
     log_dir = work_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = work_dir / "flwr-home"
     flwr_home.mkdir(exist_ok=True)
     # Flower spawns flower-superexec / flwr-serverapp / flwr-clientapp by name: our environment's bin goes first.
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "PYTHONUNBUFFERED": "1",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     port = free_port()
     pki = None if insecure else make_pki(work_dir / "pki", n_nodes, overwrite=True)
-    security = "insecure = true" if insecure else f"root-certificates = {toml_value('ca', str(pki.ca_cert))}"
-    write_text_atomic(flwr_home / "config.toml", f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-                      f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n{security}\n')
-    argv = [str(bin_dir / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
-            "--disable-runtime-dependency-installation"]
+    security = (
+        "insecure = true"
+        if insecure
+        else f"root-certificates = {toml_value('ca', str(pki.ca_cert))}"
+    )
+    write_text_atomic(
+        flwr_home / "config.toml",
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n{security}\n',
+    )
+    argv = [
+        str(bin_dir / "flower-superlink"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
     if insecure:
         argv.append("--insecure")
     else:
-        argv += ["--ssl-ca-certfile", str(pki.ca_cert), "--ssl-certfile", str(pki.server_cert),
-                 "--ssl-keyfile", str(pki.server_key), "--enable-supernode-auth"]
+        argv += [
+            "--ssl-ca-certfile",
+            str(pki.ca_cert),
+            "--ssl-certfile",
+            str(pki.server_cert),
+            "--ssl-keyfile",
+            str(pki.server_key),
+            "--enable-supernode-auth",
+        ]
     procs = Processes(log_dir)
     try:
         procs.start("superlink", argv, env)
         _wait_port(port, procs, "superlink")
-        progress(f"SuperLink up on 127.0.0.1:{port} ({'INSECURE, no TLS' if insecure else 'TLS, SuperNode auth'})")
+        progress(
+            f"SuperLink up on 127.0.0.1:{port} ({'INSECURE, no TLS' if insecure else 'TLS, SuperNode auth'})"
+        )
         yield SuperLink(port, work_dir, bin_dir, env, procs, pki)
     finally:
         with _signals_deferred():
@@ -263,34 +329,58 @@ def local_superlink(work_dir: Path, n_nodes: int, *, insecure: bool = False, pyt
 
 
 @contextmanager
-def local_supernodes(link: SuperLink, node_configs: list[dict[str, Any]],
-                     progress: Progress = print) -> Iterator[list[str]]:
+def local_supernodes(
+    link: SuperLink, node_configs: list[dict[str, Any]], progress: Progress = print
+) -> Iterator[list[str]]:
     """Register (TLS) and start one SuperNode per node config; yields their names in link.procs ("supernode-K").
 
     Each node's config goes to work_dir/node-configs/node-K.toml, passed as `--node-config FILE.toml` (Flower reads
     a .toml path there like it does for --run-config; key=value strings would break on quotes in paths).
     """
     if link.pki is not None and len(link.pki.node_keys) < len(node_configs):
-        raise DeploymentError(f"{len(node_configs)} nodes but only {len(link.pki.node_keys)} node keys")
-    if link.pki is not None:  # each registration is a `flwr` process (~2 s to import): do them side by side
+        raise DeploymentError(
+            f"{len(node_configs)} nodes but only {len(link.pki.node_keys)} node keys"
+        )
+    if (
+        link.pki is not None
+    ):  # each registration is a `flwr` process (~2 s to import): do them side by side
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda pub: link.flwr(["supernode", "register", str(pub), CONNECTION]),
-                          link.pki.node_public_keys[:len(node_configs)]))
+            list(
+                pool.map(
+                    lambda pub: link.flwr(["supernode", "register", str(pub), CONNECTION]),
+                    link.pki.node_public_keys[: len(node_configs)],
+                )
+            )
     names = []
     try:
         for i, config in enumerate(node_configs):
             name = f"supernode-{i}"
             config_file = write_flat_toml(link.work_dir / "node-configs" / f"node-{i}.toml", config)
-            argv = [str(link.bin_dir / "flower-supernode"), "--superlink", link.address, "--host", "127.0.0.1",
-                    "--port", str(free_port()), "--node-config", str(config_file)]
+            argv = [
+                str(link.bin_dir / "flower-supernode"),
+                "--superlink",
+                link.address,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+                "--node-config",
+                str(config_file),
+            ]
             if link.pki is None:
                 argv.append("--insecure")
             else:
-                argv += ["--root-certificates", str(link.pki.ca_cert),
-                         "--auth-supernode-private-key", str(link.pki.node_keys[i])]
+                argv += [
+                    "--root-certificates",
+                    str(link.pki.ca_cert),
+                    "--auth-supernode-private-key",
+                    str(link.pki.node_keys[i]),
+                ]
             link.procs.start(name, argv, link.env)
             names.append(name)
-            progress(f"SuperNode {i} started for {config.get('site-name', config.get('site-dir', i))}")
+            progress(
+                f"SuperNode {i} started for {config.get('site-name', config.get('site-dir', i))}"
+            )
         _wait_connected(link.procs, names)
         progress(f"{len(names)} SuperNode(s) connected")
         yield names
@@ -308,26 +398,47 @@ def _wait_connected(procs: Processes, names: list[str], timeout: float = 90.0) -
             if "SuperNode ID:" in procs.log(name).read_text(errors="replace"):
                 waiting.remove(name)
         if waiting and time.time() > deadline:
-            raise DeploymentError(f"{waiting[0]} did not connect to the SuperLink within {timeout:.0f}s; last lines "
-                                  f"of {procs.log(waiting[0])}:\n{_tail(procs.log(waiting[0]))}")
+            raise DeploymentError(
+                f"{waiting[0]} did not connect to the SuperLink within {timeout:.0f}s; last lines "
+                f"of {procs.log(waiting[0])}:\n{_tail(procs.log(waiting[0]))}"
+            )
         time.sleep(0.2)
 
 
-def run_app(link: SuperLink, app_dir: Path, run_config: dict[str, Any], *, timeout_s: float = 1800.0,
-            progress: Progress = print) -> FederationResult:
+def run_app(
+    link: SuperLink,
+    app_dir: Path,
+    run_config: dict[str, Any],
+    *,
+    timeout_s: float = 1800.0,
+    progress: Progress = print,
+) -> FederationResult:
     """`flwr run APP CONNECTION --stream --run-config FILE.toml`; its lines go to `progress` and logs/run.log.
 
     `flwr run --stream` exits 0 even when the ServerApp raised, so the verdict is the SuperLink's run status.
     Fails fast if the SuperLink dies; a SuperNode dying is only reported (sites may drop out).
     """
     overrides = write_flat_toml(link.work_dir / "run-config.toml", run_config)
-    argv = [str(link.bin_dir / "flwr"), "run", str(Path(app_dir).resolve()), CONNECTION, "--stream",
-            "--run-config", str(overrides)]
+    argv = [
+        str(link.bin_dir / "flwr"),
+        "run",
+        str(Path(app_dir).resolve()),
+        CONNECTION,
+        "--stream",
+        "--run-config",
+        str(overrides),
+    ]
     runs = sum(name.startswith("flwr-run") for name in link.procs.procs)
-    run_name = f"flwr-run-{runs}" if runs else "flwr-run"  # one log per run when a SuperLink serves several
+    run_name = (
+        f"flwr-run-{runs}" if runs else "flwr-run"
+    )  # one log per run when a SuperLink serves several
     proc = link.procs.start(run_name, argv, link.env)
     log = link.procs.log(run_name)
-    logs = {name: path for name, (_, path) in link.procs.procs.items() if not name.startswith("flwr-run")}
+    logs = {
+        name: path
+        for name, (_, path) in link.procs.procs.items()
+        if not name.startswith("flwr-run")
+    }
     logs |= {"run": log, "flwr": link.procs.log_dir / "flwr.log"}
     deadline, pending, dead = time.time() + timeout_s, b"", set()
     with open(log, "rb") as f:
@@ -342,12 +453,16 @@ def run_app(link: SuperLink, app_dir: Path, run_config: dict[str, Any], *, timeo
                 break
             if time.time() > deadline:
                 link.procs.stop(run_name)
-                raise DeploymentError(f"the run did not finish within {timeout_s:.0f}s; last lines:\n{_tail(log)}")
+                raise DeploymentError(
+                    f"the run did not finish within {timeout_s:.0f}s; last lines:\n{_tail(log)}"
+                )
             link.procs.check_alive("superlink")
             for name, (p, _) in link.procs.procs.items():
                 if name.startswith("supernode-") and name not in dead and p.poll() is not None:
                     dead.add(name)
-                    progress(f"{name} exited with code {p.returncode} during the run (see {logs[name]})")
+                    progress(
+                        f"{name} exited with code {p.returncode} during the run (see {logs[name]})"
+                    )
             time.sleep(0.2)
     match = re.search(r"Successfully started run (\d+)", log.read_text(errors="replace"))
     run_id = int(match.group(1)) if match else None
@@ -355,7 +470,8 @@ def run_app(link: SuperLink, app_dir: Path, run_config: dict[str, Any], *, timeo
     if proc.returncode != 0 or status != "finished:completed":
         raise DeploymentError(
             f"the Flower run ended with status {status!r} (flwr run exit code {proc.returncode}); last lines of "
-            f"{log}:\n{_tail(log)}\nlast lines of {logs['superlink']}:\n{_tail(logs['superlink'], 15)}")
+            f"{log}:\n{_tail(log)}\nlast lines of {logs['superlink']}:\n{_tail(logs['superlink'], 15)}"
+        )
     return FederationResult(proc.returncode, status, run_id, logs)
 
 
@@ -363,7 +479,9 @@ def _run_status(link: SuperLink, run_id: int | None) -> str:
     if run_id is None:
         return "not started"
     try:
-        runs = json.loads(link.flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])).get("runs")
+        runs = json.loads(
+            link.flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
+        ).get("runs")
         return str(runs[0]["status"]) if runs else "unknown"
     except (DeploymentError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
         return f"unknown ({e})"
@@ -387,9 +505,17 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def run_federation(app_dir: Path, work_dir: Path, node_configs: list[dict[str, Any]], run_config: dict[str, Any],
-                   *, insecure: bool = False, timeout_s: float = 1800.0, progress: Progress = print,
-                   python_bin_dir: Path | None = None) -> FederationResult:
+def run_federation(
+    app_dir: Path,
+    work_dir: Path,
+    node_configs: list[dict[str, Any]],
+    run_config: dict[str, Any],
+    *,
+    insecure: bool = False,
+    timeout_s: float = 1800.0,
+    progress: Progress = print,
+    python_bin_dir: Path | None = None,
+) -> FederationResult:
     """Start a SuperLink and one SuperNode per node config, run the app, stop everything; raise on failure."""
     if not node_configs:
         raise ValueError("run_federation needs at least one node config")
@@ -397,9 +523,16 @@ def run_federation(app_dir: Path, work_dir: Path, node_configs: list[dict[str, A
         for k, v in config.items():
             toml_value(k, v)  # refuse bad values before starting anything
     if not (Path(app_dir) / "pyproject.toml").is_file():
-        raise ValueError(f"{Path(app_dir) / 'pyproject.toml'} not found: app_dir must be a Flower app folder")
+        raise ValueError(
+            f"{Path(app_dir) / 'pyproject.toml'} not found: app_dir must be a Flower app folder"
+        )
     with stop_on_signals():
-        with local_superlink(work_dir, len(node_configs), insecure=insecure, python_bin_dir=python_bin_dir,
-                             progress=progress) as link:
+        with local_superlink(
+            work_dir,
+            len(node_configs),
+            insecure=insecure,
+            python_bin_dir=python_bin_dir,
+            progress=progress,
+        ) as link:
             with local_supernodes(link, node_configs, progress=progress):
                 return run_app(link, app_dir, run_config, timeout_s=timeout_s, progress=progress)

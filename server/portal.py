@@ -30,19 +30,25 @@ import re
 import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import parse_qs, quote
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response, \
-    StreamingResponse
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 
 from common.io import sha256_file, write_bytes_atomic
 from common.signing import fingerprint, load_public_key, public_key_pem, verify
 from privacy.policy import format_value
 from server.portal_store import Principal, Store
-from server.release import NAME as COHORT_ID
 from server.release import (
     APPROVAL_FILE,
     approval_statement,
@@ -54,6 +60,7 @@ from server.release import (
     verify_release,
     write_approval,
 )
+from server.release import NAME as COHORT_ID
 
 COOKIE = "fedsynth_token"
 CSRF_HEADER = "x-fedsynth-request"  # a cross-site form cannot set it: cookie-authenticated writes must carry it
@@ -61,9 +68,16 @@ CHUNK = 256 * 1024
 MAX_BODY = 64 * 1024
 CONSORTIUM_PUB = "consortium.pub"
 
-MEDIA_TYPES = {".json": "application/json", ".html": "text/html; charset=utf-8", ".png": "image/png",
-               ".csv": "text/csv; charset=utf-8", ".gz": "application/gzip", ".toml": "text/plain; charset=utf-8",
-               ".sig": "text/plain; charset=utf-8", ".pub": "text/plain; charset=utf-8"}
+MEDIA_TYPES = {
+    ".json": "application/json",
+    ".html": "text/html; charset=utf-8",
+    ".png": "image/png",
+    ".csv": "text/csv; charset=utf-8",
+    ".gz": "application/gzip",
+    ".toml": "text/plain; charset=utf-8",
+    ".sig": "text/plain; charset=utf-8",
+    ".pub": "text/plain; charset=utf-8",
+}
 
 
 class RangeNotSatisfiable(ValueError):
@@ -71,6 +85,7 @@ class RangeNotSatisfiable(ValueError):
 
 
 # ---- releases on the portal's disk ----------------------------------------------------------------------------
+
 
 def _read_release_json(release_dir: Path) -> dict:
     path = Path(release_dir) / "release.json"
@@ -89,15 +104,18 @@ def _no_symlinks(root: Path) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames + filenames:
             if os.path.islink(os.path.join(dirpath, n)):
-                raise ValueError(f"{os.path.join(dirpath, n)}: a symbolic link; a release folder holds plain files")
+                raise ValueError(
+                    f"{os.path.join(dirpath, n)}: a symbolic link; a release folder holds plain files"
+                )
 
 
 def consortium_key_path(data_dir: Path) -> Path:
     return Path(data_dir) / CONSORTIUM_PUB
 
 
-def register_release(data_dir: Path, release_dir: Path, *, consortium_key: Path | None = None,
-                     move: bool = False) -> str:
+def register_release(
+    data_dir: Path, release_dir: Path, *, consortium_key: Path | None = None, move: bool = False
+) -> str:
     """Verify a release candidate against the consortium key and register it as DATA/cohorts/<cohort_id>/
     (copied, or moved with `move`). The first registration needs `consortium_key`, which the portal keeps as
     DATA/consortium.pub; later ones must be signed by the same key. Returns the cohort id."""
@@ -107,25 +125,35 @@ def register_release(data_dir: Path, release_dir: Path, *, consortium_key: Path 
     trusted_path = consortium_key_path(data_dir)
     if trusted_path.exists():
         trusted = load_public_key(trusted_path)
-        if consortium_key is not None and fingerprint(load_public_key(Path(consortium_key))) != fingerprint(trusted):
-            raise ValueError(f"{consortium_key}: not the consortium key this portal trusts ({trusted_path}, "
-                             f"fingerprint {fingerprint(trusted)}); a portal serves one consortium")
+        if consortium_key is not None and fingerprint(
+            load_public_key(Path(consortium_key))
+        ) != fingerprint(trusted):
+            raise ValueError(
+                f"{consortium_key}: not the consortium key this portal trusts ({trusted_path}, "
+                f"fingerprint {fingerprint(trusted)}); a portal serves one consortium"
+            )
     elif consortium_key is None:
-        raise ValueError(f"{trusted_path} does not exist yet: give the consortium public key (--consortium-key)")
+        raise ValueError(
+            f"{trusted_path} does not exist yet: give the consortium public key (--consortium-key)"
+        )
     else:
         trusted = load_public_key(Path(consortium_key))
     manifest = _read_release_json(release_dir)
     cohort_id = manifest.get("cohort_id")
     if not isinstance(cohort_id, str) or not COHORT_ID.match(cohort_id):
-        raise ValueError(f"{release_dir / 'release.json'}: cohort_id {cohort_id!r} is not a valid cohort id")
+        raise ValueError(
+            f"{release_dir / 'release.json'}: cohort_id {cohort_id!r} is not a valid cohort id"
+        )
     bad = [rel for rel in manifest["files"] if not safe_rel_path(rel)]
     if bad:
         raise ValueError(f"{release_dir / 'release.json'}: unsafe file paths {bad[:5]}")
     _no_symlinks(release_dir)
     problems = verify_release(release_dir, trusted)
     if problems:
-        raise ValueError(f"{release_dir}: the release does not verify against the consortium key "
-                         f"{fingerprint(trusted)[:16]}...: " + "; ".join(problems[:10]))
+        raise ValueError(
+            f"{release_dir}: the release does not verify against the consortium key "
+            f"{fingerprint(trusted)[:16]}...: " + "; ".join(problems[:10])
+        )
     if store.cohort(cohort_id):
         raise FileExistsError(f"cohort {cohort_id} is already registered on this portal")
     dest = data_dir / "cohorts" / cohort_id
@@ -136,7 +164,9 @@ def register_release(data_dir: Path, release_dir: Path, *, consortium_key: Path 
         if move:
             os.replace(release_dir, dest)
         else:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{cohort_id}.", suffix=".partial", dir=dest.parent))
+            tmp = Path(
+                tempfile.mkdtemp(prefix=f".{cohort_id}.", suffix=".partial", dir=dest.parent)
+            )
             try:
                 shutil.copytree(release_dir, tmp / "r")
                 os.replace(tmp / "r", dest)
@@ -148,8 +178,15 @@ def register_release(data_dir: Path, release_dir: Path, *, consortium_key: Path 
     store.add_cohort(cohort_id, dest, release_status(dest, approvals))
     for a in approvals:  # decisions that travelled with the release (verify_release checked them)
         st = json.loads(a["statement"])
-        store.add_approval(cohort_id, st["officer"], st["decision"], st.get("reason", ""), a["statement"],
-                           a["signature"], st.get("at", ""))
+        store.add_approval(
+            cohort_id,
+            st["officer"],
+            st["decision"],
+            st.get("reason", ""),
+            a["statement"],
+            a["signature"],
+            st.get("at", ""),
+        )
     return cohort_id
 
 
@@ -168,7 +205,10 @@ def cohort_status(store: Store, row: dict) -> str:
     """`release_status` of a registered cohort with its stored, verified decisions (cached in the database);
     "invalid" when release.json on the portal's disk no longer carries the consortium's signature."""
 
-    approvals = [{"statement": a["statement"], "signature": a["signature"]} for a in store.approvals(row["id"])]
+    approvals = [
+        {"statement": a["statement"], "signature": a["signature"]}
+        for a in store.approvals(row["id"])
+    ]
     if not release_signed(store.data_dir, Path(row["path"])):
         status = "invalid"
     else:
@@ -181,7 +221,9 @@ def cohort_status(store: Store, row: dict) -> str:
 def listed_files(release_dir: Path, manifest: dict) -> dict[str, str | None]:
     """Every file a cohort serves: release.json's files (with their sha256), release.json, release.sig and the
     stored approvals (sha256 None: computed when served)."""
-    files: dict[str, str | None] = {rel: d for rel, d in manifest["files"].items() if safe_rel_path(rel)}
+    files: dict[str, str | None] = {
+        rel: d for rel, d in manifest["files"].items() if safe_rel_path(rel)
+    }
     files["release.json"] = None
     files["release.sig"] = None
     adir = Path(release_dir) / "approvals"
@@ -214,7 +256,9 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
     if not m or (m.group(1) == "" and m.group(2) == ""):
-        raise RangeNotSatisfiable(f"Range {header[:80]!r}: expected one range 'bytes=FIRST-[LAST]' or 'bytes=-N'")
+        raise RangeNotSatisfiable(
+            f"Range {header[:80]!r}: expected one range 'bytes=FIRST-[LAST]' or 'bytes=-N'"
+        )
     if m.group(1) == "":
         n = int(m.group(2))
         if n == 0 or size == 0:
@@ -233,6 +277,7 @@ def _media_type(rel: str) -> str:
 
 # ---- the app --------------------------------------------------------------------------------------------------
 
+
 def create_app(data_dir: Path) -> FastAPI:
     """The portal for one data folder (see the module docstring)."""
     data_dir = Path(data_dir).resolve()
@@ -247,14 +292,18 @@ def create_app(data_dir: Path) -> FastAPI:
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
-        response.headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+        response.headers.setdefault(
+            "Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"
+        )
         return response
 
     def authenticate(request: Request) -> tuple[Principal | None, str]:
         auth = request.headers.get("authorization")
         if auth is not None:
             scheme, _, token = auth.partition(" ")
-            return (store.principal(token.strip()) if scheme.lower() == "bearer" else None), "bearer"
+            return (
+                store.principal(token.strip()) if scheme.lower() == "bearer" else None
+            ), "bearer"
         token = request.cookies.get(COOKIE)
         return (store.principal(token) if token else None), "cookie"
 
@@ -264,14 +313,25 @@ def create_app(data_dir: Path) -> FastAPI:
         what = request.url.path
         if who is None:
             store.log("anonymous", "-", request.method, what, 401)
-            raise HTTPException(401, "a valid, unrevoked bearer token is required",
-                                headers={"WWW-Authenticate": 'Bearer realm="fedsynth"'})
-        if via == "cookie" and request.method not in ("GET", "HEAD") and request.headers.get(CSRF_HEADER) != "1":
+            raise HTTPException(
+                401,
+                "a valid, unrevoked bearer token is required",
+                headers={"WWW-Authenticate": 'Bearer realm="fedsynth"'},
+            )
+        if (
+            via == "cookie"
+            and request.method not in ("GET", "HEAD")
+            and request.headers.get(CSRF_HEADER) != "1"
+        ):
             store.log(who.who, who.role, request.method, what, 403)
-            raise HTTPException(403, f"a browser request that changes something must carry {CSRF_HEADER}: 1")
+            raise HTTPException(
+                403, f"a browser request that changes something must carry {CSRF_HEADER}: 1"
+            )
         if roles and who.role not in roles:
             store.log(who.who, who.role, request.method, what, 403)
-            raise HTTPException(403, f"role {who.role} may not do this (needs {' or '.join(roles)})")
+            raise HTTPException(
+                403, f"role {who.role} may not do this (needs {' or '.join(roles)})"
+            )
         return who
 
     def cohort_for(request: Request, who: Principal, cohort_id: str) -> tuple[dict, str]:
@@ -293,13 +353,20 @@ def create_app(data_dir: Path) -> FastAPI:
         path = Path(row["path"])
         manifest = _read_release_json(path)
         files = listed_files(path, manifest)
-        out = {"cohort_id": row["id"], "status": status, "registered_at": row["registered_at"],
-               "release_sha256": release_sha256(path),
-               "release": manifest, "files": sorted(files),
-               "approvals": sorted(f for f in files if f.startswith("approvals/"))}
+        out = {
+            "cohort_id": row["id"],
+            "status": status,
+            "registered_at": row["registered_at"],
+            "release_sha256": release_sha256(path),
+            "release": manifest,
+            "files": sorted(files),
+            "approvals": sorted(f for f in files if f.startswith("approvals/")),
+        }
         if who.role != "partner":
-            out["decisions"] = [{k: a[k] for k in ("officer", "decision", "reason", "at")}
-                                for a in store.approvals(row["id"])]
+            out["decisions"] = [
+                {k: a[k] for k in ("officer", "decision", "reason", "at")}
+                for a in store.approvals(row["id"])
+            ]
         return out
 
     async def json_body(request: Request) -> Any:
@@ -321,7 +388,9 @@ def create_app(data_dir: Path) -> FastAPI:
             status = cohort_status(store, row)
             if who.role == "partner" and status != "released":
                 continue
-            out.append({"cohort_id": row["id"], "status": status, "registered_at": row["registered_at"]})
+            out.append(
+                {"cohort_id": row["id"], "status": status, "registered_at": row["registered_at"]}
+            )
         store.log(who.who, who.role, "GET", "/api/cohorts", 200)
         return {"cohorts": out}
 
@@ -352,27 +421,44 @@ def create_app(data_dir: Path) -> FastAPI:
             raise
         size = path.stat().st_size
         digest = files[rel] or sha256_file(path)
-        headers = {"Accept-Ranges": "bytes", "X-Sha256": digest, "ETag": f'"{digest}"',
-                   "Digest": "sha-256=" + base64.b64encode(bytes.fromhex(digest)).decode()}
-        if rel.endswith(".html"):  # the audit report: shown in the cohort page, never allowed to run anything
-            headers["Content-Security-Policy"] = "sandbox; default-src 'none'; img-src data:; " \
-                                                 "style-src 'unsafe-inline'; frame-ancestors 'self'"
+        headers = {
+            "Accept-Ranges": "bytes",
+            "X-Sha256": digest,
+            "ETag": f'"{digest}"',
+            "Digest": "sha-256=" + base64.b64encode(bytes.fromhex(digest)).decode(),
+        }
+        if rel.endswith(
+            ".html"
+        ):  # the audit report: shown in the cohort page, never allowed to run anything
+            headers["Content-Security-Policy"] = (
+                "sandbox; default-src 'none'; img-src data:; "
+                "style-src 'unsafe-inline'; frame-ancestors 'self'"
+            )
         elif rel.endswith(".png"):
             headers["Content-Security-Policy"] = "default-src 'none'; frame-ancestors 'self'"
         try:
             rng = parse_range(request.headers.get("range"), size)
         except RangeNotSatisfiable as err:
             store.log(who.who, who.role, request.method, request.url.path, 416)
-            return JSONResponse({"detail": str(err)}, status_code=416,
-                                headers={"Content-Range": f"bytes */{size}", **headers})
+            return JSONResponse(
+                {"detail": str(err)},
+                status_code=416,
+                headers={"Content-Range": f"bytes */{size}", **headers},
+            )
         first, last = rng if rng else (0, size - 1)
         length = max(0, last - first + 1)
         status = 206 if rng else 200
         if rng:
             headers["Content-Range"] = f"bytes {first}-{last}/{size}"
         headers["Content-Length"] = str(length)
-        store.log(who.who, who.role, request.method, request.url.path, status,
-                  length if request.method == "GET" else 0)
+        store.log(
+            who.who,
+            who.role,
+            request.method,
+            request.url.path,
+            status,
+            length if request.method == "GET" else 0,
+        )
         if request.method == "HEAD":
             return Response(status_code=status, headers=headers, media_type=_media_type(rel))
 
@@ -387,12 +473,16 @@ def create_app(data_dir: Path) -> FastAPI:
                     left -= len(block)
                     yield block
 
-        return StreamingResponse(chunks(), status_code=status, headers=headers, media_type=_media_type(rel))
+        return StreamingResponse(
+            chunks(), status_code=status, headers=headers, media_type=_media_type(rel)
+        )
 
     # ---- API: officers' decisions ----------------------------------------------------------------------------
 
     @app.get("/api/cohorts/{cohort_id}/statement")
-    def api_statement(request: Request, cohort_id: str, decision: str = "approve", reason: str = ""):
+    def api_statement(
+        request: Request, cohort_id: str, decision: str = "approve", reason: str = ""
+    ):
         """The exact approval statement text the officer signs (with their own key, on their own machine)."""
 
         who = require(request, "officer")
@@ -422,8 +512,11 @@ def create_app(data_dir: Path) -> FastAPI:
             store.log(who.who, who.role, "POST", what, code)
             raise HTTPException(code, msg)
 
-        if not isinstance(body, dict) or set(body) != {"statement", "signature"} \
-                or not all(isinstance(body[k], str) for k in body):
+        if (
+            not isinstance(body, dict)
+            or set(body) != {"statement", "signature"}
+            or not all(isinstance(body[k], str) for k in body)
+        ):
             refuse(400, 'expected {"statement": text, "signature": base64 text}')
         try:
             st = json.loads(body["statement"])
@@ -432,8 +525,11 @@ def create_app(data_dir: Path) -> FastAPI:
         if not isinstance(st, dict):
             refuse(400, "statement: not a JSON object")
         if st.get("officer") != who.name:
-            refuse(403, f"the statement is signed as officer {st.get('officer')!r}, but this token belongs to "
-                        f"{who.name!r}")
+            refuse(
+                403,
+                f"the statement is signed as officer {st.get('officer')!r}, but this token belongs to "
+                f"{who.name!r}",
+            )
         if st.get("cohort_id") != cohort_id:
             refuse(400, f"the statement is about cohort {st.get('cohort_id')!r}, not {cohort_id}")
         problems = check_approval(Path(row["path"]), body)
@@ -444,16 +540,31 @@ def create_app(data_dir: Path) -> FastAPI:
         if status in ("released", "rejected"):
             refuse(409, f"cohort {cohort_id} is already {status}")
         if status == "invalid":
-            refuse(409, f"cohort {cohort_id}: release.json no longer carries the consortium's signature")
+            refuse(
+                409,
+                f"cohort {cohort_id}: release.json no longer carries the consortium's signature",
+            )
         try:
-            store.add_approval(cohort_id, who.name, st["decision"], str(st.get("reason", "")), body["statement"],
-                               body["signature"], str(st.get("at", "")))
+            store.add_approval(
+                cohort_id,
+                who.name,
+                st["decision"],
+                str(st.get("reason", "")),
+                body["statement"],
+                body["signature"],
+                str(st.get("at", "")),
+            )
         except FileExistsError as err:
             refuse(409, str(err))
         write_approval(Path(row["path"]), body)
         status = cohort_status(store, store.cohort(cohort_id))
         store.log(who.who, who.role, "POST", what, 200)
-        return {"cohort_id": cohort_id, "officer": who.name, "decision": st["decision"], "status": status}
+        return {
+            "cohort_id": cohort_id,
+            "officer": who.name,
+            "decision": st["decision"],
+            "status": status,
+        }
 
     # ---- API: admin -------------------------------------------------------------------------------------------
 
@@ -461,14 +572,23 @@ def create_app(data_dir: Path) -> FastAPI:
     async def api_issue_token(request: Request):
         who = require(request, "admin")
         body = await json_body(request)
-        if not isinstance(body, dict) or not isinstance(body.get("role"), str) \
-                or not isinstance(body.get("name"), str):
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("role"), str)
+            or not isinstance(body.get("name"), str)
+        ):
             raise HTTPException(400, 'expected {"role": "partner"|"officer"|"admin", "name": text}')
         try:
             token_id, token = store.issue_token(body["role"], body["name"])
         except ValueError as err:
             raise HTTPException(400, str(err)) from None
-        store.log(who.who, who.role, "POST", f"/api/tokens ({token_id} {body['role']}:{body['name']})", 200)
+        store.log(
+            who.who,
+            who.role,
+            "POST",
+            f"/api/tokens ({token_id} {body['role']}:{body['name']})",
+            200,
+        )
         return {"id": token_id, "token": token, "role": body["role"], "name": body["name"]}
 
     @app.get("/api/tokens")
@@ -493,12 +613,16 @@ def create_app(data_dir: Path) -> FastAPI:
         who = require(request, "admin")
         body = await json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("path"), str):
-            raise HTTPException(400, 'expected {"path": a release folder under the portal data folder}')
+            raise HTTPException(
+                400, 'expected {"path": a release folder under the portal data folder}'
+            )
         src = (data_dir / body["path"]).resolve()
         cohorts_dir = data_dir / "cohorts"
         inside = src.is_relative_to(data_dir) and src != data_dir and src != cohorts_dir
         if not inside or (src.is_relative_to(cohorts_dir) and src.parent != cohorts_dir):
-            raise HTTPException(400, f"{body['path']!r}: the release folder must be inside the portal data folder")
+            raise HTTPException(
+                400, f"{body['path']!r}: the release folder must be inside the portal data folder"
+            )
         try:
             cohort_id = register_release(data_dir, src, move=True)
         except FileExistsError as err:
@@ -530,10 +654,15 @@ def create_app(data_dir: Path) -> FastAPI:
             status = cohort_status(store, row)
             if who.role == "partner" and status != "released":
                 continue
-            rows.append(f"<tr><td><a href='/cohorts/{quote(row['id'])}'>{_e(row['id'])}</a></td>"
-                        f"<td class='st-{_e(status)}'>{_e(status)}</td><td>{_e(row['registered_at'])}</td></tr>")
-        body = ("<h1>Cohorts</h1><table><tr><th>cohort</th><th>status</th><th>registered</th></tr>"
-                + ("".join(rows) or "<tr><td colspan=3>none</td></tr>") + "</table>")
+            rows.append(
+                f"<tr><td><a href='/cohorts/{quote(row['id'])}'>{_e(row['id'])}</a></td>"
+                f"<td class='st-{_e(status)}'>{_e(status)}</td><td>{_e(row['registered_at'])}</td></tr>"
+            )
+        body = (
+            "<h1>Cohorts</h1><table><tr><th>cohort</th><th>status</th><th>registered</th></tr>"
+            + ("".join(rows) or "<tr><td colspan=3>none</td></tr>")
+            + "</table>"
+        )
         return _page("Cohorts", body, who)
 
     @app.get("/login", response_class=HTMLResponse)
@@ -549,10 +678,14 @@ def create_app(data_dir: Path) -> FastAPI:
         who = store.principal(token)
         if who is None:
             store.log("anonymous", "-", "POST", "/login", 401)
-            return _page("Sign in", "<p class='fail'>Unknown or revoked token.</p>" + _LOGIN_FORM, None, 401)
+            return _page(
+                "Sign in", "<p class='fail'>Unknown or revoked token.</p>" + _LOGIN_FORM, None, 401
+            )
         store.log(who.who, who.role, "POST", "/login", 303)
         resp = RedirectResponse("/", status_code=303)
-        resp.set_cookie(COOKIE, token, httponly=True, secure=True, samesite="strict", path="/", max_age=8 * 3600)
+        resp.set_cookie(
+            COOKIE, token, httponly=True, secure=True, samesite="strict", path="/", max_age=8 * 3600
+        )
         return resp
 
     @app.post("/logout")
@@ -575,6 +708,7 @@ def create_app(data_dir: Path) -> FastAPI:
 
 # ---- HTML -----------------------------------------------------------------------------------------------------
 
+
 def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
@@ -593,15 +727,27 @@ _LOGIN_FORM = """<h1>fedsynth partner portal</h1>
 <p>Tokens are issued by the portal's administrator (<code>fedsynth portal token</code>).</p>"""
 
 
-def _page(title: str, body: str, who: Principal | None, status: int = 200, nonce: str | None = None) -> HTMLResponse:
-    user = (f"<span>{_e(who.name)} ({_e(who.role)})</span> <form method='post' action='/logout' style='display:inline'>"
-            "<button>Sign out</button></form>") if who else ""
+def _page(
+    title: str, body: str, who: Principal | None, status: int = 200, nonce: str | None = None
+) -> HTMLResponse:
+    user = (
+        (
+            f"<span>{_e(who.name)} ({_e(who.role)})</span> <form method='post' action='/logout' style='display:inline'>"
+            "<button>Sign out</button></form>"
+        )
+        if who
+        else ""
+    )
     script_src = f"'nonce-{nonce}'" if nonce else "'none'"
-    csp = (f"default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; frame-src 'self'; "
-           f"script-src {script_src}; connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
-    doc = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)} - fedsynth</title>"
-           f"<style>{_CSS}</style></head><body><header><p><a href='/'>fedsynth portal</a></p><p>{user}</p></header>"
-           f"{body}</body></html>")
+    csp = (
+        f"default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; frame-src 'self'; "
+        f"script-src {script_src}; connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    )
+    doc = (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)} - fedsynth</title>"
+        f"<style>{_CSS}</style></head><body><header><p><a href='/'>fedsynth portal</a></p><p>{user}</p></header>"
+        f"{body}</body></html>"
+    )
     return HTMLResponse(doc, status_code=status, headers={"Content-Security-Policy": csp})
 
 
@@ -620,39 +766,56 @@ def _cohort_page(store: Store, row: dict, status: str, who: Principal) -> HTMLRe
         f"<tr><td>{_e(r.get('rule'))}</td><td>{_e(format_value(r.get('measured')))}</td>"
         f"<td>{_e(format_value(r.get('threshold')))}"
         f"</td><td class='{'pass' if r.get('passed') else 'fail'}'>{'pass' if r.get('passed') else 'FAIL'}</td>"
-        f"<td>{_e('; '.join(x for x in (r.get('where'), r.get('note')) if x))}</td></tr>" for r in gate.get("rules") or [])
+        f"<td>{_e('; '.join(x for x in (r.get('where'), r.get('note')) if x))}</td></tr>"
+        for r in gate.get("rules") or []
+    )
     withheld = manifest.get("withheld") or {}
-    decisions = "".join(f"<li>{_e(a['officer'])}: <b>{_e(a['decision'])}</b> {_e(a['at'])}"
-                        f"{(' - ' + _e(a['reason'])) if a['reason'] else ''}</li>" for a in store.approvals(cid))
+    decisions = "".join(
+        f"<li>{_e(a['officer'])}: <b>{_e(a['decision'])}</b> {_e(a['at'])}"
+        f"{(' - ' + _e(a['reason'])) if a['reason'] else ''}</li>"
+        for a in store.approvals(cid)
+    )
     files = listed_files(path, manifest)
-    body = [f"<h1>Cohort <code id='cohort-id'>{_e(cid)}</code></h1>",
-            f"<p>Status: <b id='status' class='st-{_e(status)}'>{_e(status)}</b> &middot; "
-            f"{_e(manifest.get('n_images'))} images &middot; {_e(manifest.get('required_approvals'))} approvals "
-            f"required &middot; release sha256 <code>{_e(release_sha256(path)[:16])}...</code></p>",
-            f"<h2>Audit verdict: <span id='verdict' class='{'pass' if verdict.get('status') == 'pass' else 'fail'}'>"
-            f"{_e(verdict.get('status'))}</span></h2><ul>"
-            + "".join(f"<li>{_e(r)}</li>" for r in verdict.get("reasons") or []) + "</ul>",
-            f"<h2>Policy gate: <span id='gate' class='{'pass' if gate.get('passed') else 'fail'}'>"
-            f"{'passed' if gate.get('passed') else 'FAILED'}</span></h2>"
-            "<table id='gate-table'><tr><th>rule</th><th>measured</th><th>threshold</th><th>result</th>"
-            f"<th>where</th></tr>{rules}</table>",
-            f"<p>Withheld near-copies: {_e(withheld.get('count', 0))}"
-            f"{(' (' + _e(', '.join(withheld.get('ids') or [])) + ')') if withheld.get('ids') else ''}</p>",
-            f"<h2>Decisions</h2><ul id='decisions'>{decisions or '<li>none yet</li>'}</ul>"]
+    body = [
+        f"<h1>Cohort <code id='cohort-id'>{_e(cid)}</code></h1>",
+        f"<p>Status: <b id='status' class='st-{_e(status)}'>{_e(status)}</b> &middot; "
+        f"{_e(manifest.get('n_images'))} images &middot; {_e(manifest.get('required_approvals'))} approvals "
+        f"required &middot; release sha256 <code>{_e(release_sha256(path)[:16])}...</code></p>",
+        f"<h2>Audit verdict: <span id='verdict' class='{'pass' if verdict.get('status') == 'pass' else 'fail'}'>"
+        f"{_e(verdict.get('status'))}</span></h2><ul>"
+        + "".join(f"<li>{_e(r)}</li>" for r in verdict.get("reasons") or [])
+        + "</ul>",
+        f"<h2>Policy gate: <span id='gate' class='{'pass' if gate.get('passed') else 'fail'}'>"
+        f"{'passed' if gate.get('passed') else 'FAILED'}</span></h2>"
+        "<table id='gate-table'><tr><th>rule</th><th>measured</th><th>threshold</th><th>result</th>"
+        f"<th>where</th></tr>{rules}</table>",
+        f"<p>Withheld near-copies: {_e(withheld.get('count', 0))}"
+        f"{(' (' + _e(', '.join(withheld.get('ids') or [])) + ')') if withheld.get('ids') else ''}</p>",
+        f"<h2>Decisions</h2><ul id='decisions'>{decisions or '<li>none yet</li>'}</ul>",
+    ]
     if "cohort/preview.png" in files:
-        body.append(f"<h2>Preview</h2><img class='preview' alt='preview of the synthetic cohort' "
-                    f"src='{base}/cohort/preview.png'>")
+        body.append(
+            f"<h2>Preview</h2><img class='preview' alt='preview of the synthetic cohort' "
+            f"src='{base}/cohort/preview.png'>"
+        )
     if "audit/audit.html" in files:
-        body.append(f"<h2>Audit report</h2><p><a href='{base}/audit/audit.html' target='_blank'>open audit.html</a>"
-                    f"</p><iframe title='audit report' src='{base}/audit/audit.html'></iframe>")
+        body.append(
+            f"<h2>Audit report</h2><p><a href='{base}/audit/audit.html' target='_blank'>open audit.html</a>"
+            f"</p><iframe title='audit report' src='{base}/audit/audit.html'></iframe>"
+        )
     nonce = None
     if who.role == "officer" and status == "pending":
         nonce = secrets.token_urlsafe(16)
         body.append(_officer_form(cid, who.name, nonce))
-    body.append("<h2>Files</h2><ul>" + "".join(f"<li><a href='{base}/{quote(rel)}'>{_e(rel)}</a></li>"
-                                               for rel in sorted(files)) + "</ul>")
-    body.append(f"<p>Download and verify with <code>fedsynth pull {_e(cid)} --portal URL --token TOKEN "
-                "--consortium-key consortium.pub</code></p>")
+    body.append(
+        "<h2>Files</h2><ul>"
+        + "".join(f"<li><a href='{base}/{quote(rel)}'>{_e(rel)}</a></li>" for rel in sorted(files))
+        + "</ul>"
+    )
+    body.append(
+        f"<p>Download and verify with <code>fedsynth pull {_e(cid)} --portal URL --token TOKEN "
+        "--consortium-key consortium.pub</code></p>"
+    )
     return _page(f"Cohort {cid}", "\n".join(body), who, nonce=nonce)
 
 
@@ -711,13 +874,32 @@ def _officer_form(cohort_id: str, officer: str, nonce: str) -> str:
 
 # ---- serving --------------------------------------------------------------------------------------------------
 
-def serve(data_dir: Path, *, host: str = "127.0.0.1", port: int = 8443, cert: Path, key: Path,
-          log_level: str = "info") -> None:
+
+def serve(
+    data_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8443,
+    cert: Path,
+    key: Path,
+    log_level: str = "info",
+) -> None:
     """Serve the portal over TLS (uvicorn) until interrupted."""
     import uvicorn
 
     for p, what in ((cert, "TLS certificate"), (key, "TLS private key")):
         if not Path(p).is_file():
-            raise FileNotFoundError(f"{p}: {what} not found (fedsynth pki writes one: superlink.crt/.key)")
-    uvicorn.run(create_app(Path(data_dir)), host=host, port=port, ssl_certfile=str(cert), ssl_keyfile=str(key),
-                log_level=log_level, server_header=False, proxy_headers=False, ws="none")
+            raise FileNotFoundError(
+                f"{p}: {what} not found (fedsynth pki writes one: superlink.crt/.key)"
+            )
+    uvicorn.run(
+        create_app(Path(data_dir)),
+        host=host,
+        port=port,
+        ssl_certfile=str(cert),
+        ssl_keyfile=str(key),
+        log_level=log_level,
+        server_header=False,
+        proxy_headers=False,
+        ws="none",
+    )

@@ -18,13 +18,15 @@ import hashlib
 import re
 import secrets
 import sqlite3
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
-from server.release import NAME  # token holder names follow release names: an officer's is its key name
+from server.release import (
+    NAME,
+)  # token holder names follow release names: an officer's is its key name
 
 SCHEMA_VERSION = 1
 DB_NAME = "portal.db"
@@ -59,6 +61,7 @@ def token_hash(token: str) -> str:
 @dataclass(frozen=True)
 class Principal:
     """Who a request is: a token's id, role and holder name."""
+
     token_id: str
     role: str
     name: str
@@ -77,14 +80,20 @@ class Store:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer; survives restarts
+            db.execute(
+                "PRAGMA journal_mode=WAL"
+            )  # readers never wait for the writer; survives restarts
             db.executescript(_SCHEMA)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         finally:
             db.close()
         if int(row[0]) != SCHEMA_VERSION:
-            raise ValueError(f"{self.path}: portal database schema {row[0]}, this fedsynth reads {SCHEMA_VERSION}")
+            raise ValueError(
+                f"{self.path}: portal database schema {row[0]}, this fedsynth reads {SCHEMA_VERSION}"
+            )
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -110,12 +119,16 @@ class Store:
         if role not in ROLES:
             raise ValueError(f"role {role!r}: must be one of {', '.join(ROLES)}")
         if not NAME.match(name or ""):
-            raise ValueError(f"name {name!r}: use letters, digits, '.', '_' or '-' (at most 100); an officer's "
-                             "name is the name of its signing key")
+            raise ValueError(
+                f"name {name!r}: use letters, digits, '.', '_' or '-' (at most 100); an officer's "
+                "name is the name of its signing key"
+            )
         token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
         with self._connect() as db:
-            db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, NULL)",
-                       (token_id, token_hash(secret), role, name, now()))
+            db.execute(
+                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, NULL)",
+                (token_id, token_hash(secret), role, name, now()),
+            )
         return token_id, secret
 
     def revoke_token(self, token_id: str) -> bool:
@@ -123,7 +136,10 @@ class Store:
         if not TOKEN_ID_RE.match(token_id or ""):
             raise ValueError(f"token id {token_id!r}: expected 16 hex digits")
         with self._connect() as db:
-            cur = db.execute("UPDATE tokens SET revoked_at=? WHERE id=? AND revoked_at IS NULL", (now(), token_id))
+            cur = db.execute(
+                "UPDATE tokens SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
+                (now(), token_id),
+            )
             return cur.rowcount == 1
 
     def principal(self, secret: str) -> Principal | None:
@@ -131,14 +147,20 @@ class Store:
         if not secret or len(secret) > 200:
             return None
         with self._connect() as db:
-            row = db.execute("SELECT id, role, name FROM tokens WHERE sha256=? AND revoked_at IS NULL",
-                             (token_hash(secret),)).fetchone()
+            row = db.execute(
+                "SELECT id, role, name FROM tokens WHERE sha256=? AND revoked_at IS NULL",
+                (token_hash(secret),),
+            ).fetchone()
         return Principal(row["id"], row["role"], row["name"]) if row else None
 
     def tokens(self) -> list[dict]:
         with self._connect() as db:
-            return [dict(r) for r in db.execute(
-                "SELECT id, role, name, created_at, revoked_at FROM tokens ORDER BY created_at, id")]
+            return [
+                dict(r)
+                for r in db.execute(
+                    "SELECT id, role, name, created_at, revoked_at FROM tokens ORDER BY created_at, id"
+                )
+            ]
 
     # ---- cohorts and approvals ---------------------------------------------------------------------------------
 
@@ -146,7 +168,9 @@ class Store:
         with self._connect() as db:
             if db.execute("SELECT 1 FROM cohorts WHERE id=?", (cohort_id,)).fetchone():
                 raise FileExistsError(f"cohort {cohort_id} is already registered")
-            db.execute("INSERT INTO cohorts VALUES (?, ?, ?, ?)", (cohort_id, str(path), status, now()))
+            db.execute(
+                "INSERT INTO cohorts VALUES (?, ?, ?, ?)", (cohort_id, str(path), status, now())
+            )
 
     def cohort(self, cohort_id: str) -> dict | None:
         with self._connect() as db:
@@ -163,24 +187,49 @@ class Store:
 
     def approvals(self, cohort_id: str) -> list[dict]:
         with self._connect() as db:
-            return [dict(r) for r in db.execute("SELECT * FROM approvals WHERE cohort=? ORDER BY at, officer",
-                                                (cohort_id,))]
+            return [
+                dict(r)
+                for r in db.execute(
+                    "SELECT * FROM approvals WHERE cohort=? ORDER BY at, officer", (cohort_id,)
+                )
+            ]
 
-    def add_approval(self, cohort_id: str, officer: str, decision: str, reason: str, statement: str,
-                     signature: str, at: str) -> None:
+    def add_approval(
+        self,
+        cohort_id: str,
+        officer: str,
+        decision: str,
+        reason: str,
+        statement: str,
+        signature: str,
+        at: str,
+    ) -> None:
         with self._connect() as db:
-            if db.execute("SELECT 1 FROM approvals WHERE cohort=? AND officer=?", (cohort_id, officer)).fetchone():
-                raise FileExistsError(f"officer {officer} has already decided on cohort {cohort_id}")
-            db.execute("INSERT INTO approvals VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (cohort_id, officer, decision, reason, statement, signature, at))
+            if db.execute(
+                "SELECT 1 FROM approvals WHERE cohort=? AND officer=?", (cohort_id, officer)
+            ).fetchone():
+                raise FileExistsError(
+                    f"officer {officer} has already decided on cohort {cohort_id}"
+                )
+            db.execute(
+                "INSERT INTO approvals VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (cohort_id, officer, decision, reason, statement, signature, at),
+            )
 
     # ---- access log --------------------------------------------------------------------------------------------
 
-    def log(self, who: str, role: str, method: str, what: str, status: int, nbytes: int = 0) -> None:
+    def log(
+        self, who: str, role: str, method: str, what: str, status: int, nbytes: int = 0
+    ) -> None:
         with self._connect() as db:
-            db.execute("INSERT INTO access_log (at, who, role, method, what, status, bytes) VALUES (?,?,?,?,?,?,?)",
-                       (now(), who, role, method, what[:500], int(status), int(nbytes)))
+            db.execute(
+                "INSERT INTO access_log (at, who, role, method, what, status, bytes) VALUES (?,?,?,?,?,?,?)",
+                (now(), who, role, method, what[:500], int(status), int(nbytes)),
+            )
 
     def access_log(self, limit: int = 1000) -> list[dict]:
         with self._connect() as db:
-            return [dict(r) for r in db.execute("SELECT * FROM access_log ORDER BY seq DESC LIMIT ?", (limit,))]
+            return [
+                dict(r)
+                for r in db.execute("SELECT * FROM access_log ORDER BY seq DESC LIMIT ?", (limit,))
+            ]

@@ -17,15 +17,22 @@ import json
 import os
 import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from urllib.parse import quote
 
 import httpx
 
 from common.io import sha256_file
 from common.signing import fingerprint, load_public_key, verify
-from server.release import APPROVAL_FILE, NAME, load_approvals, release_status, safe_rel_path, verify_release
+from server.release import (
+    APPROVAL_FILE,
+    NAME,
+    load_approvals,
+    release_status,
+    safe_rel_path,
+    verify_release,
+)
 
 
 class PullError(Exception):
@@ -38,12 +45,19 @@ def _err(msg: str) -> None:
 
 def _client(portal: str, token: str, ca: Path | None, timeout: float) -> httpx.Client:
     if not portal.startswith("https://"):
-        raise PullError(f"portal {portal!r}: must be an https:// URL (the token and the cohort travel over TLS)")
+        raise PullError(
+            f"portal {portal!r}: must be an https:// URL (the token and the cohort travel over TLS)"
+        )
     if ca is not None and not Path(ca).is_file():
         raise PullError(f"{ca}: CA certificate not found")
     ctx = ssl.create_default_context(cafile=str(ca)) if ca else ssl.create_default_context()
-    return httpx.Client(base_url=portal.rstrip("/"), verify=ctx, timeout=timeout, follow_redirects=False,
-                        headers={"Authorization": f"Bearer {token}"})
+    return httpx.Client(
+        base_url=portal.rstrip("/"),
+        verify=ctx,
+        timeout=timeout,
+        follow_redirects=False,
+        headers={"Authorization": f"Bearer {token}"},
+    )
 
 
 def _check(r: httpx.Response, what: str) -> httpx.Response:
@@ -53,8 +67,11 @@ def _check(r: httpx.Response, what: str) -> httpx.Response:
         detail = r.json().get("detail")
     except ValueError:
         detail = r.text[:200]
-    hint = {401: "the token is unknown or revoked", 403: "not allowed (is the cohort released?)",
-            404: "not on the portal"}.get(r.status_code, "")
+    hint = {
+        401: "the token is unknown or revoked",
+        403: "not allowed (is the cohort released?)",
+        404: "not on the portal",
+    }.get(r.status_code, "")
     raise PullError(f"{what}: HTTP {r.status_code} {hint} ({detail})".replace(" ()", ""))
 
 
@@ -75,12 +92,16 @@ def _download(client: httpx.Client, url: str, dest: Path, rel: str, expected: st
             _check(r, rel)
             served = r.headers.get("x-sha256")
             if expected and served and served != expected:
-                raise PullError(f"{rel}: the portal serves sha256 {served[:16]}..., release.json says "
-                                f"{expected[:16]}...: the portal's copy does not match the signed release")
+                raise PullError(
+                    f"{rel}: the portal serves sha256 {served[:16]}..., release.json says "
+                    f"{expected[:16]}...: the portal's copy does not match the signed release"
+                )
             if r.status_code == 206:
                 if not r.headers.get("content-range", "").startswith(f"bytes {have}-"):
-                    raise PullError(f"{rel}: the portal answered Range bytes={have}- with "
-                                    f"{r.headers.get('content-range')!r}")
+                    raise PullError(
+                        f"{rel}: the portal answered Range bytes={have}- with "
+                        f"{r.headers.get('content-range')!r}"
+                    )
                 mode = "ab"
             else:
                 mode = "wb"
@@ -98,20 +119,33 @@ def _download(client: httpx.Client, url: str, dest: Path, rel: str, expected: st
         dest.unlink()
         if have and attempt == 0:  # resumed onto a bad partial file: download it whole once
             continue
-        raise PullError(f"{rel}: sha256 {got[:16]}... does not match release.json ({expected[:16]}...): the file "
-                        "was changed after the consortium signed the release")
+        raise PullError(
+            f"{rel}: sha256 {got[:16]}... does not match release.json ({expected[:16]}...): the file "
+            "was changed after the consortium signed the release"
+        )
     raise PullError(f"{rel}: could not be downloaded")
 
 
-def pull(cohort_id: str, portal: str, token: str, out: Path | None = None, *, ca: Path | None = None,
-         consortium_key: Path | None = None, timeout: float = 60.0,
-         progress: Callable[[str], None] = print, warn: Callable[[str], None] = _err) -> Path:
+def pull(
+    cohort_id: str,
+    portal: str,
+    token: str,
+    out: Path | None = None,
+    *,
+    ca: Path | None = None,
+    consortium_key: Path | None = None,
+    timeout: float = 60.0,
+    progress: Callable[[str], None] = print,
+    warn: Callable[[str], None] = _err,
+) -> Path:
     """Download and verify a released cohort into `out` (default: ./COHORT). Raises PullError on any problem."""
     if not isinstance(cohort_id, str) or not NAME.match(cohort_id):
         raise PullError(f"cohort id {cohort_id!r}: not a valid cohort id")
     out = Path(out) if out is not None else Path(cohort_id)
     if out.exists():
-        raise PullError(f"{out} already exists; refusing to overwrite it (remove it or choose --out)")
+        raise PullError(
+            f"{out} already exists; refusing to overwrite it (remove it or choose --out)"
+        )
     partial = out.with_name(out.name + ".partial")
     base = f"/api/cohorts/{quote(cohort_id)}"
     try:
@@ -123,33 +157,43 @@ def pull(cohort_id: str, portal: str, token: str, out: Path | None = None, *, ca
                 pem = _check(client.get(f"{base}/consortium.pub"), "consortium.pub").text
                 public = load_public_key(pem.encode())
                 bar = "!" * 78
-                warn(f"{bar}\nWARNING: no --consortium-key given: trusting the consortium key the PORTAL serves "
-                     f"(trust on first use).\nWARNING: its fingerprint is {fingerprint(public)}\nWARNING: compare "
-                     "it with the fingerprint your consortium published, save the key and pass --consortium-key "
-                     f"next time.\n{bar}")
+                warn(
+                    f"{bar}\nWARNING: no --consortium-key given: trusting the consortium key the PORTAL serves "
+                    f"(trust on first use).\nWARNING: its fingerprint is {fingerprint(public)}\nWARNING: compare "
+                    "it with the fingerprint your consortium published, save the key and pass --consortium-key "
+                    f"next time.\n{bar}"
+                )
             partial.mkdir(parents=True, exist_ok=True)
             for rel in ("release.json", "release.sig"):  # the root of trust: always fetched whole
                 (partial / rel).unlink(missing_ok=True)
                 _download(client, f"{base}/files/{rel}", partial / rel, rel, None)
             data = (partial / "release.json").read_bytes()
             if not verify(public, (partial / "release.sig").read_text().strip(), data):
-                raise PullError(f"release.json: the signature in release.sig does not verify with the consortium "
-                                f"key {fingerprint(public)[:16]}...: release.json was changed or signed by another "
-                                "key")
+                raise PullError(
+                    f"release.json: the signature in release.sig does not verify with the consortium "
+                    f"key {fingerprint(public)[:16]}...: release.json was changed or signed by another "
+                    "key"
+                )
             try:
                 manifest = json.loads(data)
             except ValueError as err:
                 raise PullError(f"release.json: not valid JSON ({err})") from None
             if manifest.get("cohort_id") != cohort_id:
-                raise PullError(f"release.json: describes cohort {manifest.get('cohort_id')!r}, not {cohort_id}")
+                raise PullError(
+                    f"release.json: describes cohort {manifest.get('cohort_id')!r}, not {cohort_id}"
+                )
             files = manifest.get("files") or {}
             unsafe = [rel for rel in files if not safe_rel_path(rel)]
             if unsafe:
                 raise PullError(f"release.json: unsafe file paths {unsafe[:5]}")
             approvals = [a for a in info.get("approvals") or [] if APPROVAL_FILE.match(str(a))]
             wanted = set(files) | {"release.json", "release.sig"} | set(approvals)
-            for p in sorted(partial.rglob("*")):  # leftovers of an earlier attempt that this release lacks
-                if (p.is_file() or p.is_symlink()) and p.relative_to(partial).as_posix() not in wanted:
+            for p in sorted(
+                partial.rglob("*")
+            ):  # leftovers of an earlier attempt that this release lacks
+                if (p.is_file() or p.is_symlink()) and p.relative_to(
+                    partial
+                ).as_posix() not in wanted:
                     p.unlink()
             total = 0
             for i, (rel, digest) in enumerate(sorted(files.items()), 1):
@@ -160,18 +204,23 @@ def pull(cohort_id: str, portal: str, token: str, out: Path | None = None, *, ca
                 (partial / rel).unlink(missing_ok=True)
                 _download(client, f"{base}/files/{quote(rel)}", partial / rel, rel, None)
     except httpx.HTTPError as err:
-        raise PullError(f"portal {portal}: {type(err).__name__}: {err} (run the same command again to resume)") \
-            from None
+        raise PullError(
+            f"portal {portal}: {type(err).__name__}: {err} (run the same command again to resume)"
+        ) from None
     problems = verify_release(partial, public)
     if problems:
         raise PullError(f"{partial}: the release does not verify: " + "; ".join(problems[:10]))
     status = release_status(partial, load_approvals(partial))
     if status != "released":
-        raise PullError(f"cohort {cohort_id}: status {status!r} by the downloaded approvals "
-                        f"({len(approvals)} stored, {manifest.get('required_approvals')} required): not released")
+        raise PullError(
+            f"cohort {cohort_id}: status {status!r} by the downloaded approvals "
+            f"({len(approvals)} stored, {manifest.get('required_approvals')} required): not released"
+        )
     if out.exists():
         raise PullError(f"{out} appeared while downloading; refusing to overwrite it")
     os.replace(partial, out)
-    progress(f"cohort {cohort_id}: {len(files)} files verified against release.json, signed by consortium key "
-             f"{fingerprint(public)[:16]}..., released by {len(approvals)} officer approval(s): {out}")
+    progress(
+        f"cohort {cohort_id}: {len(files)} files verified against release.json, signed by consortium key "
+        f"{fingerprint(public)[:16]}..., released by {len(approvals)} officer approval(s): {out}"
+    )
     return out

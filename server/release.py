@@ -35,16 +35,27 @@ import nibabel as nib
 import numpy as np
 
 from common.io import atomic_dir, sha256_file, write_json_atomic
-from common.signing import fingerprint, load_private_key, load_public_key, public_key_pem, sign, verify
+from common.signing import (
+    fingerprint,
+    load_private_key,
+    load_public_key,
+    public_key_pem,
+    sign,
+    verify,
+)
 from privacy.policy import GateResult, Policy, evaluate_policy, policy_toml
 from privacy.report import load_audit
 from server.synthesis import verify_cohort, write_preview
 
 RELEASE_FORMAT = "fedsynth-release/1"
 APPROVAL_FORMAT = "fedsynth-approval/1"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # officer names and cohort ids: safe in paths and URLs
+NAME = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+)  # officer names and cohort ids: safe in paths and URLs
 # One relative path inside a release: segments of safe characters, none of them "." or "..".
-REL_PATH = re.compile(r"^(?!/)(?:[A-Za-z0-9_][A-Za-z0-9._-]{0,199})(?:/[A-Za-z0-9_][A-Za-z0-9._-]{0,199}){0,7}$")
+REL_PATH = re.compile(
+    r"^(?!/)(?:[A-Za-z0-9_][A-Za-z0-9._-]{0,199})(?:/[A-Za-z0-9_][A-Za-z0-9._-]{0,199}){0,7}$"
+)
 APPROVAL_FILE = re.compile(r"^approvals/[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.json$")
 UNSIGNED = ("release.json", "release.sig")
 PREVIEW_PER_ROW = 8  # server.synthesis.write_preview shows the first 8 images of each class
@@ -52,8 +63,10 @@ PREVIEW_PER_ROW = 8  # server.synthesis.write_preview shows the first 8 images o
 
 def _check_name(kind: str, name: str) -> str:
     if not isinstance(name, str) or not NAME.match(name):
-        raise ValueError(f"{kind} {name!r}: use letters, digits, '.', '_' or '-' (at most 100, not starting with "
-                         "'.' or '-')")
+        raise ValueError(
+            f"{kind} {name!r}: use letters, digits, '.', '_' or '-' (at most 100, not starting with "
+            "'.' or '-')"
+        )
     return name
 
 
@@ -69,10 +82,14 @@ def manifest_bytes(manifest: dict) -> bytes:
 
 # ---- building a candidate -------------------------------------------------------------------------------------
 
+
 def _read_cohort(cohort_dir: Path) -> tuple[dict, list[dict], dict]:
     problems = verify_cohort(cohort_dir)
     if problems:
-        raise ValueError(f"{cohort_dir}: the cohort does not verify against its manifest: " + "; ".join(problems[:10]))
+        raise ValueError(
+            f"{cohort_dir}: the cohort does not verify against its manifest: "
+            + "; ".join(problems[:10])
+        )
     manifest = json.loads((cohort_dir / "manifest.json").read_text())
     with open(cohort_dir / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -90,19 +107,25 @@ def _read_audit(audit_dir: Path, manifest: dict, ids: set[str], cohort_dir: Path
     if not path.is_file():
         raise ValueError(f"{path}: missing (the audit of the cohort must come with the release)")
     if not (audit_dir / "audit.html").is_file():
-        raise ValueError(f"{audit_dir / 'audit.html'}: missing (the officers' report must come with the release)")
+        raise ValueError(
+            f"{audit_dir / 'audit.html'}: missing (the officers' report must come with the release)"
+        )
     audit = load_audit(path)
     if not isinstance(audit.get("sites"), dict) or not isinstance(audit.get("cohort"), dict):
         raise ValueError(f"{path}: not a valid audit (no 'sites' or 'cohort' object)")
     audited = audit["cohort"].get("checkpoint_sha256")
     expected = (manifest.get("checkpoint") or {}).get("sha256")
     if not audited or audited != expected:
-        raise ValueError(f"{path}: audits a cohort from checkpoint sha256 {audited!r}, but "
-                         f"{cohort_dir / 'manifest.json'} says {expected!r}: not this cohort's audit")
+        raise ValueError(
+            f"{path}: audits a cohort from checkpoint sha256 {audited!r}, but "
+            f"{cohort_dir / 'manifest.json'} says {expected!r}: not this cohort's audit"
+        )
     for site in audit["sites"].values():
         unknown = set(map(str, ((site.get("memorization") or {}).get("flagged_ids") or []))) - ids
         if unknown:
-            raise ValueError(f"{path}: flags synthetic ids that are not in {cohort_dir}: {sorted(unknown)[:5]}")
+            raise ValueError(
+                f"{path}: flags synthetic ids that are not in {cohort_dir}: {sorted(unknown)[:5]}"
+            )
     return audit
 
 
@@ -110,7 +133,9 @@ def _load_image(path: Path) -> np.ndarray:
     return np.asarray(nib.load(path).dataobj, dtype=np.float32)[None]
 
 
-def _write_cohort(src: Path, dst: Path, manifest: dict, rows: list[dict], dataset: dict, withheld: set[str]) -> None:
+def _write_cohort(
+    src: Path, dst: Path, manifest: dict, rows: list[dict], dataset: dict, withheld: set[str]
+) -> None:
     """Copy the cohort without the withheld images, rewriting labels.csv and dataset.json and, when a withheld
     image was in the preview, redrawing it from the released images."""
     (dst / "images").mkdir(parents=True)
@@ -119,24 +144,34 @@ def _write_cohort(src: Path, dst: Path, manifest: dict, rows: list[dict], datase
         name = f"{r['synthetic_id']}.nii.gz"
         shutil.copy2(src / "images" / name, dst / "images" / name)
     with open(dst / "labels.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["synthetic_id", "class"])
+        w = csv.DictWriter(
+            f, fieldnames=list(rows[0].keys()) if rows else ["synthetic_id", "class"]
+        )
         w.writeheader()
         w.writerows(kept)
     gone = {f"images/{sid}.nii.gz" for sid in withheld}
     training = [e for e in dataset.get("training", []) if e.get("image") not in gone]
-    (dst / "dataset.json").write_text(json.dumps({**dataset, "training": training, "numTraining": len(training)},
-                                                 indent=2))
+    (dst / "dataset.json").write_text(
+        json.dumps({**dataset, "training": training, "numTraining": len(training)}, indent=2)
+    )
     shutil.copy2(src / "manifest.json", dst / "manifest.json")
     if not (src / "preview.png").exists():
         return
     class_names = list(manifest.get("class_names") or sorted({r["class"] for r in rows}))
-    in_preview = {r["synthetic_id"] for c in class_names
-                  for r in [r for r in rows if r["class"] == c][:PREVIEW_PER_ROW]}
+    in_preview = {
+        r["synthetic_id"]
+        for c in class_names
+        for r in [r for r in rows if r["class"] == c][:PREVIEW_PER_ROW]
+    }
     if not in_preview & withheld:
         shutil.copy2(src / "preview.png", dst / "preview.png")
     elif kept:
-        shown = [r for c in class_names for r in [r for r in kept if r["class"] == c][:PREVIEW_PER_ROW]]
-        images = np.stack([_load_image(src / "images" / f"{r['synthetic_id']}.nii.gz") for r in shown])
+        shown = [
+            r for c in class_names for r in [r for r in kept if r["class"] == c][:PREVIEW_PER_ROW]
+        ]
+        images = np.stack(
+            [_load_image(src / "images" / f"{r['synthetic_id']}.nii.gz") for r in shown]
+        )
         labels = np.array([class_names.index(r["class"]) for r in shown])
         write_preview(dst / "preview.png", images, labels, tuple(class_names))
 
@@ -153,22 +188,38 @@ def _files(folder: Path) -> dict[str, str]:
 
 def _privacy(audit: dict) -> dict[str, dict]:
     keys = ("protection", "epsilon", "delta", "accountant", "epsilon_budget")
-    return {name: {k: (site.get("claimed_privacy") or {}).get(k) for k in keys}
-            for name, site in audit["sites"].items()}
+    return {
+        name: {k: (site.get("claimed_privacy") or {}).get(k) for k in keys}
+        for name, site in audit["sites"].items()
+    }
 
 
-def build_release(cohort_dir: Path, audit_dir: Path, out_dir: Path, *, policy: Policy, consortium_key: Path,
-                  officer_keys: dict[str, Path], cohort_id: str | None = None) -> Path:
+def build_release(
+    cohort_dir: Path,
+    audit_dir: Path,
+    out_dir: Path,
+    *,
+    policy: Policy,
+    consortium_key: Path,
+    officer_keys: dict[str, Path],
+    cohort_id: str | None = None,
+) -> Path:
     """Build the signed release candidate `out_dir` (atomically; refuses to overwrite). It is built even when the
     gate fails, so the officers see why; gate.json and release.json then say "passed": false."""
     cohort_dir, audit_dir, out_dir = Path(cohort_dir), Path(audit_dir), Path(out_dir)
     if not officer_keys:
-        raise ValueError("build_release: name at least one privacy officer (officer_keys) who may approve")
+        raise ValueError(
+            "build_release: name at least one privacy officer (officer_keys) who may approve"
+        )
     if policy.required_approvals > len(officer_keys):
-        raise ValueError(f"build_release: the policy requires {policy.required_approvals} approvals but only "
-                         f"{len(officer_keys)} officer(s) are named")
-    officers = {_check_name("officer name", n): public_key_pem(load_public_key(Path(p)))
-                for n, p in officer_keys.items()}
+        raise ValueError(
+            f"build_release: the policy requires {policy.required_approvals} approvals but only "
+            f"{len(officer_keys)} officer(s) are named"
+        )
+    officers = {
+        _check_name("officer name", n): public_key_pem(load_public_key(Path(p)))
+        for n, p in officer_keys.items()
+    }
     key = load_private_key(Path(consortium_key))
     owners: dict[str, str] = {public_key_pem(key): "the consortium"}
     for name, pem in officers.items():  # one key, one vote: no officer may approve under two names
@@ -196,11 +247,25 @@ def build_release(cohort_dir: Path, audit_dir: Path, out_dir: Path, *, policy: P
             "checkpoint_sha256": manifest["checkpoint"]["sha256"],
             "n_images": len(rows) - len(withheld),
             "files": _files(tmp),
-            "gate": {"passed": gate.passed,
-                     "rules": [{"rule": r.rule, "passed": r.passed, "measured": r.measured,
-                                "threshold": r.threshold, "where": r.where, "note": r.note} for r in gate.rules]},
-            "withheld": {"count": len(withheld), "ids": sorted(withheld),
-                         "reason": "flagged by the sites' memorization audit as near-copies of a training patient"},
+            "gate": {
+                "passed": gate.passed,
+                "rules": [
+                    {
+                        "rule": r.rule,
+                        "passed": r.passed,
+                        "measured": r.measured,
+                        "threshold": r.threshold,
+                        "where": r.where,
+                        "note": r.note,
+                    }
+                    for r in gate.rules
+                ],
+            },
+            "withheld": {
+                "count": len(withheld),
+                "ids": sorted(withheld),
+                "reason": "flagged by the sites' memorization audit as near-copies of a training patient",
+            },
             "audit_verdict": (audit.get("verdict") or {}).get("status"),
             "privacy": _privacy(audit),
             "client_level_privacy": (audit.get("run") or {}).get("central_dp"),
@@ -215,6 +280,7 @@ def build_release(cohort_dir: Path, audit_dir: Path, out_dir: Path, *, policy: P
 
 
 # ---- approvals ------------------------------------------------------------------------------------------------
+
 
 def _load_manifest(release: Path | dict) -> tuple[dict, str]:
     """(release manifest, its sha256) from a release folder (exact file bytes) or a manifest dict (its
@@ -247,21 +313,38 @@ def approval_statement(release_dir: Path, officer: str, decision: str, reason: s
     if decision == "reject" and not (reason or "").strip():
         raise ValueError("a rejection needs a reason")
     if officer not in (manifest.get("officers") or {}):
-        raise ValueError(f"officer {officer!r} is not listed in {Path(release_dir) / 'release.json'} "
-                         f"(listed: {', '.join(manifest.get('officers') or {}) or 'none'})")
-    return json.dumps({"format": APPROVAL_FORMAT, "cohort_id": manifest["cohort_id"], "release_sha256": digest,
-                       "officer": officer, "decision": decision, "reason": reason or "",
-                       "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}, sort_keys=True)
+        raise ValueError(
+            f"officer {officer!r} is not listed in {Path(release_dir) / 'release.json'} "
+            f"(listed: {', '.join(manifest.get('officers') or {}) or 'none'})"
+        )
+    return json.dumps(
+        {
+            "format": APPROVAL_FORMAT,
+            "cohort_id": manifest["cohort_id"],
+            "release_sha256": digest,
+            "officer": officer,
+            "decision": decision,
+            "reason": reason or "",
+            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        sort_keys=True,
+    )
 
 
 def sign_approval(statement: str, officer_key: Path) -> dict:
     """{"statement": statement, "signature": base64 Ed25519 signature of its UTF-8 bytes by the officer's key}."""
-    return {"statement": statement, "signature": sign(load_private_key(Path(officer_key)), statement.encode("utf-8"))}
+    return {
+        "statement": statement,
+        "signature": sign(load_private_key(Path(officer_key)), statement.encode("utf-8")),
+    }
 
 
 def _statement(approval: Any) -> tuple[dict | None, list[str]]:
-    if not isinstance(approval, dict) or not isinstance(approval.get("statement"), str) \
-            or not isinstance(approval.get("signature"), str):
+    if (
+        not isinstance(approval, dict)
+        or not isinstance(approval.get("statement"), str)
+        or not isinstance(approval.get("signature"), str)
+    ):
         return None, ["approval: expected {'statement': JSON text, 'signature': base64 text}"]
     try:
         st = json.loads(approval["statement"])
@@ -288,8 +371,10 @@ def _check(manifest: dict, digest: str, approval: Any) -> list[str]:
     if st.get("decision") == "reject" and not str(st.get("reason") or "").strip():
         problems.append(f"{who}: a rejection without a reason")
     if st.get("release_sha256") != digest or st.get("cohort_id") != manifest.get("cohort_id"):
-        problems.append(f"{who}: signed for another release (cohort {st.get('cohort_id')!r}, release sha256 "
-                        f"{str(st.get('release_sha256'))[:16]}...), not this one")
+        problems.append(
+            f"{who}: signed for another release (cohort {st.get('cohort_id')!r}, release sha256 "
+            f"{str(st.get('release_sha256'))[:16]}...), not this one"
+        )
     pem = (manifest.get("officers") or {}).get(officer) if isinstance(officer, str) else None
     if pem is None:
         return problems + [f"{who}: this officer is not listed in release.json"]
@@ -298,7 +383,9 @@ def _check(manifest: dict, digest: str, approval: Any) -> list[str]:
     except ValueError:
         return problems + [f"{who}: release.json holds no valid public key for this officer"]
     if not verify(key, approval["signature"], approval["statement"].encode("utf-8")):
-        problems.append(f"{who}: the signature does not verify with the officer's key in release.json")
+        problems.append(
+            f"{who}: the signature does not verify with the officer's key in release.json"
+        )
     return problems
 
 
@@ -310,7 +397,9 @@ def write_approval(release_dir: Path, approval: dict) -> Path:
         raise ValueError(f"{release_dir}: approval refused: " + "; ".join(problems))
     officer = _check_name("officer name", json.loads(approval["statement"])["officer"])
     path = Path(release_dir) / "approvals" / f"{officer}.json"
-    write_json_atomic(path, {"statement": approval["statement"], "signature": approval["signature"]})
+    write_json_atomic(
+        path, {"statement": approval["statement"], "signature": approval["signature"]}
+    )
     return path
 
 
@@ -345,6 +434,7 @@ def release_status(release_dir: Path, approvals: list[dict]) -> str:
 
 # ---- verification ---------------------------------------------------------------------------------------------
 
+
 def verify_release(release_dir: Path, consortium_public_key) -> list[str]:
     """Every problem with a release folder, checked against the consortium public key (a key, a .pub path or PEM);
     [] means the release is intact, signed by that key, and every stored approval is valid."""
@@ -361,23 +451,37 @@ def verify_release(release_dir: Path, consortium_public_key) -> list[str]:
         problems.append("release.sig: missing")
     elif not verify(public, sig_path.read_text().strip(), data):
         named = str(manifest.get("consortium_key_fingerprint"))[:16]
-        problems.append(f"release.sig: not a valid signature of release.json by the consortium key "
-                        f"{fingerprint(public)[:16]}... (release.json names {named}...)")
+        problems.append(
+            f"release.sig: not a valid signature of release.json by the consortium key "
+            f"{fingerprint(public)[:16]}... (release.json names {named}...)"
+        )
     listed = manifest.get("files") or {}
-    for rel in ("policy.toml", "gate.json", "audit/audit.json", "audit/audit.html", "cohort/manifest.json"):
+    for rel in (
+        "policy.toml",
+        "gate.json",
+        "audit/audit.json",
+        "audit/audit.html",
+        "cohort/manifest.json",
+    ):
         if rel not in listed:
             problems.append(f"{rel}: not listed in release.json")
     for rel, digest in sorted(listed.items()):
         path = release_dir / rel
         if not safe_rel_path(rel):
-            problems.append(f"{rel}: listed in release.json with an unsafe path (outside the release or odd bytes)")
+            problems.append(
+                f"{rel}: listed in release.json with an unsafe path (outside the release or odd bytes)"
+            )
         elif not path.is_file():
             problems.append(f"{rel}: listed in release.json but missing")
         elif sha256_file(path) != digest:
             problems.append(f"{rel}: sha256 does not match release.json")
     for rel in sorted(set(_files(release_dir)) - set(listed)):
         problems.append(f"{rel}: not listed in release.json")
-    for p in sorted((release_dir / "approvals").glob("*")) if (release_dir / "approvals").is_dir() else []:
+    for p in (
+        sorted((release_dir / "approvals").glob("*"))
+        if (release_dir / "approvals").is_dir()
+        else []
+    ):
         try:
             approval = json.loads(p.read_text())
         except (OSError, ValueError) as err:
@@ -385,7 +489,9 @@ def verify_release(release_dir: Path, consortium_public_key) -> list[str]:
             continue
         st, _ = _statement(approval)
         if st is not None and p.name != f"{st.get('officer')}.json":
-            problems.append(f"approvals/{p.name}: holds the decision of officer {st.get('officer')!r}")
+            problems.append(
+                f"approvals/{p.name}: holds the decision of officer {st.get('officer')!r}"
+            )
         problems += [f"approvals/{p.name}: {x}" for x in check_approval(release_dir, approval)]
     return problems
 
@@ -395,9 +501,15 @@ def summary(release_dir: Path) -> str:
     manifest, digest = _load_manifest(Path(release_dir))
     approvals = load_approvals(release_dir)
     buf = io.StringIO()
-    buf.write(f"release {manifest['cohort_id']} ({manifest['n_images']} images), release sha256 {digest[:16]}...\n")
-    buf.write(f"gate: {'passed' if manifest['gate']['passed'] else 'FAILED'}; withheld near-copies: "
-              f"{manifest['withheld']['count']}\n")
-    buf.write(f"approvals: {len(approvals)} stored, {manifest['required_approvals']} required; status: "
-              f"{release_status(Path(release_dir), approvals)}\n")
+    buf.write(
+        f"release {manifest['cohort_id']} ({manifest['n_images']} images), release sha256 {digest[:16]}...\n"
+    )
+    buf.write(
+        f"gate: {'passed' if manifest['gate']['passed'] else 'FAILED'}; withheld near-copies: "
+        f"{manifest['withheld']['count']}\n"
+    )
+    buf.write(
+        f"approvals: {len(approvals)} stored, {manifest['required_approvals']} required; status: "
+        f"{release_status(Path(release_dir), approvals)}\n"
+    )
     return buf.getvalue()

@@ -36,8 +36,14 @@ def main(grid: Grid, context: Context) -> None:
         from server.audit import run_audit_round
 
         wait_for_sites(grid, run.min_sites, run.round_timeout)
-        run_audit_round(grid, Path(run.cohort_dir), Path(run.checkpoint), Path(run.cohort_dir).parent / "audit",
-                        timeout=run.round_timeout, progress=_say)
+        run_audit_round(
+            grid,
+            Path(run.cohort_dir),
+            Path(run.checkpoint),
+            Path(run.cohort_dir).parent / "audit",
+            timeout=run.round_timeout,
+            progress=_say,
+        )
         return
     checkpoint = Federation(grid, run, progress=_say).run_rounds()
     if checkpoint is None or run.synthesize_per_class <= 0:
@@ -49,12 +55,25 @@ def main(grid: Grid, context: Context) -> None:
     else:
         privacy = json.loads(privacy_path.read_text()) if privacy_path.exists() else None
         synthesize_cohort(
-            SynthesisRequest(checkpoint=checkpoint, out_dir=cohort, per_class=run.synthesize_per_class, seed=run.seed),
-            privacy=privacy, progress=_say,
+            SynthesisRequest(
+                checkpoint=checkpoint,
+                out_dir=cohort,
+                per_class=run.synthesize_per_class,
+                seed=run.seed,
+            ),
+            privacy=privacy,
+            progress=_say,
         )
     if run.audit:
         from server.audit import run_audit_round
 
         record = json.loads((run_dir / "run.json").read_text())
-        run_audit_round(grid, cohort, checkpoint, run_dir / "audit", timeout=run.round_timeout,
-                        run_record=record, progress=_say)
+        run_audit_round(
+            grid,
+            cohort,
+            checkpoint,
+            run_dir / "audit",
+            timeout=run.round_timeout,
+            run_record=record,
+            progress=_say,
+        )

@@ -16,12 +16,13 @@ import io
 import json
 import platform
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -56,7 +57,9 @@ def _device(name: str) -> torch.device:
 def load_generator(checkpoint: Path, device: torch.device):
     payload = load_checkpoint(checkpoint)
     cfg_dict = dict(payload["model_config"])
-    cfg_dict.setdefault("prediction_type", "epsilon")  # checkpoints written before the field existed
+    cfg_dict.setdefault(
+        "prediction_type", "epsilon"
+    )  # checkpoints written before the field existed
     cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
     ae, unet = build_autoencoder(cfg), build_unet(cfg)
     ae.load_state_dict(payload["autoencoder"])
@@ -65,12 +68,23 @@ def load_generator(checkpoint: Path, device: torch.device):
 
 
 def generate(
-    cfg: ModelConfig, ae, unet, labels: torch.Tensor, latent_scale: float, *, seed: int, batch_size: int,
-    steps: int | None, device: torch.device, progress: Callable[[str], None] | None = None,
+    cfg: ModelConfig,
+    ae,
+    unet,
+    labels: torch.Tensor,
+    latent_scale: float,
+    *,
+    seed: int,
+    batch_size: int,
+    steps: int | None,
+    device: torch.device,
+    progress: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """Images (N, 1, ...) in [0, 1] for the given class labels, in batches, reproducible for a seed."""
     generator = torch.Generator().manual_seed(seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    )
     out = []
     n_batches = (len(labels) + batch_size - 1) // batch_size
     for b, i in enumerate(range(0, len(labels), batch_size)):
@@ -81,18 +95,33 @@ def generate(
             images = decode(ae, z.float(), latent_scale)
         out.append(images.float().cpu().numpy())
         if progress:
-            progress(f"synthesis batch {b + 1}/{n_batches}: {len(batch)} images in {time.time() - t0:.1f}s")
+            progress(
+                f"synthesis batch {b + 1}/{n_batches}: {len(batch)} images in {time.time() - t0:.1f}s"
+            )
     return np.concatenate(out)
 
 
-def synthesize_cohort(req: SynthesisRequest, privacy: dict[str, Any] | None = None,
-                      progress: Callable[[str], None] | None = None) -> Path:
+def synthesize_cohort(
+    req: SynthesisRequest,
+    privacy: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
     device = _device(req.device)
     cfg, ae, unet, payload = load_generator(req.checkpoint, device)
     latent_scale = float(payload["run_state"]["latent_scale"])
     labels = torch.arange(cfg.num_classes).repeat_interleave(req.per_class)
-    images = generate(cfg, ae, unet, labels, latent_scale, seed=req.seed, batch_size=req.batch_size,
-                      steps=req.steps, device=device, progress=progress)
+    images = generate(
+        cfg,
+        ae,
+        unet,
+        labels,
+        latent_scale,
+        seed=req.seed,
+        batch_size=req.batch_size,
+        steps=req.steps,
+        device=device,
+        progress=progress,
+    )
     with atomic_dir(req.out_dir) as tmp:
         ids = write_images(tmp, images, labels.numpy(), cfg)
         write_preview(tmp / "preview.png", images, labels.numpy(), cfg.class_names)
@@ -102,13 +131,15 @@ def synthesize_cohort(req: SynthesisRequest, privacy: dict[str, Any] | None = No
     return req.out_dir
 
 
-def write_images(folder: Path, images: np.ndarray, labels: np.ndarray, cfg: ModelConfig) -> list[str]:
+def write_images(
+    folder: Path, images: np.ndarray, labels: np.ndarray, cfg: ModelConfig
+) -> list[str]:
     (folder / "images").mkdir()
     spacing = NOMINAL_FOV_MM / cfg.image_size
     affine = np.diag([spacing] * 3 + [1.0])
     ids, rows, datalist = [], [], []
     counters: dict[int, int] = {}
-    for img, label in zip(images, labels):
+    for img, label in zip(images, labels, strict=False):
         k = counters[int(label)] = counters.get(int(label), 0) + 1
         sid = f"synth-{cfg.class_names[label]}-{k:05d}"
         vol = img[0] if cfg.spatial_dims == 3 else img[0][:, :, None]
@@ -117,25 +148,37 @@ def write_images(folder: Path, images: np.ndarray, labels: np.ndarray, cfg: Mode
         nib.save(nii, folder / "images" / f"{sid}.nii.gz")
         ids.append(sid)
         rows.append({"synthetic_id": sid, "class": cfg.class_names[label]})
-        datalist.append({"image": f"images/{sid}.nii.gz", "label": int(label), "class": cfg.class_names[label]})
+        datalist.append(
+            {"image": f"images/{sid}.nii.gz", "label": int(label), "class": cfg.class_names[label]}
+        )
     with open(folder / "labels.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["synthetic_id", "class"])
         w.writeheader()
         w.writerows(rows)
-    (folder / "dataset.json").write_text(json.dumps({
-        "name": "fedsynth synthetic cohort",
-        "description": "Synthetic MRI from a federated latent diffusion model; no real patient images.",
-        "tensorImageSize": f"{cfg.spatial_dims}D" if cfg.spatial_dims == 3 else "3D",
-        "modality": {"0": "MRI"},
-        "labels": {str(i): n for i, n in enumerate(cfg.class_names)},
-        "numTraining": len(datalist),
-        "training": datalist,
-    }, indent=2))
+    (folder / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "fedsynth synthetic cohort",
+                "description": "Synthetic MRI from a federated latent diffusion model; no real patient images.",
+                "tensorImageSize": f"{cfg.spatial_dims}D" if cfg.spatial_dims == 3 else "3D",
+                "modality": {"0": "MRI"},
+                "labels": {str(i): n for i, n in enumerate(cfg.class_names)},
+                "numTraining": len(datalist),
+                "training": datalist,
+            },
+            indent=2,
+        )
+    )
     return ids
 
 
-def write_preview(path: Path, images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...],
-                  per_row: int = 8) -> None:
+def write_preview(
+    path: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: tuple[str, ...],
+    per_row: int = 8,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,11 +215,18 @@ def software_versions() -> dict[str, str]:
     return out
 
 
-def write_manifest(folder: Path, req: SynthesisRequest, cfg: ModelConfig, payload: dict[str, Any],
-                   ids: list[str], privacy: dict[str, Any] | None) -> None:
+def write_manifest(
+    folder: Path,
+    req: SynthesisRequest,
+    cfg: ModelConfig,
+    payload: dict[str, Any],
+    ids: list[str],
+    privacy: dict[str, Any] | None,
+) -> None:
     files = {
         str(p.relative_to(folder)): sha256_file(p)
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
     }
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -184,17 +234,27 @@ def write_manifest(folder: Path, req: SynthesisRequest, cfg: ModelConfig, payloa
         "n_images": len(ids),
         "per_class": req.per_class,
         "class_names": list(cfg.class_names),
-        "sampler": {"kind": "DDIM", "steps": req.steps or cfg.ddim_steps, "eta": 0.0, "seed": req.seed},
-        "checkpoint": {"path": str(req.checkpoint), "sha256": sha256_file(req.checkpoint),
-                       "run_id": payload["run_state"]["run_id"],
-                       "completed_round": payload["run_state"]["completed_round"]},
+        "sampler": {
+            "kind": "DDIM",
+            "steps": req.steps or cfg.ddim_steps,
+            "eta": 0.0,
+            "seed": req.seed,
+        },
+        "checkpoint": {
+            "path": str(req.checkpoint),
+            "sha256": sha256_file(req.checkpoint),
+            "run_id": payload["run_state"]["run_id"],
+            "completed_round": payload["run_state"]["completed_round"],
+        },
         "model_config": asdict(cfg),
         "run_config": payload.get("run_config", {}),
         "privacy": privacy or {"note": "no privacy record supplied"},
         "software": software_versions(),
         "files": files,
     }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    (folder / "manifest.json").write_text(
+        json.dumps(manifest, indent=2, sort_keys=True, default=str)
+    )
 
 
 def verify_cohort(cohort_dir: Path) -> list[str]:

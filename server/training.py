@@ -20,9 +20,10 @@ import logging
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,13 +60,17 @@ class RunState:
     latent_scale: float = 1.0
     autoencoder_source: str = "federated"
     unet_warm_started: bool = False
-    sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # site name -> {node_id, status, reason, round}
+    sites: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # site name -> {node_id, status, reason, round}
     status: str = "running"
     reason: str = ""
 
 
 def make_strategy(run: RunConfig) -> Strategy:
-    common = dict(min_train_nodes=run.min_sites, min_available_nodes=run.min_sites, fraction_evaluate=0.0)
+    common = dict(
+        min_train_nodes=run.min_sites, min_available_nodes=run.min_sites, fraction_evaluate=0.0
+    )
     if run.central_dp != "off":  # Flower's client-level accounting assumes a uniform FedAvg mean
         common["weighted_by_key"] = UNIFORM_WEIGHT_KEY
     if run.strategy == "fedavg":
@@ -75,8 +80,14 @@ def make_strategy(run: RunConfig) -> Strategy:
     return FedProx(**common, proximal_mu=run.proximal_mu)
 
 
-def checkpoint_payload(cfg: ModelConfig, run: RunConfig, state: RunState, ae: dict, unet: dict,
-                       server_optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
+def checkpoint_payload(
+    cfg: ModelConfig,
+    run: RunConfig,
+    state: RunState,
+    ae: dict,
+    unet: dict,
+    server_optimizer: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
         "format": "fedsynth-checkpoint/1",
         "model_config": dataclasses.asdict(cfg),
@@ -94,7 +105,11 @@ def server_optimizer_state(strategy: Strategy, phase: str) -> dict[str, Any] | N
     m_t, v_t = getattr(strategy, "m_t", None), getattr(strategy, "v_t", None)
     if not m_t:
         return None
-    return {"phase": phase, "m_t": {k: v.copy() for k, v in m_t.items()}, "v_t": {k: v.copy() for k, v in v_t.items()}}
+    return {
+        "phase": phase,
+        "m_t": {k: v.copy() for k, v in m_t.items()},
+        "v_t": {k: v.copy() for k, v in v_t.items()},
+    }
 
 
 def restore_server_optimizer(strategy: Strategy, saved: dict[str, Any] | None, phase: str) -> bool:
@@ -122,23 +137,39 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return payload
 
 
-def public_phantoms(cfg: ModelConfig, n: int, seed: int = PUBLIC_PHANTOM_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+def public_phantoms(
+    cfg: ModelConfig, n: int, seed: int = PUBLIC_PHANTOM_SEED
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Public phantom images in [0, 1] and their class labels: the only data the server ever fits anything on.
 
     They go through the same files and loader as a site's scans, so their preprocessing is exactly the sites'.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        sites = make_phantom_sites(Path(tmp), n_sites=3, n_subjects=max(2, -(-n // 3)), dims=cfg.spatial_dims,
-                                   size=cfg.image_size, seed=seed)
-        data = [load_site(s, class_names=cfg.class_names, spatial_dims=cfg.spatial_dims, image_size=cfg.image_size)
-                for s in sites]
+        sites = make_phantom_sites(
+            Path(tmp),
+            n_sites=3,
+            n_subjects=max(2, -(-n // 3)),
+            dims=cfg.spatial_dims,
+            size=cfg.image_size,
+            seed=seed,
+        )
+        data = [
+            load_site(
+                s,
+                class_names=cfg.class_names,
+                spatial_dims=cfg.spatial_dims,
+                image_size=cfg.image_size,
+            )
+            for s in sites
+        ]
     images = torch.from_numpy(np.concatenate([d.images for d in data]))
     labels = torch.from_numpy(np.concatenate([d.labels for d in data]))
     return images, labels
 
 
-def pretrain_public_unet(cfg: ModelConfig, run: RunConfig, ae_state: dict, latent_scale: float,
-                         steps: int) -> dict[str, torch.Tensor]:
+def pretrain_public_unet(
+    cfg: ModelConfig, run: RunConfig, ae_state: dict, latent_scale: float, steps: int
+) -> dict[str, torch.Tensor]:
     """Warm-start the diffusion UNet on public phantoms (no patient data, no privacy cost); the sites then
     fine-tune it with DP-SGD. Public pretraining is the standard way to make DP generative models useful."""
     torch.manual_seed(run.seed + 1)
@@ -157,11 +188,15 @@ def pretrain_public_unet(cfg: ModelConfig, run: RunConfig, ae_state: dict, laten
         loss.backward()
         opt.step()
         if (step + 1) % 100 == 0:
-            log.info("public diffusion warm start: step %d/%d, loss %.4f", step + 1, steps, loss.item())
+            log.info(
+                "public diffusion warm start: step %d/%d, loss %.4f", step + 1, steps, loss.item()
+            )
     return {k: v.detach().clone() for k, v in unet.state_dict().items()}
 
 
-def train_public_autoencoder(cfg: ModelConfig, run: RunConfig, steps: int) -> dict[str, torch.Tensor]:
+def train_public_autoencoder(
+    cfg: ModelConfig, run: RunConfig, steps: int
+) -> dict[str, torch.Tensor]:
     """An autoencoder fitted on public phantoms only (no patient data, so no privacy cost)."""
     torch.manual_seed(run.seed)
     ae = build_autoencoder(cfg)
@@ -185,7 +220,9 @@ def wait_for_sites(grid: Grid, n: int, timeout: float) -> list[int]:
         if len(nodes) >= n:
             return nodes
         if time.time() > deadline:
-            raise TimeoutError(f"only {len(nodes)} of the {n} sites needed connected within {timeout:.0f}s")
+            raise TimeoutError(
+                f"only {len(nodes)} of the {n} sites needed connected within {timeout:.0f}s"
+            )
         time.sleep(2.0)
 
 
@@ -202,7 +239,9 @@ class Federation:
         self.privacy: dict[str, dict[str, Any]] = {}  # site -> sample-level spend as last reported
         self.central = CentralDP(run, self.dir)
         self._saved_server_optimizer: dict[str, Any] | None = None  # FedAdam moments, when resuming
-        self._phase_nodes: list[int] = []  # central DP: the sites the phase's DP wrapper was set up for
+        self._phase_nodes: list[
+            int
+        ] = []  # central DP: the sites the phase's DP wrapper was set up for
 
     # ---- state -------------------------------------------------------------------------------------------------
     def _resume_or_start(self) -> tuple[RunState, dict, dict]:
@@ -210,17 +249,23 @@ class Federation:
         if latest.exists():
             payload = load_checkpoint(latest)
             if payload["model_config"]["name"] != self.cfg.name:
-                raise ValueError(f"{latest}: checkpoint is for preset {payload['model_config']['name']!r}, "
-                                 f"this run asks for {self.cfg.name!r}; use a new run-dir")
+                raise ValueError(
+                    f"{latest}: checkpoint is for preset {payload['model_config']['name']!r}, "
+                    f"this run asks for {self.cfg.name!r}; use a new run-dir"
+                )
             state = RunState(**payload["run_state"])
             state.status, state.reason = "running", ""
-            self.say(f"resuming run {state.run_id} after round {state.completed_round} from {latest}")
+            self.say(
+                f"resuming run {state.run_id} after round {state.completed_round} from {latest}"
+            )
             self._saved_server_optimizer = payload.get("server_optimizer")
             if (self.dir / "privacy.json").exists():
                 self.privacy = sample_level(json.loads((self.dir / "privacy.json").read_text()))
             return state, payload["autoencoder"], payload["unet"]
         torch.manual_seed(self.run.seed)
-        state = RunState(run_id=uuid.uuid4().hex[:12], autoencoder_source=self.run.autoencoder_source)
+        state = RunState(
+            run_id=uuid.uuid4().hex[:12], autoencoder_source=self.run.autoencoder_source
+        )
         ae = build_autoencoder(self.cfg).state_dict()
         unet = build_unet(self.cfg).state_dict()
         if self.run.autoencoder_source == "public":
@@ -229,57 +274,94 @@ class Federation:
         return state, ae, unet
 
     def _write_record(self, state: RunState) -> None:
-        write_json_atomic(self.dir / "run.json", {
-            "run_id": state.run_id,
-            "status": state.status,
-            "reason": state.reason,
-            "completed_round": state.completed_round,
-            "num_server_rounds": self.run.num_server_rounds,
-            "autoencoder": (
-                "trained on public phantoms only (no patient data, no privacy cost)"
-                if state.autoencoder_source == "public" else "trained federated at the sites (DP-SGD)"
-            ),
-            "latent_scale": state.latent_scale,
-            "latent_scale_source": "public phantoms",
-            "diffusion_warm_start": (
-                f"pretrained {self.run.public_unet_steps} steps on public phantoms, then fine-tuned with DP at the sites"
-                if state.unet_warm_started else "none: trained from scratch at the sites"
-            ),
-            "sites": state.sites,
-            "central_dp": self.central.summary(state.completed_round),
-            "run_config": dataclasses.asdict(self.run),
-            "model_config": dataclasses.asdict(self.cfg),
-        })
-        write_json_atomic(self.dir / "privacy.json", {"sample_level": self.privacy,
-                                                       "client_level": self.central.summary(state.completed_round)})
+        write_json_atomic(
+            self.dir / "run.json",
+            {
+                "run_id": state.run_id,
+                "status": state.status,
+                "reason": state.reason,
+                "completed_round": state.completed_round,
+                "num_server_rounds": self.run.num_server_rounds,
+                "autoencoder": (
+                    "trained on public phantoms only (no patient data, no privacy cost)"
+                    if state.autoencoder_source == "public"
+                    else "trained federated at the sites (DP-SGD)"
+                ),
+                "latent_scale": state.latent_scale,
+                "latent_scale_source": "public phantoms",
+                "diffusion_warm_start": (
+                    f"pretrained {self.run.public_unet_steps} steps on public phantoms, then fine-tuned with DP at the sites"
+                    if state.unet_warm_started
+                    else "none: trained from scratch at the sites"
+                ),
+                "sites": state.sites,
+                "central_dp": self.central.summary(state.completed_round),
+                "run_config": dataclasses.asdict(self.run),
+                "model_config": dataclasses.asdict(self.cfg),
+            },
+        )
+        write_json_atomic(
+            self.dir / "privacy.json",
+            {
+                "sample_level": self.privacy,
+                "client_level": self.central.summary(state.completed_round),
+            },
+        )
 
     # ---- one round ---------------------------------------------------------------------------------------------
     def _active_nodes(self, state: RunState) -> list[int]:
         refused = {s["node_id"] for s in state.sites.values() if s["status"] == "refused"}
         return [n for n in self.grid.get_node_ids() if n not in refused]
 
-    def _round(self, strategy: Strategy, state: RunState, r: int, arrays: ArrayRecord, frozen: ArrayRecord | None):
+    def _round(
+        self,
+        strategy: Strategy,
+        state: RunState,
+        r: int,
+        arrays: ArrayRecord,
+        frozen: ArrayRecord | None,
+    ):
         phase = self.run.phase(r)
         plan = {
-            "run-id": state.run_id, "server-round": r, "phase": phase, "preset": self.run.preset,
+            "run-id": state.run_id,
+            "server-round": r,
+            "phase": phase,
+            "preset": self.run.preset,
             "num-server-rounds": self.run.num_server_rounds,
             "federated-autoencoder-rounds": self.run.federated_autoencoder_rounds,
-            "local-epochs": self.run.local_epochs, "batch-size": self.run.batch_size,
+            "local-epochs": self.run.local_epochs,
+            "batch-size": self.run.batch_size,
             "lr": self.run.lr_autoencoder if phase == "autoencoder" else self.run.lr_diffusion,
-            "kl-weight": self.run.kl_weight, "latent-scale": state.latent_scale, "seed": self.run.seed,
+            "kl-weight": self.run.kl_weight,
+            "latent-scale": state.latent_scale,
+            "seed": self.run.seed,
             "proximal-mu": self.run.proximal_mu if self.run.strategy == "fedprox" else 0.0,
         }
         active = self._active_nodes(state)
         if self.central.enabled:  # Flower's DP wrapper was set up for exactly these sites
             if not set(self._phase_nodes) <= set(active):
-                return None, 0, (f"round {r}: central DP: {len(set(self._phase_nodes) - set(active))} of the phase's "
-                                 f"{len(self._phase_nodes)} sites are gone; nothing was released. Resume the run to "
-                                 "go on with the sites that remain")
+                return (
+                    None,
+                    0,
+                    (
+                        f"round {r}: central DP: {len(set(self._phase_nodes) - set(active))} of the phase's "
+                        f"{len(self._phase_nodes)} sites are gone; nothing was released. Resume the run to "
+                        "go on with the sites that remain"
+                    ),
+                )
             active = self._phase_nodes
         if len(active) < self.run.min_sites:
-            return None, 0, f"only {len(active)} sites can still train, min-sites is {self.run.min_sites}"
+            return (
+                None,
+                0,
+                f"only {len(active)} sites can still train, min-sites is {self.run.min_sites}",
+            )
         try:
-            messages = list(strategy.configure_train(r, arrays, ConfigRecord(plan), SitesGrid(self.grid, active)))
+            messages = list(
+                strategy.configure_train(
+                    r, arrays, ConfigRecord(plan), SitesGrid(self.grid, active)
+                )
+            )
         except PrivacyBudgetExhausted as err:
             return None, 0, f"round {r}: central DP: {err}"
         if frozen is not None:
@@ -293,7 +375,14 @@ class Federation:
         for m in replies:
             self._note_reply(state, r, phase, m, good)
         for node in {m.metadata.dst_node_id for m in messages} - answered:
-            self._mark(state, self._site_of(state, node), node, "dropped", r, "no reply within round-timeout")
+            self._mark(
+                state,
+                self._site_of(state, node),
+                node,
+                "dropped",
+                r,
+                "no reply within round-timeout",
+            )
         new_arrays = None
         if self.central.enabled:
             return self._aggregate_central_dp(strategy, state, r, phase, arrays, messages, good, t0)
@@ -302,29 +391,59 @@ class Federation:
         self.say(f"round {r}: {len(good)} updates aggregated in {time.time() - t0:.1f}s")
         return new_arrays, len(good), None
 
-    def _aggregate_central_dp(self, strategy: Strategy, state: RunState, r: int, phase: str, arrays: ArrayRecord,
-                              messages: list[Message], good: list[Message], t0: float):
+    def _aggregate_central_dp(
+        self,
+        strategy: Strategy,
+        state: RunState,
+        r: int,
+        phase: str,
+        arrays: ArrayRecord,
+        messages: list[Message],
+        good: list[Message],
+        t0: float,
+    ):
         """Flower's DP wrapper: uniform mean of the clipped updates + Gaussian noise, one accounted release.
 
         It aggregates only when every asked site sent an update (a missing one changes the sensitivity the noise
         was set for); otherwise nothing is released and the run stops, saying why.
         """
-        self.central.prepare_replies(good, arrays, {s["node_id"]: name for name, s in state.sites.items()})
-        new_arrays, _ = strategy.aggregate_train(r, good)  # also drops the round's pending privacy event
+        self.central.prepare_replies(
+            good, arrays, {s["node_id"]: name for name, s in state.sites.items()}
+        )
+        new_arrays, _ = strategy.aggregate_train(
+            r, good
+        )  # also drops the round's pending privacy event
         if new_arrays is None:
-            return None, len(good), (f"round {r}: central DP: {len(good)} of {len(messages)} asked sites sent an "
-                                     "update; Flower's accounted aggregation needs all of them, so nothing was "
-                                     "released. Resume the run to go on without the sites that refused or dropped")
+            return (
+                None,
+                len(good),
+                (
+                    f"round {r}: central DP: {len(good)} of {len(messages)} asked sites sent an "
+                    "update; Flower's accounted aggregation needs all of them, so nothing was "
+                    "released. Resume the run to go on without the sites that refused or dropped"
+                ),
+            )
         self.central.save()  # before the checkpoint: a crash from here on can only over-count
         eps, delta = self.central.epsilon()
         std = self.central.noise_std(len(good))
-        append_jsonl(self.dir / "metrics.jsonl", {
-            "round": r, "phase": phase, "site": "(aggregate)", "status": "aggregated", "sites": len(good),
-            "central-dp-noise-std": std, "client-level-epsilon": eps, "client-level-delta": delta,
-        })
-        self.say(f"round {r}: {len(good)} clipped updates aggregated in {time.time() - t0:.1f}s, central DP noise "
-                 f"std {std:.3g}; client-level epsilon so far {eps:.2f} (delta {delta:.1e}, "
-                 f"{self.central.releases} releases)")
+        append_jsonl(
+            self.dir / "metrics.jsonl",
+            {
+                "round": r,
+                "phase": phase,
+                "site": "(aggregate)",
+                "status": "aggregated",
+                "sites": len(good),
+                "central-dp-noise-std": std,
+                "client-level-epsilon": eps,
+                "client-level-delta": delta,
+            },
+        )
+        self.say(
+            f"round {r}: {len(good)} clipped updates aggregated in {time.time() - t0:.1f}s, central DP noise "
+            f"std {std:.3g}; client-level epsilon so far {eps:.2f} (delta {delta:.1e}, "
+            f"{self.central.releases} releases)"
+        )
         return new_arrays, len(good), None
 
     def _site_of(self, state: RunState, node: int) -> str:
@@ -333,20 +452,33 @@ class Federation:
                 return name
         return f"node-{node}"
 
-    def _mark(self, state: RunState, site: str, node: int, status: str, r: int, reason: str = "") -> None:
+    def _mark(
+        self, state: RunState, site: str, node: int, status: str, r: int, reason: str = ""
+    ) -> None:
         prev = state.sites.get(site, {})
         if status != "active" or prev.get("status") != "active":
             self.say(f"site {site}: {status}" + (f" ({reason})" if reason else ""))
-        state.sites[site] = {"node_id": node, "status": status, "round": r, "reason": reason,
-                             "first_round": prev.get("first_round", r)}
+        state.sites[site] = {
+            "node_id": node,
+            "status": status,
+            "round": r,
+            "reason": reason,
+            "first_round": prev.get("first_round", r),
+        }
         if status != "active":
-            append_jsonl(self.dir / "metrics.jsonl", {"round": r, "site": site, "node_id": node, "status": status,
-                                                      "reason": reason})
+            append_jsonl(
+                self.dir / "metrics.jsonl",
+                {"round": r, "site": site, "node_id": node, "status": status, "reason": reason},
+            )
 
-    def _note_reply(self, state: RunState, r: int, phase: str, m: Message, good: list[Message]) -> None:
+    def _note_reply(
+        self, state: RunState, r: int, phase: str, m: Message, good: list[Message]
+    ) -> None:
         node = m.metadata.src_node_id
         if m.has_error():
-            self._mark(state, self._site_of(state, node), node, "dropped", r, f"error: {m.error.reason}")
+            self._mark(
+                state, self._site_of(state, node), node, "dropped", r, f"error: {m.error.reason}"
+            )
             return
         status = m.content["status"]
         site = str(status["site"])
@@ -359,10 +491,14 @@ class Federation:
             return
         metrics = dict(m.content["metrics"])
         self._mark(state, site, node, "active", r)
-        append_jsonl(self.dir / "metrics.jsonl", {"round": r, "phase": phase, "site": site, "node_id": node,
-                                                  "status": "ok", **metrics})
-        self.say(f"  {site}: loss {metrics['loss']:.4f}, {int(metrics['num-examples'])} patients, "
-                 f"{metrics['seconds']:.1f}s, epsilon so far {metrics['epsilon']:.2f}")
+        append_jsonl(
+            self.dir / "metrics.jsonl",
+            {"round": r, "phase": phase, "site": site, "node_id": node, "status": "ok", **metrics},
+        )
+        self.say(
+            f"  {site}: loss {metrics['loss']:.4f}, {int(metrics['num-examples'])} patients, "
+            f"{metrics['seconds']:.1f}s, epsilon so far {metrics['epsilon']:.2f}"
+        )
         good.append(m)
 
     # ---- the run -----------------------------------------------------------------------------------------------
@@ -377,39 +513,61 @@ class Federation:
             self.say("all rounds already done")
         for r in range(state.completed_round + 1, self.run.num_server_rounds + 1):
             phase = self.run.phase(r)
-            if phase != strategy_phase:  # a fresh strategy per phase: server optimiser state is per component
+            if (
+                phase != strategy_phase
+            ):  # a fresh strategy per phase: server optimiser state is per component
                 strategy, strategy_phase = make_strategy(self.run), phase
                 if restore_server_optimizer(strategy, self._saved_server_optimizer, phase):
-                    self.say(f"server optimiser ({self.run.strategy}) moments restored from the checkpoint")
+                    self.say(
+                        f"server optimiser ({self.run.strategy}) moments restored from the checkpoint"
+                    )
                 self._phase_nodes = self._active_nodes(state)
                 if self.central.enabled and len(self._phase_nodes) >= self.run.min_sites:
                     # Flower's DP wrapper, for this phase's sites; the accountant is the run's, shared by all phases
-                    strategy = self.central.wrap(strategy, len(self._phase_nodes),
-                                                 population=len(list(self.grid.get_node_ids())))
+                    strategy = self.central.wrap(
+                        strategy,
+                        len(self._phase_nodes),
+                        population=len(list(self.grid.get_node_ids())),
+                    )
                 if phase == "diffusion":
-                    state.latent_scale = estimate_latent_scale(self._ae(ae), public_phantoms(self.cfg, 48)[0])
+                    state.latent_scale = estimate_latent_scale(
+                        self._ae(ae), public_phantoms(self.cfg, 48)[0]
+                    )
                     self.say(f"latent scale {state.latent_scale:.3f} (from public phantoms)")
                     if self.run.public_unet_steps > 0 and not state.unet_warm_started:
-                        self.say(f"warm-starting the diffusion UNet on public phantoms ({self.run.public_unet_steps} steps)")
-                        unet = pretrain_public_unet(self.cfg, self.run, ae, state.latent_scale, self.run.public_unet_steps)
+                        self.say(
+                            f"warm-starting the diffusion UNet on public phantoms ({self.run.public_unet_steps} steps)"
+                        )
+                        unet = pretrain_public_unet(
+                            self.cfg, self.run, ae, state.latent_scale, self.run.public_unet_steps
+                        )
                         state.unet_warm_started = True
             active = self._active_nodes(state)
             if len(active) < self.run.min_sites:
-                return self._stop(state, f"only {len(active)} sites can still train, min-sites is {self.run.min_sites}")
+                return self._stop(
+                    state,
+                    f"only {len(active)} sites can still train, min-sites is {self.run.min_sites}",
+                )
             component = ae if phase == "autoencoder" else unet
             frozen = ArrayRecord(ae) if phase == "diffusion" else None
             new, n_good, failure = self._round(strategy, state, r, ArrayRecord(component), frozen)
             if failure:
                 return self._stop(state, failure)
             if n_good < self.run.min_sites or new is None:
-                return self._stop(state, f"round {r}: {n_good} updates, fewer than min-sites={self.run.min_sites}")
+                return self._stop(
+                    state, f"round {r}: {n_good} updates, fewer than min-sites={self.run.min_sites}"
+                )
             if phase == "autoencoder":
                 ae = new.to_torch_state_dict()
             else:
                 unet = new.to_torch_state_dict()
             state.completed_round = r
-            ckpt = save_checkpoint(self.dir, checkpoint_payload(self.cfg, self.run, state, ae, unet,
-                                                                server_optimizer_state(strategy, phase)))
+            ckpt = save_checkpoint(
+                self.dir,
+                checkpoint_payload(
+                    self.cfg, self.run, state, ae, unet, server_optimizer_state(strategy, phase)
+                ),
+            )
             self._write_record(state)
         state.status = "completed"
         self._write_record(state)
@@ -432,5 +590,3 @@ def latest_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-

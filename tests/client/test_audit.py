@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def site_dir(tmp_path_factory):
-    return make_phantom_sites(tmp_path_factory.mktemp("ph"), n_sites=1, n_subjects=56, size=32, seed=5)[0]
+    return make_phantom_sites(
+        tmp_path_factory.mktemp("ph"), n_sites=1, n_subjects=56, size=32, seed=5
+    )[0]
 
 
 def overfit(cfg, ae, train, steps=300):
@@ -31,7 +33,9 @@ def overfit(cfg, ae, train, steps=300):
     labels = torch.from_numpy(train.labels)
     sched = ddpm_scheduler(cfg)
     for _ in range(steps):
-        loss = diffusion_loss(unet, sched, mu, labels, timesteps=torch.randint(0, 500, (len(mu),))).mean()
+        loss = diffusion_loss(
+            unet, sched, mu, labels, timesteps=torch.randint(0, 500, (len(mu),))
+        ).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -40,7 +44,9 @@ def overfit(cfg, ae, train, steps=300):
 
 def test_overfit_generator_is_caught(tmp_path, site_dir):
     # Half the patients held out: the matched member set is then all members, as in a well-sized audit.
-    site = SiteConfig(site_dir=str(site_dir), state_dir=str(tmp_path / "s"), dp=False, holdout_fraction=0.5)
+    site = SiteConfig(
+        site_dir=str(site_dir), state_dir=str(tmp_path / "s"), dp=False, holdout_fraction=0.5
+    )
     cfg = model_config("tiny")
     train, holdout = load_training_data(site, cfg)
     assert len(train) >= 25 and len(holdout) >= 25
@@ -49,19 +55,27 @@ def test_overfit_generator_is_caught(tmp_path, site_dir):
     unet = overfit(cfg, ae, train)
     # The cohort of a generator that memorised: its samples are its training images, barely perturbed.
     rng = np.random.default_rng(0)
-    synthetic = np.clip(train.images[:20] + rng.normal(0, 0.002, train.images[:20].shape), 0, 1).astype(np.float32)
+    synthetic = np.clip(
+        train.images[:20] + rng.normal(0, 0.002, train.images[:20].shape), 0, 1
+    ).astype(np.float32)
     ids = [f"synth-{i:03d}" for i in range(20)]
-    result = audit_site(site, cfg, synthetic, ids, train.labels[:20], ae.state_dict(), unet.state_dict(), 1.0)
+    result = audit_site(
+        site, cfg, synthetic, ids, train.labels[:20], ae.state_dict(), unet.state_dict(), 1.0
+    )
 
     assert result["memorization"]["n_near_copies"] >= 18
     assert set(result["memorization"]["flagged_ids"]) <= set(ids)
     assert result["memorization"]["pixel"]["share_closer_to_member"] > 0.9
     black = result["membership"]["black_box"]
     assert black["auc"] > 0.7
-    assert black["epsilon_lower_bound"]["epsilon_lower_bound"] > 0.2  # clearly above 0 with 28 + 28 records
+    assert (
+        black["epsilon_lower_bound"]["epsilon_lower_bound"] > 0.2
+    )  # clearly above 0 with 28 + 28 records
     assert result["membership"]["white_box"]["auc"] > 0.75
     assert result["claimed_privacy"]["protection"] == "none"
-    audit = build_audit({site.name: json.loads(json.dumps(result, default=float))}, cohort={"n_images": 20})
+    audit = build_audit(
+        {site.name: json.loads(json.dumps(result, default=float))}, cohort={"n_images": 20}
+    )
     assert audit["verdict"]["status"] in ("review", "fail")
 
 
@@ -70,19 +84,38 @@ def test_dp_model_is_not_over_claimed(tmp_path, site_dir):
     cfg = model_config("tiny")
     torch.manual_seed(0)
     ae = build_autoencoder(cfg).state_dict()
-    plan = RoundPlan(run_id="dp", server_round=1, phase="diffusion", num_server_rounds=1,
-                     federated_autoencoder_rounds=0, preset="tiny", local_epochs=20, batch_size=8, lr=2e-3)
+    plan = RoundPlan(
+        run_id="dp",
+        server_round=1,
+        phase="diffusion",
+        num_server_rounds=1,
+        federated_autoencoder_rounds=0,
+        preset="tiny",
+        local_epochs=20,
+        batch_size=8,
+        lr=2e-3,
+    )
     trained = run_training_round(site, plan, build_unet(cfg).state_dict(), ae)
     assert not trained.refused and 0 < trained.privacy["epsilon"] <= 1.0
     train, _ = load_training_data(site, cfg)
     synthetic = np.random.default_rng(1).random((12, 1, 32, 32)).astype(np.float32)
-    result = audit_site(site, cfg, synthetic, [f"s{i}" for i in range(12)], np.zeros(12, dtype=np.int64), ae,
-                        trained.state_dict, 1.0)
+    result = audit_site(
+        site,
+        cfg,
+        synthetic,
+        [f"s{i}" for i in range(12)],
+        np.zeros(12, dtype=np.int64),
+        ae,
+        trained.state_dict,
+        1.0,
+    )
     claimed = result["claimed_privacy"]["epsilon"]
     assert claimed == pytest.approx(trained.privacy["epsilon"])
     for kind in ("white_box", "black_box"):
         assert result["membership"][kind]["epsilon_lower_bound"]["epsilon_lower_bound"] <= claimed
-    audit = build_audit({site.name: json.loads(json.dumps(result, default=float))}, cohort={"n_images": 12})
+    audit = build_audit(
+        {site.name: json.loads(json.dumps(result, default=float))}, cohort={"n_images": 12}
+    )
     assert not audit["verdict"]["dp_suspect"]
 
 
@@ -95,11 +128,20 @@ def test_site_reply_holds_aggregates_only(tmp_path, site_dir):
     ae, unet = build_autoencoder(cfg), build_unet(cfg)
     synthetic = np.random.default_rng(2).random((6, 1, 32, 32)).astype(np.float32)
     ids = [f"s{i}" for i in range(6)]
-    result = audit_site(site, cfg, synthetic, ids, np.array([0, 1] * 3), ae.state_dict(), unet.state_dict(), 1.0)
-    ref = result["fidelity"]["reference"]  # real hold-out images and their autoencoder reconstructions, for scale
+    result = audit_site(
+        site, cfg, synthetic, ids, np.array([0, 1] * 3), ae.state_dict(), unet.state_dict(), 1.0
+    )
+    ref = result["fidelity"][
+        "reference"
+    ]  # real hold-out images and their autoencoder reconstructions, for scale
     assert set(ref) == {"holdout_patients", "holdout_through_autoencoder"}
-    assert ref["holdout_patients"]["precision"] > 0.8 > result["fidelity"]["overall"]["precision"]  # noise is not
-    assert ref["holdout_patients"]["frechet_distance"] < result["fidelity"]["overall"]["frechet_distance"]
+    assert (
+        ref["holdout_patients"]["precision"] > 0.8 > result["fidelity"]["overall"]["precision"]
+    )  # noise is not
+    assert (
+        ref["holdout_patients"]["frechet_distance"]
+        < result["fidelity"]["overall"]["frechet_distance"]
+    )
     payload = json.dumps(result, default=float)
     for sid in train.subject_ids + holdout.subject_ids:
         assert sid not in payload  # no patient id
@@ -113,7 +155,10 @@ def test_site_reply_holds_aggregates_only(tmp_path, site_dir):
             numeric = [v for v in x if isinstance(v, (int, float))]
             # ROC curves are downsampled and histograms binned: never one value per patient or per pixel
             assert len(x) <= 201, f"{path} has {len(x)} entries"
-            assert not (len(numeric) in (len(train), len(holdout), n_real) and path.endswith(("scores", "distances")))
+            assert not (
+                len(numeric) in (len(train), len(holdout), n_real)
+                and path.endswith(("scores", "distances"))
+            )
             for v in x:
                 walk(v, path)
 

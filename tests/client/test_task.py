@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from client.task import RoundPlan, dataset_fingerprint, load_training_data, open_ledger, run_training_round
+from client.task import (
+    RoundPlan,
+    dataset_fingerprint,
+    load_training_data,
+    open_ledger,
+    run_training_round,
+)
 from common.config import SiteConfig, model_config
 from common.model import build_autoencoder, build_unet
 from common.phantoms import make_phantom_sites
@@ -18,8 +24,17 @@ def site_dir(tmp_path_factory):
 
 
 def plan(phase="autoencoder", r=1, rounds=2, ae_rounds=1, run_id="run-a"):
-    return RoundPlan(run_id=run_id, server_round=r, phase=phase, num_server_rounds=rounds,
-                     federated_autoencoder_rounds=ae_rounds, preset="tiny", local_epochs=1, batch_size=5, lr=1e-3)
+    return RoundPlan(
+        run_id=run_id,
+        server_round=r,
+        phase=phase,
+        num_server_rounds=rounds,
+        federated_autoencoder_rounds=ae_rounds,
+        preset="tiny",
+        local_epochs=1,
+        batch_size=5,
+        lr=1e-3,
+    )
 
 
 def test_autoencoder_round_trains_records_spend_and_stays_in_budget(tmp_path, site_dir):
@@ -63,4 +78,6 @@ def test_fingerprint_is_by_patients(tmp_path, site_dir):
     site = SiteConfig(site_dir=str(site_dir))
     train, holdout = load_training_data(site, model_config("tiny"))
     assert dataset_fingerprint(site, train) != dataset_fingerprint(site, holdout)
-    assert dataset_fingerprint(site, train) == dataset_fingerprint(site, train.subset(list(range(len(train)))))
+    assert dataset_fingerprint(site, train) == dataset_fingerprint(
+        site, train.subset(list(range(len(train))))
+    )

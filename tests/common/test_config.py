@@ -11,23 +11,40 @@ def test_presets_build_consistent_shapes():
 
 
 def test_run_config_reads_flower_keys_and_phases():
-    run = RunConfig.from_flwr({"num-server-rounds": "4", "autoencoder-rounds": 1, "strategy": "fedadam"})
+    run = RunConfig.from_flwr(
+        {"num-server-rounds": "4", "autoencoder-rounds": 1, "strategy": "fedadam"}
+    )
     assert run.num_server_rounds == 4 and run.strategy == "fedadam"
-    assert [run.phase(r) for r in range(1, 5)] == ["autoencoder", "diffusion", "diffusion", "diffusion"]
+    assert [run.phase(r) for r in range(1, 5)] == [
+        "autoencoder",
+        "diffusion",
+        "diffusion",
+        "diffusion",
+    ]
     public = RunConfig(autoencoder_source="public", autoencoder_rounds=0, num_server_rounds=2)
     assert public.phase(1) == "diffusion" and public.federated_autoencoder_rounds == 0
     assert RunConfig.from_flwr(run.to_flwr()) == run
 
 
-@pytest.mark.parametrize("bad", [{"strategy": "krum"}, {"preset": "huge"}, {"no-such-key": 1},
-                                 {"autoencoder-rounds": 9}, {"min-sites": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"strategy": "krum"},
+        {"preset": "huge"},
+        {"no-such-key": 1},
+        {"autoencoder-rounds": 9},
+        {"min-sites": 0},
+    ],
+)
 def test_run_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         RunConfig.from_flwr(bad)
 
 
 def test_site_config_from_node_config():
-    site = SiteConfig.from_flwr({"site-dir": "/data/site-a", "epsilon": "4", "dp": "true", "unrelated": 1})
+    site = SiteConfig.from_flwr(
+        {"site-dir": "/data/site-a", "epsilon": "4", "dp": "true", "unrelated": 1}
+    )
     assert site.epsilon == 4.0 and site.dp is True and site.name == "site-a"
     assert str(site.state_path).endswith(".fedsynth")
     with pytest.raises(ValueError):

@@ -14,10 +14,7 @@ def test_foreign_common_package_is_refused(tmp_path):
     fake = tmp_path / "common"
     fake.mkdir()
     (fake / "__init__.py").write_text("FOREIGN = True\n")
-    code = (
-        "import sys; sys.path.insert(0, %r)\n"
-        "from server.cli import main\n" % str(tmp_path)
-    )
+    code = f"import sys; sys.path.insert(0, {str(tmp_path)!r})\nfrom server.cli import main\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "shadow" in proc.stderr or "cannot import name" in proc.stderr

@@ -29,10 +29,15 @@ from common.phantoms import (
 
 
 def _tissue_signals(protocol: Protocol) -> dict[str, float]:
-    return {name: signal(protocol, *props) for name, props in tissue_properties(protocol.field_t).items()}
+    return {
+        name: signal(protocol, *props)
+        for name, props in tissue_properties(protocol.field_t).items()
+    }
 
 
-@pytest.mark.parametrize("name", ["t1_se_1.5t", "t1_se_3t", "t1_se_1.5t_lowres", "t1_gre_3t", "t1_gre_1.5t"])
+@pytest.mark.parametrize(
+    "name", ["t1_se_1.5t", "t1_se_3t", "t1_se_1.5t_lowres", "t1_gre_3t", "t1_gre_1.5t"]
+)
 def test_t1_weighted_orders_white_grey_csf(name):
     s = _tissue_signals(PROTOCOLS[name])
     assert s["fat"] > s["white"] > s["grey"] > s["csf"] > 0
@@ -58,7 +63,9 @@ def test_flair_nulls_csf_and_keeps_lesion_bright(name):
 def test_flair_is_magnitude_of_inversion_recovery():
     p = PROTOCOLS["flair_1.5t"]
     t1 = np.array([300.0, 3462.0, 4000.0, 8000.0])  # both sides of the null
-    expected = np.abs(1 - 2 * np.exp(-p.ti_ms / t1) + np.exp(-p.tr_ms / t1)) * np.exp(-p.te_ms / 100.0)
+    expected = np.abs(1 - 2 * np.exp(-p.ti_ms / t1) + np.exp(-p.tr_ms / t1)) * np.exp(
+        -p.te_ms / 100.0
+    )
     np.testing.assert_allclose(signal(p, t1, 100.0, 1.0), expected, rtol=1e-12)
     assert np.all(signal(p, t1, 100.0, 1.0) >= 0)
 
@@ -79,7 +86,9 @@ def test_gre_follows_ernst_equation():
 
 def test_spin_echo_equation_and_vectorisation():
     p = PROTOCOLS["t1_se_1.5t"]
-    assert signal(p, 650.0, 80.0, 0.7) == pytest.approx(0.7 * (1 - math.exp(-500 / 650)) * math.exp(-15 / 80))
+    assert signal(p, 650.0, 80.0, 0.7) == pytest.approx(
+        0.7 * (1 - math.exp(-500 / 650)) * math.exp(-15 / 80)
+    )
     out = signal(p, np.full((2, 3), 650.0), 80.0, 0.7)
     assert isinstance(out, np.ndarray) and out.shape == (2, 3)
     assert isinstance(signal(p, 650.0, 80.0, 0.7), float)
@@ -111,7 +120,9 @@ def test_protocol_rejects_inconsistent_settings():
 def test_background_noise_is_rician():
     p = dataclasses.replace(PROTOCOLS["t1_se_1.5t"], noise_sigma=0.05)
     image, labels, _ = render_subject(np.random.default_rng(7), p, size=64)
-    far = ndimage.distance_transform_edt(labels[..., 0] == 0) > 4  # air well away from the head (and skull)
+    far = (
+        ndimage.distance_transform_edt(labels[..., 0] == 0) > 4
+    )  # air well away from the head (and skull)
     bg = image[..., 0][far].astype(np.float64)
     assert bg.size > 800
     # no signal: the magnitude of complex Gaussian noise is Rayleigh
@@ -127,7 +138,9 @@ def test_partial_volume_and_bias_field():
     core_wm = ndimage.binary_erosion(lab == TISSUES["white"], iterations=3)
     assert core_wm.sum() > 50
     wm = np.median(img[core_wm])
-    assert np.isclose(img[core_wm], wm, rtol=1e-5).mean() > 0.8  # pure white matter: one value, no noise/bias
+    assert (
+        np.isclose(img[core_wm], wm, rtol=1e-5).mean() > 0.8
+    )  # pure white matter: one value, no noise/bias
     csf = np.median(img[lab == TISSUES["csf"]])
     between = (img > csf + 0.02) & (img < wm - 0.02) & (lab == TISSUES["white"])
     assert between.sum() > 5  # mixed voxels at tissue boundaries carry intermediate signal
@@ -140,8 +153,12 @@ def test_partial_volume_and_bias_field():
 @pytest.mark.parametrize("site", default_site_specs(3), ids=lambda s: s.protocol.name)
 def test_rendered_t1_tissue_means_order(site):
     for k in range(3):
-        image, labels, _ = render_subject(np.random.default_rng(k), site.protocol, size=64, lesion=k == 1)
-        mean = {name: image[labels == idx].mean() for name, idx in TISSUES.items() if name != "lesion"}
+        image, labels, _ = render_subject(
+            np.random.default_rng(k), site.protocol, size=64, lesion=k == 1
+        )
+        mean = {
+            name: image[labels == idx].mean() for name, idx in TISSUES.items() if name != "lesion"
+        }
         assert mean["white"] > mean["grey"] > mean["csf"] > mean["background"]
         assert mean["fat"] > mean["white"]
 
@@ -153,7 +170,9 @@ def test_shapes_affine_and_lesion_labels():
     assert image.dtype == np.float32 and labels.dtype == np.uint8
     np.testing.assert_allclose(np.diag(affine), [4.0, 4.0, p.slice_mm, 1.0])
     np.testing.assert_allclose(affine @ [15.5, 15.5, 0, 1], [0, 0, 0, 1], atol=1e-9)  # centred FOV
-    image3, labels3, affine3 = render_subject(np.random.default_rng(0), p, dims=3, size=16, lesion=True)
+    image3, labels3, affine3 = render_subject(
+        np.random.default_rng(0), p, dims=3, size=16, lesion=True
+    )
     assert image3.shape == labels3.shape == (16, 16, 16)
     np.testing.assert_allclose(np.diag(affine3), [4.0, 4.0, 4.0, 1.0])
     assert (labels3 == TISSUES["lesion"]).any()
@@ -161,7 +180,9 @@ def test_shapes_affine_and_lesion_labels():
         for size in (16, 64):
             rng = np.random.default_rng(seed)
             _, lab, _ = render_subject(rng, PROTOCOLS["t1_gre_3t"], size=size, lesion=seed % 2 == 0)
-            assert (lab == TISSUES["lesion"]).any() == (seed % 2 == 0)  # >= 2 voxels radius, so never lost
+            assert (lab == TISSUES["lesion"]).any() == (
+                seed % 2 == 0
+            )  # >= 2 voxels radius, so never lost
             if size == 64:
                 assert set(range(5)) <= set(np.unique(lab).tolist())
 
@@ -181,7 +202,10 @@ def test_default_sites_are_non_iid():
     assert {s.protocol.field_t for s in specs} == {1.5, 3.0}
     assert {s.protocol.sequence for s in specs[:3]} == {"se", "gre"}
     assert all(weighting(s.protocol) == "T1" for s in specs)
-    assert specs[2].lesion_prevalence == 0.0 and specs[0].lesion_prevalence > specs[1].lesion_prevalence > 0
+    assert (
+        specs[2].lesion_prevalence == 0.0
+        and specs[0].lesion_prevalence > specs[1].lesion_prevalence > 0
+    )
     assert specs[2].protocol.voxel_mm > specs[0].protocol.voxel_mm
     assert specs[2].protocol.noise_sigma > specs[0].protocol.noise_sigma
     assert specs[1].protocol.bias_strength > specs[0].protocol.bias_strength
@@ -198,16 +222,28 @@ def _read_labels(site_dir):
 
 def test_make_phantom_sites_writes_valid_sites(tmp_path):
     messages = []
-    sites = make_phantom_sites(tmp_path, n_sites=3, n_subjects=8, size=32, seed=5, progress=messages.append)
+    sites = make_phantom_sites(
+        tmp_path, n_sites=3, n_subjects=8, size=32, seed=5, progress=messages.append
+    )
     assert sites == [tmp_path / f"site-{i}" for i in range(3)] and len(messages) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["site-0", "site-1", "site-2"]  # no partial dirs left
-    for i, (site_dir, spec) in enumerate(zip(sites, default_site_specs(3))):
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "site-0",
+        "site-1",
+        "site-2",
+    ]  # no partial dirs left
+    for i, (site_dir, spec) in enumerate(zip(sites, default_site_specs(3), strict=False)):
         rows = _read_labels(site_dir)
         ids = [r["subject_id"] for r in rows]
         assert ids == [f"site{i}-sub{j:04d}" for j in range(8)]
-        assert sorted(p.name for p in (site_dir / "images").iterdir()) == [f"{s}.nii.gz" for s in ids]
-        assert sorted(p.name for p in (site_dir / "masks").iterdir()) == [f"{s}.nii.gz" for s in ids]
-        assert {r["site"] for r in rows} == {f"site{i}"} and {r["class"] for r in rows} <= set(CLASS_NAMES)
+        assert sorted(p.name for p in (site_dir / "images").iterdir()) == [
+            f"{s}.nii.gz" for s in ids
+        ]
+        assert sorted(p.name for p in (site_dir / "masks").iterdir()) == [
+            f"{s}.nii.gz" for s in ids
+        ]
+        assert {r["site"] for r in rows} == {f"site{i}"} and {r["class"] for r in rows} <= set(
+            CLASS_NAMES
+        )
         n_lesion = sum(r["class"] == "lesion" for r in rows)
         assert (n_lesion > 0) == (spec.lesion_prevalence > 0)
         public = json.loads((site_dir / "site.json").read_text())
@@ -223,7 +259,9 @@ def test_make_phantom_sites_writes_valid_sites(tmp_path):
             assert img.header.get_xyzt_units()[0] == "mm"
             assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
             np.testing.assert_allclose(img.affine, mask.affine)
-            np.testing.assert_allclose(np.diag(img.affine)[:3], [p.voxel_mm, p.voxel_mm, p.slice_mm])
+            np.testing.assert_allclose(
+                np.diag(img.affine)[:3], [p.voxel_mm, p.voxel_mm, p.slice_mm]
+            )
             assert img.get_data_dtype() == np.float32 and mask.get_data_dtype() == np.uint8
             labels = np.asarray(mask.dataobj)
             assert set(np.unique(labels).tolist()) <= set(TISSUES.values())
@@ -233,7 +271,11 @@ def test_make_phantom_sites_writes_valid_sites(tmp_path):
 
 def test_make_phantom_sites_is_deterministic(tmp_path):
     def hashes(root):
-        return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+        return {
+            p.relative_to(root).as_posix(): sha256_file(p)
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }
 
     make_phantom_sites(tmp_path / "a", n_sites=2, n_subjects=3, size=24, seed=11)
     make_phantom_sites(tmp_path / "b", n_sites=2, n_subjects=3, size=24, seed=11)

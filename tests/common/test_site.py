@@ -35,6 +35,7 @@ SIZE = 16
 
 # ---- fixture writers ---------------------------------------------------------------------------------------
 
+
 def shipped(folder: Path, name: str) -> Path:
     path = folder / name
     if not path.is_file():
@@ -52,14 +53,27 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) 
     return path
 
 
-def write_labels(site: Path, rows: list[tuple[str, str]], header: str = "subject_id,class,site") -> Path:
-    lines = [header] + [f"{sid},{cls},{site.name}" if header.endswith("site") else f"{sid},{cls}" for sid, cls in rows]
+def write_labels(
+    site: Path, rows: list[tuple[str, str]], header: str = "subject_id,class,site"
+) -> Path:
+    lines = [header] + [
+        f"{sid},{cls},{site.name}" if header.endswith("site") else f"{sid},{cls}"
+        for sid, cls in rows
+    ]
     (site / "labels.csv").write_text("\n".join(lines) + "\n")
     return site / "labels.csv"
 
 
-def write_dicom_slice(path: Path, pixels: np.ndarray, *, z: float, instance: int, series_uid: str,
-                      spacing=(0.5, 0.7), thickness: float = 2.0) -> Path:
+def write_dicom_slice(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    z: float,
+    instance: int,
+    series_uid: str,
+    spacing=(0.5, 0.7),
+    thickness: float = 2.0,
+) -> Path:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -87,17 +101,26 @@ def write_dicom_series(folder: Path, slices: np.ndarray, thickness: float = 2.0)
     uid = generate_uid()
     order = list(range(len(slices)))[::-1]
     for file_no, k in enumerate(order):
-        write_dicom_slice(folder / f"IM{file_no:04d}.dcm", slices[k], z=k * thickness, instance=k + 1,
-                          series_uid=uid, thickness=thickness)
+        write_dicom_slice(
+            folder / f"IM{file_no:04d}.dcm",
+            slices[k],
+            z=k * thickness,
+            instance=k + 1,
+            series_uid=uid,
+            thickness=thickness,
+        )
     return folder
 
 
 def problems_for(data_or_problems, name: str) -> list[SiteProblem]:
-    problems = data_or_problems.problems if hasattr(data_or_problems, "problems") else data_or_problems
+    problems = (
+        data_or_problems.problems if hasattr(data_or_problems, "problems") else data_or_problems
+    )
     return [p for p in problems if name in p.path]
 
 
 # ---- a valid site -------------------------------------------------------------------------------------------
+
 
 def test_valid_mixed_site_loads_one_normalised_record_per_patient(tmp_path):
     site = tmp_path / "hospital_a"
@@ -115,11 +138,21 @@ def test_valid_mixed_site_loads_one_normalised_record_per_patient(tmp_path):
     (images / ".DS_Store").write_bytes(b"\0\1junk")
     (images / "masks").mkdir()
     write_nifti(images / "masks" / "p01.nii.gz", volume(seed=9))
-    classes = {"p01": "healthy", "p02": "lesion", "p03": "healthy", "p04": "lesion",
-               "p05": "healthy", "p06": "lesion", "p07": "healthy", "p08": "lesion"}
+    classes = {
+        "p01": "healthy",
+        "p02": "lesion",
+        "p03": "healthy",
+        "p04": "lesion",
+        "p05": "healthy",
+        "p06": "lesion",
+        "p07": "healthy",
+        "p08": "lesion",
+    }
     write_labels(site, sorted(classes.items()))
     calls = []
-    data = load_site(site, spatial_dims=2, image_size=SIZE, progress=lambda i, n: calls.append((i, n)))
+    data = load_site(
+        site, spatial_dims=2, image_size=SIZE, progress=lambda i, n: calls.append((i, n))
+    )
 
     assert data.problems == []
     assert data.subject_ids == sorted(classes)
@@ -171,14 +204,21 @@ def test_dicom_series_is_one_record_from_its_middle_slice(tmp_path):
     slices = np.zeros((n, rows, cols), np.uint16)
     for k in range(n):
         slices[k] = np.arange(cols)[None, :] * 20 + 5  # a ramp along columns...
-    slices[n // 2] = np.arange(rows)[:, None] * 30 + 5  # ...except the middle slice, a ramp along rows
+    slices[n // 2] = (
+        np.arange(rows)[:, None] * 30 + 5
+    )  # ...except the middle slice, a ramp along rows
     write_dicom_series(images / "series_a", slices)
-    write_dicom_slice(images / "mid.dcm", slices[n // 2], z=0.0, instance=1, series_uid=generate_uid())
+    write_dicom_slice(
+        images / "mid.dcm", slices[n // 2], z=0.0, instance=1, series_uid=generate_uid()
+    )
     write_labels(site, [("series_a", "lesion"), ("mid", "healthy")])
     data = load_site(site, image_size=SIZE)
     assert data.problems == []
     assert data.images.shape == (2, 1, SIZE, SIZE)
-    series, single = data.images[data.subject_ids.index("series_a"), 0], data.images[data.subject_ids.index("mid"), 0]
+    series, single = (
+        data.images[data.subject_ids.index("series_a"), 0],
+        data.images[data.subject_ids.index("mid"), 0],
+    )
     assert np.allclose(series, single, atol=1e-5)  # the series' record is exactly its middle slice
     assert len(data.shapes["series_a"]) == 3 and data.shapes["series_a"][-1] == n
     assert data.labels[data.subject_ids.index("series_a")] == 1
@@ -204,9 +244,15 @@ def test_custom_class_names_and_root_folder_convention(tmp_path):
     site.mkdir()  # no images/ folder: images sit in the site folder itself
     for i, sid in enumerate(["a", "b", "c"]):
         write_nifti(site / f"{sid}.nii.gz", volume(seed=i))
-    write_labels(site, [("a", "glioma"), ("b", "normal"), ("c", "meningioma")], header="subject_id,class")
+    write_labels(
+        site, [("a", "glioma"), ("b", "normal"), ("c", "meningioma")], header="subject_id,class"
+    )
     data = load_site(site, class_names=("normal", "glioma", "meningioma"), image_size=8)
-    assert dict(zip(data.subject_ids, data.labels.tolist())) == {"a": 1, "b": 0, "c": 2}
+    assert dict(zip(data.subject_ids, data.labels.tolist(), strict=False)) == {
+        "a": 1,
+        "b": 0,
+        "c": 2,
+    }
     assert data.class_names == ("normal", "glioma", "meningioma")
 
 
@@ -221,6 +267,7 @@ def test_images_folder_wins_over_files_in_site_root(tmp_path):
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------
+
 
 def test_every_bad_input_is_a_problem_naming_the_file_and_the_rest_load(tmp_path):
     site = tmp_path / "messy"
@@ -261,8 +308,26 @@ def test_every_bad_input_is_a_problem_naming_the_file_and_the_rest_load(tmp_path
     (im / "junkseries" / "readme.txt").write_text("no dicom here")
     (im / "emptyseries").mkdir()
     shutil.copy(shipped(NIB_DATA, "example4d.nii.gz"), im / "shipped4d.nii.gz")
-    labelled = good + ["trunc_gz", "garbage_gz", "trunc", "text", "empty", "nan", "inf", "fourd", "oned", "const",
-                       "dup", "twin", "dcm_trunc", "no_pixels", "fake", "junkseries", "shipped4d", "ghost"]
+    labelled = good + [
+        "trunc_gz",
+        "garbage_gz",
+        "trunc",
+        "text",
+        "empty",
+        "nan",
+        "inf",
+        "fourd",
+        "oned",
+        "const",
+        "dup",
+        "twin",
+        "dcm_trunc",
+        "no_pixels",
+        "fake",
+        "junkseries",
+        "shipped4d",
+        "ghost",
+    ]
     rows = [(s, "healthy" if i % 2 else "lesion") for i, s in enumerate(labelled)]
     rows += [("dup", "lesion"), ("oddclass", "tumour")]
     write_labels(site, rows)
@@ -299,18 +364,27 @@ def test_every_bad_input_is_a_problem_naming_the_file_and_the_rest_load(tmp_path
     assert any("'ghost' has a label but no image" in p for p in labels_problems)
     assert any("'dup' listed 2 times" in p for p in labels_problems)
     assert any("unknown class 'tumour'" in p and "oddclass" in p for p in labels_problems)
-    assert any("oddclass" in p.path and "labels.csv row was rejected" in p.problem for p in data.problems)
-    assert any("dup.nii.gz" in p.path and "labels.csv row was rejected" in p.problem for p in data.problems)
-    assert not any("'twin' has a label but no image" in p for p in labels_problems)  # it has two: reported once
+    assert any(
+        "oddclass" in p.path and "labels.csv row was rejected" in p.problem for p in data.problems
+    )
+    assert any(
+        "dup.nii.gz" in p.path and "labels.csv row was rejected" in p.problem for p in data.problems
+    )
+    assert not any(
+        "'twin' has a label but no image" in p for p in labels_problems
+    )  # it has two: reported once
     assert not any(".DS_Store" in p.path for p in data.problems)
 
 
-@pytest.mark.parametrize("content, why", [
-    (None, "missing"),
-    ("subject_id,diagnosis\np1,healthy\n", "header must contain subject_id and class"),
-    ("subject_id,class\n", "no rows"),
-    (b"\xff\xfe\x00\x00\x80\x81garbage", "not a readable CSV"),
-])
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (None, "missing"),
+        ("subject_id,diagnosis\np1,healthy\n", "header must contain subject_id and class"),
+        ("subject_id,class\n", "no rows"),
+        (b"\xff\xfe\x00\x00\x80\x81garbage", "not a readable CSV"),
+    ],
+)
 def test_missing_or_malformed_labels_make_the_site_unusable(tmp_path, content, why):
     site = tmp_path / "s"
     site.mkdir()
@@ -351,6 +425,7 @@ def test_bad_arguments_are_refused(tmp_path):
 
 # ---- the split ----------------------------------------------------------------------------------------------
 
+
 def fake_site(ids: list[str], labels: list[int], class_names=DEFAULT_CLASS_NAMES) -> SiteData:
     images = np.stack([np.full((1, 2, 2), i, np.float32) for i in range(len(ids))])
     return SiteData(list(ids), images, np.asarray(labels, np.int64), tuple(class_names), [])
@@ -360,13 +435,17 @@ def test_split_is_deterministic_disjoint_complete_and_aligned():
     ids = [f"pt{i:03d}" for i in range(200)]
     data = fake_site(ids, [i % 2 for i in range(200)])
     train, hold = split_site(data)
-    train2, hold2 = split_site(fake_site(ids[::-1], [i % 2 for i in range(200)][::-1]))  # input order is irrelevant
-    assert set(hold.subject_ids) == set(hold2.subject_ids) and set(train.subject_ids) == set(train2.subject_ids)
+    train2, hold2 = split_site(
+        fake_site(ids[::-1], [i % 2 for i in range(200)][::-1])
+    )  # input order is irrelevant
+    assert set(hold.subject_ids) == set(hold2.subject_ids) and set(train.subject_ids) == set(
+        train2.subject_ids
+    )
     assert not set(train.subject_ids) & set(hold.subject_ids)
     assert sorted(train.subject_ids + hold.subject_ids) == ids
     assert 0.15 < len(hold) / len(data) < 0.35
     for part in (train, hold):  # images and labels still belong to their subject
-        for sid, img, y in zip(part.subject_ids, part.images, part.labels):
+        for sid, img, y in zip(part.subject_ids, part.images, part.labels, strict=False):
             i = ids.index(sid)
             assert img[0, 0, 0] == i and y == i % 2
     other = split_site(data, salt="another-federation")[1]
@@ -407,17 +486,24 @@ def test_split_stratifies_small_classes():
 
 # ---- the report -------------------------------------------------------------------------------------------
 
+
 def test_check_site_reports_counts_shapes_spacings_and_problems(tmp_path):
     site = tmp_path / "clinic"
     site.mkdir()
     for i in range(6):
-        write_nifti(site / f"h{i}.nii.gz", volume((10, 12, 9), seed=i), np.diag([1.0, 1.0, 2.5, 1.0]))
+        write_nifti(
+            site / f"h{i}.nii.gz", volume((10, 12, 9), seed=i), np.diag([1.0, 1.0, 2.5, 1.0])
+        )
     for i in range(3):
         write_nifti(site / f"l{i}.nii.gz", volume((8, 8, 8), seed=10 + i))
     (site / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 not really")
     (site / "notes.txt").write_text("hello")
-    write_labels(site, [(f"h{i}", "healthy") for i in range(6)] + [(f"l{i}", "lesion") for i in range(3)]
-                 + [("broken", "lesion")])
+    write_labels(
+        site,
+        [(f"h{i}", "healthy") for i in range(6)]
+        + [(f"l{i}", "lesion") for i in range(3)]
+        + [("broken", "lesion")],
+    )
     report = check_site(site, image_size=8)
     assert report.images_found == 10 and report.labelled_subjects == 10
     assert report.usable_subjects == 9

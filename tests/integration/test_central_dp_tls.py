@@ -20,15 +20,41 @@ pytestmark = pytest.mark.slow
 
 def test_central_dp_with_sample_level_dp_over_tls(tmp_path):
     sites = make_phantom_sites(tmp_path / "sites", n_sites=2, n_subjects=8, size=32, seed=5)
-    node_configs = [{"site-dir": str(s), "site-name": s.name, "state-dir": str(tmp_path / "state" / s.name),
-                     "epsilon": 8.0, "threads": 1} for s in sites]
+    node_configs = [
+        {
+            "site-dir": str(s),
+            "site-name": s.name,
+            "state-dir": str(tmp_path / "state" / s.name),
+            "epsilon": 8.0,
+            "threads": 1,
+        }
+        for s in sites
+    ]
     run_dir = tmp_path / "run"
-    run = RunConfig(preset="tiny", num_server_rounds=2, autoencoder_rounds=1, batch_size=4, min_sites=2,
-                    run_dir=str(run_dir), synthesize_per_class=1, audit=False, round_timeout=300.0,
-                    central_dp="client-side-fixed", central_dp_noise_multiplier=1.0, central_dp_clipping_norm=0.1)
+    run = RunConfig(
+        preset="tiny",
+        num_server_rounds=2,
+        autoencoder_rounds=1,
+        batch_size=4,
+        min_sites=2,
+        run_dir=str(run_dir),
+        synthesize_per_class=1,
+        audit=False,
+        round_timeout=300.0,
+        central_dp="client-side-fixed",
+        central_dp_noise_multiplier=1.0,
+        central_dp_clipping_norm=0.1,
+    )
     lines: list[str] = []
-    result = run_federation(write_app_dir(tmp_path / "app", run), tmp_path / "deploy", node_configs, run.to_flwr(),
-                            insecure=False, timeout_s=480, progress=lines.append)
+    result = run_federation(
+        write_app_dir(tmp_path / "app", run),
+        tmp_path / "deploy",
+        node_configs,
+        run.to_flwr(),
+        insecure=False,
+        timeout_s=480,
+        progress=lines.append,
+    )
     assert result.returncode == 0, "\n".join(lines[-40:])
 
     record = json.loads((run_dir / "run.json").read_text())
@@ -39,17 +65,31 @@ def test_central_dp_with_sample_level_dp_over_tls(tmp_path):
         site = privacy["sample_level"][s]
         assert "formal sample-level DP" in site["protection"] and 0 < float(site["epsilon"]) <= 8.0
     client = privacy["client_level"]
-    assert client["protection"].startswith("client-level DP") and client["accountant"] == "flwr RdpAccountant"
-    assert client["rounds"] == 2 and client["sites"] == 2 and client["delta"] == pytest.approx(1 / 20)
+    assert (
+        client["protection"].startswith("client-level DP")
+        and client["accountant"] == "flwr RdpAccountant"
+    )
+    assert (
+        client["rounds"] == 2 and client["sites"] == 2 and client["delta"] == pytest.approx(1 / 20)
+    )
     assert math.isfinite(client["epsilon"]) and client["epsilon"] > 0
     assert client["noise_std_on_aggregate"] == pytest.approx(1.0 * 0.1 / 2)
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     agg = [m for m in metrics if m["status"] == "aggregated"]
     assert [m["round"] for m in agg] == [1, 2]
-    assert 0 < agg[0]["client-level-epsilon"] < agg[1]["client-level-epsilon"] == pytest.approx(client["epsilon"])
-    assert sorted((m["round"], m["site"]) for m in metrics if m["status"] == "ok") == \
-        [(1, "site-0"), (1, "site-1"), (2, "site-0"), (2, "site-1")]
+    assert (
+        0
+        < agg[0]["client-level-epsilon"]
+        < agg[1]["client-level-epsilon"]
+        == pytest.approx(client["epsilon"])
+    )
+    assert sorted((m["round"], m["site"]) for m in metrics if m["status"] == "ok") == [
+        (1, "site-0"),
+        (1, "site-1"),
+        (2, "site-0"),
+        (2, "site-1"),
+    ]
     assert any("client-level epsilon so far" in line for line in lines)
     assert (run_dir / "central_dp_accountant.json").exists()
     # A tiny model's update after a round of DP-SGD is longer than 0.1 (about 0.25 for the autoencoder, 0.4 for the

@@ -25,20 +25,50 @@ pytestmark = pytest.mark.slow
 
 def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
     sites = make_phantom_sites(tmp_path / "sites", n_sites=3, n_subjects=16, size=32, seed=11)
-    node_configs = [{"site-dir": str(s), "site-name": s.name, "state-dir": str(tmp_path / "state" / s.name),
-                     "epsilon": 8.0} for s in sites]
+    node_configs = [
+        {
+            "site-dir": str(s),
+            "site-name": s.name,
+            "state-dir": str(tmp_path / "state" / s.name),
+            "epsilon": 8.0,
+        }
+        for s in sites
+    ]
     # site-2 spent its budget on these patients before: its ledger must make it refuse.
     exhausted = SiteConfig.from_flwr(node_configs[2])
     train, _ = load_training_data(exhausted, model_config("tiny"))
-    open_ledger(exhausted, train).record(run_id="earlier", server_round=1, phase="diffusion", noise_multiplier=0.5,
-                                         sample_rate=1.0, steps=500, clipping_norm=1.0, accountant="rdp")
+    open_ledger(exhausted, train).record(
+        run_id="earlier",
+        server_round=1,
+        phase="diffusion",
+        noise_multiplier=0.5,
+        sample_rate=1.0,
+        steps=500,
+        clipping_norm=1.0,
+        accountant="rdp",
+    )
     run_dir = tmp_path / "run"
-    run = RunConfig(preset="tiny", num_server_rounds=2, autoencoder_rounds=1, batch_size=4, min_sites=2,
-                    run_dir=str(run_dir), synthesize_per_class=3, round_timeout=300.0)
+    run = RunConfig(
+        preset="tiny",
+        num_server_rounds=2,
+        autoencoder_rounds=1,
+        batch_size=4,
+        min_sites=2,
+        run_dir=str(run_dir),
+        synthesize_per_class=3,
+        round_timeout=300.0,
+    )
     app_dir = write_app_dir(tmp_path / "app", run)
     lines = []
-    result = run_federation(app_dir, tmp_path / "deploy", node_configs, run.to_flwr(), insecure=False,
-                            timeout_s=600, progress=lines.append)
+    result = run_federation(
+        app_dir,
+        tmp_path / "deploy",
+        node_configs,
+        run.to_flwr(),
+        insecure=False,
+        timeout_s=600,
+        progress=lines.append,
+    )
     assert result.returncode == 0, "\n".join(lines[-40:])
 
     record = json.loads((run_dir / "run.json").read_text())
@@ -49,10 +79,19 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ok = [m for m in metrics if m["status"] == "ok"]
-    assert sorted((m["round"], m["site"]) for m in ok) == [(1, "site-0"), (1, "site-1"), (2, "site-0"), (2, "site-1")]
-    trained = {s.name: len(load_training_data(SiteConfig.from_flwr(c), model_config("tiny"))[0])
-               for s, c in zip(sites, node_configs)}
-    assert all(m["loss"] > 0 and m["num-examples"] == trained[m["site"]] and m["seconds"] > 0 for m in ok)
+    assert sorted((m["round"], m["site"]) for m in ok) == [
+        (1, "site-0"),
+        (1, "site-1"),
+        (2, "site-0"),
+        (2, "site-1"),
+    ]
+    trained = {
+        s.name: len(load_training_data(SiteConfig.from_flwr(c), model_config("tiny"))[0])
+        for s, c in zip(sites, node_configs, strict=False)
+    }
+    assert all(
+        m["loss"] > 0 and m["num-examples"] == trained[m["site"]] and m["seconds"] > 0 for m in ok
+    )
 
     record_privacy = json.loads((run_dir / "privacy.json").read_text())
     assert record_privacy["client_level"]["protection"] == "none"  # central DP is off in this run
@@ -65,7 +104,11 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
     cohort = run_dir / "cohort"
     assert verify_cohort(cohort) == []
     manifest = json.loads((cohort / "manifest.json").read_text())
-    assert manifest["n_images"] == 6 and set(manifest["privacy"]["sample_level"]) == {"site-0", "site-1", "site-2"}
+    assert manifest["n_images"] == 6 and set(manifest["privacy"]["sample_level"]) == {
+        "site-0",
+        "site-1",
+        "site-2",
+    }
     assert (run_dir / "checkpoints" / "round-002.pt").exists()
 
     audit = json.loads((run_dir / "audit" / "audit.json").read_text())
@@ -80,25 +123,46 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
     keys = tmp_path / "keys"
     consortium, consortium_pub = generate_keypair(keys, "consortium")
     officer_pub = generate_keypair(keys, "officer")[1]
-    release = build_release(cohort, run_dir / "audit", tmp_path / "release", policy=replace(DEFAULT_POLICY,
-                            required_approvals=1), consortium_key=consortium, officer_keys={"officer": officer_pub})
+    release = build_release(
+        cohort,
+        run_dir / "audit",
+        tmp_path / "release",
+        policy=replace(DEFAULT_POLICY, required_approvals=1),
+        consortium_key=consortium,
+        officer_keys={"officer": officer_pub},
+    )
     assert verify_release(release, consortium_pub) == []
     gate = json.loads((release / "gate.json").read_text())
     auc_rule = next(r for r in gate["rules"] if r["rule"] == "max_membership_auc")
-    assert not gate["passed"] and not auc_rule["passed"] and auc_rule["note"].startswith("not measured")
+    assert (
+        not gate["passed"]
+        and not auc_rule["passed"]
+        and auc_rule["note"].startswith("not measured")
+    )
     assert release_status(release, []) == "blocked"
 
     # Resume with one more round: rounds 1-2 are not redone. site-1 now fails (its labels are gone) and drops out,
     # site-2 still refuses, so only one site can train: the run stops cleanly and says why.
     (sites[1] / "labels.csv").unlink()
     more = RunConfig(**{**run.__dict__, "num_server_rounds": 3})
-    result = run_federation(write_app_dir(tmp_path / "app2", more), tmp_path / "deploy2", node_configs, more.to_flwr(),
-                            timeout_s=600, progress=lines.append)
+    result = run_federation(
+        write_app_dir(tmp_path / "app2", more),
+        tmp_path / "deploy2",
+        node_configs,
+        more.to_flwr(),
+        timeout_s=600,
+        progress=lines.append,
+    )
     assert result.returncode == 0
     assert any("resuming run" in line and "after round 2" in line for line in lines)
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "stopped" and "min-sites" in record["reason"]
-    assert record["sites"]["site-1"]["status"] == "dropped" and "labels.csv" in record["sites"]["site-1"]["reason"]
+    assert (
+        record["sites"]["site-1"]["status"] == "dropped"
+        and "labels.csv" in record["sites"]["site-1"]["reason"]
+    )
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["round"] for m in metrics if m["status"] == "ok"].count(1) == 2  # round 1 was not trained again
+    assert [m["round"] for m in metrics if m["status"] == "ok"].count(
+        1
+    ) == 2  # round 1 was not trained again
     assert not (run_dir / "checkpoints" / "round-003.pt").exists()

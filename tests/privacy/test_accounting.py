@@ -22,7 +22,9 @@ def _opacus_stepped(steps: list[MechanismStep], accountant) -> float:
     return accountant.get_epsilon(delta=1e-5)
 
 
-@pytest.mark.parametrize("name, cls, published", [("rdp", RDPAccountant, 7.33), ("prv", PRVAccountant, 6.78)])
+@pytest.mark.parametrize(
+    "name, cls, published", [("rdp", RDPAccountant, 7.33), ("prv", PRVAccountant, 6.78)]
+)
 def test_reference_run_matches_opacus_and_published_values(name, cls, published):
     eps = epsilon_for([REFERENCE], 1e-5, name)
     assert eps == pytest.approx(_opacus_stepped([REFERENCE], cls()), rel=1e-9)
@@ -47,8 +49,10 @@ def test_history_composes_like_one_accountant_stepped_through_it(name, cls):
 
 
 def test_more_steps_never_lower_epsilon():
-    values = [epsilon_for([MechanismStep(1.0, 0.02, n)], 1e-5) for n in (1, 10, 100, 500, 1000, 3000)]
-    assert all(x < y for x, y in zip(values, values[1:])), values
+    values = [
+        epsilon_for([MechanismStep(1.0, 0.02, n)], 1e-5) for n in (1, 10, 100, 500, 1000, 3000)
+    ]
+    assert all(x < y for x, y in zip(values, values[1:], strict=False)), values
     base = [MechanismStep(1.0, 0.02, 500)]
     assert epsilon_for(base + [MechanismStep(5.0, 0.001, 1)], 1e-5) >= epsilon_for(base, 1e-5)
 
@@ -85,13 +89,21 @@ def test_default_delta_is_below_one_over_ten_n():
 
 # q log-uniform over [0.001, 0.5]: large q makes every accountant call slow, so draw it less often
 _rates = st.floats(math.log(0.001), math.log(0.5)).map(math.exp)
-_priors = st.one_of(st.none(), st.tuples(st.floats(0.5, 5.0), st.floats(0.001, 0.2), st.integers(1, 1000)))
+_priors = st.one_of(
+    st.none(), st.tuples(st.floats(0.5, 5.0), st.floats(0.001, 0.2), st.integers(1, 1000))
+)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(target=st.floats(0.5, 20.0), delta_exp=st.integers(3, 8), q=_rates, steps=st.integers(1, 3000), prior=_priors)
+@given(
+    target=st.floats(0.5, 20.0),
+    delta_exp=st.integers(3, 8),
+    q=_rates,
+    steps=st.integers(1, 3000),
+    prior=_priors,
+)
 def test_calibrated_noise_never_exceeds_the_target_and_is_tight(target, delta_exp, q, steps, prior):
-    delta = 10.0 ** -delta_exp
+    delta = 10.0**-delta_exp
     history = [MechanismStep(*prior)] if prior else []
     try:
         sigma = calibrate_noise_multiplier(target, delta, q, steps, prior=history)
@@ -104,13 +116,21 @@ def test_calibrated_noise_never_exceeds_the_target_and_is_tight(target, delta_ex
 
 
 def test_calibration_against_a_multi_round_prior_holds_under_both_accountants():
-    prior = [MechanismStep(1.0 + 0.2 * r, 0.05, 50) for r in range(3)]  # three rounds, each calibrated anew
+    prior = [
+        MechanismStep(1.0 + 0.2 * r, 0.05, 50) for r in range(3)
+    ]  # three rounds, each calibrated anew
     for name in ("rdp", "prv"):
         spent = epsilon_for(prior, 1e-5, name)
-        sigma = calibrate_noise_multiplier(spent + 1.0, 1e-5, 0.05, 50, accountant=name, prior=prior)
-        assert spent < epsilon_for(prior + [MechanismStep(sigma, 0.05, 50)], 1e-5, name) <= spent + 1.0
+        sigma = calibrate_noise_multiplier(
+            spent + 1.0, 1e-5, 0.05, 50, accountant=name, prior=prior
+        )
+        assert (
+            spent < epsilon_for(prior + [MechanismStep(sigma, 0.05, 50)], 1e-5, name) <= spent + 1.0
+        )
 
 
 def test_rounds_with_the_same_mechanism_compose_in_any_order():
     a, b = MechanismStep(1.0, 0.05, 100), MechanismStep(2.0, 0.02, 300)
-    assert epsilon_for([a, b, a], 1e-5) == pytest.approx(epsilon_for([MechanismStep(1.0, 0.05, 200), b], 1e-5))
+    assert epsilon_for([a, b, a], 1e-5) == pytest.approx(
+        epsilon_for([MechanismStep(1.0, 0.05, 200), b], 1e-5)
+    )

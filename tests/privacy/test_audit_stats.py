@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from privacy.audit_stats import (clopper_pearson, empirical_epsilon_lower_bound, epsilon_from_counts, roc_summary,
-                                 worst_case)
+from privacy.audit_stats import (
+    clopper_pearson,
+    empirical_epsilon_lower_bound,
+    epsilon_from_counts,
+    roc_summary,
+    worst_case,
+)
 
 
-@pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (57, 200), (1, 1000), (999, 1000), (0, 1)])
+@pytest.mark.parametrize(
+    "k,n", [(0, 10), (3, 10), (10, 10), (57, 200), (1, 1000), (999, 1000), (0, 1)]
+)
 @pytest.mark.parametrize("alpha", [0.05, 0.1, 0.01])
 def test_clopper_pearson_matches_scipy_exact(k, n, alpha):
     ci = binomtest(k, n).proportion_ci(confidence_level=1 - alpha, method="exact")
@@ -20,7 +27,9 @@ def test_clopper_pearson_matches_scipy_exact(k, n, alpha):
 def test_clopper_pearson_matches_statsmodels_if_installed():
     proportion = pytest.importorskip("statsmodels.stats.proportion")
     for k, n in [(0, 10), (4, 17), (30, 30)]:
-        assert clopper_pearson(k, n) == pytest.approx(proportion.proportion_confint(k, n, 0.05, "beta"), abs=1e-9)
+        assert clopper_pearson(k, n) == pytest.approx(
+            proportion.proportion_confint(k, n, 0.05, "beta"), abs=1e-9
+        )
 
 
 def test_clopper_pearson_rejects_bad_input():
@@ -37,7 +46,10 @@ def test_roc_summary_separable_and_identical():
     assert sep["auc"] > 0.99 and sep["tpr_at_fpr_1pct"] > 0.95 and sep["auc_ci"][0] > 0.9
     same = roc_summary(rng.normal(0, 1, 3000), rng.normal(0, 1, 3000))
     assert abs(same["auc"] - 0.5) < 0.03 and same["auc_ci"][0] < 0.5 < same["auc_ci"][1]
-    assert same["tpr_at_fpr_1pct"] < 0.05 and same["resolvable"] == {"tpr_at_fpr_1pct": True, "tpr_at_fpr_0_1pct": True}
+    assert same["tpr_at_fpr_1pct"] < 0.05 and same["resolvable"] == {
+        "tpr_at_fpr_1pct": True,
+        "tpr_at_fpr_0_1pct": True,
+    }
     fpr, tpr = np.array(same["roc"]["fpr"]), np.array(same["roc"]["tpr"])
     assert len(fpr) <= 200 and fpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1
     assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
@@ -54,21 +66,28 @@ def test_roc_summary_marks_unresolvable_low_fpr_and_rejects_nan():
 
 def test_epsilon_from_counts_formula_and_zeros():
     eps, tpr_lo, fpr_hi = epsilon_from_counts(90, 100, 10, 100, delta=0.0, alpha=0.05)
-    assert tpr_lo == pytest.approx(clopper_pearson(90, 100)[0]) and fpr_hi == pytest.approx(clopper_pearson(10, 100)[1])
+    assert tpr_lo == pytest.approx(clopper_pearson(90, 100)[0]) and fpr_hi == pytest.approx(
+        clopper_pearson(10, 100)[1]
+    )
     expected = max(math.log(tpr_lo / fpr_hi), math.log((1 - fpr_hi) / (1 - tpr_lo)))
     assert eps == pytest.approx(expected)
     assert epsilon_from_counts(0, 100, 0, 100, 0.0)[0] == 0.0  # no detections: nothing learnt
-    assert epsilon_from_counts(100, 100, 0, 100, 0.0)[0] == pytest.approx(math.log(clopper_pearson(100, 100)[0]
-                                                                                      / clopper_pearson(0, 100)[1]))
+    assert epsilon_from_counts(100, 100, 0, 100, 0.0)[0] == pytest.approx(
+        math.log(clopper_pearson(100, 100)[0] / clopper_pearson(0, 100)[1])
+    )
     assert epsilon_from_counts(50, 100, 50, 100, 0.0)[0] == 0.0
-    assert epsilon_from_counts(90, 100, 10, 100, delta=0.95)[0] == 0.0  # a huge delta explains everything
+    assert (
+        epsilon_from_counts(90, 100, 10, 100, delta=0.95)[0] == 0.0
+    )  # a huge delta explains everything
 
 
 def test_epsilon_lower_bound_never_over_claims_without_signal():
     bounds = []
     for seed in range(20):
         rng = np.random.default_rng(seed)
-        lb = empirical_epsilon_lower_bound(rng.normal(0, 1, 600), rng.normal(0, 1, 600), delta=1e-5, seed=seed)
+        lb = empirical_epsilon_lower_bound(
+            rng.normal(0, 1, 600), rng.normal(0, 1, 600), delta=1e-5, seed=seed
+        )
         assert lb["true_positives"] + lb["false_negatives"] == lb["n_members_evaluated"] == 300
         assert lb["false_positives"] + lb["true_negatives"] == lb["n_nonmembers_evaluated"] == 300
         bounds.append(lb["epsilon_lower_bound"])
@@ -80,8 +99,13 @@ def test_epsilon_lower_bound_detects_a_clear_leak():
     rng = np.random.default_rng(1)
     lb = empirical_epsilon_lower_bound(rng.normal(5, 1, 1000), rng.normal(0, 1, 1000), delta=1e-5)
     assert lb["epsilon_lower_bound"] > 2.5 and lb["threshold_direction"] == "higher score = member"
-    flipped = empirical_epsilon_lower_bound(-rng.normal(5, 1, 1000), rng.normal(0, 1, 1000), delta=1e-5)
-    assert flipped["epsilon_lower_bound"] > 2.5 and flipped["threshold_direction"] == "lower score = member"
+    flipped = empirical_epsilon_lower_bound(
+        -rng.normal(5, 1, 1000), rng.normal(0, 1, 1000), delta=1e-5
+    )
+    assert (
+        flipped["epsilon_lower_bound"] > 2.5
+        and flipped["threshold_direction"] == "lower score = member"
+    )
 
 
 @pytest.mark.parametrize("eps", [0.5, 1.0, 2.0, 4.0])
@@ -106,8 +130,12 @@ def test_epsilon_lower_bound_too_few_records():
 
 def test_worst_case_across_sites_skips_tiny_sites():
     rng = np.random.default_rng(2)
-    a = {**roc_summary(rng.normal(1, 1, 50), rng.normal(0, 1, 50)),
-         "epsilon_lower_bound": empirical_epsilon_lower_bound(rng.normal(3, 1, 50), rng.normal(0, 1, 50), 1e-5)}
+    a = {
+        **roc_summary(rng.normal(1, 1, 50), rng.normal(0, 1, 50)),
+        "epsilon_lower_bound": empirical_epsilon_lower_bound(
+            rng.normal(3, 1, 50), rng.normal(0, 1, 50), 1e-5
+        ),
+    }
     b = roc_summary(rng.normal(0, 1, 50), rng.normal(0, 1, 50))
     tiny = roc_summary([5.0, 6.0], [0.0, 1.0])  # AUC 1 by chance
     w = worst_case({"a": a, "b": b, "tiny": tiny})

@@ -39,7 +39,15 @@ def _mlp(features: int = 16) -> nn.Module:
 
 def _private(model, loader, *, sigma=1.0, clip=0.5, mode="bookkeeping"):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    return make_private(model, opt, loader, noise_multiplier=sigma, max_grad_norm=clip, seed=0, grad_sample_mode=mode)
+    return make_private(
+        model,
+        opt,
+        loader,
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        seed=0,
+        grad_sample_mode=mode,
+    )
 
 
 def _flat(tensors) -> torch.Tensor:
@@ -49,11 +57,15 @@ def _flat(tensors) -> torch.Tensor:
 def _summed_clipped_grad(model, opt, x) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample raw gradient norms, sum of clipped per-sample gradients) for batch x, before noise."""
     opt.zero_grad()
-    (model(x) ** 2).sum(1).mean().backward()  # per-sample losses, averaged over the batch as in training
+    (model(x) ** 2).sum(
+        1
+    ).mean().backward()  # per-sample losses, averaged over the batch as in training
     params = [p for p in model.parameters() if p.requires_grad]
     if isinstance(model, BookKeepingModule):
         return model.clipped_grad_sum(opt.max_grad_norm), _flat(p.grad for p in params)
-    raw = torch.stack([p.grad_sample.reshape(len(x), -1).norm(dim=1) for p in params], dim=1).norm(dim=1)
+    raw = torch.stack([p.grad_sample.reshape(len(x), -1).norm(dim=1) for p in params], dim=1).norm(
+        dim=1
+    )
     opt.clip_and_accumulate()
     return raw, _flat(p.summed_grad for p in params)
 
@@ -64,9 +76,11 @@ def test_per_sample_gradients_are_clipped_to_max_grad_norm(mode):
     model, opt, _ = _private(_mlp(), _loader(), clip=clip, mode=mode)
     x = torch.randn(12, 16, generator=torch.Generator().manual_seed(1)) * 5
     raw, _ = _summed_clipped_grad(model, opt, x)
-    assert (raw > clip).any(), "test needs samples whose unclipped gradient exceeds the clipping norm"
+    assert (raw > clip).any(), (
+        "test needs samples whose unclipped gradient exceeds the clipping norm"
+    )
     for i in range(len(x)):  # each patient's contribution to the update, alone
-        raw_i, clipped_i = _summed_clipped_grad(model, opt, x[i:i + 1])
+        raw_i, clipped_i = _summed_clipped_grad(model, opt, x[i : i + 1])
         assert clipped_i.norm() <= clip + 1e-5
         assert clipped_i.norm() == pytest.approx(min(raw_i.item(), clip), rel=1e-4)
     # sensitivity: adding one patient (an outlier) moves the summed gradient by at most the clipping norm
@@ -81,9 +95,15 @@ def _noise_only_setup(mode: str, sigma: float, clip: float, batch: int):
     torch.manual_seed(0)
     model = nn.Linear(100, 100)  # 10,100 noisy coordinates
     data = TensorDataset(torch.randn(640, 100))
-    model, opt, loader = make_private(model, torch.optim.SGD(model.parameters(), lr=0.0),
-                                      DataLoader(data, batch_size=batch), noise_multiplier=sigma,
-                                      max_grad_norm=clip, seed=123, grad_sample_mode=mode)
+    model, opt, loader = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        DataLoader(data, batch_size=batch),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        seed=123,
+        grad_sample_mode=mode,
+    )
     assert sample_rate_of(loader) == pytest.approx(batch / 640)
     assert opt.expected_batch_size == batch
     return model, opt
@@ -91,7 +111,9 @@ def _noise_only_setup(mode: str, sigma: float, clip: float, batch: int):
 
 def _assert_pure_noise(model, sigma: float, clip: float, batch: int) -> None:
     noise = _flat(p.grad for p in model.parameters()).double()
-    expected_std = sigma * clip / batch  # Gaussian noise std sigma*C on the sum, averaged over the expected batch
+    expected_std = (
+        sigma * clip / batch
+    )  # Gaussian noise std sigma*C on the sum, averaged over the expected batch
     n = noise.numel()
     assert abs(noise.mean().item()) < 5 * expected_std / math.sqrt(n)
     assert noise.std().item() == pytest.approx(expected_std, rel=0.05)
@@ -105,7 +127,9 @@ def test_noise_has_the_configured_std(mode):
     sigma, clip, batch = 1.5, 2.0, 64
     model, opt = _noise_only_setup(mode, sigma, clip, batch)
     out = model(torch.randn(batch, 100))
-    batch_loss(opt, 0.0 * out.sum(1)).backward()  # every per-sample gradient is zero: the noise alone remains
+    batch_loss(
+        opt, 0.0 * out.sum(1)
+    ).backward()  # every per-sample gradient is zero: the noise alone remains
     if mode == "hooks":
         assert all(float(p.grad_sample.abs().max()) == 0.0 for p in model.parameters())
     opt.step()  # lr = 0: the parameters stay, p.grad keeps the noised, averaged gradient
@@ -116,7 +140,9 @@ def test_noise_has_the_configured_std(mode):
 def test_empty_poisson_batch_releases_noise_only(mode):
     sigma, clip, batch = 1.5, 2.0, 64
     model, opt = _noise_only_setup(mode, sigma, clip, batch)
-    model(torch.ones(batch, 100)).sum().backward()  # aligned gradients: leftovers of this step would show below
+    model(
+        torch.ones(batch, 100)
+    ).sum().backward()  # aligned gradients: leftovers of this step would show below
     opt.step()
     opt.zero_grad(set_to_none=True)
     _empty_step(model, opt)  # what the site's training loop does on an empty batch
@@ -130,7 +156,10 @@ def test_bookkeeping_step_equals_opacus_hooks_step_on_the_unet():
     sched = ddpm_scheduler(cfg)
     g = torch.Generator().manual_seed(1)
     n = 6
-    x = torch.randn((n,) + cfg.latent_shape, generator=g) * torch.linspace(0.3, 3, n)[:, None, None, None]
+    x = (
+        torch.randn((n,) + cfg.latent_shape, generator=g)
+        * torch.linspace(0.3, 3, n)[:, None, None, None]
+    )
     labels = torch.randint(0, cfg.num_classes, (n,), generator=g)
     t = torch.randint(0, cfg.train_timesteps, (n,), generator=g)
     noise = torch.randn(x.shape, generator=g)
@@ -139,7 +168,9 @@ def test_bookkeeping_step_equals_opacus_hooks_step_on_the_unet():
     def unet():
         torch.manual_seed(0)
         net = build_unet(cfg).train()
-        with torch.no_grad():  # MONAI zero-initialises output convolutions: make every gradient non-zero
+        with (
+            torch.no_grad()
+        ):  # MONAI zero-initialises output convolutions: make every gradient non-zero
             for p in net.parameters():
                 p.add_(torch.randn_like(p), alpha=0.05)
         return net
@@ -152,10 +183,19 @@ def test_bookkeeping_step_equals_opacus_hooks_step_on_the_unet():
     grads = {}
     for mode in ("bookkeeping", "hooks"):
         net = unet()
-        model, opt, _ = make_private(net, torch.optim.SGD(net.parameters(), lr=0.0), DataLoader(data, batch_size=n),
-                                     noise_multiplier=0.3, max_grad_norm=clip, seed=7, grad_sample_mode=mode)
+        model, opt, _ = make_private(
+            net,
+            torch.optim.SGD(net.parameters(), lr=0.0),
+            DataLoader(data, batch_size=n),
+            noise_multiplier=0.3,
+            max_grad_norm=clip,
+            seed=7,
+            grad_sample_mode=mode,
+        )
         opt.zero_grad(set_to_none=True)
-        batch_loss(opt, diffusion_loss(model, sched, x, labels, timesteps=t, noise=noise)).backward()
+        batch_loss(
+            opt, diffusion_loss(model, sched, x, labels, timesteps=t, noise=noise)
+        ).backward()
         opt.step()
         grads[mode] = _flat(p.grad for p in net.parameters())
     scale = grads["hooks"].abs().max()
@@ -168,18 +208,31 @@ def test_batchnorm_is_refused_naming_the_module():
     model.encoder.add_module("norm", nn.BatchNorm1d(8))
     with pytest.raises(PrivacyPreconditionError, match=r"encoder\.norm \(BatchNorm1d\)"):
         check_model(model)
-    frozen = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8, affine=False))  # no parameters, still mixes samples
+    frozen = nn.Sequential(
+        nn.Linear(16, 8), nn.BatchNorm1d(8, affine=False)
+    )  # no parameters, still mixes samples
     with pytest.raises(PrivacyPreconditionError, match=r"1 \(BatchNorm1d\)"):
         check_model(frozen)
     with pytest.raises(PrivacyPreconditionError, match="BatchNorm"):
-        make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), _loader(),
-                     noise_multiplier=1.0, max_grad_norm=1.0)
+        make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            _loader(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
 
 
 def test_instancenorm_with_running_stats_is_refused_and_groupnorm_is_fine():
     with pytest.raises(PrivacyPreconditionError, match=r"1 \(InstanceNorm2d\).*running stats"):
-        check_model(nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True)))
-    check_model(nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, affine=True), nn.GroupNorm(2, 4)))
+        check_model(
+            nn.Sequential(
+                nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+            )
+        )
+    check_model(
+        nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, affine=True), nn.GroupNorm(2, 4))
+    )
 
 
 def test_eval_mode_model_is_refused():
@@ -203,7 +256,9 @@ def test_only_poisson_loaders_are_accepted():
 
 @pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
 def test_make_private_trains_with_poisson_batches(mode):
-    model, opt, loader = _private(_mlp(), _loader(n=64, batch_size=8), sigma=0.5, clip=1.0, mode=mode)
+    model, opt, loader = _private(
+        _mlp(), _loader(n=64, batch_size=8), sigma=0.5, clip=1.0, mode=mode
+    )
     assert isinstance(loader, DPDataLoader) and sample_rate_of(loader) == pytest.approx(8 / 64)
     opt.original_optimizer.param_groups[0]["lr"] = 0.1
     before = _flat(p.detach().clone() for p in model.parameters())
@@ -213,10 +268,14 @@ def test_make_private_trains_with_poisson_batches(mode):
         if len(x) == 0:
             _empty_step(model, opt)
         else:
-            batch_loss(opt, nn.functional.mse_loss(model(x), y, reduction="none").mean(1)).backward()
+            batch_loss(
+                opt, nn.functional.mse_loss(model(x), y, reduction="none").mean(1)
+            ).backward()
             opt.step()
         sizes.append(len(x))
-    assert len(sizes) == 8 and len(set(sizes)) > 1  # Poisson: batch sizes vary around the expected 8
+    assert (
+        len(sizes) == 8 and len(set(sizes)) > 1
+    )  # Poisson: batch sizes vary around the expected 8
     assert not torch.equal(before, _flat(p.detach() for p in model.parameters()))
     with pytest.raises(PrivacyPreconditionError, match="noise_multiplier"):
         _private(_mlp(), _loader(), sigma=0.0, mode=mode)

@@ -6,25 +6,45 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privacy.fidelity import (FEATURE_DEFINITIONS, feature_moments, frechet_distance, pool_moments,
-                              precision_recall_coverage, radiomics_features)
+from privacy.fidelity import (
+    FEATURE_DEFINITIONS,
+    feature_moments,
+    frechet_distance,
+    pool_moments,
+    precision_recall_coverage,
+    radiomics_features,
+)
 
 
 def blobs(rng, n, size=24):
     yy, xx = np.mgrid[:size, :size] / size
-    out = [np.clip(1.2 - np.hypot(xx - rng.uniform(.4, .6), yy - rng.uniform(.4, .6)) / rng.uniform(.2, .35), 0, 1)
-           * rng.uniform(0.6, 1.0) + rng.normal(0, 0.02, (size, size)) for _ in range(n)]
+    out = [
+        np.clip(
+            1.2
+            - np.hypot(xx - rng.uniform(0.4, 0.6), yy - rng.uniform(0.4, 0.6))
+            / rng.uniform(0.2, 0.35),
+            0,
+            1,
+        )
+        * rng.uniform(0.6, 1.0)
+        + rng.normal(0, 0.02, (size, size))
+        for _ in range(n)
+    ]
     return np.clip(np.asarray(out, np.float32)[:, None], 0, 1)
 
 
 def test_names_match_columns_and_are_documented():
     rng = np.random.default_rng(0)
     f, names = radiomics_features(blobs(rng, 5))
-    assert f.shape == (5, len(names)) == (5, len(FEATURE_DEFINITIONS)) and names == list(FEATURE_DEFINITIONS)
+    assert f.shape == (5, len(names)) == (5, len(FEATURE_DEFINITIONS)) and names == list(
+        FEATURE_DEFINITIONS
+    )
     assert np.isfinite(f).all()
     vol, vnames = radiomics_features(rng.random((3, 1, 4, 10, 10)))
     assert vol.shape == (3, len(vnames)) and np.isfinite(vol).all()
-    flat, _ = radiomics_features(np.zeros((2, 1, 8, 8)))  # no foreground, no texture: finite, not NaN
+    flat, _ = radiomics_features(
+        np.zeros((2, 1, 8, 8))
+    )  # no foreground, no texture: finite, not NaN
     assert np.isfinite(flat).all()
 
 
@@ -32,10 +52,12 @@ def test_intensity_statistics_match_scipy():
     rng = np.random.default_rng(1)
     img = rng.uniform(0.2, 1.0, (1, 1, 16, 16)).astype(np.float32) ** 2
     f, names = radiomics_features(img)
-    row = dict(zip(names, f[0]))
+    row = dict(zip(names, f[0], strict=False))
     fg = img[img > 0.1].astype(np.float64)
     assert row["mean"] == pytest.approx(fg.mean()) and row["std"] == pytest.approx(fg.std())
-    assert row["skewness"] == pytest.approx(stats.skew(fg)) and row["kurtosis"] == pytest.approx(stats.kurtosis(fg))
+    assert row["skewness"] == pytest.approx(stats.skew(fg)) and row["kurtosis"] == pytest.approx(
+        stats.kurtosis(fg)
+    )
     assert row["p50"] == pytest.approx(np.median(fg))
     assert row["foreground_fraction"] == pytest.approx((img > 0.1).mean())
 
@@ -45,7 +67,7 @@ def test_glcm_of_stripes_is_hand_computable():
     vertical neighbours are equal; at distance 2 every neighbour is equal."""
     img = np.tile(np.array([0.2, 0.8], np.float32), (16, 8))[None, None]
     f, names = radiomics_features(img)
-    row = dict(zip(names, f[0]))
+    row = dict(zip(names, f[0], strict=False))
     assert row["glcm_contrast_d1"] == pytest.approx(81 * 3 / 4)
     assert row["glcm_contrast_d2"] == pytest.approx(0.0)
     assert row["glcm_homogeneity_d2"] == pytest.approx(1.0)
@@ -58,7 +80,7 @@ def test_mask_restricts_the_statistics():
     mask = np.zeros_like(img)
     mask[..., :4] = 1
     f, names = radiomics_features(img, mask)
-    row = dict(zip(names, f[0]))
+    row = dict(zip(names, f[0], strict=False))
     assert row["mean"] == pytest.approx(0.9) and row["foreground_fraction"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="masks"):
         radiomics_features(img, mask[..., :4])
@@ -73,15 +95,19 @@ def test_frechet_distance_zero_for_same_and_grows_with_shift():
     ma = feature_moments(fa)
     json.dumps(ma)  # a site can send it as is
     assert frechet_distance(ma, ma) == pytest.approx(0.0, abs=1e-6)
-    fds = [frechet_distance(ma, feature_moments(radiomics_features(np.clip(a * s, 0, 1))[0]))
-           for s in (0.95, 0.8, 0.6)]
+    fds = [
+        frechet_distance(ma, feature_moments(radiomics_features(np.clip(a * s, 0, 1))[0]))
+        for s in (0.95, 0.8, 0.6)
+    ]
     assert 0 < fds[0] < fds[1] < fds[2]
 
 
 def test_frechet_distance_closed_form_and_pooling():
     a = {"n": 10, "mean": [1.0, 0.0], "cov": [[4.0, 0.0], [0.0, 1.0]]}
     b = {"n": 10, "mean": [0.0, 0.0], "cov": [[1.0, 0.0], [0.0, 1.0]]}
-    assert frechet_distance(a, b) == pytest.approx(1 + (2 - 1) ** 2)  # |dmu|^2 + (sd_a - sd_b)^2 per axis
+    assert frechet_distance(a, b) == pytest.approx(
+        1 + (2 - 1) ** 2
+    )  # |dmu|^2 + (sd_a - sd_b)^2 per axis
     singular = {"n": 2, "mean": [0.0, 0.0], "cov": [[1.0, 1.0], [1.0, 1.0]]}
     assert np.isfinite(frechet_distance(singular, b))
     with pytest.raises(ValueError, match="do not match"):
@@ -90,7 +116,11 @@ def test_frechet_distance_closed_form_and_pooling():
     x, y = rng.normal(size=(30, 3)), rng.normal(2, 1, size=(20, 3))
     pooled = pool_moments([feature_moments(x), feature_moments(y)])
     whole = feature_moments(np.concatenate([x, y]))
-    assert pooled["n"] == 50 and np.allclose(pooled["mean"], whole["mean"]) and np.allclose(pooled["cov"], whole["cov"])
+    assert (
+        pooled["n"] == 50
+        and np.allclose(pooled["mean"], whole["mean"])
+        and np.allclose(pooled["cov"], whole["cov"])
+    )
 
 
 def test_precision_recall_density_coverage():
@@ -102,7 +132,11 @@ def test_precision_recall_density_coverage():
     assert fresh["precision"] > 0.8 and fresh["recall"] > 0.8 and 0.7 < fresh["density"] < 1.3
     far = precision_recall_coverage(real, rng.normal(10, 1, size=(200, 4)), k=5)
     assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
-    collapsed = precision_recall_coverage(real, np.zeros((200, 4)) + rng.normal(0, 0.01, (200, 4)), k=5)
-    assert collapsed["precision"] > 0.9 and collapsed["recall"] < 0.2 and collapsed["coverage"] < 0.2
+    collapsed = precision_recall_coverage(
+        real, np.zeros((200, 4)) + rng.normal(0, 0.01, (200, 4)), k=5
+    )
+    assert (
+        collapsed["precision"] > 0.9 and collapsed["recall"] < 0.2 and collapsed["coverage"] < 0.2
+    )
     with pytest.raises(ValueError, match="k"):
         precision_recall_coverage(real[:3], real[:3], k=5)

@@ -42,7 +42,9 @@ def fast_installed():
     restore_grad_samplers(previous)
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = RTOL, floor: float = 1e-12) -> None:
+def _close(
+    a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = RTOL, floor: float = 1e-12
+) -> None:
     """Max error relative to the largest entry of b, or to `floor` for gradients that are zero up to rounding
     (the attention key bias: softmax ignores a constant added to every score)."""
     scale = b.abs().max().clamp_min(floor)
@@ -81,8 +83,17 @@ CONV_CASES = [  # (cin, cout, kernel, stride, padding, dilation, groups, bias, p
 def test_conv2d_per_sample_gradients_are_exact(case):
     cin, cout, k, stride, padding, dilation, groups, bias, mode, size = case
     torch.manual_seed(0)
-    layer = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
-                      padding_mode=mode)
+    layer = nn.Conv2d(
+        cin,
+        cout,
+        k,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        padding_mode=mode,
+    )
     x = torch.randn(3, cin, size, size)
     dy = torch.randn_like(layer(x))
     ours = conv2d_grad_sample(layer, [x], dy)
@@ -97,9 +108,13 @@ def test_conv2d_per_sample_gradients_are_exact(case):
 
 
 def test_both_conv_paths_are_covered():
-    paths = {_prefer_grouped_conv(nn.Conv2d(c[0], c[1], c[2], stride=c[3], groups=c[6]),
-                                  ((c[9] - 1) // (c[3] if isinstance(c[3], int) else c[3][0]) + 1) ** 2)
-             for c in CONV_CASES}
+    paths = {
+        _prefer_grouped_conv(
+            nn.Conv2d(c[0], c[1], c[2], stride=c[3], groups=c[6]),
+            ((c[9] - 1) // (c[3] if isinstance(c[3], int) else c[3][0]) + 1) ** 2,
+        )
+        for c in CONV_CASES
+    }
     assert paths == {True, False}
 
 
@@ -144,7 +159,9 @@ def _unet_batch(n: int = 4):
 def _hooks_grad_samples(unet, sched, batch) -> dict[str, torch.Tensor]:
     x, labels, t, noise = batch
     gsm = GradSampleModule(unet)
-    diffusion_loss(gsm, sched, x, labels, timesteps=t, noise=noise).mean().backward()  # Opacus' default reduction
+    diffusion_loss(
+        gsm, sched, x, labels, timesteps=t, noise=noise
+    ).mean().backward()  # Opacus' default reduction
     out = {name: p.grad_sample.clone() for name, p in unet.named_parameters()}
     gsm._close()
     return out
@@ -162,8 +179,14 @@ def test_tiny_unet_per_sample_gradients_match_opacus_and_vmap():
     params = {k: v.detach() for k, v in unet.named_parameters()}
 
     def loss_one(p, xi, yi, ti, ni):
-        return diffusion_loss(lambda *a, **kw: functional_call(unet, p, a, kw), sched, xi[None], yi[None],
-                              timesteps=ti[None], noise=ni[None]).sum()
+        return diffusion_loss(
+            lambda *a, **kw: functional_call(unet, p, a, kw),
+            sched,
+            xi[None],
+            yi[None],
+            timesteps=ti[None],
+            noise=ni[None],
+        ).sum()
 
     truth = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))(params, x, labels, t, noise)
     kinds = {type(m) for m in unet.modules()}
@@ -179,8 +202,12 @@ def test_reused_buffers_do_not_leak_between_steps(fast_installed):
     unet, sched, batch = _unet_batch()
     x, labels, t, noise = batch
     gsm = GradSampleModule(unet)
-    opt = DPOptimizer(torch.optim.SGD(unet.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
-                      expected_batch_size=len(x))
+    opt = DPOptimizer(
+        torch.optim.SGD(unet.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        expected_batch_size=len(x),
+    )
     conv = next(m for m in unet.modules() if isinstance(m, nn.Conv2d))
 
     def truth() -> torch.Tensor:
@@ -205,7 +232,9 @@ def test_reused_buffers_do_not_leak_between_steps(fast_installed):
 
     expected = truth()
     opt.zero_grad(set_to_none=True)
-    for _ in range(2):  # accumulation without zero_grad: the first result must survive the second pass
+    for _ in range(
+        2
+    ):  # accumulation without zero_grad: the first result must survive the second pass
         diffusion_loss(gsm, sched, x, labels, timesteps=t, noise=noise).mean().backward()
     first, second = conv.weight.grad_sample
     assert first.data_ptr() != second.data_ptr()
@@ -216,9 +245,11 @@ def test_reused_buffers_do_not_leak_between_steps(fast_installed):
 
 
 def test_install_is_explicit_and_idempotent():
-    code = ("import torch.nn as nn, privacy.grad_samplers as g; from opacus.grad_sample import GradSampleModule as M;"
-            "from opacus.grad_sample.conv import compute_conv_grad_sample as c;"
-            "assert M.GRAD_SAMPLERS[nn.Conv2d] is c, 'registered at import'")
+    code = (
+        "import torch.nn as nn, privacy.grad_samplers as g; from opacus.grad_sample import GradSampleModule as M;"
+        "from opacus.grad_sample.conv import compute_conv_grad_sample as c;"
+        "assert M.GRAD_SAMPLERS[nn.Conv2d] is c, 'registered at import'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     first = install_fast_grad_samplers()
     try:
@@ -237,28 +268,41 @@ def test_install_is_explicit_and_idempotent():
 # per-sample gradients from torch.func vmap(grad), each clipped to C over all parameters (flat), summed. C is set
 # between the per-sample norms so that some samples are clipped and some are not.
 
-def _clip_and_sum_reference(per_sample: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, dict, float]:
-    norms = torch.stack([g.reshape(n, -1).norm(dim=1) for g in per_sample.values()], dim=1).norm(dim=1)
+
+def _clip_and_sum_reference(
+    per_sample: dict[str, torch.Tensor], n: int
+) -> tuple[torch.Tensor, dict, float]:
+    norms = torch.stack([g.reshape(n, -1).norm(dim=1) for g in per_sample.values()], dim=1).norm(
+        dim=1
+    )
     clip = float(norms.median())  # half the samples above the bound, half below (or at it)
     factor = (clip / (norms + 1e-6)).clamp(max=1.0)
     assert (norms > clip * 1.01).any() and (norms < clip * 0.99).any(), norms
     return norms, {k: torch.einsum("i,i...->...", factor, g) for k, g in per_sample.items()}, clip
 
 
-def _check_bookkeeping(model: nn.Module, per_sample_loss, inputs: tuple[torch.Tensor, ...], rtol: float = RTOL) -> None:
+def _check_bookkeeping(
+    model: nn.Module, per_sample_loss, inputs: tuple[torch.Tensor, ...], rtol: float = RTOL
+) -> None:
     """per_sample_loss(model, *inputs) -> (N,) losses; the model's clipped sum must match the reference."""
     n = len(inputs[0])
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
 
     def loss_one(p, *xs):
-        return per_sample_loss(lambda *a: functional_call(model, p, a), *(x[None] for x in xs)).sum()
+        return per_sample_loss(
+            lambda *a: functional_call(model, p, a), *(x[None] for x in xs)
+        ).sum()
 
     truth = vmap(grad(loss_one), in_dims=(None,) + (0,) * len(inputs))(params, *inputs)
     norms, reference, clip = _clip_and_sum_reference(truth, n)
-    assert all(g.abs().max() > 0 for g in reference.values()), "every parameter must have a gradient to compare"
+    assert all(g.abs().max() > 0 for g in reference.values()), (
+        "every parameter must have a gradient to compare"
+    )
     wrapped = BookKeepingModule(model)
     per_sample_loss(wrapped, *inputs).mean().backward()  # the mean over the batch, as in training
-    assert all(p.grad is None for p in model.parameters()), "autograd should compute no weight gradient"
+    assert all(p.grad is None for p in model.parameters()), (
+        "autograd should compute no weight gradient"
+    )
     ours = wrapped.clipped_grad_sum(clip)
     _close(ours, norms, "per-sample norms", rtol)
     floor = 1e-3 * max(float(g.abs().max()) for g in reference.values())
@@ -308,7 +352,11 @@ class _Mixed(nn.Module):
     def forward(self, idx, vol):
         e = self.embed(idx)  # (N, 8, 6)
         h = torch.tanh(self.few_tokens(e[:, :2])).sum(1) + self.one_token(e.mean(1))  # (N, 7)
-        t = torch.tanh(self.many_tokens(torch.tanh(h)[:, None, :] * torch.linspace(-1, 1, 8, dtype=h.dtype)[None, :, None]))
+        t = torch.tanh(
+            self.many_tokens(
+                torch.tanh(h)[:, None, :] * torch.linspace(-1, 1, 8, dtype=h.dtype)[None, :, None]
+            )
+        )
         c = self.frozen(self.conv1d(t.transpose(1, 2)).mean(2))  # (N, 4)
         return c.sum(1) * self.conv3d(vol).mean((1, 2, 3, 4))
 
@@ -316,15 +364,28 @@ class _Mixed(nn.Module):
 def test_bookkeeping_conv_and_groupnorm_paths_are_exact():
     torch.manual_seed(0)
     model = _Convs().double().train()  # float64: a wrong formula cannot hide in rounding
-    x = torch.randn(6, 3, 8, 8, dtype=torch.float64) * torch.linspace(0.2, 3, 6, dtype=torch.float64)[:, None, None, None]
-    _check_bookkeeping(model, lambda m, x: (m(x) - 0.5).square().flatten(1).mean(1), (x,), rtol=1e-10)
+    x = (
+        torch.randn(6, 3, 8, 8, dtype=torch.float64)
+        * torch.linspace(0.2, 3, 6, dtype=torch.float64)[:, None, None, None]
+    )
+    _check_bookkeeping(
+        model, lambda m, x: (m(x) - 0.5).square().flatten(1).mean(1), (x,), rtol=1e-10
+    )
 
 
 def test_bookkeeping_linear_embedding_conv1d_conv3d_are_exact():
     torch.manual_seed(0)
     model = _Mixed().double().train()
-    idx = torch.tensor([[1, 1, 2, 0, 3, 4, 1, 0], [2, 3, 4, 1, 0, 0, 2, 2], [4, 4, 4, 4, 1, 2, 3, 0],
-                        [0, 1, 2, 3, 4, 0, 1, 2], [3, 3, 1, 1, 2, 2, 4, 4], [1, 2, 1, 2, 1, 2, 1, 2]])
+    idx = torch.tensor(
+        [
+            [1, 1, 2, 0, 3, 4, 1, 0],
+            [2, 3, 4, 1, 0, 0, 2, 2],
+            [4, 4, 4, 4, 1, 2, 3, 0],
+            [0, 1, 2, 3, 4, 0, 1, 2],
+            [3, 3, 1, 1, 2, 2, 4, 4],
+            [1, 2, 1, 2, 1, 2, 1, 2],
+        ]
+    )
     vol = torch.randn(6, 1, 3, 4, 4, dtype=torch.float64)
     _check_bookkeeping(model, lambda m, i, v: m(i, v).square(), (idx, vol), rtol=1e-10)
 
@@ -336,14 +397,20 @@ def test_bookkeeping_unet_clipped_sum_matches_per_sample_reference(preset):
     sched = ddpm_scheduler(cfg)
     g = torch.Generator().manual_seed(1)
     n = 4
-    x = torch.randn((n,) + cfg.latent_shape, generator=g) * torch.tensor([0.5, 1.0, 2.0, 4.0])[:, None, None, None]
+    x = (
+        torch.randn((n,) + cfg.latent_shape, generator=g)
+        * torch.tensor([0.5, 1.0, 2.0, 4.0])[:, None, None, None]
+    )
     labels = torch.randint(0, cfg.num_classes, (n,), generator=g)
     t = torch.tensor([10, 300, 600, 990])
     noise = torch.randn(x.shape, generator=g)
 
-    def per_sample_loss(m, xi, yi, ti, ni):  # m takes positional arguments only (functional_call above)
+    def per_sample_loss(
+        m, xi, yi, ti, ni
+    ):  # m takes positional arguments only (functional_call above)
         def call(noisy, timesteps, class_labels):
             return m(noisy, timesteps, None, class_labels)
+
         return diffusion_loss(call, sched, xi, yi, timesteps=ti, noise=ni)
 
     _check_bookkeeping(unet, per_sample_loss, (x, labels, t, noise))
@@ -386,7 +453,10 @@ def test_bookkeeping_autoencoder_clipped_sum_matches_opacus():
     torch.manual_seed(0)
     ae = build_autoencoder(cfg).train()
     n = 4
-    images = torch.rand(n, 1, cfg.image_size, cfg.image_size) * torch.tensor([0.2, 0.6, 1.0, 1.5])[:, None, None, None]
+    images = (
+        torch.rand(n, 1, cfg.image_size, cfg.image_size)
+        * torch.tensor([0.2, 0.6, 1.0, 1.5])[:, None, None, None]
+    )
     gsm = GradSampleModule(ae)
     torch.manual_seed(5)
     autoencoder_loss(gsm, images, 1e-3).mean().backward()

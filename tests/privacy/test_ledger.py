@@ -18,7 +18,9 @@ ROUND = dict(noise_multiplier=1.1, sample_rate=0.05, steps=100, clipping_norm=1.
 ROUND_STEP = MechanismStep(1.1, 0.05, 100)
 
 
-def _record(ledger: PrivacyLedger, run_id: str = "run-a", server_round: int = 1, phase: str = "diffusion") -> None:
+def _record(
+    ledger: PrivacyLedger, run_id: str = "run-a", server_round: int = 1, phase: str = "diffusion"
+) -> None:
     ledger.record(run_id=run_id, server_round=server_round, phase=phase, **ROUND)
 
 
@@ -32,7 +34,9 @@ def test_spend_survives_reopening_and_new_runs(tmp_path):
 
     reopened = PrivacyLedger(path, "data-A")  # a restarted site
     assert reopened.epsilon(DELTA) == pytest.approx(one_round)
-    _record(reopened, run_id="run-b", server_round=1)  # a new run on the same patients keeps counting
+    _record(
+        reopened, run_id="run-b", server_round=1
+    )  # a new run on the same patients keeps counting
     assert reopened.epsilon(DELTA) == pytest.approx(epsilon_for([ROUND_STEP] * 2, DELTA))
     assert reopened.epsilon(DELTA) > one_round
     assert [e["run_id"] for e in PrivacyLedger(path, "data-A").entries()] == ["run-a", "run-b"]
@@ -50,7 +54,11 @@ def test_a_retried_round_adds_spend_instead_of_overwriting(tmp_path):
     assert ledger.epsilon(DELTA) > before
     entry = ledger.entries()[0]
     assert entry["status"] == "committed" and entry["dataset_fingerprint"] == "data-A"
-    assert entry["phase"] == "autoencoder" and entry["server_round"] == 3 and entry["clipping_norm"] == 1.0
+    assert (
+        entry["phase"] == "autoencoder"
+        and entry["server_round"] == 3
+        and entry["clipping_norm"] == 1.0
+    )
 
 
 def test_check_budget_refuses_a_round_that_would_exceed(tmp_path):
@@ -62,7 +70,11 @@ def test_check_budget_refuses_a_round_that_would_exceed(tmp_path):
     assert after > now
 
     ok = ledger.check_budget([ROUND_STEP], epsilon_budget=after + 0.01, delta=DELTA)
-    assert ok.allowed and ok.epsilon_now == pytest.approx(now) and ok.epsilon_after == pytest.approx(after)
+    assert (
+        ok.allowed
+        and ok.epsilon_now == pytest.approx(now)
+        and ok.epsilon_after == pytest.approx(after)
+    )
 
     refused = ledger.check_budget([ROUND_STEP], epsilon_budget=(now + after) / 2, delta=DELTA)
     assert not refused.allowed
@@ -76,9 +88,13 @@ def test_bad_entries_and_bad_files_are_refused_with_the_path(tmp_path):
     path = tmp_path / "privacy_ledger.sqlite"
     ledger = PrivacyLedger(path, "data-A")
     with pytest.raises(ValueError, match="sample_rate"):
-        ledger.record(run_id="r", server_round=1, phase="diffusion", **{**ROUND, "sample_rate": 0.0})
+        ledger.record(
+            run_id="r", server_round=1, phase="diffusion", **{**ROUND, "sample_rate": 0.0}
+        )
     with pytest.raises(ValueError, match="privacy_ledger.sqlite"):
-        ledger.record(run_id="r", server_round=1, phase="diffusion", **{**ROUND, "accountant": "moments"})
+        ledger.record(
+            run_id="r", server_round=1, phase="diffusion", **{**ROUND, "accountant": "moments"}
+        )
     assert ledger.entries() == []
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"this is not a database" * 100)

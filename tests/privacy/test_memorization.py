@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 
 import privacy.memorization as memorization
-from privacy.memorization import (HIST_BINS, feature_embedding, memorization_audit, near_copy_threshold,
-                                  pairwise_min_distances, share_permutation_test)
+from privacy.memorization import (
+    HIST_BINS,
+    feature_embedding,
+    memorization_audit,
+    near_copy_threshold,
+    pairwise_min_distances,
+    share_permutation_test,
+)
 
 
 def phantom_like(rng, n, size=32):
@@ -14,13 +20,17 @@ def phantom_like(rng, n, size=32):
     out = []
     for _ in range(n):
         cx, cy = rng.uniform(0.35, 0.65, 2)
-        img = np.clip(1.2 - np.hypot(xx - cx, yy - cy) / rng.uniform(0.2, 0.35), 0, 1) * rng.uniform(0.6, 1.0)
+        img = np.clip(
+            1.2 - np.hypot(xx - cx, yy - cy) / rng.uniform(0.2, 0.35), 0, 1
+        ) * rng.uniform(0.6, 1.0)
         out.append(img + rng.normal(0, 0.02, img.shape))
     return np.clip(np.asarray(out, np.float32)[:, None], 0, 1)
 
 
 def brute(q, r):
-    d = np.sqrt(((q.reshape(len(q), 1, -1).astype(np.float64) - r.reshape(1, len(r), -1)) ** 2).mean(-1))
+    d = np.sqrt(
+        ((q.reshape(len(q), 1, -1).astype(np.float64) - r.reshape(1, len(r), -1)) ** 2).mean(-1)
+    )
     return d.min(1), d.argmin(1)
 
 
@@ -28,7 +38,9 @@ def brute(q, r):
 def test_batched_nearest_neighbours_equal_brute_force(batch):
     rng = np.random.default_rng(1)
     q, r = rng.random((37, 1, 8, 8), dtype=np.float32), rng.random((53, 1, 8, 8), dtype=np.float32)
-    q[:5] = r[[3, 10, 20, 40, 52]] + 1e-4  # near-duplicates: float32 cancellation must not hide them
+    q[:5] = (
+        r[[3, 10, 20, 40, 52]] + 1e-4
+    )  # near-duplicates: float32 cancellation must not hide them
     d, i = pairwise_min_distances(q, r, batch=batch)
     ref_d, ref_i = brute(q, r)
     assert np.allclose(d, ref_d, atol=1e-7) and np.array_equal(i, ref_i)
@@ -37,7 +49,9 @@ def test_batched_nearest_neighbours_equal_brute_force(batch):
 
 def test_nearest_neighbours_of_volumes_and_exact_copies():
     rng = np.random.default_rng(2)
-    r = rng.random((20, 1, 4, 6, 6), dtype=np.float32) * 0.1 + 0.9  # large common offset, small differences
+    r = (
+        rng.random((20, 1, 4, 6, 6), dtype=np.float32) * 0.1 + 0.9
+    )  # large common offset, small differences
     d, i = pairwise_min_distances(r[[4, 7]], r, batch=3)
     assert np.array_equal(i, [4, 7]) and np.all(d == 0)
     with pytest.raises(ValueError, match="values per record"):
@@ -51,7 +65,9 @@ def test_feature_embedding_is_deterministic_standardised_and_size_independent():
     x = phantom_like(rng, 12)
     f = feature_embedding(x)
     assert np.array_equal(f, feature_embedding(x)) and np.isfinite(f).all()
-    assert np.abs(f.mean(0)).max() < 1e-5  # standardised over the reference (here the images themselves)
+    assert (
+        np.abs(f.mean(0)).max() < 1e-5
+    )  # standardised over the reference (here the images themselves)
     assert feature_embedding(phantom_like(rng, 3, size=64)).shape[1] == f.shape[1]
     ref = phantom_like(rng, 20)
     assert feature_embedding(x[:2], reference=ref).shape == (2, f.shape[1])
@@ -74,15 +90,25 @@ def test_independent_samples_are_not_flagged():
     shares, flagged = [], []
     for seed in range(3):
         rng = np.random.default_rng(10 + seed)
-        members, nonmembers, synthetic = phantom_like(rng, 60), phantom_like(rng, 40), phantom_like(rng, 60)
-        out = memorization_audit(synthetic, [f"s{i}" for i in range(60)], members, nonmembers, seed=seed)
-        assert out["pixel"]["matched_set_size"] == 40  # members subsampled to the non-members' count
+        members, nonmembers, synthetic = (
+            phantom_like(rng, 60),
+            phantom_like(rng, 40),
+            phantom_like(rng, 60),
+        )
+        out = memorization_audit(
+            synthetic, [f"s{i}" for i in range(60)], members, nonmembers, seed=seed
+        )
+        assert (
+            out["pixel"]["matched_set_size"] == 40
+        )  # members subsampled to the non-members' count
         lo, hi = out["pixel"]["share_ci95"]
         assert lo < out["share_closer_to_member"] < hi
         shares.append(out["share_closer_to_member"])
         flagged.append(out["n_near_copies"])
     assert 0.35 <= np.mean(shares) <= 0.65
-    assert sum(flagged) <= 2  # the threshold is calibrated to flag at most ~1 % of fresh real patients
+    assert (
+        sum(flagged) <= 2
+    )  # the threshold is calibrated to flag at most ~1 % of fresh real patients
 
 
 def test_near_copy_threshold_is_a_conservative_one_percent_order_statistic():
@@ -103,11 +129,27 @@ def test_per_class_figures_and_aggregates_only():
     members, nonmembers = phantom_like(rng, 30), phantom_like(rng, 24)
     synthetic = np.concatenate([members[:3] + 0.001, phantom_like(rng, 9)])
     ml, nl, sl = np.arange(30) % 2, np.arange(24) % 2, np.array([0, 1, 0] + [0, 1] * 4 + [1])
-    out = memorization_audit(synthetic, [f"s{i}" for i in range(12)], members, nonmembers, synthetic_labels=sl,
-                             member_labels=ml, nonmember_labels=nl, class_names=["healthy", "lesion"])
+    out = memorization_audit(
+        synthetic,
+        [f"s{i}" for i in range(12)],
+        members,
+        nonmembers,
+        synthetic_labels=sl,
+        member_labels=ml,
+        nonmember_labels=nl,
+        class_names=["healthy", "lesion"],
+    )
     assert set(out["per_class"]) == {"healthy", "lesion"}
-    again = memorization_audit(synthetic, [f"s{i}" for i in range(12)], members, nonmembers, synthetic_labels=sl,
-                               member_labels=ml, nonmember_labels=nl, class_names=["healthy", "lesion"])
+    again = memorization_audit(
+        synthetic,
+        [f"s{i}" for i in range(12)],
+        members,
+        nonmembers,
+        synthetic_labels=sl,
+        member_labels=ml,
+        nonmember_labels=nl,
+        class_names=["healthy", "lesion"],
+    )
     assert again == out  # deterministic for a seed (p-values, null summaries, subsamples included)
     assert 0 < out["per_class"]["lesion"]["feature"]["share_p_value"] <= 1
     assert {"s0", "s1", "s2"} <= set(out["flagged_ids"])
@@ -123,6 +165,7 @@ def test_per_class_figures_and_aggregates_only():
                 yield from lists(v)
         elif isinstance(x, list):
             yield x
+
     for lst in lists(out):  # histograms, intervals and synthetic ids only: nothing per real patient
         assert len(lst) in (2, HIST_BINS, HIST_BINS + 1) or all(isinstance(v, str) for v in lst)
 
@@ -138,12 +181,17 @@ def test_bad_input_is_named():
 
 # ---- the share closer to a member: permutation test -----------------------------------------------------------
 
+
 def hub_cohort(rng, n_syn=16):
     """Real 'patients' plus synthetic images far from all of them whose nearest real image is one member (the hub):
     a weak generator, nothing memorised."""
     members, nonmembers = phantom_like(rng, 40), phantom_like(rng, 40)
-    members[0] = 0.6  # a uniformly bright patient: the real image nearest to bright synthetic images
-    synthetic = np.clip(1.0 - rng.uniform(0, 0.05, (n_syn, *members.shape[1:])), 0, 1).astype(np.float32)
+    members[0] = (
+        0.6  # a uniformly bright patient: the real image nearest to bright synthetic images
+    )
+    synthetic = np.clip(1.0 - rng.uniform(0, 0.05, (n_syn, *members.shape[1:])), 0, 1).astype(
+        np.float32
+    )
     return synthetic, members, nonmembers
 
 
@@ -152,7 +200,9 @@ def test_hub_share_of_one_is_not_significant():
     out = memorization_audit(synthetic, [f"s{i}" for i in range(16)], members, nonmembers, seed=1)
     px = out["pixel"]
     assert px["share_closer_to_member"] == 1.0 and px["n_distinct_nearest_members"] == 1
-    assert px["share_ci95"][0] > 0.5  # the binomial interval (independence assumed) would call this memorisation
+    assert (
+        px["share_ci95"][0] > 0.5
+    )  # the binomial interval (independence assumed) would call this memorisation
     assert px["share_p_value"] > 0.3  # the hub's label is a coin flip under the null: no evidence
     assert px["share_null_q95"] == 1.0 and 0.3 < px["share_null_mean"] < 0.7
     assert out["n_near_copies"] == 0
@@ -162,7 +212,9 @@ def test_hub_share_of_one_is_not_significant():
 def test_memoriser_of_distinct_members_is_significant():
     rng = np.random.default_rng(21)
     members, nonmembers = rng.normal(size=(40, 32)), rng.normal(size=(40, 32))
-    synthetic = members[rng.permutation(40)[:20]] + rng.normal(0, 0.2, (20, 32))  # noisy copies of 20 members
+    synthetic = members[rng.permutation(40)[:20]] + rng.normal(
+        0, 0.2, (20, 32)
+    )  # noisy copies of 20 members
     res = share_permutation_test(synthetic, members, nonmembers, rng=np.random.default_rng(0))
     assert res["share_closer_to_member"] > 0.9 and res["n_distinct_nearest_members"] >= 18
     assert res["share_p_value"] == 1 / 1000 and res["n_permutations"] == 999
@@ -182,30 +234,46 @@ def test_permutation_p_value_is_valid_under_the_null():
         binomial_rejects += res["share_ci95"][0] > 0.5
     p_values = np.asarray(p_values)
     assert np.mean(p_values < 0.05) <= 0.08
-    assert np.mean(p_values[1::2] < 0.5) > 0.3  # near the data the p-value spreads over (0, 1), not stuck at 1
+    assert (
+        np.mean(p_values[1::2] < 0.5) > 0.3
+    )  # near the data the p-value spreads over (0, 1), not stuck at 1
     assert binomial_rejects >= 30  # the old rule's false alarms on hubs
 
 
 def test_share_is_the_exact_average_over_matched_subsamples():
     g = np.random.default_rng(22)
-    members, nonmembers, synthetic = g.normal(size=(50, 5)), g.normal(size=(12, 5)), g.normal(size=(30, 5))
+    members, nonmembers, synthetic = (
+        g.normal(size=(50, 5)),
+        g.normal(size=(12, 5)),
+        g.normal(size=(30, 5)),
+    )
     res = share_permutation_test(synthetic, members, nonmembers, rng=g, n_permutations=99)
     dm = np.sqrt(((synthetic[:, None] - members[None]) ** 2).mean(-1))
     dn = np.sqrt(((synthetic[:, None] - nonmembers[None]) ** 2).mean(-1))
-    draws = [(dm[:, g.choice(50, 12, replace=False)].min(1) < dn.min(1)).mean() for _ in range(4000)]
+    draws = [
+        (dm[:, g.choice(50, 12, replace=False)].min(1) < dn.min(1)).mean() for _ in range(4000)
+    ]
     assert res["matched_set_size"] == 12
     assert abs(res["share_closer_to_member"] - np.mean(draws)) < 0.01  # Monte Carlo error ~ 0.002
 
 
 def test_share_test_is_deterministic_capped_and_aggregate_only(monkeypatch):
     g = np.random.default_rng(23)
-    members, nonmembers, synthetic = g.normal(size=(30, 8)), g.normal(size=(20, 8)), g.normal(size=(40, 8))
+    members, nonmembers, synthetic = (
+        g.normal(size=(30, 8)),
+        g.normal(size=(20, 8)),
+        g.normal(size=(40, 8)),
+    )
     a = share_permutation_test(synthetic, members, nonmembers, rng=np.random.default_rng(5))
     b = share_permutation_test(synthetic, members, nonmembers, rng=np.random.default_rng(5))
     assert a == b and not a["synthetic_subsampled"] and a["n_synthetic_tested"] == 40
     for key, value in a.items():  # scalars, one interval, text: nothing per patient
-        assert isinstance(value, (int, float, bool, str)) or (key == "share_ci95" and len(value) == 2), key
-    monkeypatch.setattr(memorization, "PERM_MAX_CELLS", 50 * 25)  # cap: 25 synthetic x 50 pooled records
+        assert isinstance(value, (int, float, bool, str)) or (
+            key == "share_ci95" and len(value) == 2
+        ), key
+    monkeypatch.setattr(
+        memorization, "PERM_MAX_CELLS", 50 * 25
+    )  # cap: 25 synthetic x 50 pooled records
     c = share_permutation_test(synthetic, members, nonmembers, rng=np.random.default_rng(5))
     assert c["synthetic_subsampled"] and c["n_synthetic_tested"] == 25
     with pytest.raises(ValueError, match=">= 1"):

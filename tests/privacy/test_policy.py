@@ -32,30 +32,78 @@ def attack(seed: int, n: int = 120, auc: float | None = None, tpr: float | None 
     return out
 
 
-def site(name: str, *, epsilon=4.0, delta=1e-5, flagged=(), lesion_auc=None, black_tpr=None,
-         lesion_precision=0.8, coverage=0.8, tstr=0.8) -> dict:
+def site(
+    name: str,
+    *,
+    epsilon=4.0,
+    delta=1e-5,
+    flagged=(),
+    lesion_auc=None,
+    black_tpr=None,
+    lesion_precision=0.8,
+    coverage=0.8,
+    tstr=0.8,
+) -> dict:
     """One site's audit result, in the structure client/audit.py returns."""
-    fid = {"frechet_distance": 1.0, "precision": 0.9, "recall": 0.8, "density": 1.0, "coverage": coverage}
+    fid = {
+        "frechet_distance": 1.0,
+        "precision": 0.9,
+        "recall": 0.8,
+        "density": 1.0,
+        "coverage": coverage,
+    }
     return {
-        "site": name, "n_members": 240, "n_nonmembers": 240,
-        "claimed_privacy": {"protection": "formal sample-level DP per patient (RDP accountant, delta=1e-05)"
-                            if epsilon is not None else "none", "epsilon": epsilon, "delta": delta,
-                            "accountant": "rdp"},
-        "memorization": {"n_near_copies": len(flagged), "flagged_ids": list(flagged), "per_class": {}},
-        "membership": {"white_box": attack(1), "black_box": attack(2, tpr=black_tpr),
-                       "per_class": {"healthy": {"white_box": attack(3), "black_box": attack(4)},
-                                     "lesion": {"white_box": attack(5, auc=lesion_auc), "black_box": attack(6)}}},
-        "fidelity": {"overall": fid, "per_class": {"healthy": dict(fid),
-                                                   "lesion": {**fid, "precision": lesion_precision}}},
-        "utility": {"train_synthetic_test_real": {"balanced_accuracy": tstr, "auc": 0.9},
-                    "train_real_test_real": {"balanced_accuracy": 0.9, "auc": 0.95}},
+        "site": name,
+        "n_members": 240,
+        "n_nonmembers": 240,
+        "claimed_privacy": {
+            "protection": "formal sample-level DP per patient (RDP accountant, delta=1e-05)"
+            if epsilon is not None
+            else "none",
+            "epsilon": epsilon,
+            "delta": delta,
+            "accountant": "rdp",
+        },
+        "memorization": {
+            "n_near_copies": len(flagged),
+            "flagged_ids": list(flagged),
+            "per_class": {},
+        },
+        "membership": {
+            "white_box": attack(1),
+            "black_box": attack(2, tpr=black_tpr),
+            "per_class": {
+                "healthy": {"white_box": attack(3), "black_box": attack(4)},
+                "lesion": {"white_box": attack(5, auc=lesion_auc), "black_box": attack(6)},
+            },
+        },
+        "fidelity": {
+            "overall": fid,
+            "per_class": {"healthy": dict(fid), "lesion": {**fid, "precision": lesion_precision}},
+        },
+        "utility": {
+            "train_synthetic_test_real": {"balanced_accuracy": tstr, "auc": 0.9},
+            "train_real_test_real": {"balanced_accuracy": 0.9, "auc": 0.95},
+        },
     }
 
 
 def make_audit(sites=None, failures=None, n_images=10, checkpoint_sha256="0" * 64) -> dict:
-    sites = sites if sites is not None else {"a": site("a", flagged=["synth-lesion-00002"]), "b": site("b")}
-    return build_audit(sites, failures=failures, cohort={"n_images": n_images, "class_names": list(CLASSES),
-                                                         "checkpoint_sha256": checkpoint_sha256, "run_id": "r"})
+    sites = (
+        sites
+        if sites is not None
+        else {"a": site("a", flagged=["synth-lesion-00002"]), "b": site("b")}
+    )
+    return build_audit(
+        sites,
+        failures=failures,
+        cohort={
+            "n_images": n_images,
+            "class_names": list(CLASSES),
+            "checkpoint_sha256": checkpoint_sha256,
+            "run_id": "r",
+        },
+    )
 
 
 def rule(gate, name):
@@ -69,18 +117,25 @@ def test_example_file_is_the_default_and_policies_round_trip(tmp_path):
     assert load_policy(p) == LENIENT
 
 
-@pytest.mark.parametrize("line, words", [
-    ("max_epsilonn = 3.0", ["unknown", "max_epsilonn"]),
-    ('max_epsilon = "ten"', ["max_epsilon", "number"]),
-    ("required_approvals = 1.5", ["required_approvals", "int"]),
-    ("withhold_near_copies = 1", ["withhold_near_copies", "bool"]),
-    ("max_membership_auc = 1.5", ["max_membership_auc", "between 0 and 1"]),
-    ("max_epsilon = -1", ["max_epsilon", "negative"]),
-    ("max_epsilon = = 3", ["not valid TOML"]),
-])
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ("max_epsilonn = 3.0", ["unknown", "max_epsilonn"]),
+        ('max_epsilon = "ten"', ["max_epsilon", "number"]),
+        ("required_approvals = 1.5", ["required_approvals", "int"]),
+        ("withhold_near_copies = 1", ["withhold_near_copies", "bool"]),
+        ("max_membership_auc = 1.5", ["max_membership_auc", "between 0 and 1"]),
+        ("max_epsilon = -1", ["max_epsilon", "negative"]),
+        ("max_epsilon = = 3", ["not valid TOML"]),
+    ],
+)
 def test_bad_policy_files_are_refused_naming_file_and_key(tmp_path, line, words):
     key = line.split("=")[0].strip()
-    text = "\n".join(ln for ln in EXAMPLE.read_text().splitlines() if not ln.startswith(key + " ")) + "\n" + line
+    text = (
+        "\n".join(ln for ln in EXAMPLE.read_text().splitlines() if not ln.startswith(key + " "))
+        + "\n"
+        + line
+    )
     p = tmp_path / "bad.toml"
     p.write_text(text)
     with pytest.raises(ValueError) as err:
@@ -101,27 +156,42 @@ def test_clean_audit_passes_every_rule_and_withholds_the_flagged_image():
     gate = evaluate_policy(LENIENT, make_audit())
     assert gate.passed, gate_table(gate)
     assert {r.rule for r in gate.rules} == {
-        "max_epsilon", "max_delta", "max_membership_auc", "max_tpr_at_1pct_fpr", "max_near_copies",
-        "max_withheld_share", "min_precision", "min_coverage", "min_tstr_balanced_accuracy", "audit_verdict"}
+        "max_epsilon",
+        "max_delta",
+        "max_membership_auc",
+        "max_tpr_at_1pct_fpr",
+        "max_near_copies",
+        "max_withheld_share",
+        "min_precision",
+        "min_coverage",
+        "min_tstr_balanced_accuracy",
+        "audit_verdict",
+    }
     assert gate.withheld_ids == ["synth-lesion-00002"]
     near = rule(gate, "max_near_copies")
     assert near.measured == 0 and "1 near-copies found, 1 withheld" in near.note
     assert rule(gate, "max_withheld_share").measured == pytest.approx(0.1)
     # The audit itself fails on the near-copy; once withheld, its own rule gives "pass".
-    assert make_audit()["verdict"]["status"] == "fail" and rule(gate, "audit_verdict").measured == "pass"
+    assert (
+        make_audit()["verdict"]["status"] == "fail"
+        and rule(gate, "audit_verdict").measured == "pass"
+    )
     json.dumps(gate.to_dict(), allow_nan=False)
     assert gate.to_dict()["passed"] is True
 
 
-@pytest.mark.parametrize("name, bad, where", [
-    ("max_epsilon", {"epsilon": 12.0}, "site b"),
-    ("max_delta", {"delta": 1e-3}, "site b"),
-    ("max_membership_auc", {"lesion_auc": 0.75}, "site b, class lesion, white-box"),
-    ("max_tpr_at_1pct_fpr", {"black_tpr": 0.5}, "site b, class all, black-box"),
-    ("min_precision", {"lesion_precision": 0.2}, "site b, class lesion"),
-    ("min_coverage", {"coverage": 0.1}, "site b, class all"),
-    ("min_tstr_balanced_accuracy", {"tstr": 0.5}, "site b"),
-])
+@pytest.mark.parametrize(
+    "name, bad, where",
+    [
+        ("max_epsilon", {"epsilon": 12.0}, "site b"),
+        ("max_delta", {"delta": 1e-3}, "site b"),
+        ("max_membership_auc", {"lesion_auc": 0.75}, "site b, class lesion, white-box"),
+        ("max_tpr_at_1pct_fpr", {"black_tpr": 0.5}, "site b, class all, black-box"),
+        ("min_precision", {"lesion_precision": 0.2}, "site b, class lesion"),
+        ("min_coverage", {"coverage": 0.1}, "site b, class all"),
+        ("min_tstr_balanced_accuracy", {"tstr": 0.5}, "site b"),
+    ],
+)
 def test_each_rule_fails_on_the_worst_site_and_class(name, bad, where):
     gate = evaluate_policy(LENIENT, make_audit({"a": site("a"), "b": site("b", **bad)}))
     r = rule(gate, name)
@@ -132,16 +202,22 @@ def test_each_rule_fails_on_the_worst_site_and_class(name, bad, where):
 
 
 def test_a_site_without_dp_fails_the_epsilon_rule():
-    r = rule(evaluate_policy(LENIENT, make_audit({"a": site("a"), "b": site("b", epsilon=math.inf)})), "max_epsilon")
+    r = rule(
+        evaluate_policy(LENIENT, make_audit({"a": site("a"), "b": site("b", epsilon=math.inf)})),
+        "max_epsilon",
+    )
     assert not r.passed and r.measured is None and "site b" in r.where and "no formal DP" in r.note
 
 
-@pytest.mark.parametrize("drop, name", [
-    (lambda s: s.pop("utility"), "min_tstr_balanced_accuracy"),
-    (lambda s: s["fidelity"]["per_class"]["lesion"].pop("coverage"), "min_coverage"),
-    (lambda s: s.pop("memorization"), "max_near_copies"),
-    (lambda s: s["claimed_privacy"].pop("delta"), "max_delta"),
-])
+@pytest.mark.parametrize(
+    "drop, name",
+    [
+        (lambda s: s.pop("utility"), "min_tstr_balanced_accuracy"),
+        (lambda s: s["fidelity"]["per_class"]["lesion"].pop("coverage"), "min_coverage"),
+        (lambda s: s.pop("memorization"), "max_near_copies"),
+        (lambda s: s["claimed_privacy"].pop("delta"), "max_delta"),
+    ],
+)
 def test_a_missing_figure_fails_as_not_measured(drop, name):
     b = site("b")
     drop(b)
@@ -153,44 +229,67 @@ def test_small_attacks_do_not_count_and_unresolvable_tpr_is_not_measured():
     small = site("a")
     small["membership"] = {"white_box": attack(1, n=8), "black_box": attack(2, n=8)}
     gate = evaluate_policy(LENIENT, make_audit({"a": small}))
-    assert rule(gate, "max_membership_auc").measured is None and not rule(gate, "max_membership_auc").passed
+    assert (
+        rule(gate, "max_membership_auc").measured is None
+        and not rule(gate, "max_membership_auc").passed
+    )
     mid = site("a")
     mid["membership"] = {"white_box": attack(1, n=50), "black_box": attack(2, n=50)}
     gate = evaluate_policy(LENIENT, make_audit({"a": mid}))
     assert rule(gate, "max_membership_auc").passed
-    assert not rule(gate, "max_tpr_at_1pct_fpr").passed and "100+ non-members" in rule(gate, "max_tpr_at_1pct_fpr").note
+    assert (
+        not rule(gate, "max_tpr_at_1pct_fpr").passed
+        and "100+ non-members" in rule(gate, "max_tpr_at_1pct_fpr").note
+    )
 
 
 def test_allow_unmeasured_judges_what_was_measured_and_says_what_was_not(tmp_path):
     a, b = site("a", tstr=0.7), site("b")
-    b.pop("utility")  # e.g. a site with no patients of one class: balanced accuracy is undefined there
+    b.pop(
+        "utility"
+    )  # e.g. a site with no patients of one class: balanced accuracy is undefined there
     audit = make_audit({"a": a, "b": b})
     strict = rule(evaluate_policy(LENIENT, audit), "min_tstr_balanced_accuracy")
     assert not strict.passed and strict.measured is None
     lenient = replace(LENIENT, allow_unmeasured=("min_tstr_balanced_accuracy",))
     r = rule(evaluate_policy(lenient, audit), "min_tstr_balanced_accuracy")
     assert r.passed and r.measured == 0.7 and "site b" in r.note and "allow_unmeasured" in r.note
-    a["utility"]["train_synthetic_test_real"]["balanced_accuracy"] = 0.3  # what was measured is still judged
-    assert not rule(evaluate_policy(lenient, make_audit({"a": a, "b": b})), "min_tstr_balanced_accuracy").passed
+    a["utility"]["train_synthetic_test_real"]["balanced_accuracy"] = (
+        0.3  # what was measured is still judged
+    )
+    assert not rule(
+        evaluate_policy(lenient, make_audit({"a": a, "b": b})), "min_tstr_balanced_accuracy"
+    ).passed
     mid = site("a")  # 50 non-members: TPR at 1 % FPR cannot be resolved anywhere
     mid["membership"] = {"white_box": attack(1, n=50), "black_box": attack(2, n=50)}
-    r = rule(evaluate_policy(replace(LENIENT, allow_unmeasured=("max_tpr_at_1pct_fpr",)), make_audit({"a": mid})),
-             "max_tpr_at_1pct_fpr")
+    r = rule(
+        evaluate_policy(
+            replace(LENIENT, allow_unmeasured=("max_tpr_at_1pct_fpr",)), make_audit({"a": mid})
+        ),
+        "max_tpr_at_1pct_fpr",
+    )
     assert r.passed and r.measured is None and "allow_unmeasured" in r.note
     p = tmp_path / "p.toml"
     p.write_text(policy_toml(lenient))
     assert load_policy(p) == lenient
-    for bad in ('["max_epsilon"]', '["max_near_copies"]', '"min_coverage"', '[1]'):
-        p.write_text(policy_toml(LENIENT).replace("allow_unmeasured = []", f"allow_unmeasured = {bad}"))
+    for bad in ('["max_epsilon"]', '["max_near_copies"]', '"min_coverage"', "[1]"):
+        p.write_text(
+            policy_toml(LENIENT).replace("allow_unmeasured = []", f"allow_unmeasured = {bad}")
+        )
         with pytest.raises(ValueError, match="allow_unmeasured"):
             load_policy(p)
 
 
 def test_near_copies_kept_in_the_release_or_too_many_withheld_fail():
-    audit = make_audit({"a": site("a", flagged=["x1", "x2"]), "b": site("b", flagged=["x2"])}, n_images=10)
+    audit = make_audit(
+        {"a": site("a", flagged=["x1", "x2"]), "b": site("b", flagged=["x2"])}, n_images=10
+    )
     keep = evaluate_policy(replace(LENIENT, withhold_near_copies=False), audit)
     assert keep.withheld_ids == [] and not rule(keep, "max_near_copies").passed
-    assert rule(keep, "max_near_copies").measured == 2 and "x2 (site a, b)" in rule(keep, "max_near_copies").where
+    assert (
+        rule(keep, "max_near_copies").measured == 2
+        and "x2 (site a, b)" in rule(keep, "max_near_copies").where
+    )
     assert not rule(keep, "audit_verdict").passed  # the audit's own verdict stays "fail"
     strict = evaluate_policy(replace(LENIENT, max_withheld_share=0.1), audit)
     assert strict.withheld_ids == ["x1", "x2"] and not rule(strict, "max_withheld_share").passed
@@ -200,9 +299,13 @@ def test_near_copies_kept_in_the_release_or_too_many_withheld_fail():
 def test_real_memorization_flags_are_withheld():
     rng = np.random.default_rng(0)
     members, nonmembers = rng.uniform(0, 1, (30, 1, 16, 16)), rng.uniform(0, 1, (30, 1, 16, 16))
-    synthetic = np.concatenate([members[:2] + 0.001, rng.uniform(0, 1, (8, 1, 16, 16))]).astype(np.float32)
+    synthetic = np.concatenate([members[:2] + 0.001, rng.uniform(0, 1, (8, 1, 16, 16))]).astype(
+        np.float32
+    )
     s = site("a")
-    s["memorization"] = memorization_audit(synthetic, [f"syn-{i}" for i in range(10)], members, nonmembers)
+    s["memorization"] = memorization_audit(
+        synthetic, [f"syn-{i}" for i in range(10)], members, nonmembers
+    )
     gate = evaluate_policy(LENIENT, make_audit({"a": s}))
     assert {"syn-0", "syn-1"} <= set(gate.withheld_ids) and rule(gate, "max_near_copies").passed
 

@@ -13,14 +13,27 @@ from privacy.report import AUDIT_SCHEMA_VERSION, _holm, build_audit, load_audit,
 
 def blobs(rng, n, size=24):
     yy, xx = np.mgrid[:size, :size] / size
-    out = [np.clip(1.2 - np.hypot(xx - rng.uniform(.4, .6), yy - rng.uniform(.4, .6)) / rng.uniform(.2, .35), 0, 1)
-           * rng.uniform(0.6, 1.0) + rng.normal(0, 0.02, (size, size)) for _ in range(n)]
+    out = [
+        np.clip(
+            1.2
+            - np.hypot(xx - rng.uniform(0.4, 0.6), yy - rng.uniform(0.4, 0.6))
+            / rng.uniform(0.2, 0.35),
+            0,
+            1,
+        )
+        * rng.uniform(0.6, 1.0)
+        + rng.normal(0, 0.02, (size, size))
+        for _ in range(n)
+    ]
     return np.clip(np.asarray(out, np.float32)[:, None], 0, 1)
 
 
 def attack(rng, shift, n=60, delta=1e-3):
     m, nm = rng.normal(shift, 1, n), rng.normal(0, 1, n)
-    return {**roc_summary(m, nm), "epsilon_lower_bound": empirical_epsilon_lower_bound(m, nm, delta)}
+    return {
+        **roc_summary(m, nm),
+        "epsilon_lower_bound": empirical_epsilon_lower_bound(m, nm, delta),
+    }
 
 
 def site(rng, *, name, shift=0.0, copies=False, epsilon=8.0, hub=False, noisy_copies=False):
@@ -28,18 +41,38 @@ def site(rng, *, name, shift=0.0, copies=False, epsilon=8.0, hub=False, noisy_co
     synthetic = members[:10] + 0.001 if copies else blobs(rng, 10)
     if hub:  # a weak generator: every image far from the data, all nearest to one member (the hub)
         members[0] = 0.6
-        synthetic = np.clip(1.0 - rng.uniform(0, 0.05, (10, *members.shape[1:])), 0, 1).astype(np.float32)
+        synthetic = np.clip(1.0 - rng.uniform(0, 0.05, (10, *members.shape[1:])), 0, 1).astype(
+            np.float32
+        )
     if noisy_copies:  # a memoriser: perturbed copies of 10 distinct members
-        synthetic = np.clip(members[:10] + rng.normal(0, 0.05, members[:10].shape), 0, 1).astype(np.float32)
+        synthetic = np.clip(members[:10] + rng.normal(0, 0.05, members[:10].shape), 0, 1).astype(
+            np.float32
+        )
     return {
-        "site": name, "n_members": 30, "n_nonmembers": 30,
-        "claimed_privacy": {"protection": "formal sample-level DP per patient (RDP accountant, delta=1e-3)"
-                            if math.isfinite(epsilon) else "none", "epsilon": epsilon, "delta": 1e-3,
-                            "accountant": "rdp"},
-        "memorization": memorization_audit(synthetic, [f"syn-{i}" for i in range(10)], members, nonmembers),
+        "site": name,
+        "n_members": 30,
+        "n_nonmembers": 30,
+        "claimed_privacy": {
+            "protection": "formal sample-level DP per patient (RDP accountant, delta=1e-3)"
+            if math.isfinite(epsilon)
+            else "none",
+            "epsilon": epsilon,
+            "delta": 1e-3,
+            "accountant": "rdp",
+        },
+        "memorization": memorization_audit(
+            synthetic, [f"syn-{i}" for i in range(10)], members, nonmembers
+        ),
         "membership": {"white_box": attack(rng, shift), "black_box": attack(rng, 0.0)},
-        "fidelity": {"overall": {"frechet_distance": 1.5, "precision": 0.8, "recall": 0.7, "density": 0.9,
-                                 "coverage": 0.8}},
+        "fidelity": {
+            "overall": {
+                "frechet_distance": 1.5,
+                "precision": 0.8,
+                "recall": 0.7,
+                "density": 0.9,
+                "coverage": 0.8,
+            }
+        },
     }
 
 
@@ -49,7 +82,9 @@ def rng():
 
 
 def test_clean_audit_passes(rng):
-    audit = build_audit({"a": site(rng, name="a"), "b": site(rng, name="b")}, cohort={"n_images": 10})
+    audit = build_audit(
+        {"a": site(rng, name="a"), "b": site(rng, name="b")}, cohort={"n_images": 10}
+    )
     assert audit["verdict"]["status"] == "pass", audit["verdict"]
     assert not audit["verdict"]["dp_suspect"] and audit["schema_version"] == AUDIT_SCHEMA_VERSION
 
@@ -65,7 +100,9 @@ def test_copies_fail_and_missing_sites_are_inconclusive(rng):
     copied = build_audit({"a": site(rng, name="a", copies=True)}, cohort={"n_images": 10})
     assert copied["verdict"]["status"] == "fail" and not copied["verdict"]["dp_suspect"]
     assert any("near-copies" in r for r in copied["verdict"]["reasons"])
-    missing = build_audit({"a": site(rng, name="a")}, cohort={"n_images": 10}, failures=["node 7: timeout"])
+    missing = build_audit(
+        {"a": site(rng, name="a")}, cohort={"n_images": 10}, failures=["node 7: timeout"]
+    )
     assert missing["verdict"]["status"] == "inconclusive"
     assert build_audit({}, cohort={})["verdict"]["status"] == "inconclusive"
 
@@ -74,24 +111,44 @@ def test_report_files_are_strict_json_and_self_contained_html(tmp_path, rng):
     hostile = "<script>alert(1)</script>"
     s = site(rng, name=hostile, copies=True, epsilon=math.inf)
     s["claimed_privacy"]["accountant"] = "<b>rdp</b>"
-    s["membership"]["per_class"] = {"<img src=x onerror=alert(2)>": {"white_box": attack(rng, 0.0, n=5)}}
+    s["membership"]["per_class"] = {
+        "<img src=x onerror=alert(2)>": {"white_box": attack(rng, 0.0, n=5)}
+    }
     audit = build_audit({hostile: s}, cohort={"n_images": 10, "class_names": ["healthy", "le$ion"]})
     images = blobs(rng, 8)
-    j, h = write_audit_report(audit, tmp_path / "audit", sample_images=images, sample_labels=np.array([0, 1] * 4),
-                              class_names=["healthy", "le$ion"], flagged_images={"syn-0": images[0], "$x$": images[1]})
+    j, h = write_audit_report(
+        audit,
+        tmp_path / "audit",
+        sample_images=images,
+        sample_labels=np.array([0, 1] * 4),
+        class_names=["healthy", "le$ion"],
+        flagged_images={"syn-0": images[0], "$x$": images[1]},
+    )
+
     def no_constants(c):
         raise AssertionError(f"non-standard JSON constant {c}")
+
     data = json.loads(j.read_text(), parse_constant=no_constants)
-    assert data["schema_version"] == "1.1" and data["sites"][hostile]["claimed_privacy"]["epsilon"] is None
+    assert (
+        data["schema_version"] == "1.1"
+        and data["sites"][hostile]["claimed_privacy"]["epsilon"] is None
+    )
     assert load_audit(j)["verdict"] == data["verdict"]
     page = h.read_text()
     assert "Verdict: FAIL" in page and page.count('src="data:image/png;base64,') >= 5
     assert hostile not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<img src=x" not in page and "<b>rdp</b>" not in page
     assert "no formal guarantee" in page and "kind of protection" in page and "95%" in page
-    assert "permutation p-value (one-sided)" in page and "(B = 999)" in page and "assumes independence" in page
+    assert (
+        "permutation p-value (one-sided)" in page
+        and "(B = 999)" in page
+        and "assumes independence" in page
+    )
     assert "http://" not in page and "https://" not in page  # nothing loaded from elsewhere
-    assert sorted(p.name for p in (tmp_path / "audit").iterdir()) == ["audit.html", "audit.json"]  # no temp files
+    assert sorted(p.name for p in (tmp_path / "audit").iterdir()) == [
+        "audit.html",
+        "audit.json",
+    ]  # no temp files
 
 
 def test_bad_audit_input_is_named(tmp_path):
@@ -109,29 +166,49 @@ def test_bad_audit_input_is_named(tmp_path):
 def test_hub_share_does_not_fail_but_is_a_caveat(rng):
     hub = site(rng, name="a", hub=True)
     px = hub["memorization"]["pixel"]
-    assert px["share_closer_to_member"] == 1.0 and px["share_ci95"][0] > 0.5  # the 1.0 rule failed here
+    assert (
+        px["share_closer_to_member"] == 1.0 and px["share_ci95"][0] > 0.5
+    )  # the 1.0 rule failed here
     assert px["n_distinct_nearest_members"] == 1 and px["share_p_value"] > 0.3
     audit = build_audit({"a": hub, "b": site(rng, name="b")}, cohort={"n_images": 10})
     assert audit["verdict"]["status"] == "pass", audit["verdict"]
-    caveat = next(c for c in audit["verdict"]["caveats"] if c.startswith("a (pixel space, class all)"))
+    caveat = next(
+        c for c in audit["verdict"]["caveats"] if c.startswith("a (pixel space, class all)")
+    )
     assert "not significant" in caveat and "B = 999" in caveat and "1 distinct member" in caveat
     assert audit["verdict"]["share_tests"]["n_tests"] == 4  # 2 sites x pixel, feature
-    legacy = {"a": {**hub, "memorization": {**hub["memorization"], "pixel": {
-        k: v for k, v in px.items() if k != "share_p_value"}}}}  # a schema 1.0 block: judged by the 1.0 rule
+    legacy = {
+        "a": {
+            **hub,
+            "memorization": {
+                **hub["memorization"],
+                "pixel": {k: v for k, v in px.items() if k != "share_p_value"},
+            },
+        }
+    }  # a schema 1.0 block: judged by the 1.0 rule
     old = build_audit(legacy, cohort={"n_images": 10})
-    assert old["verdict"]["status"] == "fail" and any("schema 1.0" in c for c in old["verdict"]["caveats"])
+    assert old["verdict"]["status"] == "fail" and any(
+        "schema 1.0" in c for c in old["verdict"]["caveats"]
+    )
 
 
 def test_memoriser_share_fails_with_holm_corrected_permutation_p():
     g = np.random.default_rng(7)
     s = site(g, name="a", noisy_copies=True)
-    s["memorization"]["n_near_copies"], s["memorization"]["flagged_ids"] = 0, []  # as if withheld (privacy.policy)
+    s["memorization"]["n_near_copies"], s["memorization"]["flagged_ids"] = (
+        0,
+        [],
+    )  # as if withheld (privacy.policy)
     p = s["memorization"]["pixel"]["share_p_value"]
     assert p <= 0.005 and s["memorization"]["pixel"]["n_permutations"] == 999
     audit = build_audit({"a": s, "b": site(g, name="b")}, cohort={"n_images": 10})
     assert audit["verdict"]["status"] == "fail", audit["verdict"]
-    reason = next(r for r in audit["verdict"]["reasons"] if r.startswith("a (pixel space, class all)"))
-    assert "significantly above chance" in reason and f"permutation p = {p:.3g} with B = 999" in reason
+    reason = next(
+        r for r in audit["verdict"]["reasons"] if r.startswith("a (pixel space, class all)")
+    )
+    assert (
+        "significantly above chance" in reason and f"permutation p = {p:.3g} with B = 999" in reason
+    )
     assert "Holm-adjusted over 4 share test(s)" in reason and "10 distinct member(s)" in reason
 
 

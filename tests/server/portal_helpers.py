@@ -37,15 +37,25 @@ def make_cohort(root: Path) -> Path:
     cfg = model_config("tiny", ddim_steps=2)
     torch.manual_seed(0)
     state = RunState(run_id="portal-test", completed_round=2, latent_scale=1.0)
-    payload = checkpoint_payload(cfg, RunConfig(preset="tiny"), state, build_autoencoder(cfg).state_dict(),
-                                 build_unet(cfg).state_dict())
+    payload = checkpoint_payload(
+        cfg,
+        RunConfig(preset="tiny"),
+        state,
+        build_autoencoder(cfg).state_dict(),
+        build_unet(cfg).state_dict(),
+    )
     ckpt = save_checkpoint(root / "run", payload)
-    return synthesize_cohort(SynthesisRequest(ckpt, root / "cohort", per_class=2, seed=1, batch_size=4))
+    return synthesize_cohort(
+        SynthesisRequest(ckpt, root / "cohort", per_class=2, seed=1, batch_size=4)
+    )
 
 
 def _attack(rng, n=120, delta=1e-5):
     m, nm = rng.normal(0, 1, n), rng.normal(0, 1, n)
-    return {**roc_summary(m, nm), "epsilon_lower_bound": empirical_epsilon_lower_bound(m, nm, delta)}
+    return {
+        **roc_summary(m, nm),
+        "epsilon_lower_bound": empirical_epsilon_lower_bound(m, nm, delta),
+    }
 
 
 def make_audit(cohort: Path, out: Path, *, epsilon: float = 4.0) -> Path:
@@ -58,20 +68,43 @@ def make_audit(cohort: Path, out: Path, *, epsilon: float = 4.0) -> Path:
         members = rng.uniform(0, 1, (12, *images.shape[1:])).astype(np.float32)
         nonmembers = rng.uniform(0, 1, (12, *images.shape[1:])).astype(np.float32)
         sites[name] = {
-            "site": name, "n_members": 120, "n_nonmembers": 120,
-            "claimed_privacy": {"protection": "formal sample-level DP per patient (RDP accountant, delta=1e-05)",
-                                "epsilon": epsilon, "delta": 1e-5, "accountant": "rdp", "epsilon_budget": 10.0},
+            "site": name,
+            "n_members": 120,
+            "n_nonmembers": 120,
+            "claimed_privacy": {
+                "protection": "formal sample-level DP per patient (RDP accountant, delta=1e-05)",
+                "epsilon": epsilon,
+                "delta": 1e-5,
+                "accountant": "rdp",
+                "epsilon_budget": 10.0,
+            },
             "memorization": memorization_audit(images, ids, members, nonmembers),
             "membership": {"white_box": _attack(rng), "black_box": _attack(rng)},
-            "fidelity": {"overall": {"frechet_distance": 1.0, "precision": 0.8, "recall": 0.7, "density": 0.9,
-                                     "coverage": 0.8}},
+            "fidelity": {
+                "overall": {
+                    "frechet_distance": 1.0,
+                    "precision": 0.8,
+                    "recall": 0.7,
+                    "density": 0.9,
+                    "coverage": 0.8,
+                }
+            },
             "utility": {"train_synthetic_test_real": {"balanced_accuracy": 0.8, "auc": 0.85}},
         }
     manifest = json.loads((cohort / "manifest.json").read_text())
-    audit = build_audit(sites, cohort={"path": str(cohort), "n_images": len(ids), "class_names": class_names,
-                                       "checkpoint_sha256": manifest["checkpoint"]["sha256"],
-                                       "run_id": manifest["checkpoint"]["run_id"]})
-    write_audit_report(audit, out, sample_images=images, sample_labels=labels, class_names=class_names)
+    audit = build_audit(
+        sites,
+        cohort={
+            "path": str(cohort),
+            "n_images": len(ids),
+            "class_names": class_names,
+            "checkpoint_sha256": manifest["checkpoint"]["sha256"],
+            "run_id": manifest["checkpoint"]["run_id"],
+        },
+    )
+    write_audit_report(
+        audit, out, sample_images=images, sample_labels=labels, class_names=class_names
+    )
     return out
 
 
@@ -87,11 +120,20 @@ class Consortium:
 
     def release(self, name: str, *, epsilon: float = 4.0, cohort_id: str | None = None) -> Path:
         """A fresh signed release candidate (gate passed unless `epsilon` > 10)."""
-        audit = self.audit if epsilon == 4.0 else make_audit(self.cohort, self.root / f"audit-{name}",
-                                                                   epsilon=epsilon)
-        return build_release(self.cohort, audit, self.root / "releases" / name, policy=DEFAULT_POLICY,
-                             consortium_key=self.consortium_key, officer_keys=self.officer_pubs,
-                             cohort_id=cohort_id or name)
+        audit = (
+            self.audit
+            if epsilon == 4.0
+            else make_audit(self.cohort, self.root / f"audit-{name}", epsilon=epsilon)
+        )
+        return build_release(
+            self.cohort,
+            audit,
+            self.root / "releases" / name,
+            policy=DEFAULT_POLICY,
+            consortium_key=self.consortium_key,
+            officer_keys=self.officer_pubs,
+            cohort_id=cohort_id or name,
+        )
 
 
 def make_consortium(root: Path) -> Consortium:
@@ -121,13 +163,20 @@ class PortalServer:
         self.ca = pki_dir / "ca.crt"
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(data), host="127.0.0.1", port=self.port, log_level="warning",
-                                ssl_certfile=str(pki_dir / "superlink.crt"), ssl_keyfile=str(pki_dir / "superlink.key"),
-                                lifespan="off", ws="none")
+        config = uvicorn.Config(
+            create_app(data),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            ssl_certfile=str(pki_dir / "superlink.crt"),
+            ssl_keyfile=str(pki_dir / "superlink.key"),
+            lifespan="off",
+            ws="none",
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "PortalServer":
+    def __enter__(self) -> PortalServer:
         self.thread.start()
         deadline = time.time() + 20
         while not self.server.started:
@@ -144,11 +193,17 @@ class PortalServer:
         import ssl
 
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, verify=ssl.create_default_context(cafile=str(self.ca)),
-                            headers=headers, timeout=30)
+        return httpx.Client(
+            base_url=self.url,
+            verify=ssl.create_default_context(cafile=str(self.ca)),
+            headers=headers,
+            timeout=30,
+        )
 
 
-def raw_request(server: PortalServer, target: str, token: str | None = None, method: str = "GET") -> tuple[int, bytes]:
+def raw_request(
+    server: PortalServer, target: str, token: str | None = None, method: str = "GET"
+) -> tuple[int, bytes]:
     """Send a request line exactly as given (no client-side URL normalisation) over TLS; (status, whole reply)."""
     import ssl
 
@@ -156,16 +211,25 @@ def raw_request(server: PortalServer, target: str, token: str | None = None, met
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
-            tls.sendall(f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n".encode())
+            tls.sendall(
+                f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n".encode()
+            )
             reply = b""
             while chunk := tls.recv(65536):
                 reply += chunk
     return int(reply.split(b" ", 2)[1]), reply
 
 
-def approve(release_dir: Path, consortium: Consortium, officer: str, decision: str = "approve",
-            reason: str = "") -> dict:
+def approve(
+    release_dir: Path,
+    consortium: Consortium,
+    officer: str,
+    decision: str = "approve",
+    reason: str = "",
+) -> dict:
     """An officer's signed decision, made on the command line (server.release.sign_approval)."""
     from server.release import approval_statement, sign_approval
 
-    return sign_approval(approval_statement(release_dir, officer, decision, reason), consortium.officer_keys[officer])
+    return sign_approval(
+        approval_statement(release_dir, officer, decision, reason), consortium.officer_keys[officer]
+    )

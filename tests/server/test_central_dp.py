@@ -11,7 +11,15 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
     NeighboringRelation,
@@ -39,14 +47,32 @@ def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in values.items()})
 
 
-def _reply(msg: Message, arrays: ArrayRecord | None, num_examples: int = 10, site: str = "site",
-           refused: str = "") -> Message:
-    content = RecordDict({"privacy": ConfigRecord({"site": site, "epsilon": 1.0, "protection": "formal sample-level DP"}),
-                          "status": ConfigRecord({"site": site, "refused": refused, "error": ""})})
+def _reply(
+    msg: Message,
+    arrays: ArrayRecord | None,
+    num_examples: int = 10,
+    site: str = "site",
+    refused: str = "",
+) -> Message:
+    content = RecordDict(
+        {
+            "privacy": ConfigRecord(
+                {"site": site, "epsilon": 1.0, "protection": "formal sample-level DP"}
+            ),
+            "status": ConfigRecord({"site": site, "refused": refused, "error": ""}),
+        }
+    )
     if arrays is not None:
         content["arrays"] = arrays
-        content["metrics"] = MetricRecord({"num-examples": float(num_examples), "loss": 0.5, "seconds": 0.1,
-                                           "epsilon": 1.0, "steps": 1.0})
+        content["metrics"] = MetricRecord(
+            {
+                "num-examples": float(num_examples),
+                "loss": 0.5,
+                "seconds": 0.1,
+                "epsilon": 1.0,
+                "steps": 1.0,
+            }
+        )
     return Message(content=content, reply_to=msg)
 
 
@@ -77,8 +103,8 @@ class FakeGrid:
             sent = m.content["arrays"]
             nd = sent.to_numpy_ndarrays()
             steps = [self.rng.normal(size=a.shape).astype(np.float32) for a in nd]
-            scale = self.step_norm / math.sqrt(sum(float((s ** 2).sum()) for s in steps))
-            new = {k: a + s * scale for k, a, s in zip(sent.keys(), nd, steps)}
+            scale = self.step_norm / math.sqrt(sum(float((s**2).sum()) for s in steps))
+            new = {k: a + s * scale for k, a, s in zip(sent.keys(), nd, steps, strict=False)}
             return _reply(m, _arrays(new), num_examples=10 * node, site=f"site-{node - 1}")
 
         return central_dp_clipping_mod(msg, None, handler)
@@ -100,7 +126,9 @@ def test_clipped_update_has_norm_at_most_the_clipping_norm_and_keeps_its_directi
     seen = {}
 
     def handler(m, ctx):
-        seen["autoencoder"] = "autoencoder" in m.content  # the frozen autoencoder still reaches the task
+        seen["autoencoder"] = (
+            "autoencoder" in m.content
+        )  # the frozen autoencoder still reaches the task
         return _reply(m, _arrays({k: glob[k] + step[k] for k in glob}))
 
     msg = _train_msg(_arrays(glob), {"server-round": 2, "clipping_norm": 0.7}, frozen)
@@ -109,26 +137,39 @@ def test_clipped_update_has_norm_at_most_the_clipping_norm_and_keeps_its_directi
     g = _arrays(glob).to_numpy_ndarrays()
     assert seen["autoencoder"]
     assert update_norm(new, g) <= 0.7 * (1 + 1e-5)
-    assert update_norm(new, g) == pytest.approx(0.7, rel=1e-4)  # the step was much longer: clipped to the norm
-    delta = np.concatenate([(a - b).ravel() for a, b in zip(new, g)])
+    assert update_norm(new, g) == pytest.approx(
+        0.7, rel=1e-4
+    )  # the step was much longer: clipped to the norm
+    delta = np.concatenate([(a - b).ravel() for a, b in zip(new, g, strict=False)])
     direction = np.concatenate([step[k].ravel() for k in glob])
-    assert np.dot(delta, direction) / (np.linalg.norm(delta) * np.linalg.norm(direction)) == pytest.approx(1, abs=1e-4)
+    assert np.dot(delta, direction) / (
+        np.linalg.norm(delta) * np.linalg.norm(direction)
+    ) == pytest.approx(1, abs=1e-4)
 
     # a short update is left as it is
     small = {k: glob[k] + 1e-3 * step[k] for k in glob}
-    out = central_dp_clipping_mod(_train_msg(_arrays(glob), {"clipping_norm": 0.7}), None,
-                                  lambda m, c: _reply(m, _arrays(small)))
+    out = central_dp_clipping_mod(
+        _train_msg(_arrays(glob), {"clipping_norm": 0.7}),
+        None,
+        lambda m, c: _reply(m, _arrays(small)),
+    )
     assert np.allclose(out.content["arrays"].to_numpy_ndarrays()[0], small["w"], atol=1e-6)
 
 
 def test_clipping_mod_is_a_no_op_without_central_dp_and_passes_refusals_through():
     glob = {"w": np.zeros(10)}
     big = {"w": np.full(10, 100.0)}
-    out = central_dp_clipping_mod(_train_msg(_arrays(glob), {"server-round": 1}), None,
-                                  lambda m, c: _reply(m, _arrays(big)))
-    assert np.allclose(out.content["arrays"].to_numpy_ndarrays()[0], 100.0)  # no clipping norm asked: untouched
-    refused = central_dp_clipping_mod(_train_msg(_arrays(glob), {"clipping_norm": 1.0}), None,
-                                      lambda m, c: _reply(m, None, refused="budget spent"))
+    out = central_dp_clipping_mod(
+        _train_msg(_arrays(glob), {"server-round": 1}), None, lambda m, c: _reply(m, _arrays(big))
+    )
+    assert np.allclose(
+        out.content["arrays"].to_numpy_ndarrays()[0], 100.0
+    )  # no clipping norm asked: untouched
+    refused = central_dp_clipping_mod(
+        _train_msg(_arrays(glob), {"clipping_norm": 1.0}),
+        None,
+        lambda m, c: _reply(m, None, refused="budget spent"),
+    )
     assert not refused.has_error() and refused.content["status"]["refused"] == "budget spent"
 
 
@@ -136,10 +177,15 @@ def test_server_reclips_an_update_that_was_not_clipped_and_weighs_sites_equally(
     run = RunConfig(central_dp="client-side-fixed", central_dp_clipping_norm=0.5)
     glob = _arrays({"w": np.zeros(100)})
     msg = _train_msg(glob, {})
-    replies = [_reply(msg, _arrays({"w": np.full(100, 1.0)}), num_examples=3),
-               _reply(msg, _arrays({"w": np.full(100, 0.001)}), num_examples=30)]
+    replies = [
+        _reply(msg, _arrays({"w": np.full(100, 1.0)}), num_examples=3),
+        _reply(msg, _arrays({"w": np.full(100, 0.001)}), num_examples=30),
+    ]
     CentralDP(run, tmp_path).prepare_replies(replies, glob)
-    norms = [update_norm(r.content["arrays"].to_numpy_ndarrays(), glob.to_numpy_ndarrays()) for r in replies]
+    norms = [
+        update_norm(r.content["arrays"].to_numpy_ndarrays(), glob.to_numpy_ndarrays())
+        for r in replies
+    ]
     assert norms[0] == pytest.approx(0.5, rel=1e-5) and norms[1] == pytest.approx(0.01, rel=1e-4)
     assert [r.content["metrics"]["central-dp-weight"] for r in replies] == [1.0, 1.0]
 
@@ -147,14 +193,23 @@ def test_server_reclips_an_update_that_was_not_clipped_and_weighs_sites_equally(
 # ---- the server's noise -------------------------------------------------------------------------------------------
 def test_aggregate_noise_std_is_noise_multiplier_times_clipping_norm_over_sites(tmp_path):
     sigma, c, n = 1.5, 0.8, 4
-    run = RunConfig(central_dp="client-side-fixed", central_dp_noise_multiplier=sigma, central_dp_clipping_norm=c)
+    run = RunConfig(
+        central_dp="client-side-fixed",
+        central_dp_noise_multiplier=sigma,
+        central_dp_clipping_norm=c,
+    )
     central = CentralDP(run, tmp_path)
     strategy = central.wrap(make_strategy(run), n, population=n)
     glob = _arrays({"w": np.zeros((200, 250)), "b": np.zeros(1000)})
     grid = FakeGrid(n)
-    messages = list(strategy.configure_train(1, glob, ConfigRecord({"x": 1}), SitesGrid(grid, grid.nodes)))
+    messages = list(
+        strategy.configure_train(1, glob, ConfigRecord({"x": 1}), SitesGrid(grid, grid.nodes))
+    )
     assert len(messages) == n and all(m.content["config"]["clipping_norm"] == c for m in messages)
-    same = {"w": np.full((200, 250), 0.003), "b": np.full(1000, 0.003)}  # every site: the same update, norm 0.68
+    same = {
+        "w": np.full((200, 250), 0.003),
+        "b": np.full(1000, 0.003),
+    }  # every site: the same update, norm 0.68
     replies = [_reply(m, _arrays(same), num_examples=5 * (i + 1)) for i, m in enumerate(messages)]
     central.prepare_replies(replies, glob)
     np.random.seed(0)
@@ -162,7 +217,9 @@ def test_aggregate_noise_std_is_noise_multiplier_times_clipping_norm_over_sites(
     noise = np.concatenate([a.ravel() for a in agg.to_numpy_ndarrays()]) - np.float32(0.003)
     assert noise.size == 51_000
     assert abs(noise.mean()) < 5 * sigma * c / n / math.sqrt(noise.size)
-    assert noise.std() == pytest.approx(sigma * c / n, rel=0.02)  # 51k samples: the estimate is within ~0.6 %
+    assert noise.std() == pytest.approx(
+        sigma * c / n, rel=0.02
+    )  # 51k samples: the estimate is within ~0.6 %
     assert central.noise_std(n) == pytest.approx(sigma * c / n)
     assert central.releases == 1
 
@@ -177,19 +234,35 @@ def _independent_epsilon(sigma: float, rounds: int, delta: float) -> float:
 
 
 def _flower_epsilon(sigma: float, rounds: int, delta: float, sites: int) -> float:
-    acc = RdpAccountant(PrivacyConfig(target_delta=delta, population_size=sites,
-                                      neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                                      sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    acc = RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=sites,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
     for _ in range(rounds):
-        acc.compose(GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=sites, population_size=sites))
+        acc.compose(
+            GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=sites, population_size=sites)
+        )
     return acc.get_privacy_spent().epsilon
 
 
 def _run(tmp_path, rounds: int, ae_rounds: int = 1, **kw) -> RunConfig:
-    return RunConfig(preset="tiny", num_server_rounds=rounds, autoencoder_rounds=ae_rounds, min_sites=2,
-                     run_dir=str(tmp_path / "run"), synthesize_per_class=0, round_timeout=5.0,
-                     central_dp="client-side-fixed", central_dp_noise_multiplier=2.0, central_dp_clipping_norm=0.5,
-                     **kw)
+    return RunConfig(
+        preset="tiny",
+        num_server_rounds=rounds,
+        autoencoder_rounds=ae_rounds,
+        min_sites=2,
+        run_dir=str(tmp_path / "run"),
+        synthesize_per_class=0,
+        round_timeout=5.0,
+        central_dp="client-side-fixed",
+        central_dp_noise_multiplier=2.0,
+        central_dp_clipping_norm=0.5,
+        **kw,
+    )
 
 
 def _records(run_dir):
@@ -207,8 +280,11 @@ def test_client_level_epsilon_over_both_phases_and_a_resume_matches_flowers_acco
     privacy, metrics, record = _records(run_dir)
     delta = 1 / (10 * n)
     agg = [m for m in metrics if m["status"] == "aggregated"]
-    assert [m["round"] for m in agg] == [1, 2, 3] and [m["phase"] for m in agg] == ["autoencoder", "diffusion",
-                                                                                     "diffusion"]
+    assert [m["round"] for m in agg] == [1, 2, 3] and [m["phase"] for m in agg] == [
+        "autoencoder",
+        "diffusion",
+        "diffusion",
+    ]
     eps = [m["client-level-epsilon"] for m in agg]
     assert eps[0] < eps[1] < eps[2]  # grows every round, across the phase switch too
     for r, e in enumerate(eps, 1):
@@ -217,10 +293,19 @@ def test_client_level_epsilon_over_both_phases_and_a_resume_matches_flowers_acco
     assert all(m["central-dp-noise-std"] == pytest.approx(sigma * 0.5 / n) for m in agg)
 
     cl = privacy["client_level"]
-    assert cl["protection"].startswith("client-level DP") and cl["accountant"] == "flwr RdpAccountant"
+    assert (
+        cl["protection"].startswith("client-level DP") and cl["accountant"] == "flwr RdpAccountant"
+    )
     assert cl["epsilon"] == pytest.approx(eps[-1]) and cl["delta"] == pytest.approx(delta)
-    assert cl["rounds"] == 3 and cl["sites"] == n and cl["noise_multiplier"] == sigma and cl["clipping_norm"] == 0.5
-    assert math.isfinite(cl["epsilon_at_delta_1e-05"]) and cl["epsilon_at_delta_1e-05"] > cl["epsilon"]
+    assert (
+        cl["rounds"] == 3
+        and cl["sites"] == n
+        and cl["noise_multiplier"] == sigma
+        and cl["clipping_norm"] == 0.5
+    )
+    assert (
+        math.isfinite(cl["epsilon_at_delta_1e-05"]) and cl["epsilon_at_delta_1e-05"] > cl["epsilon"]
+    )
     assert set(privacy["sample_level"]) == {"site-0", "site-1", "site-2"}
     assert sample_level(privacy) == privacy["sample_level"]
     assert record["central_dp"]["epsilon"] == pytest.approx(eps[-1])
@@ -236,7 +321,9 @@ def test_client_level_epsilon_over_both_phases_and_a_resume_matches_flowers_acco
     agg = [m for m in metrics if m["status"] == "aggregated"]
     assert [m["round"] for m in agg] == [1, 2, 3, 4, 5]
     assert privacy["client_level"]["rounds"] == 5
-    assert privacy["client_level"]["epsilon"] == pytest.approx(_flower_epsilon(sigma, 5, delta, n), rel=1e-9)
+    assert privacy["client_level"]["epsilon"] == pytest.approx(
+        _flower_epsilon(sigma, 5, delta, n), rel=1e-9
+    )
     assert agg[3]["client-level-epsilon"] > agg[2]["client-level-epsilon"]
 
 
@@ -245,7 +332,10 @@ def test_central_dp_off_is_labelled_none_and_weights_by_examples(tmp_path):
     grid = FakeGrid(2, step_norm=0.01)
     Federation(grid, run).run_rounds()
     privacy, metrics, record = _records(tmp_path / "run")
-    assert privacy["client_level"]["protection"] == "none" and record["central_dp"]["protection"] == "none"
+    assert (
+        privacy["client_level"]["protection"] == "none"
+        and record["central_dp"]["protection"] == "none"
+    )
     assert set(privacy["sample_level"]) == {"site-0", "site-1"}
     assert not any(m["status"] == "aggregated" for m in metrics)
     assert all("clipping_norm" not in m.content["config"] for m in grid.seen)
@@ -268,30 +358,53 @@ def test_max_epsilon_stops_before_the_release_that_would_pass_it(tmp_path):
     run = _run(tmp_path, rounds=3, central_dp_max_epsilon=(one + two) / 2)
     assert Federation(FakeGrid(3), run).run_rounds() is None
     privacy, _, record = _records(tmp_path / "run")
-    assert record["status"] == "stopped" and "max_epsilon" in record["reason"] and record["completed_round"] == 1
+    assert (
+        record["status"] == "stopped"
+        and "max_epsilon" in record["reason"]
+        and record["completed_round"] == 1
+    )
     assert privacy["client_level"]["epsilon"] == pytest.approx(one)
 
 
 # ---- configuration ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bad, words", [
-    ({"central_dp": "on"}, "central-dp"),
-    ({"central_dp": "client-side-fixed", "central_dp_noise_multiplier": 0.0}, "noise-multiplier"),
-    ({"central_dp": "client-side-fixed", "central_dp_noise_multiplier": float("inf")}, "noise-multiplier"),
-    ({"central_dp": "client-side-fixed", "central_dp_clipping_norm": -1.0}, "clipping-norm"),
-    ({"central_dp": "client-side-fixed", "central_dp_delta": 1.0}, "delta"),
-    ({"central_dp": "client-side-fixed", "central_dp_max_epsilon": -2.0}, "max-epsilon"),
-    ({"central_dp": "client-side-fixed", "strategy": "fedadam"}, "fedavg"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({"central_dp": "on"}, "central-dp"),
+        (
+            {"central_dp": "client-side-fixed", "central_dp_noise_multiplier": 0.0},
+            "noise-multiplier",
+        ),
+        (
+            {"central_dp": "client-side-fixed", "central_dp_noise_multiplier": float("inf")},
+            "noise-multiplier",
+        ),
+        ({"central_dp": "client-side-fixed", "central_dp_clipping_norm": -1.0}, "clipping-norm"),
+        ({"central_dp": "client-side-fixed", "central_dp_delta": 1.0}, "delta"),
+        ({"central_dp": "client-side-fixed", "central_dp_max_epsilon": -2.0}, "max-epsilon"),
+        ({"central_dp": "client-side-fixed", "strategy": "fedadam"}, "fedavg"),
+    ],
+)
 def test_config_refuses_bad_central_dp_values(bad, words):
     with pytest.raises(ValueError, match=words):
         RunConfig(**bad)
 
 
 def test_config_reads_central_dp_keys_from_flower():
-    run = RunConfig.from_flwr({"central-dp": "client-side-fixed", "central-dp-noise-multiplier": "1.2",
-                               "central-dp-clipping-norm": 3, "central-dp-delta": 1e-3})
-    assert (run.central_dp, run.central_dp_noise_multiplier, run.central_dp_clipping_norm, run.central_dp_delta) == \
-        ("client-side-fixed", 1.2, 3.0, 1e-3)
+    run = RunConfig.from_flwr(
+        {
+            "central-dp": "client-side-fixed",
+            "central-dp-noise-multiplier": "1.2",
+            "central-dp-clipping-norm": 3,
+            "central-dp-delta": 1e-3,
+        }
+    )
+    assert (
+        run.central_dp,
+        run.central_dp_noise_multiplier,
+        run.central_dp_clipping_norm,
+        run.central_dp_delta,
+    ) == ("client-side-fixed", 1.2, 3.0, 1e-3)
     assert RunConfig().central_dp == "off"
 
 
@@ -299,14 +412,30 @@ def test_config_reads_central_dp_keys_from_flower():
 def test_audit_report_carries_the_client_level_label_from_the_run_record(tmp_path):
     from privacy.report import build_audit, write_audit_report
 
-    site = {"site": "a", "n_members": 0, "n_nonmembers": 0,
-            "claimed_privacy": {"protection": "formal sample-level DP per patient (RDP accountant, delta=1e-3)",
-                                "epsilon": 4.0, "delta": 1e-3, "accountant": "rdp"}}
-    central = {"protection": "client-level DP: bounds ... whether a whole site participated (RDP, delta=3.33e-02)",
-               "epsilon": 8.01, "rounds": 6, "sites": 3}
-    audit = build_audit({"a": site}, cohort={"n_images": 2}, run_record={"run_id": "r", "central_dp": central})
+    site = {
+        "site": "a",
+        "n_members": 0,
+        "n_nonmembers": 0,
+        "claimed_privacy": {
+            "protection": "formal sample-level DP per patient (RDP accountant, delta=1e-3)",
+            "epsilon": 4.0,
+            "delta": 1e-3,
+            "accountant": "rdp",
+        },
+    }
+    central = {
+        "protection": "client-level DP: bounds ... whether a whole site participated (RDP, delta=3.33e-02)",
+        "epsilon": 8.01,
+        "rounds": 6,
+        "sites": 3,
+    }
+    audit = build_audit(
+        {"a": site}, cohort={"n_images": 2}, run_record={"run_id": "r", "central_dp": central}
+    )
     assert audit["run"]["central_dp"] == central
     write_audit_report(audit, tmp_path)
     html = (tmp_path / "audit.html").read_text()
     assert "Client level (whole site)" in html and "8.01" in html and "after 6 rounds" in html
-    assert sample_level({"a": {"epsilon": 1.0}}) == {"a": {"epsilon": 1.0}}  # a privacy.json from before
+    assert sample_level({"a": {"epsilon": 1.0}}) == {
+        "a": {"epsilon": 1.0}
+    }  # a privacy.json from before

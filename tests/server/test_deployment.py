@@ -17,10 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from server.deployment import DeploymentError, flwr_processes, local_superlink, local_supernodes, run_federation
+from server.deployment import (
+    DeploymentError,
+    flwr_processes,
+    local_superlink,
+    local_supernodes,
+    run_federation,
+)
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="the orphan checks read Linux /proc")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not Path("/proc/self/environ").exists(), reason="the orphan checks read Linux /proc"
+    ),
+]
 
 PYPROJECT = """\
 [project]
@@ -43,7 +53,7 @@ nodes = 2
 fail = false
 """
 
-APPS = '''\
+APPS = """\
 import json, time
 from pathlib import Path
 
@@ -73,7 +83,7 @@ def main(grid: Grid, context: Context) -> None:
 @client.query()
 def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"a": ConfigRecord(dict(context.node_config))}), reply_to=msg)
-'''
+"""
 
 
 def _tiny_app(root: Path) -> Path:
@@ -104,12 +114,16 @@ def _command(pid: int) -> str:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return "(gone)"
-    script = next((a for a in argv[:2] if b"/bin/" in a and not a.endswith((b"python", b"python3"))), argv[0])
+    script = next(
+        (a for a in argv[:2] if b"/bin/" in a and not a.endswith((b"python", b"python3"))), argv[0]
+    )
     return Path(script.decode()).name
 
 
 def _assert_all_stopped(work_dir: Path, n_nodes: int) -> None:
-    assert flwr_processes(work_dir.resolve() / "flwr-home") == []  # SuperExec, serverapp, clientapp included
+    assert (
+        flwr_processes(work_dir.resolve() / "flwr-home") == []
+    )  # SuperExec, serverapp, clientapp included
     ports = _ports(work_dir)
     assert len(ports) == 1 + n_nodes
     assert not [p for p in ports if _port_open(p)]
@@ -118,14 +132,24 @@ def _assert_all_stopped(work_dir: Path, n_nodes: int) -> None:
 def test_tls_federation_reaches_every_node_and_stops_everything(tmp_path):
     app = _tiny_app(tmp_path)
     out = tmp_path / "answers.json"
-    nodes = [{"site-name": f"site-{i}", "site-dir": str(tmp_path / f"site {i} \"q\""), "threads": i + 1}
-             for i in range(2)]
+    nodes = [
+        {"site-name": f"site-{i}", "site-dir": str(tmp_path / f'site {i} "q"'), "threads": i + 1}
+        for i in range(2)
+    ]
     lines: list[str] = []
-    result = run_federation(app, tmp_path / "deploy", nodes, {"out": str(out), "nodes": 2},
-                            timeout_s=120, progress=lines.append)
+    result = run_federation(
+        app,
+        tmp_path / "deploy",
+        nodes,
+        {"out": str(out), "nodes": 2},
+        timeout_s=120,
+        progress=lines.append,
+    )
     assert result.returncode == 0 and result.status == "finished:completed" and result.run_id
     answers = json.loads(out.read_text())
-    assert sorted(answers.values(), key=lambda a: a["site-name"]) == nodes  # quotes and spaces survive
+    assert (
+        sorted(answers.values(), key=lambda a: a["site-name"]) == nodes
+    )  # quotes and spaces survive
     assert any("TLS, SuperNode auth" in line for line in lines)
     assert "registered successfully" in result.logs["flwr"].read_text()
     assert "Successfully started run" in result.logs["run"].read_text()
@@ -136,8 +160,14 @@ def test_tls_federation_reaches_every_node_and_stops_everything(tmp_path):
 def test_failing_server_app_raises_with_log_tail_and_cleans_up(tmp_path):
     app = _tiny_app(tmp_path)
     with pytest.raises(DeploymentError) as err:
-        run_federation(app, tmp_path / "deploy", [{"site-name": "site-0"}], {"fail": True, "nodes": 1},
-                       timeout_s=120, progress=lambda _: None)
+        run_federation(
+            app,
+            tmp_path / "deploy",
+            [{"site-name": "site-0"}],
+            {"fail": True, "nodes": 1},
+            timeout_s=120,
+            progress=lambda _: None,
+        )
     assert "finished:failed" in str(err.value)
     assert "tiny app failed on purpose" in str(err.value)
     _assert_all_stopped(tmp_path / "deploy", 1)
@@ -146,15 +176,24 @@ def test_failing_server_app_raises_with_log_tail_and_cleans_up(tmp_path):
 def test_ctrl_c_during_a_run_stops_every_process(tmp_path):
     app = _tiny_app(tmp_path)
     work = tmp_path / "deploy"
-    script = (f"from pathlib import Path; from server.deployment import run_federation\n"
-              f"run_federation(Path({str(app)!r}), Path({str(work)!r}), [{{'site-name': 'site-0'}}], "
-              f"{{'nodes': 5}}, timeout_s=120, progress=lambda line: print(line, flush=True))\n")
+    script = (
+        f"from pathlib import Path; from server.deployment import run_federation\n"
+        f"run_federation(Path({str(app)!r}), Path({str(work)!r}), [{{'site-name': 'site-0'}}], "
+        f"{{'nodes': 5}}, timeout_s=120, progress=lambda line: print(line, flush=True))\n"
+    )
     # A shell's background job (e.g. `.ci/run &`) ignores SIGINT and its children inherit that, so Python would
     # install no Ctrl-C handler: give the child the default disposition, as a terminal would.
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     seen, live = [], set()
-    for line in proc.stdout:  # the ServerApp waits for 5 nodes that never come: interrupt it while it waits
+    for line in (
+        proc.stdout
+    ):  # the ServerApp waits for 5 nodes that never come: interrupt it while it waits
         seen.append(line)
         if "Start `flwr-serverapp` process" in line:
             time.sleep(1.0)
@@ -163,7 +202,13 @@ def test_ctrl_c_during_a_run_stops_every_process(tmp_path):
             break
     rest = proc.communicate(timeout=60)[0]
     # the orphan check below can fail: Flower's own detached processes carry the private FLWR_HOME too
-    assert {"flower-superlink", "flower-superexec", "flower-supernode", "flwr", "flwr-serverapp"} <= live, live
+    assert {
+        "flower-superlink",
+        "flower-superexec",
+        "flower-supernode",
+        "flwr",
+        "flwr-serverapp",
+    } <= live, live
     assert proc.returncode != 0, "".join(seen) + rest
     assert "KeyboardInterrupt" in rest and "stopped the SuperLink and SuperNodes" in rest
     _assert_all_stopped(work, 1)
@@ -176,13 +221,19 @@ def test_a_supernode_that_cannot_start_is_reported_and_everything_stops(tmp_path
             link.pki.node_keys[0].write_text("not a key\n")
             with local_supernodes(link, [{"site-name": "site-0"}], progress=lambda _: None):
                 pytest.fail("the SuperNode started with a broken key")
-    assert "supernode-0 exited" in str(err.value) and "Unable to parse the private key" in str(err.value)
+    assert "supernode-0 exited" in str(err.value) and "Unable to parse the private key" in str(
+        err.value
+    )
     assert flwr_processes(work.resolve() / "flwr-home") == []
 
 
 def test_bad_config_value_is_refused_before_anything_starts(tmp_path):
     with pytest.raises(ValueError, match="nested"):
-        run_federation(tmp_path, tmp_path / "deploy", [{"nested": {"a": 1}}], {}, progress=lambda _: None)
+        run_federation(
+            tmp_path, tmp_path / "deploy", [{"nested": {"a": 1}}], {}, progress=lambda _: None
+        )
     with pytest.raises(ValueError, match="pyproject.toml not found"):
-        run_federation(tmp_path, tmp_path / "deploy", [{"site-name": "a"}], {}, progress=lambda _: None)
+        run_federation(
+            tmp_path, tmp_path / "deploy", [{"site-name": "a"}], {}, progress=lambda _: None
+        )
     assert not (tmp_path / "deploy").exists()

@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.verification import PolicyBuilder, Store
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from server.pki import make_pki
 
@@ -34,8 +34,10 @@ def test_server_certificate_chains_to_the_ca_for_localhost_and_loopback_ip(tmp_p
         chain = verifier.verify(server, [])
         assert chain[-1] == ca
     other_ca = x509.load_pem_x509_certificate(make_pki(tmp_path / "other", 0).ca_cert.read_bytes())
-    with pytest.raises(Exception):
-        PolicyBuilder().store(Store([other_ca])).build_server_verifier(x509.DNSName("localhost")).verify(server, [])
+    with pytest.raises(VerificationError):
+        PolicyBuilder().store(Store([other_ca])).build_server_verifier(
+            x509.DNSName("localhost")
+        ).verify(server, [])
     server_key = serialization.load_pem_private_key(paths.server_key.read_bytes(), None)
     assert server_key.public_key().public_numbers() == server.public_key().public_numbers()
 
@@ -46,10 +48,12 @@ def test_private_keys_are_0600_and_node_keys_load_as_flower_does(tmp_path):
     for key in (paths.ca_key, paths.server_key, *paths.node_keys):
         assert _mode(key) == 0o600, key
     assert _mode(paths.ca_cert) == 0o644
-    for private, public in zip(paths.node_keys, paths.node_public_keys):
+    for private, public in zip(paths.node_keys, paths.node_public_keys, strict=False):
         key = serialization.load_ssh_private_key(private.read_bytes(), None)  # flower-supernode
         pub = serialization.load_ssh_public_key(public.read_bytes())  # flwr supernode register
-        assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(pub, ec.EllipticCurvePublicKey)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(
+            pub, ec.EllipticCurvePublicKey
+        )
         assert key.public_key().public_numbers() == pub.public_numbers()
         assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
     assert not list((tmp_path / "pki").rglob("*.tmp*"))  # atomic writes leave no temporaries
@@ -66,13 +70,36 @@ def test_an_existing_ca_is_not_replaced_without_overwrite(tmp_path):
 
 def test_command_line_entry_point_writes_the_pki(tmp_path):
     out = tmp_path / "consortium"
-    proc = subprocess.run([sys.executable, "-m", "server.pki", "--out", str(out), "--nodes", "2",
-                           "--host", "10.0.0.5"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.pki",
+            "--out",
+            str(out),
+            "--nodes",
+            "2",
+            "--host",
+            "10.0.0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (out / "nodes").iterdir()) == ["node-0", "node-0.pub", "node-1", "node-1.pub"]
+    assert sorted(p.name for p in (out / "nodes").iterdir()) == [
+        "node-0",
+        "node-0.pub",
+        "node-1",
+        "node-1.pub",
+    ]
     server = x509.load_pem_x509_certificate((out / "superlink.crt").read_bytes())
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert ipaddress.ip_address("10.0.0.5") in san.get_values_for_type(x509.IPAddress)
-    again = subprocess.run([sys.executable, "-m", "server.pki", "--out", str(out)], capture_output=True, text=True,
-                           timeout=60)
+    again = subprocess.run(
+        [sys.executable, "-m", "server.pki", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.returncode != 0 and "refusing to replace" in again.stderr

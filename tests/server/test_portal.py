@@ -12,7 +12,7 @@ import sqlite3
 import pytest
 
 from server.cli import main as cli_main
-from server.portal import parse_range, RangeNotSatisfiable, register_release
+from server.portal import RangeNotSatisfiable, parse_range, register_release
 from server.portal_store import Store
 from server.release import write_approval
 from tests.server.portal_helpers import PortalServer, approve, make_consortium, raw_request
@@ -33,15 +33,33 @@ def env(tmp_path_factory):
     for officer in ("alice", "bob"):  # approved on the command line before the server starts
         a = approve(rel, c, officer)
         write_approval(rel, a)
-        store.add_approval("released-1", officer, "approve", "", a["statement"], a["signature"],
-                           json.loads(a["statement"])["at"])
+        store.add_approval(
+            "released-1",
+            officer,
+            "approve",
+            "",
+            a["statement"],
+            a["signature"],
+            json.loads(a["statement"])["at"],
+        )
     tokens = {}
-    for role, name in (("admin", "root"), ("partner", "acme"), ("officer", "alice"), ("officer", "bob"),
-                       ("partner", "gone")):
+    for role, name in (
+        ("admin", "root"),
+        ("partner", "acme"),
+        ("officer", "alice"),
+        ("officer", "bob"),
+        ("partner", "gone"),
+    ):
         tokens[name] = store.issue_token(role, name)
     with PortalServer(data, root / "pki") as server:
-        yield {"c": c, "data": data, "server": server, "tok": {k: v[1] for k, v in tokens.items()},
-               "ids": {k: v[0] for k, v in tokens.items()}, "store": store}
+        yield {
+            "c": c,
+            "data": data,
+            "server": server,
+            "tok": {k: v[1] for k, v in tokens.items()},
+            "ids": {k: v[0] for k, v in tokens.items()},
+            "store": store,
+        }
 
 
 def test_tokens_are_stored_only_as_hashes_in_a_wal_database_with_a_schema_version(env):
@@ -49,7 +67,10 @@ def test_tokens_are_stored_only_as_hashes_in_a_wal_database_with_a_schema_versio
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
     dump = "\n".join(db.iterdump())
-    assert env["tok"]["acme"] not in dump and hashlib.sha256(env["tok"]["acme"].encode()).hexdigest() in dump
+    assert (
+        env["tok"]["acme"] not in dump
+        and hashlib.sha256(env["tok"]["acme"].encode()).hexdigest() in dump
+    )
 
 
 def test_no_bad_or_revoked_token_is_401(env):
@@ -65,9 +86,16 @@ def test_no_bad_or_revoked_token_is_401(env):
         assert admin.delete(f"/api/tokens/{env['ids']['gone']}").status_code == 200
         assert gone.get("/api/cohorts").status_code == 401
         assert gone.get("/api/cohorts/released-1/files/release.json").status_code == 401
-        assert admin.delete(f"/api/tokens/{env['ids']['gone']}").status_code == 404  # already revoked
+        assert (
+            admin.delete(f"/api/tokens/{env['ids']['gone']}").status_code == 404
+        )  # already revoked
     with s.client() as anon:
-        assert anon.get("/api/cohorts", headers={"Authorization": f"Basic {env['tok']['acme']}"}).status_code == 401
+        assert (
+            anon.get(
+                "/api/cohorts", headers={"Authorization": f"Basic {env['tok']['acme']}"}
+            ).status_code
+            == 401
+        )
 
 
 def test_roles_partner_sees_only_released_and_no_officer_or_admin_route(env):
@@ -81,42 +109,56 @@ def test_roles_partner_sees_only_released_and_no_officer_or_admin_route(env):
             assert partner.get(f"/api/cohorts/{cid}/files/cohort/labels.csv").status_code == 403
         assert partner.get("/api/cohorts/released-1").json()["status"] == "released"
         assert partner.get("/api/cohorts/pending-1/statement").status_code == 403
-        assert partner.post("/api/cohorts/released-1/decision", json={"statement": "{}", "signature": ""}).status_code == 403
+        assert (
+            partner.post(
+                "/api/cohorts/released-1/decision", json={"statement": "{}", "signature": ""}
+            ).status_code
+            == 403
+        )
         assert partner.post("/api/tokens", json={"role": "admin", "name": "me"}).status_code == 403
         assert partner.get("/api/access-log").status_code == 403
     with s.client(tok["alice"]) as officer:
-        statuses = {c["cohort_id"]: c["status"] for c in officer.get("/api/cohorts").json()["cohorts"]}
-        assert statuses == {"pending-1": "pending", "released-1": "released", "traversal-1": "pending",
-                            "blocked-1": "blocked"}
+        statuses = {
+            c["cohort_id"]: c["status"] for c in officer.get("/api/cohorts").json()["cohorts"]
+        }
+        assert statuses == {
+            "pending-1": "pending",
+            "released-1": "released",
+            "traversal-1": "pending",
+            "blocked-1": "blocked",
+        }
         assert officer.post("/api/tokens", json={"role": "admin", "name": "me"}).status_code == 403
         assert officer.delete(f"/api/tokens/{env['ids']['acme']}").status_code == 403
         assert officer.post("/api/cohorts", json={"path": "cohorts/pending-1"}).status_code == 403
         assert officer.get("/api/tokens").status_code == 403
 
 
-@pytest.mark.parametrize("target", [
-    "/api/cohorts/traversal-1/files/../../portal.db",
-    "/api/cohorts/traversal-1/files/..%2F..%2Fportal.db",
-    "/api/cohorts/traversal-1/files/%2e%2e/%2e%2e/portal.db",
-    "/api/cohorts/traversal-1/files/cohort/%2e%2e/%2e%2e/%2e%2e/portal.db",
-    "/api/cohorts/traversal-1/files//etc/passwd",
-    "/api/cohorts/traversal-1/files/%2Fetc%2Fpasswd",
-    "/api/cohorts/traversal-1/files/cohort\\..\\..\\portal.db",
-    "/api/cohorts/traversal-1/files/cohort/./labels.csv",
-    "/api/cohorts/traversal-1/files/approvals/../release.json",
-    "/api/cohorts/traversal-1/files/cohort%00/labels.csv",
-    "/api/cohorts/traversal-1/files/secret.txt",  # a file in the folder that release.json does not list
-    "/api/cohorts/traversal-1/files/cohort/link.csv",  # a symlink planted in the folder
-    "/api/cohorts/traversal-1/files/approvals/evil.json",  # a symlinked 'approval'
-    "/api/cohorts/traversal-1/files/",
-    "/api/cohorts/..%2Fcohorts%2Freleased-1/files/release.json",
-    "/api/cohorts/%2e%2e/files/release.json",
-    "/api/cohorts/.hidden",
-    "/api/cohorts/a;b",
-    "/api/cohorts/a%20b",
-    "/api/cohorts/" + "x" * 300,
-    "/api/cohorts/no-such-cohort",
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/api/cohorts/traversal-1/files/../../portal.db",
+        "/api/cohorts/traversal-1/files/..%2F..%2Fportal.db",
+        "/api/cohorts/traversal-1/files/%2e%2e/%2e%2e/portal.db",
+        "/api/cohorts/traversal-1/files/cohort/%2e%2e/%2e%2e/%2e%2e/portal.db",
+        "/api/cohorts/traversal-1/files//etc/passwd",
+        "/api/cohorts/traversal-1/files/%2Fetc%2Fpasswd",
+        "/api/cohorts/traversal-1/files/cohort\\..\\..\\portal.db",
+        "/api/cohorts/traversal-1/files/cohort/./labels.csv",
+        "/api/cohorts/traversal-1/files/approvals/../release.json",
+        "/api/cohorts/traversal-1/files/cohort%00/labels.csv",
+        "/api/cohorts/traversal-1/files/secret.txt",  # a file in the folder that release.json does not list
+        "/api/cohorts/traversal-1/files/cohort/link.csv",  # a symlink planted in the folder
+        "/api/cohorts/traversal-1/files/approvals/evil.json",  # a symlinked 'approval'
+        "/api/cohorts/traversal-1/files/",
+        "/api/cohorts/..%2Fcohorts%2Freleased-1/files/release.json",
+        "/api/cohorts/%2e%2e/files/release.json",
+        "/api/cohorts/.hidden",
+        "/api/cohorts/a;b",
+        "/api/cohorts/a%20b",
+        "/api/cohorts/" + "x" * 300,
+        "/api/cohorts/no-such-cohort",
+    ],
+)
 def test_traversal_and_malformed_ids_are_rejected(env, target):
     rel = env["data"] / "cohorts" / "traversal-1"
     if not (rel / "secret.txt").exists():
@@ -126,7 +168,11 @@ def test_traversal_and_malformed_ids_are_rejected(env, target):
         os.symlink("/etc/passwd", rel / "approvals" / "evil.json")
     status, reply = raw_request(env["server"], target, env["tok"]["alice"])
     assert status in (400, 404), (target, reply[:300])
-    assert b"SQLite format" not in reply and b"root:" not in reply and b"not part of the release" not in reply
+    assert (
+        b"SQLite format" not in reply
+        and b"root:" not in reply
+        and b"not part of the release" not in reply
+    )
 
 
 def test_listed_symlink_is_refused_even_when_release_json_lists_it(env, tmp_path):
@@ -137,8 +183,9 @@ def test_listed_symlink_is_refused_even_when_release_json_lists_it(env, tmp_path
     target.unlink()
     os.symlink(env["data"] / "portal.db", target)
     try:
-        status, reply = raw_request(env["server"], "/api/cohorts/traversal-1/files/cohort/labels.csv",
-                                    env["tok"]["alice"])
+        status, reply = raw_request(
+            env["server"], "/api/cohorts/traversal-1/files/cohort/labels.csv", env["tok"]["alice"]
+        )
         assert status == 404 and b"SQLite format" not in reply
     finally:
         target.unlink()
@@ -154,8 +201,13 @@ def test_download_range_resume_and_digest(env):
     with env["server"].client(env["tok"]["acme"]) as partner:
         full = partner.get(f"/api/cohorts/released-1/files/{name}")
         assert full.status_code == 200 and full.content == data
-        assert full.headers["x-sha256"] == manifest["files"][name] == hashlib.sha256(data).hexdigest()
-        assert full.headers["digest"].startswith("sha-256=") and full.headers["accept-ranges"] == "bytes"
+        assert (
+            full.headers["x-sha256"] == manifest["files"][name] == hashlib.sha256(data).hexdigest()
+        )
+        assert (
+            full.headers["digest"].startswith("sha-256=")
+            and full.headers["accept-ranges"] == "bytes"
+        )
         head = partner.get(f"/api/cohorts/released-1/files/{name}", headers={"Range": "bytes=0-9"})
         assert head.status_code == 206 and head.content == data[:10]
         assert head.headers["content-range"] == f"bytes 0-9/{size}"
@@ -163,8 +215,15 @@ def test_download_range_resume_and_digest(env):
         assert rest.status_code == 206 and head.content + rest.content == data
         tail = partner.get(f"/api/cohorts/released-1/files/{name}", headers={"Range": "bytes=-7"})
         assert tail.status_code == 206 and tail.content == data[-7:]
-        for bad in (f"bytes={size}-", f"bytes={size + 100}-{size + 200}", "bytes=9-3", "bytes=abc", "bytes=0-1,5-6",
-                    "items=0-1", "bytes=-0"):
+        for bad in (
+            f"bytes={size}-",
+            f"bytes={size + 100}-{size + 200}",
+            "bytes=9-3",
+            "bytes=abc",
+            "bytes=0-1,5-6",
+            "items=0-1",
+            "bytes=-0",
+        ):
             r = partner.get(f"/api/cohorts/released-1/files/{name}", headers={"Range": bad})
             assert r.status_code == 416, bad
             assert r.headers["content-range"] == f"bytes */{size}"
@@ -189,10 +248,17 @@ def test_parse_range_unit():
 def test_officers_approve_and_the_cohort_is_released(env):
     c, s, tok = env["c"], env["server"], env["tok"]
     rel = env["data"] / "cohorts" / "pending-1"
-    with s.client(tok["alice"]) as alice, s.client(tok["bob"]) as bob, s.client(tok["acme"]) as partner:
-        statement = alice.get("/api/cohorts/pending-1/statement", params={"decision": "approve", "reason": "ok"})
+    with (
+        s.client(tok["alice"]) as alice,
+        s.client(tok["bob"]) as bob,
+        s.client(tok["acme"]) as partner,
+    ):
+        statement = alice.get(
+            "/api/cohorts/pending-1/statement", params={"decision": "approve", "reason": "ok"}
+        )
         assert statement.status_code == 200 and json.loads(statement.text)["officer"] == "alice"
         from server.release import sign_approval
+
         signed = sign_approval(statement.text, c.officer_keys["alice"])
         # not alice: a statement made out to alice and posted with bob's token, and one signed with the wrong key
         assert bob.post("/api/cohorts/pending-1/decision", json=signed).status_code == 403
@@ -202,10 +268,23 @@ def test_officers_approve_and_the_cohort_is_released(env):
         other = approve(env["data"] / "cohorts" / "traversal-1", c, "alice")
         r = alice.post("/api/cohorts/pending-1/decision", json=other)
         assert r.status_code == 400 and "traversal-1" in r.json()["detail"]
-        assert alice.post("/api/cohorts/pending-1/decision", json={"statement": statement.text}).status_code == 400
-        assert alice.post("/api/cohorts/pending-1/decision", content=b"{not json").status_code == 400
-        assert alice.get("/api/cohorts/pending-1/statement", params={"decision": "reject"}).status_code == 400
-        assert alice.get("/api/cohorts/pending-1/statement", params={"decision": "maybe"}).status_code == 400
+        assert (
+            alice.post(
+                "/api/cohorts/pending-1/decision", json={"statement": statement.text}
+            ).status_code
+            == 400
+        )
+        assert (
+            alice.post("/api/cohorts/pending-1/decision", content=b"{not json").status_code == 400
+        )
+        assert (
+            alice.get("/api/cohorts/pending-1/statement", params={"decision": "reject"}).status_code
+            == 400
+        )
+        assert (
+            alice.get("/api/cohorts/pending-1/statement", params={"decision": "maybe"}).status_code
+            == 400
+        )
         r = alice.post("/api/cohorts/pending-1/decision", json=signed)
         assert r.status_code == 200 and r.json()["status"] == "pending"  # two approvals required
         assert alice.post("/api/cohorts/pending-1/decision", json=signed).status_code == 409
@@ -213,17 +292,28 @@ def test_officers_approve_and_the_cohort_is_released(env):
         r = bob.post("/api/cohorts/pending-1/decision", json=approve(rel, c, "bob"))
         assert r.status_code == 200 and r.json()["status"] == "released"
         info = partner.get("/api/cohorts/pending-1").json()
-        assert info["status"] == "released" and info["approvals"] == ["approvals/alice.json", "approvals/bob.json"]
+        assert info["status"] == "released" and info["approvals"] == [
+            "approvals/alice.json",
+            "approvals/bob.json",
+        ]
         assert partner.get("/api/cohorts/pending-1/files/approvals/alice.json").json() == signed
-        assert "pending-1" in [x["cohort_id"] for x in partner.get("/api/cohorts").json()["cohorts"]]
-    assert json.loads((rel / "approvals" / "alice.json").read_text())["signature"] == signed["signature"]
+        assert "pending-1" in [
+            x["cohort_id"] for x in partner.get("/api/cohorts").json()["cohorts"]
+        ]
+    assert (
+        json.loads((rel / "approvals" / "alice.json").read_text())["signature"]
+        == signed["signature"]
+    )
     assert env["store"].cohort("pending-1")["status"] == "released"
 
 
 def test_a_blocked_cohort_cannot_be_approved(env):
     c, s = env["c"], env["server"]
     with s.client(env["tok"]["alice"]) as alice:
-        r = alice.post("/api/cohorts/blocked-1/decision", json=approve(env["data"] / "cohorts" / "blocked-1", c, "alice"))
+        r = alice.post(
+            "/api/cohorts/blocked-1/decision",
+            json=approve(env["data"] / "cohorts" / "blocked-1", c, "alice"),
+        )
         assert r.status_code == 409 and "gate" in r.json()["detail"]
         page = alice.get("/api/cohorts/blocked-1").json()
         assert page["status"] == "blocked" and not page["release"]["gate"]["passed"]
@@ -239,11 +329,15 @@ def test_admin_issues_tokens_and_registers_a_release_under_the_data_dir(env):
         r = admin.post("/api/tokens", json={"role": "officer", "name": "carol"})
         assert r.status_code == 200
         assert admin.post("/api/tokens", json={"role": "root", "name": "x"}).status_code == 400
-        assert admin.post("/api/tokens", json={"role": "partner", "name": "../x"}).status_code == 400
+        assert (
+            admin.post("/api/tokens", json={"role": "partner", "name": "../x"}).status_code == 400
+        )
         carol = r.json()
         r = admin.post("/api/cohorts", json={"path": "incoming/new-1"})
         assert r.status_code == 200 and r.json() == {"cohort_id": "new-1", "status": "pending"}
-        assert (env["data"] / "cohorts" / "new-1" / "release.json").exists() and not incoming.exists()
+        assert (
+            env["data"] / "cohorts" / "new-1" / "release.json"
+        ).exists() and not incoming.exists()
         assert admin.post("/api/cohorts", json={"path": "cohorts/new-1"}).status_code == 409
         tampered = env["data"] / "incoming" / "new-2"
         shutil.copytree(c.release("new-2"), tampered)
@@ -258,7 +352,10 @@ def test_admin_issues_tokens_and_registers_a_release_under_the_data_dir(env):
 def test_cli_token_revoke_and_add(env, tmp_path, capsys):
     c = env["c"]
     data = tmp_path / "data"
-    assert cli_main(["portal", "token", "--data", str(data), "--role", "partner", "--name", "zed"]) == 0
+    assert (
+        cli_main(["portal", "token", "--data", str(data), "--role", "partner", "--name", "zed"])
+        == 0
+    )
     out = capsys.readouterr().out
     token_id, token = out.split()[2], out.strip().splitlines()[-1]
     store = Store(data)
@@ -267,10 +364,24 @@ def test_cli_token_revoke_and_add(env, tmp_path, capsys):
     assert store.principal(token) is None
     assert cli_main(["portal", "revoke", "--data", str(data), "--token-id", token_id]) == 2
     release = c.release("cli-1")
-    assert cli_main(["portal", "add", "--data", str(data), str(release)]) == 2  # no consortium key yet
+    assert (
+        cli_main(["portal", "add", "--data", str(data), str(release)]) == 2
+    )  # no consortium key yet
     assert "--consortium-key" in capsys.readouterr().out
-    assert cli_main(["portal", "add", "--data", str(data), str(release), "--consortium-key",
-                     str(c.consortium_pub)]) == 0
+    assert (
+        cli_main(
+            [
+                "portal",
+                "add",
+                "--data",
+                str(data),
+                str(release),
+                "--consortium-key",
+                str(c.consortium_pub),
+            ]
+        )
+        == 0
+    )
     assert store.cohort("cli-1")["status"] == "pending" and (data / "consortium.pub").exists()
     assert cli_main(["portal", "add", "--data", str(data), str(release)]) == 2  # already registered
 
@@ -291,12 +402,19 @@ def test_login_cookie_and_pages(env):
         page = browser.get("/cohorts/blocked-1")
         assert page.status_code == 200 and "gate-table" in page.text and "max_epsilon" in page.text
         assert "FAIL" in page.text and "Content-Security-Policy" in page.headers
-        assert "near-copies found" in page.text  # each gate line shows its note (what was measured, or not)
+        assert (
+            "near-copies found" in page.text
+        )  # each gate line shows its note (what was measured, or not)
         # a cookie-authenticated write without the portal's request header (a cross-site form) is refused
-        r = browser.post("/api/cohorts/traversal-1/decision", json={"statement": "{}", "signature": "x"})
+        r = browser.post(
+            "/api/cohorts/traversal-1/decision", json={"statement": "{}", "signature": "x"}
+        )
         assert r.status_code == 403 and "x-fedsynth-request" in r.json()["detail"]
         html_report = browser.get("/api/cohorts/blocked-1/files/audit/audit.html")
-        assert html_report.status_code == 200 and "sandbox" in html_report.headers["content-security-policy"]
+        assert (
+            html_report.status_code == 200
+            and "sandbox" in html_report.headers["content-security-policy"]
+        )
 
 
 def test_demo_publishes_its_release_to_a_portal_folder(env, tmp_path):

@@ -18,8 +18,16 @@ from server.release import check_approval, verify_release
 from tests.server.portal_helpers import PortalServer, approve, make_consortium
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 try:
     from playwright.sync_api import sync_playwright
@@ -29,7 +37,8 @@ except ImportError:  # pragma: no cover - depends on the machine
 pytestmark = pytest.mark.skipif(
     sync_playwright is None or not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None,
     reason="needs the playwright python package and Debian's chromium at /usr/bin/chromium "
-           "(apt-get install chromium; pip install playwright; never `playwright install`)")
+    "(apt-get install chromium; pip install playwright; never `playwright install`)",
+)
 
 
 def test_officer_approves_in_the_browser_and_a_partner_pulls(tmp_path):
@@ -38,8 +47,11 @@ def test_officer_approves_in_the_browser_and_a_partner_pulls(tmp_path):
     data = tmp_path / "data"
     register_release(data, c.release("browser-1"), consortium_key=c.consortium_pub)
     store = Store(data)
-    alice, acme, bob = (store.issue_token("officer", "alice")[1], store.issue_token("partner", "acme")[1],
-                        store.issue_token("officer", "bob")[1])
+    alice, acme, bob = (
+        store.issue_token("officer", "alice")[1],
+        store.issue_token("partner", "acme")[1],
+        store.issue_token("officer", "bob")[1],
+    )
     release = data / "cohorts" / "browser-1"
     with PortalServer(data, tmp_path / "pki") as server:
         with server.client(bob) as cli:  # the other officer decided on the command line
@@ -62,7 +74,10 @@ def test_officer_approves_in_the_browser_and_a_partner_pulls(tmp_path):
                 assert page.inner_text("#verdict") == "pass"
                 assert page.inner_text("#gate") == "passed"
                 rows = page.locator("#gate-table tr").all_inner_texts()
-                assert any(r.startswith("max_epsilon") and "pass" in r for r in rows) and len(rows) >= 10
+                assert (
+                    any(r.startswith("max_epsilon") and "pass" in r for r in rows)
+                    and len(rows) >= 10
+                )
                 assert page.evaluate("document.querySelector('img.preview').naturalWidth") > 0
                 assert page.locator("iframe[title='audit report']").count() == 1
                 assert "bob" in page.inner_text("#decisions")
@@ -71,16 +86,27 @@ def test_officer_approves_in_the_browser_and_a_partner_pulls(tmp_path):
                 page.fill("#reason", "gate passed; audit read")
                 page.click("#sign")
                 page.wait_for_selector("#result[data-status]", timeout=15000)
-                assert page.get_attribute("#result", "data-status") == "released", page.inner_text("#result")
+                assert page.get_attribute("#result", "data-status") == "released", page.inner_text(
+                    "#result"
+                )
                 page.reload()
                 assert page.inner_text("#status") == "released"
             finally:
                 browser.close()
         key_body = "".join(c.officer_keys["alice"].read_text().splitlines()[1:-1])
-        assert sent and not any("PRIVATE KEY" in s or key_body in s for s in sent)  # the key never left
+        assert sent and not any(
+            "PRIVATE KEY" in s or key_body in s for s in sent
+        )  # the key never left
         approval = json.loads((release / "approvals" / "alice.json").read_text())
         assert check_approval(release, approval) == []
         assert json.loads(approval["statement"])["reason"] == "gate passed; audit read"
-        out = pull("browser-1", server.url, acme, tmp_path / "pulled", ca=server.ca,
-                   consortium_key=c.consortium_pub, progress=lambda m: None)
+        out = pull(
+            "browser-1",
+            server.url,
+            acme,
+            tmp_path / "pulled",
+            ca=server.ca,
+            consortium_key=c.consortium_pub,
+            progress=lambda m: None,
+        )
     assert verify_release(out, c.consortium_pub) == []

@@ -26,22 +26,34 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("pull")
     c = make_consortium(root / "consortium")
     data = root / "data"
-    for name in RELEASED:  # approved by both officers on the command line, then registered with their approvals
+    for name in (
+        RELEASED
+    ):  # approved by both officers on the command line, then registered with their approvals
         rel = c.release(name)
         for officer in ("alice", "bob"):
             write_approval(rel, approve(rel, c, officer))
         register_release(data, rel, consortium_key=c.consortium_pub)
     register_release(data, c.release("pending-1"))
     store = Store(data)
-    tokens = {name: store.issue_token(role, name)[1] for role, name in (("partner", "acme"), ("admin", "root"))}
+    tokens = {
+        name: store.issue_token(role, name)[1]
+        for role, name in (("partner", "acme"), ("admin", "root"))
+    }
     with PortalServer(data, root / "pki") as server:
         yield {"c": c, "data": data, "server": server, "tok": tokens, "root": root}
 
 
 def _pull(env, cohort, out, **kw):
     kw.setdefault("consortium_key", env["c"].consortium_pub)
-    return pull(cohort, env["server"].url, env["tok"]["acme"], out, ca=env["server"].ca, progress=lambda m: None,
-                **kw)
+    return pull(
+        cohort,
+        env["server"].url,
+        env["tok"]["acme"],
+        out,
+        ca=env["server"].ca,
+        progress=lambda m: None,
+        **kw,
+    )
 
 
 def _looks_complete(out) -> bool:
@@ -52,8 +64,9 @@ def test_pull_downloads_and_verifies_a_released_cohort(env, tmp_path):
     out = _pull(env, "ok-1", tmp_path / "ok-1")
     assert verify_release(out, env["c"].consortium_pub) == []
     assert sorted(p.name for p in (out / "approvals").iterdir()) == ["alice.json", "bob.json"]
-    assert (out / "cohort" / "labels.csv").read_bytes() == \
-        (env["data"] / "cohorts" / "ok-1" / "cohort" / "labels.csv").read_bytes()
+    assert (out / "cohort" / "labels.csv").read_bytes() == (
+        env["data"] / "cohorts" / "ok-1" / "cohort" / "labels.csv"
+    ).read_bytes()
     assert not (tmp_path / "ok-1.partial").exists()
     with pytest.raises(PullError, match="already exists"):
         _pull(env, "ok-1", out)
@@ -83,12 +96,18 @@ def test_pull_resumes_a_partial_download_with_range(env, tmp_path):
     with env["server"].client(env["tok"]["root"]) as admin:
         log = admin.get("/api/access-log").json()["entries"]
     resumed = [e for e in log if e["what"] == f"/api/cohorts/resume-1/files/{images[0]}"]
-    assert [e["status"] for e in resumed] == [206] and resumed[0]["bytes"] == len(data) - len(data) // 2
+    assert [e["status"] for e in resumed] == [206] and resumed[0]["bytes"] == len(data) - len(
+        data
+    ) // 2
 
 
 def test_pull_detects_a_file_changed_on_the_portal(env, tmp_path):
-    (env["data"] / "cohorts" / "file-1" / "cohort" / "labels.csv").write_text("synthetic_id,class\nx,lesion\n")
-    with pytest.raises(PullError, match=r"cohort/labels\.csv: sha256 .* does not match release\.json"):
+    (env["data"] / "cohorts" / "file-1" / "cohort" / "labels.csv").write_text(
+        "synthetic_id,class\nx,lesion\n"
+    )
+    with pytest.raises(
+        PullError, match=r"cohort/labels\.csv: sha256 .* does not match release\.json"
+    ):
         _pull(env, "file-1", tmp_path / "file-1")
     assert not _looks_complete(tmp_path / "file-1")
     assert not (tmp_path / "file-1.partial" / "cohort" / "labels.csv").exists()
@@ -103,7 +122,9 @@ def test_pull_detects_a_changed_release_json_even_from_a_lying_portal(env, tmp_p
         _pull(env, "relj-1", tmp_path / "relj-1")
     # a compromised portal that claims the cohort is released anyway: pull checks the signature itself
     monkeypatch.setattr(portal, "cohort_status", lambda store, row: "released")
-    with pytest.raises(PullError, match=r"release\.json: the signature in release\.sig does not verify"):
+    with pytest.raises(
+        PullError, match=r"release\.json: the signature in release\.sig does not verify"
+    ):
         _pull(env, "relj-1", tmp_path / "relj-1")
     assert not _looks_complete(tmp_path / "relj-1")
 
@@ -114,9 +135,22 @@ def test_pull_detects_an_audit_report_changed_after_signing(env, tmp_path, capsy
     edited = text.replace("</body>", "<p>Verdict overruled: fine to share.</p></body>")
     assert edited != text
     report.write_text(edited)
-    code = cli_main(["pull", "report-1", "--portal", env["server"].url, "--token", env["tok"]["acme"],
-                     "--out", str(tmp_path / "report-1"), "--ca", str(env["server"].ca),
-                     "--consortium-key", str(env["c"].consortium_pub)])
+    code = cli_main(
+        [
+            "pull",
+            "report-1",
+            "--portal",
+            env["server"].url,
+            "--token",
+            env["tok"]["acme"],
+            "--out",
+            str(tmp_path / "report-1"),
+            "--ca",
+            str(env["server"].ca),
+            "--consortium-key",
+            str(env["c"].consortium_pub),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "PULL FAILED" in err and "audit/audit.html" in err
     assert not _looks_complete(tmp_path / "report-1")
@@ -135,24 +169,54 @@ def test_pull_refuses_unreleased_wrong_key_bad_token_and_plain_http(env, tmp_pat
         _pull(env, "pending-1", tmp_path / "p")
     other = env["root"] / "other"
     from common.signing import generate_keypair
+
     _, other_pub = generate_keypair(other, "impostor")
     with pytest.raises(PullError, match="signature"):
         _pull(env, "cli-1", tmp_path / "k", consortium_key=other_pub)
     with pytest.raises(PullError, match="401"):
-        pull("cli-1", env["server"].url, "wrong", tmp_path / "t", ca=env["server"].ca,
-             consortium_key=env["c"].consortium_pub)
+        pull(
+            "cli-1",
+            env["server"].url,
+            "wrong",
+            tmp_path / "t",
+            ca=env["server"].ca,
+            consortium_key=env["c"].consortium_pub,
+        )
     with pytest.raises(PullError, match="https"):
-        pull("cli-1", env["server"].url.replace("https", "http"), env["tok"]["acme"], tmp_path / "h")
+        pull(
+            "cli-1", env["server"].url.replace("https", "http"), env["tok"]["acme"], tmp_path / "h"
+        )
     with pytest.raises(PullError, match="not a valid cohort id"):
         _pull(env, "../etc", tmp_path / "x")
-    with pytest.raises(PullError, match="CERTIFICATE_VERIFY_FAILED|certificate"):  # the system CAs do not know it
-        pull("cli-1", env["server"].url, env["tok"]["acme"], tmp_path / "c", consortium_key=env["c"].consortium_pub)
+    with pytest.raises(
+        PullError, match="CERTIFICATE_VERIFY_FAILED|certificate"
+    ):  # the system CAs do not know it
+        pull(
+            "cli-1",
+            env["server"].url,
+            env["tok"]["acme"],
+            tmp_path / "c",
+            consortium_key=env["c"].consortium_pub,
+        )
     assert not any(p.name in {"p", "k", "t", "h", "x", "c"} for p in tmp_path.iterdir())
 
 
 def test_cli_pull_succeeds(env, tmp_path, capsys):
-    code = cli_main(["pull", "cli-2", "--portal", env["server"].url, "--token", env["tok"]["acme"],
-                     "--out", str(tmp_path / "cli-2"), "--ca", str(env["server"].ca),
-                     "--consortium-key", str(env["c"].consortium_pub)])
+    code = cli_main(
+        [
+            "pull",
+            "cli-2",
+            "--portal",
+            env["server"].url,
+            "--token",
+            env["tok"]["acme"],
+            "--out",
+            str(tmp_path / "cli-2"),
+            "--ca",
+            str(env["server"].ca),
+            "--consortium-key",
+            str(env["c"].consortium_pub),
+        ]
+    )
     assert code == 0 and "verified" in capsys.readouterr().out
     assert verify_release(tmp_path / "cli-2", env["c"].consortium_pub) == []

@@ -15,8 +15,17 @@ from common.signing import fingerprint, generate_keypair, load_public_key
 from privacy.policy import load_policy
 from privacy.report import write_audit_report
 from server.cli import main
-from server.release import (approval_statement, build_release, check_approval, load_approvals, release_sha256,
-                            release_status, sign_approval, verify_release, write_approval)
+from server.release import (
+    approval_statement,
+    build_release,
+    check_approval,
+    load_approvals,
+    release_sha256,
+    release_status,
+    sign_approval,
+    verify_release,
+    write_approval,
+)
 from server.synthesis import SynthesisRequest, synthesize_cohort
 from server.training import RunState, checkpoint_payload, save_checkpoint
 from tests.privacy.test_policy import LENIENT, make_audit, site
@@ -32,16 +41,37 @@ def world(tmp_path_factory):
     cfg = model_config("tiny", ddim_steps=2)
     torch.manual_seed(0)
     state = RunState(run_id="r", completed_round=1, latent_scale=1.0)
-    payload = checkpoint_payload(cfg, RunConfig(preset="tiny"), state,
-                                 build_autoencoder(cfg).state_dict(), build_unet(cfg).state_dict())
-    cohort = synthesize_cohort(SynthesisRequest(save_checkpoint(root / "run", payload), root / "cohort",
-                                                per_class=5, seed=1, batch_size=16))
+    payload = checkpoint_payload(
+        cfg,
+        RunConfig(preset="tiny"),
+        state,
+        build_autoencoder(cfg).state_dict(),
+        build_unet(cfg).state_dict(),
+    )
+    cohort = synthesize_cohort(
+        SynthesisRequest(
+            save_checkpoint(root / "run", payload),
+            root / "cohort",
+            per_class=5,
+            seed=1,
+            batch_size=16,
+        )
+    )
     sha = json.loads((cohort / "manifest.json").read_text())["checkpoint"]["sha256"]
     audit = make_audit({"a": site("a", flagged=[WITHHELD]), "b": site("b")}, checkpoint_sha256=sha)
     write_audit_report(audit, root / "audit")
-    keys = {n: generate_keypair(root / "keys", n) for n in ("consortium", "alice", "bob", "mallory")}
-    built = build_release(cohort, root / "audit", root / "built", policy=LENIENT, consortium_key=keys["consortium"][0],
-                          officer_keys={"alice": keys["alice"][1], "bob": keys["bob"][1]}, cohort_id="c1")
+    keys = {
+        n: generate_keypair(root / "keys", n) for n in ("consortium", "alice", "bob", "mallory")
+    }
+    built = build_release(
+        cohort,
+        root / "audit",
+        root / "built",
+        policy=LENIENT,
+        consortium_key=keys["consortium"][0],
+        officer_keys={"alice": keys["alice"][1], "bob": keys["bob"][1]},
+        cohort_id="c1",
+    )
     return {"root": root, "cohort": cohort, "audit": root / "audit", "keys": keys, "built": built}
 
 
@@ -73,34 +103,73 @@ def test_release_withholds_near_copies_and_verifies(world):
         ids = [r["synthetic_id"] for r in csv.DictReader(f)]
     assert len(ids) == 9 and WITHHELD not in ids
     dataset = json.loads((rel / "cohort" / "dataset.json").read_text())
-    assert dataset["numTraining"] == 9 and all(WITHHELD not in e["image"] for e in dataset["training"])
+    assert dataset["numTraining"] == 9 and all(
+        WITHHELD not in e["image"] for e in dataset["training"]
+    )
     # The withheld image was in the preview grid: it is redrawn from the released images.
     preview = (rel / "cohort" / "preview.png").read_bytes()
-    assert preview[:8] == b"\x89PNG\r\n\x1a\n" and preview != (world["cohort"] / "preview.png").read_bytes()
-    assert (rel / "cohort" / "manifest.json").read_bytes() == (world["cohort"] / "manifest.json").read_bytes()
-    assert {"policy.toml", "gate.json", "audit/audit.json", "audit/audit.html", "cohort/labels.csv",
-            "cohort/preview.png", "cohort/manifest.json"} <= set(manifest["files"])
+    assert (
+        preview[:8] == b"\x89PNG\r\n\x1a\n"
+        and preview != (world["cohort"] / "preview.png").read_bytes()
+    )
+    assert (rel / "cohort" / "manifest.json").read_bytes() == (
+        world["cohort"] / "manifest.json"
+    ).read_bytes()
+    assert {
+        "policy.toml",
+        "gate.json",
+        "audit/audit.json",
+        "audit/audit.html",
+        "cohort/labels.csv",
+        "cohort/preview.png",
+        "cohort/manifest.json",
+    } <= set(manifest["files"])
     assert not {"release.json", "release.sig"} & set(manifest["files"])
     assert load_policy(rel / "policy.toml") == LENIENT
     assert json.loads((rel / "gate.json").read_text())["withheld_ids"] == [WITHHELD]
-    assert manifest["privacy"]["a"]["epsilon"] == 4.0 and "formal" in manifest["privacy"]["a"]["protection"]
+    assert (
+        manifest["privacy"]["a"]["epsilon"] == 4.0
+        and "formal" in manifest["privacy"]["a"]["protection"]
+    )
     assert manifest["consortium_key_fingerprint"] == fingerprint(load_public_key(pub(world)))
     assert set(manifest["officers"]) == {"alice", "bob"} and manifest["required_approvals"] == 2
 
 
 def _edit_json(path, **changes):
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}, indent=2, sort_keys=True) + "\n")
+    path.write_text(
+        json.dumps({**json.loads(path.read_text()), **changes}, indent=2, sort_keys=True) + "\n"
+    )
 
 
-@pytest.mark.parametrize("tamper, expected", [
-    (lambda r: _edit_json(r / "release.json", required_approvals=0), "release.sig"),
-    (lambda r: (r / "cohort" / "images" / "synth-healthy-00001.nii.gz").write_bytes(b"x"), "synth-healthy-00001"),
-    (lambda r: (r / "cohort" / "images" / "smuggled.nii.gz").write_bytes(b"x"), "smuggled.nii.gz: not listed"),
-    (lambda r: (r / "cohort" / "labels.csv").unlink(), "labels.csv: listed in release.json but missing"),
-    (lambda r: (r / "audit" / "audit.html").write_text("<p>all fine</p>"), "audit/audit.html: sha256"),
-    (lambda r: (r / "policy.toml").write_text((r / "policy.toml").read_text().replace("0.6", "0.9")), "policy.toml"),
-    (lambda r: (r / "release.sig").unlink(), "release.sig: missing"),
-])
+@pytest.mark.parametrize(
+    "tamper, expected",
+    [
+        (lambda r: _edit_json(r / "release.json", required_approvals=0), "release.sig"),
+        (
+            lambda r: (r / "cohort" / "images" / "synth-healthy-00001.nii.gz").write_bytes(b"x"),
+            "synth-healthy-00001",
+        ),
+        (
+            lambda r: (r / "cohort" / "images" / "smuggled.nii.gz").write_bytes(b"x"),
+            "smuggled.nii.gz: not listed",
+        ),
+        (
+            lambda r: (r / "cohort" / "labels.csv").unlink(),
+            "labels.csv: listed in release.json but missing",
+        ),
+        (
+            lambda r: (r / "audit" / "audit.html").write_text("<p>all fine</p>"),
+            "audit/audit.html: sha256",
+        ),
+        (
+            lambda r: (r / "policy.toml").write_text(
+                (r / "policy.toml").read_text().replace("0.6", "0.9")
+            ),
+            "policy.toml",
+        ),
+        (lambda r: (r / "release.sig").unlink(), "release.sig: missing"),
+    ],
+)
 def test_every_tampering_is_detected(rel, world, tamper, expected):
     tamper(rel)
     problems = verify_release(rel, pub(world))
@@ -114,7 +183,11 @@ def test_another_consortium_key_does_not_verify(rel, world):
 
 def test_approvals_bind_officer_key_and_release(rel, world, tmp_path):
     good = approve(world, rel, "alice")
-    assert check_approval(rel, good) == [] == check_approval(json.loads((rel / "release.json").read_text()), good)
+    assert (
+        check_approval(rel, good)
+        == []
+        == check_approval(json.loads((rel / "release.json").read_text()), good)
+    )
     assert json.loads(good["statement"])["release_sha256"] == release_sha256(rel)
     # Signed with a key the consortium did not vouch for.
     forged = approve(world, rel, "alice", key=world["keys"]["mallory"][0])
@@ -125,9 +198,15 @@ def test_approvals_bind_officer_key_and_release(rel, world, tmp_path):
     outsider = dict(good, statement=good["statement"].replace('"alice"', '"mallory"'))
     assert any("not listed" in p for p in check_approval(rel, outsider))
     # An approval of another release: same cohort and cohort id, another candidate (another release.json).
-    other = build_release(world["cohort"], world["audit"], tmp_path / "other",
-                          policy=replace(LENIENT, min_coverage=0.2), consortium_key=world["keys"]["consortium"][0], cohort_id="c1",
-                          officer_keys={"alice": world["keys"]["alice"][1], "bob": world["keys"]["bob"][1]})
+    other = build_release(
+        world["cohort"],
+        world["audit"],
+        tmp_path / "other",
+        policy=replace(LENIENT, min_coverage=0.2),
+        consortium_key=world["keys"]["consortium"][0],
+        cohort_id="c1",
+        officer_keys={"alice": world["keys"]["alice"][1], "bob": world["keys"]["bob"][1]},
+    )
     elsewhere = approve(world, other, "alice")
     assert check_approval(other, elsewhere) == []
     assert any("another release" in p for p in check_approval(rel, elsewhere))
@@ -145,8 +224,13 @@ def test_status_pending_released_and_rejected(rel, world):
     a = approve(world, rel, "alice")
     write_approval(rel, a)
     assert release_status(rel, load_approvals(rel)) == "pending"
-    assert release_status(rel, [a, approve(world, rel, "alice")]) == "pending"  # one officer counts once
-    assert release_status(rel, [a, approve(world, rel, "alice", key=world["keys"]["mallory"][0])]) == "pending"
+    assert (
+        release_status(rel, [a, approve(world, rel, "alice")]) == "pending"
+    )  # one officer counts once
+    assert (
+        release_status(rel, [a, approve(world, rel, "alice", key=world["keys"]["mallory"][0])])
+        == "pending"
+    )
     write_approval(rel, approve(world, rel, "bob"))
     assert release_status(rel, load_approvals(rel)) == "released"
     assert verify_release(rel, pub(world)) == []  # approvals/ sits outside the signed files
@@ -158,24 +242,43 @@ def test_status_pending_released_and_rejected(rel, world):
 
 def test_failed_gate_is_built_but_blocked(world, tmp_path):
     strict = replace(LENIENT, max_withheld_share=0.05)
-    out = build_release(world["cohort"], world["audit"], tmp_path / "blocked", policy=strict,
-                        consortium_key=world["keys"]["consortium"][0],
-                        officer_keys={"alice": world["keys"]["alice"][1], "bob": world["keys"]["bob"][1]})
+    out = build_release(
+        world["cohort"],
+        world["audit"],
+        tmp_path / "blocked",
+        policy=strict,
+        consortium_key=world["keys"]["consortium"][0],
+        officer_keys={"alice": world["keys"]["alice"][1], "bob": world["keys"]["bob"][1]},
+    )
     manifest = json.loads((out / "release.json").read_text())
-    assert manifest["gate"]["passed"] is False and json.loads((out / "gate.json").read_text())["passed"] is False
+    assert (
+        manifest["gate"]["passed"] is False
+        and json.loads((out / "gate.json").read_text())["passed"] is False
+    )
     assert verify_release(out, pub(world)) == []
-    assert release_status(out, [approve(world, out, "alice"), approve(world, out, "bob")]) == "blocked"
+    assert (
+        release_status(out, [approve(world, out, "alice"), approve(world, out, "bob")]) == "blocked"
+    )
 
 
 def test_build_refuses_bad_inputs_and_leaves_nothing(world, tmp_path):
-    kw = dict(policy=LENIENT, consortium_key=world["keys"]["consortium"][0],
-              officer_keys={"alice": world["keys"]["alice"][1], "bob": world["keys"]["bob"][1]})
+    kw = dict(
+        policy=LENIENT,
+        consortium_key=world["keys"]["consortium"][0],
+        officer_keys={"alice": world["keys"]["alice"][1], "bob": world["keys"]["bob"][1]},
+    )
     cohort = shutil.copytree(world["cohort"], tmp_path / "cohort")
     audit = shutil.copytree(world["audit"], tmp_path / "audit")
     with pytest.raises(FileExistsError):
         build_release(cohort, audit, world["built"], **kw)
-    (audit / "audit.json").write_text(json.dumps({**json.loads((audit / "audit.json").read_text()),
-                                                  "cohort": {"checkpoint_sha256": "f" * 64}}))
+    (audit / "audit.json").write_text(
+        json.dumps(
+            {
+                **json.loads((audit / "audit.json").read_text()),
+                "cohort": {"checkpoint_sha256": "f" * 64},
+            }
+        )
+    )
     with pytest.raises(ValueError, match="not this cohort's audit"):
         build_release(cohort, audit, tmp_path / "out", **kw)
     (audit / "audit.json").unlink()
@@ -185,13 +288,24 @@ def test_build_refuses_bad_inputs_and_leaves_nothing(world, tmp_path):
     with pytest.raises(ValueError, match="labels.csv"):
         build_release(cohort, world["audit"], tmp_path / "out", **kw)
     with pytest.raises(ValueError, match="requires 2 approvals"):
-        build_release(world["cohort"], world["audit"], tmp_path / "out", **{**kw, "officer_keys": {
-            "alice": world["keys"]["alice"][1]}})
+        build_release(
+            world["cohort"],
+            world["audit"],
+            tmp_path / "out",
+            **{**kw, "officer_keys": {"alice": world["keys"]["alice"][1]}},
+        )
     alice = world["keys"]["alice"][1]
     with pytest.raises(ValueError, match="same public key"):  # one key, one vote
-        build_release(world["cohort"], world["audit"], tmp_path / "out", **{**kw, "officer_keys": {
-            "alice": alice, "alias": alice}})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit", "cohort"]  # no half-written release
+        build_release(
+            world["cohort"],
+            world["audit"],
+            tmp_path / "out",
+            **{**kw, "officer_keys": {"alice": alice, "alias": alice}},
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "audit",
+        "cohort",
+    ]  # no half-written release
 
 
 def test_cli_keys_gate_build_approve_verify(world, tmp_path, capsys):
@@ -203,17 +317,70 @@ def test_cli_keys_gate_build_approve_verify(world, tmp_path, capsys):
     assert main(["release", "gate", "--audit", str(world["audit"]), "--policy", str(policy)]) == 0
     assert "max_membership_auc" in capsys.readouterr().out
     out = tmp_path / "rel"
-    assert main(["release", "build", "--cohort", str(world["cohort"]), "--audit", str(world["audit"]), "--policy",
-                 str(policy), "--consortium-key", str(keys["consortium"][0]), "--officer", f"alice={keys['alice'][1]}",
-                 "--officer", f"bob={keys['bob'][1]}", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "release",
+                "build",
+                "--cohort",
+                str(world["cohort"]),
+                "--audit",
+                str(world["audit"]),
+                "--policy",
+                str(policy),
+                "--consortium-key",
+                str(keys["consortium"][0]),
+                "--officer",
+                f"alice={keys['alice'][1]}",
+                "--officer",
+                f"bob={keys['bob'][1]}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "gate: PASSED" in capsys.readouterr().out
     for officer in ("alice", "bob"):
-        assert main(["release", "approve", str(out), "--officer", officer, "--key", str(keys[officer][0])]) == 0
+        assert (
+            main(
+                [
+                    "release",
+                    "approve",
+                    str(out),
+                    "--officer",
+                    officer,
+                    "--key",
+                    str(keys[officer][0]),
+                ]
+            )
+            == 0
+        )
     assert "status: released" in capsys.readouterr().out
-    assert main(["release", "verify", str(out), "--consortium-key", str(keys["consortium"][1])]) == 0
+    assert (
+        main(["release", "verify", str(out), "--consortium-key", str(keys["consortium"][1])]) == 0
+    )
     (out / "cohort" / "dataset.json").write_text("{}")
-    assert main(["release", "verify", str(out), "--consortium-key", str(keys["consortium"][1])]) == 1
+    assert (
+        main(["release", "verify", str(out), "--consortium-key", str(keys["consortium"][1])]) == 1
+    )
     assert "FAIL cohort/dataset.json" in capsys.readouterr().out
-    assert main(["release", "approve", str(out), "--officer", "bob", "--key", str(keys["bob"][0]), "--reject"]) == 2
-    policy.write_text(policy.read_text().replace("max_withheld_share = 0.2", "max_withheld_share = 0.01"))
+    assert (
+        main(
+            [
+                "release",
+                "approve",
+                str(out),
+                "--officer",
+                "bob",
+                "--key",
+                str(keys["bob"][0]),
+                "--reject",
+            ]
+        )
+        == 2
+    )
+    policy.write_text(
+        policy.read_text().replace("max_withheld_share = 0.2", "max_withheld_share = 0.01")
+    )
     assert main(["release", "gate", "--audit", str(world["audit"]), "--policy", str(policy)]) == 1

@@ -17,16 +17,24 @@ def checkpoint(tmp_path):
     cfg = model_config("tiny", ddim_steps=3)
     torch.manual_seed(0)
     state = RunState(run_id="test", completed_round=2, latent_scale=1.0)
-    payload = checkpoint_payload(cfg, RunConfig(preset="tiny"), state, build_autoencoder(cfg).state_dict(),
-                                 build_unet(cfg).state_dict())
+    payload = checkpoint_payload(
+        cfg,
+        RunConfig(preset="tiny"),
+        state,
+        build_autoencoder(cfg).state_dict(),
+        build_unet(cfg).state_dict(),
+    )
     return save_checkpoint(tmp_path / "run", payload)
 
 
 def test_cohort_has_images_labels_datalist_preview_and_verifiable_manifest(tmp_path, checkpoint):
     out = tmp_path / "cohort"
     messages = []
-    synthesize_cohort(SynthesisRequest(checkpoint, out, per_class=3, seed=7, batch_size=4),
-                      privacy={"site-0": {"epsilon": 1.0}}, progress=messages.append)
+    synthesize_cohort(
+        SynthesisRequest(checkpoint, out, per_class=3, seed=7, batch_size=4),
+        privacy={"site-0": {"epsilon": 1.0}},
+        progress=messages.append,
+    )
     images = sorted((out / "images").glob("*.nii.gz"))
     assert len(images) == 6
     img = nib.load(images[0])
@@ -82,7 +90,9 @@ def test_refuses_to_overwrite(tmp_path, checkpoint):
         synthesize_cohort(SynthesisRequest(checkpoint, tmp_path / "d", per_class=1))
 
 
-def test_audit_task_tells_the_sites_what_the_checkpoints_unet_predicts(tmp_path, checkpoint, monkeypatch):
+def test_audit_task_tells_the_sites_what_the_checkpoints_unet_predicts(
+    tmp_path, checkpoint, monkeypatch
+):
     """The sites' white-box attack scores records with the checkpoint's own loss: same prediction type."""
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -90,11 +100,19 @@ def test_audit_task_tells_the_sites_what_the_checkpoints_unet_predicts(tmp_path,
 
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
-    cohort = synthesize_cohort(SynthesisRequest(checkpoint, tmp_path / "cohort", per_class=1, batch_size=2))
+    cohort = synthesize_cohort(
+        SynthesisRequest(checkpoint, tmp_path / "cohort", per_class=1, batch_size=2)
+    )
     [msg] = audit_messages(None, [5], cohort, checkpoint)
-    assert msg.content["config"]["prediction-type"] == model_config("tiny").prediction_type == "v_prediction"
+    assert (
+        msg.content["config"]["prediction-type"]
+        == model_config("tiny").prediction_type
+        == "v_prediction"
+    )
     payload = torch.load(checkpoint, weights_only=False)
-    del payload["model_config"]["prediction_type"]  # a checkpoint from before the field: the UNet predicted noise
+    del payload["model_config"][
+        "prediction_type"
+    ]  # a checkpoint from before the field: the UNet predicted noise
     old = tmp_path / "old.pt"
     torch.save(payload, old)
     [msg] = audit_messages(None, [5], cohort, old)

@@ -22,13 +22,25 @@ class RoundSeededGrid(FakeGrid):
     """Each site's step depends only on (round, node), so an interrupted run sees the same updates as a whole one."""
 
     def _answer(self, msg: Message) -> Message:
-        self.rng = np.random.default_rng(1000 * int(msg.content["config"]["server-round"]) + msg.metadata.dst_node_id)
+        self.rng = np.random.default_rng(
+            1000 * int(msg.content["config"]["server-round"]) + msg.metadata.dst_node_id
+        )
         return super()._answer(msg)
 
 
 def _run(run_dir, rounds: int) -> RunConfig:
-    return RunConfig(preset="tiny", num_server_rounds=rounds, autoencoder_rounds=1, min_sites=2, strategy="fedadam",
-                     server_lr=0.05, run_dir=str(run_dir), synthesize_per_class=0, round_timeout=5.0, audit=False)
+    return RunConfig(
+        preset="tiny",
+        num_server_rounds=rounds,
+        autoencoder_rounds=1,
+        min_sites=2,
+        strategy="fedadam",
+        server_lr=0.05,
+        run_dir=str(run_dir),
+        synthesize_per_class=0,
+        round_timeout=5.0,
+        audit=False,
+    )
 
 
 def test_a_resumed_fedadam_run_equals_an_uninterrupted_one(tmp_path):
@@ -37,7 +49,9 @@ def test_a_resumed_fedadam_run_equals_an_uninterrupted_one(tmp_path):
     Federation(RoundSeededGrid(3, step_norm=0.5), _run(tmp_path / "cut", 2)).run_rounds()
     saved = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")["server_optimizer"]
     assert saved["phase"] == "diffusion" and saved["m_t"] and saved["v_t"]
-    resumed = Federation(RoundSeededGrid(3, step_norm=0.5), _run(tmp_path / "cut", 3), progress=lines.append).run_rounds()
+    resumed = Federation(
+        RoundSeededGrid(3, step_norm=0.5), _run(tmp_path / "cut", 3), progress=lines.append
+    ).run_rounds()
     assert any("moments restored" in line for line in lines)
     a, b = load_checkpoint(whole)["unet"], load_checkpoint(resumed)["unet"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -47,6 +61,8 @@ def test_a_resumed_fedadam_run_equals_an_uninterrupted_one(tmp_path):
     forgot_dir = tmp_path / "forgot" / "checkpoints"
     forgot_dir.mkdir(parents=True)
     torch.save(payload, forgot_dir / "latest.pt")
-    forgot = Federation(RoundSeededGrid(3, step_norm=0.5), _run(tmp_path / "forgot", 3)).run_rounds()
+    forgot = Federation(
+        RoundSeededGrid(3, step_norm=0.5), _run(tmp_path / "forgot", 3)
+    ).run_rounds()
     c = load_checkpoint(forgot)["unet"]
     assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
