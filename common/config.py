@@ -247,8 +247,12 @@ class SiteConfig:
     # How DP-SGD gets the clipped per-sample gradients; all exact (privacy/dp.py). bookkeeping: fastest here
     # (docs/PERFORMANCE.md); hooks / ghost: Opacus' own, for other layer types or comparison.
     grad_sample_mode: str = "bookkeeping"  # bookkeeping | hooks | ghost
+    # Audits this site answers per run id it trained in (each answer reveals aggregates about its patients).
+    max_audits_per_run: int = 2
 
     def __post_init__(self) -> None:
+        if self.max_audits_per_run < 0:
+            raise ValueError("max-audits-per-run must be >= 0 (0: answer no audit)")
         if not self.site_dir:
             raise ValueError(
                 "node config needs site-dir (the folder with the site's images and labels.csv)"
