@@ -138,8 +138,12 @@ def load_training_data(
     known = ledger.assignments()
     side = assign_holdout(data, site.holdout_fraction, known=known)
     trained = ledger.trained_patients()
-    if any(side[p] == "holdout" for p in trained if p in side):  # only a hand-edited ledger gets here
-        raise ValueError(f"{ledger.path}: a patient trained on is assigned to the hold-out; refusing")
+    if any(
+        side[p] == "holdout" for p in trained if p in side
+    ):  # only a hand-edited ledger gets here
+        raise ValueError(
+            f"{ledger.path}: a patient trained on is assigned to the hold-out; refusing"
+        )
     ledger.assign({p: s for p, s in side.items() if p not in known}, site.holdout_fraction)
     return split_by_assignment(data, side)
 
@@ -381,9 +385,7 @@ def run_training_round(
             return diffusion_loss(m, scheduler, z, b[2])
 
         dataset = TensorDataset(mu.cpu(), sigma.cpu(), labels)
-        stats = _train_loop(
-            module, dataset, plan, dp, loss, device, site.grad_sample_mode, groups
-        )
+        stats = _train_loop(module, dataset, plan, dp, loss, device, site.grad_sample_mode, groups)
     state = {k: v.detach().cpu() for k, v in _unwrap(module).state_dict().items()}
     seconds = time.time() - t0
     metrics = {
@@ -409,7 +411,9 @@ def run_training_round(
 
 
 def _protection(accountant: str, delta: float) -> str:
-    return f"formal sample-level DP per patient ({accountant.upper()} accountant, delta={delta:.2e})"
+    return (
+        f"formal sample-level DP per patient ({accountant.upper()} accountant, delta={delta:.2e})"
+    )
 
 
 def privacy_summary(
@@ -423,12 +427,16 @@ def privacy_summary(
     last = ledger.entries()[-1] if ledger.entries() else None
     return {
         "site": site.name,
-        "protection": _protection(site.accountant, delta) if site.dp and math.isfinite(eps) else "none",
+        "protection": _protection(site.accountant, delta)
+        if site.dp and math.isfinite(eps)
+        else "none",
         "epsilon": eps,
         "epsilon_budget": site.epsilon,
         "delta": delta,
         "accountant": site.accountant,
-        "noise_multiplier": dp.noise_multiplier if dp else (last["noise_multiplier"] if last else 0.0),
+        "noise_multiplier": dp.noise_multiplier
+        if dp
+        else (last["noise_multiplier"] if last else 0.0),
         "sample_rate": dp.sample_rate if dp else (last["sample_rate"] if last else 0.0),
         "steps_total": sum(s.steps for s in history),
         "clipping_norm": site.max_grad_norm,
@@ -455,7 +463,9 @@ def run_privacy_claim(site: SiteConfig, ledger: PrivacyLedger, run_id: str) -> d
             "note": "the site's privacy ledger has no entry for this run",
         }
     runs = [m for m in ledger.entries() if m["run_id"] == str(run_id)]
-    delta = ledger.min_delta(up_to=int(last["id"]))  # what the run's last round was planned and claimed at
+    delta = ledger.min_delta(
+        up_to=int(last["id"])
+    )  # what the run's last round was planned and claimed at
     if any(m["accountant"] == NO_DP for m in runs):
         return {
             **base,

@@ -115,12 +115,21 @@ def make_private(
             f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
         )
     check_model(model)
-    poisson_already = isinstance(getattr(loader, "batch_sampler", None), UniformWithReplacementSampler)
+    poisson_already = isinstance(
+        getattr(loader, "batch_sampler", None), UniformWithReplacementSampler
+    )
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     if grad_sample_mode == "bookkeeping":
         model, optimizer, loader = _make_private_bookkeeping(
-            engine, model, optimizer, loader, noise_multiplier, max_grad_norm, generator, poisson_already
+            engine,
+            model,
+            optimizer,
+            loader,
+            noise_multiplier,
+            max_grad_norm,
+            generator,
+            poisson_already,
         )
     else:
         kwargs = dict(
@@ -140,7 +149,9 @@ def make_private(
             optimizer.dp_criterion = criterion  # what batch_loss reduces with
         else:
             model, optimizer, loader = engine.make_private(**kwargs)
-        if poisson_already:  # Opacus assumed one record per sampled unit: divide by the expected patients
+        if (
+            poisson_already
+        ):  # Opacus assumed one record per sampled unit: divide by the expected patients
             optimizer.expected_batch_size = _expected_batch_size(loader)
     check_loader(loader)
     if seed is not None:
@@ -194,7 +205,9 @@ def _make_private_bookkeeping(
     ModuleValidator.validate(model, strict=True)  # what Opacus' wrap_model checks
     module = BookKeepingModule(model)
     if not poisson_already:
-        loader = DPDataLoader.from_data_loader(loader, generator=None)  # Poisson, as Opacus builds it
+        loader = DPDataLoader.from_data_loader(
+            loader, generator=None
+        )  # Poisson, as Opacus builds it
     sample_rate = sample_rate_of(loader)
     expected_batch_size = _expected_batch_size(loader)
     dp_optimizer = BookKeepingDPOptimizer(

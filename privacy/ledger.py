@@ -31,8 +31,7 @@ SCHEMA_VERSION = "per-patient-2"
 NO_DP = "none"  # the accountant of a mechanism run without DP (noise multiplier 0): its patients lose any guarantee
 
 _TABLES = ("mechanisms", "participants", "assignments", "audits")
-SCHEMA = (
-    """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS mechanisms (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -67,13 +66,11 @@ CREATE TABLE IF NOT EXISTS audits (
     cohort_manifest_sha256 TEXT NOT NULL,
     answered_at REAL NOT NULL
 );
-"""
-    + "".join(
-        f"CREATE TRIGGER IF NOT EXISTS {t}_no_{op.lower()} BEFORE {op} ON {t} "
-        f"BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;\n"
-        for t in _TABLES
-        for op in ("UPDATE", "DELETE")
-    )
+""" + "".join(
+    f"CREATE TRIGGER IF NOT EXISTS {t}_no_{op.lower()} BEFORE {op} ON {t} "
+    f"BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;\n"
+    for t in _TABLES
+    for op in ("UPDATE", "DELETE")
 )
 
 
@@ -103,7 +100,9 @@ class PrivacyLedger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with closing(self._connect()) as db, db:
-                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                tables = {
+                    r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                }
                 if "entries" in tables:
                     raise LedgerSchemaError(
                         f"{self.path}: an old-format privacy ledger (spend keyed by a fingerprint of the site name "
@@ -115,7 +114,8 @@ class PrivacyLedger:
                     )
                 db.executescript(SCHEMA)
                 db.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,)
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                    (SCHEMA_VERSION,),
                 )
                 version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
         except sqlite3.DatabaseError as e:
@@ -172,7 +172,9 @@ class PrivacyLedger:
                 f"accountant must be one of {sorted((*ACCOUNTANTS, NO_DP))}, got {accountant!r}"
             )
         if (accountant == NO_DP) != (noise_multiplier == 0):
-            problems.append("a mechanism without noise is recorded with accountant 'none', and only it")
+            problems.append(
+                "a mechanism without noise is recorded with accountant 'none', and only it"
+            )
         if not 0 < delta < 1:
             problems.append(f"delta must be in (0, 1), got {delta}")
         if not patients or any(not p for p in patients):
@@ -237,7 +239,9 @@ class PrivacyLedger:
         with closing(self._connect()) as db:
             return {r[0] for r in db.execute("SELECT DISTINCT patient_id FROM participants")}
 
-    def _participation(self, up_to: int | None = None) -> tuple[dict[int, MechanismStep], dict[str, frozenset]]:
+    def _participation(
+        self, up_to: int | None = None
+    ) -> tuple[dict[int, MechanismStep], dict[str, frozenset]]:
         """(mechanism id -> step, patient -> the ids of the mechanisms they were in), optionally up to an id."""
         limit = math.inf if up_to is None else up_to
         with closing(self._connect()) as db:
@@ -310,7 +314,10 @@ class PrivacyLedger:
                 ),
             )
         return BudgetDecision(
-            True, now, after, f"within budget: epsilon {now:.3f} -> {after:.3f} of {epsilon_budget:g} {where}"
+            True,
+            now,
+            after,
+            f"within budget: epsilon {now:.3f} -> {after:.3f} of {epsilon_budget:g} {where}",
         )
 
     def last_mechanism_of(self, run_id: str) -> dict | None:
@@ -345,7 +352,9 @@ class PrivacyLedger:
     def audits_answered(self, run_id: str) -> int:
         with closing(self._connect()) as db:
             return int(
-                db.execute("SELECT COUNT(*) FROM audits WHERE run_id = ?", (str(run_id),)).fetchone()[0]
+                db.execute(
+                    "SELECT COUNT(*) FROM audits WHERE run_id = ?", (str(run_id),)
+                ).fetchone()[0]
             )
 
     def admit_audit(
@@ -359,7 +368,9 @@ class PrivacyLedger:
             db.isolation_level = None
             db.execute("BEGIN IMMEDIATE")
             try:
-                n = db.execute("SELECT COUNT(*) FROM audits WHERE run_id = ?", (str(run_id),)).fetchone()[0]
+                n = db.execute(
+                    "SELECT COUNT(*) FROM audits WHERE run_id = ?", (str(run_id),)
+                ).fetchone()[0]
                 if n >= max_audits:
                     db.execute("ROLLBACK")
                     return False, (
@@ -395,8 +406,13 @@ def migrate_fingerprint_ledger(path: Path | str, patients: Iterable[str]) -> Pat
         old.row_factory = sqlite3.Row
         tables = {r[0] for r in old.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if "entries" not in tables:
-            raise ValueError(f"{path}: not an old-format (fingerprint) privacy ledger; nothing to migrate")
-        rows = [dict(r) for r in old.execute("SELECT * FROM entries WHERE status = 'committed' ORDER BY id")]
+            raise ValueError(
+                f"{path}: not an old-format (fingerprint) privacy ledger; nothing to migrate"
+            )
+        rows = [
+            dict(r)
+            for r in old.execute("SELECT * FROM entries WHERE status = 'committed' ORDER BY id")
+        ]
         old.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     backup = path.with_name(path.name + ".fingerprint-ledger.bak")
     if backup.exists():

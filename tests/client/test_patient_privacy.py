@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from client.task import RoundPlan, load_training_data, open_ledger, run_training_round
+from client.task import (
+    RoundPlan,
+    load_training_data,
+    open_ledger,
+    run_privacy_claim,
+    run_training_round,
+)
 from common.config import SiteConfig, model_config
 from common.model import build_autoencoder
 from common.phantoms import make_phantom_sites
@@ -170,3 +176,28 @@ def test_the_round_runs_exactly_the_steps_the_ledger_records(tmp_path):
     assert len(train) == 93
     result = run_training_round(site, plan("run-a", batch_size=1), AE)
     assert not result.refused and result.metrics["steps"] == 93
+
+
+def test_the_audit_time_claim_is_the_runs_patients_spend(tmp_path, spent):
+    site = copy_of(spent, tmp_path)
+    for i in range(3):
+        add_scan(site.site_dir, f"newcomer{i}", "site0-sub0001", "healthy")
+    load_training_data(site, model_config("tiny"))  # the newcomers arrive; they trained in no run
+    claim = run_privacy_claim(site, open_ledger(site), "run-a")
+    assert "formal" in claim["protection"]
+    assert claim["epsilon"] == pytest.approx(spent[1].privacy["epsilon"])  # what privacy.json said
+    assert claim["delta"] == pytest.approx(spent[1].privacy["delta"])
+    unknown = run_privacy_claim(site, open_ledger(site), "some-other-run")
+    assert unknown["protection"] == "none" and unknown["epsilon"] == math.inf
+
+
+def test_a_run_without_dp_is_never_claimed_as_dp(tmp_path, site_dir):
+    """Trained with dp=false, audited with dp=true: the claim is "none", not "formal DP, epsilon 0"."""
+    no_dp = SiteConfig(site_dir=str(site_dir), state_dir=str(tmp_path / "state"), dp=False)
+    assert not run_training_round(no_dp, plan("run-plain"), AE).refused
+    dp_on = SiteConfig(site_dir=str(site_dir), state_dir=str(tmp_path / "state"), dp=True)
+    claim = run_privacy_claim(dp_on, open_ledger(dp_on), "run-plain")
+    assert claim["protection"] == "none" and claim["epsilon"] == math.inf
+    # and those patients cannot be given a DP claim by a later DP run
+    later = run_training_round(dp_on, plan("run-dp"), AE)
+    assert later.refused and "without DP" in later.refused

@@ -41,7 +41,9 @@ def test_a_patients_spend_is_every_mechanism_they_were_in(tmp_path):
     ledger = PrivacyLedger(path)
     assert ledger.epsilon(DELTA) == 0.0
     _record(ledger, ["p1", "p2"])
-    _record(PrivacyLedger(path), ["p1", "p2", "p3"], run_id="run-b")  # a restarted site, a new patient
+    _record(
+        PrivacyLedger(path), ["p1", "p2", "p3"], run_id="run-b"
+    )  # a restarted site, a new patient
     one, two = epsilon_for([ROUND_STEP], DELTA), epsilon_for([ROUND_STEP] * 2, DELTA)
     reopened = PrivacyLedger(path)
     assert reopened.epsilon(DELTA, patients=["p3"]) == pytest.approx(one)
@@ -108,7 +110,9 @@ def test_the_ledger_is_append_only(tmp_path):
 def test_holdout_assignment_is_kept_and_never_given_to_a_trained_patient(tmp_path):
     ledger = PrivacyLedger(tmp_path / "l.sqlite")
     ledger.assign({"p1": "train", "p2": "holdout"}, 0.25)
-    ledger.assign({"p1": "holdout", "p2": "train", "p3": "train"}, 0.9)  # known patients keep their side
+    ledger.assign(
+        {"p1": "holdout", "p2": "train", "p3": "train"}, 0.9
+    )  # known patients keep their side
     assert ledger.assignments() == {"p1": "train", "p2": "holdout", "p3": "train"}
     _record(ledger, ["p4"])
     with pytest.raises(ValueError, match="already trained on"):
