@@ -239,6 +239,7 @@ class Federation:
         self.privacy: dict[str, dict[str, Any]] = {}  # site -> sample-level spend as last reported
         self.central = CentralDP(run, self.dir)
         self._saved_server_optimizer: dict[str, Any] | None = None  # FedAdam moments, when resuming
+        self._answered_nodes: set[int] = set()  # nodes that replied to this ServerApp
         self._phase_nodes: list[
             int
         ] = []  # central DP: the sites the phase's DP wrapper was set up for
@@ -309,6 +310,22 @@ class Federation:
         )
 
     # ---- one round ---------------------------------------------------------------------------------------------
+    def _note_disconnected(self, state: RunState, r: int) -> None:
+        """A site that answered in this run (this ServerApp) but whose SuperNode is no longer connected is
+        recorded as dropped: the Grid no longer offers its node, so no round would ask it and notice."""
+        connected = set(self.grid.get_node_ids())
+        for name, s in list(state.sites.items()):
+            gone = s["node_id"] in self._answered_nodes and s["node_id"] not in connected
+            if s["status"] == "active" and gone:
+                self._mark(
+                    state,
+                    name,
+                    s["node_id"],
+                    "dropped",
+                    r,
+                    "disconnected: its SuperNode is no longer connected to the SuperLink",
+                )
+
     def _active_nodes(self, state: RunState) -> list[int]:
         refused = {s["node_id"] for s in state.sites.values() if s["status"] == "refused"}
         return [n for n in self.grid.get_node_ids() if n not in refused]
@@ -474,6 +491,7 @@ class Federation:
         self, state: RunState, r: int, phase: str, m: Message, good: list[Message]
     ) -> None:
         node = m.metadata.src_node_id
+        self._answered_nodes.add(node)
         if m.has_error():
             self._mark(
                 state, self._site_of(state, node), node, "dropped", r, f"error: {m.error.reason}"
@@ -513,6 +531,7 @@ class Federation:
             self.say("all rounds already done")
         for r in range(state.completed_round + 1, self.run.num_server_rounds + 1):
             phase = self.run.phase(r)
+            self._note_disconnected(state, r)
             if (
                 phase != strategy_phase
             ):  # a fresh strategy per phase: server optimiser state is per component
