@@ -179,3 +179,9 @@ def test_training_adds_included_canaries_as_extra_units_without_touching_patient
     assert (
         not canaries.state_path(site0).exists() or canaries.load_or_create(site0, 15, 1e-5).n == 0
     )
+
+
+def test_auto_count_at_a_tiny_site_with_a_large_delta(tmp_path):
+    cfg = SiteConfig(site_dir=str(tmp_path), epsilon=5.0)
+    assert canaries.auto_count(cfg, n_patients=15, delta=1 / 150) == 6  # the overhead cap, not an error
+    assert canaries.auto_count(cfg, n_patients=2, delta=1 / 20) == 0
