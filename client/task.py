@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -99,6 +100,18 @@ class RoundResult:
     state_dict: dict[str, torch.Tensor] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
+
+
+def round_seed(site: SiteConfig, plan: RoundPlan) -> int:
+    """The seed of the round's other randomness (the loss's timesteps and noise, the autoencoder's sampling).
+
+    Under DP it is the site's own (OS entropy), not the server's: those draws are consumed batch position by batch
+    position, so with a stream the server knows, one patient's presence would shift the draws of every patient
+    after it and their gradients would move by more than the clipping norm. Drawn fresh and unknown, they are
+    exchangeable and the DP-SGD analysis holds. (Noise and Poisson sampling have their own generators:
+    privacy/dp.py.) Without DP (experiments, no claim) the server's seed makes the round reproducible.
+    """
+    return secrets.randbits(63) if site.dp else plan.seed * 1_000_003 + plan.server_round
 
 
 def configure_compute(site: SiteConfig) -> torch.device:
@@ -217,7 +230,6 @@ def _train_loop(
     global_params = [p.detach().clone() for p in module.parameters()]
     optimizer = torch.optim.Adam(module.parameters(), lr=plan.lr)
     loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=True)
-    generator = torch.Generator().manual_seed(plan.seed * 100_003 + plan.server_round)
     if dp.enabled:
         module, optimizer, loader = make_private(
             module,
@@ -256,7 +268,6 @@ def _train_loop(
             steps += 1
     if dp.enabled and steps != dp.steps:
         raise RuntimeError(f"ran {steps} DP-SGD steps but planned and recorded {dp.steps}")
-    del generator
     return {"loss": sum(losses) / max(1, len(losses)), "steps": float(steps)}
 
 
@@ -286,7 +297,7 @@ def run_training_round(
     t0 = time.time()
     cfg = model_config(plan.preset)
     device = configure_compute(site)
-    torch.manual_seed(plan.seed * 1_000_003 + plan.server_round)
+    torch.manual_seed(round_seed(site, plan))
     train, holdout = load_training_data(site, cfg)
     ledger = open_ledger(site, train)
     dp, reason = plan_privacy(site, ledger, len(train), plan)

@@ -81,3 +81,24 @@ def test_fingerprint_is_by_patients(tmp_path, site_dir):
     assert dataset_fingerprint(site, train) == dataset_fingerprint(
         site, train.subset(list(range(len(train))))
     )
+
+
+def test_a_replayed_round_is_not_reproducible_under_dp(tmp_path, site_dir):
+    """Attack (issue 9, item 1): the server sends the same plan (seed, round) twice to the same patients. Under DP
+    the two updates must differ (the noise and the batches are the site's own); without DP the seed reproduces
+    the round, as experiments need."""
+    cfg = model_config("tiny")
+    ae = build_autoencoder(cfg).state_dict()
+
+    def replay(dp: bool, name: str) -> dict:
+        site = SiteConfig(
+            site_dir=str(site_dir), state_dir=str(tmp_path / name), epsilon=5.0, dp=dp
+        )
+        result = run_training_round(site, plan(), ae)
+        assert not result.refused
+        return result.state_dict
+
+    a, b = replay(True, "a"), replay(True, "b")
+    assert any(not torch.equal(a[k], b[k]) for k in a), "a replayed DP round reproduced the update"
+    c, d = replay(False, "c"), replay(False, "d")
+    assert all(torch.equal(c[k], d[k]) for k in c), "without DP the seed should reproduce the round"
