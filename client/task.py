@@ -14,13 +14,14 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import ModelConfig, SiteConfig, model_config
+from common.messages import RoundPlan
 from common.model import (
     autoencoder_loss,
     build_autoencoder,
@@ -35,40 +36,6 @@ from privacy.dp import batch_loss, make_private
 from privacy.ledger import PrivacyLedger
 
 log = logging.getLogger("fedsynth.site")
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """The server's instructions for one round, plus what the site needs to plan its privacy for the whole run."""
-
-    run_id: str
-    server_round: int
-    phase: str  # "autoencoder" | "diffusion"
-    num_server_rounds: int
-    federated_autoencoder_rounds: int
-    preset: str
-    local_epochs: int
-    batch_size: int
-    lr: float
-    kl_weight: float = 1e-6
-    latent_scale: float = 1.0
-    proximal_mu: float = 0.0
-    seed: int = 0
-
-    @property
-    def remaining_rounds(self) -> int:
-        """Rounds in which this site may still train, this one included (both phases count: both touch data)."""
-        return self.num_server_rounds - self.server_round + 1
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> RoundPlan:
-        names = {f for f in cls.__dataclass_fields__}
-        return cls(
-            **{k.replace("-", "_"): v for k, v in cfg.items() if k.replace("-", "_") in names}
-        )
-
-    def to_config(self) -> dict[str, Any]:
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)

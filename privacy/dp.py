@@ -133,7 +133,9 @@ def make_private(
             f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
         )
     check_model(model)
-    with warnings.catch_warnings():  # "Secure RNG turned off": our generators are seeded from OS entropy
+    with (
+        warnings.catch_warnings()
+    ):  # "Secure RNG turned off": our generators are seeded from OS entropy
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from client.task import (
-    RoundPlan,
     dataset_fingerprint,
     load_training_data,
     open_ledger,
     run_training_round,
 )
 from common.config import SiteConfig, model_config
+from common.messages import RoundPlan
 from common.model import build_autoencoder, build_unet
 from common.phantoms import make_phantom_sites
 
@@ -34,6 +34,10 @@ def plan(phase="autoencoder", r=1, rounds=2, ae_rounds=1, run_id="run-a"):
         local_epochs=1,
         batch_size=5,
         lr=1e-3,
+        kl_weight=1e-6,
+        latent_scale=1.0,
+        proximal_mu=0.0,
+        seed=0,
     )
 
 
