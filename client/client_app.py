@@ -29,6 +29,7 @@ from flwr.supercore.differential_privacy import (
 
 from client.task import RoundPlan, run_training_round
 from common.config import SiteConfig, model_config
+from common.noise import silence_known_noise
 
 
 def central_dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
@@ -73,6 +74,10 @@ def central_dp_clipping_mod(msg: Message, context: Context, call_next) -> Messag
 app = ClientApp(mods=[central_dp_clipping_mod])
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower HTTP poll otherwise
+logging.getLogger(
+    "flwr"
+).propagate = False  # Flower prints its own records; the root handler doubled each
+silence_known_noise()  # this process loads every scan of the site: MONAI's reader warning would repeat per file
 
 
 @app.train()
