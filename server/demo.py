@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,7 +303,7 @@ def stage_times(measured: dict[str, float], reported: dict[str, float]) -> list[
         rows += [(name, s) for name, s in inside if s > 0]
         rows.append(
             (
-                "federation start, hand-offs, stop",
+                "federation set-up and hand-offs",
                 max(0.0, measured["federation"] - sum(s for _, s in inside)),
             )
         )
@@ -321,7 +322,13 @@ def demo_summary(out: Path, times: list[tuple[str, float]], release: dict[str, A
     run_dir = Path(out) / "run"
     record = json.loads((run_dir / "run.json").read_text())
     lines = [SUMMARY_TITLE]
-    lines.append("time:      " + ", ".join(f"{name} {format_seconds(s)}" for name, s in times))
+    lines += textwrap.wrap(
+        ", ".join(f"{name} {format_seconds(s)}" for name, s in times),
+        width=110,
+        initial_indent="time:      ",
+        subsequent_indent=" " * 11,
+        break_on_hyphens=False,
+    )
     status = f"{record['status']}, {record['completed_round']}/{record['num_server_rounds']} rounds"
     lines.append(f"run:       {status}" + (f" ({record['reason']})" if record["reason"] else ""))
     lines += privacy_lines(run_dir)
@@ -376,11 +383,11 @@ def privacy_lines(run_dir: Path) -> list[str]:
 
 def release_lines(release: dict[str, Any] | None) -> list[str]:
     """Gate, release status and the next step that works: approve when the gate passed, else why it is blocked."""
-    from privacy.policy import format_value
-    from server.release import load_approvals, release_status
-
     if release is None:
         return ["release:   not prepared (see the warning above); the cohort and audit stand alone"]
+    from privacy.policy import format_value
+    from server.release.manifest import load_approvals, release_status
+
     gate = json.loads((Path(release["release"]) / "gate.json").read_text())
     status = release_status(Path(release["release"]), load_approvals(Path(release["release"])))
     withheld = len(gate.get("withheld_ids") or [])
@@ -391,6 +398,7 @@ def release_lines(release: dict[str, Any] | None) -> list[str]:
         ]
         for r in failed:
             why = "; ".join(x for x in (r.get("where"), r.get("note")) if x)
+            why = why if len(why) <= 160 else why[:157] + "..."
             lines.append(
                 f"           - {r['rule']}: measured {format_value(r['measured'])}, limit "
                 f"{format_value(r['threshold'])}" + (f" ({why})" if why else "")

@@ -24,9 +24,8 @@ from common.progress import parse_event
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
-PLAIN_EVERY_S = (
-    10.0  # a non-TTY progress line at most this often per stage (plus the first and the last)
-)
+# a non-TTY progress line at most this often per stage (plus the first and the last)
+PLAIN_EVERY_S = 30.0
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # a warning or error in a streamed line: ours ("DATE TIME logger LEVEL msg") or Flower's ("LEVEL :  msg")
 _PROBLEM = re.compile(
