@@ -18,7 +18,7 @@ from typing import Any
 
 from common.config import RunConfig
 from common.phantoms import make_phantom_sites
-from server.deployment import run_federation
+from server.deployment import DeploymentError, run_federation
 from server.terminal import Console, format_seconds
 
 APP_PYPROJECT = """\
@@ -257,7 +257,8 @@ def train_in_federation(opts: DemoOptions, out: Path, console: Console) -> None:
 
 
 def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
-    """The whole path; ends with `demo_summary`. 0 when it produced an audited cohort, 1 otherwise."""
+    """The whole path; ends with `demo_summary`. 0 when it produced a cohort (released, pending or blocked: the
+    summary says which), 1 when the federation failed or produced none."""
     console = console or Console()
     out = opts.out.resolve()
     run_dir = out / "run"
@@ -268,8 +269,12 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
     t0 = time.monotonic()
     make_demo_sites(opts, out, console)
     seconds["phantom hospitals"] = time.monotonic() - t0
-    t1 = time.monotonic()
-    train_in_federation(opts, out, console)
+    t1, failed = time.monotonic(), False
+    try:
+        train_in_federation(opts, out, console)
+    except DeploymentError as err:  # the summary below still says where things stand
+        console.warn(f"ERROR: the federation failed: {err}")
+        failed = True
     seconds["federation"] = time.monotonic() - t1
     release = None
     if (run_dir / "cohort").exists() and (run_dir / "audit" / "audit.json").exists():
@@ -284,7 +289,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
     console.say("[4/4] done")
     console.result(demo_summary(out, stage_times(seconds, console.stage_seconds), release))
     console.result(f"full log: {console.log_file}")
-    return 0 if (run_dir / "cohort").exists() else 1
+    return 0 if (run_dir / "cohort").exists() and not failed else 1
 
 
 def stage_times(measured: dict[str, float], reported: dict[str, float]) -> list[tuple[str, float]]:
@@ -320,8 +325,11 @@ def demo_summary(out: Path, times: list[tuple[str, float]], release: dict[str, A
     """The end of the demo: time per stage, privacy spent per site, cohort, audit, gate, and the next command that
     will work. Read from the files the run left (run.json, privacy.json, audit.json, the release)."""
     run_dir = Path(out) / "run"
-    record = json.loads((run_dir / "run.json").read_text())
     lines = [SUMMARY_TITLE]
+    if not (run_dir / "run.json").exists():
+        lines.append("run:       did not start (see the error above and the full log)")
+        return "\n".join(lines)
+    record = json.loads((run_dir / "run.json").read_text())
     lines += textwrap.wrap(
         ", ".join(f"{name} {format_seconds(s)}" for name, s in times),
         width=110,
