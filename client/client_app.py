@@ -15,6 +15,7 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MessageType,
     RecordDict,
@@ -26,6 +27,7 @@ from client.task import RoundResult, run_training_round
 from common import messages
 from common.config import SiteConfig, model_config
 from common.messages import AuditReply, AuditRequest, RoundPlan, TrainMetrics, TrainStatus
+from common.noise import silence_known_noise
 from privacy.client_level import clip_update
 
 
@@ -71,9 +73,14 @@ def central_dp_clipping_mod(msg: Message, context: Context, call_next) -> Messag
     return reply
 
 
+AUDIT_REFUSED = 403  # error code of an audit the site declined (the reason says why)
 app = ClientApp(mods=[central_dp_clipping_mod])
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower HTTP poll otherwise
+logging.getLogger(
+    "flwr"
+).propagate = False  # Flower prints its own records; the root handler doubled each
+silence_known_noise()  # this process loads every scan of the site: MONAI's reader warning would repeat per file
 
 
 @app.train()
@@ -123,14 +130,21 @@ def train_reply(site: SiteConfig, result: RoundResult) -> RecordDict:
 
 @app.query(messages.AUDIT)
 def audit(msg: Message, context: Context) -> Message:
-    """Audit a candidate cohort against this site's members and hold-out; reply with aggregates only."""
+    """Audit a candidate cohort against this site's members and hold-out; reply with aggregates only.
+
+    Only for a run this site trained in, at most max-audits-per-run times (client/audit_admission.py); a refusal
+    is an error reply whose reason the server records."""
     from client.audit import audit_site  # the audit stack loads only when an audit is asked for
+    from client.audit_admission import admit
 
     site = SiteConfig.from_flwr(context.node_config)
     request = AuditRequest.from_record(msg.content.config_records.get(messages.CONFIG))
-    # AUDIT ADMISSION (issue 9, item 4): client/audit_admission.py admit(site, run_id, checkpoint_sha256,
-    # cohort_manifest_sha256) -> (ok, reason) is to be called here, refusing (an error reply naming the reason)
-    # an audit the site cannot tie to a run it trained. Not landed yet: every audit is answered.
+    ok, reason = admit(
+        site, request.run_id, request.checkpoint_sha256, request.cohort_manifest_sha256
+    )
+    if not ok:
+        logging.getLogger("fedsynth.site").warning("%s", reason)
+        return Message(error=Error(code=AUDIT_REFUSED, reason=reason), reply_to=msg)
     cohort = msg.content[messages.COHORT]
     result = audit_site(
         site,
@@ -141,6 +155,7 @@ def audit(msg: Message, context: Context) -> Message:
         ae_state=msg.content[messages.AUTOENCODER].to_torch_state_dict(),
         unet_state=msg.content[messages.UNET].to_torch_state_dict(),
         latent_scale=request.latent_scale,
+        run_id=request.run_id,
     )
     reply = AuditReply(json.dumps(result, default=_json_default))
     return Message(content=RecordDict({messages.AUDIT: reply.to_record()}), reply_to=msg)

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from common import messages as msg
 from common.io import sha256_file
 from common.messages import AuditReply, AuditRequest, MessageError
+from common.progress import say_line
 from privacy.report import build_audit, write_audit_report
 from server.training import load_checkpoint
 
@@ -163,4 +164,8 @@ def run_audit_round(
         flagged_images=flagged_images,
     )
     say(f"audit report written in {time.time() - t0:.0f}s: {paths[0]}, {paths[1]}")
+    line = f"audit: {len(site_results)}/{len(nodes)} sites answered, {time.time() - t0:.0f}s; verdict {audit['verdict']['status']}"
+    say_line(
+        "audit", line + "".join(f"; {f}" for f in failures), elapsed=round(time.time() - t0, 3)
+    )
     return paths
