@@ -13,7 +13,8 @@ import pytest
 
 from server.cli import main as cli_main
 from server.release.manifest import write_approval
-from server.release.portal import RangeNotSatisfiable, parse_range, register_release
+from server.release.api import RangeNotSatisfiable, parse_range
+from server.release.portal import register_release
 from server.release.store import Store
 from tests.server.portal_helpers import PortalServer, approve, make_consortium, raw_request
 
@@ -65,7 +66,7 @@ def env(tmp_path_factory):
 def test_tokens_are_stored_only_as_hashes_in_a_wal_database_with_a_schema_version(env):
     db = sqlite3.connect(env["data"] / "portal.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
     dump = "\n".join(db.iterdump())
     assert (
         env["tok"]["acme"] not in dump
@@ -103,10 +104,14 @@ def test_roles_partner_sees_only_released_and_no_officer_or_admin_route(env):
     with s.client(tok["acme"]) as partner:
         listed = partner.get("/api/cohorts").json()["cohorts"]
         assert [c["cohort_id"] for c in listed] == ["released-1"]
-        for cid in ("pending-1", "blocked-1"):
-            assert partner.get(f"/api/cohorts/{cid}").status_code == 403
-            assert partner.get(f"/api/cohorts/{cid}/files/release.json").status_code == 403
-            assert partner.get(f"/api/cohorts/{cid}/files/cohort/labels.csv").status_code == 403
+        for cid in ("pending-1", "blocked-1"):  # as if they did not exist: 404, same text
+            for what in ("", "/files/release.json", "/files/cohort/labels.csv", "/consortium.pub"):
+                r = partner.get(f"/api/cohorts/{cid}{what}")
+                missing = partner.get(f"/api/cohorts/no-such-{cid}{what}")
+                assert r.status_code == missing.status_code == 404
+                assert r.json()["detail"].replace(cid, "X") == missing.json()[
+                    "detail"
+                ].replace(f"no-such-{cid}", "X")
         assert partner.get("/api/cohorts/released-1").json()["status"] == "released"
         assert partner.get("/api/cohorts/pending-1/statement").status_code == 403
         assert (
@@ -288,7 +293,7 @@ def test_officers_approve_and_the_cohort_is_released(env):
         r = alice.post("/api/cohorts/pending-1/decision", json=signed)
         assert r.status_code == 200 and r.json()["status"] == "pending"  # two approvals required
         assert alice.post("/api/cohorts/pending-1/decision", json=signed).status_code == 409
-        assert partner.get("/api/cohorts/pending-1").status_code == 403
+        assert partner.get("/api/cohorts/pending-1").status_code == 404
         r = bob.post("/api/cohorts/pending-1/decision", json=approve(rel, c, "bob"))
         assert r.status_code == 200 and r.json()["status"] == "released"
         info = partner.get("/api/cohorts/pending-1").json()

@@ -10,7 +10,7 @@ import pytest
 
 from common.signing import fingerprint, load_public_key
 from server.cli import main as cli_main
-from server.release import portal
+from server.release import state
 from server.release.manifest import verify_release, write_approval
 from server.release.portal import register_release
 from server.release.pull import PullError, pull
@@ -121,7 +121,7 @@ def test_pull_detects_a_changed_release_json_even_from_a_lying_portal(env, tmp_p
     with pytest.raises(PullError, match="403"):  # the portal itself no longer counts the approvals
         _pull(env, "relj-1", tmp_path / "relj-1")
     # a compromised portal that claims the cohort is released anyway: pull checks the signature itself
-    monkeypatch.setattr(portal, "cohort_status", lambda store, row: "released")
+    monkeypatch.setattr(state.Portal, "cohort", lambda self, row: state.Cohort(row, "released"))
     with pytest.raises(
         PullError, match=r"release\.json: the signature in release\.sig does not verify"
     ):
