@@ -39,9 +39,9 @@ PAGE_CSP = (
 )
 
 
-def render(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
+def render(request: Request, name: str, code: int = 200, **context) -> HTMLResponse:
     return templates.TemplateResponse(
-        request, name, context, status_code=status, headers={"Content-Security-Policy": PAGE_CSP}
+        request, name, context, status_code=code, headers={"Content-Security-Policy": PAGE_CSP}
     )
 
 
@@ -79,7 +79,7 @@ async def page_login_post(request: Request):
         return render(
             request,
             "login.html",
-            status=401,
+            401,
             title="Sign in",
             who=None,
             session_hours=SESSION_HOURS,

@@ -12,8 +12,8 @@ import sqlite3
 import pytest
 
 from server.cli import main as cli_main
-from server.release.manifest import write_approval
 from server.release.api import RangeNotSatisfiable, parse_range
+from server.release.manifest import write_approval
 from server.release.portal import register_release
 from server.release.store import Store
 from tests.server.portal_helpers import PortalServer, approve, make_consortium, raw_request
@@ -109,9 +109,9 @@ def test_roles_partner_sees_only_released_and_no_officer_or_admin_route(env):
                 r = partner.get(f"/api/cohorts/{cid}{what}")
                 missing = partner.get(f"/api/cohorts/no-such-{cid}{what}")
                 assert r.status_code == missing.status_code == 404
-                assert r.json()["detail"].replace(cid, "X") == missing.json()[
-                    "detail"
-                ].replace(f"no-such-{cid}", "X")
+                assert r.json()["detail"].replace(cid, "X") == missing.json()["detail"].replace(
+                    f"no-such-{cid}", "X"
+                )
         assert partner.get("/api/cohorts/released-1").json()["status"] == "released"
         assert partner.get("/api/cohorts/pending-1/statement").status_code == 403
         assert (
@@ -391,30 +391,44 @@ def test_cli_token_revoke_and_add(env, tmp_path, capsys):
     assert cli_main(["portal", "add", "--data", str(data), str(release)]) == 2  # already registered
 
 
-def test_login_cookie_and_pages(env):
+def test_login_session_and_pages(env):
     s = env["server"]
+    origin = {"Origin": s.url}
     with s.client() as browser:
         assert browser.get("/").status_code == 303
-        bad = browser.post("/login", data={"token": "nope"})
-        assert bad.status_code == 401
-        r = browser.post("/login", data={"token": env["tok"]["bob"]})
+        bad = browser.post("/login", data={"token": "nope"}, headers=origin)
+        assert bad.status_code == 401 and "Unknown, revoked or expired" in bad.text
+        r = browser.post("/login", data={"token": env["tok"]["bob"]}, headers=origin)
         assert r.status_code == 303
-        cookie = r.headers["set-cookie"].lower()
-        assert "httponly" in cookie and "secure" in cookie and "samesite=strict" in cookie
-        browser.cookies.set("fedsynth_token", env["tok"]["bob"], domain="127.0.0.1")
+        cookie = r.headers["set-cookie"]
+        session = cookie.split(";")[0].split("=", 1)[1]
+        assert (
+            session != env["tok"]["bob"] and env["tok"]["bob"] not in cookie
+        )  # a session id, not the token
+        low = cookie.lower()
+        assert "httponly" in low and "secure" in low and "samesite=strict" in low
+        browser.cookies.set("fedsynth_session", session, domain="127.0.0.1")
         index = browser.get("/")
         assert index.status_code == 200 and "blocked-1" in index.text
         page = browser.get("/cohorts/blocked-1")
         assert page.status_code == 200 and "gate-table" in page.text and "max_epsilon" in page.text
-        assert "FAIL" in page.text and "Content-Security-Policy" in page.headers
+        assert (
+            "FAIL" in page.text and "script-src 'self'" in page.headers["content-security-policy"]
+        )
+        assert (
+            "<script>" not in page.text and "style=" not in page.text
+        )  # scripts and styles are files
         assert (
             "near-copies found" in page.text
         )  # each gate line shows its note (what was measured, or not)
-        # a cookie-authenticated write without the portal's request header (a cross-site form) is refused
-        r = browser.post(
-            "/api/cohorts/traversal-1/decision", json={"statement": "{}", "signature": "x"}
-        )
-        assert r.status_code == 403 and "x-fedsynth-request" in r.json()["detail"]
+        # a cookie-authenticated write from another site (no Origin, or a foreign one) is refused
+        for headers in ({}, {"Origin": "https://evil.example", "X-Fedsynth-Request": "1"}):
+            r = browser.post(
+                "/api/cohorts/traversal-1/decision",
+                json={"statement": "{}", "signature": "x"},
+                headers=headers,
+            )
+            assert r.status_code == 403 and "from this portal" in r.json()["detail"]
         html_report = browser.get("/api/cohorts/blocked-1/files/audit/audit.html")
         assert (
             html_report.status_code == 200
