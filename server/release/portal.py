@@ -45,7 +45,8 @@ from server.release.store import Store
 
 SECURITY_HEADERS = (
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    # same-origin, not no-referrer: under no-referrer browsers send "Origin: null" with the portal's own forms
+    (b"referrer-policy", b"same-origin"),
     (b"cache-control", b"no-store"),
     (b"strict-transport-security", b"max-age=31536000"),
     (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),

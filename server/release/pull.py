@@ -112,9 +112,11 @@ def pull(
     progress: Callable[[str], None] = print,
     warn: Callable[[str], None] = _err,
 ) -> Path:
-    """Download and verify a released cohort into `out` (default: ./COHORT). Raises PullError (or PortalError)
-    on any problem; `err.resumable` says whether `OUT.partial` was kept for the same command to resume."""
-    base = cohort_path(cohort_id)
+    """Download and verify a released cohort into `out` (default: ./COHORT). Raises PullError on any problem; `err.resumable` says whether `OUT.partial` was kept for the same command to resume."""
+    try:
+        base = cohort_path(cohort_id)
+    except PortalError as err:
+        raise PullError(str(err)) from None
     out = Path(out) if out is not None else Path(cohort_id)
     if out.exists():
         raise PullError(
@@ -138,7 +140,9 @@ def pull(
     except PortalError as err:
         if not err.resumable and partial.exists():
             shutil.rmtree(partial, ignore_errors=True)  # nothing there can ever complete this pull
-        raise
+        if isinstance(err, PullError):
+            raise
+        raise PullError(str(err), resumable=err.resumable) from None
 
 
 def _pull(

@@ -216,10 +216,11 @@ def portal_of(request: Request) -> Portal:
 
 def same_origin(request: Request) -> bool:
     """Does the request come from a page of this portal? Browsers send Origin with every POST; it must name
-    this portal (the Host it was reached at, over https)."""
+    this portal (the Host it was reached at, over https), and Sec-Fetch-Site, where sent, must agree."""
     origin = request.headers.get("origin")
     host = request.headers.get("host")
-    return bool(origin and host) and origin == f"https://{host}"
+    fetch_site = request.headers.get("sec-fetch-site", "same-origin")
+    return bool(origin and host) and origin == f"https://{host}" and fetch_site == "same-origin"
 
 
 def require(request: Request, *roles: str) -> Principal:
