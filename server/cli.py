@@ -567,6 +567,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         _say(f"error: {err}")
         return 2
+    except (
+        ModuleNotFoundError
+    ) as err:  # a partner's light install (fedsynth[pull]) running a site command
+        _say(
+            f"error: `fedsynth {args.command}` needs the full install ({err.name} is missing): "
+            'pip install "fedsynth[all]"; the light install (fedsynth[pull]) only pulls and verifies'
+        )
+        return 2
 
 
 if __name__ == "__main__":
