@@ -3,7 +3,7 @@
 fedsynth demo [--out DIR]                        the whole path on loopback: phantoms -> TLS federation -> cohort
 fedsynth phantoms --sites N --subjects M --out DIR [--dims 2|3] [--seed S]
 fedsynth site check DIR                          what a site's folder holds, and every problem in it
-fedsynth synthesize --checkpoint CKPT --per-class N --out DIR
+fedsynth synthesize --checkpoint CKPT --per-class N --out DIR [--device D] [--workers W]   (resumes a half-written DIR)
 fedsynth verify COHORT                           re-hash a cohort against its manifest
 fedsynth audit --demo DIR                        re-run the federated privacy audit of a demo's cohort
 fedsynth pki --out DIR --nodes N                 CA, SuperLink certificate, SuperNode auth keys
@@ -77,6 +77,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         steps=args.steps,
         device=args.device,
+        workers=args.workers,
     )
     synthesize_cohort(req, privacy=privacy, progress=_say)
     return 0
@@ -426,7 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the preset's)")
     sy.add_argument("--batch-size", type=int, default=32)
-    sy.add_argument("--device", default="auto")
+    sy.add_argument(
+        "--device",
+        default="auto",
+        help="auto (every visible GPU, else the CPU), cpu, cuda (every GPU) or a list: cuda:0,cuda:1",
+    )
+    sy.add_argument(
+        "--workers", type=int, default=0, help="CPU worker processes when on the CPU (default 1)"
+    )
     sy.set_defaults(fn=cmd_synthesize)
 
     v = sub.add_parser("verify", help="verify a cohort's files against its manifest")
