@@ -1,6 +1,6 @@
 """`fedsynth`: the command line for consortia, sites, privacy officers and partners.
 
-fedsynth demo [--out DIR]                        the whole path on loopback: phantoms -> TLS federation -> cohort
+fedsynth demo [--out DIR] [--dims 2|3]           the whole path on loopback: phantoms -> TLS federation -> cohort
 fedsynth phantoms --sites N --subjects M --out DIR [--dims 2|3] [--seed S]
 fedsynth site check DIR                          what a site's folder holds, and every problem in it
 fedsynth synthesize --checkpoint CKPT --per-class N --out DIR [--device D] [--workers W]   (resumes a half-written DIR)
@@ -111,6 +111,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     opts = DemoOptions(
         out=Path(args.out),
         preset=args.preset,
+        dims=args.dims,
         rounds=args.rounds,
         subjects=args.subjects,
         insecure=args.insecure,
@@ -387,7 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the whole pipeline on loopback with phantom hospitals")
     d.add_argument("--out", default="fedsynth-demo")
-    d.add_argument("--preset", default="small")
+    d.add_argument(
+        "--preset",
+        default="",
+        help="model preset (default: small for --dims 2, tiny3d for --dims 3)",
+    )
+    d.add_argument(
+        "--dims", type=int, choices=(2, 3), default=2, help="2: axial slices; 3: whole volumes"
+    )
     d.add_argument(
         "--rounds",
         type=int,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import RunConfig
+from common.config import RunConfig, model_config
 from common.phantoms import make_phantom_sites
 from server.deployment import run_federation
 
@@ -43,7 +43,8 @@ clientapp = "client.client_app:app"
 @dataclass(frozen=True)
 class DemoOptions:
     out: Path = Path("fedsynth-demo")
-    preset: str = "small"
+    preset: str = ""  # "" -> the demo preset for `dims`: small (2-D) or tiny3d (3-D)
+    dims: int = 2  # 2: one axial slice per patient; 3: whole volumes
     rounds: int | None = None
     subjects: int | None = None
     sites: int = 3
@@ -51,9 +52,40 @@ class DemoOptions:
     epsilon: float = 10.0
     timeout_s: float = 1800.0
 
+    def __post_init__(self) -> None:
+        if self.dims not in (2, 3):
+            raise ValueError("dims must be 2 or 3")
+        preset = self.preset or ("tiny3d" if self.dims == 3 else "small")
+        if model_config(preset).spatial_dims != self.dims:
+            raise ValueError(
+                f"preset {preset!r} is {model_config(preset).spatial_dims}-D but --dims is {self.dims}: "
+                "choose a 3-D preset (tiny3d, base3d) for --dims 3, a 2-D one otherwise"
+            )
+        object.__setattr__(self, "preset", preset)
+
+
+def demo_run_config_3d(opts: DemoOptions, run_dir: Path) -> RunConfig:
+    """The 3-D demo's plan: both phases trained with DP-SGD at the sites (one autoencoder round, then the diffusion
+    UNet, warm-started on public phantom volumes encoded by that federated autoencoder)."""
+    return RunConfig(
+        preset=opts.preset,
+        num_server_rounds=opts.rounds or 2,
+        autoencoder_rounds=1,
+        autoencoder_source="federated",
+        public_unet_steps=40,
+        public_phantoms=24,
+        local_epochs=1,
+        batch_size=8,
+        min_sites=min(2, opts.sites),
+        run_dir=str(run_dir),
+        synthesize_per_class=4,
+    )
+
 
 def demo_run_config(opts: DemoOptions, run_dir: Path) -> RunConfig:
     """The demo's plan: a public-phantom autoencoder and UNet warm start, then DP fine-tuning at the sites."""
+    if opts.dims == 3:
+        return demo_run_config_3d(opts, run_dir)
     tiny = opts.preset == "tiny"
     return RunConfig(
         preset=opts.preset,
@@ -227,13 +259,19 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] = print) -> int:
     sites_dir = out / "sites"
     if run_dir.exists() and (run_dir / "cohort").exists():
         raise FileExistsError(f"{run_dir / 'cohort'} exists: choose another --out or remove it")
-    subjects = opts.subjects or (16 if opts.preset == "tiny" else 120)
+    subjects = opts.subjects or (16 if opts.preset in ("tiny", "tiny3d") else 120)
     if not sites_dir.exists():
         progress(
             f"[1/3] making {opts.sites} phantom hospitals with {subjects} patients each in {sites_dir}"
         )
         make_phantom_sites(
-            sites_dir, n_sites=opts.sites, n_subjects=subjects, size=64, seed=0, progress=progress
+            sites_dir,
+            n_sites=opts.sites,
+            n_subjects=subjects,
+            dims=opts.dims,
+            size=64 if opts.dims == 2 else model_config(opts.preset).image_size,
+            seed=0,
+            progress=progress,
         )
     else:
         progress(f"[1/3] reusing phantom hospitals in {sites_dir}")
