@@ -15,26 +15,26 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MessageType,
     MetricRecord,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
-from flwr.supercore.differential_privacy import (
-    KEY_CLIPPING_NORM,
-    compute_clip_model_update,
-    get_norm,
-)
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.task import RoundPlan, run_training_round
 from common.config import SiteConfig, model_config
+from common.noise import silence_known_noise
+from privacy.client_level import clip_update
 
 
 def central_dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     """Central DP, client side: clip this site's model update (new - global) to the norm the server asks for.
 
-    Exactly what Flower's `fixedclipping_mod` does (same `compute_clip_model_update`), for our messages: that mod
+    What Flower's `fixedclipping_mod` does, but exact: the norm after clipping is <= C as the server measures it
+    (privacy.client_level.clip_update; Flower's float32 scaling can land a hair above C). Flower's mod
     needs exactly one ArrayRecord in the train message (ours also carries the frozen "autoencoder" in the diffusion
     phase) and turns every reply without arrays (a refusal, a failed round) into an error; and mods are fixed when
     the ClientApp is built, so this one does nothing unless the round's config carries a clipping norm (Flower's
@@ -55,9 +55,7 @@ def central_dp_clipping_mod(msg: Message, context: Context, call_next) -> Messag
     new = reply.content["arrays"]
     if list(new.keys()) != list(sent.keys()):
         raise ValueError("central DP: the reply's arrays do not match the global model's")
-    new_nd, sent_nd = new.to_numpy_ndarrays(), sent.to_numpy_ndarrays()
-    norm = get_norm([np.subtract(a, b) for a, b in zip(new_nd, sent_nd, strict=True)])
-    compute_clip_model_update(param1=new_nd, param2=sent_nd, clipping_norm=clipping_norm)
+    new_nd, norm = clip_update(new.to_numpy_ndarrays(), sent.to_numpy_ndarrays(), clipping_norm)
     # the unclipped norm says something about the site's data: it stays in the site's own log
     logging.getLogger("fedsynth.site").info(
         "central DP: model update norm %.4g, clipped to %.4g before it leaves",
@@ -70,9 +68,14 @@ def central_dp_clipping_mod(msg: Message, context: Context, call_next) -> Messag
     return reply
 
 
+AUDIT_REFUSED = 403  # error code of an audit the site declined (the reason says why)
 app = ClientApp(mods=[central_dp_clipping_mod])
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower HTTP poll otherwise
+logging.getLogger(
+    "flwr"
+).propagate = False  # Flower prints its own records; the root handler doubled each
+silence_known_noise()  # this process loads every scan of the site: MONAI's reader warning would repeat per file
 
 
 @app.train()
@@ -103,11 +106,24 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query("audit")
 def audit(msg: Message, context: Context) -> Message:
-    """Audit a candidate cohort against this site's members and hold-out; reply with aggregates only."""
+    """Audit a candidate cohort against this site's members and hold-out; reply with aggregates only.
+
+    Only for a run this site trained in, at most max-audits-per-run times (client/audit_admission.py); a refusal
+    is an error reply whose reason the server records."""
     from client.audit import audit_site  # the audit stack loads only when an audit is asked for
+    from client.audit_admission import admit
 
     site = SiteConfig.from_flwr(context.node_config)
     config = msg.content["config"]
+    ok, reason = admit(
+        site,
+        str(config.get("run-id", "")),
+        str(config.get("checkpoint-sha256", "")),
+        str(config.get("cohort-manifest-sha256", "")),
+    )
+    if not ok:
+        logging.getLogger("fedsynth.site").warning("%s", reason)
+        return Message(error=Error(code=AUDIT_REFUSED, reason=reason), reply_to=msg)
     cohort = msg.content["cohort"]
     result = audit_site(
         site,
@@ -120,6 +136,7 @@ def audit(msg: Message, context: Context) -> Message:
         ae_state=msg.content["autoencoder"].to_torch_state_dict(),
         unet_state=msg.content["unet"].to_torch_state_dict(),
         latent_scale=float(config["latent-scale"]),
+        run_id=str(config["run-id"]),
     )
     return Message(
         content=RecordDict(

@@ -166,7 +166,8 @@ class RunConfig:
     cohort_dir: str = ""  # mode "audit"
     checkpoint: str = ""  # mode "audit"
     # Central (client-level) DP: sites clip their model update, the server adds Gaussian noise to the aggregate
-    # (Flower's DifferentialPrivacyClientSideFixedClipping) and accounts the whole run with Flower's RdpAccountant.
+    # (Flower's DifferentialPrivacyClientSideFixedClipping); every release is accounted replace-one (sensitivity
+    # 2C) in the consortium's ledger, over all its runs (server/central_dp.py).
     central_dp: str = "off"  # "off" | "client-side-fixed"
     central_dp_noise_multiplier: float = (
         1.0  # noise std on the aggregate = this x clipping norm / sites
@@ -174,10 +175,12 @@ class RunConfig:
     central_dp_clipping_norm: float = (
         1.0  # L2 bound on one site's model update (new - global) per round
     )
-    central_dp_delta: float = 0.0  # 0 -> 1 / (10 x sites)
+    central_dp_delta: float = 0.0  # 0 -> min(1e-5, 1 / (10 x sites))
     central_dp_max_epsilon: float = (
-        0.0  # > 0: stop before a round whose release would take epsilon past this
+        0.0  # > 0: stop before a release that would take the consortium's epsilon past this
     )
+    # The consortium's client-level ledger (SQLite, all runs); "": central_dp_ledger.sqlite beside run-dir
+    central_dp_ledger: str = ""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -210,7 +213,9 @@ class RunConfig:
             if not 0 < self.central_dp_clipping_norm < float("inf"):
                 raise ValueError("central-dp-clipping-norm must be > 0 and finite")
             if not 0 <= self.central_dp_delta < 1:
-                raise ValueError("central-dp-delta must be in [0, 1) (0: 1 / (10 x sites))")
+                raise ValueError(
+                    "central-dp-delta must be in [0, 1) (0: min(1e-5, 1 / (10 x sites)))"
+                )
             if not 0 <= self.central_dp_max_epsilon < float("inf"):
                 raise ValueError("central-dp-max-epsilon must be >= 0 and finite (0: no limit)")
             if self.strategy == "fedadam":
@@ -259,8 +264,15 @@ class SiteConfig:
     # How DP-SGD gets the clipped per-sample gradients; all exact (privacy/dp.py). bookkeeping: fastest here
     # (docs/PERFORMANCE.md); hooks / ghost: Opacus' own, for other layer types or comparison.
     grad_sample_mode: str = "bookkeeping"  # bookkeeping | hooks | ghost
+    # Audits this site answers per run id it trained in (each answer reveals aggregates about its patients).
+    max_audits_per_run: int = 2
+    # One-run audit canaries (client/canaries.py): -1 auto (enough for half the claimed epsilon, at most 40 % of
+    # the patient count so training grows by <= 20 %), 0 none, m > 0 exactly m. Fixed once drawn.
+    canaries: int = -1
 
     def __post_init__(self) -> None:
+        if self.max_audits_per_run < 0:
+            raise ValueError("max-audits-per-run must be >= 0 (0: answer no audit)")
         if not self.site_dir:
             raise ValueError(
                 "node config needs site-dir (the folder with the site's images and labels.csv)"
@@ -269,6 +281,8 @@ class SiteConfig:
             raise ValueError("accountant must be 'rdp' or 'prv'")
         if self.grad_sample_mode not in ("bookkeeping", "hooks", "ghost"):
             raise ValueError("grad-sample-mode must be 'bookkeeping', 'hooks' or 'ghost'")
+        if self.canaries < -1:
+            raise ValueError("canaries must be -1 (auto), 0 (none) or a positive count")
         if self.epsilon <= 0 or self.delta < 0 or self.max_grad_norm <= 0:
             raise ValueError("epsilon and max-grad-norm must be > 0, delta >= 0")
 

@@ -7,6 +7,7 @@ client/audit.py). The server only combines them: worst case across sites and cla
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from common.progress import say_line
 from privacy.report import build_audit, write_audit_report
 from server.synthesis import read_cohort
 from server.training import load_checkpoint
@@ -37,6 +39,8 @@ def audit_messages(
 ) -> list[Message]:
     images, ids, labels, _ = load_cohort(cohort_dir)
     payload = load_checkpoint(checkpoint)
+    manifest_bytes = (cohort_dir / "manifest.json").read_bytes()
+    manifest = json.loads(manifest_bytes)
     content = RecordDict(
         {
             "cohort": ArrayRecord(
@@ -51,6 +55,10 @@ def audit_messages(
                     # what the checkpoint's UNet predicts (checkpoints from before the field: the noise)
                     "prediction-type": payload["model_config"].get("prediction_type", "epsilon"),
                     "latent-scale": float(payload["run_state"]["latent_scale"]),
+                    # what a site ties the audit to (client/audit_admission.py): a run it trained in
+                    "run-id": str(payload["run_state"]["run_id"]),
+                    "checkpoint-sha256": str(manifest["checkpoint"]["sha256"]),
+                    "cohort-manifest-sha256": hashlib.sha256(manifest_bytes).hexdigest(),
                 }
             ),
         }
@@ -120,4 +128,8 @@ def run_audit_round(
         flagged_images=flagged_images,
     )
     say(f"audit report written in {time.time() - t0:.0f}s: {paths[0]}, {paths[1]}")
+    line = f"audit: {len(site_results)}/{len(nodes)} sites answered, {time.time() - t0:.0f}s; verdict {audit['verdict']['status']}"
+    say_line(
+        "audit", line + "".join(f"; {f}" for f in failures), elapsed=round(time.time() - t0, 3)
+    )
     return paths

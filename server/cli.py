@@ -1,8 +1,12 @@
 """`fedsynth`: the command line for consortia, sites, privacy officers and partners.
 
-fedsynth demo [--out DIR] [--dims 2|3]           the whole path on loopback: phantoms -> TLS federation -> cohort
+fedsynth [-v|-q] COMMAND ...   -v: every log line at the terminal; -q: warnings, errors and results only.
+Full logs always go to a file in the run folder (demo: DIR/run/demo.log); the terminal shows progress per stage.
+
+fedsynth demo [--out DIR] [--dims 2|3]           the whole path on loopback: phantoms -> TLS federation -> cohort -> release
 fedsynth phantoms --sites N --subjects M --out DIR [--dims 2|3] [--seed S]
 fedsynth site check DIR                          what a site's folder holds, and every problem in it
+fedsynth site migrate-ledger --site-dir DIR      convert an old (fingerprint-keyed) privacy ledger, conservatively
 fedsynth synthesize --checkpoint CKPT --per-class N --out DIR [--device D] [--workers W]   (resumes a half-written DIR)
 fedsynth verify COHORT                           re-hash a cohort against its manifest
 fedsynth audit --demo DIR                        re-run the federated privacy audit of a demo's cohort
@@ -42,9 +46,9 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
         dims=args.dims,
         size=args.size,
         seed=args.seed,
-        progress=_say,
+        progress=args.console.say,
     )
-    _say(f"{len(sites)} phantom sites in {args.out}")
+    args.console.result(f"{len(sites)} phantom sites in {args.out}")
     return 0
 
 
@@ -59,19 +63,50 @@ def cmd_site_check(args: argparse.Namespace) -> int:
         spatial_dims=cfg.spatial_dims,
         image_size=cfg.image_size,
     )
-    _say(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_text())
+    args.console.result(
+        json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_text()
+    )
     return 0 if report.usable_subjects > 0 else 1
+
+
+def cmd_site_migrate_ledger(args: argparse.Namespace) -> int:
+    from common.config import SiteConfig, model_config
+    from common.site import load_site
+    from privacy.ledger import LEDGER_FILENAME, migrate_fingerprint_ledger
+
+    site = SiteConfig(site_dir=args.site_dir, state_dir=args.state_dir or "")
+    path = site.state_path / LEDGER_FILENAME
+    if not path.is_file():
+        _say(f"{path}: no privacy ledger there; nothing to migrate")
+        return 1
+    cfg = model_config(args.preset)
+    data = load_site(
+        site.site_dir,
+        class_names=cfg.class_names,
+        spatial_dims=cfg.spatial_dims,
+        image_size=cfg.image_size,
+    )
+    for problem in data.problems:
+        _say(f"warning: {problem} (a patient left out here is not charged the old spend)")
+    backup = migrate_fingerprint_ledger(path, data.patients)
+    _say(
+        f"{path}: every old entry is now charged to each of the {len(data.patients)} patients at the site, all "
+        f"kept out of the audit hold-out; the old file is {backup}"
+    )
+    return 0
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from server.synthesis import SynthesisRequest, synthesize_cohort
 
-    ckpt = Path(args.checkpoint)
+    ckpt, out = Path(args.checkpoint), Path(args.out)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else out.parent
+    args.console.log_to(run_dir / f"synthesize-{out.name}.log")
     privacy_path = ckpt.parent.parent / "privacy.json"
     privacy = json.loads(privacy_path.read_text()) if privacy_path.exists() else None
     req = SynthesisRequest(
         checkpoint=ckpt,
-        out_dir=Path(args.out),
+        out_dir=out,
         per_class=args.per_class,
         seed=args.seed,
         batch_size=args.batch_size,
@@ -79,7 +114,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
     )
-    synthesize_cohort(req, privacy=privacy, progress=_say)
+    synthesize_cohort(req, privacy=privacy, progress=args.console.detail)
+    args.console.result(f"cohort written to {out}; full log: {args.console.log_file}")
     return 0
 
 
@@ -117,16 +153,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         epsilon=args.epsilon,
     )
-    return run_demo(opts, progress=_say)
+    return run_demo(opts, args.console)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from server.demo import run_demo_audit
 
-    return run_demo_audit(Path(args.demo), insecure=args.insecure, progress=_say)
+    return run_demo_audit(Path(args.demo), insecure=args.insecure, console=args.console)
 
 
-# ---- keys and releases (privacy/policy.py, common/signing.py, server/release.py) ----
+# ---- keys and releases (privacy/policy.py, common/signing.py, server/release/manifest.py) ----
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
@@ -152,7 +188,7 @@ def cmd_release_gate(args: argparse.Namespace) -> int:
 
 def cmd_release_build(args: argparse.Namespace) -> int:
     from privacy.policy import GateResult, RuleResult, gate_table, load_policy
-    from server.release import build_release
+    from server.release.manifest import build_release
 
     officers = {}
     for item in args.officer:
@@ -179,7 +215,7 @@ def cmd_release_build(args: argparse.Namespace) -> int:
 
 
 def cmd_release_approve(args: argparse.Namespace) -> int:
-    from server.release import approval_statement, sign_approval, summary, write_approval
+    from server.release.manifest import approval_statement, sign_approval, summary, write_approval
 
     decision = "reject" if args.reject else "approve"
     statement = approval_statement(Path(args.release), args.officer, decision, args.reason or "")
@@ -192,7 +228,7 @@ def cmd_release_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_release_verify(args: argparse.Namespace) -> int:
-    from server.release import summary, verify_release
+    from server.release.manifest import summary, verify_release
 
     problems = verify_release(Path(args.release), Path(args.consortium_key))
     for p in problems:
@@ -264,7 +300,7 @@ def _add_release_commands(sub) -> None:
 
 
 def cmd_portal_serve(args: argparse.Namespace) -> int:
-    from server.portal import serve
+    from server.release.portal import serve
 
     _say(f"portal on https://{args.host}:{args.port}/ serving {args.data}")
     serve(Path(args.data), host=args.host, port=args.port, cert=Path(args.cert), key=Path(args.key))
@@ -272,7 +308,7 @@ def cmd_portal_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_portal_token(args: argparse.Namespace) -> int:
-    from server.portal_store import Store
+    from server.release.store import Store
 
     token_id, token = Store(Path(args.data)).issue_token(args.role, args.name)
     _say(f"token id {token_id} ({args.role} {args.name}); the token, shown only now:\n{token}")
@@ -280,7 +316,7 @@ def cmd_portal_token(args: argparse.Namespace) -> int:
 
 
 def cmd_portal_revoke(args: argparse.Namespace) -> int:
-    from server.portal_store import Store
+    from server.release.store import Store
 
     if not Store(Path(args.data)).revoke_token(args.token_id):
         raise ValueError(f"no unrevoked token with id {args.token_id} in {args.data}")
@@ -289,7 +325,7 @@ def cmd_portal_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_portal_add(args: argparse.Namespace) -> int:
-    from server.portal import register_release
+    from server.release.portal import register_release
 
     key = Path(args.consortium_key) if args.consortium_key else None
     cohort_id = register_release(
@@ -300,7 +336,7 @@ def cmd_portal_add(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from server.pull import PullError, pull
+    from server.release.pull import PullError, pull
 
     try:
         pull(
@@ -427,6 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--preset", default="small")
     chk.add_argument("--json", action="store_true")
     chk.set_defaults(fn=cmd_site_check)
+    mig = site_sub.add_parser(
+        "migrate-ledger",
+        help="convert an old privacy ledger (spend keyed by a dataset fingerprint) to the per-patient one: "
+        "every old entry is charged to every patient now at the site (an over-count, never an under-count)",
+    )
+    mig.add_argument("--site-dir", required=True)
+    mig.add_argument("--state-dir", default="", help="default: SITE_DIR/.fedsynth")
+    mig.add_argument("--preset", default="small", help="the model preset, for reading the images")
+    mig.set_defaults(fn=cmd_site_migrate_ledger)
 
     sy = sub.add_parser("synthesize", help="sample a synthetic cohort from a checkpoint")
     sy.add_argument("--checkpoint", required=True)
@@ -466,9 +511,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_global_flags(parser: argparse.ArgumentParser) -> None:
+    """-v/-q before the command (`fedsynth -v demo`) and after it (`fedsynth demo -v`), on every sub-command."""
+
+    def add(p: argparse.ArgumentParser, default) -> None:
+        g = p.add_mutually_exclusive_group()
+        g.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=default,
+            help="every log line at the terminal (ours, Flower's, the libraries'), no progress bars",
+        )
+        g.add_argument(
+            "-q",
+            "--quiet",
+            action="store_true",
+            default=default,
+            help="only warnings, errors and results (the full log still goes to the log file)",
+        )
+
+    def walk(p: argparse.ArgumentParser, default) -> None:
+        add(p, default)
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    walk(child, argparse.SUPPRESS)
+
+    walk(parser, False)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from server.terminal import NORMAL, QUIET, VERBOSE, Console
+
     ensure_fedsynth_packages()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    add_global_flags(parser)
+    args = parser.parse_args(argv)
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and -q/--quiet exclude each other")
+    args.console = Console(VERBOSE if args.verbose else QUIET if args.quiet else NORMAL).install()
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
@@ -477,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         _say(f"error: {err}")
         return 2
+    finally:
+        args.console.close()
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import torch
 from common.config import ModelConfig
 from common.io import append_jsonl, atomic_path, sha256_file, write_json_atomic
 from common.model import build_autoencoder, build_unet, decode, sample_latents
+from common.progress import Stage
 from server.training import load_checkpoint
 
 MANIFEST_FORMAT = "fedsynth-cohort/1"
@@ -403,9 +404,10 @@ def _work(
     worker: int,
     indices: list[int],
     threads: int,
-    messages,
+    report: Callable[[int, str], None],
 ) -> None:
-    """One worker: sample its share of the cohort on one device and write each image as it comes."""
+    """One worker: sample its share of the cohort on one device and write each image as it comes; `report(n,
+    line)` after each batch of n images."""
     if threads > 0:
         torch.set_num_threads(threads)
     device = torch.device(device_name)
@@ -433,15 +435,24 @@ def _work(
             sid = ids[i][0]
             append_jsonl(journal, {"id": sid, "sha256": write_image(partial, sid, image, cfg)})
         done += len(batch)
-        messages.put(
+        report(
+            len(batch),
             f"synthesis {device_name} (worker {worker}): {done}/{len(indices)} images, "
-            f"{done / max(time.time() - t0, 1e-9):.2f} images/s"
+            f"{done / max(time.time() - t0, 1e-9):.2f} images/s",
         )
 
 
 def _worker_main(req, partial, device_name, worker, indices, threads, messages, errors) -> None:
     try:
-        _work(req, partial, device_name, worker, indices, threads, messages)
+        _work(
+            req,
+            partial,
+            device_name,
+            worker,
+            indices,
+            threads,
+            lambda n, line: messages.put((n, line)),
+        )
     except BaseException as err:  # reported to the parent, which names the worker and stops
         errors.put(f"worker {worker} on {device_name}: {type(err).__name__}: {err}")
         raise
@@ -525,16 +536,23 @@ def _run_workers(
     partial: Path,
     devices: list[str],
     todo: list[int],
+    n_images: int,
     say: Callable[[str], None],
 ) -> None:
     shards = [todo[k :: len(devices)] for k in range(len(devices))]
+    bar = Stage("synthesis", "synthesis", n_images, "image")
+    written = n_images - len(todo)
+
+    def report(n: int, line: str) -> None:
+        nonlocal written
+        written += n
+        bar.update(written)
+        say(line)
+
     cpu_workers = sum(d == "cpu" for d in devices)
     threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers > 1 else 0
     if len(devices) == 1:  # no process to spawn
-        messages: queue_mod.Queue = queue_mod.Queue()
-        _work(req, partial, devices[0], 0, shards[0], threads, messages)
-        while not messages.empty():
-            say(messages.get())
+        _work(req, partial, devices[0], 0, shards[0], threads, report)
         return
     import multiprocessing
 
@@ -554,7 +572,7 @@ def _run_workers(
     try:
         while any(p.is_alive() for p in procs):
             try:
-                say(messages.get(timeout=1.0))
+                report(*messages.get(timeout=1.0))
             except queue_mod.Empty:
                 pass
             if any(p.exitcode not in (None, 0) for p in procs):
@@ -565,7 +583,7 @@ def _run_workers(
                 p.terminate()
             p.join()
     while not messages.empty():
-        say(messages.get())
+        report(*messages.get())
     failed = [p for p in procs if p.exitcode != 0]
     if failed:
         reasons = []
@@ -601,7 +619,7 @@ def synthesize_cohort(
     todo = [i for i, (sid, _) in enumerate(ids) if sid not in done]
     if todo:
         say(f"synthesis: {len(todo)} images on {', '.join(devices)} (batches of {req.batch_size})")
-        _run_workers(req, partial, devices, todo, say)
+        _run_workers(req, partial, devices, todo, len(ids), say)
     missing = sorted(set(sid for sid, _ in ids) - set(_verified(partial)))
     if missing:
         raise RuntimeError(

@@ -12,9 +12,9 @@ import sqlite3
 import pytest
 
 from server.cli import main as cli_main
-from server.portal import RangeNotSatisfiable, parse_range, register_release
-from server.portal_store import Store
-from server.release import write_approval
+from server.release.manifest import write_approval
+from server.release.portal import RangeNotSatisfiable, parse_range, register_release
+from server.release.store import Store
 from tests.server.portal_helpers import PortalServer, approve, make_consortium, raw_request
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -257,7 +257,7 @@ def test_officers_approve_and_the_cohort_is_released(env):
             "/api/cohorts/pending-1/statement", params={"decision": "approve", "reason": "ok"}
         )
         assert statement.status_code == 200 and json.loads(statement.text)["officer"] == "alice"
-        from server.release import sign_approval
+        from server.release.manifest import sign_approval
 
         signed = sign_approval(statement.text, c.officer_keys["alice"])
         # not alice: a statement made out to alice and posted with bob's token, and one signed with the wrong key
@@ -418,14 +418,14 @@ def test_login_cookie_and_pages(env):
 
 
 def test_demo_publishes_its_release_to_a_portal_folder(env, tmp_path):
-    from server.demo import publish_demo_release
+    from server.demo import publish_demo_release, release_lines
 
     c = env["c"]
     out = tmp_path / "demo"
     shutil.copytree(c.cohort, out / "run" / "cohort")
     shutil.copytree(c.audit, out / "run" / "audit")
-    messages = []
-    info = publish_demo_release(out, messages.append)
+    info = publish_demo_release(out)
+    messages = release_lines(info)  # the demo summary's release part: the next steps that work
     assert info["status"] == "pending" and (out / "keys" / "officer.key").exists()
     assert oct((out / "portal" / "tokens.txt").stat().st_mode & 0o777) == "0o600"
     lines = (out / "portal" / "tokens.txt").read_text().splitlines()
@@ -435,4 +435,4 @@ def test_demo_publishes_its_release_to_a_portal_folder(env, tmp_path):
     assert any("fedsynth portal serve --data" in m for m in messages)
     assert any("fedsynth pull" in m for m in messages)
     with pytest.raises(FileExistsError):
-        publish_demo_release(out, messages.append)
+        publish_demo_release(out)
