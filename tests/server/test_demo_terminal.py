@@ -63,7 +63,7 @@ def test_small_demo_prints_progress_and_a_summary_that_matches_the_run(tmp_path)
         "synthesis: 8/8 images",
         f"audit: {len(audit['sites'])}/3 sites answered",
     ):
-        assert any(stage in line for line in lines), stage
+        assert any(stage in line for line in lines), f"{stage!r} not in:\n{proc.stdout[-3000:]}"
 
     # the full log went to the run folder, with what the terminal left out
     log = (out / "run" / "demo.log").read_text()
