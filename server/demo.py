@@ -389,8 +389,9 @@ def demo_summary(out: Path, times: list[tuple[str, float]], release: dict[str, A
         lines.append("audit:     none (no site audited the cohort); nothing can be released")
         return "\n".join(lines)
     verdict = json.loads(audit_path.read_text())["verdict"]
-    reason = (verdict.get("reasons") or ["(no reason given)"])[0]
-    lines.append(f"audit:     {verdict['status'].upper()}: {reason}")
+    reasons = verdict.get("reasons") or ["(no reason given)"]
+    more = f" (+{len(reasons) - 1} more in the report)" if len(reasons) > 1 else ""
+    lines.append(f"audit:     {verdict['status'].upper()}: {reasons[0]}{more}")
     lines.append(f"           report {run_dir / 'audit' / 'audit.html'}")
     lines += release_lines(release)
     return "\n".join(lines)
