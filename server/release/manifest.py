@@ -57,7 +57,6 @@ REL_PATH = re.compile(
 )
 APPROVAL_FILE = re.compile(r"\Aapprovals/[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.json\Z")
 UNSIGNED = ("release.json", "release.sig")
-PREVIEW_PER_ROW = 8  # server.synthesis.write_preview shows the first 8 images of each class
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -132,13 +131,6 @@ def _read_audit(audit_dir: Path, manifest: dict, ids: set[str], cohort_dir: Path
     return audit
 
 
-def _load_image(path: Path):
-    import nibabel as nib
-    import numpy as np
-
-    return np.asarray(nib.load(path).dataobj, dtype=np.float32)[None]
-
-
 def _write_cohort(
     src: Path, dst: Path, manifest: dict, rows: list[dict], dataset: dict, withheld: set[str]
 ) -> None:
@@ -146,7 +138,7 @@ def _write_cohort(
     image was in the preview, redrawing it from the released images."""
     import numpy as np
 
-    from server.synthesis import write_preview
+    from server.synthesis import PREVIEW_PER_ROW, load_image, write_preview
 
     (dst / "images").mkdir(parents=True)
     kept = [r for r in rows if r["synthetic_id"] not in withheld]
@@ -180,7 +172,13 @@ def _write_cohort(
             r for c in class_names for r in [r for r in kept if r["class"] == c][:PREVIEW_PER_ROW]
         ]
         images = np.stack(
-            [_load_image(src / "images" / f"{r['synthetic_id']}.nii.gz") for r in shown]
+            [
+                load_image(
+                    src / "images" / f"{r['synthetic_id']}.nii.gz",
+                    int(manifest["model_config"]["spatial_dims"]),
+                )
+                for r in shown
+            ]
         )
         labels = np.array([class_names.index(r["class"]) for r in shown])
         write_preview(dst / "preview.png", images, labels, tuple(class_names))
