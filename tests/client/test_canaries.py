@@ -183,5 +183,7 @@ def test_training_adds_included_canaries_as_extra_units_without_touching_patient
 
 def test_auto_count_at_a_tiny_site_with_a_large_delta(tmp_path):
     cfg = SiteConfig(site_dir=str(tmp_path), epsilon=5.0)
-    assert canaries.auto_count(cfg, n_patients=15, delta=1 / 150) == 6  # the overhead cap, not an error
+    assert (
+        canaries.auto_count(cfg, n_patients=15, delta=1 / 150) == 6
+    )  # the overhead cap, not an error
     assert canaries.auto_count(cfg, n_patients=2, delta=1 / 20) == 0
