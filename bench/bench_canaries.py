@@ -21,8 +21,9 @@ import torch
 
 from bench.report import write_block
 from client import canaries
-from client.task import RoundPlan, run_training_round
+from client.task import run_training_round
 from common.config import SiteConfig, model_config
+from common.messages import RoundPlan
 from common.model import build_autoencoder, build_unet
 from common.phantoms import make_phantom_sites
 
@@ -42,6 +43,10 @@ def one_round(site_dir: Path, state: Path, n_canaries: int, preset: str, threads
         local_epochs=2,
         batch_size=8,
         lr=1e-3,
+        kl_weight=1e-6,
+        latent_scale=1.0,
+        proximal_mu=0.0,
+        seed=0,
     )
     t0 = time.perf_counter()
     result = run_training_round(

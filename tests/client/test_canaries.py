@@ -148,6 +148,7 @@ def _round(tmp_path, phantom_site, monkeypatch, n_canaries):
     plan = task.RoundPlan(
         run_id="r", server_round=1, phase="autoencoder", num_server_rounds=1,
         federated_autoencoder_rounds=1, preset="tiny", local_epochs=1, batch_size=5, lr=1e-3,
+        kl_weight=1e-6, latent_scale=1.0, proximal_mu=0.0, seed=0,
     )  # fmt: skip
     result = task.run_training_round(
         site, plan, build_autoencoder(model_config("tiny")).state_dict()
