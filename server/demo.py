@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,13 +329,7 @@ def demo_summary(out: Path, times: list[tuple[str, float]], release: dict[str, A
         lines.append("run:       did not start (see the error above and the full log)")
         return "\n".join(lines)
     record = json.loads((run_dir / "run.json").read_text())
-    lines += textwrap.wrap(
-        ", ".join(f"{name} {format_seconds(s)}" for name, s in times),
-        width=110,
-        initial_indent="time:      ",
-        subsequent_indent=" " * 11,
-        break_on_hyphens=False,
-    )
+    lines += _wrap_items("time:", [f"{name} {format_seconds(s)}" for name, s in times])
     status = f"{record['status']}, {record['completed_round']}/{record['num_server_rounds']} rounds"
     lines.append(f"run:       {status}" + (f" ({record['reason']})" if record["reason"] else ""))
     lines += privacy_lines(run_dir)
@@ -362,6 +355,17 @@ def demo_summary(out: Path, times: list[tuple[str, float]], release: dict[str, A
     lines.append(f"           report {run_dir / 'audit' / 'audit.html'}")
     lines += release_lines(release)
     return "\n".join(lines)
+
+
+def _wrap_items(label: str, items: list[str], width: int = 110) -> list[str]:
+    """`label` and comma-separated items, wrapped between items (never inside one), continued under the first."""
+    lines = [label.ljust(11)]
+    for i, item in enumerate(items):
+        text = item + ("," if i < len(items) - 1 else "")
+        if len(lines[-1]) > 11 and len(lines[-1]) + 1 + len(text) > width:
+            lines.append(" " * 11)
+        lines[-1] += ("" if len(lines[-1]) == 11 else " ") + text
+    return lines
 
 
 def privacy_lines(run_dir: Path) -> list[str]:
