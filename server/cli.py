@@ -3,11 +3,11 @@
 fedsynth [-v|-q] COMMAND ...   -v: every log line at the terminal; -q: warnings, errors and results only.
 Full logs always go to a file in the run folder (demo: DIR/run/demo.log); the terminal shows progress per stage.
 
-fedsynth demo [--out DIR]                        the whole path on loopback: phantoms -> TLS federation -> cohort -> release
+fedsynth demo [--out DIR] [--dims 2|3]           the whole path on loopback: phantoms -> TLS federation -> cohort -> release
 fedsynth phantoms --sites N --subjects M --out DIR [--dims 2|3] [--seed S]
 fedsynth site check DIR                          what a site's folder holds, and every problem in it
 fedsynth site migrate-ledger --site-dir DIR      convert an old (fingerprint-keyed) privacy ledger, conservatively
-fedsynth synthesize --checkpoint CKPT --per-class N --out DIR
+fedsynth synthesize --checkpoint CKPT --per-class N --out DIR [--device D] [--workers W]   (resumes a half-written DIR)
 fedsynth verify COHORT                           re-hash a cohort against its manifest
 fedsynth audit --demo DIR                        re-run the federated privacy audit of a demo's cohort
 fedsynth pki --out DIR --nodes N                 CA, SuperLink certificate, SuperNode auth keys
@@ -18,6 +18,7 @@ fedsynth release approve RELEASE --officer NAME --key KEY [--reject --reason TEX
 fedsynth release verify RELEASE --consortium-key PUB
 fedsynth portal serve --data DIR --cert C --key K   the partner portal (HTTPS): officers approve, partners download
 fedsynth portal token --data DIR --role R --name N  issue a portal token (printed once); portal revoke, portal add
+fedsynth portal approve|reject COHORT --portal URL --token T --key KEY   an officer's decision, signed locally
 fedsynth pull COHORT --portal URL --token T [--out DIR] [--ca CA] [--consortium-key PUB]   download + verify
 """
 
@@ -112,6 +113,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         steps=args.steps,
         device=args.device,
+        workers=args.workers,
     )
     synthesize_cohort(req, privacy=privacy, progress=args.console.detail)
     args.console.result(f"cohort written to {out}; full log: {args.console.log_file}")
@@ -146,6 +148,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     opts = DemoOptions(
         out=Path(args.out),
         preset=args.preset,
+        dims=args.dims,
         rounds=args.rounds,
         subjects=args.subjects,
         insecure=args.insecure,
@@ -298,18 +301,40 @@ def _add_release_commands(sub) -> None:
 
 
 def cmd_portal_serve(args: argparse.Namespace) -> int:
-    from server.release.portal import serve
+    from server.release.limits import Limits
+    from server.release.portal import PortalSettings, serve
 
+    limits = Limits(
+        max_body=args.max_body,
+        request_timeout=args.request_timeout,
+        max_per_client=args.max_connections_per_client,
+        max_auth_failures=args.max_auth_failures,
+    )
+    settings = PortalSettings(
+        limits=limits,
+        log_retention_days=args.log_retention_days,
+        trusted_proxies=tuple(args.trusted_proxy or ()),
+    )
     _say(f"portal on https://{args.host}:{args.port}/ serving {args.data}")
-    serve(Path(args.data), host=args.host, port=args.port, cert=Path(args.cert), key=Path(args.key))
+    serve(
+        Path(args.data),
+        host=args.host,
+        port=args.port,
+        cert=Path(args.cert),
+        key=Path(args.key),
+        settings=settings,
+    )
     return 0
 
 
 def cmd_portal_token(args: argparse.Namespace) -> int:
     from server.release.store import Store
 
-    token_id, token = Store(Path(args.data)).issue_token(args.role, args.name)
-    _say(f"token id {token_id} ({args.role} {args.name}); the token, shown only now:\n{token}")
+    token_id, token = Store(Path(args.data)).issue_token(args.role, args.name, args.days)
+    valid = f"valid {args.days:g} days" if args.days else "valid until revoked"
+    _say(
+        f"token id {token_id} ({args.role} {args.name}, {valid}); the token, shown only now:\n{token}"
+    )
     return 0
 
 
@@ -334,7 +359,8 @@ def cmd_portal_add(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from server.release.pull import PullError, pull
+    from server.release.pull import pull
+    from server.release.remote import PortalError
 
     try:
         pull(
@@ -346,15 +372,40 @@ def cmd_pull(args: argparse.Namespace) -> int:
             consortium_key=Path(args.consortium_key) if args.consortium_key else None,
             progress=_say,
         )
-    except PullError as err:
+    except PortalError as err:
         print(f"PULL FAILED: {err}", file=sys.stderr, flush=True)
         partial = Path(f"{args.out or args.cohort}.partial")
         if partial.exists():
             print(
-                f"{partial} is NOT a verified cohort (kept so that the same command resumes)",
+                f"{partial} is NOT a verified cohort; it is kept so that the same command resumes it",
                 file=sys.stderr,
             )
         return 1
+    return 0
+
+
+def cmd_portal_decide(args: argparse.Namespace) -> int:
+    from server.release.remote import PortalError, decide
+
+    decision = args.portal_command  # approve | reject
+    try:
+        res = decide(
+            args.cohort,
+            args.portal,
+            args.token or os.environ.get("FEDSYNTH_TOKEN", ""),
+            Path(args.key),
+            decision,
+            args.reason or "",
+            ca=Path(args.ca) if args.ca else None,
+            consortium_key=Path(args.consortium_key) if args.consortium_key else None,
+        )
+    except PortalError as err:
+        print(f"{decision.upper()} FAILED: {err}", file=sys.stderr, flush=True)
+        return 1
+    _say(
+        f"{res['decision']} of cohort {res['cohort_id']} by officer {res['officer']} signed with "
+        f"{args.key} and recorded; cohort status: {res['status']}"
+    )
     return 0
 
 
@@ -373,6 +424,39 @@ def _add_portal_commands(sub) -> None:
         "--cert", required=True, help="TLS certificate (e.g. fedsynth pki's superlink.crt)"
     )
     s.add_argument("--key", required=True, help="its private key")
+    s.add_argument(
+        "--max-body", type=int, default=64 * 1024, help="largest request body, bytes (413 above)"
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a whole request (headers and body)",
+    )
+    s.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=16,
+        help="open connections per client address (503 above); trusted proxies are exempt",
+    )
+    s.add_argument(
+        "--max-auth-failures",
+        type=int,
+        default=10,
+        help="failed sign-ins per client address in 5 minutes before 429",
+    )
+    s.add_argument(
+        "--log-retention-days",
+        type=float,
+        default=90.0,
+        help="access-log rows older than this are deleted",
+    )
+    s.add_argument(
+        "--trusted-proxy",
+        action="append",
+        metavar="ADDRESS",
+        help="a reverse proxy whose X-Forwarded-For names the real client (repeat; see deploy/README.md)",
+    )
     s.set_defaults(fn=cmd_portal_serve)
     t = po_sub.add_parser(
         "token", help="issue an access token (printed once; only its hash is stored)"
@@ -383,6 +467,9 @@ def _add_portal_commands(sub) -> None:
         "--name",
         required=True,
         help="who holds it; an officer's name is its key name in release.json",
+    )
+    t.add_argument(
+        "--days", type=float, default=None, help="valid for this many days (default: until revoked)"
     )
     t.set_defaults(fn=cmd_portal_token)
     r = po_sub.add_parser("revoke", help="revoke a token by its id")
@@ -399,6 +486,27 @@ def _add_portal_commands(sub) -> None:
     )
     a.add_argument("--move", action="store_true", help="move the folder instead of copying it")
     a.set_defaults(fn=cmd_portal_add)
+    for decision in ("approve", "reject"):
+        d = po_sub.add_parser(
+            decision,
+            help=f"{decision} a cohort on the portal, signed here with your officer key (never uploaded)",
+        )
+        d.add_argument("cohort")
+        d.add_argument("--portal", required=True, help="https://HOST:PORT")
+        d.add_argument(
+            "--token", default=None, help="your officer token (default: $FEDSYNTH_TOKEN)"
+        )
+        d.add_argument("--key", required=True, help="your officer private key (NAME.key)")
+        d.add_argument(
+            "--reason", default="", required=decision == "reject", help="why (required to reject)"
+        )
+        d.add_argument("--ca", default=None, help="CA certificate of the portal's TLS certificate")
+        d.add_argument(
+            "--consortium-key",
+            default=None,
+            help="consortium PUBLIC key: check release.json's signature before signing",
+        )
+        d.set_defaults(fn=cmd_portal_decide)
 
     pl = sub.add_parser("pull", help="download a released cohort from the portal and verify it")
     pl.add_argument("cohort")
@@ -422,7 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the whole pipeline on loopback with phantom hospitals")
     d.add_argument("--out", default="fedsynth-demo")
-    d.add_argument("--preset", default="small")
+    d.add_argument(
+        "--preset",
+        default="",
+        help="model preset (default: small for --dims 2, tiny3d for --dims 3)",
+    )
+    d.add_argument(
+        "--dims", type=int, choices=(2, 3), default=2, help="2: axial slices; 3: whole volumes"
+    )
     d.add_argument(
         "--rounds",
         type=int,
@@ -471,7 +586,14 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the preset's)")
     sy.add_argument("--batch-size", type=int, default=32)
-    sy.add_argument("--device", default="auto")
+    sy.add_argument(
+        "--device",
+        default="auto",
+        help="auto (every visible GPU, else the CPU), cpu, cuda (every GPU) or a list: cuda:0,cuda:1",
+    )
+    sy.add_argument(
+        "--workers", type=int, default=0, help="CPU worker processes when on the CPU (default 1)"
+    )
     sy.set_defaults(fn=cmd_synthesize)
 
     v = sub.add_parser("verify", help="verify a cohort's files against its manifest")
@@ -543,6 +665,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         _say(f"error: {err}")
+        return 2
+    except ModuleNotFoundError as err:  # a light install (fedsynth[pull]) running a site command
+        _say(
+            f"error: `fedsynth {args.command}` needs the full install ({err.name} is missing): "
+            'pip install "fedsynth[all]"; the light install (fedsynth[pull]) only pulls and verifies'
+        )
         return 2
     finally:
         args.console.close()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
+from common.config import RunConfig, model_config
 from common.phantoms import make_phantom_sites
 from server.deployment import DeploymentError, run_federation
 from server.terminal import Console, format_seconds
@@ -47,7 +47,8 @@ clientapp = "client.client_app:app"
 @dataclass(frozen=True)
 class DemoOptions:
     out: Path = Path("fedsynth-demo")
-    preset: str = "small"
+    preset: str = ""  # "" -> the demo preset for `dims`: small (2-D) or tiny3d (3-D)
+    dims: int = 2  # 2: one axial slice per patient; 3: whole volumes
     rounds: int | None = None
     subjects: int | None = None
     sites: int = 3
@@ -55,9 +56,40 @@ class DemoOptions:
     epsilon: float = 10.0
     timeout_s: float = 1800.0
 
+    def __post_init__(self) -> None:
+        if self.dims not in (2, 3):
+            raise ValueError("dims must be 2 or 3")
+        preset = self.preset or ("tiny3d" if self.dims == 3 else "small")
+        if model_config(preset).spatial_dims != self.dims:
+            raise ValueError(
+                f"preset {preset!r} is {model_config(preset).spatial_dims}-D but --dims is {self.dims}: "
+                "choose a 3-D preset (tiny3d, base3d) for --dims 3, a 2-D one otherwise"
+            )
+        object.__setattr__(self, "preset", preset)
+
+
+def demo_run_config_3d(opts: DemoOptions, run_dir: Path) -> RunConfig:
+    """The 3-D demo's plan: both phases trained with DP-SGD at the sites (one autoencoder round, then the diffusion
+    UNet, warm-started on public phantom volumes encoded by that federated autoencoder)."""
+    return RunConfig(
+        preset=opts.preset,
+        num_server_rounds=opts.rounds or 2,
+        autoencoder_rounds=1,
+        autoencoder_source="federated",
+        public_unet_steps=40,
+        public_phantoms=24,
+        local_epochs=1,
+        batch_size=8,
+        min_sites=min(2, opts.sites),
+        run_dir=str(run_dir),
+        synthesize_per_class=4,
+    )
+
 
 def demo_run_config(opts: DemoOptions, run_dir: Path) -> RunConfig:
     """The demo's plan: a public-phantom autoencoder and UNet warm start, then DP fine-tuning at the sites."""
+    if opts.dims == 3:
+        return demo_run_config_3d(opts, run_dir)
     tiny = opts.preset == "tiny"
     return RunConfig(
         preset=opts.preset,
@@ -220,7 +252,7 @@ def make_demo_sites(opts: DemoOptions, out: Path, console: Console) -> None:
     if sites_dir.exists():
         console.say(f"[1/4] reusing the phantom hospitals in {sites_dir}")
         return
-    subjects = opts.subjects or (16 if opts.preset == "tiny" else 120)
+    subjects = opts.subjects or (16 if opts.preset in ("tiny", "tiny3d") else 120)
     console.say(
         f"[1/4] making {opts.sites} phantom hospitals with {subjects} patients each in {sites_dir}"
     )
@@ -228,7 +260,8 @@ def make_demo_sites(opts: DemoOptions, out: Path, console: Console) -> None:
         sites_dir,
         n_sites=opts.sites,
         n_subjects=subjects,
-        size=64,
+        dims=opts.dims,
+        size=64 if opts.dims == 2 else model_config(opts.preset).image_size,
         seed=0,
         progress=console.detail,
     )
@@ -394,6 +427,9 @@ def privacy_lines(run_dir: Path) -> list[str]:
     return lines
 
 
+TOKEN_FROM_FILE = '"$(awk \'$1=="{role}"{{print $3}}\' {path})"'
+
+
 def release_lines(release: dict[str, Any] | None) -> list[str]:
     """Gate, release status and the next step that works: approve when the gate passed, else why it is blocked."""
     if release is None:
@@ -429,14 +465,20 @@ def release_lines(release: dict[str, Any] | None) -> list[str]:
         "(one officer approval needed)"
     ]
     portal = "https://127.0.0.1:8443"
+
+    def token(role: str) -> str:
+        """The shell reads the token from tokens.txt when the command runs; it is never printed."""
+        return TOKEN_FROM_FILE.format(role=role, path=release["tokens"])
+
+    trust = f"--ca {release['ca']} --consortium-key {release['consortium_pub']}"
     lines += [
-        f"next:      1. serve the portal: fedsynth portal serve --data {release['portal']} "
-        f"--cert {release['cert']} --key {release['key']}",
-        f"           2. approve: open {portal}/ (CA {release['ca']}), sign in with the officer token in "
-        f"{release['tokens']}, approve with {release['officer_key']}",
-        f"           3. pull: fedsynth pull {release['cohort_id']} --portal {portal} "
-        f'--token "$(awk \'$1=="partner"{{print $3}}\' {release["tokens"]})" --ca {release["ca"]} '
-        f"--consortium-key {release['consortium_pub']}",
+        f"next:      1. serve the portal (it keeps running; use a second terminal for 2 and 3): "
+        f"fedsynth portal serve --data {release['portal']} --cert {release['cert']} --key {release['key']}",
+        f"           2. the officer approves (or opens {portal}/ in a browser with the officer token): "
+        f"fedsynth portal approve {release['cohort_id']} --portal {portal} --token {token('officer')} "
+        f"--key {release['officer_key']} {trust}",
+        f"           3. a partner pulls the released cohort: fedsynth pull {release['cohort_id']} "
+        f"--portal {portal} --token {token('partner')} {trust}",
     ]
     return lines
 
