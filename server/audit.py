@@ -15,13 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from common.progress import say_line
 from privacy.report import build_audit, write_audit_report
+from server.synthesis import read_cohort
 from server.training import load_checkpoint
 
 log = logging.getLogger("fedsynth.server.audit")
@@ -29,22 +30,8 @@ log = logging.getLogger("fedsynth.server.audit")
 
 def load_cohort(cohort_dir: Path) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
     """Synthetic images (N, 1, ...), their ids, class indices and the class names, from a cohort folder."""
-    manifest = json.loads((cohort_dir / "manifest.json").read_text())
-    class_names = list(manifest["class_names"])
-    rows = [
-        line.split(",") for line in (cohort_dir / "labels.csv").read_text().splitlines()[1:] if line
-    ]
-    images, ids, labels = [], [], []
-    for sid, cls in rows:
-        data = np.asarray(
-            nib.load(cohort_dir / "images" / f"{sid}.nii.gz").dataobj, dtype=np.float32
-        )
-        if manifest["model_config"]["spatial_dims"] == 2:
-            data = data[:, :, 0]
-        images.append(data[None])
-        ids.append(sid)
-        labels.append(class_names.index(cls))
-    return np.stack(images), ids, np.asarray(labels, dtype=np.int64), class_names
+    cohort = read_cohort(cohort_dir)
+    return cohort.images(), cohort.ids, cohort.labels, cohort.class_names
 
 
 def audit_messages(
@@ -141,4 +128,8 @@ def run_audit_round(
         flagged_images=flagged_images,
     )
     say(f"audit report written in {time.time() - t0:.0f}s: {paths[0]}, {paths[1]}")
+    line = f"audit: {len(site_results)}/{len(nodes)} sites answered, {time.time() - t0:.0f}s; verdict {audit['verdict']['status']}"
+    say_line(
+        "audit", line + "".join(f"; {f}" for f in failures), elapsed=round(time.time() - t0, 3)
+    )
     return paths

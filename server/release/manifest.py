@@ -31,7 +31,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from common.io import atomic_dir, sha256_file, write_json_atomic
@@ -45,7 +44,7 @@ from common.signing import (
 )
 from privacy.policy import GateResult, Policy, evaluate_policy, policy_toml
 from privacy.report import load_audit
-from server.synthesis import verify_cohort, write_preview
+from server.synthesis import PREVIEW_PER_ROW, load_image, verify_cohort, write_preview
 
 RELEASE_FORMAT = "fedsynth-release/1"
 APPROVAL_FORMAT = "fedsynth-approval/1"
@@ -58,7 +57,6 @@ REL_PATH = re.compile(
 )
 APPROVAL_FILE = re.compile(r"^approvals/[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.json$")
 UNSIGNED = ("release.json", "release.sig")
-PREVIEW_PER_ROW = 8  # server.synthesis.write_preview shows the first 8 images of each class
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -129,10 +127,6 @@ def _read_audit(audit_dir: Path, manifest: dict, ids: set[str], cohort_dir: Path
     return audit
 
 
-def _load_image(path: Path) -> np.ndarray:
-    return np.asarray(nib.load(path).dataobj, dtype=np.float32)[None]
-
-
 def _write_cohort(
     src: Path, dst: Path, manifest: dict, rows: list[dict], dataset: dict, withheld: set[str]
 ) -> None:
@@ -170,7 +164,13 @@ def _write_cohort(
             r for c in class_names for r in [r for r in kept if r["class"] == c][:PREVIEW_PER_ROW]
         ]
         images = np.stack(
-            [_load_image(src / "images" / f"{r['synthetic_id']}.nii.gz") for r in shown]
+            [
+                load_image(
+                    src / "images" / f"{r['synthetic_id']}.nii.gz",
+                    int(manifest["model_config"]["spatial_dims"]),
+                )
+                for r in shown
+            ]
         )
         labels = np.array([class_names.index(r["class"]) for r in shown])
         write_preview(dst / "preview.png", images, labels, tuple(class_names))
