@@ -6,6 +6,10 @@ machines (deploy/README.md). Flower 1.41: Fleet, Control and Runtime APIs share 
 each SuperNode has its own Runtime port for its ClientApp process; `flwr` reads its connection from
 $FLWR_HOME/config.toml. Every process gets a private FLWR_HOME (never ~/.flwr), which also marks the processes
 Flower spawns itself (SuperExec, flwr-serverapp, flwr-clientapp) so none can outlive the federation.
+
+With a database file the SuperLink's state (registered SuperNodes, runs) survives a restart (`restart_superlink`);
+`run_app` then rides out the SuperLink's absence, and a run that Flower could not carry across the restart is
+submitted again with the same run-dir and resumes from its last checkpoint (deploy/README.md, section 9).
 """
 
 from __future__ import annotations
@@ -574,8 +578,10 @@ def run_federation(
     timeout_s: float = 1800.0,
     progress: Progress = print,
     python_bin_dir: Path | None = None,
+    database: Path | None = None,
 ) -> FederationResult:
-    """Start a SuperLink and one SuperNode per node config, run the app, stop everything; raise on failure."""
+    """Start a SuperLink and one SuperNode per node config, run the app, stop everything; raise on failure.
+    With `database` the SuperLink keeps its state in that file (see `local_superlink`)."""
     if not node_configs:
         raise ValueError("run_federation needs at least one node config")
     for config in (run_config, *node_configs):
@@ -592,6 +598,7 @@ def run_federation(
             insecure=insecure,
             python_bin_dir=python_bin_dir,
             progress=progress,
+            database=database,
         ) as link:
             with local_supernodes(link, node_configs, progress=progress):
                 return run_app(link, app_dir, run_config, timeout_s=timeout_s, progress=progress)

@@ -310,10 +310,9 @@ class Federation:
         )
 
     # ---- one round ---------------------------------------------------------------------------------------------
-    def _note_disconnected(self, state: RunState, r: int) -> None:
+    def _note_disconnected(self, state: RunState, r: int, connected: set[int]) -> None:
         """A site that answered in this run (this ServerApp) but whose SuperNode is no longer connected is
         recorded as dropped: the Grid no longer offers its node, so no round would ask it and notice."""
-        connected = set(self.grid.get_node_ids())
         for name, s in list(state.sites.items()):
             gone = s["node_id"] in self._answered_nodes and s["node_id"] not in connected
             if s["status"] == "active" and gone:
@@ -326,9 +325,14 @@ class Federation:
                     "disconnected: its SuperNode is no longer connected to the SuperLink",
                 )
 
-    def _active_nodes(self, state: RunState) -> list[int]:
+    def _active_nodes(self, state: RunState, r: int | None = None) -> list[int]:
+        """The connected nodes of sites that have not refused; with a round, sites whose SuperNode is gone
+        are recorded as dropped in it (from the same list of nodes)."""
+        nodes = list(self.grid.get_node_ids())
+        if r is not None:
+            self._note_disconnected(state, r, set(nodes))
         refused = {s["node_id"] for s in state.sites.values() if s["status"] == "refused"}
-        return [n for n in self.grid.get_node_ids() if n not in refused]
+        return [n for n in nodes if n not in refused]
 
     def _round(
         self,
@@ -354,7 +358,7 @@ class Federation:
             "seed": self.run.seed,
             "proximal-mu": self.run.proximal_mu if self.run.strategy == "fedprox" else 0.0,
         }
-        active = self._active_nodes(state)
+        active = self._active_nodes(state, r)
         if self.central.enabled:  # Flower's DP wrapper was set up for exactly these sites
             if not set(self._phase_nodes) <= set(active):
                 return (
@@ -531,7 +535,6 @@ class Federation:
             self.say("all rounds already done")
         for r in range(state.completed_round + 1, self.run.num_server_rounds + 1):
             phase = self.run.phase(r)
-            self._note_disconnected(state, r)
             if (
                 phase != strategy_phase
             ):  # a fresh strategy per phase: server optimiser state is per component
@@ -557,7 +560,7 @@ class Federation:
                             self.cfg, self.run, ae, state.latent_scale, self.run.public_unet_steps
                         )
                         state.unet_warm_started = True
-            active = self._active_nodes(state)
+            active = self._active_nodes(state, r)
             if len(active) < self.run.min_sites:
                 return self._stop(
                     state,
