@@ -389,10 +389,20 @@ class Federation:
         self.say(f"round {r}/{self.run.num_server_rounds} ({phase}): asking {len(messages)} sites")
         t0 = time.time()
         replies = list(self.grid.send_and_receive(messages, timeout=self.run.round_timeout))
-        answered = {m.metadata.src_node_id for m in replies}
+        # An error the SuperLink made for a node (e.g. "node unavailable") comes from the SuperLink, not the
+        # node: tie it to the node it answers for through the message it replies to.
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        unique = len(asked) == len(messages)  # (messages not sent through a SuperLink have no ids)
+        nodes = [
+            asked.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+            if m.has_error() and unique
+            else m.metadata.src_node_id
+            for m in replies
+        ]
+        answered = set(nodes)
         good: list[Message] = []
-        for m in replies:
-            self._note_reply(state, r, phase, m, good)
+        for m, node in zip(replies, nodes, strict=True):
+            self._note_reply(state, r, phase, m, good, node)
         for node in {m.metadata.dst_node_id for m in messages} - answered:
             self._mark(
                 state,
@@ -492,9 +502,8 @@ class Federation:
             )
 
     def _note_reply(
-        self, state: RunState, r: int, phase: str, m: Message, good: list[Message]
+        self, state: RunState, r: int, phase: str, m: Message, good: list[Message], node: int
     ) -> None:
-        node = m.metadata.src_node_id
         self._answered_nodes.add(node)
         if m.has_error():
             self._mark(
