@@ -95,6 +95,18 @@ PRESETS: dict[str, ModelConfig] = {
         unet_head_channels=32,
         ae_norm_groups=32,
     ),
+    # Tests, CI and the CPU `--dims 3` demo: 32^3 volumes -> 8^3 x 4 latents (two downsamplings), tiny channels.
+    "tiny3d": ModelConfig(
+        name="tiny3d",
+        spatial_dims=3,
+        image_size=32,
+        ae_channels=(8, 16, 16),
+        latent_channels=4,
+        unet_channels=(16, 32),
+        unet_attention=(False, True),
+        unet_head_channels=8,
+        ddim_steps=10,
+    ),
     # GPU sites, volumes: 64^3 -> 16^3 x 4 latents.
     "base3d": ModelConfig(
         name="base3d",
@@ -252,8 +264,19 @@ class SiteConfig:
     # How DP-SGD gets the clipped per-sample gradients; all exact (privacy/dp.py). bookkeeping: fastest here
     # (docs/PERFORMANCE.md); hooks / ghost: Opacus' own, for other layer types or comparison.
     grad_sample_mode: str = "bookkeeping"  # bookkeeping | hooks | ghost
+    # Report each trained round's mean training loss and exact patient count to the server (off: they stay in the
+    # site's log; the sampling rate and step count, which the privacy claim needs, reveal the count only to within
+    # a batch). Off by default: both are outside the DP guarantee.
+    report_training_stats: bool = False
+    # Audits this site answers per run id it trained in (each answer reveals aggregates about its patients).
+    max_audits_per_run: int = 2
+    # One-run audit canaries (client/canaries.py): -1 auto (enough for half the claimed epsilon, at most 40 % of
+    # the patient count so training grows by <= 20 %), 0 none, m > 0 exactly m. Fixed once drawn.
+    canaries: int = -1
 
     def __post_init__(self) -> None:
+        if self.max_audits_per_run < 0:
+            raise ValueError("max-audits-per-run must be >= 0 (0: answer no audit)")
         if not self.site_dir:
             raise ValueError(
                 "node config needs site-dir (the folder with the site's images and labels.csv)"
@@ -262,6 +285,8 @@ class SiteConfig:
             raise ValueError("accountant must be 'rdp' or 'prv'")
         if self.grad_sample_mode not in ("bookkeeping", "hooks", "ghost"):
             raise ValueError("grad-sample-mode must be 'bookkeeping', 'hooks' or 'ghost'")
+        if self.canaries < -1:
+            raise ValueError("canaries must be -1 (auto), 0 (none) or a positive count")
         if self.epsilon <= 0 or self.delta < 0 or self.max_grad_norm <= 0:
             raise ValueError("epsilon and max-grad-norm must be > 0, delta >= 0")
 

@@ -14,13 +14,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from common import messages as msg
+from common.io import sha256_file
+from common.messages import AuditReply, AuditRequest, MessageError
+from common.progress import say_line
 from privacy.report import build_audit, write_audit_report
+from server.synthesis import read_cohort
 from server.training import load_checkpoint
 
 log = logging.getLogger("fedsynth.server.audit")
@@ -28,49 +32,55 @@ log = logging.getLogger("fedsynth.server.audit")
 
 def load_cohort(cohort_dir: Path) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
     """Synthetic images (N, 1, ...), their ids, class indices and the class names, from a cohort folder."""
+    cohort = read_cohort(cohort_dir)
+    return cohort.images(), cohort.ids, cohort.labels, cohort.class_names
+
+
+def audit_request(cohort_dir: Path, checkpoint: Path, ids: list[str]) -> AuditRequest:
+    """What the sites are asked: the cohort's ids, how to score with the checkpoint, and the hashes that tie the
+    audit to a run (refused when the cohort was not synthesized from this checkpoint)."""
+    payload = load_checkpoint(checkpoint)
+    checkpoint_sha256 = sha256_file(checkpoint)
     manifest = json.loads((cohort_dir / "manifest.json").read_text())
-    class_names = list(manifest["class_names"])
-    rows = [
-        line.split(",") for line in (cohort_dir / "labels.csv").read_text().splitlines()[1:] if line
-    ]
-    images, ids, labels = [], [], []
-    for sid, cls in rows:
-        data = np.asarray(
-            nib.load(cohort_dir / "images" / f"{sid}.nii.gz").dataobj, dtype=np.float32
+    made_from = manifest.get("checkpoint", {}).get("sha256")
+    if made_from != checkpoint_sha256:
+        raise ValueError(
+            f"{cohort_dir / 'manifest.json'}: the cohort was synthesized from checkpoint sha256 {made_from}, "
+            f"not from {checkpoint} ({checkpoint_sha256}); audit a cohort with the checkpoint it came from"
         )
-        if manifest["model_config"]["spatial_dims"] == 2:
-            data = data[:, :, 0]
-        images.append(data[None])
-        ids.append(sid)
-        labels.append(class_names.index(cls))
-    return np.stack(images), ids, np.asarray(labels, dtype=np.int64), class_names
+    return AuditRequest(
+        run_id=str(payload["run_state"]["run_id"]),
+        checkpoint_sha256=checkpoint_sha256,
+        cohort_manifest_sha256=sha256_file(cohort_dir / "manifest.json"),
+        preset=payload["model_config"]["name"],
+        # what the checkpoint's UNet predicts (checkpoints from before the field: the noise)
+        prediction_type=payload["model_config"].get("prediction_type", "epsilon"),
+        latent_scale=float(payload["run_state"]["latent_scale"]),
+        synthetic_ids=tuple(ids),
+    )
 
 
 def audit_messages(
     grid: Grid, node_ids: list[int], cohort_dir: Path, checkpoint: Path
 ) -> list[Message]:
     images, ids, labels, _ = load_cohort(cohort_dir)
+    request = audit_request(cohort_dir, checkpoint, ids)
     payload = load_checkpoint(checkpoint)
     content = RecordDict(
         {
-            "cohort": ArrayRecord(
-                {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}
-            ),
-            "autoencoder": ArrayRecord(payload["autoencoder"]),
-            "unet": ArrayRecord(payload["unet"]),
-            "config": ConfigRecord(
+            msg.COHORT: ArrayRecord(
                 {
-                    "synthetic-ids": json.dumps(ids),
-                    "preset": payload["model_config"]["name"],
-                    # what the checkpoint's UNet predicts (checkpoints from before the field: the noise)
-                    "prediction-type": payload["model_config"].get("prediction_type", "epsilon"),
-                    "latent-scale": float(payload["run_state"]["latent_scale"]),
+                    msg.COHORT_IMAGES: torch.from_numpy(images),
+                    msg.COHORT_LABELS: torch.from_numpy(labels),
                 }
             ),
+            msg.AUTOENCODER: ArrayRecord(payload["autoencoder"]),
+            msg.UNET: ArrayRecord(payload["unet"]),
+            msg.CONFIG: request.to_record(),
         }
     )
     return [
-        Message(content=content, message_type=f"{MessageType.QUERY}.audit", dst_node_id=n)
+        Message(content=content, message_type=f"{MessageType.QUERY}.{msg.AUDIT}", dst_node_id=n)
         for n in node_ids
     ]
 
@@ -98,7 +108,13 @@ def run_audit_round(
         if m.has_error():
             failures.append(f"node {m.metadata.src_node_id}: {m.error.reason}")
             continue
-        result = json.loads(str(m.content["audit"]["json"]))
+        try:
+            result = json.loads(
+                AuditReply.from_record(m.content.config_records.get(msg.AUDIT)).result_json
+            )
+        except MessageError as err:
+            failures.append(f"node {m.metadata.src_node_id}: malformed audit reply: {err}")
+            continue
         site_results[result["site"]] = result
         say(
             f"  audit from {result['site']}: {result['n_members']} members, {result['n_nonmembers']} non-members"
@@ -134,4 +150,8 @@ def run_audit_round(
         flagged_images=flagged_images,
     )
     say(f"audit report written in {time.time() - t0:.0f}s: {paths[0]}, {paths[1]}")
+    line = f"audit: {len(site_results)}/{len(nodes)} sites answered, {time.time() - t0:.0f}s; verdict {audit['verdict']['status']}"
+    say_line(
+        "audit", line + "".join(f"; {f}" for f in failures), elapsed=round(time.time() - t0, 3)
+    )
     return paths

@@ -1,9 +1,13 @@
 """`fedsynth`: the command line for consortia, sites, privacy officers and partners.
 
-fedsynth demo [--out DIR]                        the whole path on loopback: phantoms -> TLS federation -> cohort
+fedsynth [-v|-q] COMMAND ...   -v: every log line at the terminal; -q: warnings, errors and results only.
+Full logs always go to a file in the run folder (demo: DIR/run/demo.log); the terminal shows progress per stage.
+
+fedsynth demo [--out DIR] [--dims 2|3]           the whole path on loopback: phantoms -> TLS federation -> cohort -> release
 fedsynth phantoms --sites N --subjects M --out DIR [--dims 2|3] [--seed S]
 fedsynth site check DIR                          what a site's folder holds, and every problem in it
-fedsynth synthesize --checkpoint CKPT --per-class N --out DIR
+fedsynth site migrate-ledger --site-dir DIR      convert an old (fingerprint-keyed) privacy ledger, conservatively
+fedsynth synthesize --checkpoint CKPT --per-class N --out DIR [--device D] [--workers W]   (resumes a half-written DIR)
 fedsynth verify COHORT                           re-hash a cohort against its manifest
 fedsynth audit --demo DIR                        re-run the federated privacy audit of a demo's cohort
 fedsynth pki --out DIR --nodes N                 CA, SuperLink certificate, SuperNode auth keys
@@ -14,6 +18,7 @@ fedsynth release approve RELEASE --officer NAME --key KEY [--reject --reason TEX
 fedsynth release verify RELEASE --consortium-key PUB
 fedsynth portal serve --data DIR --cert C --key K   the partner portal (HTTPS): officers approve, partners download
 fedsynth portal token --data DIR --role R --name N  issue a portal token (printed once); portal revoke, portal add
+fedsynth portal approve|reject COHORT --portal URL --token T --key KEY   an officer's decision, signed locally
 fedsynth pull COHORT --portal URL --token T [--out DIR] [--ca CA] [--consortium-key PUB]   download + verify
 """
 
@@ -42,9 +47,9 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
         dims=args.dims,
         size=args.size,
         seed=args.seed,
-        progress=_say,
+        progress=args.console.say,
     )
-    _say(f"{len(sites)} phantom sites in {args.out}")
+    args.console.result(f"{len(sites)} phantom sites in {args.out}")
     return 0
 
 
@@ -59,26 +64,59 @@ def cmd_site_check(args: argparse.Namespace) -> int:
         spatial_dims=cfg.spatial_dims,
         image_size=cfg.image_size,
     )
-    _say(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_text())
+    args.console.result(
+        json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_text()
+    )
     return 0 if report.usable_subjects > 0 else 1
+
+
+def cmd_site_migrate_ledger(args: argparse.Namespace) -> int:
+    from common.config import SiteConfig, model_config
+    from common.site import load_site
+    from privacy.ledger import LEDGER_FILENAME, migrate_fingerprint_ledger
+
+    site = SiteConfig(site_dir=args.site_dir, state_dir=args.state_dir or "")
+    path = site.state_path / LEDGER_FILENAME
+    if not path.is_file():
+        _say(f"{path}: no privacy ledger there; nothing to migrate")
+        return 1
+    cfg = model_config(args.preset)
+    data = load_site(
+        site.site_dir,
+        class_names=cfg.class_names,
+        spatial_dims=cfg.spatial_dims,
+        image_size=cfg.image_size,
+    )
+    for problem in data.problems:
+        _say(f"warning: {problem} (a patient left out here is not charged the old spend)")
+    backup = migrate_fingerprint_ledger(path, data.patients)
+    _say(
+        f"{path}: every old entry is now charged to each of the {len(data.patients)} patients at the site, all "
+        f"kept out of the audit hold-out; the old file is {backup}"
+    )
+    return 0
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from server.synthesis import SynthesisRequest, synthesize_cohort
 
-    ckpt = Path(args.checkpoint)
+    ckpt, out = Path(args.checkpoint), Path(args.out)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else out.parent
+    args.console.log_to(run_dir / f"synthesize-{out.name}.log")
     privacy_path = ckpt.parent.parent / "privacy.json"
     privacy = json.loads(privacy_path.read_text()) if privacy_path.exists() else None
     req = SynthesisRequest(
         checkpoint=ckpt,
-        out_dir=Path(args.out),
+        out_dir=out,
         per_class=args.per_class,
         seed=args.seed,
         batch_size=args.batch_size,
         steps=args.steps,
         device=args.device,
+        workers=args.workers,
     )
-    synthesize_cohort(req, privacy=privacy, progress=_say)
+    synthesize_cohort(req, privacy=privacy, progress=args.console.detail)
+    args.console.result(f"cohort written to {out}; full log: {args.console.log_file}")
     return 0
 
 
@@ -110,18 +148,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     opts = DemoOptions(
         out=Path(args.out),
         preset=args.preset,
+        dims=args.dims,
         rounds=args.rounds,
         subjects=args.subjects,
         insecure=args.insecure,
         epsilon=args.epsilon,
     )
-    return run_demo(opts, progress=_say)
+    return run_demo(opts, args.console)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from server.demo import run_demo_audit
 
-    return run_demo_audit(Path(args.demo), insecure=args.insecure, progress=_say)
+    return run_demo_audit(Path(args.demo), insecure=args.insecure, console=args.console)
 
 
 # ---- keys and releases (privacy/policy.py, common/signing.py, server/release/manifest.py) ----
@@ -262,18 +301,40 @@ def _add_release_commands(sub) -> None:
 
 
 def cmd_portal_serve(args: argparse.Namespace) -> int:
-    from server.release.portal import serve
+    from server.release.limits import Limits
+    from server.release.portal import PortalSettings, serve
 
+    limits = Limits(
+        max_body=args.max_body,
+        request_timeout=args.request_timeout,
+        max_per_client=args.max_connections_per_client,
+        max_auth_failures=args.max_auth_failures,
+    )
+    settings = PortalSettings(
+        limits=limits,
+        log_retention_days=args.log_retention_days,
+        trusted_proxies=tuple(args.trusted_proxy or ()),
+    )
     _say(f"portal on https://{args.host}:{args.port}/ serving {args.data}")
-    serve(Path(args.data), host=args.host, port=args.port, cert=Path(args.cert), key=Path(args.key))
+    serve(
+        Path(args.data),
+        host=args.host,
+        port=args.port,
+        cert=Path(args.cert),
+        key=Path(args.key),
+        settings=settings,
+    )
     return 0
 
 
 def cmd_portal_token(args: argparse.Namespace) -> int:
     from server.release.store import Store
 
-    token_id, token = Store(Path(args.data)).issue_token(args.role, args.name)
-    _say(f"token id {token_id} ({args.role} {args.name}); the token, shown only now:\n{token}")
+    token_id, token = Store(Path(args.data)).issue_token(args.role, args.name, args.days)
+    valid = f"valid {args.days:g} days" if args.days else "valid until revoked"
+    _say(
+        f"token id {token_id} ({args.role} {args.name}, {valid}); the token, shown only now:\n{token}"
+    )
     return 0
 
 
@@ -298,7 +359,8 @@ def cmd_portal_add(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from server.release.pull import PullError, pull
+    from server.release.pull import pull
+    from server.release.remote import PortalError
 
     try:
         pull(
@@ -310,15 +372,40 @@ def cmd_pull(args: argparse.Namespace) -> int:
             consortium_key=Path(args.consortium_key) if args.consortium_key else None,
             progress=_say,
         )
-    except PullError as err:
+    except PortalError as err:
         print(f"PULL FAILED: {err}", file=sys.stderr, flush=True)
         partial = Path(f"{args.out or args.cohort}.partial")
         if partial.exists():
             print(
-                f"{partial} is NOT a verified cohort (kept so that the same command resumes)",
+                f"{partial} is NOT a verified cohort; it is kept so that the same command resumes it",
                 file=sys.stderr,
             )
         return 1
+    return 0
+
+
+def cmd_portal_decide(args: argparse.Namespace) -> int:
+    from server.release.remote import PortalError, decide
+
+    decision = args.portal_command  # approve | reject
+    try:
+        res = decide(
+            args.cohort,
+            args.portal,
+            args.token or os.environ.get("FEDSYNTH_TOKEN", ""),
+            Path(args.key),
+            decision,
+            args.reason or "",
+            ca=Path(args.ca) if args.ca else None,
+            consortium_key=Path(args.consortium_key) if args.consortium_key else None,
+        )
+    except PortalError as err:
+        print(f"{decision.upper()} FAILED: {err}", file=sys.stderr, flush=True)
+        return 1
+    _say(
+        f"{res['decision']} of cohort {res['cohort_id']} by officer {res['officer']} signed with "
+        f"{args.key} and recorded; cohort status: {res['status']}"
+    )
     return 0
 
 
@@ -337,6 +424,39 @@ def _add_portal_commands(sub) -> None:
         "--cert", required=True, help="TLS certificate (e.g. fedsynth pki's superlink.crt)"
     )
     s.add_argument("--key", required=True, help="its private key")
+    s.add_argument(
+        "--max-body", type=int, default=64 * 1024, help="largest request body, bytes (413 above)"
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a whole request (headers and body)",
+    )
+    s.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=16,
+        help="open connections per client address (503 above); trusted proxies are exempt",
+    )
+    s.add_argument(
+        "--max-auth-failures",
+        type=int,
+        default=10,
+        help="failed sign-ins per client address in 5 minutes before 429",
+    )
+    s.add_argument(
+        "--log-retention-days",
+        type=float,
+        default=90.0,
+        help="access-log rows older than this are deleted",
+    )
+    s.add_argument(
+        "--trusted-proxy",
+        action="append",
+        metavar="ADDRESS",
+        help="a reverse proxy whose X-Forwarded-For names the real client (repeat; see deploy/README.md)",
+    )
     s.set_defaults(fn=cmd_portal_serve)
     t = po_sub.add_parser(
         "token", help="issue an access token (printed once; only its hash is stored)"
@@ -347,6 +467,9 @@ def _add_portal_commands(sub) -> None:
         "--name",
         required=True,
         help="who holds it; an officer's name is its key name in release.json",
+    )
+    t.add_argument(
+        "--days", type=float, default=None, help="valid for this many days (default: until revoked)"
     )
     t.set_defaults(fn=cmd_portal_token)
     r = po_sub.add_parser("revoke", help="revoke a token by its id")
@@ -363,6 +486,27 @@ def _add_portal_commands(sub) -> None:
     )
     a.add_argument("--move", action="store_true", help="move the folder instead of copying it")
     a.set_defaults(fn=cmd_portal_add)
+    for decision in ("approve", "reject"):
+        d = po_sub.add_parser(
+            decision,
+            help=f"{decision} a cohort on the portal, signed here with your officer key (never uploaded)",
+        )
+        d.add_argument("cohort")
+        d.add_argument("--portal", required=True, help="https://HOST:PORT")
+        d.add_argument(
+            "--token", default=None, help="your officer token (default: $FEDSYNTH_TOKEN)"
+        )
+        d.add_argument("--key", required=True, help="your officer private key (NAME.key)")
+        d.add_argument(
+            "--reason", default="", required=decision == "reject", help="why (required to reject)"
+        )
+        d.add_argument("--ca", default=None, help="CA certificate of the portal's TLS certificate")
+        d.add_argument(
+            "--consortium-key",
+            default=None,
+            help="consortium PUBLIC key: check release.json's signature before signing",
+        )
+        d.set_defaults(fn=cmd_portal_decide)
 
     pl = sub.add_parser("pull", help="download a released cohort from the portal and verify it")
     pl.add_argument("cohort")
@@ -386,7 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the whole pipeline on loopback with phantom hospitals")
     d.add_argument("--out", default="fedsynth-demo")
-    d.add_argument("--preset", default="small")
+    d.add_argument(
+        "--preset",
+        default="",
+        help="model preset (default: small for --dims 2, tiny3d for --dims 3)",
+    )
+    d.add_argument(
+        "--dims", type=int, choices=(2, 3), default=2, help="2: axial slices; 3: whole volumes"
+    )
     d.add_argument(
         "--rounds",
         type=int,
@@ -418,6 +569,15 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--preset", default="small")
     chk.add_argument("--json", action="store_true")
     chk.set_defaults(fn=cmd_site_check)
+    mig = site_sub.add_parser(
+        "migrate-ledger",
+        help="convert an old privacy ledger (spend keyed by a dataset fingerprint) to the per-patient one: "
+        "every old entry is charged to every patient now at the site (an over-count, never an under-count)",
+    )
+    mig.add_argument("--site-dir", required=True)
+    mig.add_argument("--state-dir", default="", help="default: SITE_DIR/.fedsynth")
+    mig.add_argument("--preset", default="small", help="the model preset, for reading the images")
+    mig.set_defaults(fn=cmd_site_migrate_ledger)
 
     sy = sub.add_parser("synthesize", help="sample a synthetic cohort from a checkpoint")
     sy.add_argument("--checkpoint", required=True)
@@ -426,7 +586,14 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the preset's)")
     sy.add_argument("--batch-size", type=int, default=32)
-    sy.add_argument("--device", default="auto")
+    sy.add_argument(
+        "--device",
+        default="auto",
+        help="auto (every visible GPU, else the CPU), cpu, cuda (every GPU) or a list: cuda:0,cuda:1",
+    )
+    sy.add_argument(
+        "--workers", type=int, default=0, help="CPU worker processes when on the CPU (default 1)"
+    )
     sy.set_defaults(fn=cmd_synthesize)
 
     v = sub.add_parser("verify", help="verify a cohort's files against its manifest")
@@ -450,9 +617,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_global_flags(parser: argparse.ArgumentParser) -> None:
+    """-v/-q before the command (`fedsynth -v demo`) and after it (`fedsynth demo -v`), on every sub-command."""
+
+    def add(p: argparse.ArgumentParser, default) -> None:
+        g = p.add_mutually_exclusive_group()
+        g.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=default,
+            help="every log line at the terminal (ours, Flower's, the libraries'), no progress bars",
+        )
+        g.add_argument(
+            "-q",
+            "--quiet",
+            action="store_true",
+            default=default,
+            help="only warnings, errors and results (the full log still goes to the log file)",
+        )
+
+    def walk(p: argparse.ArgumentParser, default) -> None:
+        add(p, default)
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    walk(child, argparse.SUPPRESS)
+
+    walk(parser, False)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from server.terminal import NORMAL, QUIET, VERBOSE, Console
+
     ensure_fedsynth_packages()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    add_global_flags(parser)
+    args = parser.parse_args(argv)
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and -q/--quiet exclude each other")
+    args.console = Console(VERBOSE if args.verbose else QUIET if args.quiet else NORMAL).install()
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
@@ -461,6 +665,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         _say(f"error: {err}")
         return 2
+    except ModuleNotFoundError as err:  # a light install (fedsynth[pull]) running a site command
+        _say(
+            f"error: `fedsynth {args.command}` needs the full install ({err.name} is missing): "
+            'pip install "fedsynth[all]"; the light install (fedsynth[pull]) only pulls and verifies'
+        )
+        return 2
+    finally:
+        args.console.close()
 
 
 if __name__ == "__main__":

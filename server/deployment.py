@@ -15,6 +15,7 @@ submitted again with the same run-dir and resumes from its last checkpoint (depl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -36,6 +37,7 @@ from server.pki import PkiPaths, make_pki
 CONNECTION = "fedsynth-local"
 SUPERNODE_NICENESS = 10  # local SuperNodes (and their ClientApps) yield the CPU to the SuperLink
 SUPERLINK_NICENESS = -5  # and the SuperLink runs above the rest of the machine, where permitted
+log = logging.getLogger("fedsynth.deployment")
 Progress = Callable[[str], None]
 
 
@@ -463,8 +465,10 @@ def run_app(
     *,
     timeout_s: float = 1800.0,
     progress: Progress = print,
+    on_output: Progress | None = None,
 ) -> FederationResult:
-    """`flwr run APP CONNECTION --stream --run-config FILE.toml`; its lines go to `progress` and logs/run.log.
+    """`flwr run APP CONNECTION --stream --run-config FILE.toml`; its lines go to `on_output` (default: `progress`)
+    and logs/run.log.
 
     `flwr run --stream` exits 0 even when the ServerApp raised, so the verdict is the SuperLink's run status.
     Fails fast if the SuperLink dies; a SuperNode dying is only reported (sites may drop out).
@@ -492,6 +496,7 @@ def run_app(
     }
     logs |= {"run": log, "flwr": link.procs.log_dir / "flwr.log"}
     deadline, pending, dead = time.time() + timeout_s, b"", set()
+    output = on_output or progress
     run_id, status, down_since = None, "not started", None
     with open(log, "rb") as f:
         while True:
@@ -500,7 +505,7 @@ def run_app(
             for line in [*lines, pending] if done else lines:
                 text = re.sub(r"\x1b\[[0-9;]*m", "", line.decode(errors="replace")).rstrip()
                 if text.strip() and not text.startswith("$ "):
-                    progress(text)
+                    output(text)
             if done:
                 pending = b""
                 run_id = run_id or _started_run_id(log)
@@ -530,9 +535,11 @@ def run_app(
             for name, (p, _) in link.procs.procs.items():
                 if name.startswith("supernode-") and name not in dead and p.poll() is not None:
                     dead.add(name)
-                    progress(
+                    message = (
                         f"{name} exited with code {p.returncode} during the run (see {logs[name]})"
                     )
+                    progress(message)
+                    log.warning("%s", message)  # shown at the terminal whatever `progress` shows
             time.sleep(0.2)
     if proc.returncode != 0 or status != "finished:completed":
         raise DeploymentError(
@@ -598,10 +605,14 @@ def run_federation(
     timeout_s: float = 1800.0,
     progress: Progress = print,
     python_bin_dir: Path | None = None,
+    on_output: Progress | None = None,
     database: Path | None = None,
 ) -> FederationResult:
     """Start a SuperLink and one SuperNode per node config, run the app, stop everything; raise on failure.
-    With `database` the SuperLink keeps its state in that file (see `local_superlink`)."""
+
+    `progress` gets this module's own messages, `on_output` the lines of `flwr run --stream` (default: progress).
+    With `database` the SuperLink keeps its state in that file (see `local_superlink`).
+    """
     if not node_configs:
         raise ValueError("run_federation needs at least one node config")
     for config in (run_config, *node_configs):
@@ -621,4 +632,11 @@ def run_federation(
             database=database,
         ) as link:
             with local_supernodes(link, node_configs, progress=progress):
-                return run_app(link, app_dir, run_config, timeout_s=timeout_s, progress=progress)
+                return run_app(
+                    link,
+                    app_dir,
+                    run_config,
+                    timeout_s=timeout_s,
+                    progress=progress,
+                    on_output=on_output,
+                )
