@@ -48,3 +48,8 @@ def test_an_unknown_schema_version_is_refused(tmp_path):
     db.close()
     with pytest.raises(ValueError, match="schema 9.*use the fedsynth version that wrote it"):
         Store(tmp_path)
+
+
+def test_no_token_starts_with_a_dash(tmp_path):
+    store = Store(tmp_path)  # `fedsynth pull --token -x...` would be read as an option
+    assert not any(store.issue_token("partner", "p")[1].startswith("-") for _ in range(200))
