@@ -2,15 +2,17 @@
 
 import pytest
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import audit, train
+from client.client_app import audit, central_dp_clipping_mod, train
 from client.task import load_training_data
 from common import messages
 from common.config import SiteConfig, model_config
 from common.messages import AuditRequest, RoundPlan, TrainMetrics, TrainStatus
 from common.model import build_autoencoder
 from common.phantoms import make_phantom_sites
+from privacy.client_level import update_norm
 
 
 @pytest.fixture(autouse=True)
@@ -119,3 +121,19 @@ def test_an_audit_for_a_run_the_site_never_trained_in_is_refused(tmp_path, site_
     reply = audit(msg, _context(site_dir, tmp_path / "state"))
     assert reply.has_error() and "never-trained" in reply.error.reason
     assert not reply.has_content()
+
+
+def test_under_central_dp_the_plan_reaches_the_app_exact_and_the_update_leaves_clipped(
+    tmp_path, site_dir
+):
+    """Flower's central-DP wrapper adds its clipping-norm key to the round plan: the site's mod consumes it, so
+    the app parses the exact RoundPlan (no unknown key), and the update leaves clipped to that norm."""
+    msg = _train_message()
+    msg.content[messages.CONFIG][KEY_CLIPPING_NORM] = 0.05
+    reply = central_dp_clipping_mod(msg, _context(site_dir, tmp_path / "state"), train)
+    status = TrainStatus.from_record(reply.content[messages.STATUS])
+    assert not status.error and not status.refused
+    sent = msg.content[messages.ARRAYS].to_numpy_ndarrays()
+    new = reply.content[messages.ARRAYS].to_numpy_ndarrays()
+    assert update_norm(new, sent) <= 0.05 * (1 + 1e-6)
+    assert msg.content[messages.CONFIG][KEY_CLIPPING_NORM] == 0.05  # the message as received
