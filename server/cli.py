@@ -124,7 +124,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return run_demo_audit(Path(args.demo), insecure=args.insecure, progress=_say)
 
 
-# ---- keys and releases (privacy/policy.py, common/signing.py, server/release.py) ----
+# ---- keys and releases (privacy/policy.py, common/signing.py, server/release/manifest.py) ----
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
@@ -150,7 +150,7 @@ def cmd_release_gate(args: argparse.Namespace) -> int:
 
 def cmd_release_build(args: argparse.Namespace) -> int:
     from privacy.policy import GateResult, RuleResult, gate_table, load_policy
-    from server.release import build_release
+    from server.release.manifest import build_release
 
     officers = {}
     for item in args.officer:
@@ -177,7 +177,7 @@ def cmd_release_build(args: argparse.Namespace) -> int:
 
 
 def cmd_release_approve(args: argparse.Namespace) -> int:
-    from server.release import approval_statement, sign_approval, summary, write_approval
+    from server.release.manifest import approval_statement, sign_approval, summary, write_approval
 
     decision = "reject" if args.reject else "approve"
     statement = approval_statement(Path(args.release), args.officer, decision, args.reason or "")
@@ -190,7 +190,7 @@ def cmd_release_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_release_verify(args: argparse.Namespace) -> int:
-    from server.release import summary, verify_release
+    from server.release.manifest import summary, verify_release
 
     problems = verify_release(Path(args.release), Path(args.consortium_key))
     for p in problems:
@@ -262,7 +262,7 @@ def _add_release_commands(sub) -> None:
 
 
 def cmd_portal_serve(args: argparse.Namespace) -> int:
-    from server.portal import serve
+    from server.release.portal import serve
 
     _say(f"portal on https://{args.host}:{args.port}/ serving {args.data}")
     serve(Path(args.data), host=args.host, port=args.port, cert=Path(args.cert), key=Path(args.key))
@@ -270,7 +270,7 @@ def cmd_portal_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_portal_token(args: argparse.Namespace) -> int:
-    from server.portal_store import Store
+    from server.release.store import Store
 
     token_id, token = Store(Path(args.data)).issue_token(args.role, args.name)
     _say(f"token id {token_id} ({args.role} {args.name}); the token, shown only now:\n{token}")
@@ -278,7 +278,7 @@ def cmd_portal_token(args: argparse.Namespace) -> int:
 
 
 def cmd_portal_revoke(args: argparse.Namespace) -> int:
-    from server.portal_store import Store
+    from server.release.store import Store
 
     if not Store(Path(args.data)).revoke_token(args.token_id):
         raise ValueError(f"no unrevoked token with id {args.token_id} in {args.data}")
@@ -287,7 +287,7 @@ def cmd_portal_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_portal_add(args: argparse.Namespace) -> int:
-    from server.portal import register_release
+    from server.release.portal import register_release
 
     key = Path(args.consortium_key) if args.consortium_key else None
     cohort_id = register_release(
@@ -298,7 +298,7 @@ def cmd_portal_add(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from server.pull import PullError, pull
+    from server.release.pull import PullError, pull
 
     try:
         pull(

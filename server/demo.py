@@ -158,9 +158,9 @@ def publish_demo_release(out: Path, progress: Callable[[str], None] = print) -> 
     from common.signing import fingerprint, generate_keypair, load_public_key
     from privacy.policy import DEFAULT_POLICY
     from server.pki import make_pki
-    from server.portal import register_release
-    from server.portal_store import Store
-    from server.release import build_release
+    from server.release.manifest import build_release
+    from server.release.portal import register_release
+    from server.release.store import Store
 
     out = Path(out).resolve()
     keys, portal = out / "keys", out / "portal"

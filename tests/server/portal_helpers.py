@@ -24,8 +24,8 @@ from privacy.policy import DEFAULT_POLICY
 from privacy.report import build_audit, write_audit_report
 from server.audit import load_cohort
 from server.pki import make_pki
-from server.portal import create_app
-from server.release import build_release
+from server.release.manifest import build_release
+from server.release.portal import create_app
 from server.synthesis import SynthesisRequest, synthesize_cohort
 from server.training import RunState, checkpoint_payload, save_checkpoint
 
@@ -228,7 +228,7 @@ def approve(
     reason: str = "",
 ) -> dict:
     """An officer's signed decision, made on the command line (server.release.sign_approval)."""
-    from server.release import approval_statement, sign_approval
+    from server.release.manifest import approval_statement, sign_approval
 
     return sign_approval(
         approval_statement(release_dir, officer, decision, reason), consortium.officer_keys[officer]

@@ -12,9 +12,9 @@ import sqlite3
 import pytest
 
 from server.cli import main as cli_main
-from server.portal import RangeNotSatisfiable, parse_range, register_release
-from server.portal_store import Store
-from server.release import write_approval
+from server.release.manifest import write_approval
+from server.release.portal import RangeNotSatisfiable, parse_range, register_release
+from server.release.store import Store
 from tests.server.portal_helpers import PortalServer, approve, make_consortium, raw_request
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -257,7 +257,7 @@ def test_officers_approve_and_the_cohort_is_released(env):
             "/api/cohorts/pending-1/statement", params={"decision": "approve", "reason": "ok"}
         )
         assert statement.status_code == 200 and json.loads(statement.text)["officer"] == "alice"
-        from server.release import sign_approval
+        from server.release.manifest import sign_approval
 
         signed = sign_approval(statement.text, c.officer_keys["alice"])
         # not alice: a statement made out to alice and posted with bob's token, and one signed with the wrong key

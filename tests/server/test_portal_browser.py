@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from server.portal import register_release
-from server.portal_store import Store
-from server.pull import pull
-from server.release import check_approval, verify_release
+from server.release.manifest import check_approval, verify_release
+from server.release.portal import register_release
+from server.release.pull import pull
+from server.release.store import Store
 from tests.server.portal_helpers import PortalServer, approve, make_consortium
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -9,12 +9,12 @@ import os
 import pytest
 
 from common.signing import fingerprint, load_public_key
-from server import portal
 from server.cli import main as cli_main
-from server.portal import register_release
-from server.portal_store import Store
-from server.pull import PullError, pull
-from server.release import verify_release, write_approval
+from server.release import portal
+from server.release.manifest import verify_release, write_approval
+from server.release.portal import register_release
+from server.release.pull import PullError, pull
+from server.release.store import Store
 from tests.server.portal_helpers import PortalServer, approve, make_consortium
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -15,7 +15,7 @@ from common.signing import fingerprint, generate_keypair, load_public_key
 from privacy.policy import load_policy
 from privacy.report import write_audit_report
 from server.cli import main
-from server.release import (
+from server.release.manifest import (
     approval_statement,
     build_release,
     check_approval,

@@ -25,7 +25,7 @@ import httpx
 
 from common.io import sha256_file
 from common.signing import fingerprint, load_public_key, verify
-from server.release import (
+from server.release.manifest import (
     APPROVAL_FILE,
     NAME,
     load_approvals,

@@ -11,9 +11,9 @@ and gate result and approves or rejects it with a signature made by its own key 
 or with `server.release.sign_approval`); an *admin* issues and revokes tokens and registers release candidates.
 
 The data folder:
-    DATA/portal.db            tokens (sha256 only), cohorts, approvals, access log (server/portal_store.py)
+    DATA/portal.db            tokens (sha256 only), cohorts, approvals, access log (server/release/store.py)
     DATA/consortium.pub       the consortium public key every registered release must verify against
-    DATA/cohorts/<id>/        one release candidate folder each (server/release.py), approvals/ written here
+    DATA/cohorts/<id>/        one release candidate folder each (server/release/manifest.py), approvals/ written here
 
 A cohort's status is never stored as a claim: it is `release_status` of the release folder and the officers'
 verified decisions, recomputed on every request (the `status` column only caches it for the log and listings),
@@ -48,8 +48,7 @@ from fastapi.responses import (
 from common.io import sha256_file, write_bytes_atomic
 from common.signing import fingerprint, load_public_key, public_key_pem, verify
 from privacy.policy import format_value
-from server.portal_store import Principal, Store
-from server.release import (
+from server.release.manifest import (
     APPROVAL_FILE,
     approval_statement,
     check_approval,
@@ -60,7 +59,8 @@ from server.release import (
     verify_release,
     write_approval,
 )
-from server.release import NAME as COHORT_ID
+from server.release.manifest import NAME as COHORT_ID
+from server.release.store import Principal, Store
 
 COOKIE = "fedsynth_token"
 CSRF_HEADER = "x-fedsynth-request"  # a cross-site form cannot set it: cookie-authenticated writes must carry it

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from server.release import (
+from server.release.manifest import (
     NAME,
 )  # token holder names follow release names: an officer's is its key name
 
