@@ -40,7 +40,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from privacy.report import build_audit
+from privacy.verdict import build_audit
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,7 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 def cmd_release_gate(args: argparse.Namespace) -> int:
     from privacy.policy import evaluate_policy, gate_table, load_policy
-    from privacy.report import load_audit
+    from privacy.audit_schema import load_audit
 
     audit_path = Path(args.audit) / "audit.json" if Path(args.audit).is_dir() else Path(args.audit)
     gate = evaluate_policy(load_policy(Path(args.policy)), load_audit(audit_path))

@@ -12,7 +12,7 @@ from client.task import RoundPlan, load_training_data, run_training_round
 from common.config import SiteConfig, model_config
 from common.model import build_autoencoder, build_unet, ddpm_scheduler, diffusion_loss, encode
 from common.phantoms import make_phantom_sites
-from privacy.report import build_audit
+from privacy.verdict import build_audit
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import pytest
 from privacy.audit_stats import empirical_epsilon_lower_bound, roc_summary
 from privacy.memorization import memorization_audit
 from privacy.policy import DEFAULT_POLICY, evaluate_policy, gate_table, load_policy, policy_toml
-from privacy.report import build_audit
+from privacy.verdict import build_audit
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "policy.example.toml"
 # Lenient enough that the clean audit below passes every rule (it withholds 1 image in 10).

@@ -21,7 +21,8 @@ from common.signing import generate_keypair
 from privacy.audit_stats import empirical_epsilon_lower_bound, roc_summary
 from privacy.memorization import memorization_audit
 from privacy.policy import DEFAULT_POLICY
-from privacy.report import build_audit, write_audit_report
+from privacy.report import write_audit_report
+from privacy.verdict import build_audit
 from server.audit import load_cohort
 from server.pki import make_pki
 from server.release.manifest import build_release
@@ -102,9 +103,7 @@ def make_audit(cohort: Path, out: Path, *, epsilon: float = 4.0) -> Path:
             "run_id": manifest["checkpoint"]["run_id"],
         },
     )
-    write_audit_report(
-        audit, out, sample_images=images, sample_labels=labels, class_names=class_names
-    )
+    write_audit_report(audit, out)
     return out
 
 

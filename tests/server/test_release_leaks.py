@@ -24,7 +24,7 @@ from common.signing import generate_keypair
 from privacy.memorization import memorization_audit
 from privacy.policy import DEFAULT_POLICY
 from server.audit import load_cohort, write_cohort_audit
-from server.release import build_release, partner_files, verify_release
+from server.release.manifest import build_release, verify_release
 from server.synthesis import (
     SynthesisRequest,
     synthesize_cohort,
@@ -36,6 +36,7 @@ from server.training import RunState, checkpoint_payload, save_checkpoint
 from tests.privacy.test_policy import site
 
 PLANT_AT = (0, 3, 7)  # cohort positions overwritten with training patients (two healthy, one lesion)
+OFFICERS = "officers/"  # release files for privacy officers only (never served to partners, never pulled)
 PNG_B64 = re.compile(rb"data:image/png;base64,([A-Za-z0-9+/=]+)")
 
 
@@ -43,25 +44,24 @@ def _gray(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float64) / 255.0
 
 
-def best_match(canvas: np.ndarray, image: np.ndarray) -> float:
-    """The highest normalised cross-correlation of `image` (as matplotlib draws it: rot90, grey, 0..1) anywhere on
-    `canvas`, over the scales a report or preview grid draws a cell at. 1.0 = the image is there."""
-    best = 0.0
-    template0 = Image.fromarray((np.rot90(image) * 255).astype(np.uint8))
-    for size in range(40, 150, 3):
+def best_matches(canvas: np.ndarray, images: np.ndarray) -> list[float]:
+    """For each image, the highest normalised cross-correlation of it (as matplotlib draws it: rot90, grey, 0..1)
+    anywhere on `canvas`, over the sizes a report or preview grid draws a cell at. 1.0 = the image is there."""
+    best = [0.0] * len(images)
+    templates = [Image.fromarray((np.rot90(im) * 255).astype(np.uint8)) for im in images]
+    for size in range(50, 146, 3):
         if size > min(canvas.shape):
             break
-        t = np.asarray(template0.resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0
-        t = t - t.mean()
-        norm_t = np.sqrt((t * t).sum())
-        ones = np.ones_like(t)
-        num = fftconvolve(canvas, t[::-1, ::-1], mode="valid")
+        ones = np.ones((size, size))
         s1 = fftconvolve(canvas, ones, mode="valid")
-        s2 = fftconvolve(canvas * canvas, ones, mode="valid")
-        var = np.maximum(s2 - s1 * s1 / t.size, 1e-9)
-        ncc = num / (norm_t * np.sqrt(var))
-        ncc[var < 1e-3 * t.size] = 0  # flat regions carry no image
-        best = max(best, float(ncc.max()))
+        var = np.maximum(fftconvolve(canvas * canvas, ones, mode="valid") - s1 * s1 / ones.size, 1e-9)
+        flat = var < 1e-3 * ones.size  # flat regions carry no image
+        for i, template in enumerate(templates):
+            t = np.asarray(template.resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0
+            t = t - t.mean()
+            ncc = fftconvolve(canvas, t[::-1, ::-1], mode="valid") / (np.sqrt((t * t).sum() * var))
+            ncc[flat] = 0
+            best[i] = max(best[i], float(ncc.max()))
     return best
 
 
@@ -83,9 +83,7 @@ def leaks(files: dict[str, bytes], planted: np.ndarray, tmp_path) -> list[str]:
             img = vol[:, :, 0] if vol.ndim == 3 else vol
             found += [f"{rel}: planted image {i}" for i, p in enumerate(planted) if np.allclose(img, p)]
         for where, png in pngs_in(data, rel):
-            canvas = _gray(png)
-            for i, p in enumerate(planted):
-                score = best_match(canvas, p)
+            for i, score in enumerate(best_matches(_gray(png), planted)):
                 if score > 0.9:
                     found.append(f"{where}: planted image {i} (correlation {score:.3f})")
         if rel.endswith(".json"):
@@ -170,7 +168,7 @@ def test_no_partner_visible_byte_carries_a_withheld_patient(planted_release, tmp
     manifest = json.loads((release / "release.json").read_text())
     assert manifest["withheld"]["ids"] == planted_release["planted_ids"]
     assert verify_release(release, planted_release["pub"]) == []
-    visible = partner_files(manifest)
+    visible = [rel for rel in manifest["files"] if not rel.startswith(OFFICERS)]
     assert visible and not any(rel.startswith("officers/") for rel in visible)
     files = {rel: (release / rel).read_bytes() for rel in [*visible, "release.json", "release.sig"]}
     assert any(pngs_in(data, rel) for rel, data in files.items())  # the check looks at images
