@@ -175,7 +175,9 @@ def _hist_plot(name: str, mem: dict) -> str | None:
             e = np.asarray([top * 1.2 if v is None else v for v in edges])
             density = counts / max(counts.sum(), 1) / np.maximum(np.diff(e), 1e-12)
             ax.stairs(density, e, label=f"{label}, n={int(counts.sum())}")
-        ax.set(title=_txt(f"{name}: {space}-space distances"), xlabel="RMS distance", ylabel="density")
+        ax.set(
+            title=_txt(f"{name}: {space}-space distances"), xlabel="RMS distance", ylabel="density"
+        )
         ax.legend(fontsize=6)
     return _png(fig)
 
@@ -220,7 +222,9 @@ def _privacy_rows(sites: dict) -> list[list]:
         }
         worst = max([x for x in lbs.values() if x is not None], default=0.0)
         suspect = claimed is not None and worst > claimed
-        status = "suspect" if suspect else ("no formal guarantee" if claimed is None else "consistent")
+        status = (
+            "suspect" if suspect else ("no formal guarantee" if claimed is None else "consistent")
+        )
         rows.append(
             [
                 name,
@@ -349,7 +353,9 @@ def _worst_rows(audit: dict, *, where: bool) -> list[list]:
     for key, w in (audit.get("worst_case") or {}).items():
         row = [key.replace("_", " "), fmt_number(w.get("value"))]
         if where:
-            row.append(", ".join(f"{k} {w[k]}" for k in ("site", "class", "attack", "space") if k in w))
+            row.append(
+                ", ".join(f"{k} {w[k]}" for k in ("site", "class", "attack", "space") if k in w)
+            )
         rows.append(row + [fmt_number(THRESHOLDS.get(key))])
     return rows
 
@@ -435,7 +441,9 @@ def render_partner_report(
     names = list(class_names or [])
     grid = None
     if released_images is not None and len(released_images):
-        labels = list(released_labels) if released_labels is not None else [None] * len(released_images)
+        labels = (
+            list(released_labels) if released_labels is not None else [None] * len(released_images)
+        )
         titles = [
             names[int(y)] if y is not None and 0 <= int(y) < len(names) else str(y) for y in labels
         ]
@@ -452,8 +460,12 @@ def render_partner_report(
     rules = [
         [
             r.get("rule", ""),
-            fmt_number(r.get("measured")) if not isinstance(r.get("measured"), str) else r["measured"],
-            fmt_number(r.get("threshold")) if not isinstance(r.get("threshold"), str) else r["threshold"],
+            fmt_number(r.get("measured"))
+            if not isinstance(r.get("measured"), str)
+            else r["measured"],
+            fmt_number(r.get("threshold"))
+            if not isinstance(r.get("threshold"), str)
+            else r["threshold"],
             _cell("pass" if r.get("passed") else "FAIL", not r.get("passed")),
         ]
         for r in gate.get("rules") or []

@@ -31,7 +31,9 @@ from privacy.audit_schema import (
     tpr_resolvable,
 )
 
-SHARE_ALPHA = 0.05  # family-wise level of the share permutation tests (Holm over the tests of one audit)
+SHARE_ALPHA = (
+    0.05  # family-wise level of the share permutation tests (Holm over the tests of one audit)
+)
 CONFIDENCE = 0.95
 THRESHOLDS = {"membership_auc": 0.6, "share_closer_to_member": 0.65, "n_near_copies": 0}
 

@@ -47,8 +47,8 @@ from common.signing import (
     sign,
     verify,
 )
-from privacy.policy import GateResult, Policy, evaluate_policy, policy_toml
 from privacy.audit_schema import load_audit
+from privacy.policy import GateResult, Policy, evaluate_policy, policy_toml
 from server.synthesis import verify_cohort, write_preview
 
 RELEASE_FORMAT = "fedsynth-release/1"
@@ -211,9 +211,11 @@ def _write_reports(
     kept = [r for r in rows if r["synthetic_id"] not in withheld]
     released = (tmp / "cohort" / "images").glob("*.nii.gz")
     on_disk = {p.name[: -len(".nii.gz")] for p in released}
-    sample = [r for r in kept if r["synthetic_id"] in on_disk][: 24]
+    sample = [r for r in kept if r["synthetic_id"] in on_disk][:24]
     images = (
-        np.stack([_load_image(tmp / "cohort" / "images" / f"{r['synthetic_id']}.nii.gz") for r in sample])
+        np.stack(
+            [_load_image(tmp / "cohort" / "images" / f"{r['synthetic_id']}.nii.gz") for r in sample]
+        )
         if sample
         else None
     )
@@ -267,9 +269,12 @@ def build_release(
     consortium_key: Path,
     officer_keys: dict[str, Path],
     cohort_id: str | None = None,
+    server_privacy: Path | dict | None = None,
 ) -> Path:
     """Build the signed release candidate `out_dir` (atomically; refuses to overwrite). It is built even when the
-    gate fails, so the officers see why; gate.json and release.json then say "passed": false."""
+    gate fails, so the officers see why; gate.json and release.json then say "passed": false. `server_privacy`
+    is the run's privacy.json (a path or its content): the gate checks the sites' audit-time claims against it,
+    and fails that rule without it. The reports are rendered from the audit.json that ships."""
     cohort_dir, audit_dir, out_dir = Path(cohort_dir), Path(audit_dir), Path(out_dir)
     if not officer_keys:
         raise ValueError(
@@ -294,7 +299,12 @@ def build_release(
     audit = _read_audit(audit_dir, manifest, {r["synthetic_id"] for r in rows}, cohort_dir)
     digest = hashlib.sha256((cohort_dir / "manifest.json").read_bytes()).hexdigest()
     cohort_id = _check_name("cohort id", cohort_id or f"cohort-{digest[:16]}")
-    gate: GateResult = evaluate_policy(policy, audit)
+    if isinstance(server_privacy, (str, Path)):
+        try:
+            server_privacy = json.loads(Path(server_privacy).read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{server_privacy}: not a readable privacy.json ({err})") from err
+    gate: GateResult = evaluate_policy(policy, audit, server_privacy=server_privacy)
     withheld = set(gate.withheld_ids)
     with atomic_dir(out_dir) as tmp:
         _write_cohort(cohort_dir, tmp / "cohort", manifest, rows, dataset, withheld)

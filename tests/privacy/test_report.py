@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
+from privacy.audit_schema import AUDIT_SCHEMA_VERSION, load_audit
 from privacy.audit_stats import empirical_epsilon_lower_bound, roc_summary
 from privacy.memorization import memorization_audit
-from privacy.audit_schema import AUDIT_SCHEMA_VERSION, load_audit
 from privacy.report import write_audit_report
 from privacy.verdict import build_audit, holm
 

@@ -18,6 +18,7 @@ import uvicorn
 from common.config import RunConfig, model_config
 from common.model import build_autoencoder, build_unet
 from common.signing import generate_keypair
+from privacy.audit_schema import load_audit
 from privacy.audit_stats import empirical_epsilon_lower_bound, roc_summary
 from privacy.memorization import memorization_audit
 from privacy.policy import DEFAULT_POLICY
@@ -29,6 +30,7 @@ from server.release.manifest import build_release
 from server.release.portal import create_app
 from server.synthesis import SynthesisRequest, synthesize_cohort
 from server.training import RunState, checkpoint_payload, save_checkpoint
+from tests.privacy.test_policy import privacy_json
 
 OFFICERS = ("alice", "bob")
 
@@ -132,6 +134,7 @@ class Consortium:
             consortium_key=self.consortium_key,
             officer_keys=self.officer_pubs,
             cohort_id=cohort_id or name,
+            server_privacy=privacy_json(load_audit(audit / "audit.json")),
         )
 
 

@@ -35,8 +35,14 @@ from server.synthesis import (
 from server.training import RunState, checkpoint_payload, save_checkpoint
 from tests.privacy.test_policy import site
 
-PLANT_AT = (0, 3, 7)  # cohort positions overwritten with training patients (two healthy, one lesion)
-OFFICERS = "officers/"  # release files for privacy officers only (never served to partners, never pulled)
+PLANT_AT = (
+    0,
+    3,
+    7,
+)  # cohort positions overwritten with training patients (two healthy, one lesion)
+OFFICERS = (
+    "officers/"  # release files for privacy officers only (never served to partners, never pulled)
+)
 PNG_B64 = re.compile(rb"data:image/png;base64,([A-Za-z0-9+/=]+)")
 
 
@@ -54,7 +60,9 @@ def best_matches(canvas: np.ndarray, images: np.ndarray) -> list[float]:
             break
         ones = np.ones((size, size))
         s1 = fftconvolve(canvas, ones, mode="valid")
-        var = np.maximum(fftconvolve(canvas * canvas, ones, mode="valid") - s1 * s1 / ones.size, 1e-9)
+        var = np.maximum(
+            fftconvolve(canvas * canvas, ones, mode="valid") - s1 * s1 / ones.size, 1e-9
+        )
         flat = var < 1e-3 * ones.size  # flat regions carry no image
         for i, template in enumerate(templates):
             t = np.asarray(template.resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0
@@ -68,7 +76,9 @@ def best_matches(canvas: np.ndarray, images: np.ndarray) -> list[float]:
 def pngs_in(data: bytes, rel: str) -> list[tuple[str, bytes]]:
     """Every PNG a file carries: the file itself, or base64 PNGs inlined in it (HTML, JSON, anything)."""
     out = [(rel, data)] if data[:8] == b"\x89PNG\r\n\x1a\n" else []
-    out += [(f"{rel} (inline #{i})", base64.b64decode(m)) for i, m in enumerate(PNG_B64.findall(data))]
+    out += [
+        (f"{rel} (inline #{i})", base64.b64decode(m)) for i, m in enumerate(PNG_B64.findall(data))
+    ]
     return out
 
 
@@ -81,7 +91,9 @@ def leaks(files: dict[str, bytes], planted: np.ndarray, tmp_path) -> list[str]:
             path.write_bytes(data)
             vol = np.asarray(nib.load(path).dataobj, dtype=np.float32)
             img = vol[:, :, 0] if vol.ndim == 3 else vol
-            found += [f"{rel}: planted image {i}" for i, p in enumerate(planted) if np.allclose(img, p)]
+            found += [
+                f"{rel}: planted image {i}" for i, p in enumerate(planted) if np.allclose(img, p)
+            ]
         for where, png in pngs_in(data, rel):
             for i, score in enumerate(best_matches(_gray(png), planted)):
                 if score > 0.9:
@@ -174,6 +186,10 @@ def test_no_partner_visible_byte_carries_a_withheld_patient(planted_release, tmp
     assert any(pngs_in(data, rel) for rel, data in files.items())  # the check looks at images
     assert leaks(files, planted, tmp_path) == []
     # The detector is not blind: the officers' report shows the flagged images.
-    officer = {rel: (release / rel).read_bytes() for rel in manifest["files"] if rel.startswith("officers/")}
+    officer = {
+        rel: (release / rel).read_bytes()
+        for rel in manifest["files"]
+        if rel.startswith("officers/")
+    }
     found = leaks(officer, planted, tmp_path)
     assert {int(f.split("planted image ")[1].split()[0]) for f in found} == set(range(len(planted)))
