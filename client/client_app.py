@@ -21,20 +21,18 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
-from flwr.supercore.differential_privacy import (
-    KEY_CLIPPING_NORM,
-    compute_clip_model_update,
-    get_norm,
-)
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.task import RoundPlan, run_training_round
 from common.config import SiteConfig, model_config
+from privacy.client_level import clip_update
 
 
 def central_dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     """Central DP, client side: clip this site's model update (new - global) to the norm the server asks for.
 
-    Exactly what Flower's `fixedclipping_mod` does (same `compute_clip_model_update`), for our messages: that mod
+    What Flower's `fixedclipping_mod` does, but exact: the norm after clipping is <= C as the server measures it
+    (privacy.client_level.clip_update; Flower's float32 scaling can land a hair above C). Flower's mod
     needs exactly one ArrayRecord in the train message (ours also carries the frozen "autoencoder" in the diffusion
     phase) and turns every reply without arrays (a refusal, a failed round) into an error; and mods are fixed when
     the ClientApp is built, so this one does nothing unless the round's config carries a clipping norm (Flower's
@@ -55,9 +53,7 @@ def central_dp_clipping_mod(msg: Message, context: Context, call_next) -> Messag
     new = reply.content["arrays"]
     if list(new.keys()) != list(sent.keys()):
         raise ValueError("central DP: the reply's arrays do not match the global model's")
-    new_nd, sent_nd = new.to_numpy_ndarrays(), sent.to_numpy_ndarrays()
-    norm = get_norm([np.subtract(a, b) for a, b in zip(new_nd, sent_nd, strict=True)])
-    compute_clip_model_update(param1=new_nd, param2=sent_nd, clipping_norm=clipping_norm)
+    new_nd, norm = clip_update(new.to_numpy_ndarrays(), sent.to_numpy_ndarrays(), clipping_norm)
     # the unclipped norm says something about the site's data: it stays in the site's own log
     logging.getLogger("fedsynth.site").info(
         "central DP: model update norm %.4g, clipped to %.4g before it leaves",

@@ -154,7 +154,8 @@ class RunConfig:
     cohort_dir: str = ""  # mode "audit"
     checkpoint: str = ""  # mode "audit"
     # Central (client-level) DP: sites clip their model update, the server adds Gaussian noise to the aggregate
-    # (Flower's DifferentialPrivacyClientSideFixedClipping) and accounts the whole run with Flower's RdpAccountant.
+    # (Flower's DifferentialPrivacyClientSideFixedClipping); every release is accounted replace-one (sensitivity
+    # 2C) in the consortium's ledger, over all its runs (server/central_dp.py).
     central_dp: str = "off"  # "off" | "client-side-fixed"
     central_dp_noise_multiplier: float = (
         1.0  # noise std on the aggregate = this x clipping norm / sites
@@ -162,10 +163,12 @@ class RunConfig:
     central_dp_clipping_norm: float = (
         1.0  # L2 bound on one site's model update (new - global) per round
     )
-    central_dp_delta: float = 0.0  # 0 -> 1 / (10 x sites)
+    central_dp_delta: float = 0.0  # 0 -> min(1e-5, 1 / (10 x sites))
     central_dp_max_epsilon: float = (
-        0.0  # > 0: stop before a round whose release would take epsilon past this
+        0.0  # > 0: stop before a release that would take the consortium's epsilon past this
     )
+    # The consortium's client-level ledger (SQLite, all runs); "": central_dp_ledger.sqlite beside run-dir
+    central_dp_ledger: str = ""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -198,7 +201,9 @@ class RunConfig:
             if not 0 < self.central_dp_clipping_norm < float("inf"):
                 raise ValueError("central-dp-clipping-norm must be > 0 and finite")
             if not 0 <= self.central_dp_delta < 1:
-                raise ValueError("central-dp-delta must be in [0, 1) (0: 1 / (10 x sites))")
+                raise ValueError(
+                    "central-dp-delta must be in [0, 1) (0: min(1e-5, 1 / (10 x sites)))"
+                )
             if not 0 <= self.central_dp_max_epsilon < float("inf"):
                 raise ValueError("central-dp-max-epsilon must be >= 0 and finite (0: no limit)")
             if self.strategy == "fedadam":

@@ -1,17 +1,23 @@
-"""Central (client-level) differential privacy for the federation, with Flower's own pieces.
+"""Central (client-level) differential privacy for the federation: Flower's mechanism, our replace-one accounting.
 
 With `central-dp = "client-side-fixed"` every site clips its model update (new - global) to an L2 norm C before it
-leaves (client.client_app.central_dp_clipping_mod), and the server wraps the phase's FedAvg/FedProx in Flower's
-`DifferentialPrivacyClientSideFixedClipping`: it averages the n clipped updates with equal weights and adds
-Gaussian noise of std sigma x C / n to the aggregate. Each noisy aggregate is one Gaussian release, composed in
-Flower's `RdpAccountant` (no sampling amplification: every site takes part in every round). One accountant serves
-the whole run, both phases, and is written to `central_dp_accountant.json` in the run folder after every release,
-BEFORE the round's checkpoint, so a resumed run keeps counting and a crash can only over-count.
+leaves (client.client_app.central_dp_clipping_mod), the server re-checks every norm and clips what is above C (no
+tolerance), and Flower's `DifferentialPrivacyClientSideFixedClipping` averages the n clipped updates with equal
+weights and adds Gaussian noise of std sigma x C / n to the mean.
 
-What this protects: what anyone who sees the released global model (the sites between rounds, a checkpoint, the
-cohort synthesized from it) can learn about whether one whole site took part. What it does not: the server still
-sees each site's clipped update in the clear (TLS protects it only in transit); hiding it from the server needs
-secure aggregation (SecAgg+), which is not wired.
+The claim is replace-one (privacy/client_level.py): which sites took part is public, so the neighbouring consortium
+has the same sites, one of them with any other data. Sensitivity 2C, so each release is accounted as the Gaussian
+mechanism with noise multiplier sigma / 2. Every release is written, BEFORE the round's checkpoint (the aggregate
+reaches no one before that), to the consortium's durable ledger, a SQLite file shared by every run of the
+consortium (`central-dp-ledger`, by default `central_dp_ledger.sqlite` beside the run folder), so a new run keeps
+counting from what earlier runs spent. One release per (run id, round): a round redone after a crash replaces the
+aggregate nobody received. The claimed epsilon composes every release in the ledger (each site took part in at
+most all of them, whatever it is called); per-site and this-run figures are reported beside it.
+
+What this protects: what anyone who sees only the released global models (the sites between rounds, a checkpoint,
+the cohort synthesized from it) can learn about one site's data. What it does not: that a site took part (public),
+and anything towards the server, which sees each site's clipped update in the clear (TLS protects it only in
+transit); hiding it from the server needs secure aggregation (SecAgg+), which is not wired.
 """
 
 from __future__ import annotations
@@ -19,127 +25,227 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sqlite3
 from collections.abc import Iterable
+from contextlib import closing
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
-from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv, get_norm
-from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+from flwr.supercore.differential_privacy import compute_stdv
 
 from common.config import RunConfig
-from common.io import write_json_atomic
+from privacy.client_level import (
+    NEIGHBORING_RELATION,
+    clip_update,
+    epsilon,
+    replace_one_noise_multiplier,
+    update_norm,
+)
 
 log = logging.getLogger("fedsynth.server")
-ACCOUNTANT_FILE = "central_dp_accountant.json"
-UNIFORM_WEIGHT_KEY = (
-    "central-dp-weight"  # FedAvg weighs by this key under central DP: 1.0 for every site
-)
-REFERENCE_DELTA = (
-    1e-5  # client_level also reports epsilon here, for comparison with the usual "delta << 1/n"
-)
-NORM_TOLERANCE = (
-    1e-4  # relative slack for float32 rounding when the server re-checks a clipped update
-)
+LEDGER_FILE = "central_dp_ledger.sqlite"
+OLD_ACCOUNTANT_FILE = "central_dp_accountant.json"  # before the ledger: one run's Flower accountant
+UNIFORM_WEIGHT_KEY = "central-dp-weight"  # FedAvg weighs by this key under central DP: 1.0 each
+REFERENCE_DELTA = 1e-5  # the usual "delta << 1/n"; also the ceiling of the default delta
+
+__all__ = [
+    "CentralDP",
+    "CentralDPLedger",
+    "SitesGrid",
+    "default_delta",
+    "sample_level",
+    "update_norm",
+]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS releases (
+    run_id TEXT NOT NULL,
+    server_round INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    noise_multiplier REAL NOT NULL,            -- sigma as configured: noise std sigma x C / n on the mean
+    accounted_noise_multiplier REAL NOT NULL,  -- sigma / 2: the Gaussian mechanism under replace-one (2C)
+    clipping_norm REAL NOT NULL,
+    sites TEXT NOT NULL,                       -- JSON list of the site names whose updates were averaged
+    recorded_at TEXT NOT NULL,
+    PRIMARY KEY (run_id, server_round)
+);
+"""
 
 
 def default_delta(n_sites: int) -> float:
-    return 1.0 / (10.0 * n_sites)
+    """min(1e-5, 1 / (10 n)): far below 1 / n."""
+    return min(REFERENCE_DELTA, 1.0 / (10.0 * max(1, n_sites)))
+
+
+class CentralDPLedger:
+    """The consortium's client-level releases over all its runs, in one SQLite file."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with closing(self._connect()) as db, db:
+                db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise ValueError(
+                f"{self.path}: not a usable central-DP ledger ({e}); restore it from a backup "
+                "(an empty one would forget what earlier runs spent)"
+            ) from e
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    def record(
+        self,
+        *,
+        run_id: str,
+        server_round: int,
+        phase: str,
+        noise_multiplier: float,
+        clipping_norm: float,
+        sites: list[str],
+    ) -> None:
+        """One noisy aggregate; the same (run, round) again (redone after a crash) replaces it."""
+        with closing(self._connect()) as db, db:
+            db.execute(
+                "INSERT OR REPLACE INTO releases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    int(server_round),
+                    phase,
+                    float(noise_multiplier),
+                    replace_one_noise_multiplier(float(noise_multiplier)),
+                    float(clipping_norm),
+                    json.dumps(sorted(sites)),
+                    datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+                ),
+            )
+
+    def releases(self) -> list[dict[str, Any]]:
+        with closing(self._connect()) as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute("SELECT * FROM releases ORDER BY recorded_at, run_id, server_round")
+            return [{**dict(r), "sites": json.loads(r["sites"])} for r in rows]
+
+    def epsilon(
+        self,
+        delta: float,
+        *,
+        run_id: str | None = None,
+        site: str | None = None,
+        plus: Iterable[float] = (),
+        excluding: tuple[str, int] | None = None,
+    ) -> float:
+        """Replace-one epsilon of the releases (all, one run's, or those a site took part in), plus
+        `plus` (accounted multipliers of releases not made yet), without the (run, round) `excluding`."""
+        sigmas = [
+            r["accounted_noise_multiplier"]
+            for r in self.releases()
+            if (run_id is None or r["run_id"] == run_id)
+            and (site is None or site in r["sites"])
+            and (excluding is None or (r["run_id"], r["server_round"]) != excluding)
+        ]
+        return epsilon([*sigmas, *plus], delta)
 
 
 class CentralDP:
-    """The run's client-level DP: one accountant for all phases, the per-phase Flower wrapper, the labels."""
+    """The run's client-level DP: the consortium ledger, the per-phase Flower wrapper, the labels."""
 
     def __init__(self, run: RunConfig, run_dir: Path):
         self.run = run
-        self.path = Path(run_dir) / ACCOUNTANT_FILE
-        self.accountant: RdpAccountant | None = None
-        self._stored: dict[str, Any] | None = None
-        if self.path.exists():
-            self._stored = json.loads(self.path.read_text())
-            if self.enabled:
-                self._load(self._stored)
+        self.run_dir = Path(run_dir)
+        self.run_id = ""  # set by the federation once the run's id is known
+        self.sites = 0  # sites per release (the phase's sites)
+        self.ledger_path = (
+            Path(run.central_dp_ledger)
+            if run.central_dp_ledger
+            else self.run_dir.resolve().parent / LEDGER_FILE
+        )
+        self.ledger: CentralDPLedger | None = None
+        if self.enabled:
+            if (self.run_dir / OLD_ACCOUNTANT_FILE).exists():
+                raise ValueError(
+                    f"{self.run_dir / OLD_ACCOUNTANT_FILE}: this run's central-DP releases were "
+                    "accounted by an earlier fedsynth outside the consortium ledger (and as "
+                    "add/remove-one); resuming would drop them from the claim. Use a new run-dir"
+                )
+            self.ledger = CentralDPLedger(self.ledger_path)
 
     @property
     def enabled(self) -> bool:
         return self.run.central_dp != "off"
 
-    # ---- accountant ----------------------------------------------------------------------------------------------
-    def _config(self, population: int) -> PrivacyConfig:
-        return PrivacyConfig(
-            target_delta=self.run.central_dp_delta or default_delta(population),
-            population_size=population,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-            max_epsilon=self.run.central_dp_max_epsilon or None,
-        )
+    @property
+    def delta(self) -> float:
+        return self.run.central_dp_delta or default_delta(self.sites)
 
-    def _load(self, state: dict[str, Any]) -> None:
-        """Restore the run's accountant. The population (sites at the start of the run) comes from the file; delta
-        and max-epsilon may be changed by a resumed run's config (they change what is reported, not what happened)."""
-        stored = dict(state.get("config") or {})
-        population = int(stored.get("population_size", 0))
-        if stored.get("sampling_method") != SamplingMethod.NO_AMPLIFICATION.value:
-            raise ValueError(
-                f"{self.path}: accountant state with sampling {stored.get('sampling_method')!r}; "
-                "fedsynth composes no-amplification releases only"
-            )
-        config = self._config(population)
-        state = {
-            **state,
-            "config": {
-                **stored,
-                "target_delta": config.target_delta,
-                "max_epsilon": config.max_epsilon,
-            },
-        }
-        self.accountant = RdpAccountant(config)
-        self.accountant.load_state_dict(state)
+    @property
+    def accounted_noise_multiplier(self) -> float:
+        return replace_one_noise_multiplier(self.run.central_dp_noise_multiplier)
 
-    def ensure_accountant(self, population: int) -> RdpAccountant:
-        """The run's accountant; created for `population` sites on the run's first central-DP round."""
-        if self.accountant is None:
-            self.accountant = RdpAccountant(self._config(population))
-        return self.accountant
-
-    def save(self) -> None:
-        if self.accountant is not None:
-            write_json_atomic(self.path, self.accountant.state_dict())
+    # ---- accounting ----------------------------------------------------------------------------
+    def run_releases(self) -> list[dict[str, Any]]:
+        if self.ledger is None:
+            return []
+        return [r for r in self.ledger.releases() if r["run_id"] == self.run_id]
 
     @property
     def releases(self) -> int:
-        return self.accountant.num_releases if self.accountant is not None else 0
+        return len(self.run_releases())
 
-    def epsilon(self) -> tuple[float, float | None]:
-        """(epsilon, delta) spent so far; epsilon 0 before the first release (delta None before the sites are
-        known, when it defaults to 1 / (10 x sites))."""
-        if self.accountant is None:
-            return 0.0, self.run.central_dp_delta or None
-        if self.accountant.num_releases == 0:
-            return 0.0, self.accountant.config.target_delta
-        spent = self.accountant.get_privacy_spent()
-        return float(spent.epsilon), float(spent.delta)
+    def epsilon(self) -> tuple[float, float]:
+        """(epsilon, delta) of every release in the consortium ledger, this run's included."""
+        if self.ledger is None:
+            return 0.0, self.delta
+        return self.ledger.epsilon(self.delta), self.delta
 
-    # ---- the strategy ------------------------------------------------------------------------------------------
-    def wrap(
-        self, strategy: Strategy, sites: int, population: int
-    ) -> DifferentialPrivacyClientSideFixedClipping:
-        """Flower's client-side fixed-clipping wrapper around `strategy`, for `sites` sites per round."""
-        acc = self.ensure_accountant(population)
-        if sites > acc.config.population_size:
-            raise ValueError(
-                f"central DP: {sites} sites to train but the run's accountant was set up for "
-                f"{acc.config.population_size} (the sites at the start of the run); use a new run-dir"
+    def check_budget(self, server_round: int) -> str | None:
+        """Why the release of `server_round` may not happen (max-epsilon over the consortium)."""
+        limit = self.run.central_dp_max_epsilon
+        if not limit or self.ledger is None:
+            return None
+        skip = (self.run_id, server_round)
+        now = self.ledger.epsilon(self.delta, excluding=skip)
+        after = self.ledger.epsilon(
+            self.delta, plus=[self.accounted_noise_multiplier], excluding=skip
+        )
+        if after > limit:
+            return (
+                f"round {server_round}: central DP: the next release would take the consortium's "
+                f"client-level epsilon from {now:.3g} to {after:.3g}, past max_epsilon = "
+                f"{limit:g} (delta {self.delta:.1e}, ledger {self.ledger_path})"
             )
+        return None
+
+    def record_release(self, server_round: int, phase: str, sites: list[str]) -> None:
+        if self.ledger is None:
+            raise RuntimeError("central DP is off: there is no release to record")
+        self.ledger.record(
+            run_id=self.run_id,
+            server_round=server_round,
+            phase=phase,
+            noise_multiplier=self.run.central_dp_noise_multiplier,
+            clipping_norm=self.run.central_dp_clipping_norm,
+            sites=sites,
+        )
+
+    # ---- the strategy --------------------------------------------------------------------------
+    def wrap(self, strategy: Strategy, sites: int) -> DifferentialPrivacyClientSideFixedClipping:
+        """Flower's client-side fixed-clipping wrapper around `strategy`, for `sites` sites per round.
+        Flower's own accountant is not used: it knows only add/remove-one; the ledger accounts."""
+        self.sites = sites
         return DifferentialPrivacyClientSideFixedClipping(
             strategy,
             noise_multiplier=self.run.central_dp_noise_multiplier,
             clipping_norm=self.run.central_dp_clipping_norm,
             num_sampled_clients=sites,
-            accountant=acc,
         )
 
     def noise_std(self, sites: int) -> float:
@@ -153,10 +259,12 @@ class CentralDP:
         global_arrays: ArrayRecord,
         site_of: dict[int, str] | None = None,
     ) -> None:
-        """Give every reply the same FedAvg weight, and re-check that its update is within the clipping norm.
+        """Give every reply the same FedAvg weight, and clip at the server every update above C.
 
-        The sites clip; the server re-clips (same Flower function) any update that is not, naming the site, so the
-        sensitivity the accountant assumes holds even for a site that did not clip (an old client, a bug).
+        The sites clip; the server re-clips (privacy.client_level.clip_update, exact: norm <= C, no
+        tolerance) any update that is not, naming the site, so the sensitivity the accounting assumes
+        holds even for a site that did not clip (an old client, a bug, a cheat). A non-finite update
+        counts as no update (the global model).
         """
         c = self.run.central_dp_clipping_norm
         global_nd = global_arrays.to_numpy_ndarrays()
@@ -164,76 +272,81 @@ class CentralDP:
             m.content["metrics"][UNIFORM_WEIGHT_KEY] = 1.0
             record = m.content["arrays"]
             nd = record.to_numpy_ndarrays()
+            name = (site_of or {}).get(m.metadata.src_node_id, f"node {m.metadata.src_node_id}")
             norm = update_norm(nd, global_nd)
-            if norm > c * (1 + NORM_TOLERANCE):
-                name = (site_of or {}).get(m.metadata.src_node_id, f"node {m.metadata.src_node_id}")
+            if norm <= c:
+                continue
+            if math.isfinite(norm):
                 log.warning(
-                    "central DP: %s sent an update of norm %.4g > clipping norm %.4g; clipped at the server",
+                    "central DP: %s sent an update of norm %.6g > clipping norm %.6g; "
+                    "clipped at the server",
                     name,
                     norm,
                     c,
                 )
-                compute_clip_model_update(nd, global_nd, c)
-                m.content["arrays"] = ArrayRecord(
-                    {k: Array(np.asarray(v)) for k, v in zip(record.keys(), nd, strict=False)}
-                )
+                nd = clip_update(nd, global_nd, c)[0]
+            else:
+                log.warning("central DP: %s sent a non-finite update; counted as none", name)
+                nd = [np.array(g, copy=True) for g in global_nd]
+            m.content["arrays"] = ArrayRecord(
+                {k: Array(np.asarray(v)) for k, v in zip(record.keys(), nd, strict=True)}
+            )
 
-    # ---- labels ------------------------------------------------------------------------------------------------
+    # ---- labels --------------------------------------------------------------------------------
     def summary(self, completed_rounds: int) -> dict[str, Any]:
         """The `client_level` part of privacy.json (and run.json)."""
-        if not self.enabled:
-            earlier = sum(
-                int(c.get("count", 0)) for c in (self._stored or {}).get("compositions", [])
-            )
-            note = (
-                "central-dp is off: the server adds no noise to the aggregate, so the released model carries no "
-                "client-level guarantee; each site's updates carry only its own sample-level DP"
-            )
-            if earlier:
-                note += f" (central DP was on for {earlier} earlier release(s) of this run; that does not carry over)"
-            return {"protection": "none", "note": note}
+        if not self.enabled or self.ledger is None:
+            return {
+                "protection": "none",
+                "note": "central-dp is off: the server adds no noise to the aggregate, so the "
+                "released model carries no client-level guarantee; each site's updates carry only "
+                "its own sample-level DP",
+            }
         eps, delta = self.epsilon()
-        acc = self.accountant
-        sites = acc.config.population_size if acc else 0
-        unprotected = max(0, completed_rounds - self.releases)
+        mine = self.run_releases()
+        every = self.ledger.releases()
+        names = sorted({s for r in every for s in r["sites"]})
+        unprotected = max(0, completed_rounds - len(mine))
         out: dict[str, Any] = {
             "protection": (
-                "client-level DP: bounds what anyone who sees the released model can learn about whether "
-                f"a whole site participated (RDP, delta={delta:.2e})"
-                if delta
-                else "client-level DP (RDP, delta = 1/(10 x sites) once the sites are known)"
+                "client-level DP, replace-one (any one site's data replaced by any other; "
+                "sensitivity 2C): bounds what anyone who sees only the released models and cohort "
+                "can learn about one site's data, composed over every central-DP release of the "
+                f"consortium (RDP, delta={delta:.1e}). Not protected: which sites took part "
+                "(public), and anything towards the server"
             ),
+            "neighboring_relation": NEIGHBORING_RELATION,
+            "sensitivity": "2C (each update clipped to C at the site, re-clipped at the server)",
             "epsilon": eps if not unprotected else math.inf,
             "delta": delta,
             f"epsilon_at_delta_{REFERENCE_DELTA:g}": (
-                float(acc.get_epsilon(REFERENCE_DELTA))
-                if acc and acc.num_releases and not unprotected
-                else (0.0 if not unprotected else math.inf)
+                self.ledger.epsilon(REFERENCE_DELTA) if not unprotected else math.inf
             ),
+            "epsilon_this_run": epsilon([r["accounted_noise_multiplier"] for r in mine], delta),
+            "epsilon_per_site": {s: self.ledger.epsilon(delta, site=s) for s in names},
             "noise_multiplier": self.run.central_dp_noise_multiplier,
+            "accounted_noise_multiplier": self.accounted_noise_multiplier,
             "clipping_norm": self.run.central_dp_clipping_norm,
-            "noise_std_on_aggregate": self.noise_std(sites) if sites else None,
-            "rounds": self.releases,
-            "sites": sites,
+            "noise_std_on_aggregate": self.noise_std(self.sites) if self.sites else None,
+            "rounds": len(mine),
+            "releases_in_ledger": len(every),
+            "runs_in_ledger": len({r["run_id"] for r in every}),
+            "ledger": str(self.ledger_path),
+            "sites": self.sites,
             "sampling": "none: every site in every round (no amplification)",
-            "mechanism": "Flower DifferentialPrivacyClientSideFixedClipping (update clipping at the sites, "
-            "Gaussian noise on the uniform FedAvg aggregate at the server)",
-            "accountant": "flwr RdpAccountant",
+            "mechanism": "Flower DifferentialPrivacyClientSideFixedClipping (update clipping at the "
+            "sites, Gaussian noise on the uniform FedAvg aggregate at the server)",
+            "accountant": "dp-accounting RDP, replace-one (Gaussian, noise multiplier sigma / 2)",
             "max_epsilon": self.run.central_dp_max_epsilon or None,
-            "trust": "the server sees each site's clipped update (no secure aggregation); the guarantee is "
-            "towards everyone who sees only the released aggregates",
+            "trust": "the server sees each site's clipped update (no secure aggregation); the "
+            "guarantee is towards everyone who sees only the released aggregates",
         }
         if unprotected:
             out["note"] = (
-                f"{unprotected} round(s) of this run were released without central DP: the final model "
-                "has no finite client-level guarantee"
+                f"{unprotected} round(s) of this run were released without central DP: the final "
+                "model has no finite client-level guarantee"
             )
         return out
-
-
-def update_norm(new: list[np.ndarray], old: list[np.ndarray]) -> float:
-    """L2 norm of the model update new - old over all arrays (Flower's get_norm)."""
-    return get_norm([np.subtract(a, b) for a, b in zip(new, old, strict=True)])
 
 
 class SitesGrid:

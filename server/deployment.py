@@ -107,8 +107,10 @@ class Processes:
         self.stopped: set[str] = set()
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        """Start `argv` as `name`; a name started again (a restarted SuperLink) appends to the same log."""
         log = self.log_dir / f"{name}.log"
-        with open(log, "wb") as f:
+        self.stopped.discard(name)
+        with open(log, "ab" if name in self.procs else "wb") as f:
             f.write(f"$ {' '.join(argv)}\n".encode())
             f.flush()
             proc = subprocess.Popen(
@@ -201,6 +203,8 @@ class SuperLink:
     env: dict[str, str]
     procs: Processes
     pki: PkiPaths | None  # None when insecure
+    argv: list[str] = field(default_factory=list)  # how it was started: a restart uses the same
+    database: Path | None = None  # its state file (--database); None: in memory, lost on exit
 
     @property
     def address(self) -> str:
@@ -237,6 +241,25 @@ class SuperLink:
         return proc.stdout
 
 
+def restart_superlink(link: SuperLink, progress: Progress = print, kill: bool = True) -> None:
+    """Stop the SuperLink (SIGKILL, as a crash would, unless `kill` is False) and start it again with the same
+    command line, port and database; the SuperNodes reconnect by themselves (they retry without limit)."""
+    if link.database is None:
+        raise DeploymentError(
+            "restart_superlink needs a SuperLink with a database: an in-memory one forgets every node and run"
+        )
+    proc = link.procs.procs["superlink"][0]
+    if kill:
+        proc.kill()  # the leader only: what it spawned (SuperExec, the ServerApp) lives on, as after a crash
+        proc.wait()
+    else:
+        link.procs.stop("superlink")
+    progress(f"SuperLink {'killed' if kill else 'stopped'} (exit {proc.returncode}); restarting it")
+    link.procs.start("superlink", link.argv, link.env)
+    _wait_port(link.port, link.procs, "superlink")
+    progress(f"SuperLink up again on {link.address} with its state from {link.database}")
+
+
 def _wait_port(port: int, procs: Processes, name: str, timeout: float = 60.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -258,11 +281,13 @@ def local_superlink(
     insecure: bool = False,
     python_bin_dir: Path | None = None,
     progress: Progress = print,
+    database: Path | None = None,
 ) -> Iterator[SuperLink]:
     """A SuperLink on a free loopback port (TLS + SuperNode auth unless `insecure`), stopped on exit.
 
     Writes work_dir/pki (CA, server certificate, `n_nodes` SuperNode keys), work_dir/flwr-home/config.toml
-    (connection CONNECTION) and work_dir/logs/.
+    (connection CONNECTION) and work_dir/logs/. With `database` the SuperLink keeps its state (registered
+    SuperNodes, runs, messages) in that SQLite file (`--database`), so `restart_superlink` can bring it back.
     """
     work_dir = Path(work_dir).resolve()
     bin_dir = Path(python_bin_dir or Path(sys.executable).parent)
@@ -301,6 +326,10 @@ def local_superlink(
         str(port),
         "--disable-runtime-dependency-installation",
     ]
+    if database is not None:
+        database = Path(database).resolve()
+        database.parent.mkdir(parents=True, exist_ok=True)
+        argv += ["--database", str(database)]
     if insecure:
         argv.append("--insecure")
     else:
@@ -320,7 +349,7 @@ def local_superlink(
         progress(
             f"SuperLink up on 127.0.0.1:{port} ({'INSECURE, no TLS' if insecure else 'TLS, SuperNode auth'})"
         )
-        yield SuperLink(port, work_dir, bin_dir, env, procs, pki)
+        yield SuperLink(port, work_dir, bin_dir, env, procs, pki, argv, database)
     finally:
         with _signals_deferred():
             procs.stop_all()
@@ -441,6 +470,7 @@ def run_app(
     }
     logs |= {"run": log, "flwr": link.procs.log_dir / "flwr.log"}
     deadline, pending, dead = time.time() + timeout_s, b"", set()
+    run_id, status, down_since = None, "not started", None
     with open(log, "rb") as f:
         while True:
             done = proc.poll() is not None
@@ -450,13 +480,31 @@ def run_app(
                 if text.strip() and not text.startswith("$ "):
                     progress(text)
             if done:
-                break
+                pending = b""
+                run_id = run_id or _started_run_id(log)
+                status = _settled_status(link, run_id, deadline)
+                if link.database is None or run_id is None or status.startswith("finished"):
+                    break
+                # The stream broke while the run goes on (the SuperLink restarted): follow it again.
+                progress(
+                    f"lost the run's log stream (status {status}); following run {run_id} again"
+                )
+                proc = link.procs.start(
+                    run_name, [str(link.bin_dir / "flwr"), "log", str(run_id), CONNECTION], link.env
+                )
+                continue
             if time.time() > deadline:
                 link.procs.stop(run_name)
                 raise DeploymentError(
                     f"the run did not finish within {timeout_s:.0f}s; last lines:\n{_tail(log)}"
                 )
-            link.procs.check_alive("superlink")
+            # A SuperLink with a database may be restarted (restart_superlink, an operator, systemd)
+            if link.procs.procs["superlink"][0].poll() is None:
+                down_since = None
+            elif link.database is None or time.time() - (down_since or time.time()) > 60:
+                link.procs.check_alive("superlink")
+            else:
+                down_since = down_since or time.time()
             for name, (p, _) in link.procs.procs.items():
                 if name.startswith("supernode-") and name not in dead and p.poll() is not None:
                     dead.add(name)
@@ -464,15 +512,26 @@ def run_app(
                         f"{name} exited with code {p.returncode} during the run (see {logs[name]})"
                     )
             time.sleep(0.2)
-    match = re.search(r"Successfully started run (\d+)", log.read_text(errors="replace"))
-    run_id = int(match.group(1)) if match else None
-    status = _run_status(link, run_id)
     if proc.returncode != 0 or status != "finished:completed":
         raise DeploymentError(
-            f"the Flower run ended with status {status!r} (flwr run exit code {proc.returncode}); last lines of "
+            f"the Flower run ended with status {status!r} (flwr exit code {proc.returncode}); last lines of "
             f"{log}:\n{_tail(log)}\nlast lines of {logs['superlink']}:\n{_tail(logs['superlink'], 15)}"
         )
     return FederationResult(proc.returncode, status, run_id, logs)
+
+
+def _started_run_id(log: Path) -> int | None:
+    match = re.search(r"Successfully started run (\d+)", log.read_text(errors="replace"))
+    return int(match.group(1)) if match else None
+
+
+def _settled_status(link: SuperLink, run_id: int | None, deadline: float) -> str:
+    """The run's status; while the SuperLink cannot answer (down, restarting) ask again until `deadline`."""
+    while True:
+        status = _run_status(link, run_id)
+        if not status.startswith("unknown") or link.database is None or time.time() > deadline:
+            return status
+        time.sleep(2.0)
 
 
 def _run_status(link: SuperLink, run_id: int | None) -> str:

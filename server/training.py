@@ -8,7 +8,8 @@ a checkpoint and the per-site metrics, and go on. Everything a later reader need
     metrics.jsonl     one line per site per round: loss, examples, seconds, epsilon, status
     privacy.json      {"sample_level": {site: spend as last reported}, "client_level": {...}}, each labelled
                       with the kind of protection (client_level: central DP, or "none")
-    central_dp_accountant.json   Flower RdpAccountant state when central DP is on (server/central_dp.py)
+    ../central_dp_ledger.sqlite  the consortium's client-level releases over all runs, when central DP is on
+                      (server/central_dp.py; `central-dp-ledger` puts it elsewhere)
     checkpoints/      round-NNN.pt (atomic), latest.pt -> the newest
 """
 
@@ -29,7 +30,6 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
-from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from common.config import ModelConfig, RunConfig, model_config
@@ -71,7 +71,7 @@ def make_strategy(run: RunConfig) -> Strategy:
     common = dict(
         min_train_nodes=run.min_sites, min_available_nodes=run.min_sites, fraction_evaluate=0.0
     )
-    if run.central_dp != "off":  # Flower's client-level accounting assumes a uniform FedAvg mean
+    if run.central_dp != "off":  # the client-level accounting assumes a uniform FedAvg mean
         common["weighted_by_key"] = UNIFORM_WEIGHT_KEY
     if run.strategy == "fedavg":
         return FedAvg(**common)
@@ -239,6 +239,7 @@ class Federation:
         self.privacy: dict[str, dict[str, Any]] = {}  # site -> sample-level spend as last reported
         self.central = CentralDP(run, self.dir)
         self._saved_server_optimizer: dict[str, Any] | None = None  # FedAdam moments, when resuming
+        self._answered_nodes: set[int] = set()  # nodes that replied to this ServerApp
         self._phase_nodes: list[
             int
         ] = []  # central DP: the sites the phase's DP wrapper was set up for
@@ -309,6 +310,22 @@ class Federation:
         )
 
     # ---- one round ---------------------------------------------------------------------------------------------
+    def _note_disconnected(self, state: RunState, r: int) -> None:
+        """A site that answered in this run (this ServerApp) but whose SuperNode is no longer connected is
+        recorded as dropped: the Grid no longer offers its node, so no round would ask it and notice."""
+        connected = set(self.grid.get_node_ids())
+        for name, s in list(state.sites.items()):
+            gone = s["node_id"] in self._answered_nodes and s["node_id"] not in connected
+            if s["status"] == "active" and gone:
+                self._mark(
+                    state,
+                    name,
+                    s["node_id"],
+                    "dropped",
+                    r,
+                    "disconnected: its SuperNode is no longer connected to the SuperLink",
+                )
+
     def _active_nodes(self, state: RunState) -> list[int]:
         refused = {s["node_id"] for s in state.sites.values() if s["status"] == "refused"}
         return [n for n in self.grid.get_node_ids() if n not in refused]
@@ -350,20 +367,18 @@ class Federation:
                     ),
                 )
             active = self._phase_nodes
+            over_budget = self.central.check_budget(r)
+            if over_budget:
+                return None, 0, over_budget
         if len(active) < self.run.min_sites:
             return (
                 None,
                 0,
                 f"only {len(active)} sites can still train, min-sites is {self.run.min_sites}",
             )
-        try:
-            messages = list(
-                strategy.configure_train(
-                    r, arrays, ConfigRecord(plan), SitesGrid(self.grid, active)
-                )
-            )
-        except PrivacyBudgetExhausted as err:
-            return None, 0, f"round {r}: central DP: {err}"
+        messages = list(
+            strategy.configure_train(r, arrays, ConfigRecord(plan), SitesGrid(self.grid, active))
+        )
         if frozen is not None:
             for m in messages:
                 m.content["autoencoder"] = frozen
@@ -404,15 +419,15 @@ class Federation:
     ):
         """Flower's DP wrapper: uniform mean of the clipped updates + Gaussian noise, one accounted release.
 
-        It aggregates only when every asked site sent an update (a missing one changes the sensitivity the noise
-        was set for); otherwise nothing is released and the run stops, saying why.
+        It aggregates only when every asked site sent an update (the noise was set for the mean of all of
+        them); otherwise nothing is released and the run stops, saying why.
         """
-        self.central.prepare_replies(
-            good, arrays, {s["node_id"]: name for name, s in state.sites.items()}
-        )
-        new_arrays, _ = strategy.aggregate_train(
-            r, good
-        )  # also drops the round's pending privacy event
+        new_arrays = None
+        if len(good) == len(messages):
+            self.central.prepare_replies(
+                good, arrays, {s["node_id"]: name for name, s in state.sites.items()}
+            )
+            new_arrays, _ = strategy.aggregate_train(r, good)
         if new_arrays is None:
             return (
                 None,
@@ -423,7 +438,8 @@ class Federation:
                     "released. Resume the run to go on without the sites that refused or dropped"
                 ),
             )
-        self.central.save()  # before the checkpoint: a crash from here on can only over-count
+        # In the consortium ledger before the checkpoint: nobody receives the aggregate before that
+        self.central.record_release(r, phase, [str(m.content["status"]["site"]) for m in good])
         eps, delta = self.central.epsilon()
         std = self.central.noise_std(len(good))
         append_jsonl(
@@ -475,6 +491,7 @@ class Federation:
         self, state: RunState, r: int, phase: str, m: Message, good: list[Message]
     ) -> None:
         node = m.metadata.src_node_id
+        self._answered_nodes.add(node)
         if m.has_error():
             self._mark(
                 state, self._site_of(state, node), node, "dropped", r, f"error: {m.error.reason}"
@@ -505,6 +522,7 @@ class Federation:
     def run_rounds(self) -> Path | None:
         """Run (or resume) all rounds; returns the final checkpoint, or None if the run had to stop early."""
         state, ae, unet = self._resume_or_start()
+        self.central.run_id = state.run_id
         self._write_record(state)
         wait_for_sites(self.grid, self.run.min_sites, self.run.round_timeout)
         strategy, strategy_phase = None, None
@@ -513,6 +531,7 @@ class Federation:
             self.say("all rounds already done")
         for r in range(state.completed_round + 1, self.run.num_server_rounds + 1):
             phase = self.run.phase(r)
+            self._note_disconnected(state, r)
             if (
                 phase != strategy_phase
             ):  # a fresh strategy per phase: server optimiser state is per component
@@ -524,11 +543,7 @@ class Federation:
                 self._phase_nodes = self._active_nodes(state)
                 if self.central.enabled and len(self._phase_nodes) >= self.run.min_sites:
                     # Flower's DP wrapper, for this phase's sites; the accountant is the run's, shared by all phases
-                    strategy = self.central.wrap(
-                        strategy,
-                        len(self._phase_nodes),
-                        population=len(list(self.grid.get_node_ids())),
-                    )
+                    strategy = self.central.wrap(strategy, len(self._phase_nodes))
                 if phase == "diffusion":
                     state.latent_scale = estimate_latent_scale(
                         self._ae(ae), public_phantoms(self.cfg, 48)[0]

@@ -65,13 +65,9 @@ def test_central_dp_with_sample_level_dp_over_tls(tmp_path):
         site = privacy["sample_level"][s]
         assert "formal sample-level DP" in site["protection"] and 0 < float(site["epsilon"]) <= 8.0
     client = privacy["client_level"]
-    assert (
-        client["protection"].startswith("client-level DP")
-        and client["accountant"] == "flwr RdpAccountant"
-    )
-    assert (
-        client["rounds"] == 2 and client["sites"] == 2 and client["delta"] == pytest.approx(1 / 20)
-    )
+    assert client["protection"].startswith("client-level DP, replace-one")
+    assert client["neighboring_relation"] == "replace-one"
+    assert client["rounds"] == 2 and client["sites"] == 2 and client["delta"] == pytest.approx(1e-5)
     assert math.isfinite(client["epsilon"]) and client["epsilon"] > 0
     assert client["noise_std_on_aggregate"] == pytest.approx(1.0 * 0.1 / 2)
 
@@ -91,7 +87,11 @@ def test_central_dp_with_sample_level_dp_over_tls(tmp_path):
         (2, "site-1"),
     ]
     assert any("client-level epsilon so far" in line for line in lines)
-    assert (run_dir / "central_dp_accountant.json").exists()
+    assert client["ledger"] == str(tmp_path / "central_dp_ledger.sqlite")
+    assert client["releases_in_ledger"] == 2 and set(client["epsilon_per_site"]) == {
+        "site-0",
+        "site-1",
+    }
     # A tiny model's update after a round of DP-SGD is longer than 0.1 (about 0.25 for the autoencoder, 0.4 for the
     # UNet): the sites' mod clipped it, so the server, which re-checks every update, never had to.
     assert not any("clipped at the server" in line for line in lines)

@@ -1,5 +1,6 @@
-"""Central (client-level) DP: update clipping at the sites, Gaussian noise on the aggregate at the server, and
-Flower's RdpAccountant over the whole run (both phases, across a resume).
+"""Central (client-level) DP: exact update clipping at the sites and the server, Gaussian noise on the aggregate,
+replace-one accounting (sensitivity 2C) in the consortium's ledger over every run (both phases, across a resume,
+across runs).
 
 The Federation is driven through a fake Grid whose "sites" answer in-process through the real ClientApp mod, so
 the server's rounds, phase switch, records and resume run for real without a deployment (the TLS deployment is
@@ -20,18 +21,18 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.privacy_accounting import (
-    GaussianPrivacyEvent,
-    NeighboringRelation,
-    PrivacyConfig,
-    SamplingMethod,
-)
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import central_dp_clipping_mod
 from common.config import RunConfig
-from server.central_dp import ACCOUNTANT_FILE, CentralDP, SitesGrid, sample_level, update_norm
+from server.central_dp import (
+    LEDGER_FILE,
+    CentralDP,
+    CentralDPLedger,
+    SitesGrid,
+    sample_level,
+    update_norm,
+)
 from server.training import Federation, make_strategy
 
 
@@ -199,7 +200,7 @@ def test_aggregate_noise_std_is_noise_multiplier_times_clipping_norm_over_sites(
         central_dp_clipping_norm=c,
     )
     central = CentralDP(run, tmp_path)
-    strategy = central.wrap(make_strategy(run), n, population=n)
+    strategy = central.wrap(make_strategy(run), n)
     glob = _arrays({"w": np.zeros((200, 250)), "b": np.zeros(1000)})
     grid = FakeGrid(n)
     messages = list(
@@ -221,7 +222,6 @@ def test_aggregate_noise_std_is_noise_multiplier_times_clipping_norm_over_sites(
         sigma * c / n, rel=0.02
     )  # 51k samples: the estimate is within ~0.6 %
     assert central.noise_std(n) == pytest.approx(sigma * c / n)
-    assert central.releases == 1
 
 
 # ---- accounting over the run --------------------------------------------------------------------------------------
@@ -233,20 +233,10 @@ def _independent_epsilon(sigma: float, rounds: int, delta: float) -> float:
     return acc.get_epsilon(delta)
 
 
-def _flower_epsilon(sigma: float, rounds: int, delta: float, sites: int) -> float:
-    acc = RdpAccountant(
-        PrivacyConfig(
-            target_delta=delta,
-            population_size=sites,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-        )
-    )
-    for _ in range(rounds):
-        acc.compose(
-            GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=sites, population_size=sites)
-        )
-    return acc.get_privacy_spent().epsilon
+def _replace_one_epsilon(sigma: float, rounds: int, delta: float) -> float:
+    """Replace-one: two clipped updates differ by up to 2C, the noise std is sigma x C: the Gaussian mechanism
+    with multiplier sigma / 2."""
+    return _independent_epsilon(sigma / 2, rounds, delta)
 
 
 def _run(tmp_path, rounds: int, ae_rounds: int = 1, **kw) -> RunConfig:
@@ -271,14 +261,14 @@ def _records(run_dir):
     return privacy, metrics, json.loads((run_dir / "run.json").read_text())
 
 
-def test_client_level_epsilon_over_both_phases_and_a_resume_matches_flowers_accountant(tmp_path):
+def test_client_level_epsilon_over_both_phases_and_a_resume_is_replace_one(tmp_path):
     sigma, n = 2.0, 3
     run = _run(tmp_path, rounds=3)  # 1 autoencoder round, 2 diffusion rounds
     grid = FakeGrid(n)
     assert Federation(grid, run).run_rounds() is not None
     run_dir = tmp_path / "run"
     privacy, metrics, record = _records(run_dir)
-    delta = 1 / (10 * n)
+    delta = 1e-5  # min(1e-5, 1 / (10 x sites))
     agg = [m for m in metrics if m["status"] == "aggregated"]
     assert [m["round"] for m in agg] == [1, 2, 3] and [m["phase"] for m in agg] == [
         "autoencoder",
@@ -288,14 +278,12 @@ def test_client_level_epsilon_over_both_phases_and_a_resume_matches_flowers_acco
     eps = [m["client-level-epsilon"] for m in agg]
     assert eps[0] < eps[1] < eps[2]  # grows every round, across the phase switch too
     for r, e in enumerate(eps, 1):
-        assert e == pytest.approx(_flower_epsilon(sigma, r, delta, n), rel=1e-9)
-        assert e == pytest.approx(_independent_epsilon(sigma, r, delta), rel=1e-9)
+        assert e == pytest.approx(_replace_one_epsilon(sigma, r, delta), rel=1e-9)
     assert all(m["central-dp-noise-std"] == pytest.approx(sigma * 0.5 / n) for m in agg)
 
     cl = privacy["client_level"]
-    assert (
-        cl["protection"].startswith("client-level DP") and cl["accountant"] == "flwr RdpAccountant"
-    )
+    assert cl["protection"].startswith("client-level DP, replace-one")
+    assert cl["neighboring_relation"] == "replace-one" and cl["accounted_noise_multiplier"] == 1.0
     assert cl["epsilon"] == pytest.approx(eps[-1]) and cl["delta"] == pytest.approx(delta)
     assert (
         cl["rounds"] == 3
@@ -303,16 +291,20 @@ def test_client_level_epsilon_over_both_phases_and_a_resume_matches_flowers_acco
         and cl["noise_multiplier"] == sigma
         and cl["clipping_norm"] == 0.5
     )
-    assert (
-        math.isfinite(cl["epsilon_at_delta_1e-05"]) and cl["epsilon_at_delta_1e-05"] > cl["epsilon"]
-    )
+    assert cl["epsilon_at_delta_1e-05"] == pytest.approx(cl["epsilon"])
+    assert cl["epsilon_this_run"] == pytest.approx(cl["epsilon"])
+    assert cl["epsilon_per_site"] == {
+        s: pytest.approx(eps[-1]) for s in ("site-0", "site-1", "site-2")
+    }
     assert set(privacy["sample_level"]) == {"site-0", "site-1", "site-2"}
     assert sample_level(privacy) == privacy["sample_level"]
     assert record["central_dp"]["epsilon"] == pytest.approx(eps[-1])
     # every site's update reached the server clipped
     assert all(m.content["config"]["clipping_norm"] == 0.5 for m in grid.seen)
-    state = json.loads((run_dir / ACCOUNTANT_FILE).read_text())
-    assert sum(c["count"] for c in state["compositions"]) == 3
+    releases = CentralDPLedger(tmp_path / LEDGER_FILE).releases()
+    assert [(r["server_round"], r["sites"]) for r in releases] == [
+        (i, ["site-0", "site-1", "site-2"]) for i in (1, 2, 3)
+    ]
 
     # Resume with two more rounds: the accountant picks up where it was (a fresh one would restart at 1 release).
     more = _run(tmp_path, rounds=5)
@@ -322,7 +314,7 @@ def test_client_level_epsilon_over_both_phases_and_a_resume_matches_flowers_acco
     assert [m["round"] for m in agg] == [1, 2, 3, 4, 5]
     assert privacy["client_level"]["rounds"] == 5
     assert privacy["client_level"]["epsilon"] == pytest.approx(
-        _flower_epsilon(sigma, 5, delta, n), rel=1e-9
+        _replace_one_epsilon(sigma, 5, delta), rel=1e-9
     )
     assert agg[3]["client-level-epsilon"] > agg[2]["client-level-epsilon"]
 
@@ -339,7 +331,7 @@ def test_central_dp_off_is_labelled_none_and_weights_by_examples(tmp_path):
     assert set(privacy["sample_level"]) == {"site-0", "site-1"}
     assert not any(m["status"] == "aggregated" for m in metrics)
     assert all("clipping_norm" not in m.content["config"] for m in grid.seen)
-    assert not (tmp_path / "run" / ACCOUNTANT_FILE).exists()
+    assert not (tmp_path / LEDGER_FILE).exists()
 
 
 def test_a_site_that_refuses_stops_a_central_dp_run_without_a_release(tmp_path):
@@ -353,8 +345,8 @@ def test_a_site_that_refuses_stops_a_central_dp_run_without_a_release(tmp_path):
 
 
 def test_max_epsilon_stops_before_the_release_that_would_pass_it(tmp_path):
-    one = _flower_epsilon(2.0, 1, 1 / 30, 3)
-    two = _flower_epsilon(2.0, 2, 1 / 30, 3)
+    one = _replace_one_epsilon(2.0, 1, 1e-5)
+    two = _replace_one_epsilon(2.0, 2, 1e-5)
     run = _run(tmp_path, rounds=3, central_dp_max_epsilon=(one + two) / 2)
     assert Federation(FakeGrid(3), run).run_rounds() is None
     privacy, _, record = _records(tmp_path / "run")
@@ -440,3 +432,74 @@ def test_audit_report_carries_the_client_level_label_from_the_run_record(tmp_pat
     assert sample_level({"a": {"epsilon": 1.0}}) == {
         "a": {"epsilon": 1.0}
     }  # a privacy.json from before
+
+
+# ---- attacks on the client-level claim (issue 9, item 7) ----------------------------------------------------------
+def test_server_clips_an_update_just_above_the_norm(tmp_path):
+    """A site that does not clip sends an update of norm C(1 + 5e-5): it must not pass unclipped."""
+    c = 0.5
+    run = RunConfig(central_dp="client-side-fixed", central_dp_clipping_norm=c)
+    rng = np.random.default_rng(3)
+    glob = _arrays({"w": rng.normal(size=(40, 30)), "b": rng.normal(size=30)})
+    g = glob.to_numpy_ndarrays()
+    step = [rng.normal(size=a.shape) for a in g]
+    scale = c * (1 + 5e-5) / math.sqrt(sum(float((s**2).sum()) for s in step))
+    new = _arrays({k: a + s * scale for k, a, s in zip(glob.keys(), g, step, strict=True)})
+    reply = _reply(_train_msg(glob, {}), new)
+    sent_norm = update_norm(reply.content["arrays"].to_numpy_ndarrays(), g)
+    assert c < sent_norm < c * (1 + 1e-4)
+    CentralDP(run, tmp_path / "run").prepare_replies([reply], glob)
+    assert update_norm(reply.content["arrays"].to_numpy_ndarrays(), g) <= c
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_site_clipping_is_exact(seed):
+    """After the site's mod the update's norm is <= C exactly, as the server measures it (no float slack)."""
+    rng = np.random.default_rng(seed)
+    c = float(rng.uniform(0.05, 2.0))
+    glob = {"w": rng.normal(size=(64, 33)) * 10, "b": rng.normal(size=7)}
+    new = {k: v + rng.normal(size=v.shape) * rng.uniform(0.01, 5) for k, v in glob.items()}
+    out = central_dp_clipping_mod(
+        _train_msg(_arrays(glob), {"clipping_norm": c}), None, lambda m, x: _reply(m, _arrays(new))
+    )
+    assert (
+        update_norm(out.content["arrays"].to_numpy_ndarrays(), _arrays(glob).to_numpy_ndarrays())
+        <= c
+    )
+
+
+def test_a_second_run_of_the_consortium_keeps_counting(tmp_path):
+    """A new run (new run-dir, new run id) on the same consortium starts from what the first spent, not from 0."""
+    first = RunConfig(**{**_run(tmp_path, rounds=2).__dict__, "run_dir": str(tmp_path / "run-1")})
+    second = RunConfig(**{**first.__dict__, "run_dir": str(tmp_path / "run-2")})
+    assert Federation(FakeGrid(3), first).run_rounds() is not None
+    eps_1 = json.loads((tmp_path / "run-1" / "privacy.json").read_text())["client_level"]["epsilon"]
+    assert Federation(FakeGrid(3, seed=1), second).run_rounds() is not None
+    privacy, metrics, record = _records(tmp_path / "run-2")
+    cl = privacy["client_level"]
+    assert record["run_id"] != json.loads((tmp_path / "run-1" / "run.json").read_text())["run_id"]
+    agg = [m for m in metrics if m["status"] == "aggregated"]
+    assert (
+        agg[0]["client-level-epsilon"] > eps_1
+    )  # the second run's first release adds to the first run's
+    assert cl["epsilon"] > eps_1 and cl["rounds"] == 2
+    assert cl["epsilon"] == pytest.approx(_independent_epsilon(1.0, 4, cl["delta"]), rel=1e-9)
+    assert cl["epsilon_this_run"] == pytest.approx(eps_1, rel=1e-9)
+
+
+def test_the_claim_is_replace_one_because_the_sites_are_public(tmp_path):
+    """run.json names every site, so "whether a site took part" is public: an add/remove-one claim protects
+    nothing. The claim must be replace-one and its epsilon accounted with sensitivity 2C (multiplier sigma / 2)."""
+    sigma = 2.0
+    assert Federation(FakeGrid(3), _run(tmp_path, rounds=2)).run_rounds() is not None
+    privacy, _, record = _records(tmp_path / "run")
+    assert set(record["sites"]) == {"site-0", "site-1", "site-2"}  # public
+    cl = privacy["client_level"]
+    assert (
+        "replace-one" in cl["protection"]
+        and "whether a whole site participated" not in cl["protection"]
+    )
+    assert cl["epsilon"] == pytest.approx(_independent_epsilon(sigma / 2, 2, cl["delta"]), rel=1e-9)
+    assert cl["epsilon"] > _independent_epsilon(
+        sigma, 2, cl["delta"]
+    )  # the add/remove figure under-counts

@@ -1,5 +1,7 @@
 """Resuming a FedAdam run continues the same server optimiser: its moments travel in the checkpoint."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -66,3 +68,23 @@ def test_a_resumed_fedadam_run_equals_an_uninterrupted_one(tmp_path):
     ).run_rounds()
     c = load_checkpoint(forgot)["unet"]
     assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+
+
+class LeavingGrid(FakeGrid):
+    """Node 3's SuperNode disconnects after round 1: the Grid stops offering it."""
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = super().send_and_receive(messages, timeout)
+        if 3 in self.nodes:
+            self.nodes.remove(3)
+        return replies
+
+
+def test_a_site_whose_supernode_disconnects_is_recorded_as_dropped(tmp_path):
+    run = RunConfig(**{**_run(tmp_path / "run", 3).__dict__, "strategy": "fedavg"})
+    assert Federation(LeavingGrid(3, step_norm=0.5), run).run_rounds() is not None
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "completed"
+    gone = record["sites"]["site-2"]
+    assert gone["status"] == "dropped" and gone["round"] == 2 and "disconnected" in gone["reason"]
+    assert {record["sites"][s]["status"] for s in ("site-0", "site-1")} == {"active"}
