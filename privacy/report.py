@@ -118,7 +118,7 @@ def _roc_plot(sites: dict) -> str:
             ylim=(0, 1.02),
             xlabel="false positive rate",
             ylabel="true positive rate",
-            title=f"{kind.replace('_', '-')} membership inference (TPR at fixed FPR points)",
+            title=f"{kind.replace('_', '-')} attack: TPR at fixed FPR points",
         )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, title="site: AUC, members / non-members", title_fontsize=7)
@@ -140,7 +140,7 @@ def _epsilon_plot(sites: dict) -> str:
     ax.set_xticks(x, [_txt(n)[:24] for n in names], fontsize=8)
     ax.set_ylabel("epsilon")
     ax.set_title("claimed epsilon vs empirical lower bound (the bound must stay below the claim)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
 
 
@@ -162,22 +162,28 @@ def _hist_plot(name: str, mem: dict) -> str | None:
         if not h:
             ax.axis("off")
             continue
+        parts = []
         for key, label in HIST_KINDS:
             part = h.get(key)
             if isinstance(part, dict):  # 1.2: {edges, counts} per kind (an open last edge is null)
-                edges = [finite(e) for e in part["edges"]]
-                counts = np.asarray(part["counts"], float)
-            else:  # 1.0 / 1.1: shared edges
-                edges, counts = [finite(e) for e in h["edges"]], np.asarray(part or [], float)
-            if not len(counts):
-                continue
-            top = max(e for e in edges if e is not None)
-            e = np.asarray([top * 1.2 if v is None else v for v in edges])
-            density = counts / max(counts.sum(), 1) / np.maximum(np.diff(e), 1e-12)
-            ax.stairs(density, e, label=f"{label}, n={int(counts.sum())}")
+                parts.append((label, [finite(e) for e in part["edges"]], part["counts"]))
+            elif part:  # 1.0 / 1.1: shared edges
+                parts.append((label, [finite(e) for e in h["edges"]], part))
+        finite_edges = [e for _, edges, _ in parts for e in edges if e is not None]
+        top = max(
+            max(finite_edges, default=0.0) * 1.5, 0.1
+        )  # where an open last bin is drawn to end
+        for label, edges, counts in parts:
+            e = np.asarray([top if v is None else min(v, top) for v in edges])
+            c = np.asarray(counts, float)
+            density = c / max(c.sum(), 1) / np.maximum(np.diff(e), 1e-9)
+            ax.stairs(density, e, label=f"{label}, n={int(c.sum())}")
         ax.set(
-            title=_txt(f"{name}: {space}-space distances"), xlabel="RMS distance", ylabel="density"
+            title=_txt(f"{name}: {space}-space distances"),
+            xlabel=f"RMS distance (bins of >= {h.get('min_count', 1)} values; last one open)",
+            ylabel="density",
         )
+        ax.xaxis.label.set_size(8)
         ax.legend(fontsize=6)
     return _png(fig)
 
@@ -356,7 +362,7 @@ def _worst_rows(audit: dict, *, where: bool) -> list[list]:
             row.append(
                 ", ".join(f"{k} {w[k]}" for k in ("site", "class", "attack", "space") if k in w)
             )
-        rows.append(row + [fmt_number(THRESHOLDS.get(key))])
+        rows.append(row + [fmt_number(THRESHOLDS[key]) if key in THRESHOLDS else "none"])
     return rows
 
 
@@ -470,12 +476,13 @@ def render_partner_report(
         ]
         for r in gate.get("rules") or []
     ]
+    judged = next((r for r in gate.get("rules") or [] if r.get("rule") == "audit_verdict"), {})
     return _ENV.get_template("partner_report.html.j2").render(
         **_common(audit, source_sha256),
         gate_passed=bool(gate.get("passed")),
+        released_verdict=str(judged.get("measured") or audit["verdict"]["status"]),
         rules=rules,
         claims=claims,
-        worst_rows=_worst_rows(audit, where=False),
         withheld_count=int(withheld_count),
         n_released=fmt_number(n_released),
         sample_grid=grid,
