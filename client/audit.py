@@ -27,7 +27,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from client.task import configure_compute, load_training_data, open_ledger, privacy_summary
+from client.task import configure_compute, load_training_data, open_ledger, run_privacy_claim
 from common.config import ModelConfig, SiteConfig
 from common.model import (
     build_autoencoder,
@@ -187,15 +187,20 @@ def audit_site(
     ae_state: dict,
     unet_state: dict,
     latent_scale: float,
+    run_id: str = "",
 ) -> dict[str, Any]:
-    """Everything the site computes about a candidate cohort; the result holds aggregates only."""
+    """Everything the site computes about a candidate cohort; the result holds aggregates only.
+
+    The claimed privacy is that of run `run_id`'s patients (client/task.py run_privacy_claim): "none" when the
+    site's ledger has no entry for the run. Non-members are the persisted hold-out, never trained on."""
     device = configure_compute(site)
-    train, holdout = load_training_data(site, cfg)
+    ledger = open_ledger(site)
+    train, holdout = load_training_data(site, cfg, ledger)
     if len(train) < 2 or len(holdout) < 2:
         raise ValueError(
             f"site {site.name}: needs >= 2 training and >= 2 hold-out patients to audit"
         )
-    privacy = privacy_summary(site, open_ledger(site, train), train, None)
+    privacy = run_privacy_claim(site, ledger, run_id)
     delta = float(privacy["delta"])
     log.info(
         "site %s: auditing %d synthetic images against %d members and %d non-members",

@@ -15,6 +15,7 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MessageType,
     MetricRecord,
@@ -66,6 +67,7 @@ def central_dp_clipping_mod(msg: Message, context: Context, call_next) -> Messag
     return reply
 
 
+AUDIT_REFUSED = 403  # error code of an audit the site declined (the reason says why)
 app = ClientApp(mods=[central_dp_clipping_mod])
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower HTTP poll otherwise
@@ -99,11 +101,24 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query("audit")
 def audit(msg: Message, context: Context) -> Message:
-    """Audit a candidate cohort against this site's members and hold-out; reply with aggregates only."""
+    """Audit a candidate cohort against this site's members and hold-out; reply with aggregates only.
+
+    Only for a run this site trained in, at most max-audits-per-run times (client/audit_admission.py); a refusal
+    is an error reply whose reason the server records."""
     from client.audit import audit_site  # the audit stack loads only when an audit is asked for
+    from client.audit_admission import admit
 
     site = SiteConfig.from_flwr(context.node_config)
     config = msg.content["config"]
+    ok, reason = admit(
+        site,
+        str(config.get("run-id", "")),
+        str(config.get("checkpoint-sha256", "")),
+        str(config.get("cohort-manifest-sha256", "")),
+    )
+    if not ok:
+        logging.getLogger("fedsynth.site").warning("%s", reason)
+        return Message(error=Error(code=AUDIT_REFUSED, reason=reason), reply_to=msg)
     cohort = msg.content["cohort"]
     result = audit_site(
         site,
@@ -116,6 +131,7 @@ def audit(msg: Message, context: Context) -> Message:
         ae_state=msg.content["autoencoder"].to_torch_state_dict(),
         unet_state=msg.content["unet"].to_torch_state_dict(),
         latent_scale=float(config["latent-scale"]),
+        run_id=str(config["run-id"]),
     )
     return Message(
         content=RecordDict(

@@ -8,7 +8,6 @@ records with Poisson sampling, so a step's sampling rate is a patient's probabil
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -17,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from common.config import ModelConfig, SiteConfig, model_config
 from common.model import (
@@ -28,10 +27,16 @@ from common.model import (
     diffusion_loss,
     encode,
 )
-from common.site import SiteData, load_site, split_site
-from privacy.accounting import MechanismStep, calibrate_noise_multiplier, default_delta
-from privacy.dp import batch_loss, make_private
-from privacy.ledger import PrivacyLedger
+from common.site import SiteData, assign_holdout, load_site, split_by_assignment
+from privacy.accounting import (
+    MechanismStep,
+    calibrate_noise_multiplier,
+    default_delta,
+    epsilon_for,
+)
+from privacy.dp import batch_loss, make_private, sample_rate_of
+from privacy.ledger import LEDGER_FILENAME, NO_DP, PrivacyLedger
+from privacy.sampling import patient_loader
 
 log = logging.getLogger("fedsynth.site")
 
@@ -113,8 +118,14 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_training_data(site: SiteConfig, cfg: ModelConfig) -> tuple[SiteData, SiteData]:
-    """The site's records split by patient into (train, audit hold-out); the hold-out is never trained on."""
+def load_training_data(
+    site: SiteConfig, cfg: ModelConfig, ledger: PrivacyLedger | None = None
+) -> tuple[SiteData, SiteData]:
+    """The site's records split by PATIENT into (train, audit hold-out); the hold-out is never trained on.
+
+    Each patient's side is decided once, when the patient first appears, and persisted in the privacy ledger:
+    a later change of `holdout-fraction` only affects new patients, so a patient once trained on is never a
+    non-member later."""
     data = load_site(
         site.site_dir,
         class_names=cfg.class_names,
@@ -123,65 +134,87 @@ def load_training_data(site: SiteConfig, cfg: ModelConfig) -> tuple[SiteData, Si
     )
     for problem in data.problems:
         log.warning("site %s: %s", site.name, problem)
-    return split_site(data, holdout_fraction=site.holdout_fraction)
+    ledger = ledger or open_ledger(site)
+    known = ledger.assignments()
+    side = assign_holdout(data, site.holdout_fraction, known=known)
+    trained = ledger.trained_patients()
+    if any(
+        side[p] == "holdout" for p in trained if p in side
+    ):  # only a hand-edited ledger gets here
+        raise ValueError(
+            f"{ledger.path}: a patient trained on is assigned to the hold-out; refusing"
+        )
+    ledger.assign({p: s for p, s in side.items() if p not in known}, site.holdout_fraction)
+    return split_by_assignment(data, side)
 
 
-def dataset_fingerprint(site: SiteConfig, train: SiteData) -> str:
-    """Privacy spend is keyed by the patients trained on, so a new run on the same data keeps counting."""
-    h = hashlib.sha256(site.name.encode())
-    for sid in sorted(train.subject_ids):
-        h.update(b"\0" + sid.encode())
-    return h.hexdigest()
+def accounting_delta(site: SiteConfig, ledger: PrivacyLedger, n_patients: int) -> float:
+    """The site's delta (configured, or the default for its patient count), never larger than one it already
+    planned a round at: with the default, patients joining or leaving would otherwise move delta and with it the
+    epsilon of past spend, and a budget spent at one delta could be spent again at a looser one."""
+    delta = site.delta or default_delta(max(1, n_patients))
+    before = ledger.min_delta()
+    return delta if before is None else min(delta, before)
 
 
-def open_ledger(site: SiteConfig, train: SiteData) -> PrivacyLedger:
+def open_ledger(site: SiteConfig) -> PrivacyLedger:
+    """The site's ledger (keyed by nothing but the site's state folder: renaming the site keeps its history)."""
     site.state_path.mkdir(parents=True, exist_ok=True)
-    return PrivacyLedger(
-        site.state_path / "privacy_ledger.sqlite", dataset_fingerprint(site, train)
-    )
+    return PrivacyLedger(site.state_path / LEDGER_FILENAME)
 
 
-def steps_per_round(n_records: int, plan: RoundPlan) -> tuple[float, int]:
-    """Sampling rate and DP-SGD steps of one local round (Opacus: q = 1 / ceil(N / B), ceil(N / B) steps/epoch)."""
-    batches = max(1, math.ceil(n_records / plan.batch_size))
+def steps_per_round(n_patients: int, plan: RoundPlan) -> tuple[float, int]:
+    """Patient sampling rate and DP-SGD steps of one local round: q = 1 / ceil(P / B), ceil(P / B) steps/epoch,
+    run exactly (privacy/sampling.py), so the mechanism run is the one the ledger records."""
+    batches = max(1, math.ceil(n_patients / plan.batch_size))
     return 1.0 / batches, batches * plan.local_epochs
 
 
 def plan_privacy(
-    site: SiteConfig, ledger: PrivacyLedger, n_records: int, plan: RoundPlan
+    site: SiteConfig, ledger: PrivacyLedger, train: SiteData, plan: RoundPlan
 ) -> tuple[DPPlan | None, str]:
-    """Calibrate this round's noise so the whole remaining run fits the site's budget, given all past spend.
+    """Calibrate this round's noise so the whole remaining run fits the budget of EVERY patient in it, given each
+    one's past spend (the worst patient decides), and refuse a round that would take any patient past it.
 
     Returns (plan, "") or (None, reason to refuse).
     """
-    q, steps = steps_per_round(n_records, plan)
-    delta = site.delta or default_delta(n_records)
+    patients = train.patients
+    q, steps = steps_per_round(len(patients), plan)
+    delta = accounting_delta(site, ledger, len(patients))
     if not site.dp:
         return DPPlan(
             False, 0.0, q, steps, site.max_grad_norm, delta, "none", 0.0, math.inf, math.inf
         ), ""
-    prior = ledger.history()
+    histories = ledger.histories(patients)
+    worst_now = max(epsilon_for(h, delta, site.accountant) for h in histories)
     eps_now = ledger.epsilon(delta, site.accountant)
-    remaining = MechanismStep(
-        noise_multiplier=1.0, sample_rate=q, steps=steps * plan.remaining_rounds
-    )
+    if math.isinf(worst_now):
+        return None, (
+            "privacy budget: patients in this round were already trained without DP (or with no finite "
+            "guarantee), so no DP claim can be made for them; train them only with dp=false, or remove them"
+        )
+    remaining_steps = steps * plan.remaining_rounds
     try:
-        sigma = calibrate_noise_multiplier(
-            site.epsilon,
-            delta,
-            q,
-            remaining.steps,
-            accountant=site.accountant,
-            prior=prior,
-            max_noise=site.max_noise_multiplier,
+        sigma = max(
+            calibrate_noise_multiplier(
+                site.epsilon,
+                delta,
+                q,
+                remaining_steps,
+                accountant=site.accountant,
+                prior=h,
+                max_noise=site.max_noise_multiplier,
+            )
+            for h in histories
         )
     except ValueError as err:
         return (
             None,
-            f"privacy budget: {err} (spent epsilon={eps_now:.3f} of {site.epsilon} at delta={delta:.2e})",
+            f"privacy budget: {err} (worst patient in this round has spent epsilon={worst_now:.3f} of "
+            f"{site.epsilon} at delta={delta:.2e})",
         )
     this_round = [MechanismStep(noise_multiplier=sigma, sample_rate=q, steps=steps)]
-    decision = ledger.check_budget(this_round, site.epsilon, delta, site.accountant)
+    decision = ledger.check_budget(this_round, patients, site.epsilon, delta, site.accountant)
     if not decision.allowed:
         return None, decision.reason
     return (
@@ -209,14 +242,21 @@ def _train_loop(
     loss_fn: Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor],
     device: torch.device,
     grad_sample_mode: str = "bookkeeping",
+    groups: list[list[int]] | None = None,
 ) -> dict[str, float]:
-    """Local DP-SGD (Opacus, Poisson sampling) for `plan.local_epochs` epochs; returns mean loss and step count.
+    """Local DP-SGD (Opacus, Poisson sampling of patients) for `plan.local_epochs` epochs; returns mean loss and
+    step count. `groups`: each patient's record indices (default: one record per patient); a sampled patient
+    contributes one of its records, chosen at random.
 
     `grad_sample_mode`: how the clipped per-sample gradients are computed (privacy/dp.py make_private)."""
     module.to(device).train()
     global_params = [p.detach().clone() for p in module.parameters()]
     optimizer = torch.optim.Adam(module.parameters(), lr=plan.lr)
-    loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=True)
+    groups = groups or [[i] for i in range(len(dataset))]
+    if dp.steps % plan.local_epochs:
+        raise ValueError(f"planned {dp.steps} steps do not split into {plan.local_epochs} epochs")
+    # exactly the planned rate and steps (Opacus' own loader can run one step fewer than it was asked for)
+    loader = patient_loader(dataset, groups, dp.sample_rate, dp.steps // plan.local_epochs)
     generator = torch.Generator().manual_seed(plan.seed * 100_003 + plan.server_round)
     if dp.enabled:
         module, optimizer, loader = make_private(
@@ -227,9 +267,10 @@ def _train_loop(
             max_grad_norm=dp.max_grad_norm,
             grad_sample_mode=grad_sample_mode,
         )
-        if abs(loader.sample_rate - dp.sample_rate) > 1e-12:
+        if sample_rate_of(loader) != dp.sample_rate or len(loader) != dp.steps // plan.local_epochs:
             raise RuntimeError(
-                f"Opacus sample rate {loader.sample_rate} differs from the planned {dp.sample_rate}"
+                f"the private loader samples at {sample_rate_of(loader)} for {len(loader)} steps per epoch, "
+                f"not the planned and recorded {dp.sample_rate} for {dp.steps // plan.local_epochs}"
             )
     losses, steps = [], 0
     for _ in range(plan.local_epochs):
@@ -254,7 +295,7 @@ def _train_loop(
                     for p, g in zip(module.parameters(), global_params, strict=False):
                         p.sub_(plan.lr * plan.proximal_mu * (p - g))
             steps += 1
-    if dp.enabled and steps != dp.steps:
+    if steps != dp.steps:
         raise RuntimeError(f"ran {steps} DP-SGD steps but planned and recorded {dp.steps}")
     del generator
     return {"loss": sum(losses) / max(1, len(losses)), "steps": float(steps)}
@@ -287,27 +328,30 @@ def run_training_round(
     cfg = model_config(plan.preset)
     device = configure_compute(site)
     torch.manual_seed(plan.seed * 1_000_003 + plan.server_round)
-    train, holdout = load_training_data(site, cfg)
-    ledger = open_ledger(site, train)
-    dp, reason = plan_privacy(site, ledger, len(train), plan)
+    ledger = open_ledger(site)
+    train, holdout = load_training_data(site, cfg, ledger)
+    dp, reason = plan_privacy(site, ledger, train, plan)
     if dp is None:
         log.warning("site %s refuses round %d: %s", site.name, plan.server_round, reason)
         return RoundResult(
             site.name, refused=reason, privacy=privacy_summary(site, ledger, train, None)
         )
 
-    # The spend is committed before any record touches the mechanism: a crash from here on can only over-count.
-    if dp.enabled:
-        ledger.record(
-            run_id=plan.run_id,
-            server_round=plan.server_round,
-            phase=plan.phase,
-            noise_multiplier=dp.noise_multiplier,
-            sample_rate=dp.sample_rate,
-            steps=dp.steps,
-            clipping_norm=dp.max_grad_norm,
-            accountant=dp.accountant,
-        )
+    # The spend, and which patients it covers, is committed before any record touches the mechanism: a crash
+    # from here on can only over-count. A round without DP is recorded too: its patients lose any guarantee.
+    ledger.record(
+        run_id=plan.run_id,
+        server_round=plan.server_round,
+        phase=plan.phase,
+        noise_multiplier=dp.noise_multiplier if dp.enabled else 0.0,
+        sample_rate=dp.sample_rate,
+        steps=dp.steps,
+        clipping_norm=dp.max_grad_norm,
+        accountant=dp.accountant if dp.enabled else NO_DP,
+        delta=dp.delta,
+        patients=train.patients,
+    )
+    groups = train.records_by_patient()
     images = torch.from_numpy(train.images)
     labels = torch.from_numpy(train.labels)
     if plan.phase == "autoencoder":
@@ -322,6 +366,7 @@ def run_training_round(
             lambda m, b: autoencoder_loss(m, b[0], plan.kl_weight),
             device,
             site.grad_sample_mode,
+            groups,
         )
     else:
         if autoencoder_arrays is None:
@@ -340,7 +385,7 @@ def run_training_round(
             return diffusion_loss(m, scheduler, z, b[2])
 
         dataset = TensorDataset(mu.cpu(), sigma.cpu(), labels)
-        stats = _train_loop(module, dataset, plan, dp, loss, device, site.grad_sample_mode)
+        stats = _train_loop(module, dataset, plan, dp, loss, device, site.grad_sample_mode, groups)
     state = {k: v.detach().cpu() for k, v in _unwrap(module).state_dict().items()}
     seconds = time.time() - t0
     metrics = {
@@ -365,28 +410,81 @@ def run_training_round(
     return RoundResult(site.name, state_dict=state, metrics=metrics, privacy=privacy)
 
 
+def _protection(accountant: str, delta: float) -> str:
+    return (
+        f"formal sample-level DP per patient ({accountant.upper()} accountant, delta={delta:.2e})"
+    )
+
+
 def privacy_summary(
     site: SiteConfig, ledger: PrivacyLedger, train: SiteData, dp: DPPlan | None
 ) -> dict[str, Any]:
-    """What the site reports about its spend: computed from its whole ledger, labelled with the kind of protection."""
-    delta = site.delta or default_delta(len(train))
+    """What the site reports about its spend: the WORST patient's, over every mechanism in its ledger (every
+    patient the site ever trained on, whatever run, name or hold-out fraction), labelled with the protection."""
+    delta = accounting_delta(site, ledger, len(train.patients))
     eps = ledger.epsilon(delta, site.accountant) if site.dp else math.inf
-    history = ledger.history()
-    last = history[-1] if history else None
+    history = max(ledger.histories(), key=lambda h: sum(s.steps for s in h))
+    last = ledger.entries()[-1] if ledger.entries() else None
     return {
         "site": site.name,
-        "protection": (
-            f"formal sample-level DP per patient ({site.accountant.upper()} accountant, delta={delta:.2e})"
-            if site.dp
-            else "none"
-        ),
+        "protection": _protection(site.accountant, delta)
+        if site.dp and math.isfinite(eps)
+        else "none",
         "epsilon": eps,
         "epsilon_budget": site.epsilon,
         "delta": delta,
         "accountant": site.accountant,
-        "noise_multiplier": dp.noise_multiplier if dp else (last.noise_multiplier if last else 0.0),
-        "sample_rate": dp.sample_rate if dp else (last.sample_rate if last else 0.0),
+        "noise_multiplier": dp.noise_multiplier
+        if dp
+        else (last["noise_multiplier"] if last else 0.0),
+        "sample_rate": dp.sample_rate if dp else (last["sample_rate"] if last else 0.0),
         "steps_total": sum(s.steps for s in history),
         "clipping_norm": site.max_grad_norm,
-        "patients_trained_on": len(train),
+        "patients_trained_on": len(train.patients),
+    }
+
+
+def run_privacy_claim(site: SiteConfig, ledger: PrivacyLedger, run_id: str) -> dict[str, Any]:
+    """The privacy claim for a checkpoint of run `run_id`, at audit time: the worst spend of the patients that
+    run trained on, composed over every mechanism they were in up to the run's last one (`epsilon`; their spend
+    to date is `epsilon_to_date`). "none" when the ledger has no entry for the run, or the run trained without
+    DP: never "formal DP, epsilon 0"."""
+    last = ledger.last_mechanism_of(run_id)
+    patients = ledger.patients_of(run_id)
+    base = {"site": site.name, "run_id": str(run_id), "epsilon_budget": site.epsilon}
+    if last is None:
+        delta = accounting_delta(site, ledger, len(ledger.trained_patients()))
+        return {
+            **base,
+            "protection": "none",
+            "epsilon": math.inf,
+            "delta": delta,
+            "accountant": "none",
+            "note": "the site's privacy ledger has no entry for this run",
+        }
+    runs = [m for m in ledger.entries() if m["run_id"] == str(run_id)]
+    delta = ledger.min_delta(
+        up_to=int(last["id"])
+    )  # what the run's last round was planned and claimed at
+    if any(m["accountant"] == NO_DP for m in runs):
+        return {
+            **base,
+            "protection": "none",
+            "epsilon": math.inf,
+            "delta": delta,
+            "accountant": "none",
+            "note": "this run trained without DP at this site",
+        }
+    accountant = runs[-1]["accountant"]
+    return {
+        **base,
+        "protection": _protection(accountant, delta),
+        "epsilon": ledger.epsilon(delta, accountant, patients, up_to=int(last["id"])),
+        "epsilon_to_date": ledger.epsilon(delta, accountant, patients),
+        "delta": delta,
+        "accountant": accountant,
+        "noise_multiplier": float(last["noise_multiplier"]),
+        "sample_rate": float(last["sample_rate"]),
+        "steps_total": sum(int(m["steps"]) for m in runs),
+        "clipping_norm": float(last["clipping_norm"]),
     }

@@ -252,8 +252,15 @@ class SiteConfig:
     # How DP-SGD gets the clipped per-sample gradients; all exact (privacy/dp.py). bookkeeping: fastest here
     # (docs/PERFORMANCE.md); hooks / ghost: Opacus' own, for other layer types or comparison.
     grad_sample_mode: str = "bookkeeping"  # bookkeeping | hooks | ghost
+    # Audits this site answers per run id it trained in (each answer reveals aggregates about its patients).
+    max_audits_per_run: int = 2
+    # One-run audit canaries (client/canaries.py): -1 auto (enough for half the claimed epsilon, at most 40 % of
+    # the patient count so training grows by <= 20 %), 0 none, m > 0 exactly m. Fixed once drawn.
+    canaries: int = -1
 
     def __post_init__(self) -> None:
+        if self.max_audits_per_run < 0:
+            raise ValueError("max-audits-per-run must be >= 0 (0: answer no audit)")
         if not self.site_dir:
             raise ValueError(
                 "node config needs site-dir (the folder with the site's images and labels.csv)"
@@ -262,6 +269,8 @@ class SiteConfig:
             raise ValueError("accountant must be 'rdp' or 'prv'")
         if self.grad_sample_mode not in ("bookkeeping", "hooks", "ghost"):
             raise ValueError("grad-sample-mode must be 'bookkeeping', 'hooks' or 'ghost'")
+        if self.canaries < -1:
+            raise ValueError("canaries must be -1 (auto), 0 (none) or a positive count")
         if self.epsilon <= 0 or self.delta < 0 or self.max_grad_norm <= 0:
             raise ValueError("epsilon and max-grad-norm must be > 0, delta >= 0")
 

@@ -3,8 +3,10 @@
 Convention: images sit in `DIR/images/` if it exists, else in `DIR/` (not recursive; `labels.csv`, `site.json`,
 hidden entries and `masks/` are skipped). A NIfTI file's subject id is its name without `.nii`/`.nii.gz`; a single
 `.dcm` file's is its stem; a sub-folder of DICOM files is one series named by the folder. `labels.csv` has
-`subject_id,class[,site]`. Each patient gives exactly ONE record (the middle axial slice for a 2D model, the
-volume for a 3D one) because privacy is counted per patient.
+`subject_id,class[,patient_id][,site]`. Each scan (subject id) gives exactly ONE record (the middle axial slice for a
+2D model, the volume for a 3D one). The privacy unit is the PATIENT: `patient_id` groups several scans of one
+person (without the column, every scan is its own patient); DP-SGD samples patients and the audit split keeps all of
+a patient's scans on one side.
 
 Bad input never stops the site while something is usable: every problem is a `SiteProblem` naming the file.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import numpy as np
 
 DEFAULT_CLASS_NAMES = ("healthy", "lesion")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+PATIENT_COLUMN = "patient_id"
 SKIP_NAMES = {"labels.csv", "site.json", "masks"}
 
 
@@ -55,9 +58,29 @@ class SiteData:
     shapes: dict[str, tuple[int, ...]] = field(
         default_factory=dict
     )  # subject -> spatial shape, as read
+    patient_ids: list[str] = field(default_factory=list)  # per record; default: the subject id
+
+    def __post_init__(self) -> None:
+        if not self.patient_ids:
+            self.patient_ids = list(self.subject_ids)
+        if len(self.patient_ids) != len(self.subject_ids):
+            raise ValueError("SiteData: one patient id per record")
 
     def __len__(self) -> int:
         return len(self.subject_ids)
+
+    @property
+    def patients(self) -> list[str]:
+        """The distinct patients, sorted: the privacy units."""
+        return sorted(set(self.patient_ids))
+
+    def records_by_patient(self) -> list[list[int]]:
+        """Record indices of each patient, in the order of `patients`."""
+        index = {p: i for i, p in enumerate(self.patients)}
+        groups: list[list[int]] = [[] for _ in index]
+        for r, p in enumerate(self.patient_ids):
+            groups[index[p]].append(r)
+        return groups
 
     def subset(self, idx: Sequence[int]) -> SiteData:
         idx = [int(i) for i in idx]
@@ -70,7 +93,12 @@ class SiteData:
             problems=list(self.problems),
             spacings={s: self.spacings[s] for s in ids if s in self.spacings},
             shapes={s: self.shapes[s] for s in ids if s in self.shapes},
+            patient_ids=[self.patient_ids[i] for i in idx],
         )
+
+    def with_patients(self, patients: set[str]) -> SiteData:
+        """The records of `patients` only."""
+        return self.subset([i for i, p in enumerate(self.patient_ids) if p in patients])
 
 
 # ---- finding files and labels --------------------------------------------------------------------------------
@@ -136,15 +164,20 @@ def find_images(site_dir: Path, problems: list[SiteProblem]) -> tuple[dict[str, 
 
 
 def read_labels(
-    site_dir: Path, class_names: tuple[str, ...], problems: list[SiteProblem]
+    site_dir: Path,
+    class_names: tuple[str, ...],
+    problems: list[SiteProblem],
+    patients: dict[str, str] | None = None,
 ) -> tuple[dict[str, int], set[str]]:
     """(subject id -> class index, ids whose rows were rejected, each with a problem).
 
+    If `patients` is given it is filled with subject id -> patient id: the `patient_id` column where labels.csv has
+    one (an empty cell rejects the row: a scan of unknown patient cannot be counted), else the subject id.
     A missing or malformed labels.csv makes the site unusable (SiteError)."""
     path = site_dir / "labels.csv"
     if not path.is_file():
         raise SiteError(
-            f"{path}: missing; a site needs labels.csv with header subject_id,class[,site]"
+            f"{path}: missing; a site needs labels.csv with header subject_id,class[,patient_id][,site]"
         )
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -163,12 +196,26 @@ def read_labels(
     labels: dict[str, int] = {}
     seen: dict[str, int] = {}
     rejected: set[str] = set()
+    has_patients = PATIENT_COLUMN in header
     for line, row in enumerate(rows, start=2):
         sid, cls = (row.get("subject_id") or "").strip(), (row.get("class") or "").strip()
         if not sid:
             problems.append(SiteProblem(f"{path}:{line}", "empty subject_id; row ignored"))
             continue
         seen[sid] = seen.get(sid, 0) + 1
+        pid = (row.get(PATIENT_COLUMN) or "").strip() if has_patients else sid
+        if not pid:
+            problems.append(
+                SiteProblem(
+                    f"{path}:{line}",
+                    f"empty patient_id for {sid!r}; row ignored (fill it in: a scan of an unknown patient "
+                    "cannot be counted against anyone's privacy budget)",
+                )
+            )
+            rejected.add(sid)
+            continue
+        if patients is not None:
+            patients[sid] = pid
         if cls not in class_names:
             problems.append(
                 SiteProblem(
@@ -303,7 +350,8 @@ def load_site(
     if not site_dir.is_dir():
         raise SiteError(f"{site_dir}: not a folder")
     problems: list[SiteProblem] = []
-    labels, rejected = read_labels(site_dir, class_names, problems)
+    patient_of: dict[str, str] = {}
+    labels, rejected = read_labels(site_dir, class_names, problems, patient_of)
     images, ambiguous = find_images(site_dir, problems)
     for sid in sorted(set(images) - set(labels)):
         why = (
@@ -347,7 +395,11 @@ def load_site(
         problems,
         spacings,
         shapes,
+        patient_ids=[patient_of.get(sid, sid) for sid in ids],
     )
+
+
+HOLDOUT_SALT = "fedsynth-audit-holdout"
 
 
 def _unit_hash(salt: str, sid: str) -> float:
@@ -355,28 +407,59 @@ def _unit_hash(salt: str, sid: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def split_site(
-    data: SiteData, holdout_fraction: float = 0.25, salt: str = "fedsynth-audit-holdout"
-) -> tuple[SiteData, SiteData]:
-    """(train, audit hold-out) by patient.
+def assign_holdout(
+    data: SiteData,
+    holdout_fraction: float = 0.25,
+    known: Mapping[str, str] | None = None,
+    salt: str = HOLDOUT_SALT,
+) -> dict[str, str]:
+    """patient id -> "train" | "holdout" for every patient in `data`, by patient (all of a patient's scans go
+    to one side).
 
-    A patient is held out when hash(salt, subject id) < holdout_fraction, so the split never changes between runs
-    and adding a patient moves nobody else. Per class with two or more patients, if the hash left one side empty,
-    the patient nearest the threshold is moved so both sides have one. The fraction is therefore approximate.
+    A patient in `known` (the sides persisted in the site's privacy ledger) keeps that side, whatever the fraction
+    is now. A new patient is held out when hash(salt, patient id) < holdout_fraction, so adding a patient moves
+    nobody else. Per class (of a patient's first scan) with two or more patients, if one side would be empty, the
+    NEW patient nearest the threshold is moved so both sides have one; known patients never move. The fraction is
+    therefore approximate.
     """
     if not 0 < holdout_fraction < 1:
         raise ValueError(f"holdout_fraction must be between 0 and 1, got {holdout_fraction}")
-    u = np.array([_unit_hash(salt, s) for s in data.subject_ids])
-    held = u < holdout_fraction
-    for c in np.unique(data.labels):
-        members = np.flatnonzero(data.labels == c)
-        if len(members) < 2:
+    known = dict(known or {})
+    cls: dict[str, int] = {}
+    for pid, y in zip(data.patient_ids, data.labels, strict=True):
+        cls.setdefault(pid, int(y))
+    u = {p: _unit_hash(salt, p) for p in cls}
+    side = {
+        p: known.get(p) or ("holdout" if u[p] < holdout_fraction else "train") for p in sorted(cls)
+    }
+    for c in sorted(set(cls.values())):
+        members = [p for p in side if cls[p] == c]
+        movable = [p for p in members if p not in known]
+        if len(members) < 2 or not movable:
             continue
-        if not held[members].any():
-            held[members[np.argmin(u[members])]] = True
-        elif held[members].all():
-            held[members[np.argmax(u[members])]] = False
-    return data.subset(np.flatnonzero(~held)), data.subset(np.flatnonzero(held))
+        if all(side[p] == "train" for p in members):
+            side[min(movable, key=u.get)] = "holdout"
+        elif all(side[p] == "holdout" for p in members):
+            side[max(movable, key=u.get)] = "train"
+    return side
+
+
+def split_by_assignment(data: SiteData, side: Mapping[str, str]) -> tuple[SiteData, SiteData]:
+    """(train, hold-out) records of `data` by each record's patient's side."""
+    train = [i for i, p in enumerate(data.patient_ids) if side[p] == "train"]
+    held = [i for i, p in enumerate(data.patient_ids) if side[p] == "holdout"]
+    return data.subset(train), data.subset(held)
+
+
+def split_site(
+    data: SiteData, holdout_fraction: float = 0.25, salt: str = HOLDOUT_SALT
+) -> tuple[SiteData, SiteData]:
+    """(train, audit hold-out) by patient, for a site with no persisted assignment (see `assign_holdout`).
+
+    Training uses the assignment persisted in the site's privacy ledger (client/task.py), so that a patient once
+    trained on is never a non-member later, whatever the hold-out fraction becomes.
+    """
+    return split_by_assignment(data, assign_holdout(data, holdout_fraction, salt=salt))
 
 
 # ---- the report `fedsynth site check` prints -------------------------------------------------------------------
@@ -387,7 +470,9 @@ class SiteReport:
     site_dir: str
     images_found: int = 0
     labelled_subjects: int = 0
-    usable_subjects: int = 0
+    usable_subjects: int = 0  # scans
+    usable_patients: int = 0  # privacy units
+    patient_ids_from: str = ""  # where the patient of each scan comes from
     train_subjects: int = 0
     holdout_subjects: int = 0
     class_counts: dict[str, int] = field(default_factory=dict)  # usable subjects per class
@@ -412,6 +497,8 @@ class SiteReport:
                 f"  images found: {self.images_found}, labelled subjects: {self.labelled_subjects}",
                 f"  usable subjects: {self.usable_subjects} (train {self.train_subjects}, "
                 f"audit hold-out {self.holdout_subjects})",
+                f"  patients (the privacy unit): {self.usable_patients}; patient ids from "
+                f"{self.patient_ids_from or 'unknown'}",
                 f"  classes: {counts(self.class_counts)}",
                 f"  hold-out classes: {counts(self.holdout_class_counts)}",
                 f"  shapes: {counts(self.shapes)}",
@@ -439,7 +526,15 @@ def check_site(
     try:
         report.images_found = len(find_images(site_dir, [])[0])
         report.labelled_subjects = len(read_labels(site_dir, class_names, [])[0])
-    except (OSError, SiteError):
+        with open(site_dir / "labels.csv", newline="", encoding="utf-8-sig") as f:
+            header = [h.strip() for h in next(csv.reader(f), [])]
+        report.patient_ids_from = (
+            "the patient_id column of labels.csv (scans of one patient are one privacy unit)"
+            if PATIENT_COLUMN in header
+            else "subject_id (labels.csv has no patient_id column: each scan counts as its own patient; "
+            "add the column if a patient has several scans)"
+        )
+    except (OSError, SiteError, UnicodeDecodeError, csv.Error):
         pass  # load_site below reports the same failure as a problem
     try:
         data = load_site(
@@ -454,6 +549,7 @@ def check_site(
         report.problems = [f"{site_dir}: cannot be read ({_reason(err)})"]
         return report
     train, holdout = split_site(data)
+    report.usable_patients = len(data.patients)
     report.usable_subjects, report.train_subjects, report.holdout_subjects = (
         len(data),
         len(train),

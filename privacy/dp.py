@@ -91,7 +91,11 @@ def make_private(
     grad_sample_mode: str = "bookkeeping",
     seed: int | None = None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
-    """Opacus' make_private with Poisson sampling (rate 1 / len(loader)), after checking the preconditions.
+    """Opacus' make_private with Poisson sampling, after checking the preconditions.
+
+    A loader that already draws by Poisson sampling (privacy/sampling.py `patient_loader`: patients, at the
+    planned rate, for exactly the planned steps) is kept as it is; any other is wrapped by Opacus (rate
+    1 / len(loader), which Opacus turns back into int(len(loader)) steps, one short for some lengths).
 
     grad_sample_mode: "bookkeeping" (the default, fastest here), or Opacus' "hooks" or "ghost"; all exact. The
     training loop is the same in every mode: `loss = batch_loss(optimizer, per_sample_losses); loss.backward();
@@ -111,11 +115,21 @@ def make_private(
             f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
         )
     check_model(model)
+    poisson_already = isinstance(
+        getattr(loader, "batch_sampler", None), UniformWithReplacementSampler
+    )
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     if grad_sample_mode == "bookkeeping":
         model, optimizer, loader = _make_private_bookkeeping(
-            engine, model, optimizer, loader, noise_multiplier, max_grad_norm, generator
+            engine,
+            model,
+            optimizer,
+            loader,
+            noise_multiplier,
+            max_grad_norm,
+            generator,
+            poisson_already,
         )
     else:
         kwargs = dict(
@@ -124,7 +138,7 @@ def make_private(
             data_loader=loader,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            poisson_sampling=True,
+            poisson_sampling=not poisson_already,
             grad_sample_mode=grad_sample_mode,
             noise_generator=generator,
         )
@@ -135,10 +149,22 @@ def make_private(
             optimizer.dp_criterion = criterion  # what batch_loss reduces with
         else:
             model, optimizer, loader = engine.make_private(**kwargs)
+        if (
+            poisson_already
+        ):  # Opacus assumed one record per sampled unit: divide by the expected patients
+            optimizer.expected_batch_size = _expected_batch_size(loader)
     check_loader(loader)
     if seed is not None:
         loader.batch_sampler.generator = torch.Generator().manual_seed(seed + 1)
     return model, optimizer, loader
+
+
+def _expected_batch_size(loader: DataLoader) -> int:
+    """Expected units per Poisson batch: sampled units x rate (Opacus' int(len(dataset) x rate) when one record
+    is one unit)."""
+    sampler = loader.batch_sampler
+    units = getattr(sampler, "num_samples", None) or len(loader.dataset)  # type: ignore[arg-type]
+    return max(1, int(units * sample_rate_of(loader)))
 
 
 def batch_loss(optimizer: torch.optim.Optimizer, per_sample_losses: torch.Tensor):
@@ -169,6 +195,7 @@ def _make_private_bookkeeping(
     noise_multiplier: float,
     max_grad_norm: float,
     generator: torch.Generator | None,
+    poisson_already: bool = False,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
     """What PrivacyEngine.make_private does for flat clipping, mean loss reduction and Poisson sampling, with the
     model wrapped by BookKeepingModule and its DPOptimizer subclass (Opacus' noise, scaling and step hook)."""
@@ -177,11 +204,12 @@ def _make_private_bookkeeping(
         raise ValueError("Module parameters are different than optimizer Parameters")
     ModuleValidator.validate(model, strict=True)  # what Opacus' wrap_model checks
     module = BookKeepingModule(model)
-    loader = DPDataLoader.from_data_loader(
-        loader, generator=None
-    )  # Poisson sampling, as Opacus builds it
-    sample_rate = 1 / len(loader)
-    expected_batch_size = int(len(loader.dataset) * sample_rate)  # type: ignore[arg-type]
+    if not poisson_already:
+        loader = DPDataLoader.from_data_loader(
+            loader, generator=None
+        )  # Poisson, as Opacus builds it
+    sample_rate = sample_rate_of(loader)
+    expected_batch_size = _expected_batch_size(loader)
     dp_optimizer = BookKeepingDPOptimizer(
         optimizer,
         module=module,

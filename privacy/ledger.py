@@ -1,17 +1,25 @@
-"""The site's privacy ledger: a durable record of every DP mechanism run on its patients.
+"""The site's privacy ledger: a durable, per-patient record of every mechanism run on its patients.
 
-One SQLite file per site (WAL, synchronous=FULL, so a commit is fsynced before record() returns). Spend is keyed
-by the DATA (a fingerprint of the patients trained on), not by the run: a new run, a restarted site or a retried
-round on the same patients keeps counting. Entries are only ever appended, and an entry is committed before the
-update it pays for leaves the site, so a crash can only over-count, never under-count.
+One SQLite file per site (WAL, synchronous=FULL, so a commit is fsynced before a write returns). It records:
+- each mechanism run (run id, round, phase, noise multiplier, sampling rate, steps, clipping norm, accountant) and
+  WHICH patients (by patient id) were in the training set it sampled from;
+- each patient's audit hold-out assignment, decided once when the patient first appears and never changed, so a
+  patient once trained on is never a non-member later;
+- each audit the site answered (run id, checkpoint and cohort-manifest hashes), so audits per run can be bounded.
+
+A patient's spend is the composition of every mechanism they were in, whatever else changed (patients added or
+removed, files unreadable, hold-out fraction, the site's name: none of these is a key). The site's spend is the
+maximum over its patients. Rows are only ever appended (triggers refuse UPDATE and DELETE), and a mechanism is
+committed before the update it pays for leaves the site, so a crash can only over-count, never under-count.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +27,14 @@ from pathlib import Path
 from privacy.accounting import ACCOUNTANTS, MechanismStep, epsilon_for
 
 LEDGER_FILENAME = "privacy_ledger.sqlite"
+SCHEMA_VERSION = "per-patient-2"
+NO_DP = "none"  # the accountant of a mechanism run without DP (noise multiplier 0): its patients lose any guarantee
 
+_TABLES = ("mechanisms", "participants", "assignments", "audits")
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS mechanisms (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    dataset_fingerprint TEXT NOT NULL,
     run_id TEXT NOT NULL,
     server_round INTEGER NOT NULL,
     phase TEXT NOT NULL,
@@ -32,16 +43,44 @@ CREATE TABLE IF NOT EXISTS entries (
     steps INTEGER NOT NULL CHECK (steps >= 0),
     clipping_norm REAL NOT NULL CHECK (clipping_norm > 0),
     accountant TEXT NOT NULL,
-    status TEXT NOT NULL DEFAULT 'committed',
+    delta REAL NOT NULL CHECK (delta > 0 AND delta < 1),
+    n_patients INTEGER NOT NULL CHECK (n_patients >= 1),
     created_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS entries_by_data ON entries (dataset_fingerprint);
-"""
+CREATE TABLE IF NOT EXISTS participants (
+    mechanism_id INTEGER NOT NULL REFERENCES mechanisms (id),
+    patient_id TEXT NOT NULL,
+    PRIMARY KEY (mechanism_id, patient_id)
+);
+CREATE INDEX IF NOT EXISTS participants_by_patient ON participants (patient_id);
+CREATE TABLE IF NOT EXISTS assignments (
+    patient_id TEXT PRIMARY KEY,
+    side TEXT NOT NULL CHECK (side IN ('train', 'holdout')),
+    holdout_fraction REAL NOT NULL,
+    assigned_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audits (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    checkpoint_sha256 TEXT NOT NULL,
+    cohort_manifest_sha256 TEXT NOT NULL,
+    answered_at REAL NOT NULL
+);
+""" + "".join(
+    f"CREATE TRIGGER IF NOT EXISTS {t}_no_{op.lower()} BEFORE {op} ON {t} "
+    f"BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;\n"
+    for t in _TABLES
+    for op in ("UPDATE", "DELETE")
+)
+
+
+class LedgerSchemaError(ValueError):
+    """The file is a privacy ledger this version cannot use safely; the message says what to do."""
 
 
 @dataclass(frozen=True)
 class BudgetDecision:
-    """Whether a planned round fits the budget, with the spend before and after it."""
+    """Whether a planned round fits the budget of every patient in it, with the site's spend before and after."""
 
     allowed: bool
     epsilon_now: float
@@ -49,26 +88,52 @@ class BudgetDecision:
     reason: str
 
 
-class PrivacyLedger:
-    """Append-only privacy spend of one site's dataset, in `<site_state_dir>/privacy_ledger.sqlite`."""
+def _step(m: Mapping) -> MechanismStep:
+    return MechanismStep(m["noise_multiplier"], m["sample_rate"], m["steps"])
 
-    def __init__(self, path: Path | str, dataset_fingerprint: str):
-        if not dataset_fingerprint:
-            raise ValueError(f"{path}: a privacy ledger needs a non-empty dataset fingerprint")
+
+class PrivacyLedger:
+    """Append-only per-patient privacy spend of one site, in `<site_state_dir>/privacy_ledger.sqlite`."""
+
+    def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.fingerprint = dataset_fingerprint
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with closing(self._connect()) as db, db:
+                tables = {
+                    r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                }
+                if "entries" in tables:
+                    raise LedgerSchemaError(
+                        f"{self.path}: an old-format privacy ledger (spend keyed by a fingerprint of the site name "
+                        "and its exact training ids; it does not say which patients each mechanism covered), so "
+                        "no patient's spend can be read from it safely. Migrate it with `fedsynth site "
+                        "migrate-ledger --site-dir DIR [--state-dir DIR]`: every recorded mechanism is then charged "
+                        "to every patient now at the site (an over-count, never an under-count) and those "
+                        "patients are kept out of the audit hold-out; the old file is kept beside it"
+                    )
                 db.executescript(SCHEMA)
+                db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                    (SCHEMA_VERSION,),
+                )
+                version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
         except sqlite3.DatabaseError as e:
             raise ValueError(f"{self.path}: not a usable privacy ledger ({e})") from e
+        if version != SCHEMA_VERSION:
+            raise LedgerSchemaError(
+                f"{self.path}: privacy ledger schema {version!r}, this fedsynth reads {SCHEMA_VERSION!r}; "
+                "use the fedsynth version that wrote it, or ask its maintainers for a migration"
+            )
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level="DEFERRED")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # in WAL mode: fsync the log on every commit
+        db.execute("PRAGMA foreign_keys=ON")
         return db
+
+    # ---- mechanisms -----------------------------------------------------------------------------------------------
 
     def record(
         self,
@@ -81,12 +146,18 @@ class PrivacyLedger:
         steps: int,
         clipping_norm: float,
         accountant: str,
-    ) -> None:
-        """Append one mechanism; durable when this returns. Call it BEFORE the update it pays for is sent.
+        delta: float,
+        patients: Iterable[str],
+    ) -> int:
+        """Append one mechanism and the patients it sampled from; durable when this returns. Call it BEFORE the
+        update it pays for is sent. `accountant` "none" (noise multiplier 0) records training without DP: those
+        patients have no finite guarantee from then on. `delta` is the delta the round was planned at: later
+        accounting never uses a larger one (`min_delta`), so a grown or shrunk patient count cannot loosen it.
 
         Never overwrites: recording a retried (run_id, server_round, phase) again adds to the spend, because the
         first attempt may already have released an update.
         """
+        patients = sorted({str(p) for p in patients})
         problems = []
         if not noise_multiplier >= 0:
             problems.append(f"noise_multiplier must be >= 0, got {noise_multiplier}")
@@ -96,16 +167,26 @@ class PrivacyLedger:
             problems.append(f"steps must be a non-negative integer, got {steps}")
         if not (clipping_norm > 0 and math.isfinite(clipping_norm)):
             problems.append(f"clipping_norm must be a positive number, got {clipping_norm}")
-        if accountant not in ACCOUNTANTS:
-            problems.append(f"accountant must be one of {sorted(ACCOUNTANTS)}, got {accountant!r}")
+        if accountant not in (*ACCOUNTANTS, NO_DP):
+            problems.append(
+                f"accountant must be one of {sorted((*ACCOUNTANTS, NO_DP))}, got {accountant!r}"
+            )
+        if (accountant == NO_DP) != (noise_multiplier == 0):
+            problems.append(
+                "a mechanism without noise is recorded with accountant 'none', and only it"
+            )
+        if not 0 < delta < 1:
+            problems.append(f"delta must be in (0, 1), got {delta}")
+        if not patients or any(not p for p in patients):
+            problems.append("a mechanism needs the non-empty ids of the patients it sampled from")
         if problems:
             raise ValueError(f"{self.path}: refusing to record ({'; '.join(problems)})")
         with closing(self._connect()) as db, db:
-            db.execute(
-                "INSERT INTO entries (dataset_fingerprint, run_id, server_round, phase, noise_multiplier, sample_rate,"
-                " steps, clipping_norm, accountant, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            cur = db.execute(
+                "INSERT INTO mechanisms (run_id, server_round, phase, noise_multiplier, sample_rate, steps,"
+                " clipping_norm, accountant, delta, n_patients, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    self.fingerprint,
                     str(run_id),
                     int(server_round),
                     str(phase),
@@ -114,57 +195,122 @@ class PrivacyLedger:
                     int(steps),
                     float(clipping_norm),
                     accountant,
-                    "committed",
+                    float(delta),
+                    len(patients),
                     time.time(),
                 ),
             )
+            mid = int(cur.lastrowid)
+            db.executemany(
+                "INSERT INTO participants (mechanism_id, patient_id) VALUES (?, ?)",
+                [(mid, p) for p in patients],
+            )
+        return mid
 
     def entries(self) -> list[dict]:
-        """Every committed entry for this dataset, oldest first."""
+        """Every mechanism, oldest first (without its patients; see `patients_of`)."""
         with closing(self._connect()) as db:
             db.row_factory = sqlite3.Row
-            rows = db.execute(
-                "SELECT * FROM entries WHERE dataset_fingerprint = ? AND status = 'committed' ORDER BY id",
-                (self.fingerprint,),
-            )
-            return [dict(r) for r in rows]
+            return [dict(r) for r in db.execute("SELECT * FROM mechanisms ORDER BY id")]
 
-    def history(self) -> list[MechanismStep]:
-        return [
-            MechanismStep(e["noise_multiplier"], e["sample_rate"], e["steps"])
-            for e in self.entries()
-        ]
+    def min_delta(self, up_to: int | None = None) -> float | None:
+        """The smallest delta any mechanism (up to an id) was planned at; None for an empty ledger."""
+        limit = math.inf if up_to is None else up_to
+        deltas = [m["delta"] for m in self.entries() if m["id"] <= limit]
+        return min(deltas) if deltas else None
 
-    def epsilon(self, delta: float, accountant: str = "rdp") -> float:
-        """Epsilon spent so far on this dataset: the composition of its whole history."""
-        return epsilon_for(self.history(), delta, accountant)
+    def run_ids(self) -> set[str]:
+        with closing(self._connect()) as db:
+            return {r[0] for r in db.execute("SELECT DISTINCT run_id FROM mechanisms")}
 
-    def epsilon_if(
-        self, planned: Sequence[MechanismStep], delta: float, accountant: str = "rdp"
+    def patients_of(self, run_id: str) -> set[str]:
+        """The patients any mechanism of `run_id` sampled from."""
+        with closing(self._connect()) as db:
+            return {
+                r[0]
+                for r in db.execute(
+                    "SELECT DISTINCT p.patient_id FROM participants p JOIN mechanisms m"
+                    " ON m.id = p.mechanism_id WHERE m.run_id = ?",
+                    (str(run_id),),
+                )
+            }
+
+    def trained_patients(self) -> set[str]:
+        with closing(self._connect()) as db:
+            return {r[0] for r in db.execute("SELECT DISTINCT patient_id FROM participants")}
+
+    def _participation(
+        self, up_to: int | None = None
+    ) -> tuple[dict[int, MechanismStep], dict[str, frozenset]]:
+        """(mechanism id -> step, patient -> the ids of the mechanisms they were in), optionally up to an id."""
+        limit = math.inf if up_to is None else up_to
+        with closing(self._connect()) as db:
+            db.row_factory = sqlite3.Row
+            steps = {
+                int(m["id"]): _step(m)
+                for m in db.execute("SELECT * FROM mechanisms ORDER BY id")
+                if m["id"] <= limit
+            }
+            member: dict[str, set[int]] = {}
+            for mid, pid in db.execute("SELECT mechanism_id, patient_id FROM participants"):
+                if mid in steps:
+                    member.setdefault(pid, set()).add(int(mid))
+        return steps, {p: frozenset(s) for p, s in member.items()}
+
+    def histories(
+        self, patients: Iterable[str] | None = None, up_to: int | None = None
+    ) -> list[list[MechanismStep]]:
+        """The distinct maximal participation histories of `patients` (every patient in the ledger if None).
+
+        Composition only grows with more mechanisms, so a history contained in another patient's never has the
+        larger spend and is left out: the result is what the worst patient's spend is computed from, with one
+        accountant call per distinct history instead of per patient.
+        """
+        steps, member = self._participation(up_to)
+        wanted = member.keys() if patients is None else [p for p in patients if p in member]
+        distinct = {member[p] for p in wanted}
+        maximal = [s for s in distinct if not any(s < other for other in distinct)]
+        out = [[steps[m] for m in sorted(s)] for s in sorted(maximal, key=sorted)]
+        return out or [[]]
+
+    def epsilon(
+        self,
+        delta: float,
+        accountant: str = "rdp",
+        patients: Iterable[str] | None = None,
+        up_to: int | None = None,
     ) -> float:
-        """Epsilon this dataset would have spent after the `planned` steps too."""
-        return epsilon_for(self.history() + list(planned), delta, accountant)
+        """The largest spend of any of `patients` (default: every patient the site ever trained on)."""
+        return max(epsilon_for(h, delta, accountant) for h in self.histories(patients, up_to))
 
     def check_budget(
         self,
         planned: Sequence[MechanismStep],
+        patients: Iterable[str],
         epsilon_budget: float,
         delta: float,
         accountant: str = "rdp",
     ) -> BudgetDecision:
-        """Allow the planned steps only if the whole history plus them stays within `epsilon_budget`."""
-        history = self.history()
-        now = epsilon_for(history, delta, accountant)
-        after = epsilon_for(history + list(planned), delta, accountant)
-        where = f"at delta={delta:.2e} ({accountant.upper()}, {len(history)} ledger entries)"
-        if after > epsilon_budget:
+        """Allow the planned steps on `patients` only if no patient's whole history plus them exceeds the budget."""
+        patients = list(patients)
+        now = self.epsilon(delta, accountant)
+        after_in_round = max(
+            epsilon_for(h + list(planned), delta, accountant) for h in self.histories(patients)
+        )
+        after = max(now, after_in_round)
+        where = (
+            f"at delta={delta:.2e} ({accountant.upper()}, worst of {len(patients)} patients in the round, "
+            f"{len(self.entries())} mechanisms in the ledger)"
+        )
+        if after_in_round > epsilon_budget:
             return BudgetDecision(
                 False,
                 now,
                 after,
                 (
-                    f"privacy budget exceeded: the planned round would bring epsilon from {now:.3f} to {after:.3f}, "
-                    f"over the site's budget of {epsilon_budget:g} {where}"
+                    f"privacy budget exceeded: the planned round would bring a patient's epsilon to "
+                    f"{after_in_round:.3f} (site's worst patient now: {now:.3f}), over the site's budget of "
+                    f"{epsilon_budget:g} {where}"
                 ),
             )
         return BudgetDecision(
@@ -173,3 +319,127 @@ class PrivacyLedger:
             after,
             f"within budget: epsilon {now:.3f} -> {after:.3f} of {epsilon_budget:g} {where}",
         )
+
+    def last_mechanism_of(self, run_id: str) -> dict | None:
+        runs = [m for m in self.entries() if m["run_id"] == str(run_id)]
+        return runs[-1] if runs else None
+
+    # ---- the audit hold-out ---------------------------------------------------------------------------------------
+
+    def assignments(self) -> dict[str, str]:
+        """patient id -> 'train' | 'holdout', as decided when each patient first appeared."""
+        with closing(self._connect()) as db:
+            return dict(db.execute("SELECT patient_id, side FROM assignments"))
+
+    def assign(self, sides: Mapping[str, str], holdout_fraction: float) -> None:
+        """Persist the side of patients seen for the first time. A patient already assigned keeps their side (the
+        row is never rewritten), and a patient who was ever trained on is never put in the hold-out."""
+        trained = self.trained_patients()
+        bad = sorted(p for p, side in sides.items() if side == "holdout" and p in trained)
+        if bad:
+            raise ValueError(
+                f"{self.path}: refusing to hold out patients who were already trained on: {', '.join(bad[:5])}"
+            )
+        with closing(self._connect()) as db, db:
+            db.executemany(
+                "INSERT OR IGNORE INTO assignments (patient_id, side, holdout_fraction, assigned_at)"
+                " VALUES (?, ?, ?, ?)",
+                [(str(p), side, float(holdout_fraction), time.time()) for p, side in sides.items()],
+            )
+
+    # ---- audits answered ------------------------------------------------------------------------------------------
+
+    def audits_answered(self, run_id: str) -> int:
+        with closing(self._connect()) as db:
+            return int(
+                db.execute(
+                    "SELECT COUNT(*) FROM audits WHERE run_id = ?", (str(run_id),)
+                ).fetchone()[0]
+            )
+
+    def admit_audit(
+        self, run_id: str, checkpoint_sha256: str, cohort_manifest_sha256: str, max_audits: int
+    ) -> tuple[bool, str]:
+        """Record an audit of `run_id` and allow it, unless `max_audits` were already answered for that run.
+
+        The count and the insert are one transaction (BEGIN IMMEDIATE), so two concurrent audits cannot both take
+        the last slot; the row is committed (fsynced) before this returns, i.e. before any answer is computed."""
+        with closing(self._connect()) as db:
+            db.isolation_level = None
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                n = db.execute(
+                    "SELECT COUNT(*) FROM audits WHERE run_id = ?", (str(run_id),)
+                ).fetchone()[0]
+                if n >= max_audits:
+                    db.execute("ROLLBACK")
+                    return False, (
+                        f"this site already answered {n} audit(s) of run {run_id!r}, the most its "
+                        f"max-audits-per-run ({max_audits}) allows"
+                    )
+                db.execute(
+                    "INSERT INTO audits (run_id, checkpoint_sha256, cohort_manifest_sha256, answered_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (str(run_id), str(checkpoint_sha256), str(cohort_manifest_sha256), time.time()),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        return True, f"audit {n + 1} of at most {max_audits} for run {run_id!r}"
+
+
+def migrate_fingerprint_ledger(path: Path | str, patients: Iterable[str]) -> Path:
+    """Turn an old-format ledger (spend keyed by a dataset fingerprint) into a per-patient one, conservatively.
+
+    The old file does not say which patients each entry covered, so EVERY entry (of every fingerprint) is charged
+    to EVERY patient in `patients` (give all patients now at the site, hold-out included) and all of them are
+    assigned to training, never to the hold-out. This over-counts, never under-counts. The old file is kept as
+    `<name>.fingerprint-ledger.bak`; returns its path.
+    """
+    path = Path(path)
+    patients = sorted({str(p) for p in patients})
+    if not patients:
+        raise ValueError(f"{path}: migrating needs the ids of the patients at the site")
+    with closing(sqlite3.connect(path)) as old:
+        old.row_factory = sqlite3.Row
+        tables = {r[0] for r in old.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "entries" not in tables:
+            raise ValueError(
+                f"{path}: not an old-format (fingerprint) privacy ledger; nothing to migrate"
+            )
+        rows = [
+            dict(r)
+            for r in old.execute("SELECT * FROM entries WHERE status = 'committed' ORDER BY id")
+        ]
+        old.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    backup = path.with_name(path.name + ".fingerprint-ledger.bak")
+    if backup.exists():
+        raise ValueError(f"{backup} exists: a migration was started before; move it away and retry")
+    tmp = path.with_name(path.name + ".migrating")
+    for stale in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+        stale.unlink(missing_ok=True)
+    new = PrivacyLedger(tmp)
+    new.assign({p: "train" for p in patients}, holdout_fraction=0.0)
+    for r in rows:
+        new.record(
+            run_id=r["run_id"],
+            server_round=r["server_round"],
+            phase=r["phase"],
+            noise_multiplier=r["noise_multiplier"],
+            sample_rate=r["sample_rate"],
+            steps=r["steps"],
+            clipping_norm=r["clipping_norm"],
+            accountant=r["accountant"],
+            delta=1.0 / (10 * len(patients)),  # the old default; accounting never uses a larger one
+            patients=patients,
+        )
+    with closing(sqlite3.connect(tmp)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for suffix in ("-wal", "-shm"):
+        Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    os.replace(path, backup)
+    os.replace(tmp, path)
+    return backup

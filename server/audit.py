@@ -7,6 +7,7 @@ client/audit.py). The server only combines them: worst case across sites and cla
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -53,6 +54,8 @@ def audit_messages(
 ) -> list[Message]:
     images, ids, labels, _ = load_cohort(cohort_dir)
     payload = load_checkpoint(checkpoint)
+    manifest_bytes = (cohort_dir / "manifest.json").read_bytes()
+    manifest = json.loads(manifest_bytes)
     content = RecordDict(
         {
             "cohort": ArrayRecord(
@@ -67,6 +70,10 @@ def audit_messages(
                     # what the checkpoint's UNet predicts (checkpoints from before the field: the noise)
                     "prediction-type": payload["model_config"].get("prediction_type", "epsilon"),
                     "latent-scale": float(payload["run_state"]["latent_scale"]),
+                    # what a site ties the audit to (client/audit_admission.py): a run it trained in
+                    "run-id": str(payload["run_state"]["run_id"]),
+                    "checkpoint-sha256": str(manifest["checkpoint"]["sha256"]),
+                    "cohort-manifest-sha256": hashlib.sha256(manifest_bytes).hexdigest(),
                 }
             ),
         }

@@ -3,6 +3,7 @@
 fedsynth demo [--out DIR]                        the whole path on loopback: phantoms -> TLS federation -> cohort
 fedsynth phantoms --sites N --subjects M --out DIR [--dims 2|3] [--seed S]
 fedsynth site check DIR                          what a site's folder holds, and every problem in it
+fedsynth site migrate-ledger --site-dir DIR      convert an old (fingerprint-keyed) privacy ledger, conservatively
 fedsynth synthesize --checkpoint CKPT --per-class N --out DIR
 fedsynth verify COHORT                           re-hash a cohort against its manifest
 fedsynth audit --demo DIR                        re-run the federated privacy audit of a demo's cohort
@@ -62,6 +63,33 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     )
     _say(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_text())
     return 0 if report.usable_subjects > 0 else 1
+
+
+def cmd_site_migrate_ledger(args: argparse.Namespace) -> int:
+    from common.config import SiteConfig, model_config
+    from common.site import load_site
+    from privacy.ledger import LEDGER_FILENAME, migrate_fingerprint_ledger
+
+    site = SiteConfig(site_dir=args.site_dir, state_dir=args.state_dir or "")
+    path = site.state_path / LEDGER_FILENAME
+    if not path.is_file():
+        _say(f"{path}: no privacy ledger there; nothing to migrate")
+        return 1
+    cfg = model_config(args.preset)
+    data = load_site(
+        site.site_dir,
+        class_names=cfg.class_names,
+        spatial_dims=cfg.spatial_dims,
+        image_size=cfg.image_size,
+    )
+    for problem in data.problems:
+        _say(f"warning: {problem} (a patient left out here is not charged the old spend)")
+    backup = migrate_fingerprint_ledger(path, data.patients)
+    _say(
+        f"{path}: every old entry is now charged to each of the {len(data.patients)} patients at the site, all "
+        f"kept out of the audit hold-out; the old file is {backup}"
+    )
+    return 0
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
@@ -435,6 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--preset", default="small")
     chk.add_argument("--json", action="store_true")
     chk.set_defaults(fn=cmd_site_check)
+    mig = site_sub.add_parser(
+        "migrate-ledger",
+        help="convert an old privacy ledger (spend keyed by a dataset fingerprint) to the per-patient one: "
+        "every old entry is charged to every patient now at the site (an over-count, never an under-count)",
+    )
+    mig.add_argument("--site-dir", required=True)
+    mig.add_argument("--state-dir", default="", help="default: SITE_DIR/.fedsynth")
+    mig.add_argument("--preset", default="small", help="the model preset, for reading the images")
+    mig.set_defaults(fn=cmd_site_migrate_ledger)
 
     sy = sub.add_parser("synthesize", help="sample a synthetic cohort from a checkpoint")
     sy.add_argument("--checkpoint", required=True)

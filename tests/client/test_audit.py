@@ -108,6 +108,7 @@ def test_dp_model_is_not_over_claimed(tmp_path, site_dir):
         ae,
         trained.state_dict,
         1.0,
+        run_id="dp",
     )
     claimed = result["claimed_privacy"]["epsilon"]
     assert claimed == pytest.approx(trained.privacy["epsilon"])

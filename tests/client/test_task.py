@@ -7,7 +7,6 @@ import torch
 
 from client.task import (
     RoundPlan,
-    dataset_fingerprint,
     load_training_data,
     open_ledger,
     run_training_round,
@@ -69,15 +68,7 @@ def test_whole_planned_run_fits_the_budget_and_the_ledger_keeps_counting(tmp_pat
     assert again.refused and "budget" in again.refused
     assert again.state_dict is None
     train, _ = load_training_data(site, cfg)
-    ledger = open_ledger(site, train)
-    assert len(ledger.history()) == 2
+    ledger = open_ledger(site)
+    assert len(ledger.entries()) == 2
+    assert ledger.patients_of("run-a") == set(train.patients)
     assert ledger.epsilon(r2.privacy["delta"], "rdp") == pytest.approx(r2.metrics["epsilon"])
-
-
-def test_fingerprint_is_by_patients(tmp_path, site_dir):
-    site = SiteConfig(site_dir=str(site_dir))
-    train, holdout = load_training_data(site, model_config("tiny"))
-    assert dataset_fingerprint(site, train) != dataset_fingerprint(site, holdout)
-    assert dataset_fingerprint(site, train) == dataset_fingerprint(
-        site, train.subset(list(range(len(train))))
-    )

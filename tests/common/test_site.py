@@ -484,6 +484,36 @@ def test_split_stratifies_small_classes():
         split_site(data, holdout_fraction=1.0)
 
 
+def test_scans_of_one_patient_never_straddle_the_split():
+    ids = [f"scan{i:03d}" for i in range(300)]
+    patients = [f"patient{i // 3:03d}" for i in range(300)]  # three scans each
+    data = fake_site(ids, [(i // 3) % 2 for i in range(300)])
+    data.patient_ids = patients
+    train, hold = split_site(data)
+    assert not set(train.patient_ids) & set(hold.patient_ids)
+    assert len(train.patients) + len(hold.patients) == 100 and len(hold) % 3 == 0
+
+
+def test_patient_id_column_groups_scans_and_site_check_says_where_ids_come_from(tmp_path):
+    from common.phantoms import make_phantom_sites
+
+    site = make_phantom_sites(tmp_path, n_sites=1, n_subjects=6, size=16, seed=1)[0]
+    report = check_site(site, image_size=16)
+    assert "subject_id (labels.csv has no patient_id column" in report.to_text()
+    assert report.usable_patients == report.usable_subjects == 6
+    rows = (site / "labels.csv").read_text().splitlines()
+    out = [rows[0] + ",patient_id"]
+    for i, row in enumerate(rows[1:]):
+        out.append(row + ("," if i == 5 else f",P{i // 2}"))  # pairs of scans; the last cell empty
+    (site / "labels.csv").write_text("\n".join(out) + "\n")
+    data = load_site(site, image_size=16)
+    assert data.patients == ["P0", "P1", "P2"] and len(data) == 5
+    assert any("empty patient_id" in p.problem for p in data.problems)
+    report = check_site(site, image_size=16)
+    assert "the patient_id column of labels.csv" in report.to_text()
+    assert "patients (the privacy unit): 3" in report.to_text()
+
+
 # ---- the report -------------------------------------------------------------------------------------------
 
 

@@ -37,7 +37,7 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
     # site-2 spent its budget on these patients before: its ledger must make it refuse.
     exhausted = SiteConfig.from_flwr(node_configs[2])
     train, _ = load_training_data(exhausted, model_config("tiny"))
-    open_ledger(exhausted, train).record(
+    open_ledger(exhausted).record(
         run_id="earlier",
         server_round=1,
         phase="diffusion",
@@ -46,6 +46,8 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
         steps=500,
         clipping_norm=1.0,
         accountant="rdp",
+        delta=1e-3,
+        patients=train.patients,
     )
     run_dir = tmp_path / "run"
     run = RunConfig(
