@@ -26,6 +26,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.task import RoundPlan, run_training_round
 from common.config import SiteConfig, model_config
+from common.noise import silence_known_noise
 from privacy.client_level import clip_update
 
 
@@ -71,6 +72,10 @@ AUDIT_REFUSED = 403  # error code of an audit the site declined (the reason says
 app = ClientApp(mods=[central_dp_clipping_mod])
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower HTTP poll otherwise
+logging.getLogger(
+    "flwr"
+).propagate = False  # Flower prints its own records; the root handler doubled each
+silence_known_noise()  # this process loads every scan of the site: MONAI's reader warning would repeat per file
 
 
 @app.train()

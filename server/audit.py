@@ -21,7 +21,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from privacy.audit_schema import flagged_ids
+from common.progress import say_line
+from privacy.audit_schema import flagged_ids, load_audit
 from privacy.report import write_audit_report
 from privacy.verdict import build_audit
 from server.training import load_checkpoint
@@ -120,6 +121,11 @@ def run_audit_round(
         site_results, cohort_dir, out_dir, failures=failures, run_record=run_record
     )
     say(f"audit report written in {time.time() - t0:.0f}s: {paths[0]}, {paths[1]}")
+    status = load_audit(paths[0])["verdict"]["status"]
+    line = f"audit: {len(site_results)}/{len(nodes)} sites answered, {time.time() - t0:.0f}s; verdict {status}"
+    say_line(
+        "audit", line + "".join(f"; {f}" for f in failures), elapsed=round(time.time() - t0, 3)
+    )
     return paths
 
 

@@ -1,6 +1,9 @@
 """`fedsynth`: the command line for consortia, sites, privacy officers and partners.
 
-fedsynth demo [--out DIR]                        the whole path on loopback: phantoms -> TLS federation -> cohort
+fedsynth [-v|-q] COMMAND ...   -v: every log line at the terminal; -q: warnings, errors and results only.
+Full logs always go to a file in the run folder (demo: DIR/run/demo.log); the terminal shows progress per stage.
+
+fedsynth demo [--out DIR]                        the whole path on loopback: phantoms -> TLS federation -> cohort -> release
 fedsynth phantoms --sites N --subjects M --out DIR [--dims 2|3] [--seed S]
 fedsynth site check DIR                          what a site's folder holds, and every problem in it
 fedsynth site migrate-ledger --site-dir DIR      convert an old (fingerprint-keyed) privacy ledger, conservatively
@@ -44,9 +47,9 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
         dims=args.dims,
         size=args.size,
         seed=args.seed,
-        progress=_say,
+        progress=args.console.say,
     )
-    _say(f"{len(sites)} phantom sites in {args.out}")
+    args.console.result(f"{len(sites)} phantom sites in {args.out}")
     return 0
 
 
@@ -61,7 +64,9 @@ def cmd_site_check(args: argparse.Namespace) -> int:
         spatial_dims=cfg.spatial_dims,
         image_size=cfg.image_size,
     )
-    _say(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_text())
+    args.console.result(
+        json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_text()
+    )
     return 0 if report.usable_subjects > 0 else 1
 
 
@@ -95,19 +100,22 @@ def cmd_site_migrate_ledger(args: argparse.Namespace) -> int:
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from server.synthesis import SynthesisRequest, synthesize_cohort
 
-    ckpt = Path(args.checkpoint)
+    ckpt, out = Path(args.checkpoint), Path(args.out)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else out.parent
+    args.console.log_to(run_dir / f"synthesize-{out.name}.log")
     privacy_path = ckpt.parent.parent / "privacy.json"
     privacy = json.loads(privacy_path.read_text()) if privacy_path.exists() else None
     req = SynthesisRequest(
         checkpoint=ckpt,
-        out_dir=Path(args.out),
+        out_dir=out,
         per_class=args.per_class,
         seed=args.seed,
         batch_size=args.batch_size,
         steps=args.steps,
         device=args.device,
     )
-    synthesize_cohort(req, privacy=privacy, progress=_say)
+    synthesize_cohort(req, privacy=privacy, progress=args.console.detail)
+    args.console.result(f"cohort written to {out}; full log: {args.console.log_file}")
     return 0
 
 
@@ -144,13 +152,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         epsilon=args.epsilon,
     )
-    return run_demo(opts, progress=_say)
+    return run_demo(opts, args.console)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from server.demo import run_demo_audit
 
-    return run_demo_audit(Path(args.demo), insecure=args.insecure, progress=_say)
+    return run_demo_audit(Path(args.demo), insecure=args.insecure, console=args.console)
 
 
 # ---- keys and releases (privacy/policy.py, common/signing.py, server/release/manifest.py) ----
@@ -504,9 +512,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_global_flags(parser: argparse.ArgumentParser) -> None:
+    """-v/-q before the command (`fedsynth -v demo`) and after it (`fedsynth demo -v`), on every sub-command."""
+
+    def add(p: argparse.ArgumentParser, default) -> None:
+        g = p.add_mutually_exclusive_group()
+        g.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=default,
+            help="every log line at the terminal (ours, Flower's, the libraries'), no progress bars",
+        )
+        g.add_argument(
+            "-q",
+            "--quiet",
+            action="store_true",
+            default=default,
+            help="only warnings, errors and results (the full log still goes to the log file)",
+        )
+
+    def walk(p: argparse.ArgumentParser, default) -> None:
+        add(p, default)
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    walk(child, argparse.SUPPRESS)
+
+    walk(parser, False)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from server.terminal import NORMAL, QUIET, VERBOSE, Console
+
     ensure_fedsynth_packages()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    add_global_flags(parser)
+    args = parser.parse_args(argv)
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and -q/--quiet exclude each other")
+    args.console = Console(VERBOSE if args.verbose else QUIET if args.quiet else NORMAL).install()
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
@@ -515,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         _say(f"error: {err}")
         return 2
+    finally:
+        args.console.close()
 
 
 if __name__ == "__main__":

@@ -10,13 +10,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common.config import RunConfig
 from common.phantoms import make_phantom_sites
-from server.deployment import run_federation
+from server.deployment import DeploymentError, run_federation
+from server.terminal import Console, format_seconds
 
 APP_PYPROJECT = """\
 # Written by `fedsynth demo`: the Flower app is the installed fedsynth package; this folder only names it.
@@ -27,6 +30,8 @@ build-backend = "setuptools.build_meta"
 [project]
 name = "fedsynth-demo-app"
 version = "0.1.0"
+description = "fedsynth's Flower app (ServerApp and ClientApp of the installed fedsynth package)"
+license = "Apache-2.0"
 dependencies = []
 
 [tool.flwr.app]
@@ -97,13 +102,13 @@ def demo_node_configs(out: Path, epsilon: float) -> list[dict]:
     ]
 
 
-def run_demo_audit(
-    out: Path, insecure: bool = False, progress: Callable[[str], None] = print
-) -> int:
+def run_demo_audit(out: Path, insecure: bool = False, console: Console | None = None) -> int:
     """Audit the demo's cohort again: the same hospitals, a new loopback federation, the ServerApp in audit mode."""
+    console = console or Console()
     out = out.resolve()
     run_dir = out / "run"
     record = json.loads((run_dir / "run.json").read_text())
+    console.log_to(run_dir / "audit-again.log")
     run = RunConfig(
         **{
             **record["run_config"],
@@ -113,16 +118,21 @@ def run_demo_audit(
         }
     )
     app_dir = write_app_dir(out / "app-audit", run)
+    console.say(f"auditing {run_dir / 'cohort'} again at every site (a new loopback federation)")
     run_federation(
         app_dir,
         out / "deployment-audit",
         demo_node_configs(out, 10.0),
         run.to_flwr(),
         insecure=insecure,
-        progress=progress,
+        progress=console.detail,
+        on_output=console.flower_line,
     )
     verdict = json.loads((run_dir / "audit" / "audit.json").read_text())["verdict"]
-    progress(f"audit report: {run_dir / 'audit' / 'audit.html'} (verdict: {verdict['status']})")
+    console.result(
+        f"audit report: {run_dir / 'audit' / 'audit.html'} (verdict: {verdict['status']}); "
+        f"full log: {console.log_file}"
+    )
     return 0
 
 
@@ -147,14 +157,14 @@ def demo_policy(default):
     )
 
 
-def publish_demo_release(out: Path, progress: Callable[[str], None] = print) -> dict:
+def publish_demo_release(out: Path) -> dict[str, Any]:
     """After a demo with a cohort and an audit: a consortium key and one privacy officer key (out/keys/), the
     release candidate under `demo_policy` (one approval: the demo has one officer), and a portal data
     folder (out/portal/) with the candidate registered and an officer and a partner token in out/portal/tokens.txt
-    (0600). Prints how to serve the portal and pull the cohort."""
+    (0600). Returns where everything is; `demo_summary` says what to do next."""
 
     from common.io import atomic_path
-    from common.signing import fingerprint, generate_keypair, load_public_key
+    from common.signing import generate_keypair
     from privacy.policy import DEFAULT_POLICY
     from server.pki import make_pki
     from server.release.manifest import build_release
@@ -192,24 +202,9 @@ def publish_demo_release(out: Path, progress: Callable[[str], None] = print) -> 
     if not (tls / "superlink.crt").exists():
         tls = out / "portal-tls"
         make_pki(tls, 0, overwrite=True)
-    status = store.cohort(cohort_id)["status"]
-    progress(
-        f"  release:     {release} (cohort {cohort_id}: {status}; consortium key {fingerprint(load_public_key(consortium_pub))[:16]}...)"
-    )
-    progress(
-        f"  portal:      fedsynth portal serve --data {portal} --cert {tls / 'superlink.crt'} --key {tls / 'superlink.key'}"
-    )
-    progress(
-        f"               then open https://127.0.0.1:8443/ (CA: {tls / 'ca.crt'}), sign in with the officer token "
-        f"from {portal / 'tokens.txt'} and sign with {keys / 'officer.key'}"
-    )
-    progress(
-        f"  pull:        fedsynth pull {cohort_id} --portal https://127.0.0.1:8443 --token PARTNER_TOKEN "
-        f"--ca {tls / 'ca.crt'} --consortium-key {consortium_pub}"
-    )
     return {
         "cohort_id": cohort_id,
-        "status": status,
+        "status": store.cohort(cohort_id)["status"],
         "release": release,
         "portal": portal,
         "tokens": portal / "tokens.txt",
@@ -221,28 +216,33 @@ def publish_demo_release(out: Path, progress: Callable[[str], None] = print) -> 
     }
 
 
-def run_demo(opts: DemoOptions, progress: Callable[[str], None] = print) -> int:
-    out = opts.out.resolve()
-    run_dir = out / "run"
+def make_demo_sites(opts: DemoOptions, out: Path, console: Console) -> None:
     sites_dir = out / "sites"
-    if run_dir.exists() and (run_dir / "cohort").exists():
-        raise FileExistsError(f"{run_dir / 'cohort'} exists: choose another --out or remove it")
+    if sites_dir.exists():
+        console.say(f"[1/4] reusing the phantom hospitals in {sites_dir}")
+        return
     subjects = opts.subjects or (16 if opts.preset == "tiny" else 120)
-    if not sites_dir.exists():
-        progress(
-            f"[1/3] making {opts.sites} phantom hospitals with {subjects} patients each in {sites_dir}"
-        )
-        make_phantom_sites(
-            sites_dir, n_sites=opts.sites, n_subjects=subjects, size=64, seed=0, progress=progress
-        )
-    else:
-        progress(f"[1/3] reusing phantom hospitals in {sites_dir}")
-    run = demo_run_config(opts, run_dir)
+    console.say(
+        f"[1/4] making {opts.sites} phantom hospitals with {subjects} patients each in {sites_dir}"
+    )
+    make_phantom_sites(
+        sites_dir,
+        n_sites=opts.sites,
+        n_subjects=subjects,
+        size=64,
+        seed=0,
+        progress=console.detail,
+    )
+
+
+def train_in_federation(opts: DemoOptions, out: Path, console: Console) -> None:
+    """Federated training, synthesis and the sites' audit: one Flower run over TLS on loopback."""
+    run = demo_run_config(opts, out / "run")
     node_configs = demo_node_configs(out, opts.epsilon)
     app_dir = write_app_dir(out / "app", run)
-    progress(
-        f"[2/3] federated training: {len(node_configs)} sites, {run.num_server_rounds} rounds, "
-        f"{'INSECURE (no TLS)' if opts.insecure else 'TLS + SuperNode authentication'} on loopback"
+    console.say(
+        f"[2/4] federation on loopback ({'INSECURE: no TLS' if opts.insecure else 'TLS + SuperNode authentication'}): "
+        f"{len(node_configs)} sites, public pretraining, {run.num_server_rounds} DP rounds, synthesis, audit"
     )
     run_federation(
         app_dir,
@@ -251,31 +251,194 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] = print) -> int:
         run.to_flwr(),
         insecure=opts.insecure,
         timeout_s=opts.timeout_s,
-        progress=progress,
+        progress=console.detail,
+        on_output=console.flower_line,
     )
-    record = json.loads((run_dir / "run.json").read_text())
-    cohort = run_dir / "cohort"
-    progress("[3/3] done")
-    progress(
-        f"  run record:  {run_dir / 'run.json'} (status: {record['status']}{', ' + record['reason'] if record['reason'] else ''})"
-    )
-    progress(f"  metrics:     {run_dir / 'metrics.jsonl'}")
-    progress(f"  privacy:     {run_dir / 'privacy.json'}")
-    if cohort.exists():
-        progress(f"  cohort:      {cohort}")
-        progress(f"  preview:     {cohort / 'preview.png'}")
-        audit = run_dir / "audit" / "audit.json"
-        if audit.exists():
-            verdict = json.loads(audit.read_text())["verdict"]
-            progress(
-                f"  audit:       {run_dir / 'audit' / 'audit.html'} (verdict: {verdict['status']})"
+
+
+def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
+    """The whole path; ends with `demo_summary`. 0 when it produced a cohort (released, pending or blocked: the
+    summary says which), 1 when the federation failed or produced none."""
+    console = console or Console()
+    out = opts.out.resolve()
+    run_dir = out / "run"
+    if run_dir.exists() and (run_dir / "cohort").exists():
+        raise FileExistsError(f"{run_dir / 'cohort'} exists: choose another --out or remove it")
+    console.log_to(run_dir / "demo.log")
+    seconds: dict[str, float] = {}
+    t0 = time.monotonic()
+    make_demo_sites(opts, out, console)
+    seconds["phantom hospitals"] = time.monotonic() - t0
+    t1, failed = time.monotonic(), False
+    try:
+        train_in_federation(opts, out, console)
+    except DeploymentError as err:  # the summary below still says where things stand
+        console.warn(f"ERROR: the federation failed: {err}")
+        failed = True
+    seconds["federation"] = time.monotonic() - t1
+    release = None
+    if (run_dir / "cohort").exists() and (run_dir / "audit" / "audit.json").exists():
+        console.say("[3/4] release candidate: policy gate, signed release, portal folder")
+        t2 = time.monotonic()
+        try:
+            release = publish_demo_release(out)
+        except Exception as err:  # the cohort and its audit stand without the portal
+            console.warn(f"the release was not prepared ({type(err).__name__}: {err})")
+        seconds["release"] = time.monotonic() - t2
+    seconds["total"] = time.monotonic() - t0
+    console.say("[4/4] done")
+    console.result(demo_summary(out, stage_times(seconds, console.stage_seconds), release))
+    console.result(f"full log: {console.log_file}")
+    return 0 if (run_dir / "cohort").exists() and not failed else 1
+
+
+def stage_times(measured: dict[str, float], reported: dict[str, float]) -> list[tuple[str, float]]:
+    """Time per stage: what the demo measured itself, split by what the ServerApp's stages reported."""
+    inside = [
+        (
+            "public pretraining",
+            sum(v for k, v in reported.items() if k.startswith("public pretraining")),
+        ),
+        ("federated rounds", reported.get("round", 0.0)),
+        ("synthesis", reported.get("synthesis", 0.0)),
+        ("audit", reported.get("audit", 0.0)),
+    ]
+    rows = [("phantom hospitals", measured.get("phantom hospitals", 0.0))]
+    if "federation" in measured:
+        rows += [(name, s) for name, s in inside if s > 0]
+        rows.append(
+            (
+                "federation set-up and hand-offs",
+                max(0.0, measured["federation"] - sum(s for _, s in inside)),
             )
-        progress(f"  verify:      fedsynth verify {cohort}")
-        if audit.exists():
-            try:
-                publish_demo_release(out, progress)
-            except Exception as err:  # the cohort and its audit stand without the portal
-                progress(f"  portal:      not prepared ({type(err).__name__}: {err})")
-        return 0
-    progress("  no cohort was produced (see the run record)")
-    return 1
+        )
+    if "release" in measured:
+        rows.append(("release and portal", measured["release"]))
+    rows.append(("total", measured.get("total", sum(s for _, s in rows))))
+    return rows
+
+
+SUMMARY_TITLE = "== fedsynth demo: summary =="
+
+
+def demo_summary(out: Path, times: list[tuple[str, float]], release: dict[str, Any] | None) -> str:
+    """The end of the demo: time per stage, privacy spent per site, cohort, audit, gate, and the next command that
+    will work. Read from the files the run left (run.json, privacy.json, audit.json, the release)."""
+    run_dir = Path(out) / "run"
+    lines = [SUMMARY_TITLE]
+    if not (run_dir / "run.json").exists():
+        lines.append("run:       did not start (see the error above and the full log)")
+        return "\n".join(lines)
+    record = json.loads((run_dir / "run.json").read_text())
+    lines += textwrap.wrap(
+        ", ".join(f"{name} {format_seconds(s)}" for name, s in times),
+        width=110,
+        initial_indent="time:      ",
+        subsequent_indent=" " * 11,
+        break_on_hyphens=False,
+    )
+    status = f"{record['status']}, {record['completed_round']}/{record['num_server_rounds']} rounds"
+    lines.append(f"run:       {status}" + (f" ({record['reason']})" if record["reason"] else ""))
+    lines += privacy_lines(run_dir)
+    audit_path = run_dir / "audit" / "audit.json"
+    if not (run_dir / "cohort").exists():
+        lines.append(f"cohort:    none was produced; see {run_dir / 'run.json'}")
+        lines.append(
+            "next:      nothing to release; fix what run.json names and run the demo again"
+        )
+        return "\n".join(lines)
+    manifest = json.loads((run_dir / "cohort" / "manifest.json").read_text())
+    per_class = ", ".join(f"{manifest['per_class']} {c}" for c in manifest["class_names"])
+    lines.append(
+        f"cohort:    {manifest['n_images']} synthetic images ({per_class}) in {run_dir / 'cohort'}"
+    )
+    if not audit_path.exists():
+        lines.append("audit:     none (no site audited the cohort); nothing can be released")
+        return "\n".join(lines)
+    verdict = json.loads(audit_path.read_text())["verdict"]
+    reason = (verdict.get("reasons") or ["(no reason given)"])[0]
+    lines.append(f"audit:     {verdict['status'].upper()}: {reason}")
+    lines.append(f"           report {run_dir / 'audit' / 'audit.html'}")
+    lines += release_lines(release)
+    return "\n".join(lines)
+
+
+def privacy_lines(run_dir: Path) -> list[str]:
+    from server.central_dp import sample_level
+
+    path = run_dir / "privacy.json"
+    if not path.exists():
+        return ["privacy:   no privacy record (no round ran)"]
+    record = json.loads(path.read_text())
+    lines = []
+    for site, p in sorted(sample_level(record).items()):
+        lines.append(
+            f"{'privacy:' if not lines else ''}".ljust(11)
+            + f"{site} epsilon {_num(p.get('epsilon'))} of {_num(p.get('epsilon_budget'))}: {p.get('protection')}"
+        )
+    if not lines:
+        lines.append("privacy:   no site reported any spend")
+    client = record.get("client_level") or {}
+    if client.get("protection") == "none":
+        lines.append("           the model as a whole: no client-level DP (central DP off)")
+    else:
+        lines.append(
+            f"           the model as a whole: client-level epsilon {_num(client.get('epsilon'))}: "
+            f"{client.get('protection')}"
+        )
+    return lines
+
+
+def release_lines(release: dict[str, Any] | None) -> list[str]:
+    """Gate, release status and the next step that works: approve when the gate passed, else why it is blocked."""
+    if release is None:
+        return ["release:   not prepared (see the warning above); the cohort and audit stand alone"]
+    from privacy.policy import format_value
+    from server.release.manifest import load_approvals, release_status
+
+    gate = json.loads((Path(release["release"]) / "gate.json").read_text())
+    status = release_status(Path(release["release"]), load_approvals(Path(release["release"])))
+    withheld = len(gate.get("withheld_ids") or [])
+    if not gate["passed"]:
+        failed = [r for r in gate["rules"] if not r["passed"]]
+        lines = [
+            f"gate:      BLOCKED by {len(failed)} rule(s) of the demo policy; release status: {status}"
+        ]
+        for r in failed:
+            why = "; ".join(x for x in (r.get("where"), r.get("note")) if x)
+            why = why if len(why) <= 160 else why[:157] + "..."
+            lines.append(
+                f"           - {r['rule']}: measured {format_value(r['measured'])}, limit "
+                f"{format_value(r['threshold'])}" + (f" ({why})" if why else "")
+            )
+        lines.append(
+            "next:      nothing can be approved or pulled: a blocked cohort is never released to partners."
+        )
+        lines.append(
+            f"           See every rule: fedsynth release gate --audit {Path(release['release']) / 'audit'} "
+            f"--policy {Path(release['release']) / 'policy.toml'}"
+        )
+        return lines
+    lines = [
+        f"gate:      passed ({withheld} near-copies withheld); release {release['cohort_id']}: {status} "
+        "(one officer approval needed)"
+    ]
+    portal = "https://127.0.0.1:8443"
+    lines += [
+        f"next:      1. serve the portal: fedsynth portal serve --data {release['portal']} "
+        f"--cert {release['cert']} --key {release['key']}",
+        f"           2. approve: open {portal}/ (CA {release['ca']}), sign in with the officer token in "
+        f"{release['tokens']}, approve with {release['officer_key']}",
+        f"           3. pull: fedsynth pull {release['cohort_id']} --portal {portal} "
+        f'--token "$(awk \'$1=="partner"{{print $3}}\' {release["tokens"]})" --ca {release["ca"]} '
+        f"--consortium-key {release['consortium_pub']}",
+    ]
+    return lines
+
+
+def _num(value: Any) -> str:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return "?"
+    return "inf" if x == float("inf") else f"{x:.2f}"

@@ -11,6 +11,7 @@ Flower spawns itself (SuperExec, flwr-serverapp, flwr-clientapp) so none can out
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -30,6 +31,7 @@ from common.io import write_text_atomic
 from server.pki import PkiPaths, make_pki
 
 CONNECTION = "fedsynth-local"
+log = logging.getLogger("fedsynth.deployment")
 Progress = Callable[[str], None]
 
 
@@ -441,8 +443,10 @@ def run_app(
     *,
     timeout_s: float = 1800.0,
     progress: Progress = print,
+    on_output: Progress | None = None,
 ) -> FederationResult:
-    """`flwr run APP CONNECTION --stream --run-config FILE.toml`; its lines go to `progress` and logs/run.log.
+    """`flwr run APP CONNECTION --stream --run-config FILE.toml`; its lines go to `on_output` (default: `progress`)
+    and logs/run.log.
 
     `flwr run --stream` exits 0 even when the ServerApp raised, so the verdict is the SuperLink's run status.
     Fails fast if the SuperLink dies; a SuperNode dying is only reported (sites may drop out).
@@ -470,6 +474,7 @@ def run_app(
     }
     logs |= {"run": log, "flwr": link.procs.log_dir / "flwr.log"}
     deadline, pending, dead = time.time() + timeout_s, b"", set()
+    output = on_output or progress
     run_id, status, down_since = None, "not started", None
     with open(log, "rb") as f:
         while True:
@@ -478,7 +483,7 @@ def run_app(
             for line in [*lines, pending] if done else lines:
                 text = re.sub(r"\x1b\[[0-9;]*m", "", line.decode(errors="replace")).rstrip()
                 if text.strip() and not text.startswith("$ "):
-                    progress(text)
+                    output(text)
             if done:
                 pending = b""
                 run_id = run_id or _started_run_id(log)
@@ -508,9 +513,11 @@ def run_app(
             for name, (p, _) in link.procs.procs.items():
                 if name.startswith("supernode-") and name not in dead and p.poll() is not None:
                     dead.add(name)
-                    progress(
+                    message = (
                         f"{name} exited with code {p.returncode} during the run (see {logs[name]})"
                     )
+                    progress(message)
+                    log.warning("%s", message)  # shown at the terminal whatever `progress` shows
             time.sleep(0.2)
     if proc.returncode != 0 or status != "finished:completed":
         raise DeploymentError(
@@ -574,8 +581,12 @@ def run_federation(
     timeout_s: float = 1800.0,
     progress: Progress = print,
     python_bin_dir: Path | None = None,
+    on_output: Progress | None = None,
 ) -> FederationResult:
-    """Start a SuperLink and one SuperNode per node config, run the app, stop everything; raise on failure."""
+    """Start a SuperLink and one SuperNode per node config, run the app, stop everything; raise on failure.
+
+    `progress` gets this module's own messages, `on_output` the lines of `flwr run --stream` (default: progress).
+    """
     if not node_configs:
         raise ValueError("run_federation needs at least one node config")
     for config in (run_config, *node_configs):
@@ -594,4 +605,11 @@ def run_federation(
             progress=progress,
         ) as link:
             with local_supernodes(link, node_configs, progress=progress):
-                return run_app(link, app_dir, run_config, timeout_s=timeout_s, progress=progress)
+                return run_app(
+                    link,
+                    app_dir,
+                    run_config,
+                    timeout_s=timeout_s,
+                    progress=progress,
+                    on_output=on_output,
+                )

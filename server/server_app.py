@@ -14,12 +14,17 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import ensure_fedsynth_packages
 from common.config import RunConfig
+from common.noise import silence_known_noise
 from server.synthesis import SynthesisRequest, synthesize_cohort
 from server.training import Federation, wait_for_sites
 
 app = ServerApp()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower HTTP poll otherwise
+logging.getLogger(
+    "flwr"
+).propagate = False  # Flower prints its own records; the root handler doubled each
+silence_known_noise()
 log = logging.getLogger("fedsynth.server")
 
 

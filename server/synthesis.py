@@ -31,6 +31,7 @@ import torch
 from common.config import ModelConfig
 from common.io import atomic_dir, sha256_file
 from common.model import build_autoencoder, build_unet, decode, sample_latents
+from common.progress import Stage
 from server.training import load_checkpoint
 
 MANIFEST_FORMAT = "fedsynth-cohort/1"
@@ -87,6 +88,7 @@ def generate(
     )
     out = []
     n_batches = (len(labels) + batch_size - 1) // batch_size
+    bar = Stage("synthesis", "synthesis", len(labels), "image")
     for b, i in enumerate(range(0, len(labels), batch_size)):
         batch = labels[i : i + batch_size].to(device)
         t0 = time.time()
@@ -94,6 +96,7 @@ def generate(
             z = sample_latents(unet, cfg, batch, steps=steps, generator=generator)
             images = decode(ae, z.float(), latent_scale)
         out.append(images.float().cpu().numpy())
+        bar.update(i + len(batch))
         if progress:
             progress(
                 f"synthesis batch {b + 1}/{n_batches}: {len(batch)} images in {time.time() - t0:.1f}s"

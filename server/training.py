@@ -44,6 +44,7 @@ from common.model import (
     estimate_latent_scale,
 )
 from common.phantoms import make_phantom_sites
+from common.progress import Stage, say_line
 from common.site import load_site
 from server.central_dp import UNIFORM_WEIGHT_KEY, CentralDP, SitesGrid, sample_level
 
@@ -180,6 +181,7 @@ def pretrain_public_unet(
     unet = build_unet(cfg)
     opt = torch.optim.Adam(unet.parameters(), lr=run.lr_diffusion)
     scheduler = ddpm_scheduler(cfg)
+    bar = Stage("pretrain-unet", "public pretraining: diffusion UNet", steps, "step")
     for step in range(steps):
         idx = torch.randint(0, len(mu), (min(run.public_batch_size, len(mu)),))
         z = (mu[idx] + sigma[idx] * torch.randn_like(mu[idx])) * latent_scale
@@ -187,10 +189,7 @@ def pretrain_public_unet(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if (step + 1) % 100 == 0:
-            log.info(
-                "public diffusion warm start: step %d/%d, loss %.4f", step + 1, steps, loss.item()
-            )
+        bar.update(step + 1, loss=loss.detach())
     return {k: v.detach().clone() for k, v in unet.state_dict().items()}
 
 
@@ -202,14 +201,14 @@ def train_public_autoencoder(
     ae = build_autoencoder(cfg)
     images, _ = public_phantoms(cfg, run.public_phantoms)
     opt = torch.optim.Adam(ae.parameters(), lr=run.lr_autoencoder)
+    bar = Stage("pretrain-autoencoder", "public pretraining: autoencoder", steps, "step")
     for step in range(steps):
         idx = torch.randint(0, len(images), (min(run.public_batch_size, len(images)),))
         loss = autoencoder_loss(ae, images[idx], run.kl_weight).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if (step + 1) % 50 == 0:
-            log.info("public autoencoder: step %d/%d, loss %.4f", step + 1, steps, loss.item())
+        bar.update(step + 1, loss=loss.detach())
     return {k: v.detach().clone() for k, v in ae.state_dict().items()}
 
 
@@ -399,12 +398,56 @@ class Federation:
                 "no reply within round-timeout",
             )
         new_arrays = None
+        asked = [m.metadata.dst_node_id for m in messages]
         if self.central.enabled:
-            return self._aggregate_central_dp(strategy, state, r, phase, arrays, messages, good, t0)
+            result = self._aggregate_central_dp(
+                strategy, state, r, phase, arrays, messages, good, t0
+            )
+            if result[2] is None:
+                eps, _ = self.central.epsilon()
+                self._round_line(state, r, phase, asked, answered, good, t0, eps)
+            return result
         if good:
             new_arrays, _ = strategy.aggregate_train(r, good)
         self.say(f"round {r}: {len(good)} updates aggregated in {time.time() - t0:.1f}s")
+        self._round_line(state, r, phase, asked, answered, good, t0)
         return new_arrays, len(good), None
+
+    def _round_line(
+        self,
+        state: RunState,
+        r: int,
+        phase: str,
+        asked: list[int],
+        answered: set[int],
+        good: list[Message],
+        t0: float,
+        client_level_epsilon: float | None = None,
+    ) -> None:
+        """One line per round for the person at the terminal: who answered, what each site has spent so far."""
+        line = (
+            f"round {r}/{self.run.num_server_rounds} ({phase}): "
+            f"{len(answered & set(asked))}/{len(asked)} sites answered"
+        )
+        if len(good) != len(answered & set(asked)):
+            line += f", {len(good)} updates used"
+        line += f", {time.time() - t0:.0f}s"
+        spent = [
+            f"{site} {_epsilon_text(p.get('epsilon'))}/{_epsilon_text(p.get('epsilon_budget'))}"
+            for site, p in sorted(self.privacy.items())
+        ]
+        if spent:
+            line += "; sample-level epsilon spent/budget: " + ", ".join(spent)
+        if client_level_epsilon is not None:
+            line += f"; client-level epsilon {_epsilon_text(client_level_epsilon)}"
+        trouble = [
+            f"{site} {s['status']} ({_short(s['reason'])})"
+            for site, s in sorted(state.sites.items())
+            if s["round"] == r and s["status"] != "active"
+        ]
+        if trouble:
+            line += "; " + "; ".join(trouble)
+        say_line("round", line, elapsed=round(time.time() - t0, 3))
 
     def _aggregate_central_dp(
         self,
@@ -595,9 +638,23 @@ class Federation:
 
     def _stop(self, state: RunState, reason: str) -> None:
         state.status, state.reason = "stopped", reason
-        self.say(f"run stopped: {reason}")
+        # a warning: the terminal shows it whatever its verbosity
+        log.warning("run stopped: %s", reason)
         self._write_record(state)
         return None
+
+
+def _short(text: str, n: int = 120) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _epsilon_text(value: Any) -> str:
+    try:
+        eps = float(value)
+    except (TypeError, ValueError):
+        return "?"
+    return "inf" if eps == float("inf") else f"{eps:.2f}"
 
 
 def latest_metrics(run_dir: Path) -> list[dict[str, Any]]:

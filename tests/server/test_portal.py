@@ -418,14 +418,14 @@ def test_login_cookie_and_pages(env):
 
 
 def test_demo_publishes_its_release_to_a_portal_folder(env, tmp_path):
-    from server.demo import publish_demo_release
+    from server.demo import publish_demo_release, release_lines
 
     c = env["c"]
     out = tmp_path / "demo"
     shutil.copytree(c.cohort, out / "run" / "cohort")
     shutil.copytree(c.audit, out / "run" / "audit")
-    messages = []
-    info = publish_demo_release(out, messages.append)
+    info = publish_demo_release(out)
+    messages = release_lines(info)  # the demo summary's release part: the next steps that work
     assert info["status"] == "pending" and (out / "keys" / "officer.key").exists()
     assert oct((out / "portal" / "tokens.txt").stat().st_mode & 0o777) == "0o600"
     lines = (out / "portal" / "tokens.txt").read_text().splitlines()
@@ -435,4 +435,4 @@ def test_demo_publishes_its_release_to_a_portal_folder(env, tmp_path):
     assert any("fedsynth portal serve --data" in m for m in messages)
     assert any("fedsynth pull" in m for m in messages)
     with pytest.raises(FileExistsError):
-        publish_demo_release(out, messages.append)
+        publish_demo_release(out)

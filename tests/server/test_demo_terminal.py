@@ -1,0 +1,98 @@
+"""A small real demo, as a newcomer's terminal sees it (stdout captured, not a TTY): progress, no noise, and a
+summary that agrees with run.json, privacy.json, audit.json and the release's status."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from server.demo import SUMMARY_TITLE
+from server.release.manifest import load_approvals, release_status
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+THIRD_PARTY_NOISE = (
+    "nvImageCodec",
+    "Recommended property",
+    "Flower App configuration warnings",
+    "fraction_evaluate",
+    "UserWarning",
+    "FutureWarning",
+    "DeprecationWarning",
+    "Successfully installed",
+    "Starting logstream",
+)
+
+
+def test_small_demo_prints_progress_and_a_summary_that_matches_the_run(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    argv = [sys.executable, "-m", "server.cli", "demo", "--preset", "tiny", "--subjects", "8"]
+    proc = subprocess.run(
+        [*argv, "--rounds", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+        stdin=subprocess.DEVNULL,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+
+    # readable in a CI log: no control characters, nothing repeated, no third-party chatter
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", proc.stdout)
+    repeated = {line: n for line, n in Counter(lines).items() if n > 3}
+    assert not repeated, repeated
+    for noise in THIRD_PARTY_NOISE:
+        assert noise not in text, noise
+    assert proc.stderr == ""
+
+    # one display per stage
+    for stage in (
+        "public pretraining: autoencoder: 40/40 steps",
+        "public pretraining: diffusion UNet: 40/40 steps",
+        "round 1/1 (diffusion): 3/3 sites answered",
+        "synthesis: 8/8 images",
+        "audit: 3/3 sites answered",
+    ):
+        assert any(stage in line for line in lines), stage
+
+    # the full log went to the run folder, with what the terminal left out
+    log = (out / "run" / "demo.log").read_text()
+    assert "Starting logstream" in log and "fedsynth-progress" in log
+
+    # the summary block agrees with the files
+    summary = proc.stdout[proc.stdout.index(SUMMARY_TITLE) :]
+    record = json.loads((out / "run" / "run.json").read_text())
+    assert f"run:       {record['status']}, 1/1 rounds" in summary
+    privacy = json.loads((out / "run" / "privacy.json").read_text())["sample_level"]
+    assert set(privacy) == {"site-0", "site-1", "site-2"}
+    for site, p in privacy.items():
+        assert f"{site} epsilon {float(p['epsilon']):.2f} of 10.00: {p['protection']}" in summary
+    assert "no client-level DP (central DP off)" in summary
+    assert "cohort:    8 synthetic images (4 healthy, 4 lesion)" in summary
+    verdict = json.loads((out / "run" / "audit" / "audit.json").read_text())["verdict"]
+    assert f"audit:     {verdict['status'].upper()}: {verdict['reasons'][0]}" in summary
+    for stage in ("time:", "public pretraining", "federated rounds", "synthesis", "total"):
+        assert stage in summary, stage
+
+    # the next step is one that works: approve and pull only when the gate let the cohort through
+    status = release_status(out / "release", load_approvals(out / "release"))
+    gate = json.loads((out / "release" / "gate.json").read_text())
+    if gate["passed"]:
+        assert status == "pending"
+        assert "gate:      passed" in summary
+        assert "fedsynth portal serve --data" in summary and "fedsynth pull" in summary
+    else:
+        assert status == "blocked"
+        assert "gate:      BLOCKED" in summary
+        for rule in gate["rules"]:
+            assert (f"- {rule['rule']}:" in summary) == (not rule["passed"])
+        assert "nothing can be approved or pulled" in summary
+        assert "fedsynth pull" not in summary and "approve" not in summary.split("next:")[1]
