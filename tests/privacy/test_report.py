@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from privacy.audit_schema import AUDIT_SCHEMA_VERSION, load_audit
 from privacy.audit_stats import empirical_epsilon_lower_bound, roc_summary
 from privacy.memorization import memorization_audit
-from privacy.report import write_audit_report
+from privacy.report import render_partner_report, write_audit_report
 from privacy.verdict import build_audit, holm
 
 
@@ -226,3 +227,50 @@ def test_schema_1_0_audits_still_load(tmp_path, rng):
     old = tmp_path / "audit.json"
     old.write_text(json.dumps({**audit, "schema_version": "1.0"}))
     assert load_audit(old)["schema_version"] == "1.0"
+
+
+def test_partner_report_holds_aggregates_and_only_the_images_it_is_given(rng):
+    hostile = "<script>alert(1)</script>"
+    s = site(rng, name=hostile, copies=True)
+    audit = build_audit({hostile: s}, cohort={"n_images": 10, "class_names": ["healthy", "lesion"]})
+    released = blobs(rng, 3)
+    gate = {
+        "passed": False,
+        "rules": [{"rule": "max_epsilon", "passed": True, "measured": 8.0, "threshold": 10.0}],
+    }
+    page = render_partner_report(
+        audit,
+        gate=gate,
+        released_images=released,
+        released_labels=[0, 1, 0],
+        class_names=["healthy", "lesion"],
+        withheld_count=10,
+        n_released=0,
+        source_sha256="c" * 64,
+    )
+    assert hostile not in page and "&lt;script&gt;" in page
+    assert (
+        "Release gate: FAILED" in page
+        and "c" * 64 in page
+        and "10</b> synthetic image(s) were withheld" in page
+    )
+    # one image, the sample grid of the three images given; no officer-only section
+    assert page.count("data:image/png;base64,") == 1
+    for officer_only in (
+        "Flagged synthetic images",
+        "Membership inference",
+        "Memorization",
+        "syn-",
+    ):
+        assert officer_only not in page
+
+
+def test_no_python_file_of_privacy_holds_an_html_page():
+    root = Path(__file__).resolve().parents[2] / "privacy"
+    for py in root.rglob("*.py"):
+        text = py.read_text().lower()
+        assert "<html" not in text and "<table" not in text and "<!doctype" not in text, py
+    assert {p.name for p in (root / "templates").glob("*.html.j2")} >= {
+        "officer_report.html.j2",
+        "partner_report.html.j2",
+    }
