@@ -95,6 +95,18 @@ PRESETS: dict[str, ModelConfig] = {
         unet_head_channels=32,
         ae_norm_groups=32,
     ),
+    # Tests, CI and the CPU `--dims 3` demo: 32^3 volumes -> 8^3 x 4 latents (two downsamplings), tiny channels.
+    "tiny3d": ModelConfig(
+        name="tiny3d",
+        spatial_dims=3,
+        image_size=32,
+        ae_channels=(8, 16, 16),
+        latent_channels=4,
+        unet_channels=(16, 32),
+        unet_attention=(False, True),
+        unet_head_channels=8,
+        ddim_steps=10,
+    ),
     # GPU sites, volumes: 64^3 -> 16^3 x 4 latents.
     "base3d": ModelConfig(
         name="base3d",

@@ -127,9 +127,11 @@ def sample_latents(
     steps: int | None = None,
     sampler: str = "ddim",
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Reverse diffusion from Gaussian noise for one batch of class labels (DDIM by default, DDPM for comparison)."""
+    """Reverse diffusion from Gaussian noise for one batch of class labels (DDIM by default, DDPM for comparison).
+    The starting noise is `noise` (B, *latent_shape) if given, else drawn from `generator`."""
     device = labels.device
     if sampler == "ddim":
         scheduler = ddim_scheduler(cfg)
@@ -139,7 +141,13 @@ def sample_latents(
         scheduler.set_timesteps(steps or cfg.train_timesteps, device=device)
     else:
         raise ValueError(f"unknown sampler {sampler!r}")
-    x = torch.randn((len(labels),) + cfg.latent_shape, generator=generator, device="cpu").to(device)
+    if noise is None:
+        noise = torch.randn((len(labels),) + cfg.latent_shape, generator=generator, device="cpu")
+    elif tuple(noise.shape) != (len(labels),) + cfg.latent_shape:
+        raise ValueError(
+            f"noise has shape {tuple(noise.shape)}, expected {(len(labels),) + cfg.latent_shape}"
+        )
+    x = noise.to(device)
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
         t_batch = torch.full((len(labels),), int(t), device=device, dtype=torch.long)

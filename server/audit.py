@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -25,6 +24,7 @@ from common.progress import say_line
 from privacy.audit_schema import flagged_ids, load_audit
 from privacy.report import write_audit_report
 from privacy.verdict import build_audit
+from server.synthesis import read_cohort
 from server.training import load_checkpoint
 
 log = logging.getLogger("fedsynth.server.audit")
@@ -32,22 +32,8 @@ log = logging.getLogger("fedsynth.server.audit")
 
 def load_cohort(cohort_dir: Path) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
     """Synthetic images (N, 1, ...), their ids, class indices and the class names, from a cohort folder."""
-    manifest = json.loads((cohort_dir / "manifest.json").read_text())
-    class_names = list(manifest["class_names"])
-    rows = [
-        line.split(",") for line in (cohort_dir / "labels.csv").read_text().splitlines()[1:] if line
-    ]
-    images, ids, labels = [], [], []
-    for sid, cls in rows:
-        data = np.asarray(
-            nib.load(cohort_dir / "images" / f"{sid}.nii.gz").dataobj, dtype=np.float32
-        )
-        if manifest["model_config"]["spatial_dims"] == 2:
-            data = data[:, :, 0]
-        images.append(data[None])
-        ids.append(sid)
-        labels.append(class_names.index(cls))
-    return np.stack(images), ids, np.asarray(labels, dtype=np.int64), class_names
+    cohort = read_cohort(cohort_dir)
+    return cohort.images(), cohort.ids, cohort.labels, cohort.class_names
 
 
 def audit_messages(

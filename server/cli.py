@@ -3,11 +3,11 @@
 fedsynth [-v|-q] COMMAND ...   -v: every log line at the terminal; -q: warnings, errors and results only.
 Full logs always go to a file in the run folder (demo: DIR/run/demo.log); the terminal shows progress per stage.
 
-fedsynth demo [--out DIR]                        the whole path on loopback: phantoms -> TLS federation -> cohort -> release
+fedsynth demo [--out DIR] [--dims 2|3]           the whole path on loopback: phantoms -> TLS federation -> cohort -> release
 fedsynth phantoms --sites N --subjects M --out DIR [--dims 2|3] [--seed S]
 fedsynth site check DIR                          what a site's folder holds, and every problem in it
 fedsynth site migrate-ledger --site-dir DIR      convert an old (fingerprint-keyed) privacy ledger, conservatively
-fedsynth synthesize --checkpoint CKPT --per-class N --out DIR
+fedsynth synthesize --checkpoint CKPT --per-class N --out DIR [--device D] [--workers W]   (resumes a half-written DIR)
 fedsynth verify COHORT                           re-hash a cohort against its manifest
 fedsynth audit --demo DIR                        re-run the federated privacy audit of a demo's cohort
 fedsynth pki --out DIR --nodes N                 CA, SuperLink certificate, SuperNode auth keys
@@ -113,6 +113,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         steps=args.steps,
         device=args.device,
+        workers=args.workers,
     )
     synthesize_cohort(req, privacy=privacy, progress=args.console.detail)
     args.console.result(f"cohort written to {out}; full log: {args.console.log_file}")
@@ -147,6 +148,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     opts = DemoOptions(
         out=Path(args.out),
         preset=args.preset,
+        dims=args.dims,
         rounds=args.rounds,
         subjects=args.subjects,
         insecure=args.insecure,
@@ -439,7 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the whole pipeline on loopback with phantom hospitals")
     d.add_argument("--out", default="fedsynth-demo")
-    d.add_argument("--preset", default="small")
+    d.add_argument(
+        "--preset",
+        default="",
+        help="model preset (default: small for --dims 2, tiny3d for --dims 3)",
+    )
+    d.add_argument(
+        "--dims", type=int, choices=(2, 3), default=2, help="2: axial slices; 3: whole volumes"
+    )
     d.add_argument(
         "--rounds",
         type=int,
@@ -488,7 +497,14 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the preset's)")
     sy.add_argument("--batch-size", type=int, default=32)
-    sy.add_argument("--device", default="auto")
+    sy.add_argument(
+        "--device",
+        default="auto",
+        help="auto (every visible GPU, else the CPU), cpu, cuda (every GPU) or a list: cuda:0,cuda:1",
+    )
+    sy.add_argument(
+        "--workers", type=int, default=0, help="CPU worker processes when on the CPU (default 1)"
+    )
     sy.set_defaults(fn=cmd_synthesize)
 
     v = sub.add_parser("verify", help="verify a cohort's files against its manifest")

@@ -35,7 +35,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from common.io import atomic_dir, sha256_file, write_json_atomic
@@ -49,7 +48,7 @@ from common.signing import (
 )
 from privacy.audit_schema import load_audit
 from privacy.policy import GateResult, Policy, evaluate_policy, policy_toml
-from server.synthesis import verify_cohort, write_preview
+from server.synthesis import PREVIEW_PER_ROW, load_image, verify_cohort, write_preview
 
 RELEASE_FORMAT = "fedsynth-release/1"
 APPROVAL_FORMAT = "fedsynth-approval/1"
@@ -65,7 +64,6 @@ UNSIGNED = ("release.json", "release.sig")
 PARTNER_REPORT = "audit/report.html"  # what a partner reads about the audit
 AUDIT_JSON = "officers/audit.json"  # the sites' audit: officers only
 OFFICER_REPORT = "officers/audit.html"
-PREVIEW_PER_ROW = 8  # server.synthesis.write_preview shows the first 8 images of each class
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -132,10 +130,6 @@ def _read_audit(audit_dir: Path, manifest: dict, ids: set[str], cohort_dir: Path
     return audit
 
 
-def _load_image(path: Path) -> np.ndarray:
-    return np.asarray(nib.load(path).dataobj, dtype=np.float32)[None]
-
-
 def _write_cohort(
     src: Path, dst: Path, manifest: dict, rows: list[dict], dataset: dict, withheld: set[str]
 ) -> None:
@@ -173,7 +167,13 @@ def _write_cohort(
             r for c in class_names for r in [r for r in kept if r["class"] == c][:PREVIEW_PER_ROW]
         ]
         images = np.stack(
-            [_load_image(src / "images" / f"{r['synthetic_id']}.nii.gz") for r in shown]
+            [
+                load_image(
+                    src / "images" / f"{r['synthetic_id']}.nii.gz",
+                    int(manifest["model_config"]["spatial_dims"]),
+                )
+                for r in shown
+            ]
         )
         labels = np.array([class_names.index(r["class"]) for r in shown])
         write_preview(dst / "preview.png", images, labels, tuple(class_names))
@@ -197,11 +197,12 @@ def _write_reports(
     from privacy.audit_schema import audit_sha256
     from privacy.report import render_officer_report, render_partner_report
 
+    dims = int(manifest["model_config"]["spatial_dims"])
     (tmp / "officers").mkdir()
     shutil.copyfile(audit_json, tmp / AUDIT_JSON)
     sha = audit_sha256(tmp / AUDIT_JSON)
     flagged = {
-        sid: _load_image(cohort_dir / "images" / f"{sid}.nii.gz")
+        sid: load_image(cohort_dir / "images" / f"{sid}.nii.gz", dims)
         for sid in sorted(set(gate.withheld_ids) | _all_flagged(audit))
     }
     (tmp / OFFICER_REPORT).write_text(
@@ -214,7 +215,10 @@ def _write_reports(
     sample = [r for r in kept if r["synthetic_id"] in on_disk][:24]
     images = (
         np.stack(
-            [_load_image(tmp / "cohort" / "images" / f"{r['synthetic_id']}.nii.gz") for r in sample]
+            [
+                load_image(tmp / "cohort" / "images" / f"{r['synthetic_id']}.nii.gz", dims)
+                for r in sample
+            ]
         )
         if sample
         else None

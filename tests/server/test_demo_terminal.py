@@ -32,7 +32,7 @@ THIRD_PARTY_NOISE = (
 def test_small_demo_prints_progress_and_a_summary_that_matches_the_run(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    argv = [sys.executable, "-m", "server.cli", "demo", "--preset", "tiny", "--subjects", "8"]
+    argv = [sys.executable, "-m", "server.cli", "demo", "--preset", "tiny", "--subjects", "6"]
     proc = subprocess.run(
         [*argv, "--rounds", "1", "--out", str(out)],
         capture_output=True,
@@ -53,15 +53,17 @@ def test_small_demo_prints_progress_and_a_summary_that_matches_the_run(tmp_path)
         assert noise not in text, noise
     assert proc.stderr == ""
 
-    # one display per stage
+    # one display per stage (at 6 patients one phantom site has too few hold-out patients to audit: the audit
+    # line must say how many answered, as audit.json records them)
+    audit = json.loads((out / "run" / "audit" / "audit.json").read_text())
     for stage in (
         "public pretraining: autoencoder: 40/40 steps",
         "public pretraining: diffusion UNet: 40/40 steps",
         "round 1/1 (diffusion): 3/3 sites answered",
         "synthesis: 8/8 images",
-        "audit: 3/3 sites answered",
+        f"audit: {len(audit['sites'])}/3 sites answered",
     ):
-        assert any(stage in line for line in lines), stage
+        assert any(stage in line for line in lines), f"{stage!r} not in:\n{proc.stdout[-3000:]}"
 
     # the full log went to the run folder, with what the terminal left out
     log = (out / "run" / "demo.log").read_text()
@@ -77,7 +79,7 @@ def test_small_demo_prints_progress_and_a_summary_that_matches_the_run(tmp_path)
         assert f"{site} epsilon {float(p['epsilon']):.2f} of 10.00: {p['protection']}" in summary
     assert "no client-level DP (central DP off)" in summary
     assert "cohort:    8 synthetic images (4 healthy, 4 lesion)" in summary
-    verdict = json.loads((out / "run" / "audit" / "audit.json").read_text())["verdict"]
+    verdict = audit["verdict"]
     assert f"audit:     {verdict['status'].upper()}: {verdict['reasons'][0]}" in summary
     for stage in ("time:", "public pretraining", "federated rounds", "synthesis", "total"):
         assert stage in summary, stage

@@ -28,7 +28,9 @@ from server.release.manifest import build_release, verify_release
 from server.synthesis import (
     SynthesisRequest,
     synthesize_cohort,
-    write_images,
+    write_datalist,
+    write_image,
+    write_labels,
     write_manifest,
     write_preview,
 )
@@ -140,11 +142,15 @@ def planted_release(tmp_path_factory):
         images[pos] = train.images[patient]
         planted.append(train.images[patient][0])
     cohort = root / "cohort"
-    cohort.mkdir()
+    (cohort / "images").mkdir(parents=True)
     req = replace(req, out_dir=cohort)
-    write_images(cohort, images, labels, cfg)
+    for sid, image in zip(ids, images, strict=True):
+        write_image(cohort, sid, image, cfg)
+    order = [(sid, int(c)) for sid, c in zip(ids, labels, strict=True)]
+    write_labels(cohort, order, cfg.class_names)
+    write_datalist(cohort, order, cfg)
     write_preview(cohort / "preview.png", images, labels, cfg.class_names)
-    write_manifest(cohort, req, cfg, payload, ids, None)
+    write_manifest(cohort, req, cfg, payload, len(ids), None, ["cpu"])
     # The audit the site runs (its real memorization audit against its own patients), then the report.
     mem = memorization_audit(
         images,

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -74,14 +75,66 @@ def test_tampering_is_detected(tmp_path, checkpoint):
     assert any("synth-healthy-00001" in p and "missing" in p for p in problems)
 
 
-def test_crash_leaves_no_half_cohort(tmp_path, checkpoint, monkeypatch):
+def test_crash_leaves_no_half_cohort_and_a_rerun_resumes_it(tmp_path, checkpoint, monkeypatch):
+    """Images are written as they come; a crash leaves no cohort folder, only the partial one, and the same
+    request finishes it without sampling the images already written and verified again."""
+    real_preview = synthesis.write_preview
+
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(synthesis, "write_preview", boom)
-    with pytest.raises(RuntimeError):
-        synthesize_cohort(SynthesisRequest(checkpoint, tmp_path / "cohort", per_class=1))
-    assert list(tmp_path.glob("cohort*")) == [] and not list(tmp_path.glob(".cohort*"))
+    req = SynthesisRequest(checkpoint, tmp_path / "cohort", per_class=3, seed=5, batch_size=2)
+    with pytest.raises(RuntimeError, match="disk full"):
+        synthesize_cohort(req)
+    assert not (tmp_path / "cohort").exists()
+    partial = synthesis.partial_dir(tmp_path / "cohort")
+    assert len(list((partial / "images").glob("*.nii.gz"))) == 6
+    # One image is corrupted on disk, one was being written (a temp file) when the process died.
+    broken = partial / "images" / "synth-lesion-00002.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:100])
+    (partial / "images" / ".synth-lesion-00003.nii.gz.x.tmp.nii.gz").write_bytes(b"half")
+
+    monkeypatch.setattr(synthesis, "write_preview", real_preview)
+    sampled = []
+    real_noise = synthesis.image_noise
+    monkeypatch.setattr(
+        synthesis, "image_noise", lambda cfg, seed, i: sampled.append(i) or real_noise(cfg, seed, i)
+    )
+    messages = []
+    synthesize_cohort(req, progress=messages.append)
+    assert sampled == [4]  # only the corrupted image was sampled again
+    assert any("5 images already written and verified" in m for m in messages)
+    assert verify_cohort(tmp_path / "cohort") == [] and not partial.exists()
+    fresh = synthesize_cohort(replace(req, out_dir=tmp_path / "fresh"))
+    for name in ("synth-lesion-00002", "synth-healthy-00001"):
+        a = nib.load(tmp_path / "cohort" / "images" / f"{name}.nii.gz").get_fdata()
+        b = nib.load(fresh / "images" / f"{name}.nii.gz").get_fdata()
+        assert np.allclose(a, b, atol=1e-4)  # batches of 1 and 2: the same up to float rounding
+
+
+def test_a_partial_cohort_from_another_request_is_not_mixed_in(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.setattr(synthesis, "write_preview", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        synthesize_cohort(SynthesisRequest(checkpoint, tmp_path / "c", per_class=1, seed=1))
+    with pytest.raises(FileExistsError, match="different request"):
+        synthesize_cohort(SynthesisRequest(checkpoint, tmp_path / "c", per_class=1, seed=2))
+
+
+def test_images_do_not_depend_on_batching_or_sharding(tmp_path, checkpoint):
+    """Two CPU worker processes, batch 1, give the images one process with batch 4 gives; the format's reader
+    returns them with their labels."""
+    one = synthesize_cohort(
+        SynthesisRequest(checkpoint, tmp_path / "one", per_class=2, batch_size=4)
+    )
+    two = synthesize_cohort(
+        SynthesisRequest(checkpoint, tmp_path / "two", per_class=2, batch_size=1, workers=2)
+    )
+    assert json.loads((two / "manifest.json").read_text())["synthesis"]["devices"] == ["cpu", "cpu"]
+    a, b = synthesis.read_cohort(one), synthesis.read_cohort(two)
+    assert a.ids == b.ids and list(a.labels) == [0, 0, 1, 1]
+    assert np.allclose(a.images(), b.images(), atol=1e-4)
+    assert verify_cohort(two) == []
 
 
 def test_refuses_to_overwrite(tmp_path, checkpoint):
@@ -117,3 +170,39 @@ def test_audit_task_tells_the_sites_what_the_checkpoints_unet_predicts(
     torch.save(payload, old)
     [msg] = audit_messages(None, [5], cohort, old)
     assert msg.content["config"]["prediction-type"] == "epsilon"
+
+
+def test_3d_cohort_volumes_have_ras_affines_and_read_back_through_the_site_loader(tmp_path):
+    """tiny3d volumes: NIfTI with a centred RAS affine and the nominal spacing; a site's loader (which turns every
+    scan to RAS and resizes it to the model grid) reads a synthetic volume back unchanged: no flip, no transpose."""
+    from common.site import load_image as site_load_image
+
+    cfg = model_config("tiny3d", ddim_steps=2)
+    torch.manual_seed(0)
+    payload = checkpoint_payload(
+        cfg,
+        RunConfig(preset="tiny3d"),
+        RunState(run_id="t3", completed_round=1, latent_scale=1.0),
+        build_autoencoder(cfg).state_dict(),
+        build_unet(cfg).state_dict(),
+    )
+    ckpt = save_checkpoint(tmp_path / "run", payload)
+    out = synthesize_cohort(SynthesisRequest(ckpt, tmp_path / "cohort", per_class=1, batch_size=2))
+    assert verify_cohort(out) == []
+    path = out / "images" / "synth-lesion-00001.nii.gz"
+    img = nib.load(path)
+    spacing = synthesis.NOMINAL_FOV_MM / 32
+    assert img.shape == (32, 32, 32) and np.allclose(img.header.get_zooms(), spacing)
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S") and int(img.header["sform_code"]) == 1
+    assert np.allclose(img.affine[:3, :3] @ np.full(3, 15.5) + img.affine[:3, 3], 0)  # centred
+    cohort = synthesis.read_cohort(out)
+    volume = cohort.image("synth-lesion-00001")
+    assert volume.shape == (1, 32, 32, 32) and cohort.spatial_dims == 3
+    back, read_spacing, _ = site_load_image(path, spatial_dims=3, image_size=32)
+    lo, hi = np.percentile(volume, [0.5, 99.5])
+    assert np.allclose(back, np.clip((volume - lo) / (hi - lo), 0, 1), atol=1e-4)
+    assert read_spacing == (round(spacing, 4),) * 3
+    views = synthesis.preview_views(volume)  # sagittal, coronal, axial mid-slices
+    assert [v.shape for v in views] == [(32, 32)] * 3
+    assert np.array_equal(views[2], np.rot90(volume[0, :, :, 16]))
+    assert (out / "preview.png").stat().st_size > 0
