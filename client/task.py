@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import TensorDataset
 
 from common.config import ModelConfig, SiteConfig, model_config
+from common.messages import RoundPlan
 from common.model import (
     autoencoder_loss,
     build_autoencoder,
@@ -39,40 +41,6 @@ from privacy.ledger import LEDGER_FILENAME, NO_DP, PrivacyLedger
 from privacy.sampling import patient_loader
 
 log = logging.getLogger("fedsynth.site")
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """The server's instructions for one round, plus what the site needs to plan its privacy for the whole run."""
-
-    run_id: str
-    server_round: int
-    phase: str  # "autoencoder" | "diffusion"
-    num_server_rounds: int
-    federated_autoencoder_rounds: int
-    preset: str
-    local_epochs: int
-    batch_size: int
-    lr: float
-    kl_weight: float = 1e-6
-    latent_scale: float = 1.0
-    proximal_mu: float = 0.0
-    seed: int = 0
-
-    @property
-    def remaining_rounds(self) -> int:
-        """Rounds in which this site may still train, this one included (both phases count: both touch data)."""
-        return self.num_server_rounds - self.server_round + 1
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> RoundPlan:
-        names = {f for f in cls.__dataclass_fields__}
-        return cls(
-            **{k.replace("-", "_"): v for k, v in cfg.items() if k.replace("-", "_") in names}
-        )
-
-    def to_config(self) -> dict[str, Any]:
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -104,6 +72,18 @@ class RoundResult:
     state_dict: dict[str, torch.Tensor] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
+
+
+def round_seed(site: SiteConfig, plan: RoundPlan) -> int:
+    """The seed of the round's other randomness (the loss's timesteps and noise, the autoencoder's sampling).
+
+    Under DP it is the site's own (OS entropy), not the server's: those draws are consumed batch position by batch
+    position, so with a stream the server knows, one patient's presence would shift the draws of every patient
+    after it and their gradients would move by more than the clipping norm. Drawn fresh and unknown, they are
+    exchangeable and the DP-SGD analysis holds. (Noise and Poisson sampling have their own generators:
+    privacy/dp.py.) Without DP (experiments, no claim) the server's seed makes the round reproducible.
+    """
+    return secrets.randbits(63) if site.dp else plan.seed * 1_000_003 + plan.server_round
 
 
 def configure_compute(site: SiteConfig) -> torch.device:
@@ -255,9 +235,9 @@ def _train_loop(
     groups = groups or [[i] for i in range(len(dataset))]
     if dp.steps % plan.local_epochs:
         raise ValueError(f"planned {dp.steps} steps do not split into {plan.local_epochs} epochs")
-    # exactly the planned rate and steps (Opacus' own loader can run one step fewer than it was asked for)
+    # exactly the planned rate and steps (Opacus' own loader can run one step fewer than it was asked for);
+    # under DP, make_private gives its sampler a generator seeded from the site's OS entropy
     loader = patient_loader(dataset, groups, dp.sample_rate, dp.steps // plan.local_epochs)
-    generator = torch.Generator().manual_seed(plan.seed * 100_003 + plan.server_round)
     if dp.enabled:
         module, optimizer, loader = make_private(
             module,
@@ -297,7 +277,6 @@ def _train_loop(
             steps += 1
     if steps != dp.steps:
         raise RuntimeError(f"ran {steps} DP-SGD steps but planned and recorded {dp.steps}")
-    del generator
     return {"loss": sum(losses) / max(1, len(losses)), "steps": float(steps)}
 
 
@@ -327,7 +306,7 @@ def run_training_round(
     t0 = time.time()
     cfg = model_config(plan.preset)
     device = configure_compute(site)
-    torch.manual_seed(plan.seed * 1_000_003 + plan.server_round)
+    torch.manual_seed(round_seed(site, plan))
     ledger = open_ledger(site)
     train, holdout = load_training_data(site, cfg, ledger)
     dp, reason = plan_privacy(site, ledger, train, plan)

@@ -60,7 +60,9 @@ def best_matches(canvas: np.ndarray, images: np.ndarray) -> list[float]:
     anywhere on `canvas`, over the sizes a report or preview grid draws a cell at. 1.0 = the image is there."""
     best = [0.0] * len(images)
     templates = [Image.fromarray((np.rot90(im) * 255).astype(np.uint8)) for im in images]
-    for size in range(24, 74, 2):  # cell sizes at half resolution (reports: ~45-55, previews: ~55-65)
+    for size in range(
+        24, 74, 2
+    ):  # cell sizes at half resolution (reports: ~45-55, previews: ~55-65)
         if size > min(canvas.shape):
             break
         ones = np.ones((size, size))
