@@ -24,6 +24,7 @@ from common.signing import generate_keypair
 from privacy.memorization import memorization_audit
 from privacy.policy import DEFAULT_POLICY
 from server.audit import load_cohort, write_cohort_audit
+from server.release.access import visible_files
 from server.release.manifest import build_release, verify_release
 from server.synthesis import (
     SynthesisRequest,
@@ -191,7 +192,7 @@ def test_no_partner_visible_byte_carries_a_withheld_patient(planted_release, tmp
     manifest = json.loads((release / "release.json").read_text())
     assert manifest["withheld"]["ids"] == planted_release["planted_ids"]
     assert verify_release(release, planted_release["pub"]) == []
-    visible = [rel for rel in manifest["files"] if not rel.startswith(OFFICERS)]
+    visible = visible_files("partner", manifest["files"])  # what the portal serves and pull downloads
     assert visible and not any(rel.startswith("officers/") for rel in visible)
     files = {rel: (release / rel).read_bytes() for rel in [*visible, "release.json", "release.sig"]}
     assert any(pngs_in(data, rel) for rel, data in files.items())  # the check looks at images
