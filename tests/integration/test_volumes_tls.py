@@ -105,5 +105,6 @@ def test_tls_federation_trains_synthesizes_and_audits_volumes(tmp_path):
         policy=replace(DEFAULT_POLICY, required_approvals=1),
         consortium_key=consortium,
         officer_keys={"officer": generate_keypair(keys, "officer")[1]},
+        server_privacy=run_dir / "privacy.json",
     )
     assert verify_release(release, consortium_pub) == []
