@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from client import canaries
 from common.config import ModelConfig, SiteConfig, model_config
 from common.messages import RoundPlan
 from common.model import (
@@ -313,7 +314,9 @@ def run_training_round(
     if dp is None:
         log.warning("site %s refuses round %d: %s", site.name, plan.server_round, reason)
         return RoundResult(
-            site.name, refused=reason, privacy=privacy_summary(site, ledger, train, None)
+            site.name,
+            refused=reason,
+            privacy=privacy_summary(site, ledger, train, None, plan.run_id),
         )
 
     # The spend, and which patients it covers, is committed before any record touches the mechanism: a crash
@@ -330,9 +333,14 @@ def run_training_round(
         delta=dp.delta,
         patients=train.patients,
     )
-    groups = train.records_by_patient()
-    images = torch.from_numpy(train.images)
-    labels = torch.from_numpy(train.labels)
+    # One-run audit canaries (client/canaries.py): the included ones are extra records, one sampling unit each,
+    # Poisson-sampled at the patients' rate and clipped and noised like them; the rate, steps and noise above
+    # come from the patient count alone, so no patient's mechanism depends on them.
+    canary_set = canaries.load_or_create(site, len(train.patients), dp.delta)
+    records, record_labels = canaries.training_records(train, canary_set, cfg)
+    groups = train.records_by_patient() + [[len(train) + j] for j in range(canary_set.n_included)]
+    images = torch.from_numpy(records)
+    labels = torch.from_numpy(record_labels)
     if plan.phase == "autoencoder":
         module: torch.nn.Module = build_autoencoder(cfg)
         module.load_state_dict(arrays)
@@ -373,7 +381,7 @@ def run_training_round(
         "steps": stats["steps"],
         "seconds": seconds,
     }
-    privacy = privacy_summary(site, ledger, train, dp)
+    privacy = privacy_summary(site, ledger, train, dp, plan.run_id)
     metrics.update({"epsilon": privacy["epsilon"], "delta": privacy["delta"]})
     log.info(
         "site %s round %d %s: loss %.4f, %d steps, epsilon %.3f, %.1fs",
@@ -396,13 +404,20 @@ def _protection(accountant: str, delta: float) -> str:
 
 
 def privacy_summary(
-    site: SiteConfig, ledger: PrivacyLedger, train: SiteData, dp: DPPlan | None
+    site: SiteConfig,
+    ledger: PrivacyLedger,
+    train: SiteData,
+    dp: DPPlan | None,
+    run_id: str = "",
 ) -> dict[str, Any]:
-    """What the site reports about its spend: the WORST patient's, over every mechanism in its ledger (every
-    patient the site ever trained on, whatever run, name or hold-out fraction), labelled with the protection."""
+    """What the site reports about its spend: the WORST spend of the patients in run `run_id` and in this
+    round's training set, each composed over every mechanism they were ever in (whatever run, site name or
+    hold-out fraction), labelled with the protection. At the end of a run it equals the audit-time claim of that
+    run (`run_privacy_claim`)."""
+    patients = ledger.patients_of(run_id) | set(train.patients) if run_id else set(train.patients)
     delta = accounting_delta(site, ledger, len(train.patients))
-    eps = ledger.epsilon(delta, site.accountant) if site.dp else math.inf
-    history = max(ledger.histories(), key=lambda h: sum(s.steps for s in h))
+    eps = ledger.epsilon(delta, site.accountant, patients) if site.dp else math.inf
+    history = max(ledger.histories(patients), key=lambda h: sum(s.steps for s in h))
     last = ledger.entries()[-1] if ledger.entries() else None
     return {
         "site": site.name,

@@ -677,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
-        _say("interrupted")
+        where = f"; full log: {args.console.log_file}" if args.console.log_file else ""
+        _say(f"interrupted{where}")
         return 130
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         _say(f"error: {err}")

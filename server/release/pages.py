@@ -18,7 +18,7 @@ from fastapi.templating import Jinja2Templates
 from privacy.policy import format_value
 from server.release.access import may_read_file, officers_only
 from server.release.api import cohort_files
-from server.release.manifest import AUDIT_JSON, release_sha256
+from server.release.manifest import release_sha256
 from server.release.state import (
     SESSION_COOKIE,
     Cohort,
@@ -124,17 +124,18 @@ def page_cohort(request: Request, cohort_id: str, decided: int = 0):
 
 def cohort_context(request: Request, cohort: Cohort, who: Principal) -> dict:
     manifest = read_release_json(cohort.path)
-    # Everyone who may see the cohort sees the audit's status (signed in release.json); the reasons, which name
-    # sites and their figures, come from the sites' audit.json, for officers' eyes only.
-    verdict = {"status": manifest.get("audit_verdict") or "unknown", "reasons": []}
-    if may_read_file(who.role, AUDIT_JSON):
+    files = cohort_files(cohort, who)
+    # The sites' audit.json may be for officers only (officers/): a page shows its reasons only to whoever may
+    # read that file, and everyone else the verdict the signed release.json states.
+    audit_rel = (manifest.get("reports") or {}).get("audit", "audit/audit.json")
+    verdict = {"status": manifest.get("audit_verdict"), "reasons": []}
+    if audit_rel in files and may_read_file(who.role, audit_rel):
         try:
-            verdict = json.loads((cohort.path / AUDIT_JSON).read_text()).get("verdict") or {}
+            verdict = json.loads((cohort.path / audit_rel).read_text()).get("verdict") or {}
         except (OSError, ValueError, AttributeError):
-            verdict = {"status": "unreadable", "reasons": [f"{AUDIT_JSON} could not be read"]}
+            verdict = {"status": "unreadable", "reasons": [f"{audit_rel} could not be read"]}
     if cohort.problems:  # a changed audit.json is not the audit the officers are asked to sign off
         verdict = {"status": "not shown", "reasons": ["the cohort is invalid (see above)"]}
-    files = cohort_files(cohort, who)
     reports = [
         {
             "rel": rel,

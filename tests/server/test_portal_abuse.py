@@ -29,12 +29,15 @@ def add_officers_file(release, c) -> None:
     """Put an officers-only file into a release and re-sign release.json (as `release build` will)."""
     (release / "officers").mkdir(exist_ok=True)
     (release / "officers" / "report.html").write_text("<html><body>officers only</body></html>")
+    audit = json.loads((release / "audit" / "audit.json").read_text())
+    audit["verdict"] = {"status": "pass", "reasons": ["a reason for officer eyes only"]}
+    (release / "officers" / "audit.json").write_text(json.dumps(audit))
     manifest = json.loads((release / "release.json").read_text())
     import hashlib
 
-    manifest["files"]["officers/report.html"] = hashlib.sha256(
-        (release / "officers" / "report.html").read_bytes()
-    ).hexdigest()
+    for rel in ("officers/report.html", "officers/audit.json"):
+        manifest["files"][rel] = hashlib.sha256((release / rel).read_bytes()).hexdigest()
+    manifest["reports"] = {"audit": "officers/audit.json"}
     data = manifest_bytes(manifest)
     (release / "release.json").write_bytes(data)
     (release / "release.sig").write_text(sign(load_private_key(c.consortium_key), data) + "\n")
@@ -278,7 +281,9 @@ def test_a_changed_audit_of_a_pending_cohort_is_not_shown_as_the_signed_one(env)
             page = officer.get("/cohorts/pending-1")
             assert "officers/audit.json: sha256 does not match" in page.text
             assert "edited on the portal" not in page.text and "iframe" not in page.text
-            assert officer.get("/api/cohorts/pending-1/files/officers/audit.json").status_code == 409
+            assert (
+                officer.get("/api/cohorts/pending-1/files/officers/audit.json").status_code == 409
+            )
     finally:
         audit.write_bytes(original)
 
@@ -324,7 +329,8 @@ def test_officers_only_files_are_never_listed_or_served_to_partners(env, tmp_pat
         assert not any(f.startswith("officers/") for f in info["files"])
         assert partner.get("/api/cohorts/secret-1/files/officers/report.html").status_code == 404
         page = partner.get("/cohorts/secret-1")
-        assert "officers/" not in page.text.replace("release.json", "")
+        assert "officers/" not in page.text and "officer eyes only" not in page.text
+        assert "officer eyes only" in officer.get("/cohorts/secret-1").text
         assert "officers/report.html" in officer.get("/api/cohorts/secret-1").json()["files"]
         r = officer.get("/api/cohorts/secret-1/files/officers/report.html")
         assert r.status_code == 200 and b"officers only" in r.content

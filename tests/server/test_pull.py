@@ -104,7 +104,9 @@ def test_pull_resumes_a_partial_download_with_range(env, tmp_path):
     (partial / images[1]).write_bytes(b"garbage that is not a prefix of the file")
     (partial / "cohort" / "stale.txt").write_text("left over from another attempt")
     out = _pull(env, "resume-1", tmp_path / "resume-1")
-    assert verify_release(out, env["c"].consortium_pub, role="partner") == [] and not partial.exists()
+    assert (
+        verify_release(out, env["c"].consortium_pub, role="partner") == [] and not partial.exists()
+    )
     assert not (out / "cohort" / "stale.txt").exists()
     with env["server"].client(env["tok"]["root"]) as admin:
         log = admin.get("/api/access-log").json()["entries"]

@@ -192,7 +192,9 @@ def test_no_partner_visible_byte_carries_a_withheld_patient(planted_release, tmp
     manifest = json.loads((release / "release.json").read_text())
     assert manifest["withheld"]["ids"] == planted_release["planted_ids"]
     assert verify_release(release, planted_release["pub"]) == []
-    visible = visible_files("partner", manifest["files"])  # what the portal serves and pull downloads
+    visible = visible_files(
+        "partner", manifest["files"]
+    )  # what the portal serves and pull downloads
     assert visible and not any(rel.startswith("officers/") for rel in visible)
     files = {rel: (release / rel).read_bytes() for rel in [*visible, "release.json", "release.sig"]}
     assert any(pngs_in(data, rel) for rel, data in files.items())  # the check looks at images
