@@ -29,7 +29,7 @@ def add_officers_file(release, c) -> None:
     """Put an officers-only file into a release and re-sign release.json (as `release build` will)."""
     (release / "officers").mkdir(exist_ok=True)
     (release / "officers" / "report.html").write_text("<html><body>officers only</body></html>")
-    audit = json.loads((release / "audit" / "audit.json").read_text())
+    audit = json.loads((release / "officers" / "audit.json").read_text())  # as release build wrote it
     audit["verdict"] = {"status": "pass", "reasons": ["a reason for officer eyes only"]}
     (release / "officers" / "audit.json").write_text(json.dumps(audit))
     manifest = json.loads((release / "release.json").read_text())
@@ -37,7 +37,7 @@ def add_officers_file(release, c) -> None:
 
     for rel in ("officers/report.html", "officers/audit.json"):
         manifest["files"][rel] = hashlib.sha256((release / rel).read_bytes()).hexdigest()
-    manifest["reports"] = {"audit": "officers/audit.json"}
+    manifest.setdefault("reports", {})["audit"] = "officers/audit.json"
     data = manifest_bytes(manifest)
     (release / "release.json").write_bytes(data)
     (release / "release.sig").write_text(sign(load_private_key(c.consortium_key), data) + "\n")
