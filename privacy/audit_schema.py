@@ -25,7 +25,7 @@ Schema 1.2 (strict JSON: a number that is not finite, e.g. the claimed epsilon o
     failures: [sites that did not answer]
     flags: [human-readable findings and caveats]
     verdict: {status: "pass" | "fail" | "inconclusive", reasons, findings, caveats, thresholds, dp_suspect,
-              share_tests: {n_tests, correction, alpha}}
+              power: {site: privacy.power figures}, share_tests: {n_tests, correction, alpha}}
 
 1.2 (coarse aggregates, issue 9): a site no longer returns a near-copy threshold, median distances, data-derived
 histogram edges or a full ROC curve (each is, or pins down, a distance between one synthetic image and one

@@ -30,6 +30,7 @@ from privacy.audit_schema import (
     shares,
     tpr_resolvable,
 )
+from privacy.power import verdict_notes
 
 SHARE_ALPHA = (
     0.05  # family-wise level of the share permutation tests (Holm over the tests of one audit)
@@ -231,8 +232,13 @@ def build_audit(
             f"share tests that cannot reach Holm significance with their number of permutations B "
             f"({n_tests} tests x 1 / (1 + B) >= {SHARE_ALPHA}): {', '.join(blind[:10])}"
         )
+    # power (privacy/power.py): a canary bound above the claim fails; a site whose audit could not have certified
+    # the claim's range of interest even with a perfect attack makes the verdict inconclusive, never "pass"
+    canary_findings, underpowered, power = verdict_notes(site_results)
+    findings += canary_findings
+    suspect = suspect or bool(canary_findings)
     worst = worst_case(site_results)
-    inconclusive = []
+    inconclusive = list(underpowered)
     if not site_results:
         inconclusive.append("no site returned an audit")
     elif "membership_auc" not in worst:
@@ -278,6 +284,7 @@ def build_audit(
                 "caveats": caveats,
                 "thresholds": THRESHOLDS,
                 "dp_suspect": suspect,
+                "power": power,
                 "share_tests": {
                     "n_tests": n_tests,
                     "alpha": SHARE_ALPHA,

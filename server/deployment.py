@@ -488,17 +488,17 @@ def run_app(
         f"flwr-run-{runs}" if runs else "flwr-run"
     )  # one log per run when a SuperLink serves several
     proc = link.procs.start(run_name, argv, link.env)
-    log = link.procs.log(run_name)
+    run_log = link.procs.log(run_name)
     logs = {
         name: path
         for name, (_, path) in link.procs.procs.items()
         if not name.startswith("flwr-run")
     }
-    logs |= {"run": log, "flwr": link.procs.log_dir / "flwr.log"}
+    logs |= {"run": run_log, "flwr": link.procs.log_dir / "flwr.log"}
     deadline, pending, dead = time.time() + timeout_s, b"", set()
     output = on_output or progress
     run_id, status, down_since = None, "not started", None
-    with open(log, "rb") as f:
+    with open(run_log, "rb") as f:
         while True:
             done = proc.poll() is not None
             *lines, pending = (pending + f.read()).split(b"\n")
@@ -508,7 +508,7 @@ def run_app(
                     output(text)
             if done:
                 pending = b""
-                run_id = run_id or _started_run_id(log)
+                run_id = run_id or _started_run_id(run_log)
                 status = _settled_status(link, run_id, deadline)
                 if link.database is None or run_id is None or status.startswith("finished"):
                     break
@@ -523,7 +523,7 @@ def run_app(
             if time.time() > deadline:
                 link.procs.stop(run_name)
                 raise DeploymentError(
-                    f"the run did not finish within {timeout_s:.0f}s; last lines:\n{_tail(log)}"
+                    f"the run did not finish within {timeout_s:.0f}s; last lines:\n{_tail(run_log)}"
                 )
             # A SuperLink with a database may be restarted (restart_superlink, an operator, systemd)
             if link.procs.procs["superlink"][0].poll() is None:
@@ -544,7 +544,7 @@ def run_app(
     if proc.returncode != 0 or status != "finished:completed":
         raise DeploymentError(
             f"the Flower run ended with status {status!r} (flwr exit code {proc.returncode}); last lines of "
-            f"{log}:\n{_tail(log)}\nlast lines of {logs['superlink']}:\n{_tail(logs['superlink'], 15)}"
+            f"{run_log}:\n{_tail(run_log)}\nlast lines of {logs['superlink']}:\n{_tail(logs['superlink'], 15)}"
         )
     return FederationResult(proc.returncode, status, run_id, logs)
 

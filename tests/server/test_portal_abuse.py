@@ -29,7 +29,9 @@ def add_officers_file(release, c) -> None:
     """Put an officers-only file into a release and re-sign release.json (as `release build` will)."""
     (release / "officers").mkdir(exist_ok=True)
     (release / "officers" / "report.html").write_text("<html><body>officers only</body></html>")
-    audit = json.loads((release / "officers" / "audit.json").read_text())  # as release build wrote it
+    audit = json.loads(
+        (release / "officers" / "audit.json").read_text()
+    )  # as release build wrote it
     audit["verdict"] = {"status": "pass", "reasons": ["a reason for officer eyes only"]}
     (release / "officers" / "audit.json").write_text(json.dumps(audit))
     manifest = json.loads((release / "release.json").read_text())
