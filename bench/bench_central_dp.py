@@ -29,6 +29,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from bench.report import write_block
 from client.client_app import central_dp_clipping_mod, train
 from common.config import RunConfig, model_config
+from common.messages import ARRAYS, CONFIG
 from common.model import (
     autoencoder_loss,
     build_autoencoder,
@@ -55,14 +56,14 @@ class InProcessGrid:
     def send_and_receive(self, messages, timeout=None):
         replies = []
         for m in messages:
-            sent = m.content["arrays"].to_numpy_ndarrays()
-            r = int(m.content["config"]["server-round"])
+            sent = m.content[ARRAYS].to_numpy_ndarrays()
+            r = int(m.content[CONFIG]["server-round"])
 
             def measured(msg, ctx, sent=sent, r=r):
                 reply = train(msg, ctx)
                 if "arrays" in reply.content:
                     self.norms.setdefault(r, []).append(
-                        update_norm(reply.content["arrays"].to_numpy_ndarrays(), sent)
+                        update_norm(reply.content[ARRAYS].to_numpy_ndarrays(), sent)
                     )
                 return reply
 

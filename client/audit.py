@@ -187,10 +187,16 @@ def audit_site(
     """Everything the site computes about a candidate cohort; the result holds aggregates only.
 
     The claimed privacy is that of run `run_id`'s patients (client/task.py run_privacy_claim): "none" when the
-    site's ledger has no entry for the run. Non-members are the persisted hold-out, never trained on."""
+    site's ledger has no entry for the run. Members are the patients that run trained on (all training patients
+    when the ledger has no entry for it); non-members are the persisted hold-out, never trained on."""
     device = configure_compute(site)
     ledger = open_ledger(site)
     train, holdout = load_training_data(site, cfg, ledger)
+    in_run = ledger.patients_of(run_id) if run_id else set()
+    if (
+        in_run
+    ):  # members: the patients this run trained on (not newcomers assigned to training since)
+        train = train.with_patients(in_run)
     if len(train) < 2 or len(holdout) < 2:
         raise ValueError(
             f"site {site.name}: needs >= 2 training and >= 2 hold-out patients to audit"

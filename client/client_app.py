@@ -18,14 +18,15 @@ from flwr.app import (
     Error,
     Message,
     MessageType,
-    MetricRecord,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.task import RoundPlan, run_training_round
+from client.task import RoundResult, run_training_round
+from common import messages
 from common.config import SiteConfig, model_config
+from common.messages import AuditReply, AuditRequest, RoundPlan, TrainMetrics, TrainStatus
 from common.noise import silence_known_noise
 from privacy.client_level import clip_update
 
@@ -41,18 +42,22 @@ def central_dp_clipping_mod(msg: Message, context: Context, call_next) -> Messag
     `DifferentialPrivacyClientSideFixedClipping` puts it there when the run has central DP on).
     """
     config = (
-        msg.content.config_records.get("config")
+        msg.content.config_records.get(messages.CONFIG)
         if msg.metadata.message_type == MessageType.TRAIN
         else None
     )
     if config is None or KEY_CLIPPING_NORM not in config:
         return call_next(msg, context)
-    clipping_norm = float(config[KEY_CLIPPING_NORM])
-    sent = msg.content["arrays"]
-    reply = call_next(msg, context)
-    if reply.has_error() or "arrays" not in reply.content:
+    # the key is this mod's (Flower's DP wrapper adds it to the round plan): the app sees the exact RoundPlan
+    clipping_norm = float(config.pop(KEY_CLIPPING_NORM))
+    sent = msg.content[messages.ARRAYS]
+    try:
+        reply = call_next(msg, context)
+    finally:
+        config[KEY_CLIPPING_NORM] = clipping_norm  # the message as received
+    if reply.has_error() or messages.ARRAYS not in reply.content:
         return reply  # nothing of the model leaves
-    new = reply.content["arrays"]
+    new = reply.content[messages.ARRAYS]
     if list(new.keys()) != list(sent.keys()):
         raise ValueError("central DP: the reply's arrays do not match the global model's")
     new_nd, norm = clip_update(new.to_numpy_ndarrays(), sent.to_numpy_ndarrays(), clipping_norm)
@@ -62,7 +67,7 @@ def central_dp_clipping_mod(msg: Message, context: Context, call_next) -> Messag
         norm,
         min(norm, clipping_norm),
     )
-    reply.content["arrays"] = ArrayRecord(
+    reply.content[messages.ARRAYS] = ArrayRecord(
         {k: Array(np.asarray(v)) for k, v in zip(new.keys(), new_nd, strict=True)}
     )
     return reply
@@ -81,30 +86,49 @@ silence_known_noise()  # this process loads every scan of the site: MONAI's read
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     site = SiteConfig.from_flwr(context.node_config)
-    plan = RoundPlan.from_config(dict(msg.content["config"]))
-    arrays = msg.content["arrays"].to_torch_state_dict()
-    autoencoder = (
-        msg.content["autoencoder"].to_torch_state_dict() if "autoencoder" in msg.content else None
-    )
     try:
-        result = run_training_round(site, plan, arrays, autoencoder)
-    except Exception as err:  # reply with the site's name and the reason, so the run record says who dropped and why
-        logging.getLogger("fedsynth.site").exception(
-            "site %s: round %d failed", site.name, plan.server_round
+        plan = RoundPlan.from_record(msg.content.config_records.get(messages.CONFIG))
+        arrays = msg.content[messages.ARRAYS].to_torch_state_dict()
+        frozen = msg.content.array_records.get(messages.AUTOENCODER)
+        result = run_training_round(
+            site, plan, arrays, frozen.to_torch_state_dict() if frozen is not None else None
         )
-        status = {"site": site.name, "refused": "", "error": f"{type(err).__name__}: {err}"[:2000]}
-        return Message(content=RecordDict({"status": ConfigRecord(status)}), reply_to=msg)
-    content = RecordDict({"privacy": ConfigRecord(_config_values(result.privacy))})
-    content["status"] = ConfigRecord(
-        {"site": result.site_name, "refused": result.refused, "error": ""}
+    except Exception as err:  # reply with the site's name and the reason, so the run record says who dropped and why
+        logging.getLogger("fedsynth.site").exception("site %s: training round failed", site.name)
+        status = TrainStatus(site.name, refused="", error=f"{type(err).__name__}: {err}"[:2000])
+        return Message(content=RecordDict({messages.STATUS: status.to_record()}), reply_to=msg)
+    return Message(content=train_reply(site, result), reply_to=msg)
+
+
+def train_reply(site: SiteConfig, result: RoundResult) -> RecordDict:
+    """What leaves the site after a round: status, privacy spend, and, if it trained, the model and its metrics.
+    The exact patient count and the training loss only with `report-training-stats` (common/config.py)."""
+    privacy = dict(result.privacy)
+    if not site.report_training_stats:
+        privacy.pop("patients_trained_on", None)
+    privacy["training_stats_reported"] = site.report_training_stats
+    content = RecordDict(
+        {
+            messages.STATUS: TrainStatus(result.site_name, result.refused, "").to_record(),
+            messages.PRIVACY: ConfigRecord(_config_values(privacy)),
+        }
     )
     if result.state_dict is not None:
-        content["arrays"] = ArrayRecord(result.state_dict)
-        content["metrics"] = MetricRecord({k: float(v) for k, v in result.metrics.items()})
-    return Message(content=content, reply_to=msg)
+        m = result.metrics
+        report = site.report_training_stats
+        content[messages.ARRAYS] = ArrayRecord(result.state_dict)
+        content[messages.METRICS] = TrainMetrics(
+            steps=int(m["steps"]),
+            seconds=float(m["seconds"]),
+            epsilon=float(m["epsilon"]),
+            delta=float(m["delta"]),
+            loss=float(m["loss"]) if report else None,
+            num_examples=int(m["num-examples"]) if report else None,
+        ).to_record()
+    return content
 
 
-@app.query("audit")
+@app.query(messages.AUDIT)
 def audit(msg: Message, context: Context) -> Message:
     """Audit a candidate cohort against this site's members and hold-out; reply with aggregates only.
 
@@ -114,36 +138,27 @@ def audit(msg: Message, context: Context) -> Message:
     from client.audit_admission import admit
 
     site = SiteConfig.from_flwr(context.node_config)
-    config = msg.content["config"]
+    request = AuditRequest.from_record(msg.content.config_records.get(messages.CONFIG))
     ok, reason = admit(
-        site,
-        str(config.get("run-id", "")),
-        str(config.get("checkpoint-sha256", "")),
-        str(config.get("cohort-manifest-sha256", "")),
+        site, request.run_id, request.checkpoint_sha256, request.cohort_manifest_sha256
     )
     if not ok:
         logging.getLogger("fedsynth.site").warning("%s", reason)
         return Message(error=Error(code=AUDIT_REFUSED, reason=reason), reply_to=msg)
-    cohort = msg.content["cohort"]
+    cohort = msg.content[messages.COHORT]
     result = audit_site(
         site,
-        model_config(
-            str(config["preset"]), prediction_type=str(config.get("prediction-type", "epsilon"))
-        ),
-        synthetic=cohort["images"].numpy(),
-        synthetic_ids=json.loads(str(config["synthetic-ids"])),
-        synthetic_labels=cohort["labels"].numpy(),
-        ae_state=msg.content["autoencoder"].to_torch_state_dict(),
-        unet_state=msg.content["unet"].to_torch_state_dict(),
-        latent_scale=float(config["latent-scale"]),
-        run_id=str(config["run-id"]),
+        model_config(request.preset, prediction_type=request.prediction_type),
+        synthetic=cohort[messages.COHORT_IMAGES].numpy(),
+        synthetic_ids=list(request.synthetic_ids),
+        synthetic_labels=cohort[messages.COHORT_LABELS].numpy(),
+        ae_state=msg.content[messages.AUTOENCODER].to_torch_state_dict(),
+        unet_state=msg.content[messages.UNET].to_torch_state_dict(),
+        latent_scale=request.latent_scale,
+        run_id=request.run_id,
     )
-    return Message(
-        content=RecordDict(
-            {"audit": ConfigRecord({"json": json.dumps(result, default=_json_default)})}
-        ),
-        reply_to=msg,
-    )
+    reply = AuditReply(json.dumps(result, default=_json_default))
+    return Message(content=RecordDict({messages.AUDIT: reply.to_record()}), reply_to=msg)
 
 
 def _json_default(value):

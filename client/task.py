@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import TensorDataset
 
 from common.config import ModelConfig, SiteConfig, model_config
+from common.messages import RoundPlan
 from common.model import (
     autoencoder_loss,
     build_autoencoder,
@@ -39,40 +41,6 @@ from privacy.ledger import LEDGER_FILENAME, NO_DP, PrivacyLedger
 from privacy.sampling import patient_loader
 
 log = logging.getLogger("fedsynth.site")
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """The server's instructions for one round, plus what the site needs to plan its privacy for the whole run."""
-
-    run_id: str
-    server_round: int
-    phase: str  # "autoencoder" | "diffusion"
-    num_server_rounds: int
-    federated_autoencoder_rounds: int
-    preset: str
-    local_epochs: int
-    batch_size: int
-    lr: float
-    kl_weight: float = 1e-6
-    latent_scale: float = 1.0
-    proximal_mu: float = 0.0
-    seed: int = 0
-
-    @property
-    def remaining_rounds(self) -> int:
-        """Rounds in which this site may still train, this one included (both phases count: both touch data)."""
-        return self.num_server_rounds - self.server_round + 1
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> RoundPlan:
-        names = {f for f in cls.__dataclass_fields__}
-        return cls(
-            **{k.replace("-", "_"): v for k, v in cfg.items() if k.replace("-", "_") in names}
-        )
-
-    def to_config(self) -> dict[str, Any]:
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -104,6 +72,18 @@ class RoundResult:
     state_dict: dict[str, torch.Tensor] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
+
+
+def round_seed(site: SiteConfig, plan: RoundPlan) -> int:
+    """The seed of the round's other randomness (the loss's timesteps and noise, the autoencoder's sampling).
+
+    Under DP it is the site's own (OS entropy), not the server's: those draws are consumed batch position by batch
+    position, so with a stream the server knows, one patient's presence would shift the draws of every patient
+    after it and their gradients would move by more than the clipping norm. Drawn fresh and unknown, they are
+    exchangeable and the DP-SGD analysis holds. (Noise and Poisson sampling have their own generators:
+    privacy/dp.py.) Without DP (experiments, no claim) the server's seed makes the round reproducible.
+    """
+    return secrets.randbits(63) if site.dp else plan.seed * 1_000_003 + plan.server_round
 
 
 def configure_compute(site: SiteConfig) -> torch.device:
@@ -255,9 +235,9 @@ def _train_loop(
     groups = groups or [[i] for i in range(len(dataset))]
     if dp.steps % plan.local_epochs:
         raise ValueError(f"planned {dp.steps} steps do not split into {plan.local_epochs} epochs")
-    # exactly the planned rate and steps (Opacus' own loader can run one step fewer than it was asked for)
+    # exactly the planned rate and steps (Opacus' own loader can run one step fewer than it was asked for);
+    # under DP, make_private gives its sampler a generator seeded from the site's OS entropy
     loader = patient_loader(dataset, groups, dp.sample_rate, dp.steps // plan.local_epochs)
-    generator = torch.Generator().manual_seed(plan.seed * 100_003 + plan.server_round)
     if dp.enabled:
         module, optimizer, loader = make_private(
             module,
@@ -297,7 +277,6 @@ def _train_loop(
             steps += 1
     if steps != dp.steps:
         raise RuntimeError(f"ran {steps} DP-SGD steps but planned and recorded {dp.steps}")
-    del generator
     return {"loss": sum(losses) / max(1, len(losses)), "steps": float(steps)}
 
 
@@ -327,14 +306,16 @@ def run_training_round(
     t0 = time.time()
     cfg = model_config(plan.preset)
     device = configure_compute(site)
-    torch.manual_seed(plan.seed * 1_000_003 + plan.server_round)
+    torch.manual_seed(round_seed(site, plan))
     ledger = open_ledger(site)
     train, holdout = load_training_data(site, cfg, ledger)
     dp, reason = plan_privacy(site, ledger, train, plan)
     if dp is None:
         log.warning("site %s refuses round %d: %s", site.name, plan.server_round, reason)
         return RoundResult(
-            site.name, refused=reason, privacy=privacy_summary(site, ledger, train, None)
+            site.name,
+            refused=reason,
+            privacy=privacy_summary(site, ledger, train, None, plan.run_id),
         )
 
     # The spend, and which patients it covers, is committed before any record touches the mechanism: a crash
@@ -394,7 +375,7 @@ def run_training_round(
         "steps": stats["steps"],
         "seconds": seconds,
     }
-    privacy = privacy_summary(site, ledger, train, dp)
+    privacy = privacy_summary(site, ledger, train, dp, plan.run_id)
     metrics.update({"epsilon": privacy["epsilon"], "delta": privacy["delta"]})
     log.info(
         "site %s round %d %s: loss %.4f, %d steps, epsilon %.3f, %.1fs",
@@ -417,13 +398,20 @@ def _protection(accountant: str, delta: float) -> str:
 
 
 def privacy_summary(
-    site: SiteConfig, ledger: PrivacyLedger, train: SiteData, dp: DPPlan | None
+    site: SiteConfig,
+    ledger: PrivacyLedger,
+    train: SiteData,
+    dp: DPPlan | None,
+    run_id: str = "",
 ) -> dict[str, Any]:
-    """What the site reports about its spend: the WORST patient's, over every mechanism in its ledger (every
-    patient the site ever trained on, whatever run, name or hold-out fraction), labelled with the protection."""
+    """What the site reports about its spend: the WORST spend of the patients in run `run_id` and in this
+    round's training set, each composed over every mechanism they were ever in (whatever run, site name or
+    hold-out fraction), labelled with the protection. At the end of a run it equals the audit-time claim of that
+    run (`run_privacy_claim`)."""
+    patients = ledger.patients_of(run_id) | set(train.patients) if run_id else set(train.patients)
     delta = accounting_delta(site, ledger, len(train.patients))
-    eps = ledger.epsilon(delta, site.accountant) if site.dp else math.inf
-    history = max(ledger.histories(), key=lambda h: sum(s.steps for s in h))
+    eps = ledger.epsilon(delta, site.accountant, patients) if site.dp else math.inf
+    history = max(ledger.histories(patients), key=lambda h: sum(s.steps for s in h))
     last = ledger.entries()[-1] if ledger.entries() else None
     return {
         "site": site.name,

@@ -264,6 +264,10 @@ class SiteConfig:
     # How DP-SGD gets the clipped per-sample gradients; all exact (privacy/dp.py). bookkeeping: fastest here
     # (docs/PERFORMANCE.md); hooks / ghost: Opacus' own, for other layer types or comparison.
     grad_sample_mode: str = "bookkeeping"  # bookkeeping | hooks | ghost
+    # Report each trained round's mean training loss and exact patient count to the server (off: they stay in the
+    # site's log; the sampling rate and step count, which the privacy claim needs, reveal the count only to within
+    # a batch). Off by default: both are outside the DP guarantee.
+    report_training_stats: bool = False
     # Audits this site answers per run id it trained in (each answer reveals aggregates about its patients).
     max_audits_per_run: int = 2
     # One-run audit canaries (client/canaries.py): -1 auto (enough for half the claimed epsilon, at most 40 % of

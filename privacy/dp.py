@@ -5,9 +5,28 @@ mixing the samples of a batch, no running statistics learnt from private data), 
 records (one per patient) are drawn with Poisson sampling at the rate the accountant is told. `make_private`
 checks each and says which one failed. Opacus' engine keeps its own accountant, but it is not the source of
 truth: it forgets across rounds. The site's ledger (privacy/ledger.py) is.
+
+Randomness. The server is the adversary: if it could predict the Gaussian noise it could subtract it. So the noise
+and the Poisson sampling draw from generators seeded with 64 bits of the site's OS entropy (`secrets`, i.e.
+/dev/urandom), fresh for every `make_private` call (one per round), never from torch's global RNG (which a seed from
+the server may fix) nor from anything in a message. The generators are torch's (Mersenne Twister on CPU, Philox on
+CUDA) seeded from a CSPRNG, not a CSPRNG stream: the server sees no raw draw, only clipped, noised, Adam-processed
+updates, and cannot search 2^64 seeds.
+How this relates to Opacus' `secure_mode=True`, which does two things: (1) noise and sampling from torchcsprng's
+/dev/urandom generator: torchcsprng has no build for current torch (last release 0.2.1, 2021, for torch 1.8; pip
+finds none for this Python), so `PrivacyEngine(secure_mode=True)` fails to import; the entropy-seeded generators
+stand in for it. (2) Each noise tensor as the mean of four Gaussians, against floating-point attacks that read the
+low-order bits of a released noisy value (Holohan et al., arXiv:2107.10138). Not used: a site never releases a
+noisy gradient, only weights after Adam steps (each divides the noisy gradient by a running estimate of its own
+magnitude and adds it to float32 weights), so those bits do not reach the server; and it costs 3.3x the noise
+time, measured 0.049 -> 0.162 s per step for the `small` UNet on one CPU thread, against a 0.31 s bookkeeping
+step (bench/bench_noise.py, docs/PERFORMANCE.md). `SECURE_NOISE` switches it on for every mode.
 """
 
 from __future__ import annotations
+
+import secrets
+import warnings
 
 import torch
 from opacus import PrivacyEngine
@@ -23,6 +42,8 @@ from privacy.bookkeeping import BookKeepingDPOptimizer, BookKeepingModule
 # ghost modes on the diffusion UNet (docs/PERFORMANCE.md); "hooks" and "ghost": Opacus' own, for comparison and
 # for layer types bookkeeping does not handle (it refuses them by name).
 GRAD_SAMPLE_MODES = ("bookkeeping", "hooks", "ghost")
+# Opacus' four-Gaussian noise against floating-point attacks (module docstring: why it is off).
+SECURE_NOISE = False
 
 # Normalisation layers leak across samples (batch statistics) or through running statistics even when frozen.
 _ALWAYS_CHECKED = (
@@ -89,7 +110,7 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     grad_sample_mode: str = "bookkeeping",
-    seed: int | None = None,
+    test_seed: int | None = None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
     """Opacus' make_private with Poisson sampling, after checking the preconditions.
 
@@ -101,8 +122,9 @@ def make_private(
     training loop is the same in every mode: `loss = batch_loss(optimizer, per_sample_losses); loss.backward();
     optimizer.step()`, one forward and one backward pass per step (ghost clipping's second backward pass runs
     inside `loss.backward()`, Opacus' criterion wrapper).
-    `seed` seeds both the noise and the Poisson sampler (reproducible tests and audits; leave it None in
-    production, where predictable noise would weaken the guarantee).
+    The noise and the Poisson sampler draw from `entropy_generator()`s (the module docstring says why).
+    `test_seed` is for tests only: it makes both reproducible, i.e. predictable to whoever knows it, which voids
+    the guarantee. Production code never passes it.
     """
     if not noise_multiplier > 0 or not max_grad_norm > 0:
         raise PrivacyPreconditionError(
@@ -118,8 +140,13 @@ def make_private(
     poisson_already = isinstance(
         getattr(loader, "batch_sampler", None), UniformWithReplacementSampler
     )
-    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    with (
+        warnings.catch_warnings()
+    ):  # "Secure RNG turned off": our generators are seeded from OS entropy
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    generator = _generator(device, test_seed)
     if grad_sample_mode == "bookkeeping":
         model, optimizer, loader = _make_private_bookkeeping(
             engine,
@@ -154,9 +181,23 @@ def make_private(
         ):  # Opacus assumed one record per sampled unit: divide by the expected patients
             optimizer.expected_batch_size = _expected_batch_size(loader)
     check_loader(loader)
-    if seed is not None:
-        loader.batch_sampler.generator = torch.Generator().manual_seed(seed + 1)
+    optimizer.secure_mode = SECURE_NOISE
+    # Opacus builds the Poisson sampler with the loader's generator (None: torch's global RNG): replace it
+    loader.batch_sampler.generator = _generator(
+        torch.device("cpu"), None if test_seed is None else test_seed + 1
+    )
     return model, optimizer, loader
+
+
+def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded with 64 bits of the OS's entropy: what a site's DP noise and sampling draw from."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(64))
+
+
+def _generator(device: torch.device, test_seed: int | None) -> torch.Generator:
+    if test_seed is None:
+        return entropy_generator(device)
+    return torch.Generator(device=device).manual_seed(test_seed)
 
 
 def _expected_batch_size(loader: DataLoader) -> int:
@@ -218,7 +259,7 @@ def _make_private_bookkeeping(
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",
         generator=generator,
-        secure_mode=False,
+        secure_mode=SECURE_NOISE,
     )
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     return module, dp_optimizer, loader

@@ -7,7 +7,6 @@ client/audit.py). The server only combines them: worst case across sites and cla
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -17,9 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from common import messages as msg
+from common.io import sha256_file
+from common.messages import AuditReply, AuditRequest, MessageError
 from common.progress import say_line
 from privacy.report import build_audit, write_audit_report
 from server.synthesis import read_cohort
@@ -34,37 +36,51 @@ def load_cohort(cohort_dir: Path) -> tuple[np.ndarray, list[str], np.ndarray, li
     return cohort.images(), cohort.ids, cohort.labels, cohort.class_names
 
 
+def audit_request(cohort_dir: Path, checkpoint: Path, ids: list[str]) -> AuditRequest:
+    """What the sites are asked: the cohort's ids, how to score with the checkpoint, and the hashes that tie the
+    audit to a run (refused when the cohort was not synthesized from this checkpoint)."""
+    payload = load_checkpoint(checkpoint)
+    checkpoint_sha256 = sha256_file(checkpoint)
+    manifest = json.loads((cohort_dir / "manifest.json").read_text())
+    made_from = manifest.get("checkpoint", {}).get("sha256")
+    if made_from != checkpoint_sha256:
+        raise ValueError(
+            f"{cohort_dir / 'manifest.json'}: the cohort was synthesized from checkpoint sha256 {made_from}, "
+            f"not from {checkpoint} ({checkpoint_sha256}); audit a cohort with the checkpoint it came from"
+        )
+    return AuditRequest(
+        run_id=str(payload["run_state"]["run_id"]),
+        checkpoint_sha256=checkpoint_sha256,
+        cohort_manifest_sha256=sha256_file(cohort_dir / "manifest.json"),
+        preset=payload["model_config"]["name"],
+        # what the checkpoint's UNet predicts (checkpoints from before the field: the noise)
+        prediction_type=payload["model_config"].get("prediction_type", "epsilon"),
+        latent_scale=float(payload["run_state"]["latent_scale"]),
+        synthetic_ids=tuple(ids),
+    )
+
+
 def audit_messages(
     grid: Grid, node_ids: list[int], cohort_dir: Path, checkpoint: Path
 ) -> list[Message]:
     images, ids, labels, _ = load_cohort(cohort_dir)
+    request = audit_request(cohort_dir, checkpoint, ids)
     payload = load_checkpoint(checkpoint)
-    manifest_bytes = (cohort_dir / "manifest.json").read_bytes()
-    manifest = json.loads(manifest_bytes)
     content = RecordDict(
         {
-            "cohort": ArrayRecord(
-                {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}
-            ),
-            "autoencoder": ArrayRecord(payload["autoencoder"]),
-            "unet": ArrayRecord(payload["unet"]),
-            "config": ConfigRecord(
+            msg.COHORT: ArrayRecord(
                 {
-                    "synthetic-ids": json.dumps(ids),
-                    "preset": payload["model_config"]["name"],
-                    # what the checkpoint's UNet predicts (checkpoints from before the field: the noise)
-                    "prediction-type": payload["model_config"].get("prediction_type", "epsilon"),
-                    "latent-scale": float(payload["run_state"]["latent_scale"]),
-                    # what a site ties the audit to (client/audit_admission.py): a run it trained in
-                    "run-id": str(payload["run_state"]["run_id"]),
-                    "checkpoint-sha256": str(manifest["checkpoint"]["sha256"]),
-                    "cohort-manifest-sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+                    msg.COHORT_IMAGES: torch.from_numpy(images),
+                    msg.COHORT_LABELS: torch.from_numpy(labels),
                 }
             ),
+            msg.AUTOENCODER: ArrayRecord(payload["autoencoder"]),
+            msg.UNET: ArrayRecord(payload["unet"]),
+            msg.CONFIG: request.to_record(),
         }
     )
     return [
-        Message(content=content, message_type=f"{MessageType.QUERY}.audit", dst_node_id=n)
+        Message(content=content, message_type=f"{MessageType.QUERY}.{msg.AUDIT}", dst_node_id=n)
         for n in node_ids
     ]
 
@@ -92,7 +108,13 @@ def run_audit_round(
         if m.has_error():
             failures.append(f"node {m.metadata.src_node_id}: {m.error.reason}")
             continue
-        result = json.loads(str(m.content["audit"]["json"]))
+        try:
+            result = json.loads(
+                AuditReply.from_record(m.content.config_records.get(msg.AUDIT)).result_json
+            )
+        except MessageError as err:
+            failures.append(f"node {m.metadata.src_node_id}: malformed audit reply: {err}")
+            continue
         site_results[result["site"]] = result
         say(
             f"  audit from {result['site']}: {result['n_members']} members, {result['n_nonmembers']} non-members"

@@ -37,6 +37,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 from flwr.supercore.differential_privacy import compute_stdv
 
+from common import messages
 from common.config import RunConfig
 from privacy.client_level import (
     NEIGHBORING_RELATION,
@@ -269,8 +270,8 @@ class CentralDP:
         c = self.run.central_dp_clipping_norm
         global_nd = global_arrays.to_numpy_ndarrays()
         for m in replies:
-            m.content["metrics"][UNIFORM_WEIGHT_KEY] = 1.0
-            record = m.content["arrays"]
+            m.content[messages.METRICS][UNIFORM_WEIGHT_KEY] = 1.0
+            record = m.content[messages.ARRAYS]
             nd = record.to_numpy_ndarrays()
             name = (site_of or {}).get(m.metadata.src_node_id, f"node {m.metadata.src_node_id}")
             norm = update_norm(nd, global_nd)
@@ -288,7 +289,7 @@ class CentralDP:
             else:
                 log.warning("central DP: %s sent a non-finite update; counted as none", name)
                 nd = [np.array(g, copy=True) for g in global_nd]
-            m.content["arrays"] = ArrayRecord(
+            m.content[messages.ARRAYS] = ArrayRecord(
                 {k: Array(np.asarray(v)) for k, v in zip(record.keys(), nd, strict=True)}
             )
 

@@ -18,6 +18,7 @@ fedsynth release approve RELEASE --officer NAME --key KEY [--reject --reason TEX
 fedsynth release verify RELEASE --consortium-key PUB
 fedsynth portal serve --data DIR --cert C --key K   the partner portal (HTTPS): officers approve, partners download
 fedsynth portal token --data DIR --role R --name N  issue a portal token (printed once); portal revoke, portal add
+fedsynth portal approve|reject COHORT --portal URL --token T --key KEY   an officer's decision, signed locally
 fedsynth pull COHORT --portal URL --token T [--out DIR] [--ca CA] [--consortium-key PUB]   download + verify
 """
 
@@ -300,18 +301,40 @@ def _add_release_commands(sub) -> None:
 
 
 def cmd_portal_serve(args: argparse.Namespace) -> int:
-    from server.release.portal import serve
+    from server.release.limits import Limits
+    from server.release.portal import PortalSettings, serve
 
+    limits = Limits(
+        max_body=args.max_body,
+        request_timeout=args.request_timeout,
+        max_per_client=args.max_connections_per_client,
+        max_auth_failures=args.max_auth_failures,
+    )
+    settings = PortalSettings(
+        limits=limits,
+        log_retention_days=args.log_retention_days,
+        trusted_proxies=tuple(args.trusted_proxy or ()),
+    )
     _say(f"portal on https://{args.host}:{args.port}/ serving {args.data}")
-    serve(Path(args.data), host=args.host, port=args.port, cert=Path(args.cert), key=Path(args.key))
+    serve(
+        Path(args.data),
+        host=args.host,
+        port=args.port,
+        cert=Path(args.cert),
+        key=Path(args.key),
+        settings=settings,
+    )
     return 0
 
 
 def cmd_portal_token(args: argparse.Namespace) -> int:
     from server.release.store import Store
 
-    token_id, token = Store(Path(args.data)).issue_token(args.role, args.name)
-    _say(f"token id {token_id} ({args.role} {args.name}); the token, shown only now:\n{token}")
+    token_id, token = Store(Path(args.data)).issue_token(args.role, args.name, args.days)
+    valid = f"valid {args.days:g} days" if args.days else "valid until revoked"
+    _say(
+        f"token id {token_id} ({args.role} {args.name}, {valid}); the token, shown only now:\n{token}"
+    )
     return 0
 
 
@@ -336,7 +359,8 @@ def cmd_portal_add(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from server.release.pull import PullError, pull
+    from server.release.pull import pull
+    from server.release.remote import PortalError
 
     try:
         pull(
@@ -348,15 +372,40 @@ def cmd_pull(args: argparse.Namespace) -> int:
             consortium_key=Path(args.consortium_key) if args.consortium_key else None,
             progress=_say,
         )
-    except PullError as err:
+    except PortalError as err:
         print(f"PULL FAILED: {err}", file=sys.stderr, flush=True)
         partial = Path(f"{args.out or args.cohort}.partial")
         if partial.exists():
             print(
-                f"{partial} is NOT a verified cohort (kept so that the same command resumes)",
+                f"{partial} is NOT a verified cohort; it is kept so that the same command resumes it",
                 file=sys.stderr,
             )
         return 1
+    return 0
+
+
+def cmd_portal_decide(args: argparse.Namespace) -> int:
+    from server.release.remote import PortalError, decide
+
+    decision = args.portal_command  # approve | reject
+    try:
+        res = decide(
+            args.cohort,
+            args.portal,
+            args.token or os.environ.get("FEDSYNTH_TOKEN", ""),
+            Path(args.key),
+            decision,
+            args.reason or "",
+            ca=Path(args.ca) if args.ca else None,
+            consortium_key=Path(args.consortium_key) if args.consortium_key else None,
+        )
+    except PortalError as err:
+        print(f"{decision.upper()} FAILED: {err}", file=sys.stderr, flush=True)
+        return 1
+    _say(
+        f"{res['decision']} of cohort {res['cohort_id']} by officer {res['officer']} signed with "
+        f"{args.key} and recorded; cohort status: {res['status']}"
+    )
     return 0
 
 
@@ -375,6 +424,39 @@ def _add_portal_commands(sub) -> None:
         "--cert", required=True, help="TLS certificate (e.g. fedsynth pki's superlink.crt)"
     )
     s.add_argument("--key", required=True, help="its private key")
+    s.add_argument(
+        "--max-body", type=int, default=64 * 1024, help="largest request body, bytes (413 above)"
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a whole request (headers and body)",
+    )
+    s.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=16,
+        help="open connections per client address (503 above); trusted proxies are exempt",
+    )
+    s.add_argument(
+        "--max-auth-failures",
+        type=int,
+        default=10,
+        help="failed sign-ins per client address in 5 minutes before 429",
+    )
+    s.add_argument(
+        "--log-retention-days",
+        type=float,
+        default=90.0,
+        help="access-log rows older than this are deleted",
+    )
+    s.add_argument(
+        "--trusted-proxy",
+        action="append",
+        metavar="ADDRESS",
+        help="a reverse proxy whose X-Forwarded-For names the real client (repeat; see deploy/README.md)",
+    )
     s.set_defaults(fn=cmd_portal_serve)
     t = po_sub.add_parser(
         "token", help="issue an access token (printed once; only its hash is stored)"
@@ -385,6 +467,9 @@ def _add_portal_commands(sub) -> None:
         "--name",
         required=True,
         help="who holds it; an officer's name is its key name in release.json",
+    )
+    t.add_argument(
+        "--days", type=float, default=None, help="valid for this many days (default: until revoked)"
     )
     t.set_defaults(fn=cmd_portal_token)
     r = po_sub.add_parser("revoke", help="revoke a token by its id")
@@ -401,6 +486,27 @@ def _add_portal_commands(sub) -> None:
     )
     a.add_argument("--move", action="store_true", help="move the folder instead of copying it")
     a.set_defaults(fn=cmd_portal_add)
+    for decision in ("approve", "reject"):
+        d = po_sub.add_parser(
+            decision,
+            help=f"{decision} a cohort on the portal, signed here with your officer key (never uploaded)",
+        )
+        d.add_argument("cohort")
+        d.add_argument("--portal", required=True, help="https://HOST:PORT")
+        d.add_argument(
+            "--token", default=None, help="your officer token (default: $FEDSYNTH_TOKEN)"
+        )
+        d.add_argument("--key", required=True, help="your officer private key (NAME.key)")
+        d.add_argument(
+            "--reason", default="", required=decision == "reject", help="why (required to reject)"
+        )
+        d.add_argument("--ca", default=None, help="CA certificate of the portal's TLS certificate")
+        d.add_argument(
+            "--consortium-key",
+            default=None,
+            help="consortium PUBLIC key: check release.json's signature before signing",
+        )
+        d.set_defaults(fn=cmd_portal_decide)
 
     pl = sub.add_parser("pull", help="download a released cohort from the portal and verify it")
     pl.add_argument("cohort")
@@ -554,10 +660,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
-        _say("interrupted")
+        where = f"; full log: {args.console.log_file}" if args.console.log_file else ""
+        _say(f"interrupted{where}")
         return 130
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         _say(f"error: {err}")
+        return 2
+    except ModuleNotFoundError as err:  # a light install (fedsynth[pull]) running a site command
+        _say(
+            f"error: `fedsynth {args.command}` needs the full install ({err.name} is missing): "
+            'pip install "fedsynth[all]"; the light install (fedsynth[pull]) only pulls and verifies'
+        )
         return 2
     finally:
         args.console.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,13 +362,7 @@ def demo_summary(out: Path, times: list[tuple[str, float]], release: dict[str, A
         lines.append("run:       did not start (see the error above and the full log)")
         return "\n".join(lines)
     record = json.loads((run_dir / "run.json").read_text())
-    lines += textwrap.wrap(
-        ", ".join(f"{name} {format_seconds(s)}" for name, s in times),
-        width=110,
-        initial_indent="time:      ",
-        subsequent_indent=" " * 11,
-        break_on_hyphens=False,
-    )
+    lines += _wrap_items("time:", [f"{name} {format_seconds(s)}" for name, s in times])
     status = f"{record['status']}, {record['completed_round']}/{record['num_server_rounds']} rounds"
     lines.append(f"run:       {status}" + (f" ({record['reason']})" if record["reason"] else ""))
     lines += privacy_lines(run_dir)
@@ -397,6 +390,17 @@ def demo_summary(out: Path, times: list[tuple[str, float]], release: dict[str, A
     return "\n".join(lines)
 
 
+def _wrap_items(label: str, items: list[str], width: int = 110) -> list[str]:
+    """`label` and comma-separated items, wrapped between items (never inside one), continued under the first."""
+    lines = [label.ljust(11)]
+    for i, item in enumerate(items):
+        text = item + ("," if i < len(items) - 1 else "")
+        if len(lines[-1]) > 11 and len(lines[-1]) + 1 + len(text) > width:
+            lines.append(" " * 11)
+        lines[-1] += ("" if len(lines[-1]) == 11 else " ") + text
+    return lines
+
+
 def privacy_lines(run_dir: Path) -> list[str]:
     from server.central_dp import sample_level
 
@@ -421,6 +425,9 @@ def privacy_lines(run_dir: Path) -> list[str]:
             f"{client.get('protection')}"
         )
     return lines
+
+
+TOKEN_FROM_FILE = '"$(awk \'$1=="{role}"{{print $3}}\' {path})"'
 
 
 def release_lines(release: dict[str, Any] | None) -> list[str]:
@@ -458,14 +465,20 @@ def release_lines(release: dict[str, Any] | None) -> list[str]:
         "(one officer approval needed)"
     ]
     portal = "https://127.0.0.1:8443"
+
+    def token(role: str) -> str:
+        """The shell reads the token from tokens.txt when the command runs; it is never printed."""
+        return TOKEN_FROM_FILE.format(role=role, path=release["tokens"])
+
+    trust = f"--ca {release['ca']} --consortium-key {release['consortium_pub']}"
     lines += [
-        f"next:      1. serve the portal: fedsynth portal serve --data {release['portal']} "
-        f"--cert {release['cert']} --key {release['key']}",
-        f"           2. approve: open {portal}/ (CA {release['ca']}), sign in with the officer token in "
-        f"{release['tokens']}, approve with {release['officer_key']}",
-        f"           3. pull: fedsynth pull {release['cohort_id']} --portal {portal} "
-        f'--token "$(awk \'$1=="partner"{{print $3}}\' {release["tokens"]})" --ca {release["ca"]} '
-        f"--consortium-key {release['consortium_pub']}",
+        f"next:      1. serve the portal (it keeps running; use a second terminal for 2 and 3): "
+        f"fedsynth portal serve --data {release['portal']} --cert {release['cert']} --key {release['key']}",
+        f"           2. the officer approves (or opens {portal}/ in a browser with the officer token): "
+        f"fedsynth portal approve {release['cohort_id']} --portal {portal} --token {token('officer')} "
+        f"--key {release['officer_key']} {trust}",
+        f"           3. a partner pulls the released cohort: fedsynth pull {release['cohort_id']} "
+        f"--portal {portal} --token {token('partner')} {trust}",
     ]
     return lines
 

@@ -5,9 +5,11 @@ autoencoder first, then the diffusion UNet), aggregate what comes back with the 
 a checkpoint and the per-site metrics, and go on. Everything a later reader needs is in the run folder:
 
     run.json          the run record: config, sites, who dropped or refused and why, status
-    metrics.jsonl     one line per site per round: loss, examples, seconds, epsilon, status
-    privacy.json      {"sample_level": {site: spend as last reported}, "client_level": {...}}, each labelled
-                      with the kind of protection (client_level: central DP, or "none")
+    metrics.jsonl     one line per site per round: steps, seconds, epsilon, status (loss and patients only
+                      from sites that opt in: common/messages.py TrainMetrics)
+    privacy.json      {"sample_level": {site: spend as last reported}, "client_level": {...},
+                      "aggregation_weights": ...}, each labelled with the kind of protection (client_level:
+                      central DP, or "none"); each site's entry says whether it reported its loss and count
     ../central_dp_ledger.sqlite  the consortium's client-level releases over all runs, when central DP is on
                       (server/central_dp.py; `central-dp-ledger` puts it elsewhere)
     checkpoints/      round-NNN.pt (atomic), latest.pt -> the newest
@@ -22,18 +24,20 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from common import messages as msg
 from common.config import ModelConfig, RunConfig, model_config
 from common.io import append_jsonl, atomic_path, write_json_atomic
+from common.messages import MessageError, RoundPlan, TrainMetrics, TrainStatus
 from common.model import (
     autoencoder_loss,
     build_autoencoder,
@@ -50,6 +54,13 @@ from server.central_dp import UNIFORM_WEIGHT_KEY, CentralDP, SitesGrid, sample_l
 
 log = logging.getLogger("fedsynth.server")
 PUBLIC_PHANTOM_SEED = 1_000_003  # public phantoms never share a seed with any site's data
+AGGREGATION_WEIGHT_KEY = (
+    UNIFORM_WEIGHT_KEY  # the server sets it to 1.0 on every reply it aggregates
+)
+AGGREGATION_WEIGHTS = (
+    "uniform: every site's update counts the same (sites do not report their exact patient counts unless "
+    "they opt in with report-training-stats, and those are never used as weights)"
+)
 
 
 @dataclass
@@ -69,11 +80,17 @@ class RunState:
 
 
 def make_strategy(run: RunConfig) -> Strategy:
+    """The phase's Flower strategy, given our record names. Sites are weighted equally (AGGREGATION_WEIGHTS): a
+    site does not report its exact patient count unless it opts in, and Flower's central-DP accounting assumes a
+    uniform mean anyway."""
     common = dict(
-        min_train_nodes=run.min_sites, min_available_nodes=run.min_sites, fraction_evaluate=0.0
+        min_train_nodes=run.min_sites,
+        min_available_nodes=run.min_sites,
+        fraction_evaluate=0.0,
+        weighted_by_key=AGGREGATION_WEIGHT_KEY,
+        arrayrecord_key=msg.ARRAYS,
+        configrecord_key=msg.CONFIG,
     )
-    if run.central_dp != "off":  # the client-level accounting assumes a uniform FedAvg mean
-        common["weighted_by_key"] = UNIFORM_WEIGHT_KEY
     if run.strategy == "fedavg":
         return FedAvg(**common)
     if run.strategy == "fedadam":
@@ -295,6 +312,7 @@ class Federation:
                     else "none: trained from scratch at the sites"
                 ),
                 "sites": state.sites,
+                "aggregation_weights": AGGREGATION_WEIGHTS,
                 "central_dp": self.central.summary(state.completed_round),
                 "run_config": dataclasses.asdict(self.run),
                 "model_config": dataclasses.asdict(self.cfg),
@@ -305,6 +323,7 @@ class Federation:
             {
                 "sample_level": self.privacy,
                 "client_level": self.central.summary(state.completed_round),
+                "aggregation_weights": AGGREGATION_WEIGHTS,
             },
         )
 
@@ -338,21 +357,21 @@ class Federation:
         frozen: ArrayRecord | None,
     ):
         phase = self.run.phase(r)
-        plan = {
-            "run-id": state.run_id,
-            "server-round": r,
-            "phase": phase,
-            "preset": self.run.preset,
-            "num-server-rounds": self.run.num_server_rounds,
-            "federated-autoencoder-rounds": self.run.federated_autoencoder_rounds,
-            "local-epochs": self.run.local_epochs,
-            "batch-size": self.run.batch_size,
-            "lr": self.run.lr_autoencoder if phase == "autoencoder" else self.run.lr_diffusion,
-            "kl-weight": self.run.kl_weight,
-            "latent-scale": state.latent_scale,
-            "seed": self.run.seed,
-            "proximal-mu": self.run.proximal_mu if self.run.strategy == "fedprox" else 0.0,
-        }
+        plan = RoundPlan(
+            run_id=state.run_id,
+            server_round=r,
+            phase=phase,
+            num_server_rounds=self.run.num_server_rounds,
+            federated_autoencoder_rounds=self.run.federated_autoencoder_rounds,
+            preset=self.run.preset,
+            local_epochs=self.run.local_epochs,
+            batch_size=self.run.batch_size,
+            lr=self.run.lr_autoencoder if phase == "autoencoder" else self.run.lr_diffusion,
+            kl_weight=self.run.kl_weight,
+            latent_scale=state.latent_scale,
+            proximal_mu=self.run.proximal_mu if self.run.strategy == "fedprox" else 0.0,
+            seed=self.run.seed,
+        )
         active = self._active_nodes(state)
         if self.central.enabled:  # Flower's DP wrapper was set up for exactly these sites
             if not set(self._phase_nodes) <= set(active):
@@ -376,11 +395,11 @@ class Federation:
                 f"only {len(active)} sites can still train, min-sites is {self.run.min_sites}",
             )
         messages = list(
-            strategy.configure_train(r, arrays, ConfigRecord(plan), SitesGrid(self.grid, active))
+            strategy.configure_train(r, arrays, plan.to_record(), SitesGrid(self.grid, active))
         )
         if frozen is not None:
             for m in messages:
-                m.content["autoencoder"] = frozen
+                m.content[msg.AUTOENCODER] = frozen
         self.say(f"round {r}/{self.run.num_server_rounds} ({phase}): asking {len(messages)} sites")
         t0 = time.time()
         replies = list(self.grid.send_and_receive(messages, timeout=self.run.round_timeout))
@@ -482,7 +501,9 @@ class Federation:
                 ),
             )
         # In the consortium ledger before the checkpoint: nobody receives the aggregate before that
-        self.central.record_release(r, phase, [str(m.content["status"]["site"]) for m in good])
+        self.central.record_release(
+            r, phase, [TrainStatus.from_record(m.content[msg.STATUS]).site for m in good]
+        )
         eps, delta = self.central.epsilon()
         std = self.central.noise_std(len(good))
         append_jsonl(
@@ -540,25 +561,41 @@ class Federation:
                 state, self._site_of(state, node), node, "dropped", r, f"error: {m.error.reason}"
             )
             return
-        status = m.content["status"]
-        site = str(status["site"])
-        if status.get("error"):
-            self._mark(state, site, node, "dropped", r, f"error: {status['error']}")
+        try:
+            status = TrainStatus.from_record(m.content.config_records.get(msg.STATUS))
+            if status.error or status.refused:
+                metrics = None
+            else:
+                metrics = TrainMetrics.from_record(m.content.metric_records.get(msg.METRICS))
+        except MessageError as err:
+            site = self._site_of(state, node)
+            self._mark(state, site, node, "dropped", r, f"malformed reply: {err}")
             return
-        self.privacy[site] = dict(m.content["privacy"])
-        if status["refused"]:
-            self._mark(state, site, node, "refused", r, str(status["refused"]))
+        site = status.site
+        if status.error:
+            self._mark(state, site, node, "dropped", r, f"error: {status.error}")
             return
-        metrics = dict(m.content["metrics"])
+        self.privacy[site] = dict(m.content[msg.PRIVACY])
+        if status.refused:
+            self._mark(state, site, node, "refused", r, status.refused)
+            return
         self._mark(state, site, node, "active", r)
+        reported = {k.replace("_", "-"): v for k, v in asdict(metrics).items() if v is not None}
         append_jsonl(
             self.dir / "metrics.jsonl",
-            {"round": r, "phase": phase, "site": site, "node_id": node, "status": "ok", **metrics},
+            {"round": r, "phase": phase, "site": site, "node_id": node, "status": "ok", **reported},
+        )
+        stats = (
+            f"loss {metrics.loss:.4f}, {metrics.num_examples} patients, "
+            if metrics.loss is not None and metrics.num_examples is not None
+            else ""
         )
         self.say(
-            f"  {site}: loss {metrics['loss']:.4f}, {int(metrics['num-examples'])} patients, "
-            f"{metrics['seconds']:.1f}s, epsilon so far {metrics['epsilon']:.2f}"
+            f"  {site}: {stats}{metrics.steps} steps, {metrics.seconds:.1f}s, "
+            f"epsilon so far {metrics.epsilon:.2f}"
         )
+        # FedAvg weighs every site the same: the strategy sees this weight and nothing the site reported
+        m.content[msg.METRICS] = MetricRecord({AGGREGATION_WEIGHT_KEY: 1.0})
         good.append(m)
 
     # ---- the run -----------------------------------------------------------------------------------------------

@@ -29,9 +29,7 @@ import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from common.io import atomic_dir, sha256_file, write_json_atomic
 from common.signing import (
@@ -42,20 +40,22 @@ from common.signing import (
     sign,
     verify,
 )
-from privacy.policy import GateResult, Policy, evaluate_policy, policy_toml
-from privacy.report import load_audit
-from server.synthesis import PREVIEW_PER_ROW, load_image, verify_cohort, write_preview
+from server.release.access import may_read_file
+
+if (
+    TYPE_CHECKING
+):  # building a release needs numpy, nibabel and the audit; verifying one (a partner) does not
+    from privacy.policy import GateResult, Policy
 
 RELEASE_FORMAT = "fedsynth-release/1"
 APPROVAL_FORMAT = "fedsynth-approval/1"
-NAME = re.compile(
-    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
-)  # officer names and cohort ids: safe in paths and URLs
+# Officer names and cohort ids: safe in paths and URLs. \Z, not $: "$" also matches before a trailing newline.
+NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
 # One relative path inside a release: segments of safe characters, none of them "." or "..".
 REL_PATH = re.compile(
-    r"^(?!/)(?:[A-Za-z0-9_][A-Za-z0-9._-]{0,199})(?:/[A-Za-z0-9_][A-Za-z0-9._-]{0,199}){0,7}$"
+    r"\A(?!/)(?:[A-Za-z0-9_][A-Za-z0-9._-]{0,199})(?:/[A-Za-z0-9_][A-Za-z0-9._-]{0,199}){0,7}\Z"
 )
-APPROVAL_FILE = re.compile(r"^approvals/[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.json$")
+APPROVAL_FILE = re.compile(r"\Aapprovals/[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.json\Z")
 UNSIGNED = ("release.json", "release.sig")
 
 
@@ -82,6 +82,8 @@ def manifest_bytes(manifest: dict) -> bytes:
 
 
 def _read_cohort(cohort_dir: Path) -> tuple[dict, list[dict], dict]:
+    from server.synthesis import verify_cohort
+
     problems = verify_cohort(cohort_dir)
     if problems:
         raise ValueError(
@@ -108,6 +110,8 @@ def _read_audit(audit_dir: Path, manifest: dict, ids: set[str], cohort_dir: Path
         raise ValueError(
             f"{audit_dir / 'audit.html'}: missing (the officers' report must come with the release)"
         )
+    from privacy.report import load_audit
+
     audit = load_audit(path)
     if not isinstance(audit.get("sites"), dict) or not isinstance(audit.get("cohort"), dict):
         raise ValueError(f"{path}: not a valid audit (no 'sites' or 'cohort' object)")
@@ -132,6 +136,10 @@ def _write_cohort(
 ) -> None:
     """Copy the cohort without the withheld images, rewriting labels.csv and dataset.json and, when a withheld
     image was in the preview, redrawing it from the released images."""
+    import numpy as np
+
+    from server.synthesis import PREVIEW_PER_ROW, load_image, write_preview
+
     (dst / "images").mkdir(parents=True)
     kept = [r for r in rows if r["synthetic_id"] not in withheld]
     for r in kept:
@@ -206,6 +214,8 @@ def build_release(
 ) -> Path:
     """Build the signed release candidate `out_dir` (atomically; refuses to overwrite). It is built even when the
     gate fails, so the officers see why; gate.json and release.json then say "passed": false."""
+    from privacy.policy import evaluate_policy, policy_toml
+
     cohort_dir, audit_dir, out_dir = Path(cohort_dir), Path(audit_dir), Path(out_dir)
     if not officer_keys:
         raise ValueError(
@@ -435,9 +445,11 @@ def release_status(release_dir: Path, approvals: list[dict]) -> str:
 # ---- verification ---------------------------------------------------------------------------------------------
 
 
-def verify_release(release_dir: Path, consortium_public_key) -> list[str]:
+def verify_release(release_dir: Path, consortium_public_key, *, role: str = "officer") -> list[str]:
     """Every problem with a release folder, checked against the consortium public key (a key, a .pub path or PEM);
-    [] means the release is intact, signed by that key, and every stored approval is valid."""
+    [] means the release is intact, signed by that key, and every stored approval is valid. With
+    role="partner" (a partner's download), the files a partner may not read (server.release.access) are not
+    expected, and must not be there."""
     release_dir = Path(release_dir)
     public = load_public_key(consortium_public_key)
     try:
@@ -467,6 +479,10 @@ def verify_release(release_dir: Path, consortium_public_key) -> list[str]:
             problems.append(f"{rel}: not listed in release.json")
     for rel, digest in sorted(listed.items()):
         path = release_dir / rel
+        if not may_read_file(role, rel):
+            if path.exists():
+                problems.append(f"{rel}: for officers only, yet present in a {role}'s copy")
+            continue
         if not safe_rel_path(rel):
             problems.append(
                 f"{rel}: listed in release.json with an unsafe path (outside the release or odd bytes)"

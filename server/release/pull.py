@@ -3,19 +3,22 @@
     fedsynth pull COHORT --portal https://portal.example.org:8443 --token T [--out DIR] [--ca ca.crt]
                   [--consortium-key consortium.pub]
 
-Everything lands in `OUT.partial/` first: release.json and release.sig, every file release.json lists (an
-interrupted download resumes with HTTP Range), and the officers' approvals. Each file's sha256 is checked against
-release.json, the consortium's signature of release.json is checked with the consortium key (from
---consortium-key, or, loudly, the key the portal serves: trust on first use), and the release status is computed
-here, from the downloaded approvals: it must be "released". Only then is `OUT.partial` renamed to `OUT`. On any
-mismatch the command names the file, exits non-zero, and leaves no folder named OUT.
+Everything lands in `OUT.partial/` first: release.json and release.sig, every file release.json lists that a
+partner may read (server.release.access: never `officers/`), and the officers' approvals. Each file's sha256 is
+checked against release.json, the consortium's signature of release.json is checked with the consortium key
+(from --consortium-key, or, loudly, the key the portal serves: trust on first use), and the release status is
+computed here, from the downloaded approvals: it must be "released". Only then is `OUT.partial` renamed to `OUT`.
+
+A network failure keeps `OUT.partial` (the same command resumes it with HTTP Range). Anything that cannot be
+resumed (no such cohort for this token, a file or signature that does not verify, a cohort that is not released)
+removes `OUT.partial`, exits non-zero and says why; there is never a folder named OUT that did not verify.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import ssl
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,54 +28,23 @@ import httpx
 
 from common.io import sha256_file
 from common.signing import fingerprint, load_public_key, verify
+from server.release.access import may_read_file
 from server.release.manifest import (
     APPROVAL_FILE,
-    NAME,
     load_approvals,
     release_status,
     safe_rel_path,
     verify_release,
 )
+from server.release.remote import PortalError, check, cohort_path, portal_client, transport_error
 
 
-class PullError(Exception):
+class PullError(PortalError):
     """The cohort could not be downloaded or did not verify; the message names the file and the problem."""
 
 
 def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _client(portal: str, token: str, ca: Path | None, timeout: float) -> httpx.Client:
-    if not portal.startswith("https://"):
-        raise PullError(
-            f"portal {portal!r}: must be an https:// URL (the token and the cohort travel over TLS)"
-        )
-    if ca is not None and not Path(ca).is_file():
-        raise PullError(f"{ca}: CA certificate not found")
-    ctx = ssl.create_default_context(cafile=str(ca)) if ca else ssl.create_default_context()
-    return httpx.Client(
-        base_url=portal.rstrip("/"),
-        verify=ctx,
-        timeout=timeout,
-        follow_redirects=False,
-        headers={"Authorization": f"Bearer {token}"},
-    )
-
-
-def _check(r: httpx.Response, what: str) -> httpx.Response:
-    if r.status_code in (200, 206):
-        return r
-    try:
-        detail = r.json().get("detail")
-    except ValueError:
-        detail = r.text[:200]
-    hint = {
-        401: "the token is unknown or revoked",
-        403: "not allowed (is the cohort released?)",
-        404: "not on the portal",
-    }.get(r.status_code, "")
-    raise PullError(f"{what}: HTTP {r.status_code} {hint} ({detail})".replace(" ()", ""))
 
 
 def _download(client: httpx.Client, url: str, dest: Path, rel: str, expected: str | None) -> int:
@@ -89,7 +61,9 @@ def _download(client: httpx.Client, url: str, dest: Path, rel: str, expected: st
             if r.status_code == 416 and have:  # the local part is longer than the file: start again
                 dest.unlink()
                 continue
-            _check(r, rel)
+            if r.status_code not in (200, 206):
+                r.read()
+            check(r, rel)
             served = r.headers.get("x-sha256")
             if expected and served and served != expected:
                 raise PullError(
@@ -138,23 +112,49 @@ def pull(
     progress: Callable[[str], None] = print,
     warn: Callable[[str], None] = _err,
 ) -> Path:
-    """Download and verify a released cohort into `out` (default: ./COHORT). Raises PullError on any problem."""
-    if not isinstance(cohort_id, str) or not NAME.match(cohort_id):
-        raise PullError(f"cohort id {cohort_id!r}: not a valid cohort id")
+    """Download and verify a released cohort into `out` (default: ./COHORT). Raises PullError on any problem; `err.resumable` says whether `OUT.partial` was kept for the same command to resume."""
+    try:
+        base = cohort_path(cohort_id)
+    except PortalError as err:
+        raise PullError(str(err)) from None
     out = Path(out) if out is not None else Path(cohort_id)
     if out.exists():
         raise PullError(
             f"{out} already exists; refusing to overwrite it (remove it or choose --out)"
         )
     partial = out.with_name(out.name + ".partial")
-    base = f"/api/cohorts/{quote(cohort_id)}"
     try:
-        with _client(portal, token, ca, timeout) as client:
-            info = _check(client.get(base), f"cohort {cohort_id}").json()
+        return _pull(
+            cohort_id,
+            base,
+            portal,
+            token,
+            out,
+            partial,
+            ca,
+            consortium_key,
+            timeout,
+            progress,
+            warn,
+        )
+    except PortalError as err:
+        if not err.resumable and partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)  # nothing there can ever complete this pull
+        if isinstance(err, PullError):
+            raise
+        raise PullError(str(err), resumable=err.resumable) from None
+
+
+def _pull(
+    cohort_id, base, portal, token, out, partial, ca, consortium_key, timeout, progress, warn
+):
+    try:
+        with portal_client(portal, token, ca, timeout) as client:
+            info = check(client.get(base), f"cohort {cohort_id}").json()
             if consortium_key is not None:
                 public = load_public_key(Path(consortium_key))
             else:
-                pem = _check(client.get(f"{base}/consortium.pub"), "consortium.pub").text
+                pem = check(client.get(f"{base}/consortium.pub"), "consortium.pub").text
                 public = load_public_key(pem.encode())
                 bar = "!" * 78
                 warn(
@@ -182,18 +182,18 @@ def pull(
                 raise PullError(
                     f"release.json: describes cohort {manifest.get('cohort_id')!r}, not {cohort_id}"
                 )
-            files = manifest.get("files") or {}
-            unsafe = [rel for rel in files if not safe_rel_path(rel)]
+            listed = manifest.get("files") or {}
+            unsafe = [rel for rel in listed if not safe_rel_path(rel)]
             if unsafe:
                 raise PullError(f"release.json: unsafe file paths {unsafe[:5]}")
+            files = {rel: d for rel, d in listed.items() if may_read_file("partner", rel)}
             approvals = [a for a in info.get("approvals") or [] if APPROVAL_FILE.match(str(a))]
             wanted = set(files) | {"release.json", "release.sig"} | set(approvals)
             for p in sorted(
                 partial.rglob("*")
-            ):  # leftovers of an earlier attempt that this release lacks
-                if (p.is_file() or p.is_symlink()) and p.relative_to(
-                    partial
-                ).as_posix() not in wanted:
+            ):  # leftovers of an earlier attempt this release lacks
+                rel = p.relative_to(partial).as_posix()
+                if (p.is_file() or p.is_symlink()) and rel not in wanted:
                     p.unlink()
             total = 0
             for i, (rel, digest) in enumerate(sorted(files.items()), 1):
@@ -204,17 +204,18 @@ def pull(
                 (partial / rel).unlink(missing_ok=True)
                 _download(client, f"{base}/files/{quote(rel)}", partial / rel, rel, None)
     except httpx.HTTPError as err:
-        raise PullError(
-            f"portal {portal}: {type(err).__name__}: {err} (run the same command again to resume)"
-        ) from None
-    problems = verify_release(partial, public)
+        raise transport_error(portal, err, ca) from None
+    problems = verify_release(partial, public, role="partner")
     if problems:
-        raise PullError(f"{partial}: the release does not verify: " + "; ".join(problems[:10]))
+        raise PullError(
+            f"cohort {cohort_id}: the download does not verify: " + "; ".join(problems[:10])
+        )
     status = release_status(partial, load_approvals(partial))
     if status != "released":
         raise PullError(
             f"cohort {cohort_id}: status {status!r} by the downloaded approvals "
-            f"({len(approvals)} stored, {manifest.get('required_approvals')} required): not released"
+            f"({len(approvals)} stored, {manifest.get('required_approvals')} required): not released, so "
+            "nothing was kept"
         )
     if out.exists():
         raise PullError(f"{out} appeared while downloading; refusing to overwrite it")

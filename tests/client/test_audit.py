@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from client.audit import audit_site
-from client.task import RoundPlan, load_training_data, run_training_round
+from client.task import load_training_data, run_training_round
 from common.config import SiteConfig, model_config
+from common.messages import RoundPlan
 from common.model import build_autoencoder, build_unet, ddpm_scheduler, diffusion_loss, encode
 from common.phantoms import make_phantom_sites
 from privacy.report import build_audit
@@ -94,6 +95,10 @@ def test_dp_model_is_not_over_claimed(tmp_path, site_dir):
         local_epochs=20,
         batch_size=8,
         lr=2e-3,
+        kl_weight=1e-6,
+        latent_scale=1.0,
+        proximal_mu=0.0,
+        seed=0,
     )
     trained = run_training_round(site, plan, build_unet(cfg).state_dict(), ae)
     assert not trained.refused and 0 < trained.privacy["epsilon"] <= 1.0

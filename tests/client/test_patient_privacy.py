@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from client.task import (
-    RoundPlan,
     load_training_data,
     open_ledger,
     run_privacy_claim,
     run_training_round,
 )
 from common.config import SiteConfig, model_config
+from common.messages import RoundPlan
 from common.model import build_autoencoder
 from common.phantoms import make_phantom_sites
 
@@ -40,6 +40,10 @@ def plan(run_id: str, batch_size: int = 4) -> RoundPlan:
         local_epochs=1,
         batch_size=batch_size,
         lr=1e-3,
+        kl_weight=1e-6,
+        latent_scale=1.0,
+        proximal_mu=0.0,
+        seed=0,
     )
 
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from client.task import (
-    RoundPlan,
     load_training_data,
     open_ledger,
     run_training_round,
 )
 from common.config import SiteConfig, model_config
+from common.messages import RoundPlan
 from common.model import build_autoencoder, build_unet
 from common.phantoms import make_phantom_sites
 
@@ -33,6 +33,10 @@ def plan(phase="autoencoder", r=1, rounds=2, ae_rounds=1, run_id="run-a"):
         local_epochs=1,
         batch_size=5,
         lr=1e-3,
+        kl_weight=1e-6,
+        latent_scale=1.0,
+        proximal_mu=0.0,
+        seed=0,
     )
 
 
@@ -72,3 +76,24 @@ def test_whole_planned_run_fits_the_budget_and_the_ledger_keeps_counting(tmp_pat
     assert len(ledger.entries()) == 2
     assert ledger.patients_of("run-a") == set(train.patients)
     assert ledger.epsilon(r2.privacy["delta"], "rdp") == pytest.approx(r2.metrics["epsilon"])
+
+
+def test_a_replayed_round_is_not_reproducible_under_dp(tmp_path, site_dir):
+    """Attack (issue 9, item 1): the server sends the same plan (seed, round) twice to the same patients. Under DP
+    the two updates must differ (the noise and the batches are the site's own); without DP the seed reproduces
+    the round, as experiments need."""
+    cfg = model_config("tiny")
+    ae = build_autoencoder(cfg).state_dict()
+
+    def replay(dp: bool, name: str) -> dict:
+        site = SiteConfig(
+            site_dir=str(site_dir), state_dir=str(tmp_path / name), epsilon=5.0, dp=dp
+        )
+        result = run_training_round(site, plan(), ae)
+        assert not result.refused
+        return result.state_dict
+
+    a, b = replay(True, "a"), replay(True, "b")
+    assert any(not torch.equal(a[k], b[k]) for k in a), "a replayed DP round reproduced the update"
+    c, d = replay(False, "c"), replay(False, "d")
+    assert all(torch.equal(c[k], d[k]) for k in c), "without DP the seed should reproduce the round"

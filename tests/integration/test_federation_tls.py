@@ -34,6 +34,7 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
         }
         for s in sites
     ]
+    node_configs[0]["report-training-stats"] = True  # site-0 opts in; site-1 keeps the default
     # site-2 spent its budget on these patients before: its ledger must make it refuse.
     exhausted = SiteConfig.from_flwr(node_configs[2])
     train, _ = load_training_data(exhausted, model_config("tiny"))
@@ -91,13 +92,19 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
         s.name: len(load_training_data(SiteConfig.from_flwr(c), model_config("tiny"))[0])
         for s, c in zip(sites, node_configs, strict=False)
     }
-    assert all(
-        m["loss"] > 0 and m["num-examples"] == trained[m["site"]] and m["seconds"] > 0 for m in ok
-    )
+    assert all(m["seconds"] > 0 and m["steps"] > 0 for m in ok)
+    opted_in = [m for m in ok if m["site"] == "site-0"]
+    assert all(m["loss"] > 0 and m["num-examples"] == trained["site-0"] for m in opted_in)
+    # by default neither the loss nor the patient count leaves a site (issue 9, item 5)
+    assert not any("loss" in m or "num-examples" in m for m in ok if m["site"] == "site-1")
 
     record_privacy = json.loads((run_dir / "privacy.json").read_text())
     assert record_privacy["client_level"]["protection"] == "none"  # central DP is off in this run
     privacy = record_privacy["sample_level"]
+    assert record_privacy["aggregation_weights"].startswith("uniform")
+    assert privacy["site-0"]["patients_trained_on"] == trained["site-0"]
+    assert "patients_trained_on" not in privacy["site-1"]
+    assert privacy["site-1"]["training_stats_reported"] is False
     for s in ("site-0", "site-1"):
         assert 0 < float(privacy[s]["epsilon"]) <= 8.0
         assert "formal sample-level DP" in privacy[s]["protection"]

@@ -45,7 +45,7 @@ def _private(model, loader, *, sigma=1.0, clip=0.5, mode="bookkeeping"):
         loader,
         noise_multiplier=sigma,
         max_grad_norm=clip,
-        seed=0,
+        test_seed=0,
         grad_sample_mode=mode,
     )
 
@@ -101,7 +101,7 @@ def _noise_only_setup(mode: str, sigma: float, clip: float, batch: int):
         DataLoader(data, batch_size=batch),
         noise_multiplier=sigma,
         max_grad_norm=clip,
-        seed=123,
+        test_seed=123,
         grad_sample_mode=mode,
     )
     assert sample_rate_of(loader) == pytest.approx(batch / 640)
@@ -189,7 +189,7 @@ def test_bookkeeping_step_equals_opacus_hooks_step_on_the_unet():
             DataLoader(data, batch_size=n),
             noise_multiplier=0.3,
             max_grad_norm=clip,
-            seed=7,
+            test_seed=7,
             grad_sample_mode=mode,
         )
         opt.zero_grad(set_to_none=True)
@@ -281,3 +281,38 @@ def test_make_private_trains_with_poisson_batches(mode):
         _private(_mlp(), _loader(), sigma=0.0, mode=mode)
     with pytest.raises(ValueError, match="grad_sample_mode"):
         _private(_mlp(), _loader(), mode="functorch")
+
+
+def _replay_round(mode: str, sigma: float, clip: float) -> tuple[torch.Tensor, list[list[int]]]:
+    """Everything the server can choose or know fixed (global seed, model, data, round): one noise draw on an
+    empty batch and one epoch of Poisson batches, as a site would produce them."""
+    torch.manual_seed(1234)  # what a server-chosen seed and round number fix at the site
+    model = nn.Linear(100, 20)  # 2,020 noisy coordinates
+    data = TensorDataset(torch.randn(64, 100, generator=torch.Generator().manual_seed(0)))
+    model, opt, loader = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        DataLoader(data, batch_size=8),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        grad_sample_mode=mode,
+    )
+    _empty_step(model, opt)
+    noise = _flat(p.grad for p in model.parameters()).double()
+    return noise, [sorted(batch) for batch in loader.batch_sampler]
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_a_replayed_round_draws_fresh_noise_and_fresh_poisson_batches(mode):
+    """Attack (issue 9, item 1): the server replays a round with the same seed, round and data. If the noise were
+    drawn from anything it chose, the replay would reproduce it and the server could subtract it."""
+    sigma, clip, batch = 1.5, 2.0, 8
+    noise_a, batches_a = _replay_round(mode, sigma, clip)
+    noise_b, batches_b = _replay_round(mode, sigma, clip)
+    assert not torch.equal(noise_a, noise_b), "the replay reproduced the DP noise"
+    assert batches_a != batches_b, "the replay reproduced the Poisson batches"
+    expected_std = sigma * clip / batch
+    for noise in (noise_a, noise_b):
+        assert noise.std().item() == pytest.approx(expected_std, rel=0.1)
+    # independent draws: their difference has sqrt(2) times the std (a shared component would shrink it)
+    assert (noise_a - noise_b).std().item() == pytest.approx(math.sqrt(2) * expected_std, rel=0.1)

@@ -25,7 +25,7 @@ from privacy.report import build_audit, write_audit_report
 from server.audit import load_cohort
 from server.pki import make_pki
 from server.release.manifest import build_release
-from server.release.portal import create_app
+from server.release.portal import PortalSettings, server_config
 from server.synthesis import SynthesisRequest, synthesize_cohort
 from server.training import RunState, checkpoint_payload, save_checkpoint
 
@@ -157,21 +157,20 @@ def free_port() -> int:
 class PortalServer:
     """The real portal app under uvicorn with TLS, in a background thread, on a free loopback port."""
 
-    def __init__(self, data: Path, pki_dir: Path):
+    def __init__(self, data: Path, pki_dir: Path, settings: PortalSettings | None = None):
         self.data = data
         self.pki = make_pki(pki_dir, 0) if not (pki_dir / "ca.crt").exists() else None
         self.ca = pki_dir / "ca.crt"
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            create_app(data),
+        config = server_config(
+            data,
             host="127.0.0.1",
             port=self.port,
+            cert=pki_dir / "superlink.crt",
+            key=pki_dir / "superlink.key",
+            settings=settings,
             log_level="warning",
-            ssl_certfile=str(pki_dir / "superlink.crt"),
-            ssl_keyfile=str(pki_dir / "superlink.key"),
-            lifespan="off",
-            ws="none",
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

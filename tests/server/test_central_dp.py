@@ -18,13 +18,14 @@ from flwr.app import (
     ConfigRecord,
     Message,
     MessageType,
-    MetricRecord,
     RecordDict,
 )
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import central_dp_clipping_mod
+from common import messages
 from common.config import RunConfig
+from common.messages import TrainMetrics, TrainStatus
 from server.central_dp import (
     LEDGER_FILE,
     CentralDP,
@@ -57,23 +58,17 @@ def _reply(
 ) -> Message:
     content = RecordDict(
         {
-            "privacy": ConfigRecord(
+            messages.PRIVACY: ConfigRecord(
                 {"site": site, "epsilon": 1.0, "protection": "formal sample-level DP"}
             ),
-            "status": ConfigRecord({"site": site, "refused": refused, "error": ""}),
+            messages.STATUS: TrainStatus(site, refused, "").to_record(),
         }
     )
     if arrays is not None:
-        content["arrays"] = arrays
-        content["metrics"] = MetricRecord(
-            {
-                "num-examples": float(num_examples),
-                "loss": 0.5,
-                "seconds": 0.1,
-                "epsilon": 1.0,
-                "steps": 1.0,
-            }
-        )
+        content[messages.ARRAYS] = arrays
+        content[messages.METRICS] = TrainMetrics(
+            steps=1, seconds=0.1, epsilon=1.0, delta=1e-5, loss=0.5, num_examples=num_examples
+        ).to_record()
     return Message(content=content, reply_to=msg)
 
 

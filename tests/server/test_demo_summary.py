@@ -43,5 +43,8 @@ def test_a_releasable_cohort_gets_serve_approve_and_pull(tmp_path):
     text = "\n".join(release_lines(_info(release, tmp_path)))
     assert "gate:      passed" in text and "pending-1: pending" in text
     assert "fedsynth portal serve --data" in text
+    assert "fedsynth portal approve pending-1 --portal https://127.0.0.1:8443" in text
+    tokens = tmp_path / "portal" / "tokens.txt"
+    assert f'--token "$(awk \'$1=="officer"{{print $3}}\' {tokens})"' in text
     assert "fedsynth pull pending-1 --portal https://127.0.0.1:8443" in text
     assert "BLOCKED" not in text

@@ -12,8 +12,9 @@ import sqlite3
 import pytest
 
 from server.cli import main as cli_main
+from server.release.api import RangeNotSatisfiable, parse_range
 from server.release.manifest import write_approval
-from server.release.portal import RangeNotSatisfiable, parse_range, register_release
+from server.release.portal import register_release
 from server.release.store import Store
 from tests.server.portal_helpers import PortalServer, approve, make_consortium, raw_request
 
@@ -65,7 +66,7 @@ def env(tmp_path_factory):
 def test_tokens_are_stored_only_as_hashes_in_a_wal_database_with_a_schema_version(env):
     db = sqlite3.connect(env["data"] / "portal.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
     dump = "\n".join(db.iterdump())
     assert (
         env["tok"]["acme"] not in dump
@@ -103,10 +104,14 @@ def test_roles_partner_sees_only_released_and_no_officer_or_admin_route(env):
     with s.client(tok["acme"]) as partner:
         listed = partner.get("/api/cohorts").json()["cohorts"]
         assert [c["cohort_id"] for c in listed] == ["released-1"]
-        for cid in ("pending-1", "blocked-1"):
-            assert partner.get(f"/api/cohorts/{cid}").status_code == 403
-            assert partner.get(f"/api/cohorts/{cid}/files/release.json").status_code == 403
-            assert partner.get(f"/api/cohorts/{cid}/files/cohort/labels.csv").status_code == 403
+        for cid in ("pending-1", "blocked-1"):  # as if they did not exist: 404, same text
+            for what in ("", "/files/release.json", "/files/cohort/labels.csv", "/consortium.pub"):
+                r = partner.get(f"/api/cohorts/{cid}{what}")
+                missing = partner.get(f"/api/cohorts/no-such-{cid}{what}")
+                assert r.status_code == missing.status_code == 404
+                assert r.json()["detail"].replace(cid, "X") == missing.json()["detail"].replace(
+                    f"no-such-{cid}", "X"
+                )
         assert partner.get("/api/cohorts/released-1").json()["status"] == "released"
         assert partner.get("/api/cohorts/pending-1/statement").status_code == 403
         assert (
@@ -288,7 +293,7 @@ def test_officers_approve_and_the_cohort_is_released(env):
         r = alice.post("/api/cohorts/pending-1/decision", json=signed)
         assert r.status_code == 200 and r.json()["status"] == "pending"  # two approvals required
         assert alice.post("/api/cohorts/pending-1/decision", json=signed).status_code == 409
-        assert partner.get("/api/cohorts/pending-1").status_code == 403
+        assert partner.get("/api/cohorts/pending-1").status_code == 404
         r = bob.post("/api/cohorts/pending-1/decision", json=approve(rel, c, "bob"))
         assert r.status_code == 200 and r.json()["status"] == "released"
         info = partner.get("/api/cohorts/pending-1").json()
@@ -386,30 +391,44 @@ def test_cli_token_revoke_and_add(env, tmp_path, capsys):
     assert cli_main(["portal", "add", "--data", str(data), str(release)]) == 2  # already registered
 
 
-def test_login_cookie_and_pages(env):
+def test_login_session_and_pages(env):
     s = env["server"]
+    origin = {"Origin": s.url}
     with s.client() as browser:
         assert browser.get("/").status_code == 303
-        bad = browser.post("/login", data={"token": "nope"})
-        assert bad.status_code == 401
-        r = browser.post("/login", data={"token": env["tok"]["bob"]})
+        bad = browser.post("/login", data={"token": "nope"}, headers=origin)
+        assert bad.status_code == 401 and "Unknown, revoked or expired" in bad.text
+        r = browser.post("/login", data={"token": env["tok"]["bob"]}, headers=origin)
         assert r.status_code == 303
-        cookie = r.headers["set-cookie"].lower()
-        assert "httponly" in cookie and "secure" in cookie and "samesite=strict" in cookie
-        browser.cookies.set("fedsynth_token", env["tok"]["bob"], domain="127.0.0.1")
+        cookie = r.headers["set-cookie"]
+        session = cookie.split(";")[0].split("=", 1)[1]
+        assert (
+            session != env["tok"]["bob"] and env["tok"]["bob"] not in cookie
+        )  # a session id, not the token
+        low = cookie.lower()
+        assert "httponly" in low and "secure" in low and "samesite=strict" in low
+        browser.cookies.set("fedsynth_session", session, domain="127.0.0.1")
         index = browser.get("/")
         assert index.status_code == 200 and "blocked-1" in index.text
         page = browser.get("/cohorts/blocked-1")
         assert page.status_code == 200 and "gate-table" in page.text and "max_epsilon" in page.text
-        assert "FAIL" in page.text and "Content-Security-Policy" in page.headers
+        assert (
+            "FAIL" in page.text and "script-src 'self'" in page.headers["content-security-policy"]
+        )
+        assert (
+            "<script>" not in page.text and "style=" not in page.text
+        )  # scripts and styles are files
         assert (
             "near-copies found" in page.text
         )  # each gate line shows its note (what was measured, or not)
-        # a cookie-authenticated write without the portal's request header (a cross-site form) is refused
-        r = browser.post(
-            "/api/cohorts/traversal-1/decision", json={"statement": "{}", "signature": "x"}
-        )
-        assert r.status_code == 403 and "x-fedsynth-request" in r.json()["detail"]
+        # a cookie-authenticated write from another site (no Origin, or a foreign one) is refused
+        for headers in ({}, {"Origin": "https://evil.example", "X-Fedsynth-Request": "1"}):
+            r = browser.post(
+                "/api/cohorts/traversal-1/decision",
+                json={"statement": "{}", "signature": "x"},
+                headers=headers,
+            )
+            assert r.status_code == 403 and "from this portal" in r.json()["detail"]
         html_report = browser.get("/api/cohorts/blocked-1/files/audit/audit.html")
         assert (
             html_report.status_code == 200

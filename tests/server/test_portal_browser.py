@@ -85,12 +85,16 @@ def test_officer_approves_in_the_browser_and_a_partner_pulls(tmp_path):
                 page.check("input[name=decision][value=approve]")
                 page.fill("#reason", "gate passed; audit read")
                 page.click("#sign")
-                page.wait_for_selector("#result[data-status]", timeout=15000)
+                page.wait_for_url("**/cohorts/browser-1?decided=1", timeout=15000)  # refreshed
                 assert page.get_attribute("#result", "data-status") == "released", page.inner_text(
                     "#result"
                 )
-                page.reload()
                 assert page.inner_text("#status") == "released"
+                assert page.locator("#decision-form").count() == 0  # nothing left to decide
+                page.click("#logout")
+                page.wait_for_url(f"{server.url}/login")
+                page.goto(f"{server.url}/cohorts/browser-1")
+                assert page.url.endswith("/login")  # the session ended on the server
             finally:
                 browser.close()
         key_body = "".join(c.officer_keys["alice"].read_text().splitlines()[1:-1])

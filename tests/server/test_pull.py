@@ -10,7 +10,7 @@ import pytest
 
 from common.signing import fingerprint, load_public_key
 from server.cli import main as cli_main
-from server.release import portal
+from server.release import api, state
 from server.release.manifest import verify_release, write_approval
 from server.release.portal import register_release
 from server.release.pull import PullError, pull
@@ -34,10 +34,16 @@ def env(tmp_path_factory):
             write_approval(rel, approve(rel, c, officer))
         register_release(data, rel, consortium_key=c.consortium_pub)
     register_release(data, c.release("pending-1"))
+    register_release(data, c.release("officer-1"))
     store = Store(data)
     tokens = {
         name: store.issue_token(role, name)[1]
-        for role, name in (("partner", "acme"), ("admin", "root"))
+        for role, name in (
+            ("partner", "acme"),
+            ("admin", "root"),
+            ("officer", "alice"),
+            ("officer", "bob"),
+        )
     }
     with PortalServer(data, root / "pki") as server:
         yield {"c": c, "data": data, "server": server, "tok": tokens, "root": root}
@@ -58,6 +64,13 @@ def _pull(env, cohort, out, **kw):
 
 def _looks_complete(out) -> bool:
     return out.exists()
+
+
+def _lying_portal(monkeypatch):
+    """A compromised portal: it neither checks its files against release.json nor hides what does not match."""
+    monkeypatch.setattr(state.Portal, "integrity_problems", lambda self, release_dir: [])
+    real = api.cohort_files
+    monkeypatch.setattr(api, "cohort_files", lambda cohort, who: dict.fromkeys(real(cohort, who)))
 
 
 def test_pull_downloads_and_verifies_a_released_cohort(env, tmp_path):
@@ -101,16 +114,19 @@ def test_pull_resumes_a_partial_download_with_range(env, tmp_path):
     ) // 2
 
 
-def test_pull_detects_a_file_changed_on_the_portal(env, tmp_path):
+def test_pull_detects_a_file_changed_on_the_portal(env, tmp_path, monkeypatch):
     (env["data"] / "cohorts" / "file-1" / "cohort" / "labels.csv").write_text(
         "synthetic_id,class\nx,lesion\n"
     )
-    with pytest.raises(
-        PullError, match=r"cohort/labels\.csv: sha256 .* does not match release\.json"
-    ):
+    # an honest portal no longer offers the cohort: it is invalid
+    with pytest.raises(PullError, match="404: not available to you") as err:
+        _pull(env, "file-1", tmp_path / "file-1")
+    assert not err.value.resumable and not (tmp_path / "file-1.partial").exists()
+    _lying_portal(monkeypatch)  # a lying one serves it anyway: pull checks every file itself
+    with pytest.raises(PullError, match=r"cohort/labels\.csv: .*sha256.* release\.json"):
         _pull(env, "file-1", tmp_path / "file-1")
     assert not _looks_complete(tmp_path / "file-1")
-    assert not (tmp_path / "file-1.partial" / "cohort" / "labels.csv").exists()
+    assert not (tmp_path / "file-1.partial").exists()  # nothing left that could ever complete
 
 
 def test_pull_detects_a_changed_release_json_even_from_a_lying_portal(env, tmp_path, monkeypatch):
@@ -118,10 +134,10 @@ def test_pull_detects_a_changed_release_json_even_from_a_lying_portal(env, tmp_p
     manifest = json.loads((rel / "release.json").read_text())
     manifest["required_approvals"] = 0
     (rel / "release.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    with pytest.raises(PullError, match="403"):  # the portal itself no longer counts the approvals
+    with pytest.raises(PullError, match="404"):  # the portal itself no longer vouches for it
         _pull(env, "relj-1", tmp_path / "relj-1")
     # a compromised portal that claims the cohort is released anyway: pull checks the signature itself
-    monkeypatch.setattr(portal, "cohort_status", lambda store, row: "released")
+    monkeypatch.setattr(state.Portal, "cohort", lambda self, row: state.Cohort(row, "released"))
     with pytest.raises(
         PullError, match=r"release\.json: the signature in release\.sig does not verify"
     ):
@@ -129,7 +145,8 @@ def test_pull_detects_a_changed_release_json_even_from_a_lying_portal(env, tmp_p
     assert not _looks_complete(tmp_path / "relj-1")
 
 
-def test_pull_detects_an_audit_report_changed_after_signing(env, tmp_path, capsys):
+def test_pull_detects_an_audit_report_changed_after_signing(env, tmp_path, capsys, monkeypatch):
+    _lying_portal(monkeypatch)
     report = env["data"] / "cohorts" / "report-1" / "audit" / "audit.html"
     text = report.read_text()
     edited = text.replace("</body>", "<p>Verdict overruled: fine to share.</p></body>")
@@ -162,11 +179,16 @@ def test_pull_refuses_a_cohort_whose_approvals_do_not_hold(env, tmp_path):
     with pytest.raises(PullError, match="status 'pending'"):
         _pull(env, "approval-1", tmp_path / "approval-1")
     assert not _looks_complete(tmp_path / "approval-1")
+    assert not (tmp_path / "approval-1.partial").exists()
 
 
 def test_pull_refuses_unreleased_wrong_key_bad_token_and_plain_http(env, tmp_path):
-    with pytest.raises(PullError, match="403"):
+    stale = tmp_path / "p.partial"
+    stale.mkdir()
+    (stale / "release.json").write_text("{}")
+    with pytest.raises(PullError, match="not released .pending, blocked by the release policy"):
         _pull(env, "pending-1", tmp_path / "p")
+    assert not stale.exists()  # a pull that cannot complete leaves nothing to resume
     other = env["root"] / "other"
     from common.signing import generate_keypair
 
@@ -188,9 +210,7 @@ def test_pull_refuses_unreleased_wrong_key_bad_token_and_plain_http(env, tmp_pat
         )
     with pytest.raises(PullError, match="not a valid cohort id"):
         _pull(env, "../etc", tmp_path / "x")
-    with pytest.raises(
-        PullError, match="CERTIFICATE_VERIFY_FAILED|certificate"
-    ):  # the system CAs do not know it
+    with pytest.raises(PullError, match="pass the CA certificate of the portal with --ca"):
         pull(
             "cli-1",
             env["server"].url,
@@ -198,7 +218,58 @@ def test_pull_refuses_unreleased_wrong_key_bad_token_and_plain_http(env, tmp_pat
             tmp_path / "c",
             consortium_key=env["c"].consortium_pub,
         )
-    assert not any(p.name in {"p", "k", "t", "h", "x", "c"} for p in tmp_path.iterdir())
+    for token in ("", "two words", "line\nbreak"):
+        with pytest.raises(PullError, match="no token: pass --token|copy it again"):
+            pull("cli-1", env["server"].url, token, tmp_path / "n", ca=env["server"].ca)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_pull_without_a_token_or_ca_says_what_to_do(env, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FEDSYNTH_TOKEN", raising=False)
+    args = ["pull", "cli-1", "--portal", env["server"].url, "--out", str(tmp_path / "x")]
+    assert cli_main(args + ["--ca", str(env["server"].ca)]) == 1
+    assert "no token: pass --token TOKEN or set FEDSYNTH_TOKEN" in capsys.readouterr().err
+    assert cli_main(args + ["--token", env["tok"]["acme"]]) == 1
+    err = capsys.readouterr().err
+    assert "--ca" in err and "resume" not in err and not list(tmp_path.iterdir())
+
+
+def test_officer_approves_and_rejects_on_the_command_line(env, tmp_path, capsys):
+    c, url, ca = env["c"], env["server"].url, str(env["server"].ca)
+
+    def officer(decision, name, key, *extra):
+        return cli_main(
+            [
+                "portal",
+                decision,
+                "officer-1",
+                "--portal",
+                url,
+                "--token",
+                env["tok"][name],
+                "--key",
+                str(key),
+                "--ca",
+                ca,
+                "--consortium-key",
+                str(c.consortium_pub),
+                *extra,
+            ]
+        )
+
+    assert officer("approve", "alice", c.officer_keys["bob"]) == 1  # bob's key under alice's token
+    assert "not the key release.json names for officer 'alice'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        officer("reject", "alice", c.officer_keys["alice"])  # a rejection needs --reason
+    capsys.readouterr()
+    assert officer("approve", "alice", c.officer_keys["alice"]) == 0
+    assert "cohort status: pending" in capsys.readouterr().out
+    assert officer("approve", "bob", c.officer_keys["bob"]) == 0
+    assert "cohort status: released" in capsys.readouterr().out
+    assert officer("reject", "bob", c.officer_keys["bob"], "--reason", "late") == 1
+    assert "HTTP 409" in capsys.readouterr().err
+    out = _pull(env, "officer-1", tmp_path / "officer-1")
+    assert verify_release(out, c.consortium_pub, role="partner") == []
 
 
 def test_cli_pull_succeeds(env, tmp_path, capsys):

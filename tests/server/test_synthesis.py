@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from common.config import RunConfig, model_config
+from common.io import sha256_file
+from common.messages import AuditRequest
 from common.model import build_autoencoder, build_unet
 from server import synthesis
 from server.synthesis import SynthesisRequest, synthesize_cohort, verify_cohort
@@ -168,8 +170,17 @@ def test_audit_task_tells_the_sites_what_the_checkpoints_unet_predicts(
     ]  # a checkpoint from before the field: the UNet predicted noise
     old = tmp_path / "old.pt"
     torch.save(payload, old)
-    [msg] = audit_messages(None, [5], cohort, old)
+    with pytest.raises(ValueError, match="synthesized from checkpoint sha256"):
+        audit_messages(None, [5], cohort, old)  # not the checkpoint this cohort came from
+    old_cohort = synthesize_cohort(
+        SynthesisRequest(old, tmp_path / "old-cohort", per_class=1, batch_size=2)
+    )
+    [msg] = audit_messages(None, [5], old_cohort, old)
     assert msg.content["config"]["prediction-type"] == "epsilon"
+    request = AuditRequest.from_record(msg.content["config"])
+    assert request.run_id == payload["run_state"]["run_id"]
+    assert request.checkpoint_sha256 == sha256_file(old)
+    assert request.cohort_manifest_sha256 == sha256_file(old_cohort / "manifest.json")
 
 
 def test_3d_cohort_volumes_have_ras_affines_and_read_back_through_the_site_loader(tmp_path):

@@ -1,0 +1,99 @@
+"""The ClientApp's train handler, called as Flower calls it: what a site's reply carries (and what it does not)."""
+
+import pytest
+from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import train
+from client.task import load_training_data
+from common import messages
+from common.config import SiteConfig, model_config
+from common.messages import RoundPlan, TrainMetrics, TrainStatus
+from common.model import build_autoencoder
+from common.phantoms import make_phantom_sites
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Flower stamps new messages with the running task's identity; outside a deployment there is none."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory):
+    return make_phantom_sites(
+        tmp_path_factory.mktemp("phantoms"), n_sites=1, n_subjects=12, size=32, seed=5
+    )[0]
+
+
+def _train_message() -> Message:
+    plan = RoundPlan(
+        run_id="run-a",
+        server_round=1,
+        phase="autoencoder",
+        num_server_rounds=2,
+        federated_autoencoder_rounds=1,
+        preset="tiny",
+        local_epochs=1,
+        batch_size=4,
+        lr=1e-3,
+        kl_weight=1e-6,
+        latent_scale=1.0,
+        proximal_mu=0.0,
+        seed=0,
+    )
+    content = RecordDict(
+        {
+            messages.CONFIG: plan.to_record(),
+            messages.ARRAYS: ArrayRecord(build_autoencoder(model_config("tiny")).state_dict()),
+        }
+    )
+    return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=7)
+
+
+def _patients(site_dir) -> int:
+    train, _ = load_training_data(SiteConfig(site_dir=str(site_dir)), model_config("tiny"))
+    return len(train)
+
+
+def _context(site_dir, state_dir, **node_config) -> Context:
+    config = {"site-dir": str(site_dir), "state-dir": str(state_dir), **node_config}
+    return Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})
+
+
+def test_a_default_reply_carries_no_loss_and_no_patient_count(tmp_path, site_dir):
+    """Attack (issue 9, item 5): the server reads the training loss and the exact number of patients from the
+    reply. By default neither leaves the site."""
+    reply = train(_train_message(), _context(site_dir, tmp_path / "state"))
+    status = TrainStatus.from_record(reply.content[messages.STATUS])
+    assert not status.error and not status.refused
+    metrics = TrainMetrics.from_record(reply.content[messages.METRICS])
+    assert metrics.loss is None and metrics.num_examples is None
+    assert set(reply.content[messages.METRICS]) == {"steps", "seconds", "epsilon", "delta"}
+    privacy = dict(reply.content[messages.PRIVACY])
+    assert "patients_trained_on" not in privacy and privacy["training_stats_reported"] is False
+    assert _patients(site_dir) not in privacy.values()  # the exact count is nowhere
+
+
+def test_a_site_that_opts_in_reports_its_loss_and_count(tmp_path, site_dir):
+    context = _context(site_dir, tmp_path / "state", **{"report-training-stats": True})
+    reply = train(_train_message(), context)
+    metrics = TrainMetrics.from_record(reply.content[messages.METRICS])
+    assert metrics.num_examples == _patients(site_dir) and metrics.loss > 0
+    privacy = dict(reply.content[messages.PRIVACY])
+    assert (
+        privacy["patients_trained_on"] == _patients(site_dir)
+        and privacy["training_stats_reported"] is True
+    )
+
+
+def test_a_plan_with_a_renamed_key_is_refused_with_an_error_naming_it(tmp_path, site_dir):
+    msg = _train_message()
+    msg.content[messages.CONFIG]["latent_scale"] = msg.content[messages.CONFIG].pop("latent-scale")
+    reply = train(msg, _context(site_dir, tmp_path / "state"))
+    status = TrainStatus.from_record(reply.content[messages.STATUS])
+    assert "MessageError" in status.error and "'latent_scale'" in status.error
+    assert messages.ARRAYS not in reply.content
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir())
