@@ -13,6 +13,7 @@ Per-patient scores, features and images stay here: `audit_site` returns a dict o
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from client import canaries
 from client.task import configure_compute, load_training_data, open_ledger, run_privacy_claim
 from common.config import ModelConfig, SiteConfig
 from common.model import (
@@ -41,6 +43,7 @@ from privacy.fidelity import (
     radiomics_features,
 )
 from privacy.memorization import memorization_audit, pairwise_min_distances
+from privacy.power import annotate, holdout_power
 
 log = logging.getLogger("fedsynth.site.audit")
 WHITE_BOX_TIMESTEPS = (
@@ -79,11 +82,14 @@ def loss_scores(
     return -(total / (len(WHITE_BOX_TIMESTEPS) * repeats)).cpu().numpy()
 
 
-def _mia(member_scores: np.ndarray, nonmember_scores: np.ndarray, delta: float) -> dict[str, Any]:
+def _mia(
+    member_scores: np.ndarray, nonmember_scores: np.ndarray, delta: float, claimed: float
+) -> dict[str, Any]:
     out = roc_summary(member_scores, nonmember_scores)
-    out["epsilon_lower_bound"] = empirical_epsilon_lower_bound(
-        member_scores, nonmember_scores, delta=delta
-    )
+    bound = empirical_epsilon_lower_bound(member_scores, nonmember_scores, delta=delta)
+    # beside the bound: the largest one this many members and non-members could give (privacy/power.py)
+    power = holdout_power(len(member_scores), len(nonmember_scores), delta)
+    out["epsilon_lower_bound"] = annotate(bound, power, claimed)
     return out
 
 
@@ -203,6 +209,7 @@ def audit_site(
         )
     privacy = run_privacy_claim(site, ledger, run_id)
     delta = float(privacy["delta"])
+    claimed = math.inf if privacy.get("epsilon") is None else float(privacy["epsilon"])
     log.info(
         "site %s: auditing %d synthetic images against %d members and %d non-members",
         site.name,
@@ -230,18 +237,26 @@ def audit_site(
     black_m = -pairwise_min_distances(train.images, synthetic)[0]
     black_n = -pairwise_min_distances(holdout.images, synthetic)[0]
     membership = {
-        "white_box": _mia(white_m, white_n, delta),
-        "black_box": _mia(black_m, black_n, delta),
+        "white_box": _mia(white_m, white_n, delta, claimed),
+        "black_box": _mia(black_m, black_n, delta, claimed),
     }
     per_class: dict[str, Any] = {}
     for c, name in enumerate(cfg.class_names):
         m, n = train.labels == c, holdout.labels == c
         if m.sum() >= 1 and n.sum() >= 1:
             per_class[name] = {
-                "white_box": _mia(white_m[m], white_n[n], delta),
-                "black_box": _mia(black_m[m], black_n[n], delta),
+                "white_box": _mia(white_m[m], white_n[n], delta, claimed),
+                "black_box": _mia(black_m[m], black_n[n], delta, claimed),
             }
     membership["per_class"] = per_class
+    # One-run canary audit (client/canaries.py): the same white-box attack on the site's canaries
+    membership["canaries"] = canaries.audit_canaries(
+        canaries.load(site),
+        cfg,
+        lambda records: loss_scores(ae, unet, cfg, records, latent_scale, device),
+        delta,
+        claimed,
+    )
     return {
         "site": site.name,
         "n_members": int(len(train)),

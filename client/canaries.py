@@ -63,11 +63,20 @@ def auto_count(site: SiteConfig, n_patients: int, delta: float) -> int:
     """The default number of canaries for this site (see MAX_OVERHEAD)."""
     if not site.dp:
         return 0
-    wanted = one_run.canaries_for_power(
-        range_of_interest(site.epsilon), delta, n_tests=len(one_run.DEFAULT_GUESS_FRACTIONS)
-    )
     affordable = int(2 * MAX_OVERHEAD * n_patients)
-    return min(wanted, affordable)
+    if affordable == 0:
+        return 0
+    try:
+        return one_run.canaries_for_power(
+            range_of_interest(site.epsilon),
+            delta,
+            n_tests=len(one_run.DEFAULT_GUESS_FRACTIONS),
+            limit=affordable,
+        )
+    except (
+        ValueError
+    ):  # unreachable within the overhead cap: as many as it allows (underpowered, and said)
+        return affordable
 
 
 def load_or_create(site: SiteConfig, n_patients: int, delta: float) -> CanaryState:
@@ -103,6 +112,13 @@ def load_or_create(site: SiteConfig, n_patients: int, delta: float) -> CanarySta
         },
     )
     return state
+
+
+def load(site: SiteConfig) -> CanaryState | None:
+    """The site's saved canary set, or None when it never drew one (the audit then has no canaries to score:
+    drawing a set after training would audit canaries no model ever saw)."""
+    path = state_path(site)
+    return _read(path) if path.exists() else None
 
 
 def _read(path: Path) -> CanaryState:
@@ -176,7 +192,7 @@ def training_records(
 
 
 def audit_canaries(
-    state: CanaryState,
+    state: CanaryState | None,
     cfg: ModelConfig,
     score: Callable[[SiteData], np.ndarray],
     delta: float,
@@ -185,13 +201,14 @@ def audit_canaries(
 ) -> dict:
     """Score every canary (higher = "more likely trained on", e.g. client.audit.loss_scores on the global model)
     and return the one-run audit's counts, bound and power. No score and no inclusion flag leaves this function."""
-    if state.n == 0:
+    if state is None or state.n == 0:
         return {
             "n_canaries": 0,
             "epsilon_lower_bound": 0.0,
             "power": 0.0,
             "underpowered": True,
-            "note": "no canaries at this site (node config canaries=0, or DP off with the auto default)",
+            "note": "no canaries at this site (node config canaries=0, DP off with the auto default, or no "
+            "training round since canaries were introduced)",
         }
     scores = np.asarray(score(render(state, cfg)), dtype=np.float64)
     out = one_run.audit(scores, np.array(state.included), delta=delta, alpha=alpha)

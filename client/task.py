@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from client import canaries
 from common.config import ModelConfig, SiteConfig, model_config
 from common.messages import RoundPlan
 from common.model import (
@@ -332,9 +333,14 @@ def run_training_round(
         delta=dp.delta,
         patients=train.patients,
     )
-    groups = train.records_by_patient()
-    images = torch.from_numpy(train.images)
-    labels = torch.from_numpy(train.labels)
+    # One-run audit canaries (client/canaries.py): the included ones are extra records, one sampling unit each,
+    # Poisson-sampled at the patients' rate and clipped and noised like them; the rate, steps and noise above
+    # come from the patient count alone, so no patient's mechanism depends on them.
+    canary_set = canaries.load_or_create(site, len(train.patients), dp.delta)
+    records, record_labels = canaries.training_records(train, canary_set, cfg)
+    groups = train.records_by_patient() + [[len(train) + j] for j in range(canary_set.n_included)]
+    images = torch.from_numpy(records)
+    labels = torch.from_numpy(record_labels)
     if plan.phase == "autoencoder":
         module: torch.nn.Module = build_autoencoder(cfg)
         module.load_state_dict(arrays)

@@ -82,20 +82,22 @@ def power(m: int, delta: float, alpha: float = 0.05, n_tests: int = 1) -> float:
     return epsilon_lower_bound(int(m), int(m), int(m), delta, alpha / max(1, n_tests))
 
 
-def canaries_for_power(target: float, delta: float, alpha: float = 0.05, n_tests: int = 1) -> int:
-    """The fewest canaries whose perfect attack certifies at least `target` (bisection on m; power grows with m).
-    Raises ValueError when no number of canaries up to 10^6 reaches it (delta caps the power)."""
+def canaries_for_power(
+    target: float, delta: float, alpha: float = 0.05, n_tests: int = 1, limit: int = 100_000
+) -> int:
+    """The fewest canaries (at most `limit`) whose perfect attack certifies at least `target`, by bisection.
+    Raises ValueError when `limit` canaries do not reach it (a large delta caps the power: its term grows with m)."""
     if target <= 0:
         return 1
-    hi = 1
+    if power(limit, delta, alpha, n_tests) < target:
+        raise ValueError(
+            f"{limit} canaries cannot certify epsilon {target} at delta {delta} (at most "
+            f"{power(limit, delta, alpha, n_tests):.2f})"
+        )
+    lo, hi = 0, 1
     while power(hi, delta, alpha, n_tests) < target:
-        hi *= 2
-        if hi > 1_000_000:
-            raise ValueError(
-                f"no number of canaries up to 10^6 certifies epsilon {target} at delta {delta}"
-            )
-    lo = hi // 2
-    while hi - lo > 1:
+        lo, hi = hi, min(2 * hi, limit)
+    while hi - lo > 1:  # invariant: power(hi) >= target
         mid = (lo + hi) // 2
         if power(mid, delta, alpha, n_tests) >= target:
             hi = mid

@@ -8,6 +8,8 @@ claim. Every lower bound in a report carries this figure beside it.
 
 from __future__ import annotations
 
+import math
+
 from privacy import one_run
 from privacy.audit_stats import epsilon_from_counts
 
@@ -68,3 +70,74 @@ def annotate(bound: dict, power: float, claimed_epsilon: float) -> dict:
         else 0.0,
         "underpowered": is_underpowered(power, claimed_epsilon),
     }
+
+
+def _finite(x) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def site_power(site: dict, alpha: float = 0.05) -> dict:
+    """What one site's audit (privacy/audit_schema.py's site block) could have certified: the power of its
+    all-records hold-out bounds (recomputed from their counts, so audits written before power was reported are
+    judged too) and of its canary audit, the best of them, and whether that reaches the claim's range of interest.
+    A site without a finite claim has no range: `underpowered` is then None (not judged)."""
+    cp = site.get("claimed_privacy") or {}
+    claimed = _finite(cp.get("epsilon"))
+    delta = _finite(cp.get("delta")) or 0.0
+    mem = site.get("membership") or {}
+    holdout = max(
+        (
+            holdout_power(
+                int(res.get("n_members") or 0), int(res.get("n_nonmembers") or 0), delta, alpha
+            )
+            for kind, res in mem.items()
+            if kind in ("white_box", "black_box") and isinstance(res, dict)
+        ),
+        default=0.0,
+    )
+    can = mem.get("canaries") or {}
+    n_canaries = int(can.get("n_canaries") or 0)
+    canaries = canary_power(n_canaries, delta, alpha) if n_canaries else 0.0
+    best = max(holdout, canaries)
+    return {
+        "claimed_epsilon": claimed,
+        "range_of_interest": range_of_interest(claimed) if claimed is not None else None,
+        "holdout_power": holdout,
+        "canary_power": canaries,
+        "n_canaries": n_canaries,
+        "power": best,
+        "underpowered": is_underpowered(best, claimed) if claimed is not None else None,
+    }
+
+
+def verdict_notes(site_results: dict[str, dict]) -> tuple[list[str], list[str], dict[str, dict]]:
+    """For the verdict: (findings, underpowered reasons, power per site).
+
+    Findings: a canary epsilon lower bound above the site's claimed epsilon (the DP implementation is suspect).
+    Underpowered: a site whose best audit could not certify the claim's range of interest even with a perfect
+    attack; its "no finding" says nothing, so the verdict must not be "pass"."""
+    findings, underpowered, per_site = [], [], {}
+    for name, site in site_results.items():
+        p = site_power(site)
+        per_site[name] = p
+        claimed = p["claimed_epsilon"]
+        can = (site.get("membership") or {}).get("canaries") or {}
+        lb = _finite(can.get("epsilon_lower_bound")) or 0.0
+        if claimed is not None and lb > claimed:
+            findings.append(
+                f"{name} (one-run canary audit, {can.get('n_canaries')} canaries): epsilon lower bound "
+                f"{lb:.2f} exceeds the claimed epsilon {claimed:.2f}: the DP implementation is suspect"
+            )
+        if p["underpowered"]:
+            underpowered.append(
+                f"underpowered: {name} claims epsilon {claimed:.2f}, but a perfect attack could certify at most "
+                f"{p['power']:.2f} (hold-out {p['holdout_power']:.2f}, {p['n_canaries']} canaries "
+                f"{p['canary_power']:.2f}), below the range of interest {p['range_of_interest']:.2f}: "
+                "'no finding' cannot be told from 'could not have seen it' (more canaries, node config "
+                "canaries=N, or more patients)"
+            )
+    return findings, underpowered, per_site

@@ -328,10 +328,9 @@ class Federation:
         )
 
     # ---- one round ---------------------------------------------------------------------------------------------
-    def _note_disconnected(self, state: RunState, r: int) -> None:
+    def _note_disconnected(self, state: RunState, r: int, connected: set[int]) -> None:
         """A site that answered in this run (this ServerApp) but whose SuperNode is no longer connected is
         recorded as dropped: the Grid no longer offers its node, so no round would ask it and notice."""
-        connected = set(self.grid.get_node_ids())
         for name, s in list(state.sites.items()):
             gone = s["node_id"] in self._answered_nodes and s["node_id"] not in connected
             if s["status"] == "active" and gone:
@@ -344,9 +343,14 @@ class Federation:
                     "disconnected: its SuperNode is no longer connected to the SuperLink",
                 )
 
-    def _active_nodes(self, state: RunState) -> list[int]:
+    def _active_nodes(self, state: RunState, r: int | None = None) -> list[int]:
+        """The connected nodes of sites that have not refused; with a round, sites whose SuperNode is gone
+        are recorded as dropped in it (from the same list of nodes)."""
+        nodes = list(self.grid.get_node_ids())
+        if r is not None:
+            self._note_disconnected(state, r, set(nodes))
         refused = {s["node_id"] for s in state.sites.values() if s["status"] == "refused"}
-        return [n for n in self.grid.get_node_ids() if n not in refused]
+        return [n for n in nodes if n not in refused]
 
     def _round(
         self,
@@ -372,7 +376,7 @@ class Federation:
             proximal_mu=self.run.proximal_mu if self.run.strategy == "fedprox" else 0.0,
             seed=self.run.seed,
         )
-        active = self._active_nodes(state)
+        active = self._active_nodes(state, r)
         if self.central.enabled:  # Flower's DP wrapper was set up for exactly these sites
             if not set(self._phase_nodes) <= set(active):
                 return (
@@ -403,10 +407,20 @@ class Federation:
         self.say(f"round {r}/{self.run.num_server_rounds} ({phase}): asking {len(messages)} sites")
         t0 = time.time()
         replies = list(self.grid.send_and_receive(messages, timeout=self.run.round_timeout))
-        answered = {m.metadata.src_node_id for m in replies}
+        # An error the SuperLink made for a node (e.g. "node unavailable") comes from the SuperLink, not the
+        # node: tie it to the node it answers for through the message it replies to.
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        unique = len(asked) == len(messages)  # (messages not sent through a SuperLink have no ids)
+        nodes = [
+            asked.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+            if m.has_error() and unique
+            else m.metadata.src_node_id
+            for m in replies
+        ]
+        answered = set(nodes)
         good: list[Message] = []
-        for m in replies:
-            self._note_reply(state, r, phase, m, good)
+        for m, node in zip(replies, nodes, strict=True):
+            self._note_reply(state, r, phase, m, good, node)
         for node in {m.metadata.dst_node_id for m in messages} - answered:
             self._mark(
                 state,
@@ -552,9 +566,8 @@ class Federation:
             )
 
     def _note_reply(
-        self, state: RunState, r: int, phase: str, m: Message, good: list[Message]
+        self, state: RunState, r: int, phase: str, m: Message, good: list[Message], node: int
     ) -> None:
-        node = m.metadata.src_node_id
         self._answered_nodes.add(node)
         if m.has_error():
             self._mark(
@@ -611,7 +624,6 @@ class Federation:
             self.say("all rounds already done")
         for r in range(state.completed_round + 1, self.run.num_server_rounds + 1):
             phase = self.run.phase(r)
-            self._note_disconnected(state, r)
             if (
                 phase != strategy_phase
             ):  # a fresh strategy per phase: server optimiser state is per component
@@ -637,7 +649,7 @@ class Federation:
                             self.cfg, self.run, ae, state.latent_scale, self.run.public_unet_steps
                         )
                         state.unet_warm_started = True
-            active = self._active_nodes(state)
+            active = self._active_nodes(state, r)
             if len(active) < self.run.min_sites:
                 return self._stop(
                     state,

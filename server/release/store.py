@@ -159,6 +159,8 @@ class Store:
             raise ValueError(f"days {days!r}: a token must be valid for a positive number of days")
         expires = _iso(datetime.now(timezone.utc) + timedelta(days=days)) if days else None
         token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        while secret.startswith("-"):  # `--token -abc` would read as an option on the command line
+            secret = secrets.token_urlsafe(32)
         with self._connect() as db:
             db.execute(
                 "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, NULL, ?)",

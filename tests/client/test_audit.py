@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from client import canaries
 from client.audit import audit_site
 from client.task import load_training_data, run_training_round
 from common.config import SiteConfig, model_config
 from common.messages import RoundPlan
 from common.model import build_autoencoder, build_unet, ddpm_scheduler, diffusion_loss, encode
 from common.phantoms import make_phantom_sites
+from privacy.power import holdout_power
 from privacy.report import build_audit
 
 pytestmark = pytest.mark.slow
@@ -118,7 +120,18 @@ def test_dp_model_is_not_over_claimed(tmp_path, site_dir):
     claimed = result["claimed_privacy"]["epsilon"]
     assert claimed == pytest.approx(trained.privacy["epsilon"])
     for kind in ("white_box", "black_box"):
-        assert result["membership"][kind]["epsilon_lower_bound"]["epsilon_lower_bound"] <= claimed
+        lb = result["membership"][kind]["epsilon_lower_bound"]
+        assert lb["epsilon_lower_bound"] <= claimed
+        # every bound carries the largest one its record counts allow (privacy/power.py)
+        assert (
+            lb["epsilon_lower_bound"]
+            <= lb["power"]
+            == pytest.approx(holdout_power(len(train), result["n_nonmembers"], lb["delta"]))
+        )
+    # the one-run canary audit: the site's auto canaries, scored by the white-box attack, never over-claimed
+    can = result["membership"]["canaries"]
+    assert can["n_canaries"] == canaries.load(site).n > 0
+    assert can["epsilon_lower_bound"] <= min(claimed, can["power"])
     audit = build_audit(
         {site.name: json.loads(json.dumps(result, default=float))}, cohort={"n_images": 12}
     )

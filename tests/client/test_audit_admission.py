@@ -52,3 +52,43 @@ def test_audits_per_run_are_bounded_and_counted_durably(tmp_path):
     assert not ok and "max-audits-per-run" in reason
     assert open_ledger(site).audits_answered("run-a") == 2
     assert not admit(_site(tmp_path, max_audits_per_run=0), "run-a", SHA, SHA)[0]
+
+
+def test_the_clientapp_refuses_an_unadmitted_audit_with_a_reason_the_server_sees(
+    tmp_path, monkeypatch
+):
+    from flwr.app import Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.client_app import audit
+    from common import messages
+    from common.messages import AuditRequest
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    site = _site(tmp_path)
+    _trained(site, "run-a")
+    request = AuditRequest(
+        run_id="run-the-site-never-saw",
+        checkpoint_sha256=SHA,
+        cohort_manifest_sha256=SHA,
+        preset="tiny",
+        prediction_type="v_prediction",
+        latent_scale=1.0,
+        synthetic_ids=("s0",),
+    )
+    msg = Message(
+        content=RecordDict({messages.CONFIG: request.to_record()}),
+        message_type=f"{MessageType.QUERY}.{messages.AUDIT}",
+        dst_node_id=7,
+    )
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"site-dir": site.site_dir, "state-dir": site.state_dir},
+        state=RecordDict(),
+        run_config={},
+    )
+    reply = audit(msg, context)
+    assert reply.has_error() and "run-the-site-never-saw" in reply.error.reason
+    assert open_ledger(site).audits_answered("run-the-site-never-saw") == 0

@@ -114,3 +114,77 @@ def test_audit_canaries_with_a_perfect_and_a_blind_attack(site):
     assert out["underpowered"] and out["range_of_interest"] == 5.0  # 40 canaries cannot speak to 10
     # only counts leave: no per-canary list (scores, flags, guesses) of length m in the result
     assert not any(isinstance(v, list) and len(v) == 40 for v in out.values())
+
+
+@pytest.fixture(scope="module")
+def phantom_site(tmp_path_factory):
+    from common.phantoms import make_phantom_sites
+
+    out = tmp_path_factory.mktemp("phantoms")
+    return make_phantom_sites(out, n_sites=1, n_subjects=20, size=32, seed=3)[0]
+
+
+def _round(tmp_path, phantom_site, monkeypatch, n_canaries):
+    """One real DP training round; the real training loop is called, and what it was given is recorded."""
+    from client import task
+    from common.model import build_autoencoder
+
+    seen = {}
+    real = (
+        task._train_loop.__wrapped__
+        if hasattr(task._train_loop, "__wrapped__")
+        else task._train_loop
+    )
+
+    def recording(module, dataset, plan, dp, loss_fn, device, mode="bookkeeping", groups=None):
+        seen.update(n_records=len(dataset), groups=groups, dp=dp)
+        return real(module, dataset, plan, dp, loss_fn, device, mode, groups)
+
+    recording.__wrapped__ = real
+    monkeypatch.setattr(task, "_train_loop", recording)
+    site = SiteConfig(
+        site_dir=str(phantom_site), state_dir=str(tmp_path / f"s{n_canaries}"), canaries=n_canaries
+    )
+    plan = task.RoundPlan(
+        run_id="r", server_round=1, phase="autoencoder", num_server_rounds=1,
+        federated_autoencoder_rounds=1, preset="tiny", local_epochs=1, batch_size=5, lr=1e-3,
+        kl_weight=1e-6, latent_scale=1.0, proximal_mu=0.0, seed=0,
+    )  # fmt: skip
+    result = task.run_training_round(
+        site, plan, build_autoencoder(model_config("tiny")).state_dict()
+    )
+    assert not result.refused
+    return site, result, seen
+
+
+def test_training_adds_included_canaries_as_extra_units_without_touching_patients_privacy(
+    tmp_path, phantom_site, monkeypatch
+):
+    from client.task import open_ledger
+
+    site0, r0, seen0 = _round(tmp_path, phantom_site, monkeypatch, 0)
+    site, r, seen = _round(tmp_path, phantom_site, monkeypatch, 12)
+    state = canaries.load_or_create(site, 15, 1e-5)
+    assert seen["n_records"] == seen0["n_records"] + state.n_included
+    assert seen["groups"][: len(seen0["groups"])] == seen0["groups"]  # patients' units unchanged
+    assert seen["groups"][len(seen0["groups"]) :] == [
+        [seen0["n_records"] + j] for j in range(state.n_included)
+    ]  # one unit per included canary, nothing for the excluded ones
+    # the patients' mechanism is the same with and without canaries; the ledger knows only patients
+    for key in ("sample_rate", "steps", "noise_multiplier", "delta"):
+        assert getattr(seen["dp"], key) == getattr(seen0["dp"], key)
+    assert r.privacy["epsilon"] == pytest.approx(r0.privacy["epsilon"])
+    assert r.metrics["num-examples"] == r0.metrics["num-examples"] == 15
+    assert open_ledger(site).patients_of("r") == open_ledger(site0).patients_of("r")
+    assert not any("canary" in p for p in open_ledger(site).patients_of("r"))
+    assert (
+        not canaries.state_path(site0).exists() or canaries.load_or_create(site0, 15, 1e-5).n == 0
+    )
+
+
+def test_auto_count_at_a_tiny_site_with_a_large_delta(tmp_path):
+    cfg = SiteConfig(site_dir=str(tmp_path), epsilon=5.0)
+    assert (
+        canaries.auto_count(cfg, n_patients=15, delta=1 / 150) == 6
+    )  # the overhead cap, not an error
+    assert canaries.auto_count(cfg, n_patients=2, delta=1 / 20) == 0

@@ -2,15 +2,17 @@
 
 import pytest
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import train
+from client.client_app import audit, central_dp_clipping_mod, train
 from client.task import load_training_data
 from common import messages
 from common.config import SiteConfig, model_config
-from common.messages import RoundPlan, TrainMetrics, TrainStatus
+from common.messages import AuditRequest, RoundPlan, TrainMetrics, TrainStatus
 from common.model import build_autoencoder
 from common.phantoms import make_phantom_sites
+from privacy.client_level import update_norm
 
 
 @pytest.fixture(autouse=True)
@@ -97,3 +99,41 @@ def test_a_plan_with_a_renamed_key_is_refused_with_an_error_naming_it(tmp_path, 
     assert "MessageError" in status.error and "'latent_scale'" in status.error
     assert messages.ARRAYS not in reply.content
     assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir())
+
+
+def test_an_audit_for_a_run_the_site_never_trained_in_is_refused(tmp_path, site_dir):
+    """The audit handler reads the AuditRequest's run id and hashes and asks the site's admission before it
+    touches a patient: an unknown run gets an error reply naming the reason, and no audit result."""
+    request = AuditRequest(
+        run_id="never-trained",
+        checkpoint_sha256="a" * 64,
+        cohort_manifest_sha256="b" * 64,
+        preset="tiny",
+        prediction_type="v_prediction",
+        latent_scale=1.0,
+        synthetic_ids=("syn-1",),
+    )
+    msg = Message(
+        content=RecordDict({messages.CONFIG: request.to_record()}),
+        message_type=f"{MessageType.QUERY}.{messages.AUDIT}",
+        dst_node_id=7,
+    )
+    reply = audit(msg, _context(site_dir, tmp_path / "state"))
+    assert reply.has_error() and "never-trained" in reply.error.reason
+    assert not reply.has_content()
+
+
+def test_under_central_dp_the_plan_reaches_the_app_exact_and_the_update_leaves_clipped(
+    tmp_path, site_dir
+):
+    """Flower's central-DP wrapper adds its clipping-norm key to the round plan: the site's mod consumes it, so
+    the app parses the exact RoundPlan (no unknown key), and the update leaves clipped to that norm."""
+    msg = _train_message()
+    msg.content[messages.CONFIG][KEY_CLIPPING_NORM] = 0.05
+    reply = central_dp_clipping_mod(msg, _context(site_dir, tmp_path / "state"), train)
+    status = TrainStatus.from_record(reply.content[messages.STATUS])
+    assert not status.error and not status.refused
+    sent = msg.content[messages.ARRAYS].to_numpy_ndarrays()
+    new = reply.content[messages.ARRAYS].to_numpy_ndarrays()
+    assert update_norm(new, sent) <= 0.05 * (1 + 1e-6)
+    assert msg.content[messages.CONFIG][KEY_CLIPPING_NORM] == 0.05  # the message as received

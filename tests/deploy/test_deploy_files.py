@@ -107,7 +107,7 @@ def test_systemd_units_name_files_that_exist_and_verify(role, tmp_path):
     env_file = Path(service["EnvironmentFile"])
     assert (DEPLOY / env_file.name).is_file() and exec_start[1] == str(env_file)
     assert "/opt/fedsynth/.venv/bin" in service["Environment"]  # Flower spawns its helpers by name
-    assert service["Restart"] == "on-failure" and service["KillMode"] == "control-group"
+    assert service["Restart"] == "always" and service["KillMode"] == "control-group"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
     analyze = shutil.which("systemd-analyze")

@@ -129,3 +129,11 @@ def test_guesses_rank_and_abstain():
 def test_canaries_for_power_is_the_smallest_sufficient_count():
     m = one_run.canaries_for_power(5.0, delta=1e-5)
     assert one_run.power(m, 1e-5) >= 5.0 > one_run.power(m - 1, 1e-5)
+
+
+def test_canaries_for_power_respects_its_limit_and_a_large_delta():
+    with pytest.raises(ValueError, match="cannot certify"):
+        one_run.canaries_for_power(5.0, delta=1e-5, limit=100)
+    # a large delta (1 / (10 n) at a 15-patient site) caps the power whatever m: refused, not looped forever
+    with pytest.raises(ValueError, match="cannot certify"):
+        one_run.canaries_for_power(2.5, delta=1 / 150, limit=10_000)

@@ -53,3 +53,37 @@ def test_underpowered_rule():
     assert is_underpowered(0.0, float("inf")) and not is_underpowered(0.5, float("inf"))
     row = annotate({"epsilon_lower_bound": 0.0}, 2.3, 10.0)
     assert row["underpowered"] and row["range_of_interest"] == 5.0 and row["power"] == 2.3
+
+
+def _site(n_members, n_nonmembers, claimed=10.0, canaries=None, delta=1e-5):
+    roc = {"n_members": n_members, "n_nonmembers": n_nonmembers, "epsilon_lower_bound": {}}
+    mem = {"white_box": dict(roc), "black_box": dict(roc)}
+    if canaries is not None:
+        mem["canaries"] = canaries
+    return {"claimed_privacy": {"epsilon": claimed, "delta": delta}, "membership": mem}
+
+
+def test_verdict_notes_underpowered_site_and_powered_one():
+    from privacy.power import site_power, verdict_notes
+
+    small = _site(
+        90, 30
+    )  # the demo-sized site: a perfect attack reaches 2.3 of a claim of 10
+    powered = _site(90, 30, canaries={"n_canaries": 1000, "epsilon_lower_bound": 0.4})
+    findings, under, per_site = verdict_notes({"small": small, "powered": powered})
+    assert findings == []
+    assert len(under) == 1 and under[0].startswith("underpowered: small") and "2.30" in under[0]
+    assert per_site["small"]["power"] == pytest.approx(holdout_power(90, 30, 1e-5))
+    assert per_site["powered"]["power"] == pytest.approx(canary_power(1000, 1e-5))
+    assert per_site["powered"]["power"] > 5.0 and not per_site["powered"]["underpowered"]
+    # a site without DP has no range of interest: not judged underpowered
+    assert site_power(_site(90, 30, claimed=None))["underpowered"] is None
+
+
+def test_verdict_notes_canary_bound_above_the_claim_is_a_finding():
+    from privacy.power import verdict_notes
+
+    broken = _site(90, 30, claimed=2.0, canaries={"n_canaries": 1000, "epsilon_lower_bound": 3.1})
+    findings, under, _ = verdict_notes({"broken": broken})
+    assert len(findings) == 1 and "3.10 exceeds the claimed epsilon 2.00" in findings[0]
+    assert under == []

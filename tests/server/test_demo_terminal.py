@@ -97,4 +97,4 @@ def test_small_demo_prints_progress_and_a_summary_that_matches_the_run(tmp_path)
         for rule in gate["rules"]:
             assert (f"- {rule['rule']}:" in summary) == (not rule["passed"])
         assert "nothing can be approved or pulled" in summary
-        assert "fedsynth pull" not in summary and "approve" not in summary.split("next:")[1]
+        assert "fedsynth pull" not in summary and "fedsynth portal approve" not in summary
