@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from common.io import write_json_atomic, write_text_atomic
+from privacy.power import verdict_notes
 
 AUDIT_SCHEMA_VERSION = "1.1"
 READABLE_SCHEMA_VERSIONS = ("1.0", "1.1")  # 1.1 only adds fields (see the module docstring)
@@ -367,8 +368,13 @@ def build_audit(
             f"share tests that cannot reach Holm significance with their number of permutations B "
             f"({n_tests} tests x 1 / (1 + B) >= {SHARE_ALPHA}): {', '.join(blind[:10])}"
         )
+    # power (privacy/power.py): a canary bound above the claim fails; a site whose audit could not have certified
+    # the claim's range of interest even with a perfect attack makes the verdict inconclusive, never "pass"
+    canary_findings, underpowered, power = verdict_notes(site_results)
+    findings += canary_findings
+    suspect = suspect or bool(canary_findings)
     worst = _worst(site_results)
-    inconclusive = []
+    inconclusive = list(underpowered)
     if not site_results:
         inconclusive.append("no site returned an audit")
     elif "membership_auc" not in worst:
@@ -414,6 +420,7 @@ def build_audit(
                 "caveats": caveats,
                 "thresholds": THRESHOLDS,
                 "dp_suspect": suspect,
+                "power": power,
                 "share_tests": {
                     "n_tests": n_tests,
                     "alpha": SHARE_ALPHA,

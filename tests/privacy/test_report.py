@@ -36,7 +36,19 @@ def attack(rng, shift, n=60, delta=1e-3):
     }
 
 
-def site(rng, *, name, shift=0.0, copies=False, epsilon=8.0, hub=False, noisy_copies=False):
+def site(
+    rng,
+    *,
+    name,
+    shift=0.0,
+    copies=False,
+    epsilon=8.0,
+    hub=False,
+    noisy_copies=False,
+    canaries=2000,
+):
+    """A site's audit answer; `canaries`: the size of its one-run canary audit (2000 at delta 1e-5 can certify
+    about 6.0, enough for a claim of 8; 0: none, so 60 hold-out records are all the power it has)."""
     members, nonmembers = blobs(rng, 30), blobs(rng, 30)
     synthetic = members[:10] + 0.001 if copies else blobs(rng, 10)
     if hub:  # a weak generator: every image far from the data, all nearest to one member (the hub)
@@ -53,17 +65,21 @@ def site(rng, *, name, shift=0.0, copies=False, epsilon=8.0, hub=False, noisy_co
         "n_members": 30,
         "n_nonmembers": 30,
         "claimed_privacy": {
-            "protection": "formal sample-level DP per patient (RDP accountant, delta=1e-3)"
+            "protection": "formal sample-level DP per patient (RDP accountant, delta=1e-5)"
             if math.isfinite(epsilon)
             else "none",
             "epsilon": epsilon,
-            "delta": 1e-3,
+            "delta": 1e-5,
             "accountant": "rdp",
         },
         "memorization": memorization_audit(
             synthetic, [f"syn-{i}" for i in range(10)], members, nonmembers
         ),
-        "membership": {"white_box": attack(rng, shift), "black_box": attack(rng, 0.0)},
+        "membership": {
+            "white_box": attack(rng, shift),
+            "black_box": attack(rng, 0.0),
+            "canaries": {"n_canaries": canaries, "epsilon_lower_bound": 0.0},
+        },
         "fidelity": {
             "overall": {
                 "frechet_distance": 1.5,
@@ -87,6 +103,31 @@ def test_clean_audit_passes(rng):
     )
     assert audit["verdict"]["status"] == "pass", audit["verdict"]
     assert not audit["verdict"]["dp_suspect"] and audit["schema_version"] == AUDIT_SCHEMA_VERSION
+
+
+def test_underpowered_clean_audit_is_inconclusive_never_pass():
+    """Nothing found, but a perfect attack on 30 + 30 records (and no canaries) could certify only about 2.3:
+    the audit could not have seen a violation of a claim of 8, so it must not say "pass"."""
+    rng = np.random.default_rng(12)  # its own stream: the module's is shared by the tests after it
+    audit = build_audit(
+        {"a": site(rng, name="a", canaries=0), "b": site(rng, name="b")}, cohort={"n_images": 10}
+    )
+    v = audit["verdict"]
+    assert v["status"] == "inconclusive", v
+    assert len(v["reasons"]) == 1 and v["reasons"][0].startswith(
+        "underpowered: a claims epsilon 8.00"
+    )
+    assert v["power"]["a"]["underpowered"] and not v["power"]["b"]["underpowered"]
+    assert v["power"]["b"]["power"] > 4.0 > v["power"]["a"]["power"] > 0
+
+
+def test_canary_bound_above_the_claim_fails():
+    rng = np.random.default_rng(13)
+    s = site(rng, name="a", epsilon=2.0)
+    s["membership"]["canaries"]["epsilon_lower_bound"] = 3.0
+    audit = build_audit({"a": s}, cohort={"n_images": 10})
+    assert audit["verdict"]["status"] == "fail" and audit["verdict"]["dp_suspect"]
+    assert any("one-run canary audit" in r for r in audit["verdict"]["reasons"])
 
 
 def test_eps_lower_bound_above_claim_fails_as_dp_suspect(rng):
