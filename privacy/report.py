@@ -188,19 +188,33 @@ def _hist_plot(name: str, mem: dict) -> str | None:
     return _png(fig)
 
 
+def _tile(img: np.ndarray) -> np.ndarray:
+    """What the report shows of one image (1, H, W) or volume (1, D, H, W): the image, or the volume's sagittal,
+    coronal and axial mid-slices side by side (RAS axes), rotated for display."""
+    img = img[0] if img.ndim in (3, 4) and img.shape[0] == 1 else img
+    if img.ndim == 2:
+        return np.rot90(img)
+    i, j, k = (s // 2 for s in img.shape)
+    views = [np.rot90(img[i]), np.rot90(img[:, j]), np.rot90(img[:, :, k])]
+    if len({v.shape[0] for v in views}) > 1:  # not a cube: the axial mid-slice alone
+        return views[2]
+    return np.concatenate(views, axis=1)
+
+
 def image_grid(images, titles: list[str], cols: int = 8) -> str:
-    """A grid of images (N, 1, H, W) or volumes (middle slice) as a PNG data URI."""
+    """A grid of images (N, 1, H, W) or volumes (three mid-slices a tile) as a PNG data URI."""
     plt = _plt()
+    tiles = [_tile(np.asarray(img, float)) for img in images]
+    wide = (
+        3 if any(t.shape[1] > 2 * t.shape[0] for t in tiles) else 1
+    )  # volumes: three slices a tile
+    cols = max(1, cols // wide) if wide > 1 else cols
     rows = max(1, math.ceil(len(images) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.5), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3 * wide, rows * 1.5), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, img, title in zip(axes.ravel(), images, titles, strict=False):
-        img = np.asarray(img, float)
-        img = img[0] if img.ndim > 2 else img
-        if img.ndim == 3:
-            img = img[:, :, img.shape[2] // 2]
-        ax.imshow(np.rot90(img), cmap="gray", vmin=0, vmax=1)
+    for ax, img, title in zip(axes.ravel(), tiles, titles, strict=False):
+        ax.imshow(img, cmap="gray", vmin=0, vmax=1)
         ax.set_title(_txt(title)[:20], fontsize=6)
     return _png(fig)
 

@@ -18,7 +18,7 @@ from common.signing import generate_keypair
 from privacy.policy import DEFAULT_POLICY
 from server.demo import write_app_dir
 from server.deployment import run_federation
-from server.release import build_release, verify_release
+from server.release.manifest import build_release, verify_release
 from server.synthesis import NOMINAL_FOV_MM, read_cohort, verify_cohort
 
 pytestmark = pytest.mark.slow

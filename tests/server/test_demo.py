@@ -35,3 +35,21 @@ def test_demo_policy_keeps_every_privacy_limit_of_the_default():
         "min_attack_records",
     ):
         assert demo[key] == default[key], key
+
+
+def test_demo_dims_3_trains_both_phases_with_dp_on_volumes(tmp_path):
+    from pathlib import Path
+
+    import pytest
+
+    from common.config import model_config
+    from server.demo import DemoOptions, demo_run_config
+
+    opts = DemoOptions(out=tmp_path, dims=3)
+    run = demo_run_config(opts, Path(tmp_path) / "run")
+    assert opts.preset == "tiny3d" and model_config(run.preset).spatial_dims == 3
+    assert run.autoencoder_source == "federated" and run.federated_autoencoder_rounds >= 1
+    assert run.diffusion_rounds >= 1  # both phases trained at the sites, with DP-SGD
+    assert DemoOptions(out=tmp_path).preset == "small"
+    with pytest.raises(ValueError, match="3-D preset"):
+        DemoOptions(out=tmp_path, dims=3, preset="small")
