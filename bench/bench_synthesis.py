@@ -47,7 +47,9 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
-    return f"CPU {platform.processor() or platform.machine()} ({threads} threads)"
+    return (
+        f"CPU {platform.processor() or platform.machine()} ({threads} thread{'s' * (threads != 1)})"
+    )
 
 
 def bf16_peak(device: torch.device) -> float | None:
@@ -62,8 +64,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, repeats: int = 1) -> float:
-    fn()  # warm-up
+def timed(fn, device: torch.device, repeats: int = 1, warmup: bool = True) -> float:
+    if warmup:
+        fn()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -123,12 +126,14 @@ def bench_device(cfg: ModelConfig, device: torch.device, args) -> dict:
     )
     rows, ips = [], {}
     peak = bf16_peak(device)
+    denoise(unet, cfg, labels, "ddim", 2, 2, autocast, device)  # warm-up: the same calls, once
     for name, sampler, steps, timed_steps in step_plan:
         seconds = timed(
             lambda s=sampler, k=steps, m=timed_steps: denoise(
                 unet, cfg, labels, s, k, m, autocast, device
             ),
             device,
+            warmup=False,
         )
         seconds = seconds * steps / timed_steps + decode_s
         ips[name] = args.batch / seconds
@@ -238,15 +243,19 @@ def main() -> None:
     ap.add_argument(
         "--workers", type=int, default=0, help="CPU worker processes for --cohort-per-class"
     )
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--out", default="docs/PERFORMANCE.md")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     devices = [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())] or [
         torch.device("cpu")
     ]
     lines = [
         "### Synthesis and training throughput per device (`python -m bench.bench_synthesis "
-        f"--presets {' '.join(args.presets)} --batch {args.batch} --ddpm-timed-steps {args.ddpm_timed_steps}`)",
+        f"--presets {' '.join(args.presets)} --batch {args.batch} --ddim-steps {' '.join(map(str, args.ddim_steps))} "
+        f"--ddpm-timed-steps {args.ddpm_timed_steps} --threads {args.threads}`)",
         "",
         f"torch {torch.__version__}; {'bf16 autocast' if gpu else 'float32'}; "
         f"load average before: {os.getloadavg()[0]:.1f}. Images/s include decoding; TFLOP/s count the UNet calls "

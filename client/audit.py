@@ -1,10 +1,15 @@
 """The privacy audit a site runs on a candidate cohort, on its own data; only aggregates leave.
 
 Members are the site's training records, non-members its audit hold-out (never trained on). The site returns:
-- memorization: distances from each synthetic image to its nearest member / non-member, summarised (share closer
-  to a member, near-copy count, histograms) plus the ids of flagged SYNTHETIC images (no patient ids);
-- membership inference: ROC summaries (AUC, TPR at 1 % / 0.1 % FPR, counts) and an empirical epsilon lower bound
-  for (a) a white-box loss attack on the global model and (b) a black-box distance-to-cohort attack;
+- memorization: distances from each synthetic image to its nearest member / non-member, summarised coarsely
+  (share closer to a member and its permutation test, near-copy count, histograms on fixed bins with at least
+  `privacy.memorization.MIN_BIN_COUNT` values per bin) plus the ids of flagged SYNTHETIC images (no patient ids);
+  no exact distance, no near-copy threshold, no median: nothing that is a distance between one synthetic image
+  and one patient (privacy/memorization.py);
+- membership inference: ROC summaries (AUC and its interval, TPR at the fixed FPR points
+  `privacy.audit_stats.ROC_FPR_POINTS`, counts; no curve, no score, no threshold) and an empirical epsilon lower
+  bound (counts only) for (a) a white-box loss attack on the global model and (b) a black-box distance-to-cohort
+  attack;
 - fidelity and utility: Frechet distance and precision/recall/density/coverage of radiomics features, and
   train-synthetic-test-real vs train-real-test-real classification, per class where it applies.
 Per-patient scores, features and images stay here: `audit_site` returns a dict of summaries only.

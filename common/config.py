@@ -252,7 +252,7 @@ class SiteConfig:
     site_name: str = ""
     state_dir: str = ""  # durable site state: privacy ledger; defaults to <site_dir>/.fedsynth
     epsilon: float = 10.0  # this site's total (epsilon, delta) budget over all runs on this data
-    delta: float = 0.0  # 0 -> at most 1 / (10 x patients)
+    delta: float = 0.0  # 0 -> min(1e-5, 1 / (10 x patients))
     accountant: str = "rdp"  # rdp | prv
     max_grad_norm: float = 1.0
     # Refuse a round whose calibrated noise would exceed this: the remaining budget is too small to learn anything.

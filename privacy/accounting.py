@@ -262,7 +262,9 @@ def calibrate_noise_multiplier(
 
 
 def default_delta(n_patients: int) -> float:
-    """1 / (10 x patients): a delta near 1/n would allow leaking one patient outright."""
+    """min(1e-5, 1 / (10 x patients)): far below 1/n (a delta near 1/n would allow leaking one patient outright;
+    1/(10 n) alone is about 1e-3 at a site of 100 patients, far from the usual 1e-5). The release gate holds every
+    site to the same limit (privacy/policy.py)."""
     if n_patients < 1:
         raise ValueError(f"n_patients must be >= 1, got {n_patients}")
-    return 1.0 / (10 * n_patients)
+    return min(1e-5, 1.0 / (10 * n_patients))

@@ -1,8 +1,9 @@
 """Statistics of membership-inference audits: exact binomial intervals, ROC summaries and an empirical epsilon
 lower bound.
 
-Scores: higher means "more likely a member". Every summary here is an aggregate (counts, rates, a downsampled
-curve); per-record scores never leave the function that has them.
+Scores: higher means "more likely a member". Every summary here is an aggregate (counts, rates, intervals, TPR at
+fixed FPR points chosen in advance); per-record scores, thresholds and full ROC curves (whose steps pin down every
+record's rank) never leave the function that has them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import numpy as np
 from scipy.stats import beta, norm
 from sklearn.metrics import roc_auc_score, roc_curve
 
-ROC_MAX_POINTS = 200
+# The ROC curve is summarised at these false-positive rates only (fixed in advance, not taken from the data).
+ROC_FPR_POINTS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5)
 
 
 def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
@@ -57,30 +59,9 @@ def _auc_ci(auc: float, n_pos: int, n_neg: int, alpha: float) -> list[float]:
     return [max(0.0, auc - half), min(1.0, auc + half)]
 
 
-def _downsample(
-    fpr: np.ndarray, tpr: np.ndarray, max_points: int
-) -> tuple[list[float], list[float]]:
-    """At most max_points ROC points: half spread evenly along the curve, half at log-spaced FPR (the low-FPR
-    region matters on a log-log plot), always with both ends."""
-    if len(fpr) <= max_points:
-        keep = np.arange(len(fpr))
-    else:
-        even = np.linspace(0, len(fpr) - 1, max_points // 2).round().astype(int)
-        pos = fpr[fpr > 0]
-        targets = (
-            np.logspace(np.log10(pos.min()), 0, max_points - len(even) - 2)
-            if len(pos)
-            else np.array([])
-        )
-        logi = np.searchsorted(fpr, targets, side="right") - 1
-        keep = np.unique(np.r_[0, len(fpr) - 1, even, np.clip(logi, 0, len(fpr) - 1)])[:max_points]
-    return fpr[keep].round(6).tolist(), tpr[keep].round(6).tolist()
-
-
-def roc_summary(
-    member_scores, nonmember_scores, max_points: int = ROC_MAX_POINTS, alpha: float = 0.05
-) -> dict:
-    """AUC (with a Hanley-McNeil interval), TPR at 1 % and 0.1 % FPR, counts, and a downsampled ROC curve.
+def roc_summary(member_scores, nonmember_scores, alpha: float = 0.05) -> dict:
+    """AUC (with a Hanley-McNeil interval), TPR at 1 % and 0.1 % FPR, counts, and the TPR at each of the fixed
+    false-positive rates `ROC_FPR_POINTS` (`roc_at_fpr`); no curve, no threshold, no score.
 
     TPR at FPR x is only resolvable with at least 1/x non-members; `resolvable` says which ones are (below that
     it is the TPR at zero false positives and should not be read as "at 1 %")."""
@@ -101,20 +82,27 @@ def roc_summary(
             "auc_ci": [0.0, 1.0],
             "tpr_at_fpr_1pct": float("nan"),
             "tpr_at_fpr_0_1pct": float("nan"),
-            "roc": {"fpr": [], "tpr": []},
+            "roc_at_fpr": {
+                "fpr": list(ROC_FPR_POINTS),
+                "tpr": [float("nan")] * len(ROC_FPR_POINTS),
+                "resolvable": [False] * len(ROC_FPR_POINTS),
+            },
         }
     y = np.r_[np.ones(len(m)), np.zeros(len(n))]
     s = np.r_[m, n]
     fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
     auc = float(roc_auc_score(y, s))
-    f, t = _downsample(fpr, tpr, max_points)
     return {
         **out,
         "auc": auc,
         "auc_ci": _auc_ci(auc, len(m), len(n), alpha),
         "tpr_at_fpr_1pct": _tpr_at(fpr, tpr, 0.01),
         "tpr_at_fpr_0_1pct": _tpr_at(fpr, tpr, 0.001),
-        "roc": {"fpr": f, "tpr": t},
+        "roc_at_fpr": {
+            "fpr": list(ROC_FPR_POINTS),
+            "tpr": [_tpr_at(fpr, tpr, x) for x in ROC_FPR_POINTS],
+            "resolvable": [len(n) >= math.ceil(1 / x - 1e-9) for x in ROC_FPR_POINTS],
+        },
     }
 
 

@@ -37,7 +37,12 @@ nearest member < `near_copy_ratio` x distance to the nearest non-member; ratio 1
 flagged by synthetic id so that they can be withheld. The rule is applied in pixel space, in feature space and
 per class; an image flagged by any of them is flagged.
 
-Only aggregates and synthetic ids are returned: counts, shares, p-values, intervals, binned histograms, thresholds.
+What leaves the site is coarse: counts, shares, p-values, intervals, flagged SYNTHETIC ids, and histograms of the
+nearest-neighbour distances on FIXED bins (`PIXEL_EDGES`, `FEATURE_EDGES`: chosen before any data is seen), merged
+with their neighbours until each reported bin holds at least `MIN_BIN_COUNT` values. Nothing that is, or pins down,
+a distance between one synthetic image and one patient is returned: not the near-copy threshold (a distance between
+two patients, or half of one), not median distances, not data-derived bin edges. Those would make the audit an
+oracle: a server sending one-image "cohorts" could walk an image towards a patient.
 """
 
 from __future__ import annotations
@@ -52,7 +57,15 @@ from privacy.fidelity import radiomics_features
 NEAR_COPY_QUANTILE = 0.01
 NEAR_COPY_RATIO = 1.0
 SMALL_SITE_FACTOR = 0.5
-HIST_BINS = 30
+MIN_BIN_COUNT = (
+    5  # every reported histogram bin holds at least this many distances (small bins are merged)
+)
+PIXEL_EDGES = tuple(
+    round(0.02 * i, 2) for i in range(51)
+)  # RMS distances of images in [0, 1]: 0 .. 1
+FEATURE_EDGES = tuple(round(0.1 * i, 1) for i in range(51)) + (
+    float("inf"),
+)  # feature space: 0 .. 5, then open
 REFINE_CANDIDATES = 8
 PERM_B_MAX = 999  # permutations of the share test for small problems
 PERM_B_MIN = 199  # ... and the fewest for big ones
@@ -373,8 +386,36 @@ def near_copy_threshold(real_gaps: np.ndarray) -> tuple[float, str]:
     )
 
 
-def _hist(values: np.ndarray, edges: np.ndarray) -> list[int]:
-    return np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)[0].astype(int).tolist()
+def coarse_histogram(values, edges, min_count: int = MIN_BIN_COUNT) -> dict:
+    """Counts of `values` on the fixed bins `edges`, adjacent bins merged (left to right) until every bin holds at
+    least `min_count` values; a remainder joins the last bin. Returns {"edges", "counts"}: edges are a subset of
+    the fixed ones (an infinite last edge is None in JSON), so no edge comes from the data, and no bin singles out
+    fewer than `min_count` records (unless there are fewer values in all: then one bin holds them all)."""
+    edges = np.asarray(edges, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64).ravel()
+    fine = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)[0]
+    out_edges, out_counts, acc = [float(edges[0])], [], 0
+    for i, c in enumerate(fine):
+        acc += int(c)
+        if acc >= min_count:
+            out_edges.append(float(edges[i + 1]))
+            out_counts.append(acc)
+            acc = 0
+    if (
+        acc or not out_counts
+    ):  # the remainder (or everything, when there are too few) joins the last bin
+        if out_counts:
+            out_counts[-1] += acc
+            out_edges[-1] = float(edges[-1])
+        else:
+            out_edges.append(float(edges[-1]))
+            out_counts.append(acc)
+    elif out_edges[-1] != float(edges[-1]):
+        out_edges[-1] = float(edges[-1])  # trailing empty bins join the last one
+    return {
+        "edges": [e if np.isfinite(e) else None for e in out_edges],
+        "counts": out_counts,
+    }
 
 
 def _space_audit(
@@ -384,6 +425,7 @@ def _space_audit(
     ids: list[str],
     rng: np.random.Generator,
     ratio: float,
+    edges: tuple[float, ...],
 ) -> dict:
     """One space (pixel or feature): matched share and its permutation test, calibrated near-copy threshold,
     flags, histograms."""
@@ -395,8 +437,6 @@ def _space_audit(
     )  # a never-trained-on patient to the nearest training patient
     threshold, rule = near_copy_threshold(real_gap)
     flagged = (d_mem < threshold) & (d_mem < ratio * d_non)
-    top = float(max(d_mem.max(), d_non.max(), real_gap.max()) * 1.05 + 1e-9)
-    edges = np.linspace(0.0, top, HIST_BINS + 1)
     return {
         "n_synthetic": int(len(syn)),
         "n_members": int(len(mem)),
@@ -404,18 +444,15 @@ def _space_audit(
         **test,
         "near_copy_quantile": NEAR_COPY_QUANTILE,
         "near_copy_ratio": ratio,
-        "near_copy_threshold": threshold,
-        "near_copy_rule": rule,
+        "near_copy_rule": rule,  # the threshold itself stays here: it is a distance between two patients
         "n_near_copies": int(flagged.sum()),
         "flagged_ids": [ids[i] for i in np.flatnonzero(flagged)],
-        "median_distance_to_member": float(np.median(d_mem)),
-        "median_distance_to_nonmember": float(np.median(d_non)),
-        "median_real_gap": float(np.median(real_gap)),
         "histogram": {
-            "edges": edges.round(6).tolist(),
-            "synthetic_to_member": _hist(d_mem, edges),
-            "synthetic_to_nonmember": _hist(d_non, edges),
-            "real_nonmember_to_member": _hist(real_gap, edges),
+            "bins": "fixed edges, merged until each bin holds at least min_count distances",
+            "min_count": MIN_BIN_COUNT,
+            "synthetic_to_member": coarse_histogram(d_mem, edges),
+            "synthetic_to_nonmember": coarse_histogram(d_non, edges),
+            "real_nonmember_to_member": coarse_histogram(real_gap, edges),
         },
     }
 
@@ -439,7 +476,7 @@ def memorization_audit(
     Returns {"definition", "pixel": {...}, "feature": {...}, "per_class": {class: {"pixel", "feature", ...}},
     "share_closer_to_member" and "share_p_value" (pixel space), "flagged_ids" (union over spaces and classes),
     "n_near_copies"}. Each space block holds the share, its permutation p-value and B (`share_permutation_test`),
-    the near-copy threshold and flags, medians and binned histograms."""
+    the near-copy count and flags, and coarse histograms (fixed bins, `MIN_BIN_COUNT` per bin)."""
     synthetic = _check_images(synthetic, "memorization_audit synthetic")
     members = _check_images(members, "memorization_audit members")
     nonmembers = _check_images(nonmembers, "memorization_audit non-members")
@@ -460,8 +497,10 @@ def memorization_audit(
     f_syn, f_mem, f_non = (_standardise(r, reference, widths) for r, _ in raw)
     out = {
         "definition": (__doc__ or "").split("\n\n", 1)[1].strip(),
-        "pixel": _space_audit(synthetic, members, nonmembers, ids, rng, near_copy_ratio),
-        "feature": _space_audit(f_syn, f_mem, f_non, ids, rng, near_copy_ratio),
+        "pixel": _space_audit(
+            synthetic, members, nonmembers, ids, rng, near_copy_ratio, PIXEL_EDGES
+        ),
+        "feature": _space_audit(f_syn, f_mem, f_non, ids, rng, near_copy_ratio, FEATURE_EDGES),
         "per_class": {},
     }
     out["share_closer_to_member"] = out["pixel"]["share_closer_to_member"]
@@ -485,10 +524,10 @@ def memorization_audit(
             if s.sum() >= 1 and m.sum() >= 1 and n.sum() >= 1:
                 sub_ids = [ids[i] for i in np.flatnonzero(s)]
                 per = {
-                    space: _space_audit(a[s], b[m], d[n], sub_ids, rng, near_copy_ratio)
-                    for space, (a, b, d) in (
-                        ("pixel", (synthetic, members, nonmembers)),
-                        ("feature", (f_syn, f_mem, f_non)),
+                    space: _space_audit(a[s], b[m], d[n], sub_ids, rng, near_copy_ratio, e)
+                    for space, (a, b, d), e in (
+                        ("pixel", (synthetic, members, nonmembers), PIXEL_EDGES),
+                        ("feature", (f_syn, f_mem, f_non), FEATURE_EDGES),
                     )
                 }
                 px = per["pixel"]
@@ -503,7 +542,6 @@ def memorization_audit(
                             "share_p_value",
                             "n_permutations",
                             "share_ci95",
-                            "near_copy_threshold",
                         )
                     },
                     "flagged_ids": sorted(

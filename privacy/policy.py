@@ -1,4 +1,4 @@
-"""The release gate: a consortium's written policy, applied to an audit (audit.json, see privacy/report.py).
+"""The release gate: a consortium's written policy, applied to an audit (audit.json, privacy/audit_schema.py).
 
 A policy is a TOML file of flat keys (`deploy/policy.example.toml` documents each; every key is required, so the
 file says everything that was decided). `evaluate_policy` turns it into one rule result per line of the policy,
@@ -8,7 +8,11 @@ rather than assumes.
 
 Rules:
     max_epsilon, max_delta       each site's claimed (epsilon, delta) from its privacy ledger; a site without
-                                 a finite epsilon (no formal DP) fails
+                                 a finite epsilon (no formal DP) fails. A site's delta must also be at most
+                                 1 / (10 n), n its training patients: the limit is min(max_delta, 1 / (10 n))
+    claims_match_training        each site's audit-time claim equals what the server recorded while it trained
+                                 (the run's privacy.json: protection, epsilon, delta), every site that trained
+                                 answered the audit, and no other site did; without privacy.json: not measured
     max_membership_auc           white- and black-box attacks, overall and per class; only attacks with at least
     max_tpr_at_1pct_fpr          `min_attack_records` members and non-members count (and TPR at 1 % FPR only where
                                  the site had the 100+ non-members to resolve it), as in the audit's worst case
@@ -21,7 +25,8 @@ Rules:
     min_precision, min_coverage  radiomics fidelity (privacy/fidelity.py), overall and per class, every site
     min_tstr_balanced_accuracy   train-synthetic-test-real balanced accuracy at every site
     audit_verdict                the audit's own verdict must be "pass" ("inconclusive" too with
-                                 `allow_inconclusive`); a "fail" caused only by near-copies counts as the verdict the
+                                 `allow_inconclusive`, but NEVER when a site did not answer: an unanswered audit is
+                                 not evidence); a "fail" caused only by near-copies counts as the verdict the
                                  audit's rule gives once they are discounted, when they are withheld
 `required_approvals` is not a rule of the gate: it is how many privacy officers must sign a release that passed.
 """
@@ -40,7 +45,16 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from privacy.report import build_audit
+from privacy.audit_schema import (
+    attacks,
+    claimed_privacy,
+    enough_records,
+    finite,
+    flagged_ids,
+    sites,
+    tpr_resolvable,
+)
+from privacy.verdict import build_audit
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,7 @@ class Policy:
 
 DEFAULT_POLICY = Policy(
     max_epsilon=10.0,
-    max_delta=1e-4,
+    max_delta=1e-5,
     max_membership_auc=0.6,
     max_tpr_at_1pct_fpr=0.05,
     min_attack_records=10,
@@ -222,13 +236,6 @@ class GateResult:
         }
 
 
-def _num(x: Any) -> float | None:
-    """A finite number, else None (audit.json writes non-finite numbers as null)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        return None
-    return float(x)
-
-
 def _limit(
     rule: str,
     values: list[tuple[float | None, str]],
@@ -272,18 +279,23 @@ def _limit(
     return RuleResult(rule, passed, value, threshold, where, note)
 
 
-def _sites(audit: dict) -> dict[str, dict]:
-    return audit.get("sites") or {}
+def delta_limit(policy: Policy, n_patients: Any) -> float:
+    """The largest delta a site with n training patients may claim: min(max_delta, 1 / (10 n))."""
+    n = finite(n_patients)
+    return min(policy.max_delta, 1 / (10 * n)) if n and n > 0 else policy.max_delta
 
 
 def _privacy_rules(policy: Policy, audit: dict) -> list[RuleResult]:
-    eps, delta = [], []
-    for name, site in _sites(audit).items():
-        cp = site.get("claimed_privacy") or {}
+    eps, deltas = [], []
+    for name, site in sites(audit).items():
+        cp = claimed_privacy(site)
         eps.append(
-            (_num(cp.get("epsilon")), f"site {name} ({cp.get('protection', 'protection unknown')})")
+            (
+                finite(cp.get("epsilon")),
+                f"site {name} ({cp.get('protection', 'protection unknown')})",
+            )
         )
-        delta.append((_num(cp.get("delta")), f"site {name}"))
+        deltas.append((name, finite(cp.get("delta")), delta_limit(policy, site.get("n_members"))))
     out = [
         _limit(
             "max_epsilon",
@@ -293,34 +305,88 @@ def _privacy_rules(policy: Policy, audit: dict) -> list[RuleResult]:
             what="finite claimed epsilon",
             policy=policy,
         ),
-        _limit(
-            "max_delta", delta, policy.max_delta, upper=True, what="claimed delta", policy=policy
-        ),
+        _delta_rule(policy, deltas),
     ]
     if out[0].measured is None and eps:
         out[0].note = "no formal DP guarantee (claimed epsilon is null or infinite)"
     return out
 
 
+def _delta_rule(policy: Policy, deltas: list[tuple[str, float | None, float]]) -> RuleResult:
+    """Each site's delta against its own limit min(max_delta, 1/(10 n)); the line shows the worst site."""
+    missing = [name for name, d, _ in deltas if d is None]
+    if missing or not deltas:
+        where = f"site {missing[0]}" if missing else ""
+        why = "not measured: " + (f"no claimed delta at {where}" if missing else "no site")
+        return RuleResult("max_delta", False, None, policy.max_delta, where, why)
+    name, d, lim = max(deltas, key=lambda x: x[1] / x[2])
+    note = (
+        f"limit min(max_delta, 1/(10 n)) = {lim:.3g} for site {name}'s training patients"
+        if lim < policy.max_delta
+        else ""
+    )
+    return RuleResult("max_delta", d <= lim, d, lim, f"site {name}", note)
+
+
+def _claims_rule(audit: dict, server_privacy: dict | None) -> RuleResult:
+    """The sites' audit-time claims against what the server recorded while they trained (privacy.json)."""
+    rule = "claims_match_training"
+    if server_privacy is None:
+        return RuleResult(
+            rule, False, None, "equal", "", "not measured: the run's privacy.json was not given"
+        )
+    recorded = server_privacy.get("sample_level", server_privacy)
+    recorded = {k: v for k, v in recorded.items() if k != "client_level" and isinstance(v, dict)}
+    answered = sites(audit)
+    problems = [
+        f"site {n} trained in this run but its audit claim is missing"
+        for n in recorded
+        if n not in answered
+    ]
+    problems += [
+        f"site {n} answered the audit but did not train in this run"
+        for n in answered
+        if n not in recorded
+    ]
+    for name in sorted(set(recorded) & set(answered)):
+        trained, claimed = recorded[name], claimed_privacy(answered[name])
+        formal_t = str(trained.get("protection", "none")) != "none"
+        formal_c = str(claimed.get("protection", "none")) != "none"
+        if formal_t != formal_c:
+            problems.append(
+                f"site {name}: trained with protection {trained.get('protection', 'none')!r}, claims "
+                f"{claimed.get('protection', 'none')!r} at the audit"
+            )
+            continue
+        for key in ("epsilon", "delta"):
+            t, c = finite(trained.get(key)), finite(claimed.get(key))
+            if (t is None) != (c is None) or (
+                t is not None and not math.isclose(t, c, rel_tol=1e-6, abs_tol=1e-12)
+            ):
+                problems.append(
+                    f"site {name}: {key} {c if c is not None else 'none'} at the audit, "
+                    f"{t if t is not None else 'none'} recorded by the server while it trained"
+                )
+    return RuleResult(
+        rule,
+        not problems,
+        "equal" if not problems else f"{len(problems)} mismatch(es)",
+        "equal",
+        "; ".join(problems[:5]),
+        "" if problems else f"{len(recorded)} site claim(s) match privacy.json",
+    )
+
+
 def _attack_rules(policy: Policy, audit: dict) -> list[RuleResult]:
     auc, tpr = [], []
-    for name, site in _sites(audit).items():
-        mem = site.get("membership") or {}
-        attacks = [("all", kind, mem[kind]) for kind in ("white_box", "black_box") if kind in mem]
-        for cls, per in (mem.get("per_class") or {}).items():
-            attacks += [
-                (cls, kind, per[kind]) for kind in ("white_box", "black_box") if kind in per
-            ]
-        for cls, kind, res in attacks:
-            n = min(res.get("n_members") or 0, res.get("n_nonmembers") or 0)
-            if n < policy.min_attack_records:
+    for name, site in sites(audit).items():
+        for cls, kind, res in attacks(site):
+            if not enough_records(res, policy.min_attack_records):
                 continue
             where = f"site {name}, class {cls}, {kind.replace('_', '-')} attack"
-            auc.append((_num(res.get("auc")), where))
-            if (res.get("resolvable") or {}).get(
-                "tpr_at_fpr_1pct", (res.get("n_nonmembers") or 0) >= 100
-            ):
-                tpr.append((_num(res.get("tpr_at_fpr_1pct")), where))
+            auc.append((finite(res.get("auc")), where))
+            if tpr_resolvable(res):
+                tpr.append((finite(res.get("tpr_at_fpr_1pct")), where))
     return [
         _limit(
             "max_membership_auc",
@@ -344,16 +410,13 @@ def _attack_rules(policy: Policy, audit: dict) -> list[RuleResult]:
 def flagged_near_copies(audit: dict) -> dict[str, list[str]] | None:
     """{synthetic id: [sites that flagged it]} from every site's memorization block; None when a site has none."""
     flagged: dict[str, list[str]] = {}
-    for name, site in _sites(audit).items():
-        m = site.get("memorization")
-        if not isinstance(m, dict) or not isinstance(m.get("flagged_ids"), list):
+    for name, site in sites(audit).items():
+        ids = flagged_ids(site)
+        if ids is None:
             return None
-        ids = set(map(str, m["flagged_ids"]))
-        for per in (m.get("per_class") or {}).values():
-            ids |= set(map(str, per.get("flagged_ids") or []))
         for sid in ids:
             flagged.setdefault(sid, []).append(name)
-    return flagged if _sites(audit) else None
+    return flagged if sites(audit) else None
 
 
 def _near_copy_rules(policy: Policy, audit: dict) -> tuple[list[RuleResult], list[str]]:
@@ -377,7 +440,7 @@ def _near_copy_rules(policy: Policy, audit: dict) -> tuple[list[RuleResult], lis
             f"{len(flagged)} near-copies found, {len(withheld)} withheld, {left} left in the release",
         )
     ]
-    n_images = _num((audit.get("cohort") or {}).get("n_images"))
+    n_images = finite((audit.get("cohort") or {}).get("n_images"))
     if not n_images:
         rules.append(
             RuleResult(
@@ -405,14 +468,14 @@ def _near_copy_rules(policy: Policy, audit: dict) -> tuple[list[RuleResult], lis
 
 def _quality_rules(policy: Policy, audit: dict) -> list[RuleResult]:
     precision, coverage, tstr = [], [], []
-    for name, site in _sites(audit).items():
+    for name, site in sites(audit).items():
         fid = site.get("fidelity") or {}
         blocks = [("all", fid.get("overall") or {})] + list((fid.get("per_class") or {}).items())
         for cls, blk in blocks:
-            precision.append((_num(blk.get("precision")), f"site {name}, class {cls}"))
-            coverage.append((_num(blk.get("coverage")), f"site {name}, class {cls}"))
+            precision.append((finite(blk.get("precision")), f"site {name}, class {cls}"))
+            coverage.append((finite(blk.get("coverage")), f"site {name}, class {cls}"))
         ts = (site.get("utility") or {}).get("train_synthetic_test_real") or {}
-        tstr.append((_num(ts.get("balanced_accuracy")), f"site {name}"))
+        tstr.append((finite(ts.get("balanced_accuracy")), f"site {name}"))
     return [
         _limit(
             "min_precision",
@@ -451,14 +514,24 @@ def _verdict_rule(policy: Policy, audit: dict, withheld: list[str]) -> RuleResul
             "audit_verdict", False, None, threshold, "", "not measured: the audit has no verdict"
         )
     note = "; ".join(map(str, verdict.get("reasons") or []))[:500]
+    unanswered = [str(f) for f in audit.get("failures") or []]
+    if unanswered:  # no answer is no evidence: allow_inconclusive never covers it
+        return RuleResult(
+            "audit_verdict",
+            False,
+            status,
+            "pass, every site answered",
+            "; ".join(unanswered[:5]),
+            f"{len(unanswered)} site(s) did not answer the audit; a release needs every site's answer",
+        )
     if status == "fail" and withheld:
         # The audit's own rule, re-applied with the withheld near-copies discounted.
-        sites = copy.deepcopy(_sites(audit))
-        for site in sites.values():
+        discounted = copy.deepcopy(sites(audit))
+        for site in discounted.values():
             if isinstance(site.get("memorization"), dict):
                 site["memorization"]["n_near_copies"] = 0
         again = build_audit(
-            sites, cohort=audit.get("cohort") or {}, failures=audit.get("failures") or []
+            discounted, cohort=audit.get("cohort") or {}, failures=audit.get("failures") or []
         )
         status = again["verdict"]["status"]
         note = (
@@ -469,8 +542,12 @@ def _verdict_rule(policy: Policy, audit: dict, withheld: list[str]) -> RuleResul
     return RuleResult("audit_verdict", status in allowed, status, threshold, "", note)
 
 
-def evaluate_policy(policy: Policy, audit: dict) -> GateResult:
-    """Apply every rule of `policy` to an audit dict (as loaded from audit.json)."""
+def evaluate_policy(
+    policy: Policy, audit: dict, *, server_privacy: dict | None = None
+) -> GateResult:
+    """Apply every rule of `policy` to an audit dict (as loaded from audit.json). `server_privacy` is the run's
+    privacy.json (what the server recorded while the sites trained); the sites' audit-time claims must match it,
+    and without it that rule fails as not measured."""
     if not isinstance(audit, dict):
         raise ValueError(
             f"evaluate_policy: the audit must be a dict (audit.json), got {type(audit).__name__}"
@@ -478,12 +555,13 @@ def evaluate_policy(policy: Policy, audit: dict) -> GateResult:
     near, withheld = _near_copy_rules(policy, audit)
     rules = [
         *_privacy_rules(policy, audit),
+        _claims_rule(audit, server_privacy),
         *_attack_rules(policy, audit),
         *near,
         *_quality_rules(policy, audit),
         _verdict_rule(policy, audit, withheld),
     ]
-    if not _sites(audit):
+    if not sites(audit):
         rules.insert(
             0,
             RuleResult(

@@ -23,7 +23,9 @@ from common import messages as msg
 from common.io import sha256_file
 from common.messages import AuditReply, AuditRequest, MessageError
 from common.progress import say_line
-from privacy.report import build_audit, write_audit_report
+from privacy.audit_schema import flagged_ids, load_audit
+from privacy.report import write_audit_report
+from privacy.verdict import build_audit
 from server.synthesis import read_cohort
 from server.training import load_checkpoint
 
@@ -123,7 +125,29 @@ def run_audit_round(
     failures += [
         f"node {n}: no audit reply within {timeout:.0f}s" for n in nodes if n not in answered
     ]
-    images, ids, labels, class_names = load_cohort(cohort_dir)
+    paths = write_cohort_audit(
+        site_results, cohort_dir, out_dir, failures=failures, run_record=run_record
+    )
+    say(f"audit report written in {time.time() - t0:.0f}s: {paths[0]}, {paths[1]}")
+    status = load_audit(paths[0])["verdict"]["status"]
+    line = f"audit: {len(site_results)}/{len(nodes)} sites answered, {time.time() - t0:.0f}s; verdict {status}"
+    say_line(
+        "audit", line + "".join(f"; {f}" for f in failures), elapsed=round(time.time() - t0, 3)
+    )
+    return paths
+
+
+def write_cohort_audit(
+    site_results: dict[str, dict],
+    cohort_dir: Path,
+    out_dir: Path,
+    *,
+    failures: list[str] | None = None,
+    run_record: dict[str, Any] | None = None,
+) -> tuple[Path, Path]:
+    """The sites' answers about a cohort -> `out_dir/audit.json` and the officers' `out_dir/audit.html` (with the
+    flagged images, which only officers see; the partner report is made by `release build`)."""
+    images, ids, _, class_names = load_cohort(cohort_dir)
     manifest = json.loads((cohort_dir / "manifest.json").read_text())
     audit = build_audit(
         site_results,
@@ -137,21 +161,9 @@ def run_audit_round(
         failures=failures,
         run_record=run_record,
     )
-    flagged = {
-        sid for s in site_results.values() for sid in s["memorization"].get("flagged_ids", [])
-    }
-    flagged_images = {sid: images[ids.index(sid)] for sid in sorted(flagged) if sid in ids}
-    paths = write_audit_report(
+    flagged = set().union(*[flagged_ids(s) or set() for s in site_results.values()])
+    return write_audit_report(
         audit,
         out_dir,
-        sample_images=images,
-        sample_labels=labels,
-        class_names=class_names,
-        flagged_images=flagged_images,
+        flagged_images={sid: images[ids.index(sid)] for sid in sorted(flagged) if sid in ids},
     )
-    say(f"audit report written in {time.time() - t0:.0f}s: {paths[0]}, {paths[1]}")
-    line = f"audit: {len(site_results)}/{len(nodes)} sites answered, {time.time() - t0:.0f}s; verdict {audit['verdict']['status']}"
-    say_line(
-        "audit", line + "".join(f"; {f}" for f in failures), elapsed=round(time.time() - t0, 3)
-    )
-    return paths

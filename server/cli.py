@@ -12,8 +12,9 @@ fedsynth verify COHORT                           re-hash a cohort against its ma
 fedsynth audit --demo DIR                        re-run the federated privacy audit of a demo's cohort
 fedsynth pki --out DIR --nodes N                 CA, SuperLink certificate, SuperNode auth keys
 fedsynth keys new --name NAME --out DIR          Ed25519 key pair for the consortium or an officer
-fedsynth release gate --audit DIR --policy FILE  apply a release policy to an audit (exit 1 if it fails)
-fedsynth release build --cohort DIR --audit DIR --policy FILE --consortium-key KEY --officer NAME=PUB ... --out DIR
+fedsynth release gate --audit DIR --policy FILE --privacy FILE   apply a release policy to an audit (exit 1 if it fails)
+fedsynth release build --cohort DIR --audit DIR --policy FILE --privacy FILE --consortium-key KEY
+                       --officer NAME=PUB ... --out DIR
 fedsynth release approve RELEASE --officer NAME --key KEY [--reject --reason TEXT]
 fedsynth release verify RELEASE --consortium-key PUB
 fedsynth portal serve --data DIR --cert C --key K   the partner portal (HTTPS): officers approve, partners download
@@ -178,11 +179,14 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 
 def cmd_release_gate(args: argparse.Namespace) -> int:
+    from privacy.audit_schema import load_audit
     from privacy.policy import evaluate_policy, gate_table, load_policy
-    from privacy.report import load_audit
 
     audit_path = Path(args.audit) / "audit.json" if Path(args.audit).is_dir() else Path(args.audit)
-    gate = evaluate_policy(load_policy(Path(args.policy)), load_audit(audit_path))
+    privacy = json.loads(Path(args.privacy).read_text()) if args.privacy else None
+    gate = evaluate_policy(
+        load_policy(Path(args.policy)), load_audit(audit_path), server_privacy=privacy
+    )
     _say(gate_table(gate))
     return 0 if gate.passed else 1
 
@@ -205,6 +209,7 @@ def cmd_release_build(args: argparse.Namespace) -> int:
         consortium_key=Path(args.consortium_key),
         officer_keys=officers,
         cohort_id=args.cohort_id,
+        server_privacy=Path(args.privacy) if args.privacy else None,
     )
     gate = json.loads((out / "gate.json").read_text())
     _say(gate_table(GateResult([RuleResult(**r) for r in gate["rules"]], gate["withheld_ids"])))
@@ -263,6 +268,12 @@ def _add_release_commands(sub) -> None:
     )
     g.add_argument("--audit", required=True, help="the audit folder (or its audit.json)")
     g.add_argument("--policy", required=True, help="policy TOML (see deploy/policy.example.toml)")
+    g.add_argument(
+        "--privacy",
+        default=None,
+        help="the run's privacy.json (what the server recorded while the sites trained); the gate checks "
+        "the sites' audit-time claims against it, and fails that rule without it",
+    )
     g.set_defaults(fn=cmd_release_gate)
     b = rel_sub.add_parser(
         "build", help="build a signed release candidate (exit 1 if the gate blocks it)"
@@ -279,6 +290,12 @@ def _add_release_commands(sub) -> None:
         required=True,
         metavar="NAME=PUBKEY",
         help="a privacy officer who may approve, with their public key file (repeat)",
+    )
+    b.add_argument(
+        "--privacy",
+        default=None,
+        help="the run's privacy.json (what the server recorded while the sites trained); the gate checks "
+        "the sites' audit-time claims against it, and fails that rule without it",
     )
     b.add_argument("--cohort-id", default=None)
     b.add_argument("--out", required=True)

@@ -76,8 +76,8 @@ def demo_run_config_3d(opts: DemoOptions, run_dir: Path) -> RunConfig:
         num_server_rounds=opts.rounds or 2,
         autoencoder_rounds=1,
         autoencoder_source="federated",
-        public_unet_steps=40,
-        public_phantoms=24,
+        public_unet_steps=10,  # measured at load ~20 on 2 cores: 17 s/step; after one DP autoencoder round
+        public_phantoms=24,  # the samples are noise however long the warm start, so it is kept short
         local_epochs=1,
         batch_size=8,
         min_sites=min(2, opts.sites),
@@ -168,23 +168,22 @@ def run_demo_audit(out: Path, insecure: bool = False, console: Console | None = 
 
 
 def demo_policy(default):
-    """The demo's release policy: fedsynth's default privacy limits, adapted only where the demo's size makes a figure
-    unreachable or unmeasurable; every figure is still measured and shown to the officer in the gate table.
+    """The demo's release policy: fedsynth's default PRIVACY limits, unchanged (epsilon, delta, membership
+    inference including TPR at 1 % FPR, near-copies, withheld share, the audit verdict): a demo that passes only
+    because its limits were relaxed would teach the wrong thing. Where three small phantom sites cannot meet a
+    privacy figure (TPR at 1 % FPR needs 100+ hold-out patients per site), the demo's release is blocked and the
+    gate says why.
 
-    - max_delta 2e-3: a demo site trains on about 90 patients and uses delta = 1/(10 x patients), about 1.1e-3.
-    - TPR at 1 % FPR may be unmeasured: it needs 100+ hold-out patients per site; a demo site has about 30.
-    - Fidelity and utility are not demanded (thresholds 0, utility may be unmeasured at the site that has no lesion
-      patients): two short DP rounds on phantoms show the pipeline, not a useful generator. A real consortium keeps
-      the defaults (deploy/policy.example.toml).
-    - One approval: the demo names one privacy officer.
+    Relaxed, and labelled in the gate table: fidelity and utility are not demanded (thresholds 0; utility may be
+    unmeasured at a site without lesion patients): two short DP rounds on phantoms show the pipeline, not a useful
+    generator. One approval: the demo names one privacy officer.
     """
     return dataclasses.replace(
         default,
-        max_delta=2e-3,
         min_precision=0.0,
         min_coverage=0.0,
         min_tstr_balanced_accuracy=0.0,
-        allow_unmeasured=("max_tpr_at_1pct_fpr", "min_tstr_balanced_accuracy"),
+        allow_unmeasured=("min_tstr_balanced_accuracy",),
         required_approvals=1,
     )
 
@@ -217,6 +216,7 @@ def publish_demo_release(out: Path) -> dict[str, Any]:
         policy=policy,
         consortium_key=consortium_key,
         officer_keys={"officer": officer_pub},
+        server_privacy=out / "run" / "privacy.json",
     )
     cohort_id = register_release(portal, release, consortium_key=consortium_pub)
     store = Store(portal)
@@ -252,7 +252,7 @@ def make_demo_sites(opts: DemoOptions, out: Path, console: Console) -> None:
     if sites_dir.exists():
         console.say(f"[1/4] reusing the phantom hospitals in {sites_dir}")
         return
-    subjects = opts.subjects or (16 if opts.preset in ("tiny", "tiny3d") else 120)
+    subjects = opts.subjects or {"tiny": 16, "tiny3d": 20}.get(opts.preset, 120)
     console.say(
         f"[1/4] making {opts.sites} phantom hospitals with {subjects} patients each in {sites_dir}"
     )

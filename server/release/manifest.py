@@ -6,7 +6,11 @@ A release candidate is a folder:
                       preview.png redrawn from the released images when a withheld one was in it; manifest.json is
                       the ORIGINAL cohort manifest, kept for provenance (it no longer matches the files that were
                       withheld or rewritten: release.json is what verifies the release)
-    audit/            audit.json and audit.html, byte for byte as the sites' audit wrote them
+    audit/report.html the partner report, rendered at build from officers/audit.json: aggregates only, and a
+                      sample grid drawn from the RELEASED images (privacy.report.render_partner_report)
+    officers/         for privacy officers only (the portal serves it to officers and admins; `fedsynth pull`
+                      never downloads it): audit.json, byte for byte as the sites' audit wrote it, and audit.html,
+                      the officers' report rendered at build from that audit.json, with the flagged images
     policy.toml       the policy the gate applied
     gate.json         the gate's result (privacy.policy.GateResult.to_dict())
     release.json      the release manifest (format fedsynth-release/1): sha256 of every file above, the gate,
@@ -57,6 +61,9 @@ REL_PATH = re.compile(
 )
 APPROVAL_FILE = re.compile(r"\Aapprovals/[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.json\Z")
 UNSIGNED = ("release.json", "release.sig")
+PARTNER_REPORT = "audit/report.html"  # what a partner reads about the audit
+AUDIT_JSON = "officers/audit.json"  # the sites' audit: officers only
+OFFICER_REPORT = "officers/audit.html"
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -106,11 +113,7 @@ def _read_audit(audit_dir: Path, manifest: dict, ids: set[str], cohort_dir: Path
     path = audit_dir / "audit.json"
     if not path.is_file():
         raise ValueError(f"{path}: missing (the audit of the cohort must come with the release)")
-    if not (audit_dir / "audit.html").is_file():
-        raise ValueError(
-            f"{audit_dir / 'audit.html'}: missing (the officers' report must come with the release)"
-        )
-    from privacy.report import load_audit
+    from privacy.audit_schema import load_audit
 
     audit = load_audit(path)
     if not isinstance(audit.get("sites"), dict) or not isinstance(audit.get("cohort"), dict):
@@ -184,6 +187,74 @@ def _write_cohort(
         write_preview(dst / "preview.png", images, labels, tuple(class_names))
 
 
+def _write_reports(
+    tmp: Path,
+    cohort_dir: Path,
+    audit_json: Path,
+    audit: dict,
+    gate: GateResult,
+    manifest: dict,
+    rows: list[dict],
+    withheld: set[str],
+) -> str:
+    """officers/audit.json (the sites' audit, byte for byte), officers/audit.html and audit/report.html, both
+    rendered now from that audit.json; returns its sha256. The partner report's sample grid is read from the
+    released cohort just written (tmp/cohort), so no withheld image can reach it."""
+    import numpy as np
+
+    from privacy.audit_schema import audit_sha256
+    from privacy.report import render_officer_report, render_partner_report
+    from server.synthesis import load_image
+
+    dims = int(manifest["model_config"]["spatial_dims"])
+    (tmp / "officers").mkdir()
+    shutil.copyfile(audit_json, tmp / AUDIT_JSON)
+    sha = audit_sha256(tmp / AUDIT_JSON)
+    flagged = {
+        sid: load_image(cohort_dir / "images" / f"{sid}.nii.gz", dims)
+        for sid in sorted(set(gate.withheld_ids) | _all_flagged(audit))
+    }
+    (tmp / OFFICER_REPORT).write_text(
+        render_officer_report(audit, flagged_images=flagged, source_sha256=sha), encoding="utf-8"
+    )
+    class_names = list(manifest.get("class_names") or sorted({r["class"] for r in rows}))
+    kept = [r for r in rows if r["synthetic_id"] not in withheld]
+    released = (tmp / "cohort" / "images").glob("*.nii.gz")
+    on_disk = {p.name[: -len(".nii.gz")] for p in released}
+    sample = [r for r in kept if r["synthetic_id"] in on_disk][:24]
+    images = (
+        np.stack(
+            [
+                load_image(tmp / "cohort" / "images" / f"{r['synthetic_id']}.nii.gz", dims)
+                for r in sample
+            ]
+        )
+        if sample
+        else None
+    )
+    (tmp / "audit").mkdir()
+    (tmp / PARTNER_REPORT).write_text(
+        render_partner_report(
+            audit,
+            gate=gate.to_dict(),
+            released_images=images,
+            released_labels=[class_names.index(r["class"]) for r in sample],
+            class_names=class_names,
+            withheld_count=len(withheld),
+            n_released=len(kept),
+            source_sha256=sha,
+        ),
+        encoding="utf-8",
+    )
+    return sha
+
+
+def _all_flagged(audit: dict) -> set[str]:
+    from privacy.audit_schema import flagged_ids
+
+    return set().union(*[flagged_ids(s) or set() for s in audit["sites"].values()])
+
+
 def _files(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder` that release.json covers (not release.json, release.sig, approvals/)."""
     out = {}
@@ -211,9 +282,12 @@ def build_release(
     consortium_key: Path,
     officer_keys: dict[str, Path],
     cohort_id: str | None = None,
+    server_privacy: Path | dict | None = None,
 ) -> Path:
     """Build the signed release candidate `out_dir` (atomically; refuses to overwrite). It is built even when the
-    gate fails, so the officers see why; gate.json and release.json then say "passed": false."""
+    gate fails, so the officers see why; gate.json and release.json then say "passed": false. `server_privacy`
+    is the run's privacy.json (a path or its content): the gate checks the sites' audit-time claims against it,
+    and fails that rule without it. The reports are rendered from the audit.json that ships."""
     from privacy.policy import evaluate_policy, policy_toml
 
     cohort_dir, audit_dir, out_dir = Path(cohort_dir), Path(audit_dir), Path(out_dir)
@@ -240,13 +314,18 @@ def build_release(
     audit = _read_audit(audit_dir, manifest, {r["synthetic_id"] for r in rows}, cohort_dir)
     digest = hashlib.sha256((cohort_dir / "manifest.json").read_bytes()).hexdigest()
     cohort_id = _check_name("cohort id", cohort_id or f"cohort-{digest[:16]}")
-    gate: GateResult = evaluate_policy(policy, audit)
+    if isinstance(server_privacy, (str, Path)):
+        try:
+            server_privacy = json.loads(Path(server_privacy).read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{server_privacy}: not a readable privacy.json ({err})") from err
+    gate: GateResult = evaluate_policy(policy, audit, server_privacy=server_privacy)
     withheld = set(gate.withheld_ids)
     with atomic_dir(out_dir) as tmp:
         _write_cohort(cohort_dir, tmp / "cohort", manifest, rows, dataset, withheld)
-        (tmp / "audit").mkdir()
-        for name in ("audit.json", "audit.html"):
-            shutil.copy2(audit_dir / name, tmp / "audit" / name)
+        audit_sha = _write_reports(
+            tmp, cohort_dir, audit_dir / "audit.json", audit, gate, manifest, rows, withheld
+        )
         (tmp / "policy.toml").write_text(policy_toml(policy))
         write_json_atomic(tmp / "gate.json", gate.to_dict())
         release = {
@@ -277,6 +356,9 @@ def build_release(
                 "reason": "flagged by the sites' memorization audit as near-copies of a training patient",
             },
             "audit_verdict": (audit.get("verdict") or {}).get("status"),
+            # Both reports were rendered at build from this audit.json (officers/audit.json).
+            "audit_sha256": audit_sha,
+            "reports": {"partner": PARTNER_REPORT, "officers": OFFICER_REPORT, "audit": AUDIT_JSON},
             "privacy": _privacy(audit),
             "client_level_privacy": (audit.get("run") or {}).get("central_dp"),
             "consortium_key_fingerprint": fingerprint(key.public_key()),
@@ -471,8 +553,9 @@ def verify_release(release_dir: Path, consortium_public_key, *, role: str = "off
     for rel in (
         "policy.toml",
         "gate.json",
-        "audit/audit.json",
-        "audit/audit.html",
+        PARTNER_REPORT,
+        AUDIT_JSON,
+        OFFICER_REPORT,
         "cohort/manifest.json",
     ):
         if rel not in listed:

@@ -15,7 +15,7 @@ from common.messages import RoundPlan
 from common.model import build_autoencoder, build_unet, ddpm_scheduler, diffusion_loss, encode
 from common.phantoms import make_phantom_sites
 from privacy.power import holdout_power
-from privacy.report import build_audit
+from privacy.verdict import build_audit
 
 pytestmark = pytest.mark.slow
 

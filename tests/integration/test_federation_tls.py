@@ -139,9 +139,13 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
         policy=replace(DEFAULT_POLICY, required_approvals=1),
         consortium_key=consortium,
         officer_keys={"officer": officer_pub},
+        server_privacy=run_dir / "privacy.json",
     )
     assert verify_release(release, consortium_pub) == []
     gate = json.loads((release / "gate.json").read_text())
+    # The sites that trained claim at the audit exactly what the server recorded while they trained.
+    claims = next(r for r in gate["rules"] if r["rule"] == "claims_match_training")
+    assert "site-0" not in claims["where"] and "site-1" not in claims["where"], claims
     auc_rule = next(r for r in gate["rules"] if r["rule"] == "max_membership_auc")
     assert (
         not gate["passed"]

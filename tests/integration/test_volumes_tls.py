@@ -18,7 +18,7 @@ from common.signing import generate_keypair
 from privacy.policy import DEFAULT_POLICY
 from server.demo import write_app_dir
 from server.deployment import run_federation
-from server.release import build_release, verify_release
+from server.release.manifest import build_release, verify_release
 from server.synthesis import NOMINAL_FOV_MM, read_cohort, verify_cohort
 
 pytestmark = pytest.mark.slow
@@ -105,5 +105,6 @@ def test_tls_federation_trains_synthesizes_and_audits_volumes(tmp_path):
         policy=replace(DEFAULT_POLICY, required_approvals=1),
         consortium_key=consortium,
         officer_keys={"officer": generate_keypair(keys, "officer")[1]},
+        server_privacy=run_dir / "privacy.json",
     )
     assert verify_release(release, consortium_pub) == []

@@ -83,6 +83,8 @@ def test_prv_calibration_on_the_reference_run():
 
 def test_default_delta_is_below_one_over_ten_n():
     assert default_delta(1000) <= 1 / (10 * 1000)
+    assert default_delta(90) == 1e-5  # not 1/(10 n) = 1.1e-3 at a demo-sized site
+    assert default_delta(10**6) == 1e-7
     with pytest.raises(ValueError):
         default_delta(0)
 

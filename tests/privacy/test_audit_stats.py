@@ -7,6 +7,7 @@ import pytest
 from scipy.stats import binomtest
 
 from privacy.audit_stats import (
+    ROC_FPR_POINTS,
     clopper_pearson,
     empirical_epsilon_lower_bound,
     epsilon_from_counts,
@@ -50,11 +51,24 @@ def test_roc_summary_separable_and_identical():
         "tpr_at_fpr_1pct": True,
         "tpr_at_fpr_0_1pct": True,
     }
-    fpr, tpr = np.array(same["roc"]["fpr"]), np.array(same["roc"]["tpr"])
-    assert len(fpr) <= 200 and fpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1
-    assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
-    assert (fpr[(fpr > 0)] < 0.01).sum() >= 10  # the low-FPR region is kept for log-log plots
+    pts = same["roc_at_fpr"]
+    assert pts["fpr"] == list(ROC_FPR_POINTS) and all(pts["resolvable"])
+    tpr = np.array(pts["tpr"])
+    assert (np.diff(tpr) >= 0).all() and np.allclose(tpr, ROC_FPR_POINTS, atol=0.05)  # chance
+    assert pts["tpr"][1] == same["tpr_at_fpr_1pct"]
     assert same["n_members"] == 3000 and same["n_nonmembers"] == 3000
+
+
+def test_roc_summary_holds_no_curve_only_fixed_fpr_points():
+    """Attack (issue 9 item 4): a downsampled ROC curve of a small site has one step per record, which pins
+    every patient's rank. The summary has rates at fixed FPR points only, whatever the data."""
+    rng = np.random.default_rng(3)
+    for n in (7, 50, 400):
+        out = roc_summary(rng.normal(1, 1, n), rng.normal(0, 1, n))
+        assert "roc" not in out and out["roc_at_fpr"]["fpr"] == list(ROC_FPR_POINTS)
+        lists = [v for v in out["roc_at_fpr"].values()] + [out["auc_ci"]]
+        assert all(len(v) <= len(ROC_FPR_POINTS) for v in lists)
+        assert out["roc_at_fpr"]["resolvable"] == [n >= round(1 / x) for x in ROC_FPR_POINTS]
 
 
 def test_roc_summary_marks_unresolvable_low_fpr_and_rejects_nan():

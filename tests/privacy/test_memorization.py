@@ -5,7 +5,9 @@ import pytest
 
 import privacy.memorization as memorization
 from privacy.memorization import (
-    HIST_BINS,
+    MIN_BIN_COUNT,
+    PIXEL_EDGES,
+    coarse_histogram,
     feature_embedding,
     memorization_audit,
     near_copy_threshold,
@@ -156,8 +158,11 @@ def test_per_class_figures_and_aggregates_only():
     assert out["per_class"]["healthy"]["n_synthetic"] == int((sl == 0).sum())
     assert "s1" in out["per_class"]["lesion"]["flagged_ids"]
     h = out["pixel"]["histogram"]
-    assert len(h["edges"]) == HIST_BINS + 1 and sum(h["synthetic_to_member"]) == 12
-    assert sum(h["real_nonmember_to_member"]) == 24
+    assert sum(h["synthetic_to_member"]["counts"]) == 12 and h["min_count"] == MIN_BIN_COUNT
+    assert sum(h["real_nonmember_to_member"]["counts"]) == 24
+    for kind in ("synthetic_to_member", "synthetic_to_nonmember", "real_nonmember_to_member"):
+        part = h[kind]
+        assert set(part["edges"]) <= set(PIXEL_EDGES) and min(part["counts"]) >= MIN_BIN_COUNT
 
     def lists(x):
         if isinstance(x, dict):
@@ -166,8 +171,10 @@ def test_per_class_figures_and_aggregates_only():
         elif isinstance(x, list):
             yield x
 
-    for lst in lists(out):  # histograms, intervals and synthetic ids only: nothing per real patient
-        assert len(lst) in (2, HIST_BINS, HIST_BINS + 1) or all(isinstance(v, str) for v in lst)
+    for lst in lists(
+        out
+    ):  # merged histograms, intervals and synthetic ids only: nothing per real patient
+        assert len(lst) <= 6 or all(isinstance(v, str) for v in lst), lst
 
 
 def test_bad_input_is_named():
@@ -278,3 +285,61 @@ def test_share_test_is_deterministic_capped_and_aggregate_only(monkeypatch):
     assert c["synthetic_subsampled"] and c["n_synthetic_tested"] == 25
     with pytest.raises(ValueError, match=">= 1"):
         share_permutation_test(synthetic, members[:0], nonmembers, rng=g)
+
+
+def test_coarse_histogram_has_fixed_edges_and_a_minimum_count():
+    edges = (0.0, 0.1, 0.2, 0.3, 0.4, float("inf"))
+    h = coarse_histogram([0.05] * 2 + [0.15] * 4 + [0.35] * 7 + [9.0], edges, min_count=5)
+    assert h == {"edges": [0.0, 0.2, None], "counts": [6, 8]}
+    assert coarse_histogram([0.05, 0.06], edges, min_count=5) == {
+        "edges": [0.0, None],
+        "counts": [2],
+    }
+    assert coarse_histogram([0.05] * 5, edges, min_count=5) == {"edges": [0.0, None], "counts": [5]}
+
+
+def _all_distances(a, b):
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).mean(-1)).ravel()
+
+
+def _floats(x):
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from _floats(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from _floats(v)
+    elif isinstance(x, float):
+        yield x
+
+
+def test_the_answer_holds_no_distance_between_a_synthetic_image_and_a_patient():
+    """Attack (issue 9 item 4): the audit used to return the near-copy threshold (half a real patient-to-patient
+    distance), median distances and histogram edges derived from the largest distance: each is, or pins down, a
+    distance between a specific synthetic image and a specific patient. No value in the answer may equal one (nor
+    half of one), in pixel or feature space."""
+    rng = np.random.default_rng(11)
+    members, nonmembers = phantom_like(rng, 30), phantom_like(rng, 24)
+    synthetic = np.concatenate(
+        [members[:2] + 0.001, phantom_like(rng, 9)]
+    )  # 11: medians are records
+    out = memorization_audit(synthetic, [f"s{i}" for i in range(11)], members, nonmembers)
+    real = np.concatenate([members, nonmembers])
+    feats = [feature_embedding(x, reference=real) for x in (synthetic, members, nonmembers)]
+    distances = np.concatenate(
+        [
+            _all_distances(synthetic, members),
+            _all_distances(synthetic, nonmembers),
+            _all_distances(nonmembers, members),
+            _all_distances(feats[0], feats[1]),
+            _all_distances(feats[0], feats[2]),
+            _all_distances(feats[2], feats[1]),
+        ]
+    )
+    distances = np.concatenate([distances, 0.5 * distances])
+    distances = distances[distances > 1e-6]
+    for v in _floats(out):
+        hit = np.isclose(distances, v, rtol=1e-7, atol=0)
+        assert not hit.any(), f"the answer carries a record-to-record distance: {v}"

@@ -12,7 +12,7 @@ import pytest
 from privacy.audit_stats import empirical_epsilon_lower_bound, roc_summary
 from privacy.memorization import memorization_audit
 from privacy.policy import DEFAULT_POLICY, evaluate_policy, gate_table, load_policy, policy_toml
-from privacy.report import build_audit
+from privacy.verdict import build_audit
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "policy.example.toml"
 # Lenient enough that the clean audit below passes every rule (it withholds 1 image in 10).
@@ -106,6 +106,18 @@ def make_audit(sites=None, failures=None, n_images=10, checkpoint_sha256="0" * 6
     )
 
 
+def privacy_json(audit: dict) -> dict:
+    """The run's privacy.json as the server records it while the sites train: here, equal to their claims."""
+    return {
+        "sample_level": {n: dict(s["claimed_privacy"]) for n, s in audit["sites"].items()},
+        "client_level": {"protection": "none"},
+    }
+
+
+def gate_of(policy, audit, **kw):
+    return evaluate_policy(policy, audit, server_privacy=privacy_json(audit), **kw)
+
+
 def rule(gate, name):
     return next(r for r in gate.rules if r.rule == name)
 
@@ -153,11 +165,12 @@ def test_missing_key_and_missing_file(tmp_path):
 
 
 def test_clean_audit_passes_every_rule_and_withholds_the_flagged_image():
-    gate = evaluate_policy(LENIENT, make_audit())
+    gate = gate_of(LENIENT, make_audit())
     assert gate.passed, gate_table(gate)
     assert {r.rule for r in gate.rules} == {
         "max_epsilon",
         "max_delta",
+        "claims_match_training",
         "max_membership_auc",
         "max_tpr_at_1pct_fpr",
         "max_near_copies",
@@ -193,7 +206,7 @@ def test_clean_audit_passes_every_rule_and_withholds_the_flagged_image():
     ],
 )
 def test_each_rule_fails_on_the_worst_site_and_class(name, bad, where):
-    gate = evaluate_policy(LENIENT, make_audit({"a": site("a"), "b": site("b", **bad)}))
+    gate = gate_of(LENIENT, make_audit({"a": site("a"), "b": site("b", **bad)}))
     r = rule(gate, name)
     assert not r.passed and not gate.passed and r.measured is not None
     assert r.where.startswith(where), r.where
@@ -203,7 +216,7 @@ def test_each_rule_fails_on_the_worst_site_and_class(name, bad, where):
 
 def test_a_site_without_dp_fails_the_epsilon_rule():
     r = rule(
-        evaluate_policy(LENIENT, make_audit({"a": site("a"), "b": site("b", epsilon=math.inf)})),
+        gate_of(LENIENT, make_audit({"a": site("a"), "b": site("b", epsilon=math.inf)})),
         "max_epsilon",
     )
     assert not r.passed and r.measured is None and "site b" in r.where and "no formal DP" in r.note
@@ -221,21 +234,21 @@ def test_a_site_without_dp_fails_the_epsilon_rule():
 def test_a_missing_figure_fails_as_not_measured(drop, name):
     b = site("b")
     drop(b)
-    r = rule(evaluate_policy(LENIENT, make_audit({"a": site("a"), "b": b})), name)
+    r = rule(gate_of(LENIENT, make_audit({"a": site("a"), "b": b})), name)
     assert not r.passed and r.measured is None and r.note.startswith("not measured")
 
 
 def test_small_attacks_do_not_count_and_unresolvable_tpr_is_not_measured():
     small = site("a")
     small["membership"] = {"white_box": attack(1, n=8), "black_box": attack(2, n=8)}
-    gate = evaluate_policy(LENIENT, make_audit({"a": small}))
+    gate = gate_of(LENIENT, make_audit({"a": small}))
     assert (
         rule(gate, "max_membership_auc").measured is None
         and not rule(gate, "max_membership_auc").passed
     )
     mid = site("a")
     mid["membership"] = {"white_box": attack(1, n=50), "black_box": attack(2, n=50)}
-    gate = evaluate_policy(LENIENT, make_audit({"a": mid}))
+    gate = gate_of(LENIENT, make_audit({"a": mid}))
     assert rule(gate, "max_membership_auc").passed
     assert (
         not rule(gate, "max_tpr_at_1pct_fpr").passed
@@ -249,21 +262,21 @@ def test_allow_unmeasured_judges_what_was_measured_and_says_what_was_not(tmp_pat
         "utility"
     )  # e.g. a site with no patients of one class: balanced accuracy is undefined there
     audit = make_audit({"a": a, "b": b})
-    strict = rule(evaluate_policy(LENIENT, audit), "min_tstr_balanced_accuracy")
+    strict = rule(gate_of(LENIENT, audit), "min_tstr_balanced_accuracy")
     assert not strict.passed and strict.measured is None
     lenient = replace(LENIENT, allow_unmeasured=("min_tstr_balanced_accuracy",))
-    r = rule(evaluate_policy(lenient, audit), "min_tstr_balanced_accuracy")
+    r = rule(gate_of(lenient, audit), "min_tstr_balanced_accuracy")
     assert r.passed and r.measured == 0.7 and "site b" in r.note and "allow_unmeasured" in r.note
     a["utility"]["train_synthetic_test_real"]["balanced_accuracy"] = (
         0.3  # what was measured is still judged
     )
     assert not rule(
-        evaluate_policy(lenient, make_audit({"a": a, "b": b})), "min_tstr_balanced_accuracy"
+        gate_of(lenient, make_audit({"a": a, "b": b})), "min_tstr_balanced_accuracy"
     ).passed
     mid = site("a")  # 50 non-members: TPR at 1 % FPR cannot be resolved anywhere
     mid["membership"] = {"white_box": attack(1, n=50), "black_box": attack(2, n=50)}
     r = rule(
-        evaluate_policy(
+        gate_of(
             replace(LENIENT, allow_unmeasured=("max_tpr_at_1pct_fpr",)), make_audit({"a": mid})
         ),
         "max_tpr_at_1pct_fpr",
@@ -284,16 +297,16 @@ def test_near_copies_kept_in_the_release_or_too_many_withheld_fail():
     audit = make_audit(
         {"a": site("a", flagged=["x1", "x2"]), "b": site("b", flagged=["x2"])}, n_images=10
     )
-    keep = evaluate_policy(replace(LENIENT, withhold_near_copies=False), audit)
+    keep = gate_of(replace(LENIENT, withhold_near_copies=False), audit)
     assert keep.withheld_ids == [] and not rule(keep, "max_near_copies").passed
     assert (
         rule(keep, "max_near_copies").measured == 2
         and "x2 (site a, b)" in rule(keep, "max_near_copies").where
     )
     assert not rule(keep, "audit_verdict").passed  # the audit's own verdict stays "fail"
-    strict = evaluate_policy(replace(LENIENT, max_withheld_share=0.1), audit)
+    strict = gate_of(replace(LENIENT, max_withheld_share=0.1), audit)
     assert strict.withheld_ids == ["x1", "x2"] and not rule(strict, "max_withheld_share").passed
-    assert evaluate_policy(LENIENT, audit).passed
+    assert gate_of(LENIENT, audit).passed
 
 
 def test_real_memorization_flags_are_withheld():
@@ -306,17 +319,75 @@ def test_real_memorization_flags_are_withheld():
     s["memorization"] = memorization_audit(
         synthetic, [f"syn-{i}" for i in range(10)], members, nonmembers
     )
-    gate = evaluate_policy(LENIENT, make_audit({"a": s}))
+    gate = gate_of(LENIENT, make_audit({"a": s}))
     assert {"syn-0", "syn-1"} <= set(gate.withheld_ids) and rule(gate, "max_near_copies").passed
 
 
 def test_inconclusive_verdict_passes_only_when_the_policy_allows_it():
-    audit = make_audit({"a": site("a")}, failures=["node 7: no audit reply"])
+    small = site("a")  # every site answered, too few records to judge membership: inconclusive
+    small["membership"] = {"white_box": attack(1, n=8), "black_box": attack(2, n=8)}
+    audit = make_audit({"a": small})
     assert audit["verdict"]["status"] == "inconclusive"
-    assert not rule(evaluate_policy(LENIENT, audit), "audit_verdict").passed
-    assert evaluate_policy(replace(LENIENT, allow_inconclusive=True), audit).passed
+    assert not rule(gate_of(LENIENT, audit), "audit_verdict").passed
+    assert rule(gate_of(replace(LENIENT, allow_inconclusive=True), audit), "audit_verdict").passed
+
+
+def test_a_site_that_never_answered_never_passes():
+    """Attack: with allow_inconclusive = true, a site that never answered the audit used to pass the gate."""
+    audit = make_audit({"a": site("a")}, failures=["node 7: no audit reply within 900s"])
+    assert audit["verdict"]["status"] == "inconclusive"
+    lenient = replace(LENIENT, allow_inconclusive=True)
+    r = rule(evaluate_policy(lenient, audit, server_privacy=privacy_json(audit)), "audit_verdict")
+    assert not r.passed and "did not answer" in r.note and "node 7" in r.where
+    # ... nor does a site that trained (privacy.json) and sent nothing, even when the server forgets to say so
+    quiet = make_audit({"a": site("a")})
+    recorded = privacy_json(make_audit({"a": site("a"), "b": site("b")}))
+    r = rule(evaluate_policy(lenient, quiet, server_privacy=recorded), "claims_match_training")
+    assert not r.passed and "site b trained in this run but its audit claim is missing" in r.where
+
+
+def test_default_delta_is_min_of_1e5_and_one_over_ten_n():
+    assert DEFAULT_POLICY.max_delta == 1e-5
+    # A site of 240 patients claiming delta 4e-4 (below 1/(10 x 240) = 4.2e-4) against a policy of 1e-3: its own
+    # limit is 4.2e-4, so it passes; 5e-4 does not.
+    loose = replace(LENIENT, max_delta=1e-3)
+    ok = rule(gate_of(loose, make_audit({"a": site("a"), "b": site("b", delta=4e-4)})), "max_delta")
+    assert ok.passed and ok.threshold == pytest.approx(1 / 2400)
+    bad = rule(
+        gate_of(loose, make_audit({"a": site("a"), "b": site("b", delta=5e-4)})), "max_delta"
+    )
+    assert not bad.passed and bad.where == "site b" and "1/(10 n)" in bad.note
+    # the default: 1e-5 however large the site
+    r = rule(gate_of(LENIENT, make_audit({"a": site("a", delta=2e-5)})), "max_delta")
+    assert not r.passed and r.threshold == 1e-5
+
+
+def test_audit_claims_are_cross_checked_against_the_servers_privacy_json():
+    audit = make_audit({"a": site("a"), "b": site("b")})
+    assert rule(gate_of(LENIENT, audit), "claims_match_training").passed
+    recorded = privacy_json(audit)
+    recorded["sample_level"]["b"]["epsilon"] = (
+        2.5  # the site trained to 2.5, claims 4.0 at the audit
+    )
+    r = rule(evaluate_policy(LENIENT, audit, server_privacy=recorded), "claims_match_training")
+    assert (
+        not r.passed and "site b: epsilon 4.0 at the audit, 2.5 recorded by the server" in r.where
+    )
+    recorded = privacy_json(audit)
+    recorded["sample_level"]["a"]["protection"] = "none"  # trained without DP, audited with DP on
+    r = rule(evaluate_policy(LENIENT, audit, server_privacy=recorded), "claims_match_training")
+    assert not r.passed and "trained with protection 'none'" in r.where
+    recorded = privacy_json(make_audit({"a": site("a")}))
+    r = rule(evaluate_policy(LENIENT, audit, server_privacy=recorded), "claims_match_training")
+    assert not r.passed and "site b answered the audit but did not train in this run" in r.where
+    r = rule(evaluate_policy(LENIENT, audit), "claims_match_training")
+    assert (
+        not r.passed
+        and r.note.startswith("not measured")
+        and not evaluate_policy(LENIENT, audit).passed
+    )
 
 
 def test_an_audit_with_no_site_fails():
-    gate = evaluate_policy(LENIENT, make_audit({}))
+    gate = gate_of(LENIENT, make_audit({}))
     assert not gate.passed and rule(gate, "sites_audited").note.startswith("not measured")

@@ -2,13 +2,16 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from privacy.audit_schema import AUDIT_SCHEMA_VERSION, load_audit
 from privacy.audit_stats import empirical_epsilon_lower_bound, roc_summary
 from privacy.memorization import memorization_audit
-from privacy.report import AUDIT_SCHEMA_VERSION, _holm, build_audit, load_audit, write_audit_report
+from privacy.report import render_partner_report, write_audit_report
+from privacy.verdict import build_audit, holm
 
 
 def blobs(rng, n, size=24):
@@ -158,12 +161,7 @@ def test_report_files_are_strict_json_and_self_contained_html(tmp_path, rng):
     audit = build_audit({hostile: s}, cohort={"n_images": 10, "class_names": ["healthy", "le$ion"]})
     images = blobs(rng, 8)
     j, h = write_audit_report(
-        audit,
-        tmp_path / "audit",
-        sample_images=images,
-        sample_labels=np.array([0, 1] * 4),
-        class_names=["healthy", "le$ion"],
-        flagged_images={"syn-0": images[0], "$x$": images[1]},
+        audit, tmp_path / "audit", flagged_images={"syn-0": images[0], "$x$": images[1]}
     )
 
     def no_constants(c):
@@ -171,12 +169,12 @@ def test_report_files_are_strict_json_and_self_contained_html(tmp_path, rng):
 
     data = json.loads(j.read_text(), parse_constant=no_constants)
     assert (
-        data["schema_version"] == "1.1"
+        data["schema_version"] == "1.2"
         and data["sites"][hostile]["claimed_privacy"]["epsilon"] is None
     )
     assert load_audit(j)["verdict"] == data["verdict"]
     page = h.read_text()
-    assert "Verdict: FAIL" in page and page.count('src="data:image/png;base64,') >= 5
+    assert "Verdict: FAIL" in page and page.count('src="data:image/png;base64,') >= 4
     assert hostile not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<img src=x" not in page and "<b>rdp</b>" not in page
     assert "no formal guarantee" in page and "kind of protection" in page and "95%" in page
@@ -194,7 +192,7 @@ def test_report_files_are_strict_json_and_self_contained_html(tmp_path, rng):
 
 def test_bad_audit_input_is_named(tmp_path):
     with pytest.raises(ValueError, match="lacks"):
-        write_audit_report({"schema_version": "1.1"}, tmp_path)
+        write_audit_report({"schema_version": "1.2"}, tmp_path)
     bad = tmp_path / "audit.json"
     bad.write_text(json.dumps({"schema_version": "0.1"}))
     with pytest.raises(ValueError, match="schema"):
@@ -261,8 +259,8 @@ def test_share_tests_that_cannot_reach_significance_are_named():
 
 
 def test_holm_adjustment():
-    assert _holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
-    assert _holm([]) == [] and _holm([0.6, 0.6]) == [1.0, 1.0]
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert holm([]) == [] and holm([0.6, 0.6]) == [1.0, 1.0]
 
 
 def test_schema_1_0_audits_still_load(tmp_path, rng):
@@ -270,3 +268,50 @@ def test_schema_1_0_audits_still_load(tmp_path, rng):
     old = tmp_path / "audit.json"
     old.write_text(json.dumps({**audit, "schema_version": "1.0"}))
     assert load_audit(old)["schema_version"] == "1.0"
+
+
+def test_partner_report_holds_aggregates_and_only_the_images_it_is_given(rng):
+    hostile = "<script>alert(1)</script>"
+    s = site(rng, name=hostile, copies=True)
+    audit = build_audit({hostile: s}, cohort={"n_images": 10, "class_names": ["healthy", "lesion"]})
+    released = blobs(rng, 3)
+    gate = {
+        "passed": False,
+        "rules": [{"rule": "max_epsilon", "passed": True, "measured": 8.0, "threshold": 10.0}],
+    }
+    page = render_partner_report(
+        audit,
+        gate=gate,
+        released_images=released,
+        released_labels=[0, 1, 0],
+        class_names=["healthy", "lesion"],
+        withheld_count=10,
+        n_released=0,
+        source_sha256="c" * 64,
+    )
+    assert hostile not in page and "&lt;script&gt;" in page
+    assert (
+        "Release gate: FAILED" in page
+        and "c" * 64 in page
+        and "10</b> synthetic image(s) were withheld" in page
+    )
+    # one image, the sample grid of the three images given; no officer-only section
+    assert page.count("data:image/png;base64,") == 1
+    for officer_only in (
+        "Flagged synthetic images",
+        "Membership inference",
+        "Memorization",
+        "syn-",
+    ):
+        assert officer_only not in page
+
+
+def test_no_python_file_of_privacy_holds_an_html_page():
+    root = Path(__file__).resolve().parents[2] / "privacy"
+    for py in root.rglob("*.py"):
+        text = py.read_text().lower()
+        assert "<html" not in text and "<table" not in text and "<!doctype" not in text, py
+    assert {p.name for p in (root / "templates").glob("*.html.j2")} >= {
+        "officer_report.html.j2",
+        "partner_report.html.j2",
+    }

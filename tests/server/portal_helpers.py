@@ -18,16 +18,19 @@ import uvicorn
 from common.config import RunConfig, model_config
 from common.model import build_autoencoder, build_unet
 from common.signing import generate_keypair
+from privacy.audit_schema import load_audit
 from privacy.audit_stats import empirical_epsilon_lower_bound, roc_summary
 from privacy.memorization import memorization_audit
 from privacy.policy import DEFAULT_POLICY
-from privacy.report import build_audit, write_audit_report
+from privacy.report import write_audit_report
+from privacy.verdict import build_audit
 from server.audit import load_cohort
 from server.pki import make_pki
 from server.release.manifest import build_release
 from server.release.portal import PortalSettings, server_config
 from server.synthesis import SynthesisRequest, synthesize_cohort
 from server.training import RunState, checkpoint_payload, save_checkpoint
+from tests.privacy.test_policy import privacy_json
 
 OFFICERS = ("alice", "bob")
 
@@ -102,9 +105,7 @@ def make_audit(cohort: Path, out: Path, *, epsilon: float = 4.0) -> Path:
             "run_id": manifest["checkpoint"]["run_id"],
         },
     )
-    write_audit_report(
-        audit, out, sample_images=images, sample_labels=labels, class_names=class_names
-    )
+    write_audit_report(audit, out)
     return out
 
 
@@ -133,6 +134,7 @@ class Consortium:
             consortium_key=self.consortium_key,
             officer_keys=self.officer_pubs,
             cohort_id=cohort_id or name,
+            server_privacy=privacy_json(load_audit(audit / "audit.json")),
         )
 
 

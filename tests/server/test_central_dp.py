@@ -397,7 +397,8 @@ def test_config_reads_central_dp_keys_from_flower():
 
 # ---- readers ------------------------------------------------------------------------------------------------------
 def test_audit_report_carries_the_client_level_label_from_the_run_record(tmp_path):
-    from privacy.report import build_audit, write_audit_report
+    from privacy.report import write_audit_report
+    from privacy.verdict import build_audit
 
     site = {
         "site": "a",

@@ -16,6 +16,7 @@ from server.release.api import RangeNotSatisfiable, parse_range
 from server.release.manifest import write_approval
 from server.release.portal import register_release
 from server.release.store import Store
+from tests.privacy.test_policy import privacy_json
 from tests.server.portal_helpers import PortalServer, approve, make_consortium, raw_request
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -429,7 +430,7 @@ def test_login_session_and_pages(env):
                 headers=headers,
             )
             assert r.status_code == 403 and "from this portal" in r.json()["detail"]
-        html_report = browser.get("/api/cohorts/blocked-1/files/audit/audit.html")
+        html_report = browser.get("/api/cohorts/blocked-1/files/audit/report.html")
         assert (
             html_report.status_code == 200
             and "sandbox" in html_report.headers["content-security-policy"]
@@ -443,6 +444,8 @@ def test_demo_publishes_its_release_to_a_portal_folder(env, tmp_path):
     out = tmp_path / "demo"
     shutil.copytree(c.cohort, out / "run" / "cohort")
     shutil.copytree(c.audit, out / "run" / "audit")
+    recorded = privacy_json(json.loads((c.audit / "audit.json").read_text()))
+    (out / "run" / "privacy.json").write_text(json.dumps(recorded))  # what the run recorded
     info = publish_demo_release(out)
     messages = release_lines(info)  # the demo summary's release part: the next steps that work
     assert info["status"] == "pending" and (out / "keys" / "officer.key").exists()

@@ -27,9 +27,11 @@ LIMITS = Limits(
 
 def add_officers_file(release, c) -> None:
     """Put an officers-only file into a release and re-sign release.json (as `release build` will)."""
-    (release / "officers").mkdir()
+    (release / "officers").mkdir(exist_ok=True)
     (release / "officers" / "report.html").write_text("<html><body>officers only</body></html>")
-    audit = json.loads((release / "audit" / "audit.json").read_text())
+    audit = json.loads(
+        (release / "officers" / "audit.json").read_text()
+    )  # as release build wrote it
     audit["verdict"] = {"status": "pass", "reasons": ["a reason for officer eyes only"]}
     (release / "officers" / "audit.json").write_text(json.dumps(audit))
     manifest = json.loads((release / "release.json").read_text())
@@ -37,7 +39,7 @@ def add_officers_file(release, c) -> None:
 
     for rel in ("officers/report.html", "officers/audit.json"):
         manifest["files"][rel] = hashlib.sha256((release / rel).read_bytes()).hexdigest()
-    manifest["reports"] = {"audit": "officers/audit.json"}
+    manifest.setdefault("reports", {})["audit"] = "officers/audit.json"
     data = manifest_bytes(manifest)
     (release / "release.json").write_bytes(data)
     (release / "release.sig").write_text(sign(load_private_key(c.consortium_key), data) + "\n")
@@ -271,7 +273,7 @@ def test_changed_bytes_make_a_cohort_invalid_hidden_from_partners_and_explained_
 
 
 def test_a_changed_audit_of_a_pending_cohort_is_not_shown_as_the_signed_one(env):
-    audit = env["data"] / "cohorts" / "pending-1" / "audit" / "audit.json"
+    audit = env["data"] / "cohorts" / "pending-1" / "officers" / "audit.json"
     original = audit.read_bytes()
     doc = json.loads(original)
     doc["verdict"] = {"status": "pass", "reasons": ["edited on the portal"]}
@@ -279,9 +281,11 @@ def test_a_changed_audit_of_a_pending_cohort_is_not_shown_as_the_signed_one(env)
     try:
         with env["server"].client(env["tok"]["alice"]) as officer:
             page = officer.get("/cohorts/pending-1")
-            assert "audit/audit.json: sha256 does not match" in page.text
+            assert "officers/audit.json: sha256 does not match" in page.text
             assert "edited on the portal" not in page.text and "iframe" not in page.text
-            assert officer.get("/api/cohorts/pending-1/files/audit/audit.json").status_code == 409
+            assert (
+                officer.get("/api/cohorts/pending-1/files/officers/audit.json").status_code == 409
+            )
     finally:
         audit.write_bytes(original)
 

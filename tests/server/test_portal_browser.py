@@ -113,4 +113,4 @@ def test_officer_approves_in_the_browser_and_a_partner_pulls(tmp_path):
             consortium_key=c.consortium_pub,
             progress=lambda m: None,
         )
-    assert verify_release(out, c.consortium_pub) == []
+    assert verify_release(out, c.consortium_pub, role="partner") == []

@@ -75,7 +75,7 @@ def _lying_portal(monkeypatch):
 
 def test_pull_downloads_and_verifies_a_released_cohort(env, tmp_path):
     out = _pull(env, "ok-1", tmp_path / "ok-1")
-    assert verify_release(out, env["c"].consortium_pub) == []
+    assert verify_release(out, env["c"].consortium_pub, role="partner") == []
     assert sorted(p.name for p in (out / "approvals").iterdir()) == ["alice.json", "bob.json"]
     assert (out / "cohort" / "labels.csv").read_bytes() == (
         env["data"] / "cohorts" / "ok-1" / "cohort" / "labels.csv"
@@ -104,7 +104,9 @@ def test_pull_resumes_a_partial_download_with_range(env, tmp_path):
     (partial / images[1]).write_bytes(b"garbage that is not a prefix of the file")
     (partial / "cohort" / "stale.txt").write_text("left over from another attempt")
     out = _pull(env, "resume-1", tmp_path / "resume-1")
-    assert verify_release(out, env["c"].consortium_pub) == [] and not partial.exists()
+    assert (
+        verify_release(out, env["c"].consortium_pub, role="partner") == [] and not partial.exists()
+    )
     assert not (out / "cohort" / "stale.txt").exists()
     with env["server"].client(env["tok"]["root"]) as admin:
         log = admin.get("/api/access-log").json()["entries"]
@@ -147,7 +149,7 @@ def test_pull_detects_a_changed_release_json_even_from_a_lying_portal(env, tmp_p
 
 def test_pull_detects_an_audit_report_changed_after_signing(env, tmp_path, capsys, monkeypatch):
     _lying_portal(monkeypatch)
-    report = env["data"] / "cohorts" / "report-1" / "audit" / "audit.html"
+    report = env["data"] / "cohorts" / "report-1" / "audit" / "report.html"
     text = report.read_text()
     edited = text.replace("</body>", "<p>Verdict overruled: fine to share.</p></body>")
     assert edited != text
@@ -169,7 +171,7 @@ def test_pull_detects_an_audit_report_changed_after_signing(env, tmp_path, capsy
         ]
     )
     err = capsys.readouterr().err
-    assert code == 1 and "PULL FAILED" in err and "audit/audit.html" in err
+    assert code == 1 and "PULL FAILED" in err and "audit/report.html" in err
     assert not _looks_complete(tmp_path / "report-1")
 
 
@@ -290,4 +292,4 @@ def test_cli_pull_succeeds(env, tmp_path, capsys):
         ]
     )
     assert code == 0 and "verified" in capsys.readouterr().out
-    assert verify_release(tmp_path / "cli-2", env["c"].consortium_pub) == []
+    assert verify_release(tmp_path / "cli-2", env["c"].consortium_pub, role="partner") == []

@@ -2,6 +2,7 @@
 bound to one release and to the keys the consortium vouched for, status from pending to released or rejected."""
 
 import csv
+import hashlib
 import json
 import shutil
 from dataclasses import replace
@@ -28,7 +29,7 @@ from server.release.manifest import (
 )
 from server.synthesis import SynthesisRequest, synthesize_cohort
 from server.training import RunState, checkpoint_payload, save_checkpoint
-from tests.privacy.test_policy import LENIENT, make_audit, site
+from tests.privacy.test_policy import LENIENT, make_audit, privacy_json, site
 
 WITHHELD = "synth-lesion-00002"
 
@@ -60,6 +61,7 @@ def world(tmp_path_factory):
     sha = json.loads((cohort / "manifest.json").read_text())["checkpoint"]["sha256"]
     audit = make_audit({"a": site("a", flagged=[WITHHELD]), "b": site("b")}, checkpoint_sha256=sha)
     write_audit_report(audit, root / "audit")
+    (root / "privacy.json").write_text(json.dumps(privacy_json(audit)))
     keys = {
         n: generate_keypair(root / "keys", n) for n in ("consortium", "alice", "bob", "mallory")
     }
@@ -71,8 +73,16 @@ def world(tmp_path_factory):
         consortium_key=keys["consortium"][0],
         officer_keys={"alice": keys["alice"][1], "bob": keys["bob"][1]},
         cohort_id="c1",
+        server_privacy=root / "privacy.json",
     )
-    return {"root": root, "cohort": cohort, "audit": root / "audit", "keys": keys, "built": built}
+    return {
+        "root": root,
+        "cohort": cohort,
+        "audit": root / "audit",
+        "privacy": root / "privacy.json",
+        "keys": keys,
+        "built": built,
+    }
 
 
 @pytest.fixture()
@@ -118,8 +128,9 @@ def test_release_withholds_near_copies_and_verifies(world):
     assert {
         "policy.toml",
         "gate.json",
-        "audit/audit.json",
-        "audit/audit.html",
+        "audit/report.html",
+        "officers/audit.json",
+        "officers/audit.html",
         "cohort/labels.csv",
         "cohort/preview.png",
         "cohort/manifest.json",
@@ -158,8 +169,12 @@ def _edit_json(path, **changes):
             "labels.csv: listed in release.json but missing",
         ),
         (
-            lambda r: (r / "audit" / "audit.html").write_text("<p>all fine</p>"),
-            "audit/audit.html: sha256",
+            lambda r: (r / "audit" / "report.html").write_text("<p>all fine</p>"),
+            "audit/report.html: sha256",
+        ),
+        (
+            lambda r: (r / "officers" / "audit.json").write_text("{}"),
+            "officers/audit.json: sha256",
         ),
         (
             lambda r: (r / "policy.toml").write_text(
@@ -205,6 +220,7 @@ def test_approvals_bind_officer_key_and_release(rel, world, tmp_path):
         policy=replace(LENIENT, min_coverage=0.2),
         consortium_key=world["keys"]["consortium"][0],
         cohort_id="c1",
+        server_privacy=world["privacy"],
         officer_keys={"alice": world["keys"]["alice"][1], "bob": world["keys"]["bob"][1]},
     )
     elsewhere = approve(world, other, "alice")
@@ -247,6 +263,7 @@ def test_failed_gate_is_built_but_blocked(world, tmp_path):
         world["audit"],
         tmp_path / "blocked",
         policy=strict,
+        server_privacy=world["privacy"],
         consortium_key=world["keys"]["consortium"][0],
         officer_keys={"alice": world["keys"]["alice"][1], "bob": world["keys"]["bob"][1]},
     )
@@ -264,6 +281,7 @@ def test_failed_gate_is_built_but_blocked(world, tmp_path):
 def test_build_refuses_bad_inputs_and_leaves_nothing(world, tmp_path):
     kw = dict(
         policy=LENIENT,
+        server_privacy=world["privacy"],
         consortium_key=world["keys"]["consortium"][0],
         officer_keys={"alice": world["keys"]["alice"][1], "bob": world["keys"]["bob"][1]},
     )
@@ -314,7 +332,21 @@ def test_cli_keys_gate_build_approve_verify(world, tmp_path, capsys):
     assert (tmp_path / "k" / "officer.key").exists()
     policy = tmp_path / "policy.toml"
     policy.write_text((world["built"] / "policy.toml").read_text())
-    assert main(["release", "gate", "--audit", str(world["audit"]), "--policy", str(policy)]) == 0
+    assert (
+        main(
+            [
+                "release",
+                "gate",
+                "--audit",
+                str(world["audit"]),
+                "--policy",
+                str(policy),
+                "--privacy",
+                str(world["privacy"]),
+            ]
+        )
+        == 0
+    )
     assert "max_membership_auc" in capsys.readouterr().out
     out = tmp_path / "rel"
     assert (
@@ -328,6 +360,8 @@ def test_cli_keys_gate_build_approve_verify(world, tmp_path, capsys):
                 str(world["audit"]),
                 "--policy",
                 str(policy),
+                "--privacy",
+                str(world["privacy"]),
                 "--consortium-key",
                 str(keys["consortium"][0]),
                 "--officer",
@@ -383,4 +417,48 @@ def test_cli_keys_gate_build_approve_verify(world, tmp_path, capsys):
     policy.write_text(
         policy.read_text().replace("max_withheld_share = 0.2", "max_withheld_share = 0.01")
     )
-    assert main(["release", "gate", "--audit", str(world["audit"]), "--policy", str(policy)]) == 1
+    assert (
+        main(
+            [
+                "release",
+                "gate",
+                "--audit",
+                str(world["audit"]),
+                "--policy",
+                str(policy),
+                "--privacy",
+                str(world["privacy"]),
+            ]
+        )
+        == 1
+    )
+
+
+def test_reports_are_rendered_from_the_audit_json_that_ships(world, tmp_path):
+    """Attack (issue 13): an audit folder whose audit.html says something else than its audit.json. The release
+    ships reports rendered at build from the audit.json it ships, each naming its sha256."""
+    audit = shutil.copytree(world["audit"], tmp_path / "audit")
+    (audit / "audit.html").write_text("<h2>Verdict: PASS</h2><p>nothing to see</p>")
+    out = build_release(
+        world["cohort"],
+        audit,
+        tmp_path / "rel",
+        policy=LENIENT,
+        server_privacy=world["privacy"],
+        consortium_key=world["keys"]["consortium"][0],
+        officer_keys={"alice": world["keys"]["alice"][1], "bob": world["keys"]["bob"][1]},
+    )
+    manifest = json.loads((out / "release.json").read_text())
+    shipped = (out / "officers" / "audit.json").read_bytes()
+    assert shipped == (audit / "audit.json").read_bytes()
+    sha = hashlib.sha256(shipped).hexdigest()
+    assert manifest["audit_sha256"] == sha and manifest["audit_verdict"] == "fail"
+    officers = (out / "officers" / "audit.html").read_text()
+    partner = (out / "audit" / "report.html").read_text()
+    assert "nothing to see" not in officers + partner
+    assert (
+        "Verdict: FAIL" in officers and "before the flagged images were withheld: FAIL" in partner
+    )
+    assert sha in officers and sha in partner
+    assert WITHHELD in officers and WITHHELD not in partner  # flagged ids: officers only
+    assert "1</b> synthetic image(s) were withheld" in partner

@@ -217,3 +217,31 @@ def test_3d_cohort_volumes_have_ras_affines_and_read_back_through_the_site_loade
     assert [v.shape for v in views] == [(32, 32)] * 3
     assert np.array_equal(views[2], np.rot90(volume[0, :, :, 16]))
     assert (out / "preview.png").stat().st_size > 0
+
+
+def test_every_visible_gpu_gets_a_worker(monkeypatch):
+    """No GPU here: the device list is checked with torch's view of two GPUs patched in."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert synthesis.resolve_devices("auto") == ["cuda:0", "cuda:1"]
+    assert synthesis.resolve_devices("cuda:1") == ["cuda:1"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert synthesis.resolve_devices("auto", workers=3) == ["cpu"] * 3
+    with pytest.raises(ValueError, match="no GPU"):
+        synthesis.resolve_devices("cuda")
+
+
+def test_a_failing_worker_is_named_and_the_rest_is_resumed_on_other_devices(tmp_path, checkpoint):
+    """Two worker processes, one on a device that cannot produce images: the run fails naming that worker, keeps
+    what the other wrote, and the same request on the CPU alone finishes the cohort."""
+    req = SynthesisRequest(checkpoint, tmp_path / "c", per_class=2, batch_size=1, device="cpu,meta")
+    with pytest.raises(RuntimeError, match=r"worker 1 on meta.*run the same command again"):
+        synthesize_cohort(req)
+    partial = synthesis.partial_dir(tmp_path / "c")
+    written = {p.name for p in (partial / "images").glob("synth-*.nii.gz")}
+    # Only worker 0's share (it is stopped when worker 1 fails, so it may not have finished it).
+    assert written <= {"synth-healthy-00001.nii.gz", "synth-lesion-00001.nii.gz"}
+    messages = []
+    synthesize_cohort(replace(req, device="cpu"), progress=messages.append)
+    assert any(f"{len(written)} images already written and verified" in m for m in messages)
+    assert verify_cohort(tmp_path / "c") == []

@@ -1,0 +1,257 @@
+"""audit.json: the one owner of its format. Writing, reading, and the accessors every reader uses (the verdict in
+privacy/verdict.py, the gate in privacy/policy.py, the reports in privacy/report.py).
+
+Schema 1.2 (strict JSON: a number that is not finite, e.g. the claimed epsilon of a site without DP, is null):
+    schema_version: "1.2"; created_at: ISO 8601 UTC; confidence: 0.95 (of every interval and bound)
+    threat_model: {black_box, white_box, out_of_scope}
+    definitions: {figure name: what it means}
+    cohort: {path, n_images, class_names, checkpoint_sha256, run_id}
+    run: {run_id, status, ..., central_dp: the run's client-level DP label} (from the run record, when given)
+    sites: {site: {n_members, n_nonmembers,
+                   claimed_privacy: {protection, epsilon, delta, accountant, ...}   (from the site's ledger)
+                   memorization: privacy.memorization.memorization_audit(...)       (pixel, feature, per_class,
+                                 flagged_ids: SYNTHETIC ids only); each space block: share_closer_to_member and
+                                 its permutation test (share_p_value, n_permutations, share_null_mean,
+                                 share_null_q95, n_distinct_nearest_members / _nonmembers, n_synthetic_tested,
+                                 synthetic_subsampled), share_ci95 (binomial, not used), n_near_copies, and
+                                 histogram: {edges, counts per distance kind, min_count} on FIXED bins merged
+                                 until each holds min_count values
+                   membership: {white_box, black_box, per_class: {class: {white_box, black_box}}}, each
+                               privacy.audit_stats.roc_summary (AUC and interval, TPR at fixed FPR points,
+                               roc_at_fpr) + epsilon_lower_bound (counts only)
+                   fidelity: {overall, per_class, reference: {holdout_patients, holdout_through_autoencoder}}
+                   utility: {train_synthetic_test_real, train_real_test_real}}}
+    worst_case: {figure: {value, site, class, attack}}
+    failures: [sites that did not answer]
+    flags: [human-readable findings and caveats]
+    verdict: {status: "pass" | "fail" | "inconclusive", reasons, findings, caveats, thresholds, dp_suspect,
+              power: {site: privacy.power figures}, share_tests: {n_tests, correction, alpha}}
+
+1.2 (coarse aggregates, issue 9): a site no longer returns a near-copy threshold, median distances, data-derived
+histogram edges or a full ROC curve (each is, or pins down, a distance between one synthetic image and one
+patient); the rest is 1.1. 1.1 added the permutation test to 1.0. `load_audit` reads 1.0, 1.1 and 1.2; a 1.0
+memorization block (no share_p_value) is judged by the 1.0 rule (binomial interval), with a caveat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.io import write_json_atomic
+
+AUDIT_SCHEMA_VERSION = "1.2"
+READABLE_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2")
+REQUIRED_KEYS = (
+    "schema_version",
+    "created_at",
+    "confidence",
+    "threat_model",
+    "sites",
+    "worst_case",
+    "verdict",
+)
+# A membership figure from fewer records than this (per side) is reported but not used for the verdict or the
+# worst case: one member and one non-member give an AUC of 0 or 1 by chance.
+MIN_RECORDS = 10
+ATTACKS = ("white_box", "black_box")
+SPACES = ("pixel", "feature")
+
+REFERENCE_LABELS = {
+    "holdout_patients": "hold-out patients (real images never trained on)",
+    "holdout_through_autoencoder": "hold-out patients through the autoencoder (the best a generator in this "
+    "latent space could reach)",
+}
+
+THREAT_MODEL = {
+    "black_box": "an honest-but-curious server or any partner who receives the released cohort (images only)",
+    "white_box": "an auditor holding the global model's weights, bounding what the model itself leaks",
+    "out_of_scope": "a malicious server forging messages; sites poisoning the model",
+}
+
+DEFINITIONS = {
+    "membership_auc": "area under the ROC curve of a membership-inference attack separating a site's training "
+    "patients (members) from its hold-out patients (non-members, never trained on); 0.5 = no better than "
+    "chance; 95 % interval by Hanley-McNeil",
+    "tpr_at_fpr_1pct": "share of members the attack identifies while wrongly accusing at most 1 % of "
+    "non-members (needs at least 100 non-members to be measured; 0.1 % needs 1000)",
+    "white_box": "attack score: minus the diffusion loss of the record under the global model at fixed timesteps",
+    "black_box": "attack score: minus the distance from the record to the closest synthetic image",
+    "epsilon_lower_bound": "a lower bound on epsilon, valid at 95 % confidence, implied by the attack: the "
+    "threshold is chosen on a random half of the records and Clopper-Pearson bounds on its true- and "
+    "false-positive rates are taken on the other half. A bound above the claimed epsilon means the DP "
+    "implementation or its accounting is suspect; a bound below it does not prove the claim",
+    "share_closer_to_member": "share of synthetic images whose nearest real image is a training patient rather "
+    "than a hold-out patient, with equal set sizes (averaged exactly over all matched subsamples); about 0.5 "
+    "when nothing is memorised. Judged by a one-sided label-permutation test: the member / non-member labels of "
+    "the pooled real patients are shuffled B times (B reported, 999 for small problems) and the p-value is "
+    "(1 + #shuffles with a share >= the observed one) / (1 + B); Holm-corrected over all share tests of the "
+    "audit. The binomial interval also shown assumes independent synthetic images and is not used: images "
+    "sharing a few nearest real images (hubs) are not independent, which the numbers of distinct nearest "
+    "members / non-members show",
+    "near_copy": "a synthetic image closer to a training patient than 99 % of hold-out patients are to their "
+    "nearest training patient (the distance that separates two different real patients; with fewer than 99 "
+    "hold-out patients, half the smallest such distance), and closer to that training patient than to any "
+    "hold-out patient; checked on pixels, on image features and per class. The threshold itself stays at the "
+    "site (it is a distance between two patients)",
+    "distance_histogram": "counts of nearest-neighbour distances on fixed bins, merged with their neighbours "
+    "until every reported bin holds at least its minimum count: no bin edge comes from the data and no bin "
+    "singles out a few records",
+    "frechet_distance": "distance between Gaussian fits of radiomics features (real vs synthetic); 0 = identical",
+    "precision_recall": "precision: share of synthetic images inside the real feature manifold; recall: share of "
+    "real images covered by the synthetic one; density and coverage (Naeem et al. 2020) are robust variants "
+    "(k-nearest-neighbour balls)",
+    "utility": "balanced accuracy / AUC of a classifier trained on the synthetic cohort and tested on a site's "
+    "hold-out (train-synthetic-test-real), beside one trained on the site's own training data",
+}
+
+
+# ---- values -----------------------------------------------------------------------------------------------
+
+
+def finite(x: Any) -> float | None:
+    """A finite number, else None (audit.json writes non-finite numbers as null; booleans are not numbers)."""
+    if isinstance(x, bool):
+        return None
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def json_safe(x: Any) -> Any:
+    """Plain JSON: numpy scalars and arrays become numbers and lists, non-finite numbers null."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_safe(x.tolist())
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x
+
+
+# ---- walking a site's results -------------------------------------------------------------------------------
+
+
+def sites(audit: dict) -> dict[str, dict]:
+    return audit.get("sites") or {}
+
+
+def attacks(site: dict) -> list[tuple[str, str, dict]]:
+    """(class or 'all', attack kind, result) for every membership attack the site ran."""
+    mem = site.get("membership") or {}
+    out = [("all", kind, mem[kind]) for kind in ATTACKS if kind in mem]
+    for cls, per in (mem.get("per_class") or {}).items():
+        out += [(cls, kind, per[kind]) for kind in ATTACKS if kind in per]
+    return out
+
+
+def shares(site: dict) -> list[tuple[str, str, dict]]:
+    """(class or 'all', space, memorization block) for every share the site computed."""
+    m = site.get("memorization") or {}
+    out = [("all", space, m[space]) for space in SPACES if space in m]
+    for cls, per in (m.get("per_class") or {}).items():
+        out += [(cls, space, per[space]) for space in SPACES if space in per]
+    return out
+
+
+def eps_lower_bound(res: dict) -> float:
+    """An attack's empirical epsilon lower bound (0 when it has none)."""
+    return finite((res.get("epsilon_lower_bound") or {}).get("epsilon_lower_bound")) or 0.0
+
+
+def enough_records(res: dict, min_records: int = MIN_RECORDS) -> bool:
+    """Does an attack rest on at least `min_records` members and non-members?"""
+    return min(res.get("n_members") or 0, res.get("n_nonmembers") or 0) >= min_records
+
+
+def tpr_resolvable(res: dict, key: str = "tpr_at_fpr_1pct") -> bool:
+    """Could the attack resolve this false-positive rate (1 / FPR non-members or more)?"""
+    need = {"tpr_at_fpr_1pct": 100, "tpr_at_fpr_0_1pct": 1000}[key]
+    return bool((res.get("resolvable") or {}).get(key, (res.get("n_nonmembers") or 0) >= need))
+
+
+def flagged_ids(site: dict) -> set[str] | None:
+    """Synthetic ids the site flagged as near-copies (any space or class); None when it sent no memorization."""
+    m = site.get("memorization")
+    if not isinstance(m, dict) or not isinstance(m.get("flagged_ids"), list):
+        return None
+    ids = set(map(str, m["flagged_ids"]))
+    for per in (m.get("per_class") or {}).values():
+        ids |= set(map(str, per.get("flagged_ids") or []))
+    return ids
+
+
+def claimed_privacy(site: dict) -> dict:
+    return site.get("claimed_privacy") or {}
+
+
+# ---- the file -----------------------------------------------------------------------------------------------
+
+
+def check_audit(audit: Any, where: str = "audit") -> dict:
+    """The audit dict, or ValueError naming what is wrong (missing keys, unreadable schema version)."""
+    if not isinstance(audit, dict):
+        raise ValueError(f"{where}: not an audit object (got {type(audit).__name__})")
+    if audit.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+        raise ValueError(
+            f"{where}: audit schema {audit.get('schema_version')!r}, expected one of "
+            f"{', '.join(READABLE_SCHEMA_VERSIONS)}"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in audit]
+    if missing:
+        raise ValueError(
+            f"{where}: the audit lacks {', '.join(missing)} (build it with privacy.verdict.build_audit)"
+        )
+    if not isinstance(audit["sites"], dict) or not isinstance(audit.get("cohort", {}), dict):
+        raise ValueError(f"{where}: not a valid audit ('sites' and 'cohort' must be objects)")
+    return audit
+
+
+def write_audit_json(path: Path, audit: dict) -> Path:
+    """Write audit.json atomically (strict JSON) in the current schema."""
+    if not isinstance(audit, dict) or audit.get("schema_version") != AUDIT_SCHEMA_VERSION:
+        got = audit.get("schema_version") if isinstance(audit, dict) else type(audit).__name__
+        raise ValueError(
+            f"{path}: audit schema {got!r}, expected {AUDIT_SCHEMA_VERSION} (build it with "
+            "privacy.verdict.build_audit)"
+        )
+    check_audit(audit, str(path))
+    write_json_atomic(Path(path), json_safe(audit))
+    return Path(path)
+
+
+def load_audit(path: Path) -> dict:
+    """Read an audit.json, checking its schema version and required keys."""
+    try:
+        audit = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable audit.json ({err})") from err
+    return check_audit(audit, str(path))
+
+
+def audit_sha256(path: Path) -> str:
+    """sha256 of an audit.json's exact bytes: what a report generated from it names."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def fmt_number(v: Any, digits: int = 3) -> str:
+    """A figure as people read it: integers plain, others to `digits` significant digits, "n/a" when absent."""
+    f = finite(v)
+    if f is None:
+        return "n/a" if v is None or isinstance(v, (bool, int, float)) else str(v)
+    if f.is_integer() and abs(f) < 1e7:
+        return str(int(f))
+    return f"{f:.{digits}g}"

@@ -1,0 +1,296 @@
+"""The audit's verdict: worst case across sites, classes and attacks, findings, caveats and the status, from the
+sites' aggregates (the format is privacy/audit_schema.py's).
+
+Verdict rule: "fail" if any site's empirical epsilon lower bound exceeds its claimed epsilon (the DP
+implementation is suspect), if any near-copy was found, if a membership AUC is above its threshold AND
+significantly above chance (its 95 % interval excludes 0.5), or if a share closer to a member is above its
+threshold AND significant in its one-sided label-permutation test after a Holm correction over all the share tests
+of the audit (every site x space x class that has a p-value): Holm-adjusted p < 0.05. Otherwise "inconclusive" if
+a site did not answer or no site has enough records to assess membership; otherwise "pass". A share above its
+threshold that is not significant is listed as a caveat (typically a few "hub" real images nearest to most
+synthetic images), not a finding.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from privacy.audit_schema import (
+    AUDIT_SCHEMA_VERSION,
+    DEFINITIONS,
+    MIN_RECORDS,
+    THREAT_MODEL,
+    attacks,
+    enough_records,
+    eps_lower_bound,
+    finite,
+    fmt_number,
+    json_safe,
+    shares,
+    tpr_resolvable,
+)
+from privacy.power import verdict_notes
+
+SHARE_ALPHA = (
+    0.05  # family-wise level of the share permutation tests (Holm over the tests of one audit)
+)
+CONFIDENCE = 0.95
+THRESHOLDS = {"membership_auc": 0.6, "share_closer_to_member": 0.65, "n_near_copies": 0}
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm step-down adjusted p-values (family-wise error control under any dependence)."""
+    m = len(pvalues)
+    adjusted, running = [1.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: pvalues[j])):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def share_tests(sites: dict[str, dict]) -> dict[tuple[str, str, str], tuple[float, float]]:
+    """{(site, class, space): (permutation p-value, Holm-adjusted p-value)} over every share test of the audit
+    that has a p-value (schema 1.1 blocks)."""
+    keys, pvalues = [], []
+    for name, site in sites.items():
+        for cls, space, blk in shares(site):
+            p = finite(blk.get("share_p_value"))
+            if p is not None:
+                keys.append((name, cls, space))
+                pvalues.append(p)
+    return {key: (p, padj) for key, p, padj in zip(keys, pvalues, holm(pvalues), strict=False)}
+
+
+def worst_case(sites: dict[str, dict]) -> dict[str, Any]:
+    worst: dict[str, Any] = {}
+
+    def consider(key: str, value: Any, where: dict) -> None:
+        v = finite(value)
+        if v is not None and (key not in worst or v > worst[key]["value"]):
+            worst[key] = {"value": v, **where}
+
+    for name, site in sites.items():
+        for cls, kind, res in attacks(site):
+            where = {"site": name, "class": cls, "attack": kind}
+            consider("epsilon_lower_bound", eps_lower_bound(res), where)  # valid at any size
+            if enough_records(res):
+                consider("membership_auc", res.get("auc"), where)
+                if tpr_resolvable(res):
+                    consider("tpr_at_fpr_1pct", res.get("tpr_at_fpr_1pct"), where)
+        m = site.get("memorization") or {}
+        consider("n_near_copies", m.get("n_near_copies"), {"site": name, "class": "all"})
+        for cls, space, blk in shares(site):
+            if (
+                min(
+                    blk.get("n_synthetic", 0),
+                    blk.get("matched_set_size", blk.get("n_nonmembers", 0)),
+                )
+                >= MIN_RECORDS
+            ):
+                consider(
+                    "share_closer_to_member",
+                    blk.get("share_closer_to_member"),
+                    {"site": name, "class": cls, "space": space},
+                )
+        consider(
+            "claimed_epsilon", (site.get("claimed_privacy") or {}).get("epsilon"), {"site": name}
+        )
+        fid = site.get("fidelity") or {}
+        consider(
+            "frechet_distance",
+            (fid.get("overall") or {}).get("frechet_distance"),
+            {"site": name, "class": "all"},
+        )
+        for cls, per in (fid.get("per_class") or {}).items():
+            consider("frechet_distance", per.get("frechet_distance"), {"site": name, "class": cls})
+    return worst
+
+
+def build_audit(
+    site_results: dict[str, dict],
+    *,
+    cohort: dict,
+    failures: list[str] | None = None,
+    run_record: dict | None = None,
+) -> dict[str, Any]:
+    """Assemble per-site aggregates into the versioned audit dict (schema above) with worst case and verdict."""
+    if not isinstance(site_results, dict):
+        raise TypeError(
+            f"build_audit: site_results must be a dict {{site: result}}, got {type(site_results).__name__}"
+        )
+    failures = [str(f) for f in failures or []]
+    tests = share_tests(site_results)
+    n_tests = len(tests)
+    findings: list[str] = []
+    caveats: list[str] = []
+    suspect = False
+    for name, site in site_results.items():
+        cp = site.get("claimed_privacy") or {}
+        claimed = finite(cp.get("epsilon"))
+        for cls, kind, res in attacks(site):
+            lb = eps_lower_bound(res)
+            if claimed is not None and lb > claimed:
+                suspect = True
+                findings.append(
+                    f"{name} ({kind.replace('_', '-')} attack, class {cls}): empirical epsilon lower bound {lb:.2f} "
+                    f"exceeds the claimed epsilon {claimed:.2f}: the DP implementation is suspect"
+                )
+            if (
+                enough_records(res)
+                and (finite(res.get("auc")) or 0) > THRESHOLDS["membership_auc"]
+                and (res.get("auc_ci") or [0.0])[0] > 0.5
+            ):
+                findings.append(
+                    f"{name} ({kind.replace('_', '-')} attack, class {cls}): membership AUC {res['auc']:.3f} (95 % "
+                    f"interval {res['auc_ci'][0]:.3f}-{res['auc_ci'][1]:.3f}) is above "
+                    f"{THRESHOLDS['membership_auc']} and significantly above chance"
+                )
+        m = site.get("memorization") or {}
+        if (m.get("n_near_copies") or 0) > THRESHOLDS["n_near_copies"]:
+            findings.append(
+                f"{name}: {m['n_near_copies']} synthetic image(s) are near-copies of training patients "
+                f"(flagged ids: {', '.join(map(str, m.get('flagged_ids', [])[:20]))})"
+            )
+        for cls, space, blk in shares(site):
+            share, ci = (
+                finite(blk.get("share_closer_to_member")),
+                blk.get("share_ci95") or [0.0, 1.0],
+            )
+            if share is None or share <= THRESHOLDS["share_closer_to_member"]:
+                continue
+            where = f"{name} ({space} space, class {cls})"
+            if (
+                name,
+                cls,
+                space,
+            ) not in tests:  # a schema 1.0 block: no permutation test, the 1.0 rule
+                if ci[0] > 0.5:
+                    findings.append(
+                        f"{where}: {share:.0%} of synthetic images are closer to a training patient "
+                        f"than to a hold-out patient (binomial 95 % interval {ci[0]:.2f}-{ci[1]:.2f}, "
+                        "assuming independent images; schema 1.0 audit without a permutation test)"
+                    )
+                continue
+            p, padj = tests[(name, cls, space)]
+            detail = (
+                f"permutation p = {p:.3g} with B = {fmt_number(blk.get('n_permutations'))} label shuffles, "
+                f"Holm-adjusted over {n_tests} share test(s): {padj:.3g}; null mean "
+                f"{fmt_number(blk.get('share_null_mean'), 2)}, 95th percentile {fmt_number(blk.get('share_null_q95'), 2)}; "
+                f"nearest real images: {fmt_number(blk.get('n_distinct_nearest_members'))} distinct member(s) and "
+                f"{fmt_number(blk.get('n_distinct_nearest_nonmembers'))} distinct non-member(s) for "
+                f"{fmt_number(blk.get('n_synthetic_tested', blk.get('n_synthetic')))} synthetic images"
+            )
+            if padj < SHARE_ALPHA:
+                findings.append(
+                    f"{where}: {share:.0%} of synthetic images are closer to a training patient than "
+                    f"to a hold-out patient, significantly above chance ({detail} < {SHARE_ALPHA})"
+                )
+            else:
+                caveats.append(
+                    f"{where}: {share:.0%} of synthetic images are closer to a training patient, above "
+                    f"{THRESHOLDS['share_closer_to_member']} but not significant ({detail}): with few "
+                    "distinct nearest real images this is what a few 'hub' images give by chance; not "
+                    "evidence of memorisation"
+                )
+            if blk.get("synthetic_subsampled"):
+                caveats.append(
+                    f"{where}: the share test used {fmt_number(blk.get('n_synthetic_tested'))} of "
+                    f"{fmt_number(blk.get('n_synthetic'))} synthetic images (seeded subsample; distance-matrix "
+                    "cap)"
+                )
+        legacy = [
+            f"{cls}/{space}"
+            for cls, space, blk in shares(site)
+            if (name, cls, space) not in tests
+            and finite(blk.get("share_closer_to_member")) is not None
+        ]
+        if legacy:
+            caveats.append(
+                f"{name}: share closer to a member without a permutation test (schema 1.0 block), judged "
+                f"by the binomial interval, which assumes independent images: {', '.join(legacy)}"
+            )
+        if claimed is None:
+            caveats.append(
+                f"{name}: no finite formal privacy guarantee (protection: {cp.get('protection', 'unknown')})"
+            )
+        small = [f"{cls}/{kind}" for cls, kind, res in attacks(site) if not enough_records(res)]
+        if small:
+            caveats.append(
+                f"{name}: membership figures from fewer than {MIN_RECORDS} members or non-members are "
+                f"shown but not used for the verdict: {', '.join(small)}"
+            )
+    blind = [
+        f"{name}/{cls}/{space}"
+        for name, site in site_results.items()
+        for cls, space, blk in shares(site)
+        if (name, cls, space) in tests
+        and n_tests / (1 + (finite(blk.get("n_permutations")) or 0)) >= SHARE_ALPHA
+    ]
+    if blind:
+        caveats.append(
+            f"share tests that cannot reach Holm significance with their number of permutations B "
+            f"({n_tests} tests x 1 / (1 + B) >= {SHARE_ALPHA}): {', '.join(blind[:10])}"
+        )
+    # power (privacy/power.py): a canary bound above the claim fails; a site whose audit could not have certified
+    # the claim's range of interest even with a perfect attack makes the verdict inconclusive, never "pass"
+    canary_findings, underpowered, power = verdict_notes(site_results)
+    findings += canary_findings
+    suspect = suspect or bool(canary_findings)
+    worst = worst_case(site_results)
+    inconclusive = list(underpowered)
+    if not site_results:
+        inconclusive.append("no site returned an audit")
+    elif "membership_auc" not in worst:
+        inconclusive.append(
+            f"no site has {MIN_RECORDS}+ members and non-members: membership inference cannot be "
+            "assessed"
+        )
+    if failures:
+        inconclusive.append(f"no audit from: {'; '.join(failures)}")
+    status = "fail" if findings else ("inconclusive" if inconclusive else "pass")
+    reasons = (
+        findings or inconclusive or ["no finding above the thresholds at any site, class or attack"]
+    )
+    return json_safe(
+        {
+            "schema_version": AUDIT_SCHEMA_VERSION,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "confidence": CONFIDENCE,
+            "threat_model": THREAT_MODEL,
+            "definitions": DEFINITIONS,
+            "cohort": cohort,
+            "run": {
+                k: run_record.get(k)
+                for k in (
+                    "run_id",
+                    "status",
+                    "autoencoder",
+                    "diffusion_warm_start",
+                    "completed_round",
+                    "central_dp",
+                )
+            }
+            if run_record
+            else {},
+            "sites": site_results,
+            "worst_case": worst,
+            "failures": failures,
+            "flags": findings + inconclusive + caveats,
+            "verdict": {
+                "status": status,
+                "reasons": reasons,
+                "findings": findings,
+                "caveats": caveats,
+                "thresholds": THRESHOLDS,
+                "dp_suspect": suspect,
+                "power": power,
+                "share_tests": {
+                    "n_tests": n_tests,
+                    "alpha": SHARE_ALPHA,
+                    "correction": f"Holm over the {n_tests} share permutation test(s) of this audit "
+                    "(site x space x class)",
+                },
+            },
+        }
+    )
