@@ -40,7 +40,9 @@ from common.model import (
 )
 from common.phantoms import make_phantom_sites
 from server.central_dp import update_norm
-from server.training import Federation, load_checkpoint, public_phantoms
+from server.checkpoint import Checkpoint
+from server.run_folder import RunFolder
+from server.training import Federation, public_phantoms
 
 
 class InProcessGrid:
@@ -76,17 +78,17 @@ class InProcessGrid:
 @torch.no_grad()
 def held_out_losses(checkpoint: Path, preset: str) -> dict[str, float]:
     """Autoencoder reconstruction loss and diffusion loss of the final model on public phantoms (fixed noise)."""
-    payload = load_checkpoint(checkpoint)
-    cfg = model_config(preset, latent_scale=payload["run_state"]["latent_scale"])
+    ckpt = Checkpoint.load(checkpoint)
+    cfg = model_config(preset, latent_scale=ckpt.run_state.latent_scale)
     images, labels = public_phantoms(cfg, 60, seed=2_000_003)
     ae, unet = build_autoencoder(cfg), build_unet(cfg)
-    ae.load_state_dict(payload["autoencoder"])
-    unet.load_state_dict(payload["unet"])
+    ae.load_state_dict(ckpt.autoencoder)
+    unet.load_state_dict(ckpt.unet)
     ae.eval(), unet.eval()
     torch.manual_seed(0)
     rec = float(autoencoder_loss(ae, images, 0.0).mean())
     mu, sigma = encode(ae, images)
-    z = mu * payload["run_state"]["latent_scale"]
+    z = mu * ckpt.run_state.latent_scale
     torch.manual_seed(0)
     diff = float(
         np.mean([diffusion_loss(unet, ddpm_scheduler(cfg), z, labels).mean() for _ in range(8)])
@@ -121,7 +123,7 @@ def one_run(work: Path, name: str, sites: list[Path], args, **central) -> dict:
     grid = InProcessGrid(node_configs)
     t0 = time.time()
     ckpt = Federation(grid, run, progress=lambda m: None).run_rounds()
-    privacy = json.loads((Path(run.run_dir) / "privacy.json").read_text())
+    privacy = RunFolder(Path(run.run_dir)).read_privacy()
     cfg = model_config(args.preset)
     params = {
         "autoencoder": sum(v.numel() for v in build_autoencoder(cfg).state_dict().values()),

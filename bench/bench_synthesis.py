@@ -17,6 +17,7 @@ Weights are random: speed does not depend on them. Results are printed and writt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import tempfile
@@ -194,18 +195,17 @@ def bench_device(cfg: ModelConfig, device: torch.device, args) -> dict:
 
 def bench_cohort(cfg: ModelConfig, args) -> str:
     """synthesize_cohort end to end on every device (sampling, decoding, NIfTI writing, hashing, manifest)."""
+    from server.checkpoint import Checkpoint, RunState
     from server.synthesis import SynthesisRequest, resolve_devices, synthesize_cohort
-    from server.training import RunState, checkpoint_payload, save_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        payload = checkpoint_payload(
+        ckpt = Checkpoint(
             cfg,
-            RunConfig(preset=cfg.name),
+            dataclasses.asdict(RunConfig(preset=cfg.name)),
             RunState(run_id="bench", completed_round=0, latent_scale=1.0),
             build_autoencoder(cfg).state_dict(),
             build_unet(cfg).state_dict(),
-        )
-        ckpt = save_checkpoint(Path(tmp) / "run", payload)
+        ).save(Path(tmp) / "run")
         req = SynthesisRequest(
             ckpt,
             Path(tmp) / "cohort",

@@ -26,8 +26,8 @@ from common.progress import say_line
 from privacy.audit_schema import flagged_ids, load_audit
 from privacy.report import write_audit_report
 from privacy.verdict import build_audit
+from server.checkpoint import Checkpoint
 from server.synthesis import read_cohort
-from server.training import load_checkpoint
 
 log = logging.getLogger("fedsynth.server.audit")
 
@@ -41,7 +41,7 @@ def load_cohort(cohort_dir: Path) -> tuple[np.ndarray, list[str], np.ndarray, li
 def audit_request(cohort_dir: Path, checkpoint: Path, ids: list[str]) -> AuditRequest:
     """What the sites are asked: the cohort's ids, how to score with the checkpoint, and the hashes that tie the
     audit to a run (refused when the cohort was not synthesized from this checkpoint)."""
-    payload = load_checkpoint(checkpoint)
+    ckpt = Checkpoint.load(checkpoint)
     checkpoint_sha256 = sha256_file(checkpoint)
     manifest = json.loads((cohort_dir / "manifest.json").read_text())
     made_from = manifest.get("checkpoint", {}).get("sha256")
@@ -51,13 +51,13 @@ def audit_request(cohort_dir: Path, checkpoint: Path, ids: list[str]) -> AuditRe
             f"not from {checkpoint} ({checkpoint_sha256}); audit a cohort with the checkpoint it came from"
         )
     return AuditRequest(
-        run_id=str(payload["run_state"]["run_id"]),
+        run_id=str(ckpt.run_state.run_id),
         checkpoint_sha256=checkpoint_sha256,
         cohort_manifest_sha256=sha256_file(cohort_dir / "manifest.json"),
-        preset=payload["model_config"]["name"],
-        # what the checkpoint's UNet predicts (checkpoints from before the field: the noise)
-        prediction_type=payload["model_config"].get("prediction_type", "epsilon"),
-        latent_scale=float(payload["run_state"]["latent_scale"]),
+        preset=ckpt.model_config.name,
+        # what the checkpoint's UNet predicts (server/checkpoint.py: old checkpoints load as the noise)
+        prediction_type=ckpt.model_config.prediction_type,
+        latent_scale=float(ckpt.run_state.latent_scale),
         synthetic_ids=tuple(ids),
     )
 
@@ -67,7 +67,7 @@ def audit_messages(
 ) -> list[Message]:
     images, ids, labels, _ = load_cohort(cohort_dir)
     request = audit_request(cohort_dir, checkpoint, ids)
-    payload = load_checkpoint(checkpoint)
+    ckpt = Checkpoint.load(checkpoint)
     content = RecordDict(
         {
             msg.COHORT: ArrayRecord(
@@ -76,8 +76,8 @@ def audit_messages(
                     msg.COHORT_LABELS: torch.from_numpy(labels),
                 }
             ),
-            msg.AUTOENCODER: ArrayRecord(payload["autoencoder"]),
-            msg.UNET: ArrayRecord(payload["unet"]),
+            msg.AUTOENCODER: ArrayRecord(ckpt.autoencoder),
+            msg.UNET: ArrayRecord(ckpt.unet),
             msg.CONFIG: request.to_record(),
         }
     )

@@ -99,13 +99,13 @@ def cmd_site_migrate_ledger(args: argparse.Namespace) -> int:
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
+    from server.run_folder import RunFolder
     from server.synthesis import SynthesisRequest, synthesize_cohort
 
     ckpt, out = Path(args.checkpoint), Path(args.out)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else out.parent
-    args.console.log_to(run_dir / f"synthesize-{out.name}.log")
-    privacy_path = ckpt.parent.parent / "privacy.json"
-    privacy = json.loads(privacy_path.read_text()) if privacy_path.exists() else None
+    folder = RunFolder.of_checkpoint(ckpt)
+    args.console.log_to((folder or RunFolder(out.parent)).log(f"synthesize-{out.name}"))
+    privacy = RunFolder(ckpt.parent.parent).read_privacy()
     req = SynthesisRequest(
         checkpoint=ckpt,
         out_dir=out,

@@ -18,6 +18,7 @@ from typing import Any
 from common.config import RunConfig, model_config
 from common.phantoms import make_phantom_sites
 from server.deployment import DeploymentError, run_federation
+from server.run_folder import RunFolder
 from server.terminal import Console, format_seconds
 
 APP_PYPROJECT = """\
@@ -137,19 +138,19 @@ def run_demo_audit(out: Path, insecure: bool = False, console: Console | None = 
     """Audit the demo's cohort again: the same hospitals, a new loopback federation, the ServerApp in audit mode."""
     console = console or Console()
     out = out.resolve()
-    run_dir = out / "run"
-    record = json.loads((run_dir / "run.json").read_text())
-    console.log_to(run_dir / "audit-again.log")
+    folder = RunFolder(out / "run")
+    record = folder.read_record()
+    console.log_to(folder.log("audit-again"))
     run = RunConfig(
         **{
             **record["run_config"],
             "mode": "audit",
-            "cohort_dir": str(run_dir / "cohort"),
-            "checkpoint": str(run_dir / "checkpoints" / "latest.pt"),
+            "cohort_dir": str(folder.cohort),
+            "checkpoint": str(folder.latest_checkpoint),
         }
     )
     app_dir = write_app_dir(out / "app-audit", run)
-    console.say(f"auditing {run_dir / 'cohort'} again at every site (a new loopback federation)")
+    console.say(f"auditing {folder.cohort} again at every site (a new loopback federation)")
     run_federation(
         app_dir,
         out / "deployment-audit",
@@ -159,9 +160,9 @@ def run_demo_audit(out: Path, insecure: bool = False, console: Console | None = 
         progress=console.detail,
         on_output=console.flower_line,
     )
-    verdict = json.loads((run_dir / "audit" / "audit.json").read_text())["verdict"]
+    verdict = json.loads((folder.audit / "audit.json").read_text())["verdict"]
     console.result(
-        f"audit report: {run_dir / 'audit' / 'audit.html'} (verdict: {verdict['status']}); "
+        f"audit report: {folder.audit / 'audit.html'} (verdict: {verdict['status']}); "
         f"full log: {console.log_file}"
     )
     return 0
@@ -209,14 +210,15 @@ def publish_demo_release(out: Path) -> dict[str, Any]:
     consortium_key, consortium_pub = generate_keypair(keys, "consortium")
     _, officer_pub = generate_keypair(keys, "officer")
     policy = demo_policy(DEFAULT_POLICY)
+    folder = RunFolder(out / "run")
     release = build_release(
-        out / "run" / "cohort",
-        out / "run" / "audit",
+        folder.cohort,
+        folder.audit,
         out / "release",
         policy=policy,
         consortium_key=consortium_key,
         officer_keys={"officer": officer_pub},
-        server_privacy=out / "run" / "privacy.json",
+        server_privacy=folder.privacy_json,
     )
     cohort_id = register_release(portal, release, consortium_key=consortium_pub)
     store = Store(portal)
@@ -293,10 +295,10 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
     summary says which), 1 when the federation failed or produced none."""
     console = console or Console()
     out = opts.out.resolve()
-    run_dir = out / "run"
-    if run_dir.exists() and (run_dir / "cohort").exists():
-        raise FileExistsError(f"{run_dir / 'cohort'} exists: choose another --out or remove it")
-    console.log_to(run_dir / "demo.log")
+    folder = RunFolder(out / "run")
+    if folder.cohort.exists():
+        raise FileExistsError(f"{folder.cohort} exists: choose another --out or remove it")
+    console.log_to(folder.log("demo"))
     seconds: dict[str, float] = {}
     t0 = time.monotonic()
     make_demo_sites(opts, out, console)
@@ -309,7 +311,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
         failed = True
     seconds["federation"] = time.monotonic() - t1
     release = None
-    if (run_dir / "cohort").exists() and (run_dir / "audit" / "audit.json").exists():
+    if folder.cohort.exists() and (folder.audit / "audit.json").exists():
         console.say("[3/4] release candidate: policy gate, signed release, portal folder")
         t2 = time.monotonic()
         try:
@@ -321,7 +323,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
     console.say("[4/4] done")
     console.result(demo_summary(out, stage_times(seconds, console.stage_seconds), release))
     console.result(f"full log: {console.log_file}")
-    return 0 if (run_dir / "cohort").exists() and not failed else 1
+    return 0 if folder.cohort.exists() and not failed else 1
 
 
 def stage_times(measured: dict[str, float], reported: dict[str, float]) -> list[tuple[str, float]]:
@@ -356,27 +358,27 @@ SUMMARY_TITLE = "== fedsynth demo: summary =="
 def demo_summary(out: Path, times: list[tuple[str, float]], release: dict[str, Any] | None) -> str:
     """The end of the demo: time per stage, privacy spent per site, cohort, audit, gate, and the next command that
     will work. Read from the files the run left (run.json, privacy.json, audit.json, the release)."""
-    run_dir = Path(out) / "run"
+    folder = RunFolder(Path(out) / "run")
     lines = [SUMMARY_TITLE]
-    if not (run_dir / "run.json").exists():
+    if not folder.run_json.exists():
         lines.append("run:       did not start (see the error above and the full log)")
         return "\n".join(lines)
-    record = json.loads((run_dir / "run.json").read_text())
+    record = folder.read_record()
     lines += _wrap_items("time:", [f"{name} {format_seconds(s)}" for name, s in times])
     status = f"{record['status']}, {record['completed_round']}/{record['num_server_rounds']} rounds"
     lines.append(f"run:       {status}" + (f" ({record['reason']})" if record["reason"] else ""))
-    lines += privacy_lines(run_dir)
-    audit_path = run_dir / "audit" / "audit.json"
-    if not (run_dir / "cohort").exists():
-        lines.append(f"cohort:    none was produced; see {run_dir / 'run.json'}")
+    lines += privacy_lines(folder.root)
+    audit_path = folder.audit / "audit.json"
+    if not folder.cohort.exists():
+        lines.append(f"cohort:    none was produced; see {folder.run_json}")
         lines.append(
             "next:      nothing to release; fix what run.json names and run the demo again"
         )
         return "\n".join(lines)
-    manifest = json.loads((run_dir / "cohort" / "manifest.json").read_text())
+    manifest = json.loads((folder.cohort / "manifest.json").read_text())
     per_class = ", ".join(f"{manifest['per_class']} {c}" for c in manifest["class_names"])
     lines.append(
-        f"cohort:    {manifest['n_images']} synthetic images ({per_class}) in {run_dir / 'cohort'}"
+        f"cohort:    {manifest['n_images']} synthetic images ({per_class}) in {folder.cohort}"
     )
     if not audit_path.exists():
         lines.append("audit:     none (no site audited the cohort); nothing can be released")
@@ -385,7 +387,7 @@ def demo_summary(out: Path, times: list[tuple[str, float]], release: dict[str, A
     reasons = verdict.get("reasons") or ["(no reason given)"]
     more = f" (+{len(reasons) - 1} more in the report)" if len(reasons) > 1 else ""
     lines.append(f"audit:     {verdict['status'].upper()}: {reasons[0]}{more}")
-    lines.append(f"           report {run_dir / 'audit' / 'audit.html'}")
+    lines.append(f"           report {folder.audit / 'audit.html'}")
     lines += release_lines(release)
     return "\n".join(lines)
 
@@ -404,10 +406,9 @@ def _wrap_items(label: str, items: list[str], width: int = 110) -> list[str]:
 def privacy_lines(run_dir: Path) -> list[str]:
     from server.central_dp import sample_level
 
-    path = run_dir / "privacy.json"
-    if not path.exists():
+    record = RunFolder(run_dir).read_privacy()
+    if record is None:
         return ["privacy:   no privacy record (no round ran)"]
-    record = json.loads(path.read_text())
     lines = []
     for site, p in sorted(sample_level(record).items()):
         lines.append(

@@ -5,7 +5,6 @@ round in `server.audit`.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import ensure_fedsynth_packages
 from common.config import RunConfig
 from common.noise import silence_known_noise
+from server.run_folder import RunFolder
 from server.synthesis import SynthesisRequest, synthesize_cohort
 from server.training import Federation, wait_for_sites
 
@@ -36,7 +36,7 @@ def _say(message: str) -> None:
 def main(grid: Grid, context: Context) -> None:
     ensure_fedsynth_packages()
     run = RunConfig.from_flwr(context.run_config)
-    run_dir = Path(run.run_dir)
+    folder = RunFolder(Path(run.run_dir))
     if run.mode == "audit":
         from server.audit import run_audit_round
 
@@ -53,12 +53,11 @@ def main(grid: Grid, context: Context) -> None:
     checkpoint = Federation(grid, run, progress=_say).run_rounds()
     if checkpoint is None or run.synthesize_per_class <= 0:
         return
-    cohort = run_dir / "cohort"
-    privacy_path = run_dir / "privacy.json"
+    cohort = folder.cohort
     if cohort.exists():
         _say(f"cohort already exists at {cohort}; not overwriting it")
     else:
-        privacy = json.loads(privacy_path.read_text()) if privacy_path.exists() else None
+        privacy = folder.read_privacy()
         synthesize_cohort(
             SynthesisRequest(
                 checkpoint=checkpoint,
@@ -72,12 +71,12 @@ def main(grid: Grid, context: Context) -> None:
     if run.audit:
         from server.audit import run_audit_round
 
-        record = json.loads((run_dir / "run.json").read_text())
+        record = folder.read_record()
         run_audit_round(
             grid,
             cohort,
             checkpoint,
-            run_dir / "audit",
+            folder.audit,
             timeout=run.round_timeout,
             run_record=record,
             progress=_say,

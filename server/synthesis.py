@@ -44,9 +44,9 @@ import torch
 
 from common.config import ModelConfig
 from common.io import append_jsonl, atomic_path, sha256_file, write_json_atomic
-from common.model import build_autoencoder, build_unet, decode, sample_latents
+from common.model import decode, sample_latents
 from common.progress import Stage
-from server.training import load_checkpoint
+from server.checkpoint import Checkpoint
 
 MANIFEST_FORMAT = "fedsynth-cohort/1"
 NOMINAL_FOV_MM = 192.0  # synthetic images carry a nominal field of view (the phantoms' default)
@@ -211,7 +211,7 @@ def write_manifest(
     folder: Path,
     req: SynthesisRequest,
     cfg: ModelConfig,
-    payload: dict[str, Any],
+    ckpt: Checkpoint,
     n_images: int,
     privacy: dict[str, Any] | None,
     devices: list[str],
@@ -246,11 +246,11 @@ def write_manifest(
         "checkpoint": {
             "path": str(req.checkpoint),
             "sha256": sha256_file(req.checkpoint),
-            "run_id": payload["run_state"]["run_id"],
-            "completed_round": payload["run_state"]["completed_round"],
+            "run_id": ckpt.run_state.run_id,
+            "completed_round": ckpt.run_state.completed_round,
         },
         "model_config": asdict(cfg),
-        "run_config": payload.get("run_config", {}),
+        "run_config": ckpt.run_config,
         "privacy": privacy or {"note": "no privacy record supplied"},
         "software": software_versions(),
         "files": files,
@@ -358,19 +358,6 @@ def image_noise(cfg: ModelConfig, seed: int, index: int) -> torch.Tensor:
     return torch.randn(cfg.latent_shape, generator=generator)
 
 
-def load_generator(checkpoint: Path, device: torch.device):
-    payload = load_checkpoint(checkpoint)
-    cfg_dict = dict(payload["model_config"])
-    cfg_dict.setdefault(
-        "prediction_type", "epsilon"
-    )  # checkpoints written before the field existed
-    cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
-    ae, unet = build_autoencoder(cfg), build_unet(cfg)
-    ae.load_state_dict(payload["autoencoder"])
-    unet.load_state_dict(payload["unet"])
-    return cfg, ae.to(device).eval(), unet.to(device).eval(), payload
-
-
 def generate(
     cfg: ModelConfig,
     ae,
@@ -413,7 +400,8 @@ def _work(
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    cfg, ae, unet, payload = load_generator(req.checkpoint, device)
+    ckpt = Checkpoint.load(req.checkpoint)
+    cfg, (ae, unet) = ckpt.model_config, ckpt.models(device)
     ids = image_ids(cfg.class_names, req.per_class)
     labels = torch.tensor([c for _, c in ids])
     journal = partial / _JOURNALS / f"worker-{worker}-{os.getpid()}.jsonl"
@@ -425,7 +413,7 @@ def _work(
         unet,
         indices,
         labels,
-        float(payload["run_state"]["latent_scale"]),
+        float(ckpt.run_state.latent_scale),
         seed=req.seed,
         batch_size=req.batch_size,
         steps=req.steps,
@@ -609,7 +597,9 @@ def synthesize_cohort(
     if req.per_class < 1 or req.batch_size < 1:
         raise ValueError("per-class and batch-size must be >= 1")
     devices = resolve_devices(req.device, req.workers)
-    cfg, _, _, payload = load_generator(req.checkpoint, torch.device("cpu"))
+    ckpt = Checkpoint.load(req.checkpoint)
+    cfg = ckpt.model_config
+    ckpt.models()  # a checkpoint whose weights do not fit its config fails here, before any work
     partial, done = _start(req, cfg, say)
     if done is None:
         _finish(partial, out_dir)
@@ -639,7 +629,7 @@ def synthesize_cohort(
         np.array([ids[i][1] for i in shown]),
         cfg.class_names,
     )
-    write_manifest(partial, req, cfg, payload, len(ids), privacy, devices)
+    write_manifest(partial, req, cfg, ckpt, len(ids), privacy, devices)
     _finish(partial, out_dir)
     say(f"cohort of {len(ids)} images written to {out_dir}")
     return out_dir

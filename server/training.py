@@ -2,7 +2,8 @@
 
 One obvious path: for each round, pick the sites still in the run, send them the component being trained (the
 autoencoder first, then the diffusion UNet), aggregate what comes back with the configured Flower strategy, write
-a checkpoint and the per-site metrics, and go on. Everything a later reader needs is in the run folder:
+a checkpoint and the per-site metrics, and go on. Everything a later reader needs is in the run folder
+(server/run_folder.py names its files; server/checkpoint.py owns the checkpoint format):
 
     run.json          the run record: config, sites, who dropped or refused and why, status
     metrics.jsonl     one line per site per round: steps, seconds, epsilon, status (loss and patients only
@@ -12,19 +13,18 @@ a checkpoint and the per-site metrics, and go on. Everything a later reader need
                       central DP, or "none"); each site's entry says whether it reported its loss and count
     ../central_dp_ledger.sqlite  the consortium's client-level releases over all runs, when central DP is on
                       (server/central_dp.py; `central-dp-ledger` puts it elsewhere)
-    checkpoints/      round-NNN.pt (atomic), latest.pt -> the newest
+    checkpoints/      round-NNN.pt (atomic), latest.pt -> the newest (server/checkpoint.py)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,6 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from common import messages as msg
 from common.config import ModelConfig, RunConfig, model_config
-from common.io import append_jsonl, atomic_path, write_json_atomic
 from common.messages import MessageError, RoundPlan, TrainMetrics, TrainStatus
 from common.model import (
     autoencoder_loss,
@@ -51,6 +50,8 @@ from common.phantoms import make_phantom_sites
 from common.progress import Stage, say_line
 from common.site import load_site
 from server.central_dp import UNIFORM_WEIGHT_KEY, CentralDP, SitesGrid, sample_level
+from server.checkpoint import Checkpoint, RunState
+from server.run_folder import RunFolder
 
 log = logging.getLogger("fedsynth.server")
 PUBLIC_PHANTOM_SEED = 1_000_003  # public phantoms never share a seed with any site's data
@@ -61,22 +62,6 @@ AGGREGATION_WEIGHTS = (
     "uniform: every site's update counts the same (sites do not report their exact patient counts unless "
     "they opt in with report-training-stats, and those are never used as weights)"
 )
-
-
-@dataclass
-class RunState:
-    """What survives a restart: the global model, the round reached, and what happened to each site."""
-
-    run_id: str
-    completed_round: int = 0
-    latent_scale: float = 1.0
-    autoencoder_source: str = "federated"
-    unet_warm_started: bool = False
-    sites: dict[str, dict[str, Any]] = field(
-        default_factory=dict
-    )  # site name -> {node_id, status, reason, round}
-    status: str = "running"
-    reason: str = ""
 
 
 def make_strategy(run: RunConfig) -> Strategy:
@@ -96,25 +81,6 @@ def make_strategy(run: RunConfig) -> Strategy:
     if run.strategy == "fedadam":
         return FedAdam(**common, eta=run.server_lr)
     return FedProx(**common, proximal_mu=run.proximal_mu)
-
-
-def checkpoint_payload(
-    cfg: ModelConfig,
-    run: RunConfig,
-    state: RunState,
-    ae: dict,
-    unet: dict,
-    server_optimizer: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "format": "fedsynth-checkpoint/1",
-        "model_config": dataclasses.asdict(cfg),
-        "run_config": dataclasses.asdict(run),
-        "run_state": dataclasses.asdict(state),
-        "autoencoder": ae,
-        "unet": unet,
-        "server_optimizer": server_optimizer,
-    }
 
 
 def server_optimizer_state(strategy: Strategy, phase: str) -> dict[str, Any] | None:
@@ -137,22 +103,6 @@ def restore_server_optimizer(strategy: Strategy, saved: dict[str, Any] | None, p
     strategy.m_t = {k: v.copy() for k, v in saved["m_t"].items()}
     strategy.v_t = {k: v.copy() for k, v in saved["v_t"].items()}
     return True
-
-
-def save_checkpoint(run_dir: Path, payload: dict[str, Any]) -> Path:
-    round_ = payload["run_state"]["completed_round"]
-    path = run_dir / "checkpoints" / f"round-{round_:03d}.pt"
-    for target in (path, run_dir / "checkpoints" / "latest.pt"):
-        with atomic_path(target) as tmp:
-            torch.save(payload, tmp)
-    return path
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("format") != "fedsynth-checkpoint/1":
-        raise ValueError(f"{path}: not a fedsynth checkpoint")
-    return payload
 
 
 def public_phantoms(
@@ -251,6 +201,7 @@ class Federation:
         self.cfg = model_config(run.preset)
         self.dir = Path(run.run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.folder = RunFolder(self.dir)
         self.say = progress or (lambda m: log.info("%s", m))
         self.privacy: dict[str, dict[str, Any]] = {}  # site -> sample-level spend as last reported
         self.central = CentralDP(run, self.dir)
@@ -262,23 +213,24 @@ class Federation:
 
     # ---- state -------------------------------------------------------------------------------------------------
     def _resume_or_start(self) -> tuple[RunState, dict, dict]:
-        latest = self.dir / "checkpoints" / "latest.pt"
+        latest = self.folder.latest_checkpoint
         if latest.exists():
-            payload = load_checkpoint(latest)
-            if payload["model_config"]["name"] != self.cfg.name:
+            saved = Checkpoint.load(latest)
+            if saved.model_config.name != self.cfg.name:
                 raise ValueError(
-                    f"{latest}: checkpoint is for preset {payload['model_config']['name']!r}, "
+                    f"{latest}: checkpoint is for preset {saved.model_config.name!r}, "
                     f"this run asks for {self.cfg.name!r}; use a new run-dir"
                 )
-            state = RunState(**payload["run_state"])
+            state = saved.run_state
             state.status, state.reason = "running", ""
             self.say(
                 f"resuming run {state.run_id} after round {state.completed_round} from {latest}"
             )
-            self._saved_server_optimizer = payload.get("server_optimizer")
-            if (self.dir / "privacy.json").exists():
-                self.privacy = sample_level(json.loads((self.dir / "privacy.json").read_text()))
-            return state, payload["autoencoder"], payload["unet"]
+            self._saved_server_optimizer = saved.server_optimizer
+            privacy = self.folder.read_privacy()
+            if privacy is not None:
+                self.privacy = sample_level(privacy)
+            return state, saved.autoencoder, saved.unet
         torch.manual_seed(self.run.seed)
         state = RunState(
             run_id=uuid.uuid4().hex[:12], autoencoder_source=self.run.autoencoder_source
@@ -291,8 +243,7 @@ class Federation:
         return state, ae, unet
 
     def _write_record(self, state: RunState) -> None:
-        write_json_atomic(
-            self.dir / "run.json",
+        self.folder.write_record(
             {
                 "run_id": state.run_id,
                 "status": state.status,
@@ -318,8 +269,7 @@ class Federation:
                 "model_config": dataclasses.asdict(self.cfg),
             },
         )
-        write_json_atomic(
-            self.dir / "privacy.json",
+        self.folder.write_privacy(
             {
                 "sample_level": self.privacy,
                 "client_level": self.central.summary(state.completed_round),
@@ -520,8 +470,7 @@ class Federation:
         )
         eps, delta = self.central.epsilon()
         std = self.central.noise_std(len(good))
-        append_jsonl(
-            self.dir / "metrics.jsonl",
+        self.folder.append_metrics(
             {
                 "round": r,
                 "phase": phase,
@@ -560,8 +509,7 @@ class Federation:
             "first_round": prev.get("first_round", r),
         }
         if status != "active":
-            append_jsonl(
-                self.dir / "metrics.jsonl",
+            self.folder.append_metrics(
                 {"round": r, "site": site, "node_id": node, "status": status, "reason": reason},
             )
 
@@ -594,8 +542,7 @@ class Federation:
             return
         self._mark(state, site, node, "active", r)
         reported = {k.replace("_", "-"): v for k, v in asdict(metrics).items() if v is not None}
-        append_jsonl(
-            self.dir / "metrics.jsonl",
+        self.folder.append_metrics(
             {"round": r, "phase": phase, "site": site, "node_id": node, "status": "ok", **reported},
         )
         stats = (
@@ -619,7 +566,7 @@ class Federation:
         self._write_record(state)
         wait_for_sites(self.grid, self.run.min_sites, self.run.round_timeout)
         strategy, strategy_phase = None, None
-        ckpt = self.dir / "checkpoints" / "latest.pt" if state.completed_round else None
+        ckpt = self.folder.latest_checkpoint if state.completed_round else None
         if state.completed_round >= self.run.num_server_rounds:
             self.say("all rounds already done")
         for r in range(state.completed_round + 1, self.run.num_server_rounds + 1):
@@ -669,16 +616,18 @@ class Federation:
             else:
                 unet = new.to_torch_state_dict()
             state.completed_round = r
-            ckpt = save_checkpoint(
-                self.dir,
-                checkpoint_payload(
-                    self.cfg, self.run, state, ae, unet, server_optimizer_state(strategy, phase)
-                ),
-            )
+            ckpt = Checkpoint(
+                self.cfg,
+                dataclasses.asdict(self.run),
+                state,
+                ae,
+                unet,
+                server_optimizer_state(strategy, phase),
+            ).save(self.folder)
             self._write_record(state)
         state.status = "completed"
         self._write_record(state)
-        return self.dir / "checkpoints" / "latest.pt" if ckpt else None
+        return self.folder.latest_checkpoint if ckpt else None
 
     def _ae(self, ae_state: dict) -> torch.nn.Module:
         ae = build_autoencoder(self.cfg)
@@ -704,10 +653,3 @@ def _epsilon_text(value: Any) -> str:
     except (TypeError, ValueError):
         return "?"
     return "inf" if eps == float("inf") else f"{eps:.2f}"
-
-
-def latest_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

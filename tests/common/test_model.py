@@ -101,25 +101,10 @@ def test_samplers_and_loss_agree_on_what_the_unet_predicts(prediction_type):
         assert torch.allclose(z, z0, atol=2e-3), (sampler, (z - z0).abs().max())
 
 
-def test_v_prediction_is_the_default_and_old_checkpoints_load_as_epsilon(tmp_path):
-    from server.synthesis import load_generator
-    from server.training import save_checkpoint
-
+def test_v_prediction_is_the_default():
+    """(Old checkpoints, from before the field, load as epsilon: tests/server/test_checkpoint.py.)"""
     cfg = model_config("tiny")
     assert (
         cfg.prediction_type == "v_prediction"
         and ddpm_scheduler(cfg).prediction_type == "v_prediction"
     )
-    old = {
-        k: v for k, v in dataclasses.asdict(cfg).items() if k != "prediction_type"
-    }  # written before the field
-    payload = {
-        "format": "fedsynth-checkpoint/1",
-        "model_config": old,
-        "run_config": {},
-        "run_state": {"completed_round": 1, "run_id": "r", "latent_scale": 1.0},
-        "autoencoder": build_autoencoder(cfg).state_dict(),
-        "unet": build_unet(cfg).state_dict(),
-    }
-    loaded_cfg, *_ = load_generator(save_checkpoint(tmp_path, payload), torch.device("cpu"))
-    assert loaded_cfg.prediction_type == "epsilon"

@@ -31,6 +31,7 @@ import pytest
 from client.task import open_ledger
 from common.config import RunConfig, SiteConfig
 from common.phantoms import make_phantom_sites
+from server.checkpoint import Checkpoint
 from server.demo import write_app_dir
 from server.deployment import (
     DeploymentError,
@@ -39,7 +40,6 @@ from server.deployment import (
     restart_superlink,
     run_app,
 )
-from server.training import load_checkpoint
 
 pytestmark = [
     pytest.mark.slow,
@@ -110,8 +110,8 @@ def test_superlink_killed_mid_run_restarts_from_its_database_and_the_run_resumes
                 while not any(e["server_round"] >= 2 for led in ledgers for e in led.entries()):
                     assert time.time() < deadline and not first.done(), "round 2 never started"
                     time.sleep(0.5)
-                checkpoint_before = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
-                done_before = checkpoint_before["run_state"]["completed_round"]
+                checkpoint_before = Checkpoint.load(run_dir / "checkpoints" / "latest.pt")
+                done_before = checkpoint_before.run_state.completed_round
                 restart_superlink(link, progress=lines.append)
                 try:
                     first_result = first.result(timeout=600)
@@ -138,9 +138,7 @@ def test_superlink_killed_mid_run_restarts_from_its_database_and_the_run_resumes
     assert run_id == checkpoint_before["run_state"]["run_id"]  # the same run, resumed
     for r in (1, 2):  # no round lost
         assert (
-            load_checkpoint(run_dir / "checkpoints" / f"round-{r:03d}.pt")["run_state"][
-                "completed_round"
-            ]
+            Checkpoint.load(run_dir / "checkpoints" / f"round-{r:03d}.pt").run_state.completed_round
             == r
         )
 

@@ -25,11 +25,11 @@ from privacy.policy import DEFAULT_POLICY
 from privacy.report import write_audit_report
 from privacy.verdict import build_audit
 from server.audit import load_cohort
+from server.checkpoint import Checkpoint, RunState
 from server.pki import make_pki
 from server.release.manifest import build_release
 from server.release.portal import PortalSettings, server_config
 from server.synthesis import SynthesisRequest, synthesize_cohort
-from server.training import RunState, checkpoint_payload, save_checkpoint
 from tests.privacy.test_policy import privacy_json
 
 OFFICERS = ("alice", "bob")
@@ -40,14 +40,13 @@ def make_cohort(root: Path) -> Path:
     cfg = model_config("tiny", ddim_steps=2)
     torch.manual_seed(0)
     state = RunState(run_id="portal-test", completed_round=2, latent_scale=1.0)
-    payload = checkpoint_payload(
+    ckpt = Checkpoint(
         cfg,
-        RunConfig(preset="tiny"),
+        dataclasses.asdict(RunConfig(preset="tiny")),
         state,
         build_autoencoder(cfg).state_dict(),
         build_unet(cfg).state_dict(),
-    )
-    ckpt = save_checkpoint(root / "run", payload)
+    ).save(root / "run")
     return synthesize_cohort(
         SynthesisRequest(ckpt, root / "cohort", per_class=2, seed=1, batch_size=4)
     )

@@ -2,6 +2,7 @@
 bound to one release and to the keys the consortium vouched for, status from pending to released or rejected."""
 
 import csv
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -15,6 +16,7 @@ from common.model import build_autoencoder, build_unet
 from common.signing import fingerprint, generate_keypair, load_public_key
 from privacy.policy import load_policy
 from privacy.report import write_audit_report
+from server.checkpoint import Checkpoint, RunState
 from server.cli import main
 from server.release.manifest import (
     approval_statement,
@@ -28,7 +30,6 @@ from server.release.manifest import (
     write_approval,
 )
 from server.synthesis import SynthesisRequest, synthesize_cohort
-from server.training import RunState, checkpoint_payload, save_checkpoint
 from tests.privacy.test_policy import LENIENT, make_audit, privacy_json, site
 
 WITHHELD = "synth-lesion-00002"
@@ -42,16 +43,16 @@ def world(tmp_path_factory):
     cfg = model_config("tiny", ddim_steps=2)
     torch.manual_seed(0)
     state = RunState(run_id="r", completed_round=1, latent_scale=1.0)
-    payload = checkpoint_payload(
+    ckpt = Checkpoint(
         cfg,
-        RunConfig(preset="tiny"),
+        dataclasses.asdict(RunConfig(preset="tiny")),
         state,
         build_autoencoder(cfg).state_dict(),
         build_unet(cfg).state_dict(),
-    )
+    ).save(root / "run")
     cohort = synthesize_cohort(
         SynthesisRequest(
-            save_checkpoint(root / "run", payload),
+            ckpt,
             root / "cohort",
             per_class=5,
             seed=1,

@@ -4,6 +4,7 @@ look for the planted patients' pixels. The officers' report must show them (the 
 partner-visible file may carry them."""
 
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -24,6 +25,7 @@ from common.signing import generate_keypair
 from privacy.memorization import memorization_audit
 from privacy.policy import DEFAULT_POLICY
 from server.audit import load_cohort, write_cohort_audit
+from server.checkpoint import Checkpoint, RunState
 from server.release.access import visible_files
 from server.release.manifest import build_release, verify_release
 from server.synthesis import (
@@ -35,7 +37,6 @@ from server.synthesis import (
     write_manifest,
     write_preview,
 )
-from server.training import RunState, checkpoint_payload, save_checkpoint
 from tests.privacy.test_policy import site
 
 PLANT_AT = (
@@ -128,14 +129,14 @@ def planted_release(tmp_path_factory):
         SiteConfig(site_dir=str(site_dir), state_dir=str(root / "state"), dp=False), cfg
     )
     torch.manual_seed(0)
-    payload = checkpoint_payload(
+    checkpoint = Checkpoint(
         cfg,
-        RunConfig(preset="tiny"),
+        dataclasses.asdict(RunConfig(preset="tiny")),
         RunState(run_id="r", completed_round=1, latent_scale=1.0),
         build_autoencoder(cfg).state_dict(),
         build_unet(cfg).state_dict(),
     )
-    ckpt = save_checkpoint(root / "run", payload)
+    ckpt = checkpoint.save(root / "run")
     req = SynthesisRequest(ckpt, root / "generated", per_class=6, seed=1, batch_size=16)
     images, ids, labels, _ = load_cohort(synthesize_cohort(req))
     # The attack: the cohort carries exact copies of training patients of the right class.
@@ -153,7 +154,7 @@ def planted_release(tmp_path_factory):
     write_labels(cohort, order, cfg.class_names)
     write_datalist(cohort, order, cfg)
     write_preview(cohort / "preview.png", images, labels, cfg.class_names)
-    write_manifest(cohort, req, cfg, payload, len(ids), None, ["cpu"])
+    write_manifest(cohort, req, cfg, checkpoint, len(ids), None, ["cpu"])
     # The audit the site runs (its real memorization audit against its own patients), then the report.
     mem = memorization_audit(
         images,

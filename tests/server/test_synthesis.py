@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from dataclasses import replace
 
@@ -11,8 +12,8 @@ from common.io import sha256_file
 from common.messages import AuditRequest
 from common.model import build_autoencoder, build_unet
 from server import synthesis
+from server.checkpoint import Checkpoint, RunState
 from server.synthesis import SynthesisRequest, synthesize_cohort, verify_cohort
-from server.training import RunState, checkpoint_payload, save_checkpoint
 
 
 @pytest.fixture()
@@ -20,14 +21,13 @@ def checkpoint(tmp_path):
     cfg = model_config("tiny", ddim_steps=3)
     torch.manual_seed(0)
     state = RunState(run_id="test", completed_round=2, latent_scale=1.0)
-    payload = checkpoint_payload(
+    return Checkpoint(
         cfg,
-        RunConfig(preset="tiny"),
+        dataclasses.asdict(RunConfig(preset="tiny")),
         state,
         build_autoencoder(cfg).state_dict(),
         build_unet(cfg).state_dict(),
-    )
-    return save_checkpoint(tmp_path / "run", payload)
+    ).save(tmp_path / "run")
 
 
 def test_cohort_has_images_labels_datalist_preview_and_verifiable_manifest(tmp_path, checkpoint):
@@ -190,14 +190,13 @@ def test_3d_cohort_volumes_have_ras_affines_and_read_back_through_the_site_loade
 
     cfg = model_config("tiny3d", ddim_steps=2)
     torch.manual_seed(0)
-    payload = checkpoint_payload(
+    ckpt = Checkpoint(
         cfg,
-        RunConfig(preset="tiny3d"),
+        dataclasses.asdict(RunConfig(preset="tiny3d")),
         RunState(run_id="t3", completed_round=1, latent_scale=1.0),
         build_autoencoder(cfg).state_dict(),
         build_unet(cfg).state_dict(),
-    )
-    ckpt = save_checkpoint(tmp_path / "run", payload)
+    ).save(tmp_path / "run")
     out = synthesize_cohort(SynthesisRequest(ckpt, tmp_path / "cohort", per_class=1, batch_size=2))
     assert verify_cohort(out) == []
     path = out / "images" / "synth-lesion-00001.nii.gz"

@@ -9,7 +9,8 @@ from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import RunConfig
-from server.training import Federation, load_checkpoint
+from server.checkpoint import Checkpoint
+from server.training import Federation
 from tests.server.test_central_dp import FakeGrid
 
 
@@ -49,13 +50,13 @@ def test_a_resumed_fedadam_run_equals_an_uninterrupted_one(tmp_path):
     lines: list[str] = []
     whole = Federation(RoundSeededGrid(3, step_norm=0.5), _run(tmp_path / "whole", 3)).run_rounds()
     Federation(RoundSeededGrid(3, step_norm=0.5), _run(tmp_path / "cut", 2)).run_rounds()
-    saved = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")["server_optimizer"]
+    saved = Checkpoint.load(tmp_path / "cut" / "checkpoints" / "latest.pt").server_optimizer
     assert saved["phase"] == "diffusion" and saved["m_t"] and saved["v_t"]
     resumed = Federation(
         RoundSeededGrid(3, step_norm=0.5), _run(tmp_path / "cut", 3), progress=lines.append
     ).run_rounds()
     assert any("moments restored" in line for line in lines)
-    a, b = load_checkpoint(whole)["unet"], load_checkpoint(resumed)["unet"]
+    a, b = Checkpoint.load(whole).unet, Checkpoint.load(resumed).unet
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # and the moments matter: a resume that forgot them lands elsewhere
     payload = torch.load(tmp_path / "cut" / "checkpoints" / "round-002.pt", weights_only=False)
@@ -66,7 +67,7 @@ def test_a_resumed_fedadam_run_equals_an_uninterrupted_one(tmp_path):
     forgot = Federation(
         RoundSeededGrid(3, step_norm=0.5), _run(tmp_path / "forgot", 3)
     ).run_rounds()
-    c = load_checkpoint(forgot)["unet"]
+    c = Checkpoint.load(forgot).unet
     assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
 
 
