@@ -109,7 +109,15 @@ def test_audit_canaries_with_a_perfect_and_a_blind_attack(site):
         return np.array([float(img.tobytes() in included) for img in data.images])
 
     out = canaries.audit_canaries(state, cfg, perfect, delta=1e-5, claimed_epsilon=10.0)
-    assert out["correct"] == out["guesses"] > 0 and out["epsilon_lower_bound"] > 0
+    # Inclusion is a fair coin per canary (site entropy), so "in" and "out" are rarely 20/20: a perfect attack is
+    # right on every guess at each level whose "in" and "out" guesses fit the drawn counts (the 100 % level may
+    # then still win with a few forced errors).
+    n_in = out["n_included"]
+    for row in out["levels"]:
+        k_in, k_out = (row["guesses"] + 1) // 2, row["guesses"] // 2
+        if k_in <= n_in and k_out <= 40 - n_in:
+            assert row["correct"] == row["guesses"] > 0, row
+    assert out["epsilon_lower_bound"] > 0
     assert out["epsilon_lower_bound"] <= out["power"] == pytest.approx(canary_power(40, 1e-5))
     assert out["underpowered"] and out["range_of_interest"] == 5.0  # 40 canaries cannot speak to 10
     # only counts leave: no per-canary list (scores, flags, guesses) of length m in the result
