@@ -28,6 +28,7 @@ from common.model import (
     build_unet,
     ddpm_scheduler,
     diffusion_loss,
+    drop_labels,
     encode,
 )
 from common.site import SiteData, assign_holdout, load_site, split_by_assignment
@@ -76,7 +77,8 @@ class RoundResult:
 
 
 def round_seed(site: SiteConfig, plan: RoundPlan) -> int:
-    """The seed of the round's other randomness (the loss's timesteps and noise, the autoencoder's sampling).
+    """The seed of the round's other randomness (the loss's timesteps and noise, the class dropout of classifier-free
+    guidance, the autoencoder's sampling).
 
     Under DP it is the site's own (OS entropy), not the server's: those draws are consumed batch position by batch
     position, so with a stream the server knows, one patient's presence would shift the draws of every patient
@@ -369,7 +371,10 @@ def run_training_round(
 
         def loss(m: torch.nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
             z = (b[0] + b[1] * torch.randn_like(b[0])) * scale
-            return diffusion_loss(m, scheduler, z, b[2])
+            # classifier-free guidance: drawn from the round's generator, seeded from the site's OS entropy
+            # under DP (round_seed), like the latent sample, the timesteps and the noise
+            y = drop_labels(b[2], plan.class_dropout, cfg.null_class)
+            return diffusion_loss(m, scheduler, z, y)
 
         dataset = TensorDataset(mu.cpu(), sigma.cpu(), labels)
         stats = _train_loop(module, dataset, plan, dp, loss, device, site.grad_sample_mode, groups)

@@ -49,7 +49,8 @@ class RoundPlan:
     """The server's instructions for one training round, plus what a site needs to plan its privacy for the run.
 
     `seed` makes a round reproducible only at a site without DP (client/task.py round_seed): under DP nothing the
-    server sends decides the round's randomness."""
+    server sends decides the round's randomness. Every key is required on the wire (`from_record`); the defaults
+    only serve code that builds a plan in Python."""
 
     run_id: str
     server_round: int
@@ -64,10 +65,15 @@ class RoundPlan:
     latent_scale: float
     proximal_mu: float
     seed: int
+    # classifier-free guidance: the probability of replacing a diffusion training label by the null class (the
+    # draws are the site's: under DP from its own OS entropy)
+    class_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
             raise MessageError(f"RoundPlan: phase {self.phase!r} is not one of {PHASES}")
+        if not 0.0 <= self.class_dropout <= 1.0:
+            raise MessageError(f"RoundPlan: class-dropout {self.class_dropout} is not in [0, 1]")
 
     @property
     def remaining_rounds(self) -> int:
