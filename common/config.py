@@ -324,29 +324,49 @@ class SiteConfig:
 
     @classmethod
     def from_flwr(cls, node_config: Mapping[str, Any]) -> SiteConfig:
-        return _from_kebab(cls, node_config, ignore_unknown=True)
+        """Strict: a misspelt key (`epsilonn=1`) would otherwise leave the budget at its default. Only the keys
+        Flower itself puts into a node config (simulation's partition keys) are ignored."""
+        return _from_kebab(cls, node_config, ignore=FLOWER_NODE_KEYS)
 
 
-def _from_kebab(cls: type, values: Mapping[str, Any], ignore_unknown: bool = False) -> Any:
+# What Flower adds to a node config on its own (flwr.common.constant; the simulation engine sets them).
+FLOWER_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _from_kebab(cls: type, values: Mapping[str, Any], ignore: frozenset[str] = frozenset()) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         name = key.replace("-", "_")
-        if name not in fields:
-            if ignore_unknown:
+        if name not in fields or key != name.replace("_", "-"):
+            if key in ignore:
                 continue
             raise ValueError(
-                f"unknown config key {key!r}; known: {sorted(k.replace('_', '-') for k in fields)}"
+                f"unknown config key {key!r} (keys are kebab-case); known: "
+                f"{sorted(k.replace('_', '-') for k in fields)}"
             )
         default = fields[name].default
         if isinstance(default, bool):
-            value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            value = _boolean(key, value)
         elif isinstance(default, int):
             value = int(value)
         elif isinstance(default, float):
             value = float(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _boolean(key: str, value: Any) -> bool:
+    """true/1/yes or false/0/no (any case); anything else is an error, never a silent False (`dp=ture`)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if not isinstance(value, str) else value.lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{key}: {value!r} is not a boolean; write true or false")
 
 
 __all__ = ["CLASS_NAMES", "ModelConfig", "PRESETS", "model_config", "RunConfig", "SiteConfig"]

@@ -17,6 +17,7 @@ As Flower's FedAvg does, the strategies are given these record names (server/tra
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -230,3 +231,10 @@ def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is tuple:
         return "a list of strings"
     return {int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+def readable_error(reason: str) -> str:
+    """Flower's error reply reason (`<class 'ValueError'>:<'message'>`, flwr/supernode/runtime/run_clientapp.py)
+    as a person reads it: `ValueError: message`. Other texts pass through unchanged."""
+    m = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", reason.strip(), flags=re.DOTALL)
+    return f"{m.group(1)}: {m.group(2)}" if m else reason

@@ -522,7 +522,12 @@ class Federation:
         self._answered_nodes.add(node)
         if m.has_error():
             self._mark(
-                state, self._site_of(state, node), node, "dropped", r, f"error: {m.error.reason}"
+                state,
+                self._site_of(state, node),
+                node,
+                "dropped",
+                r,
+                f"error: {msg.readable_error(m.error.reason)}",
             )
             return
         try:
