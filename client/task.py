@@ -30,6 +30,7 @@ from common.model import (
     diffusion_loss,
     drop_labels,
     encode,
+    select_trainable,
 )
 from common.site import SiteData, assign_holdout, load_site, split_by_assignment
 from privacy.accounting import (
@@ -234,7 +235,8 @@ def _train_loop(
     `grad_sample_mode`: how the clipped per-sample gradients are computed (privacy/dp.py make_private)."""
     module.to(device).train()
     global_params = [p.detach().clone() for p in module.parameters()]
-    optimizer = torch.optim.Adam(module.parameters(), lr=plan.lr)
+    # only the trainable parameters (common/model.py select_trainable); frozen ones keep the global values
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=plan.lr)
     groups = groups or [[i] for i in range(len(dataset))]
     if dp.steps % plan.local_epochs:
         raise ValueError(f"planned {dp.steps} steps do not split into {plan.local_epochs} epochs")
@@ -366,6 +368,16 @@ def run_training_round(
         mu, sigma = encode(ae, images.to(device))
         module = build_unet(cfg)
         module.load_state_dict(arrays)
+        # DP-SGD on the chosen parameters only (the rest frozen, returned unchanged); same accounting for any set
+        trainable, total = select_trainable(module, plan.dp_trainable)
+        log.info(
+            "site %s: DP fine-tuning %s of the UNet: %d of %d parameters (%.1f %%)",
+            site.name,
+            plan.dp_trainable,
+            trainable,
+            total,
+            100.0 * trainable / total,
+        )
         scheduler = ddpm_scheduler(cfg)
         scale = plan.latent_scale
 

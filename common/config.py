@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 CLASS_NAMES: tuple[str, ...] = ("healthy", "lesion")
+# Which diffusion UNet parameters the sites train with DP-SGD (common/model.py select_trainable): every one, or
+# DP-LDM's choice (Lyu et al. 2024): the attention blocks and the conditioning (class and time embeddings, and each
+# ResBlock's projection of them), the rest frozen at the public pretraining.
+DP_TRAINABLE: tuple[str, ...] = ("all", "attention-conditioning")
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,8 @@ class RunConfig:
     # predictions, uncond + guidance-scale x (cond - uncond) (1: no guidance).
     class_dropout: float = 0.1
     guidance_scale: float = 3.0
+    # which UNet parameters the sites fine-tune with DP (DP_TRAINABLE); the privacy accounting is the same for any
+    dp_trainable: str = "all"
     audit: bool = True  # run the federated privacy audit on the cohort after synthesis
     mode: str = "train"  # "train": rounds, synthesis, audit; "audit": only audit `cohort-dir` made from `checkpoint`
     cohort_dir: str = ""  # mode "audit"
@@ -212,6 +218,10 @@ class RunConfig:
             raise ValueError("mode 'audit' needs cohort-dir and checkpoint")
         if self.min_sites < 1:
             raise ValueError("min-sites must be >= 1")
+        if self.dp_trainable not in DP_TRAINABLE:
+            raise ValueError(
+                f"dp-trainable: unknown {self.dp_trainable!r}; choose one of {list(DP_TRAINABLE)}"
+            )
         if not 0.0 <= self.class_dropout < 1.0:
             raise ValueError(
                 "class-dropout must be in [0, 1): the share of diffusion training labels replaced by the null "
@@ -369,4 +379,12 @@ def _boolean(key: str, value: Any) -> bool:
     raise ValueError(f"{key}: {value!r} is not a boolean; write true or false")
 
 
-__all__ = ["CLASS_NAMES", "ModelConfig", "PRESETS", "model_config", "RunConfig", "SiteConfig"]
+__all__ = [
+    "CLASS_NAMES",
+    "DP_TRAINABLE",
+    "ModelConfig",
+    "PRESETS",
+    "model_config",
+    "RunConfig",
+    "SiteConfig",
+]

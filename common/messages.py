@@ -25,6 +25,8 @@ from typing import Any, Union
 
 from flwr.app import ConfigRecord, MetricRecord
 
+from common.config import DP_TRAINABLE
+
 # Record names in a message's content, and the audit query's action name.
 CONFIG = "config"
 ARRAYS = "arrays"
@@ -69,8 +71,14 @@ class RoundPlan:
     # classifier-free guidance: the probability of replacing a diffusion training label by the null class (the
     # draws are the site's: under DP from its own OS entropy)
     class_dropout: float = 0.1
+    # which diffusion UNet parameters the site trains (common/config.py DP_TRAINABLE); the rest come back unchanged
+    dp_trainable: str = "all"
 
     def __post_init__(self) -> None:
+        if self.dp_trainable not in DP_TRAINABLE:
+            raise MessageError(
+                f"RoundPlan: dp-trainable {self.dp_trainable!r} is not one of {list(DP_TRAINABLE)}"
+            )
         if self.phase not in PHASES:
             raise MessageError(f"RoundPlan: phase {self.phase!r} is not one of {PHASES}")
         if not 0.0 <= self.class_dropout <= 1.0:

@@ -6,6 +6,7 @@ Per-sample losses are returned (shape (B,)) so DP-SGD can clip per record and au
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from common.config import ModelConfig
+from common.config import DP_TRAINABLE, ModelConfig
 
 SCHEDULE = dict(schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)
 
@@ -48,6 +49,40 @@ def build_unet(cfg: ModelConfig) -> DiffusionModelUNet:
         # one embedding per class plus the null class (index cfg.null_class) of classifier-free guidance
         num_class_embeds=cfg.num_classes + 1,
     )
+
+
+# DP-LDM's trainable set: every attention block (its GroupNorm, q, k, v, output projection), the class embedding,
+# the time-embedding MLP and each ResBlock's projection of the time + class embedding into its features.
+_ATTENTION_CONDITIONING = re.compile(
+    r"^(time_embed|class_embedding)\.|(^|\.)(attentions\.\d+|attention)\.|\.time_emb_proj\."
+)
+
+
+def trainable_names(unet: torch.nn.Module, which: str) -> list[str]:
+    """The names of the UNet parameters trained under `which` (common/config.py DP_TRAINABLE)."""
+    if which not in DP_TRAINABLE:
+        raise ValueError(f"dp-trainable: unknown {which!r}; choose one of {list(DP_TRAINABLE)}")
+    names = [n for n, _ in unet.named_parameters()]
+    if which == "all":
+        return names
+    return [n for n in names if _ATTENTION_CONDITIONING.search(n)]
+
+
+def select_trainable(unet: torch.nn.Module, which: str) -> tuple[int, int]:
+    """Freeze every UNet parameter outside the `which` set (requires_grad False); returns (trainable, total) counts.
+
+    Call it before DP-SGD wraps the model: the per-sample gradients are then computed, clipped and noised for the
+    trainable parameters only, and the frozen ones leave the round exactly as they came (the global model the
+    server sent). DP holds for any subset: DP-SGD's guarantee is about the released trainable parameters, whose
+    per-sample gradient is clipped to C and noised with sigma C whatever parameters it spans, and the frozen ones
+    are a copy of what the server already had; so the accounting (sigma, q, steps) is exactly the same."""
+    keep = set(trainable_names(unet, which))
+    trainable = total = 0
+    for name, p in unet.named_parameters():
+        p.requires_grad_(name in keep)
+        total += p.numel()
+        trainable += p.numel() if name in keep else 0
+    return trainable, total
 
 
 def ddpm_scheduler(cfg: ModelConfig) -> DDPMScheduler:

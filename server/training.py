@@ -328,6 +328,7 @@ class Federation:
             proximal_mu=self.run.proximal_mu if self.run.strategy == "fedprox" else 0.0,
             seed=self.run.seed,
             class_dropout=self.run.class_dropout,
+            dp_trainable=self.run.dp_trainable,
         )
         active = self._active_nodes(state, r)
         if self.central.enabled:  # Flower's DP wrapper was set up for exactly these sites
