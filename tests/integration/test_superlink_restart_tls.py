@@ -9,6 +9,11 @@ they outlive the SuperLink and reconnect, as do the SuperNodes. Checked against 
 source of truth: the same Flower run finishes (not a resubmitted one), no round is lost or trained twice, every
 mechanism a site ran is in its ledger exactly once, and what the run reports is exactly what the ledgers hold.
 
+The second test reboots the whole coordinating machine instead (SuperLink, SuperExec and ServerApp killed at
+once, right after round 1's checkpoint): the run's ServerApp session cannot be carried over, so `run_app` submits
+the run again once Flower has marked it failed, and it resumes from its last checkpoint, each round in each ledger
+exactly once.
+
 The database file is on tmpfs when the machine has one.
 """
 
@@ -29,7 +34,7 @@ from common.config import RunConfig, SiteConfig
 from common.phantoms import make_phantom_sites
 from server.checkpoint import Checkpoint
 from server.demo import write_app_dir
-from server.deployment import local_superlink, local_supernodes, run_app
+from server.deployment import flwr_processes, local_superlink, local_supernodes, run_app
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +54,8 @@ def database_dir(tmp_path):
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_superlink_killed_mid_round_restarts_from_its_database_and_the_run_survives(
-    tmp_path, wait_for_file, database_dir
-):
+def _federation(tmp_path: Path):
+    """Two phantom hospitals, a tiny two-round run (autoencoder, then diffusion) and its app folder."""
     sites = make_phantom_sites(tmp_path / "sites", n_sites=2, n_subjects=8, size=32, seed=17)
     node_configs = [
         {
@@ -76,10 +80,47 @@ def test_superlink_killed_mid_round_restarts_from_its_database_and_the_run_survi
         round_timeout=300.0,
     )
     app_dir = write_app_dir(tmp_path / "app", run)
+    return node_configs, run, app_dir
+
+
+def _assert_each_round_charged_once(run_dir: Path, node_configs: list[dict]) -> str:
+    """run.json says completed with both rounds checkpointed; every site's ledger holds each round of the run
+    exactly once; privacy.json reports exactly the ledgers' spend. Returns the run id."""
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and record["completed_round"] == 2
+    assert {s["status"] for s in record["sites"].values()} == {"active"}
+    run_id = record["run_id"]
+    for r in (1, 2):  # no round lost
+        assert (
+            Checkpoint.load(run_dir / "checkpoints" / f"round-{r:03d}.pt").run_state.completed_round
+            == r
+        )
+    privacy = json.loads((run_dir / "privacy.json").read_text())["sample_level"]
+    for config in node_configs:
+        name = config["site-name"]
+        ledger = _ledger(config)
+        entries = ledger.entries()
+        # every mechanism the site ran is in its ledger once, and it ran each round of the run once
+        assert Counter((e["run_id"], e["server_round"]) for e in entries) == {
+            (run_id, 1): 1,
+            (run_id, 2): 1,
+        }, (name, entries)
+        # what the run reports is what the site's ledger holds: nothing lost, nothing counted twice
+        ledger_eps = ledger.epsilon(privacy[name]["delta"], privacy[name]["accountant"])
+        assert float(privacy[name]["epsilon"]) == pytest.approx(ledger_eps, rel=1e-9)
+        assert 0 < ledger_eps <= 8.0
+    return run_id
+
+
+def test_superlink_killed_mid_round_restarts_from_its_database_and_the_run_survives(
+    tmp_path, wait_for_file, database_dir
+):
+    node_configs, run, app_dir = _federation(tmp_path)
+    run_dir = Path(run.run_dir)
     database = database_dir / "superlink.db"
     lines: list[str] = []
     with local_superlink(
-        tmp_path / "deploy", len(sites), database=database, progress=lines.append
+        tmp_path / "deploy", len(node_configs), database=database, progress=lines.append
     ) as link:
         with local_supernodes(link, node_configs, progress=lines.append):
             with ThreadPoolExecutor(max_workers=1) as pool:
@@ -110,28 +151,59 @@ def test_superlink_killed_mid_round_restarts_from_its_database_and_the_run_survi
     # the run survived in place: never resubmitted, never resumed from a checkpoint
     assert "submitting it again" not in log and "resuming run" not in log, log[-4000:]
 
-    record = json.loads((run_dir / "run.json").read_text())
-    assert record["status"] == "completed" and record["completed_round"] == 2
-    assert {s["status"] for s in record["sites"].values()} == {"active"}
-    run_id = record["run_id"]
-    assert run_id == run_id_before
-    for r in (1, 2):  # no round lost
-        assert (
-            Checkpoint.load(run_dir / "checkpoints" / f"round-{r:03d}.pt").run_state.completed_round
-            == r
-        )
+    assert _assert_each_round_charged_once(run_dir, node_configs) == run_id_before
 
-    privacy = json.loads((run_dir / "privacy.json").read_text())["sample_level"]
-    for config in node_configs:
-        name = config["site-name"]
-        ledger = _ledger(config)
-        entries = ledger.entries()
-        # every mechanism the site ran is in its ledger once, and it ran each round of the run once
-        assert Counter((e["run_id"], e["server_round"]) for e in entries) == {
-            (run_id, 1): 1,
-            (run_id, 2): 1,
-        }, (name, entries)
-        # what the run reports is what the site's ledger holds: nothing lost, nothing counted twice
-        ledger_eps = ledger.epsilon(privacy[name]["delta"], privacy[name]["accountant"])
-        assert float(privacy[name]["epsilon"]) == pytest.approx(ledger_eps, rel=1e-9)
-        assert 0 < ledger_eps <= 8.0
+
+def _serverapps(link) -> list[int]:
+    pids = []
+    for pid in flwr_processes(link.flwr_home):
+        try:
+            if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+def test_the_coordinating_machine_reboots_mid_run_the_run_is_submitted_again_and_resumes(
+    tmp_path, wait_for_file, database_dir
+):
+    node_configs, run, app_dir = _federation(tmp_path)
+    run_dir = Path(run.run_dir)
+    lines: list[str] = []
+    with local_superlink(
+        tmp_path / "deploy", 2, database=database_dir / "superlink.db", progress=lines.append
+    ) as link:
+        with local_supernodes(link, node_configs, progress=lines.append):
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                running = pool.submit(
+                    run_app, link, app_dir, run.to_flwr(), timeout_s=900, progress=lines.append
+                )
+                wait_for_file(run_dir / "checkpoints" / "round-001.pt", running, timeout=420)
+                # freeze the ServerApp right after round 1's checkpoint, before it sends round 2 ...
+                serverapps = _serverapps(link)
+                assert serverapps, "no ServerApp process found"
+                for pid in serverapps:
+                    os.kill(pid, signal.SIGSTOP)
+                # had round 2 been sent, a site would have pulled it and charged its ledger by now, and the
+                # ServerApp's own log (streamed through the SuperLink) would say it asked
+                time.sleep(10)
+                run_log = (tmp_path / "deploy" / "logs" / "flwr-run.log").read_text()
+                assert "round 2/2" not in run_log and not any(
+                    e["server_round"] >= 2 for c in node_configs for e in _ledger(c).entries()
+                ), "round 2 was sent before the ServerApp could be frozen: the test did not test"
+                # ... and the machine goes down: every server-side process dies at once
+                for pid in serverapps:
+                    os.kill(pid, signal.SIGKILL)
+                for name in ("superexec", "superlink"):
+                    link.procs.procs[name][0].kill()
+                result = running.result(timeout=900)
+    assert result.status == "finished:completed"
+    log = "\n".join(lines)
+    assert "SuperLink exited (code -9); starting it again" in log, log[-4000:]
+    assert "SuperExec exited (code -9); starting it again" in log, log[-4000:]
+    assert "ended finished:failed after a SuperLink restart; submitting it again" in log, log[
+        -4000:
+    ]
+    run_id = _assert_each_round_charged_once(run_dir, node_configs)
+    assert f"resuming run {run_id} after round 1" in log, log[-4000:]
