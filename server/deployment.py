@@ -376,6 +376,8 @@ def local_superlink(
     env = {
         **os.environ,
         "FLWR_HOME": str(flwr_home),
+        # Flower's usage telemetry (events, platform details to telemetry.flower.ai) stays off, as in deploy/
+        "FLWR_TELEMETRY_ENABLED": "0",
         "PYTHONUNBUFFERED": "1",
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
     }

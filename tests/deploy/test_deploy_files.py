@@ -80,6 +80,9 @@ def test_start_scripts_parse_and_pass_only_flags_flower_knows(role, flags):
     env = _env_file(DEPLOY / ENV_FILE[role])
     needed = set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", script.read_text()))
     assert needed <= set(env), needed - set(env)
+    assert (
+        env["FLWR_TELEMETRY_ENABLED"] == "0"
+    )  # the script exports it: no usage telemetry leaves the machine
 
 
 def _env_file(path: Path) -> dict[str, str]:
@@ -169,6 +172,7 @@ def test_compose_files_use_flowers_images_tls_auth_and_known_flags(role, flags):
     assert set(used) <= flags[role], set(used) - flags[role]
     assert TLS[role] <= set(used) and "--insecure" not in used
     assert service["restart"] == "unless-stopped"
+    assert service["environment"]["FLWR_TELEMETRY_ENABLED"] == "0"
     # every file the command names inside the container is mounted there
     targets = [_volume_target(v) for v in service["volumes"]]
     for arg in service["command"]:
