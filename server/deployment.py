@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -610,14 +611,22 @@ def _follow_run(
     logs |= {"run": run_log, "flwr": link.procs.log_dir / "flwr.log"}
     pending, dead = b"", set()
     run_id, status = None, "not started"
+    # `flwr log` replays the run's log from its start: each line already passed on is passed on once only
+    emitted: Counter[str] = Counter()
+    already, replayed = Counter(), Counter()
     with open(run_log, "rb") as f:
         while True:
             done = proc.poll() is not None
             *lines, pending = (pending + f.read()).split(b"\n")
             for line in [*lines, pending] if done else lines:
                 text = re.sub(r"\x1b\[[0-9;]*m", "", line.decode(errors="replace")).rstrip()
-                if text.strip() and not text.startswith("$ "):
-                    output(text)
+                if not text.strip() or text.startswith("$ "):
+                    continue
+                replayed[text] += 1
+                if replayed[text] <= already[text]:
+                    continue
+                emitted[text] += 1
+                output(text)
             if done:
                 pending = b""
                 run_id = run_id or _started_run_id(run_log)
@@ -631,6 +640,7 @@ def _follow_run(
                 proc = link.procs.start(
                     run_name, [str(link.bin_dir / "flwr"), "log", str(run_id), CONNECTION], link.env
                 )
+                already, replayed = Counter(emitted), Counter()
                 continue
             if time.time() > deadline:
                 link.procs.stop(run_name)

@@ -207,3 +207,5 @@ def test_the_coordinating_machine_reboots_mid_run_the_run_is_submitted_again_and
     ]
     run_id = _assert_each_round_charged_once(run_dir, node_configs)
     assert f"resuming run {run_id} after round 1" in log, log[-4000:]
+    # the run's log, followed again with `flwr log` after the restart (which replays it), is passed on once
+    assert sum("round 1: 2 updates aggregated" in line for line in lines) == 1, log[-4000:]
