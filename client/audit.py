@@ -8,8 +8,10 @@ Members are the site's training records, non-members its audit hold-out (never t
   and one patient (privacy/memorization.py);
 - membership inference: ROC summaries (AUC and its interval, TPR at the fixed FPR points
   `privacy.audit_stats.ROC_FPR_POINTS`, counts; no curve, no score, no threshold) and an empirical epsilon lower
-  bound (counts only) for (a) a white-box loss attack on the global model and (b) a black-box distance-to-cohort
-  attack;
+  bound (counts only) and per-member test counts (privacy.audit_stats.per_member_tests) for (a) a white-box loss
+  attack on the global model, (b) the same loss calibrated per record against a reference UNet (the one the run
+  started from at this site, client/reference.py; paired draws) when the site has one, and (c) a black-box
+  distance-to-cohort attack; and the one-run canary audit (client/canaries.py);
 - fidelity and utility: Frechet distance and precision/recall/density/coverage of radiomics features, and
   train-synthetic-test-real vs train-real-test-real classification, per class where it applies.
 Per-patient scores, features and images stay here: `audit_site` returns a dict of summaries only.
@@ -276,11 +278,20 @@ def audit_site(
     # The calibrated attack's reference: the UNet this run started from at this site (client/reference.py); it
     # never saw the site's records, so every hold-out patient stays a non-member of the test.
     ref_state = reference.load(site, run_id) if run_id else None
-    ref_unet = None
+    ref_unet, ref_problem = None, ""
     if ref_state is not None:
         ref_unet = build_unet(cfg)
-        ref_unet.load_state_dict(ref_state)
-        ref_unet = ref_unet.to(device).eval()
+        try:
+            ref_unet.load_state_dict(ref_state)
+            ref_unet = ref_unet.to(device).eval()
+        except (
+            RuntimeError
+        ) as err:  # a reference of another architecture: no calibrated attack, and why
+            ref_unet, ref_problem = (
+                None,
+                f"the site's reference model does not fit this checkpoint ({err})",
+            )
+    if ref_unet is not None:
         white_m, cal_m = calibrated_scores(ae, unet, ref_unet, cfg, train, latent_scale, device)
         white_n, cal_n = calibrated_scores(ae, unet, ref_unet, cfg, holdout, latent_scale, device)
     else:
@@ -296,7 +307,7 @@ def audit_site(
         kind: _mia(m_, n_, delta, claimed) for kind, (m_, n_) in scores.items()
     }
     if ref_unet is None:
-        membership["calibrated_unavailable"] = (
+        membership["calibrated_unavailable"] = ref_problem[:300] or (
             "no reference model at this site for this run (a site keeps the UNet it first receives in a run's "
             "diffusion phase, client/reference.py): the calibrated attack was not run"
         )

@@ -68,6 +68,6 @@ def load(site: SiteConfig, run_id: str) -> dict[str, torch.Tensor] | None:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged file
         raise ValueError(
-            f"{path}: unreadable reference model ({err}); move it away (the audit then runs without the "
-            "calibrated attack)"
+            f"{path}: unreadable reference model ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+            "move it away (the audit then runs without the calibrated attack)"
         ) from err

@@ -33,7 +33,7 @@ from common.site import load_site, split_by_assignment
 from privacy.ledger import LEDGER_FILENAME, PrivacyLedger
 from server.checkpoint import Checkpoint
 from server.demo import write_app_dir
-from server.deployment import run_federation
+from server.deployment import local_superlink, local_supernodes, run_app, stop_on_signals
 from server.run_folder import RunFolder
 from server.synthesis import (
     SynthesisRequest,
@@ -67,6 +67,9 @@ class ControlOptions:
     )
     lr: float = 2e-3
     planted_per_site: int = 3
+    public_steps: int = (
+        40  # public pretraining steps of the autoencoder and of the UNet warm start (the reference)
+    )
     insecure: bool = False
     timeout_s: float = 1800.0
 
@@ -86,8 +89,8 @@ def control_run_config(opts: ControlOptions, run_dir: Path) -> RunConfig:
         num_server_rounds=opts.rounds,
         autoencoder_rounds=0,
         autoencoder_source="public",
-        public_autoencoder_steps=40,
-        public_unet_steps=40,
+        public_autoencoder_steps=opts.public_steps,
+        public_unet_steps=opts.public_steps,
         public_phantoms=24,
         local_epochs=opts.local_epochs,
         batch_size=max(64, opts.subjects),  # >= patients: sampling rate 1, full-batch steps
@@ -254,46 +257,57 @@ def run_control(opts: ControlOptions, console: Console | None = None) -> int:
     nodes = control_node_configs(opts, out)
     console.say(
         f"[2/4] federation ({'INSECURE' if opts.insecure else 'TLS + SuperNode authentication'}): "
-        f"{len(nodes)} sites, NO DP, {opts.rounds} rounds x {opts.local_epochs} full-batch steps, "
+        f"{len(nodes)} sites, NO DP, {opts.rounds} round(s) x {opts.local_epochs} full-batch steps, "
         f"{opts.canaries} canaries per site"
     )
-    run_federation(
-        write_app_dir(out / "app", run),
-        out / "deployment",
-        nodes,
-        run.to_flwr(),
-        insecure=opts.insecure,
-        timeout_s=opts.timeout_s,
-        progress=console.detail,
-        on_output=console.flower_line,
-    )
-    checkpoint = folder.latest_checkpoint
-    if not folder.cohort.exists() or not checkpoint.exists():
-        console.warn(f"ERROR: the run made no cohort; see {folder.run_json}")
-        return 1
-    console.say(f"[3/4] planting {opts.planted_per_site} exact training-patient copies per site")
-    planted = plant_copies(
-        folder.cohort, checkpoint, nodes, planted_dir, opts.planted_per_site, opts.preset
-    )
-    console.say("[4/4] every site audits the planted cohort (a new federation, audit mode)")
-    audit_run = RunConfig(
-        **{
-            **dataclasses.asdict(run),
-            "mode": "audit",
-            "cohort_dir": str(planted_dir),
-            "checkpoint": str(checkpoint),
-        }
-    )
-    run_federation(
-        write_app_dir(out / "app-audit", audit_run),
-        out / "deployment-audit",
-        nodes,
-        audit_run.to_flwr(),
-        insecure=opts.insecure,
-        timeout_s=opts.timeout_s,
-        progress=console.detail,
-        on_output=console.flower_line,
-    )
+    # One SuperLink and its SuperNodes serve both Flower runs: training + synthesis, then the planted audit.
+    with stop_on_signals():
+        with local_superlink(
+            out / "deployment", len(nodes), insecure=opts.insecure, progress=console.detail
+        ) as link:
+            with local_supernodes(link, nodes, progress=console.detail):
+                run_app(
+                    link,
+                    write_app_dir(out / "app", run),
+                    run.to_flwr(),
+                    timeout_s=opts.timeout_s,
+                    progress=console.detail,
+                    on_output=console.flower_line,
+                )
+                checkpoint = folder.latest_checkpoint
+                if not folder.cohort.exists() or not checkpoint.exists():
+                    console.warn(f"ERROR: the run made no cohort; see {folder.run_json}")
+                    return 1
+                console.say(
+                    f"[3/4] planting {opts.planted_per_site} exact training-patient copies per site"
+                )
+                planted = plant_copies(
+                    folder.cohort,
+                    checkpoint,
+                    nodes,
+                    planted_dir,
+                    opts.planted_per_site,
+                    opts.preset,
+                )
+                console.say(
+                    "[4/4] every site audits the planted cohort (audit mode, same federation)"
+                )
+                audit_run = RunConfig(
+                    **{
+                        **dataclasses.asdict(run),
+                        "mode": "audit",
+                        "cohort_dir": str(planted_dir),
+                        "checkpoint": str(checkpoint),
+                    }
+                )
+                run_app(
+                    link,
+                    write_app_dir(out / "app-audit", audit_run),
+                    audit_run.to_flwr(),
+                    timeout_s=opts.timeout_s,
+                    progress=console.detail,
+                    on_output=console.flower_line,
+                )
     audit_path = planted_dir.parent / "audit" / "audit.json"
     audit = json.loads(audit_path.read_text())
     result = judge(audit, planted)
