@@ -145,6 +145,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         class_dropout=args.class_dropout,
         seed=args.seed,
+        threads=args.threads,
     )
     path = pretrain(pre, say=args.console.say)
     args.console.result(
@@ -186,6 +187,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         subjects=args.subjects,
         public_subjects=args.public_subjects,
+        threads=args.threads,
         insecure=args.insecure,
         epsilon=args.epsilon,
     )
@@ -599,6 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--public-subjects", type=int, default=None, help="healthy subjects in the public data set"
     )
+    d.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads of the server's pretraining and of each site (0: auto; 1 on a busy machine)",
+    )
     d.add_argument("--epsilon", type=float, default=10.0, help="each site's privacy budget")
     d.add_argument(
         "--insecure", action="store_true", help="no TLS, no node authentication (debugging only)"
@@ -639,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of labels replaced by the null class (classifier-free guidance)",
     )
     pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     pt.set_defaults(fn=cmd_pretrain)
 
     site = sub.add_parser("site", help="site data tools")

@@ -61,6 +61,9 @@ class DemoOptions:
     rounds: int | None = None
     subjects: int | None = None
     public_subjects: int | None = None
+    threads: int = (
+        0  # pretraining and each site; 0: torch's default at the server, cores / sites at each site
+    )
     sites: int = 3
     insecure: bool = False
     epsilon: float = 10.0
@@ -156,6 +159,7 @@ def demo_pretrain_config(opts: DemoOptions, public_dir: Path, out: Path) -> Pret
         autoencoder_steps=plan["ae_steps"],
         unet_steps=plan["unet_steps"],
         batch_size=plan["pretrain_batch"],
+        threads=opts.threads,
     )
 
 
@@ -163,7 +167,11 @@ def pretrained_cache_path(pre: PretrainConfig, public_sha256: str, cache_dir: Pa
     """Where the demo keeps the checkpoint of this pretraining: named by a hash of everything that decides it
     (the preset, the steps, the batch, the class dropout, the seed, the public data's content hash)."""
     key = {
-        **{k: v for k, v in dataclasses.asdict(pre).items() if k not in ("public_dir", "out")},
+        **{
+            k: v
+            for k, v in dataclasses.asdict(pre).items()
+            if k not in ("public_dir", "out", "threads")
+        },
         "public_data_sha256": public_sha256,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -209,7 +217,7 @@ def write_app_dir(app_dir: Path, run: RunConfig) -> Path:
     return app_dir
 
 
-def demo_node_configs(out: Path, epsilon: float) -> list[dict]:
+def demo_node_configs(out: Path, epsilon: float, threads: int = 0) -> list[dict]:
     site_dirs = sorted(
         p for p in (out / "sites").iterdir() if p.is_dir() and (p / "labels.csv").exists()
     )
@@ -219,7 +227,7 @@ def demo_node_configs(out: Path, epsilon: float) -> list[dict]:
             "site-name": d.name,
             "state-dir": str(out / "site-state" / d.name),
             "epsilon": epsilon,
-            "threads": max(1, (os.cpu_count() or 1) // len(site_dirs)),
+            "threads": threads or max(1, (os.cpu_count() or 1) // len(site_dirs)),
         }
         for d in site_dirs
     ]
@@ -363,7 +371,7 @@ def make_demo_sites(opts: DemoOptions, out: Path, console: Console) -> None:
 def train_in_federation(opts: DemoOptions, out: Path, pretrained: Path, console: Console) -> None:
     """Federated training, synthesis and the sites' audit: one Flower run over TLS on loopback."""
     run = demo_run_config(opts, out / "run", pretrained)
-    node_configs = demo_node_configs(out, opts.epsilon)
+    node_configs = demo_node_configs(out, opts.epsilon, opts.threads)
     app_dir = write_app_dir(out / "app", run)
     console.say(
         f"[4/5] federation on loopback ({'INSECURE: no TLS' if opts.insecure else 'TLS + SuperNode authentication'}): "

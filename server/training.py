@@ -283,6 +283,8 @@ class Federation:
             latent_scale=state.latent_scale,
             proximal_mu=self.run.proximal_mu if self.run.strategy == "fedprox" else 0.0,
             seed=self.run.seed,
+            class_dropout=self.run.class_dropout,
+            dp_trainable=self.run.dp_trainable,
         )
         active = self._active_nodes(state, r)
         if self.central.enabled:  # Flower's DP wrapper was set up for exactly these sites
@@ -477,7 +479,12 @@ class Federation:
         self._answered_nodes.add(node)
         if m.has_error():
             self._mark(
-                state, self._site_of(state, node), node, "dropped", r, f"error: {m.error.reason}"
+                state,
+                self._site_of(state, node),
+                node,
+                "dropped",
+                r,
+                f"error: {msg.readable_error(m.error.reason)}",
             )
             return
         try:
