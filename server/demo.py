@@ -86,6 +86,7 @@ class DemoOptions:
 DEMO_PLANS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         subjects=16,
+        holdout=0.25,
         public=24,
         ae_steps=40,
         unet_steps=40,
@@ -98,8 +99,10 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
         per_class=4,
     ),
     "small": dict(
-        # 450 patients per site: about 25 % (101-109) are audit hold-out, so TPR at 1 % FPR is measurable
-        subjects=450,
+        # 310 patients per site, 35 % held out for the audit: 101-115 hold-out patients at each site, so TPR at
+        # 1 % FPR is measurable (it needs 100), and about 200 training patients each (DP time grows with them)
+        subjects=310,
+        holdout=0.35,
         public=300,
         ae_steps=400,
         unet_steps=1200,
@@ -114,6 +117,7 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
     "tiny3d": dict(
         # one DP autoencoder round at the sites, from the public autoencoder; the samples are noise at this size
         subjects=20,
+        holdout=0.25,
         public=12,
         ae_steps=10,
         unet_steps=10,
@@ -217,7 +221,9 @@ def write_app_dir(app_dir: Path, run: RunConfig) -> Path:
     return app_dir
 
 
-def demo_node_configs(out: Path, epsilon: float, threads: int = 0) -> list[dict]:
+def demo_node_configs(
+    out: Path, epsilon: float, threads: int = 0, holdout: float = 0.25
+) -> list[dict]:
     site_dirs = sorted(
         p for p in (out / "sites").iterdir() if p.is_dir() and (p / "labels.csv").exists()
     )
@@ -228,6 +234,7 @@ def demo_node_configs(out: Path, epsilon: float, threads: int = 0) -> list[dict]
             "state-dir": str(out / "site-state" / d.name),
             "epsilon": epsilon,
             "threads": threads or max(1, (os.cpu_count() or 1) // len(site_dirs)),
+            "holdout-fraction": holdout,
         }
         for d in site_dirs
     ]
@@ -371,7 +378,7 @@ def make_demo_sites(opts: DemoOptions, out: Path, console: Console) -> None:
 def train_in_federation(opts: DemoOptions, out: Path, pretrained: Path, console: Console) -> None:
     """Federated training, synthesis and the sites' audit: one Flower run over TLS on loopback."""
     run = demo_run_config(opts, out / "run", pretrained)
-    node_configs = demo_node_configs(out, opts.epsilon, opts.threads)
+    node_configs = demo_node_configs(out, opts.epsilon, opts.threads, demo_plan(opts)["holdout"])
     app_dir = write_app_dir(out / "app", run)
     console.say(
         f"[4/5] federation on loopback ({'INSECURE: no TLS' if opts.insecure else 'TLS + SuperNode authentication'}): "
