@@ -191,6 +191,9 @@ class RunConfig:
     )
     # The consortium's client-level ledger (SQLite, all runs); "": central_dp_ledger.sqlite beside run-dir
     central_dp_ledger: str = ""
+    # Non-empty: this run is an experiment (e.g. `fedsynth experiment memorize`, server/control.py), labelled so in
+    # the run record, the cohort manifest, audit.json and both reports; the release gate refuses it.
+    experiment: str = ""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:

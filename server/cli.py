@@ -7,6 +7,7 @@ fedsynth demo [--out DIR] [--dims 2|3]           the whole path on loopback: pha
 fedsynth phantoms --sites N --subjects M --out DIR [--dims 2|3] [--seed S]   (--public: the demo's public set)
 fedsynth pretrain --public DIR --preset P --out FILE [--autoencoder-steps N] [--unet-steps N] [--batch-size B]
                                                  the autoencoder and UNet on PUBLIC data only: RunConfig `pretrained`
+fedsynth experiment memorize [--out DIR]        EXPERIMENT: the audit's positive control (no DP; must FAIL; never releasable)
 fedsynth site check DIR                          what a site's folder holds, and every problem in it
 fedsynth site migrate-ledger --site-dir DIR      convert an old (fingerprint-keyed) privacy ledger, conservatively
 fedsynth synthesize --checkpoint CKPT --per-class N --out DIR [--device D] [--workers W]   (resumes a half-written DIR)
@@ -192,6 +193,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         epsilon=args.epsilon,
     )
     return run_demo(opts, args.console)
+
+
+def cmd_experiment_memorize(args: argparse.Namespace) -> int:
+    from server.control import ControlOptions, run_control
+
+    opts = ControlOptions(
+        out=Path(args.out),
+        preset=args.preset,
+        sites=args.sites,
+        subjects=args.subjects,
+        canaries=args.canaries,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        insecure=args.insecure,
+    )
+    return run_control(opts, args.console)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -612,6 +629,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure", action="store_true", help="no TLS, no node authentication (debugging only)"
     )
     d.set_defaults(fn=cmd_demo)
+
+    ex = sub.add_parser(
+        "experiment",
+        help="EXPERIMENTS, never releasable (labelled so everywhere; the gate refuses them)",
+    )
+    ex_sub = ex.add_subparsers(dest="experiment_command", required=True)
+    mz = ex_sub.add_parser(
+        "memorize",
+        help="the audit's positive control: a memorising NON-DP federation with planted patient copies; the "
+        "audit must fail (server/control.py)",
+    )
+    mz.add_argument("--out", default="fedsynth-control")
+    mz.add_argument("--preset", default="tiny")
+    mz.add_argument("--sites", type=int, default=2)
+    mz.add_argument("--subjects", type=int, default=16, help="patients per phantom site")
+    mz.add_argument("--canaries", type=int, default=128, help="canaries per site")
+    mz.add_argument("--rounds", type=int, default=2)
+    mz.add_argument("--local-epochs", type=int, default=30, help="full-batch steps per round")
+    mz.add_argument("--insecure", action="store_true", help="no TLS (debugging only)")
+    mz.set_defaults(fn=cmd_experiment_memorize)
 
     ph = sub.add_parser("phantoms", help="write physics-phantom hospitals (NIfTI + labels.csv)")
     ph.add_argument("--sites", type=int, default=3)
