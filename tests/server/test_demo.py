@@ -68,33 +68,30 @@ def test_the_demo_pretrains_once_and_reuses_the_checkpoint_until_its_inputs_chan
     console = Console(stream=stream, tty=False)
     opts = DemoOptions(out=tmp_path, preset="tiny", public_subjects=4)
     public = make_public_set(opts, tmp_path, console)
-    first = demo_pretrained(opts, tmp_path, public, console)
+    first, reused = demo_pretrained(opts, tmp_path, public, console)
+    assert not reused
     made = Checkpoint.load(first).pretraining
     assert made["public_images"] == 4 and made["public_class_counts"]["lesion"] == 0
     assert "reusing" not in stream.getvalue()
-    again = demo_pretrained(opts, tmp_path, public, console)
-    assert again == first
+    again, reused = demo_pretrained(opts, tmp_path, public, console)
+    assert again == first and reused
     assert f"reusing the public checkpoint made on {made['created']}" in stream.getvalue()
     assert Checkpoint.load(again).pretraining == made  # not trained again
     (public / "labels.csv").write_text((public / "labels.csv").read_text() + "\n")
-    changed = demo_pretrained(opts, tmp_path, public, console)
+    changed, _ = demo_pretrained(opts, tmp_path, public, console)
     assert changed != first and changed.parent == first.parent
 
 
 def test_a_second_demo_sets_the_previous_run_aside_whole(tmp_path):
-    import io
-
     from server.demo import set_aside_previous_run
-    from server.terminal import Console
 
+    assert set_aside_previous_run(tmp_path) is None  # nothing to move
     for name in ("run", "release", "site-state", "sites", "public", "pretrained"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "f").write_text(name)
-    stream = io.StringIO()
-    set_aside_previous_run(tmp_path, Console(stream=stream, tty=False))
+    moved = set_aside_previous_run(tmp_path)
     kept = {p.name for p in tmp_path.iterdir()}
     assert kept == {"sites", "public", "pretrained", "previous"}
-    (moved,) = (tmp_path / "previous").iterdir()
+    assert list((tmp_path / "previous").iterdir()) == [moved]
     assert {p.name for p in moved.iterdir()} == {"run", "release", "site-state"}
     assert (moved / "site-state" / "f").read_text() == "site-state"  # nothing deleted
-    assert "privacy ledgers" in stream.getvalue()
