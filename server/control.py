@@ -28,12 +28,13 @@ import numpy as np
 
 from common.config import RunConfig, model_config
 from common.io import write_json_atomic
-from common.phantoms import make_phantom_sites
+from common.phantoms import make_phantom_sites, make_public_phantoms
 from common.site import load_site, split_by_assignment
 from privacy.ledger import LEDGER_FILENAME, PrivacyLedger
 from server.checkpoint import Checkpoint
 from server.demo import write_app_dir
 from server.deployment import local_superlink, local_supernodes, run_app, stop_on_signals
+from server.pretrain import PretrainConfig, pretrain
 from server.run_folder import RunFolder
 from server.synthesis import (
     SynthesisRequest,
@@ -81,17 +82,34 @@ class ControlOptions:
         model_config(self.preset)  # a named preset, or the error that lists them
 
 
-def control_run_config(opts: ControlOptions, run_dir: Path) -> RunConfig:
-    """Memorising on purpose: a public autoencoder and a short public warm start (the calibrated attack's
-    reference), then non-DP full-batch fine-tuning at the sites for many steps at a high learning rate."""
+def control_pretrained(opts: ControlOptions, out: Path) -> Path:
+    """The reference: a public autoencoder and a short public UNet warm start (`fedsynth pretrain` on 24 healthy
+    public phantoms), made once per output folder."""
+    path = out / "public.pt"
+    if path.exists():
+        return path
+    public = out / "public"
+    if not public.exists():
+        make_public_phantoms(public, n_subjects=24, size=model_config(opts.preset).image_size)
+    pre = PretrainConfig(
+        public_dir=str(public),
+        out=str(path),
+        preset=opts.preset,
+        autoencoder_steps=opts.public_steps,
+        unet_steps=opts.public_steps,
+        threads=1,
+    )
+    return pretrain(pre)
+
+
+def control_run_config(opts: ControlOptions, run_dir: Path, pretrained: Path | str) -> RunConfig:
+    """Memorising on purpose: from the public checkpoint (the calibrated attack's reference), non-DP full-batch
+    fine-tuning at the sites for many steps at a high learning rate."""
     return RunConfig(
         preset=opts.preset,
+        pretrained=str(pretrained),
         num_server_rounds=opts.rounds,
         autoencoder_rounds=0,
-        autoencoder_source="public",
-        public_autoencoder_steps=opts.public_steps,
-        public_unet_steps=opts.public_steps,
-        public_phantoms=24,
         local_epochs=opts.local_epochs,
         batch_size=max(64, opts.subjects),  # >= patients: sampling rate 1, full-batch steps
         lr_diffusion=opts.lr,
@@ -253,7 +271,7 @@ def run_control(opts: ControlOptions, console: Console | None = None) -> int:
             seed=7,
             progress=console.detail,
         )
-    run = control_run_config(opts, folder.root)
+    run = control_run_config(opts, folder.root, control_pretrained(opts, out))
     nodes = control_node_configs(opts, out)
     console.say(
         f"[2/4] federation ({'INSECURE' if opts.insecure else 'TLS + SuperNode authentication'}): "
