@@ -571,15 +571,15 @@ def run_app(
     ]
     deadline = time.time() + timeout_s
     for attempt in range(MAX_RESUBMITS + 1):
-        restarts_before = link.restarts
+        restarts_before = (link.restarts, link.superexec_restarts)
         result = _follow_run(link, argv, deadline, timeout_s, progress, on_output or progress)
         if result.status == "finished:completed" and result.returncode == 0:
             return result
-        if link.database is None or link.restarts == restarts_before or attempt == MAX_RESUBMITS:
-            break
+        if (link.restarts, link.superexec_restarts) == restarts_before or attempt == MAX_RESUBMITS:
+            break  # the app itself failed (or keeps failing): submitting it again would not help
         progress(
-            f"run {result.run_id} ended {result.status} after a SuperLink restart; submitting it again "
-            "with the same run config: it resumes from its last checkpoint"
+            f"run {result.run_id} ended {result.status} after a SuperLink or SuperExec restart; submitting "
+            "it again with the same run config: it resumes from its last checkpoint"
         )
     raise DeploymentError(
         f"the Flower run ended with status {result.status!r} (flwr exit code {result.returncode}); last lines "
@@ -614,6 +614,7 @@ def _follow_run(
     # `flwr log` replays the run's log from its start: each line already passed on is passed on once only
     emitted: Counter[str] = Counter()
     already, replayed = Counter(), Counter()
+    superexec_restarts, orphan_stopped, next_stop = link.superexec_restarts, False, 0.0
     with open(run_log, "rb") as f:
         while True:
             done = proc.poll() is not None
@@ -650,6 +651,13 @@ def _follow_run(
             if link.database is None:
                 link.procs.check_alive("superlink")
             supervise(link, progress)
+            run_id = run_id or _started_run_id(run_log)
+            stop_due = time.time() >= next_stop and not orphan_stopped
+            if link.superexec_restarts != superexec_restarts and run_id and stop_due:
+                next_stop = time.time() + 5.0  # each try is a `flwr` process
+                # The ServerApp was the dead SuperExec's child (it watches its parent's pid), so it is gone; its
+                # session would only expire after Flower's 60 s heartbeat patience: stop the run now.
+                orphan_stopped = _stop_run(link, run_id, progress)
             for name, (p, _) in link.procs.procs.items():
                 if name.startswith("supernode-") and name not in dead and p.poll() is not None:
                     dead.add(name)
@@ -660,6 +668,26 @@ def _follow_run(
                     log.warning("%s", message)  # shown at the terminal whatever `progress` shows
             time.sleep(0.2)
     return FederationResult(proc.returncode, status, run_id, logs)
+
+
+def _stop_run(link: SuperLink, run_id: int, progress: Progress) -> bool:
+    """`flwr stop RUN_ID` for a run whose ServerApp died with its SuperExec; False if the SuperLink cannot answer
+    yet (the caller tries again)."""
+    try:
+        link.flwr(["stop", str(run_id), CONNECTION], timeout=60)
+    except DeploymentError as err:
+        if "unavailable" in str(err).lower() or "did not answer" in str(err):
+            return False
+        progress(
+            f"could not stop run {run_id} ({_short_error(err)}); Flower fails it within a minute"
+        )
+        return True
+    progress(f"run {run_id}: its ServerApp died with the SuperExec; stopped the run")
+    return True
+
+
+def _short_error(err: Exception) -> str:
+    return " ".join(str(err).split())[:200]
 
 
 def _started_run_id(log: Path) -> int | None:
