@@ -95,3 +95,33 @@ def test_a_second_demo_sets_the_previous_run_aside_whole(tmp_path):
     assert list((tmp_path / "previous").iterdir()) == [moved]
     assert {p.name for p in moved.iterdir()} == {"run", "release", "site-state"}
     assert (moved / "site-state" / "f").read_text() == "site-state"  # nothing deleted
+
+
+def test_the_default_demo_fine_tunes_with_the_recipe_and_has_sites_the_audit_can_measure(tmp_path):
+    """DP settings from privacy/recipe.py (public inputs: budget, patient count), never hand-tuned on site data;
+    sites with 100+ hold-out patients each (TPR at 1 % FPR needs them) and a cohort of hundreds of images."""
+    import hashlib
+
+    from privacy.recipe import dp_recipe
+    from server.demo import DEMO_PLANS, DemoOptions, demo_run_config
+
+    opts = DemoOptions(out=tmp_path)
+    run = demo_run_config(opts, tmp_path / "run", tmp_path / "p.pt")
+    plan = DEMO_PLANS["small"]
+    r = dp_recipe(10.0, 1e-5, round(plan["subjects"] * (1 - plan["holdout"])), "small", 2)
+    assert (run.batch_size, run.local_epochs, run.lr_diffusion, run.dp_trainable) == (
+        r.batch_size,
+        r.local_epochs,
+        r.lr,
+        r.dp_trainable,
+    )
+    assert run.pretrained and run.autoencoder_rounds == 0
+    assert run.synthesize_per_class * 2 >= 200
+
+    def holdout(pid: str) -> bool:  # common/site.py's rule for a new patient
+        d = hashlib.sha256(f"fedsynth-audit-holdout\0{pid}".encode()).digest()
+        return int.from_bytes(d[:8], "big") / 2.0**64 < plan["holdout"]
+
+    for i in range(opts.sites):
+        n = sum(holdout(f"site{i}-sub{j:04d}") for j in range(plan["subjects"]))
+        assert n >= 100, (i, n)
