@@ -447,6 +447,7 @@ def main() -> None:
     ap.add_argument(
         "--checkpoint", default="", help="a `fedsynth pretrain` checkpoint (default: make one)"
     )
+    ap.add_argument("--preset", default="", help="model preset (default: the setting's, small)")
     ap.add_argument("--patients", type=int, default=0, help="patients per site (0: the setting's)")
     ap.add_argument("--epsilons", type=float, nargs="+", default=None, help="inf: DP off")
     ap.add_argument("--per-class", type=int, default=0)
@@ -463,6 +464,7 @@ def main() -> None:
         **{
             k: v
             for k, v in (
+                ("preset", args.preset),
                 ("patients", args.patients),
                 ("per_class", args.per_class),
                 ("diffusion_rounds", args.rounds),

@@ -158,7 +158,7 @@ def _fid(real_feats: np.ndarray, synth_feats: np.ndarray) -> dict[str, float]:
         "n_real": int(len(real_feats)),
         "n_synthetic": int(len(synth_feats)),
     }
-    k = min(5, len(real_feats) - 1, len(synth_feats) - 1)
+    k = min(5, len(real_feats) - 2, len(synth_feats) - 2)  # prdc needs k + 2 records per set
     if k >= 1:
         res.update(
             {

@@ -242,9 +242,9 @@ def precision_recall_coverage(real_feats, synth_feats, k: int = 5) -> dict:
             f"precision_recall_coverage: feature matrices must be (N, F) with equal F, got {real.shape} "
             f"and {syn.shape}"
         )
-    if not 1 <= k < min(len(real), len(syn)):
+    if not 1 <= k <= min(len(real), len(syn)) - 2:
         raise ValueError(
-            f"precision_recall_coverage: need 1 <= k < number of records (k={k}, {len(real)} real, "
+            f"precision_recall_coverage: need 1 <= k <= number of records - 2 (prdc) (k={k}, {len(real)} real, "
             f"{len(syn)} synthetic)"
         )
     mu, sd = real.mean(0), real.std(0)
