@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 CLASS_NAMES: tuple[str, ...] = ("healthy", "lesion")
+# Which diffusion UNet parameters the sites train with DP-SGD (common/model.py select_trainable): every one, or
+# DP-LDM's choice (Lyu et al. 2024): the attention blocks and the conditioning (class and time embeddings, and each
+# ResBlock's projection of them), the rest frozen at the public pretraining.
+DP_TRAINABLE: tuple[str, ...] = ("all", "attention-conditioning")
 
 
 @dataclass(frozen=True)
@@ -47,12 +51,17 @@ class ModelConfig:
     # became a x0 error of std 18 and DDIM ended at latents of std 15 against 1.0 for real ones: noise blobs.
     prediction_type: str = "v_prediction"  # or "epsilon"
     # Multiplies latents so they have about unit variance. Never fitted on private data: the server estimates it
-    # on public phantoms (server.training.estimate_latent_scale) and records it in the checkpoint.
+    # on the public data at `fedsynth pretrain` (server/pretrain.py) and records it in the checkpoint.
     latent_scale: float = 1.0
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def null_class(self) -> int:
+        """The UNet's extra class label meaning "no class" (classifier-free guidance): one past the real ones."""
+        return self.num_classes
 
     @property
     def latent_size(self) -> int:
@@ -134,12 +143,13 @@ class RunConfig:
 
     preset: str = "small"
     num_server_rounds: int = 6
-    autoencoder_rounds: int = (
-        2  # the first rounds train the autoencoder, the rest the diffusion UNet
-    )
-    autoencoder_source: str = (
-        "federated"  # "federated" (trained at the sites, with DP) or "public" (phantoms only)
-    )
+    # The first rounds train the autoencoder at the sites (DP-SGD), the rest the diffusion UNet. With `pretrained`,
+    # 0 keeps the public autoencoder as it is (the usual choice); without it the autoencoder must be trained here.
+    autoencoder_rounds: int = 2
+    # A checkpoint made by `fedsynth pretrain` on PUBLIC data (server/pretrain.py): the autoencoder, the UNet and
+    # the latent scale start from it, and the run records its sha256 and its public data hash. "": both models
+    # start from scratch at the sites and the latent scale is 1.
+    pretrained: str = ""
     local_epochs: int = 1
     batch_size: int = 16  # expected (Poisson) batch size at a site
     lr_autoencoder: float = 2e-3
@@ -153,14 +163,14 @@ class RunConfig:
     run_dir: str = "runs/latest"
     synthesize_per_class: int = 8
     seed: int = 0
-    public_phantoms: int = (
-        96  # public phantom images for the latent scale, a public autoencoder, the warm start
-    )
-    public_autoencoder_steps: int = 300  # when autoencoder-source = "public"
-    public_unet_steps: int = (
-        0  # > 0: warm-start the diffusion UNet on public phantoms before DP fine-tuning
-    )
-    public_batch_size: int = 16  # batch size of the server's public-phantom training
+    # Classifier-free guidance (Ho & Salimans 2022): in every diffusion training step (the sites' DP-SGD and the
+    # server's public pretraining) each label is replaced by the null class with this probability (0.1-0.2 in the
+    # paper and in most latent diffusion models since); synthesis then mixes the conditional and unconditional
+    # predictions, uncond + guidance-scale x (cond - uncond) (1: no guidance).
+    class_dropout: float = 0.1
+    guidance_scale: float = 3.0
+    # which UNet parameters the sites fine-tune with DP (DP_TRAINABLE); the privacy accounting is the same for any
+    dp_trainable: str = "all"
     audit: bool = True  # run the federated privacy audit on the cohort after synthesis
     mode: str = "train"  # "train": rounds, synthesis, audit; "audit": only audit `cohort-dir` made from `checkpoint`
     cohort_dir: str = ""  # mode "audit"
@@ -181,16 +191,20 @@ class RunConfig:
     )
     # The consortium's client-level ledger (SQLite, all runs); "": central_dp_ledger.sqlite beside run-dir
     central_dp_ledger: str = ""
+    # Non-empty: this run is an experiment (e.g. `fedsynth experiment memorize`, server/control.py), labelled so in
+    # the run record, the cohort manifest, audit.json and both reports; the release gate refuses it.
+    experiment: str = ""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"preset: unknown {self.preset!r}; choose one of {sorted(PRESETS)}")
         if not 0 <= self.autoencoder_rounds <= self.num_server_rounds:
             raise ValueError("autoencoder-rounds must be between 0 and num-server-rounds")
-        if self.autoencoder_source not in ("federated", "public"):
-            raise ValueError("autoencoder-source must be 'federated' or 'public'")
-        if self.autoencoder_source == "federated" and self.autoencoder_rounds == 0:
-            raise ValueError("autoencoder-source 'federated' needs autoencoder-rounds >= 1")
+        if not self.pretrained and self.autoencoder_rounds == 0 and self.mode == "train":
+            raise ValueError(
+                "autoencoder-rounds 0 needs `pretrained` (a checkpoint from `fedsynth pretrain`): without one the "
+                "autoencoder must be trained at the sites (autoencoder-rounds >= 1)"
+            )
         if self.strategy not in ("fedavg", "fedadam", "fedprox"):
             raise ValueError(
                 f"strategy: unknown {self.strategy!r}; choose fedavg, fedadam or fedprox"
@@ -201,6 +215,23 @@ class RunConfig:
             raise ValueError("mode 'audit' needs cohort-dir and checkpoint")
         if self.min_sites < 1:
             raise ValueError("min-sites must be >= 1")
+        if self.dp_trainable not in DP_TRAINABLE:
+            raise ValueError(
+                f"dp-trainable: unknown {self.dp_trainable!r}; choose one of {list(DP_TRAINABLE)}"
+            )
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ValueError(
+                "class-dropout must be in [0, 1): the share of diffusion training labels replaced by the null "
+                "class (classifier-free guidance; 0.1 is usual, 0 turns guidance off)"
+            )
+        if not 0.0 <= self.guidance_scale <= 50.0:
+            raise ValueError(
+                "guidance-scale must be in [0, 50] (1: the plain conditional model, 2-5 usual)"
+            )
+        if self.guidance_scale != 1.0 and self.class_dropout == 0.0:
+            raise ValueError(
+                "guidance-scale != 1 needs class-dropout > 0: without it the null class is never trained"
+            )
         if self.central_dp not in ("off", "client-side-fixed"):
             raise ValueError(
                 f"central-dp: unknown {self.central_dp!r}; choose 'off' or 'client-side-fixed'"
@@ -230,7 +261,7 @@ class RunConfig:
 
     @property
     def federated_autoencoder_rounds(self) -> int:
-        return self.autoencoder_rounds if self.autoencoder_source == "federated" else 0
+        return self.autoencoder_rounds
 
     def phase(self, server_round: int) -> str:
         """Round numbers start at 1, as in Flower."""
@@ -300,23 +331,31 @@ class SiteConfig:
 
     @classmethod
     def from_flwr(cls, node_config: Mapping[str, Any]) -> SiteConfig:
-        return _from_kebab(cls, node_config, ignore_unknown=True)
+        """Strict: a misspelt key (`epsilonn=1`) would otherwise leave the budget at its default. Only the keys
+        Flower itself puts into a node config (simulation's partition keys) are ignored."""
+        return _from_kebab(cls, node_config, ignore=FLOWER_NODE_KEYS)
 
 
-def _from_kebab(cls: type, values: Mapping[str, Any], ignore_unknown: bool = False) -> Any:
+# What Flower adds to a node config on its own (flwr.common.constant; the simulation engine sets them).
+FLOWER_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _from_kebab(cls: type, values: Mapping[str, Any], ignore: frozenset[str] = frozenset()) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         name = key.replace("-", "_")
-        if name not in fields:
-            if ignore_unknown:
+        if name not in fields or key != name.replace("_", "-"):
+            if key in ignore:
                 continue
             raise ValueError(
-                f"unknown config key {key!r}; known: {sorted(k.replace('_', '-') for k in fields)}"
+                f"unknown config key {key!r} (keys are kebab-case); known: "
+                f"{sorted(k.replace('_', '-') for k in fields)}"
             )
         default = fields[name].default
         if isinstance(default, bool):
-            value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            value = _boolean(key, value)
         elif isinstance(default, int):
             value = int(value)
         elif isinstance(default, float):
@@ -325,4 +364,24 @@ def _from_kebab(cls: type, values: Mapping[str, Any], ignore_unknown: bool = Fal
     return cls(**kwargs)
 
 
-__all__ = ["CLASS_NAMES", "ModelConfig", "PRESETS", "model_config", "RunConfig", "SiteConfig"]
+def _boolean(key: str, value: Any) -> bool:
+    """true/1/yes or false/0/no (any case); anything else is an error, never a silent False (`dp=ture`)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if not isinstance(value, str) else value.lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{key}: {value!r} is not a boolean; write true or false")
+
+
+__all__ = [
+    "CLASS_NAMES",
+    "DP_TRAINABLE",
+    "ModelConfig",
+    "PRESETS",
+    "model_config",
+    "RunConfig",
+    "SiteConfig",
+]

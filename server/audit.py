@@ -108,7 +108,7 @@ def run_audit_round(
     failures: list[str] = []
     for m in replies:
         if m.has_error():
-            failures.append(f"node {m.metadata.src_node_id}: {m.error.reason}")
+            failures.append(f"node {m.metadata.src_node_id}: {msg.readable_error(m.error.reason)}")
             continue
         try:
             result = json.loads(
@@ -157,6 +157,8 @@ def write_cohort_audit(
             "class_names": class_names,
             "checkpoint_sha256": manifest["checkpoint"]["sha256"],
             "run_id": manifest["checkpoint"]["run_id"],
+            # an experiment's cohort (server/control.py) says so everywhere; the release gate refuses it
+            "experiment": (manifest.get("run_config") or {}).get("experiment") or "",
         },
         failures=failures,
         run_record=run_record,
