@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -248,7 +249,9 @@ class SiteScorer:
         }
 
 
-def run_bench(s: Setting, work: Path, checkpoint: Path | None) -> dict:
+def run_bench(s: Setting, work: Path, checkpoint: Path | None, on_row=None) -> dict:
+    """The whole curve; `on_row(result so far)` after each epsilon (the bench writes its outputs each time, so a
+    run cut short still leaves what it measured, labelled as partial)."""
     torch.set_num_threads(s.threads)
     t0 = time.time()
     sites = make_sites(work, s)
@@ -259,7 +262,17 @@ def run_bench(s: Setting, work: Path, checkpoint: Path | None) -> dict:
     t0 = time.time()
     scorers = [SiteScorer(d, work / "scoring" / d.name, s) for d in sites]
     t_trtr = time.time() - t0
-    rows = []
+    result = {
+        "setting": dataclasses.asdict(s),
+        "prevalence": PREVALENCE,
+        "pretrained": str(pretrained) if checkpoint else "made by this run (fedsynth pretrain)",
+        "seconds": {
+            "sites": round(t_sites, 1),
+            "pretrain": None if t_pretrain is None else round(t_pretrain, 1),
+            "trtr": round(t_trtr, 1),
+        },
+        "rows": [],
+    }
     for eps in s.epsilons:
         t0 = time.time()
         ckpt, recipe = train_federated(work, sites, s, eps, pretrained)
@@ -270,7 +283,7 @@ def run_bench(s: Setting, work: Path, checkpoint: Path | None) -> dict:
         t0 = time.time()
         per_site = {sc.name: sc.score(synthetic, labels) for sc in scorers}
         t_score = time.time() - t0
-        rows.append(
+        result["rows"].append(
             {
                 "epsilon": eps,
                 "recipe": recipe,
@@ -282,18 +295,10 @@ def run_bench(s: Setting, work: Path, checkpoint: Path | None) -> dict:
                 },
             }
         )
-        print(json.dumps(rows[-1], default=str), flush=True)
-    return {
-        "setting": dataclasses.asdict(s),
-        "prevalence": PREVALENCE,
-        "pretrained": str(pretrained) if checkpoint else "made by this run (fedsynth pretrain)",
-        "seconds": {
-            "sites": round(t_sites, 1),
-            "pretrain": None if t_pretrain is None else round(t_pretrain, 1),
-            "trtr": round(t_trtr, 1),
-        },
-        "rows": rows,
-    }
+        print(json.dumps(result["rows"][-1], default=str), flush=True)
+        if on_row is not None:
+            on_row(result)
+    return result
 
 
 def _mean(values: list) -> float:
@@ -398,9 +403,15 @@ def report_lines(result: dict, command: str, figure: str) -> list[str]:
     )
     cnn = "recipe of the audit" if not s["cnn_steps"] else f"{s['cnn_steps']} steps (quick)"
     pre = result["seconds"]["pretrain"]
+    done = (
+        f"{len(rows)} of {len(s['epsilons'])} epsilons measured: "
+        if len(rows) < len(s["epsilons"])
+        else ""
+    )
     lines = [
         f"### Privacy-utility curve (`{command}`)",
         "",
+        f"**{done}a partial run (the rest did not finish in time).**" if done else "",
         f"Setting: 3 phantom sites x {s['patients']} patients (lesion prevalence "
         f"{', '.join(f'{p:g}' for p in result['prevalence'])}; 25 % of each site's patients held out for "
         f"scoring), preset `{s['preset']}`, the public checkpoint "
@@ -480,22 +491,30 @@ def main() -> None:
 
     silence_known_noise()
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # no deployment
-    command = "python -m bench.bench_utility " + " ".join(
-        a for a in __import__("sys").argv[1:] if not a.startswith("--work")
-    )
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # the command as others would rerun it: no scratch or output paths
+        if skip or a.startswith(("--work", "--json", "--out", "--figure")):
+            skip = not skip and "=" not in a
+            continue
+        argv.append(a)
+    command = " ".join(["python -m bench.bench_utility", *argv])
+    out, figure_path = Path(args.out), Path(args.figure)
+
+    def write(result: dict) -> None:
+        text = json.dumps(result, indent=1, default=str)
+        if args.json:
+            Path(args.json).write_text(text)
+        figure = plot(result, figure_path)
+        try:
+            rel = str(figure.resolve().relative_to(out.resolve().parent))
+        except ValueError:
+            rel = str(figure)
+        print(write_block(out, "bench_utility", report_lines(result, command, rel)), flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        result = run_bench(s, work, Path(args.checkpoint) if args.checkpoint else None)
-    text = json.dumps(result, indent=1, default=str)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    figure = plot(result, Path(args.figure))
-    rel = figure.relative_to(Path(args.out).resolve().parent) if figure.is_absolute() else figure
-    print(
-        "\n".join(write_block(args.out, "bench_utility", report_lines(result, command, str(rel))))
-    )
+        run_bench(s, work, Path(args.checkpoint) if args.checkpoint else None, on_row=write)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def result():
             }
         )
     return {
-        "setting": {**Setting().__dict__, "patients": 1000},
+        "setting": {**Setting().__dict__, "patients": 1000, "epsilons": (1.0, math.inf)},
         "prevalence": (0.25, 0.1, 0.15),
         "seconds": {"sites": 1.0, "pretrain": 2.0, "trtr": 3.0},
         "rows": rows,
@@ -52,7 +52,11 @@ def test_summary_table_and_figure(tmp_path):
     lines = report_lines(r, "python -m bench.bench_utility", "utility_vs_epsilon.png")
     table = [line for line in lines if line.startswith("| ")]
     assert len(table) == 3 and table[2].startswith("| no DP | 0.72 / 0.80 (**0.90**)")
-    assert "3 phantom sites x 1000 patients" in lines[2]
+    assert "3 phantom sites x 1000 patients" in "\n".join(lines) and "partial" not in "\n".join(
+        lines
+    )
+    r["setting"]["epsilons"] = (1.0, 4.0, 10.0, math.inf)  # a run cut short says so
+    assert "2 of 4 epsilons measured" in "\n".join(report_lines(r, "cmd", "fig.png"))
     out = tmp_path / "PERFORMANCE.md"
     out.write_text("# Performance\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
     write_block(out, "bench_utility", lines)
