@@ -120,6 +120,13 @@ def public_checkpoint(work: Path, s: Setting) -> Path:
     )
 
 
+def pretraining_provenance(path: Path) -> dict:
+    """What `fedsynth pretrain` recorded in the checkpoint (public data, steps, seconds)."""
+    from server.checkpoint import Checkpoint
+
+    return dict(Checkpoint.load(path).pretraining or {})
+
+
 def train_federated(
     work: Path, sites: list[Path], s: Setting, epsilon: float, checkpoint: Path
 ) -> tuple[Path, dict]:
@@ -266,6 +273,7 @@ def run_bench(s: Setting, work: Path, checkpoint: Path | None, on_row=None) -> d
         "setting": dataclasses.asdict(s),
         "prevalence": PREVALENCE,
         "pretrained": str(pretrained) if checkpoint else "made by this run (fedsynth pretrain)",
+        "pretraining": pretraining_provenance(pretrained),
         "seconds": {
             "sites": round(t_sites, 1),
             "pretrain": None if t_pretrain is None else round(t_pretrain, 1),
@@ -395,11 +403,11 @@ def _f(v, d: int = 2) -> str:
 def report_lines(result: dict, command: str, figure: str) -> list[str]:
     s = result["setting"]
     rows = result["rows"]
+    p = result.get("pretraining") or {}
     public = (
-        "given"
-        if result["seconds"]["pretrain"] is None
-        else f"`fedsynth pretrain` on {s['public']} public healthy phantoms, {s['pretrain_ae_steps']} + "
-        f"{s['pretrain_unet_steps']} steps"
+        f"`fedsynth pretrain` on {p.get('public_images', '?')} public healthy phantoms of one protocol, "
+        f"{p.get('autoencoder_steps', '?')} autoencoder + {p.get('unet_steps', '?')} UNet steps"
+        + (", made beforehand and given" if result["seconds"]["pretrain"] is None else "")
     )
     cnn = "recipe of the audit" if not s["cnn_steps"] else f"{s['cnn_steps']} steps (quick)"
     pre = result["seconds"]["pretrain"]
