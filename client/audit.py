@@ -29,6 +29,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from client import canaries
+from client.extraction import site_extraction
 from client.task import configure_compute, load_training_data, open_ledger, run_privacy_claim
 from common.config import ModelConfig, SiteConfig
 from common.model import (
@@ -40,6 +41,7 @@ from common.model import (
     encode,
 )
 from common.site import SiteData
+from privacy.audit_schema import MIN_RECORDS
 from privacy.audit_stats import empirical_epsilon_lower_bound, roc_summary
 from privacy.fidelity import (
     feature_moments,
@@ -95,6 +97,31 @@ def _mia(
     # beside the bound: the largest one this many members and non-members could give (privacy/power.py)
     power = holdout_power(len(member_scores), len(nonmember_scores), delta)
     out["epsilon_lower_bound"] = annotate(bound, power, claimed)
+    return out
+
+
+def class_coverage(member_labels, nonmember_labels, class_names) -> dict[str, dict]:
+    """How each class was tested for membership, with its counts (nothing is dropped silently):
+    "tested": its own attacks rest on MIN_RECORDS+ members and non-members; "pooled": fewer (its own figures are
+    shown but not judged), its records count in the all-class attacks; "untestable": members but no non-member
+    (or the reverse): no attack can test its members at this site; "absent": no patient of the class."""
+    out = {}
+    for c, name in enumerate(class_names):
+        m, n = int(np.sum(member_labels == c)), int(np.sum(nonmember_labels == c))
+        if m == 0:
+            status = "absent" if n == 0 else "no members"
+        elif n == 0:
+            status = "untestable"
+        elif min(m, n) < MIN_RECORDS:
+            status = "pooled"
+        else:
+            status = "tested"
+        out[name] = {
+            "n_members": m,
+            "n_nonmembers": n,
+            "status": status,
+            "min_records": MIN_RECORDS,
+        }
     return out
 
 
@@ -194,12 +221,17 @@ def audit_site(
     unet_state: dict,
     latent_scale: float,
     run_id: str = "",
+    extraction_samples: int = 0,
 ) -> dict[str, Any]:
     """Everything the site computes about a candidate cohort; the result holds aggregates only.
 
     The claimed privacy is that of run `run_id`'s patients (client/task.py run_privacy_claim): "none" when the
     site's ledger has no entry for the run. Members are the patients that run trained on (all training patients
-    when the ledger has no entry for it); non-members are the persisted hold-out, never trained on."""
+    when the ledger has no entry for it); non-members are the persisted hold-out, never trained on.
+
+    `extraction_samples`: samples the site draws itself from the model for the extraction search
+    (client/extraction.py; capped by the site's max-extraction-samples); images it flags among the released
+    cohort join the memorization flags (they are withheld like near-copies)."""
     device = configure_compute(site)
     ledger = open_ledger(site)
     train, holdout = load_training_data(site, cfg, ledger)
@@ -236,6 +268,22 @@ def audit_site(
     ae.load_state_dict(ae_state)
     unet.load_state_dict(unet_state)
     ae, unet = ae.to(device).eval(), unet.to(device).eval()
+    extraction = site_extraction(
+        site,
+        cfg,
+        ae,
+        unet,
+        latent_scale,
+        device,
+        synthetic,
+        list(synthetic_ids),
+        train,
+        holdout,
+        extraction_samples,
+    )
+    mem["extraction"] = extraction
+    mem["flagged_ids"] = sorted(set(mem["flagged_ids"]) | set(extraction["flagged_ids"]))
+    mem["n_near_copies"] = len(mem["flagged_ids"])
     white_m = loss_scores(ae, unet, cfg, train, latent_scale, device)
     white_n = loss_scores(ae, unet, cfg, holdout, latent_scale, device)
     # Black box: a record close to some synthetic image is guessed "member" (score = minus the distance).
@@ -254,6 +302,7 @@ def audit_site(
                 "black_box": _mia(black_m[m], black_n[n], delta, claimed),
             }
     membership["per_class"] = per_class
+    membership["class_coverage"] = class_coverage(train.labels, holdout.labels, cfg.class_names)
     # One-run canary audit (client/canaries.py): the same white-box attack on the site's canaries
     membership["canaries"] = canaries.audit_canaries(
         canaries.load(site),

@@ -156,6 +156,7 @@ def audit(msg: Message, context: Context) -> Message:
         unet_state=msg.content[messages.UNET].to_torch_state_dict(),
         latent_scale=request.latent_scale,
         run_id=request.run_id,
+        extraction_samples=request.extraction_samples,
     )
     reply = AuditReply(json.dumps(result, default=_json_default))
     return Message(content=RecordDict({messages.AUDIT: reply.to_record()}), reply_to=msg)

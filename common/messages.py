@@ -132,6 +132,8 @@ class AuditRequest:
     prediction_type: str  # what the checkpoint's UNet predicts: "v_prediction" | "epsilon"
     latent_scale: float
     synthetic_ids: tuple[str, ...]
+    # samples the site is asked to draw for the extraction search (it draws them itself, capped by its own limit)
+    extraction_samples: int
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(_values(self))
