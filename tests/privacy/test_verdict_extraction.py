@@ -65,3 +65,20 @@ def test_rare_class_is_never_passed_untested_and_pooled_counts_are_shown():
     verdict = build_audit({"site-a": s}, cohort={})["verdict"]
     assert verdict["status"] == "pass"
     assert any("class lesion: 4 members, 2 non-members" in c for c in verdict["caveats"])
+
+
+def test_both_reports_show_the_extraction_search_and_the_classes(tmp_path):
+    from privacy.report import render_partner_report, write_audit_report
+
+    s = audit_of(drawn_flagged=2)
+    s["membership"]["class_coverage"] = coverage(4, 2)
+    audit = build_audit({"site-a": s}, cohort={"n_images": 10})
+    _, html = write_audit_report(audit, tmp_path)
+    page = html.read_text()
+    assert "Extraction by many samples" in page and "200 of 200 asked" in page
+    assert "4 / 2" in page and "pooled" in page
+    partner = render_partner_report(
+        audit, gate={"passed": False, "rules": []}, released_images=None
+    )
+    assert "Extraction search" in partner and "200 of 200 asked" in partner and "pooled" in partner
+    assert "4 / 2" not in partner  # per-class patient counts stay in the officers' report
