@@ -28,7 +28,9 @@ from common.model import (
     build_unet,
     ddpm_scheduler,
     diffusion_loss,
+    drop_labels,
     encode,
+    select_trainable,
 )
 from common.site import SiteData, assign_holdout, load_site, split_by_assignment
 from privacy.accounting import (
@@ -76,7 +78,8 @@ class RoundResult:
 
 
 def round_seed(site: SiteConfig, plan: RoundPlan) -> int:
-    """The seed of the round's other randomness (the loss's timesteps and noise, the autoencoder's sampling).
+    """The seed of the round's other randomness (the loss's timesteps and noise, the class dropout of classifier-free
+    guidance, the autoencoder's sampling).
 
     Under DP it is the site's own (OS entropy), not the server's: those draws are consumed batch position by batch
     position, so with a stream the server knows, one patient's presence would shift the draws of every patient
@@ -232,7 +235,8 @@ def _train_loop(
     `grad_sample_mode`: how the clipped per-sample gradients are computed (privacy/dp.py make_private)."""
     module.to(device).train()
     global_params = [p.detach().clone() for p in module.parameters()]
-    optimizer = torch.optim.Adam(module.parameters(), lr=plan.lr)
+    # only the trainable parameters (common/model.py select_trainable); frozen ones keep the global values
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=plan.lr)
     groups = groups or [[i] for i in range(len(dataset))]
     if dp.steps % plan.local_epochs:
         raise ValueError(f"planned {dp.steps} steps do not split into {plan.local_epochs} epochs")
@@ -364,12 +368,25 @@ def run_training_round(
         mu, sigma = encode(ae, images.to(device))
         module = build_unet(cfg)
         module.load_state_dict(arrays)
+        # DP-SGD on the chosen parameters only (the rest frozen, returned unchanged); same accounting for any set
+        trainable, total = select_trainable(module, plan.dp_trainable)
+        log.info(
+            "site %s: DP fine-tuning %s of the UNet: %d of %d parameters (%.1f %%)",
+            site.name,
+            plan.dp_trainable,
+            trainable,
+            total,
+            100.0 * trainable / total,
+        )
         scheduler = ddpm_scheduler(cfg)
         scale = plan.latent_scale
 
         def loss(m: torch.nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
             z = (b[0] + b[1] * torch.randn_like(b[0])) * scale
-            return diffusion_loss(m, scheduler, z, b[2])
+            # classifier-free guidance: drawn from the round's generator, seeded from the site's OS entropy
+            # under DP (round_seed), like the latent sample, the timesteps and the noise
+            y = drop_labels(b[2], plan.class_dropout, cfg.null_class)
+            return diffusion_loss(m, scheduler, z, y)
 
         dataset = TensorDataset(mu.cpu(), sigma.cpu(), labels)
         stats = _train_loop(module, dataset, plan, dp, loss, device, site.grad_sample_mode, groups)

@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 CLASS_NAMES: tuple[str, ...] = ("healthy", "lesion")
+# Which diffusion UNet parameters the sites train with DP-SGD (common/model.py select_trainable): every one, or
+# DP-LDM's choice (Lyu et al. 2024): the attention blocks and the conditioning (class and time embeddings, and each
+# ResBlock's projection of them), the rest frozen at the public pretraining.
+DP_TRAINABLE: tuple[str, ...] = ("all", "attention-conditioning")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,11 @@ class ModelConfig:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def null_class(self) -> int:
+        """The UNet's extra class label meaning "no class" (classifier-free guidance): one past the real ones."""
+        return self.num_classes
 
     @property
     def latent_size(self) -> int:
@@ -161,6 +170,14 @@ class RunConfig:
         0  # > 0: warm-start the diffusion UNet on public phantoms before DP fine-tuning
     )
     public_batch_size: int = 16  # batch size of the server's public-phantom training
+    # Classifier-free guidance (Ho & Salimans 2022): in every diffusion training step (the sites' DP-SGD and the
+    # server's public pretraining) each label is replaced by the null class with this probability (0.1-0.2 in the
+    # paper and in most latent diffusion models since); synthesis then mixes the conditional and unconditional
+    # predictions, uncond + guidance-scale x (cond - uncond) (1: no guidance).
+    class_dropout: float = 0.1
+    guidance_scale: float = 3.0
+    # which UNet parameters the sites fine-tune with DP (DP_TRAINABLE); the privacy accounting is the same for any
+    dp_trainable: str = "all"
     audit: bool = True  # run the federated privacy audit on the cohort after synthesis
     # Extraction by many samples (client/extraction.py): each site draws this many times the cohort's size from the
     # audited model with its own entropy, never released, and searches them for copies of its patients.
@@ -209,6 +226,23 @@ class RunConfig:
             raise ValueError("mode 'audit' needs cohort-dir and checkpoint")
         if self.min_sites < 1:
             raise ValueError("min-sites must be >= 1")
+        if self.dp_trainable not in DP_TRAINABLE:
+            raise ValueError(
+                f"dp-trainable: unknown {self.dp_trainable!r}; choose one of {list(DP_TRAINABLE)}"
+            )
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ValueError(
+                "class-dropout must be in [0, 1): the share of diffusion training labels replaced by the null "
+                "class (classifier-free guidance; 0.1 is usual, 0 turns guidance off)"
+            )
+        if not 0.0 <= self.guidance_scale <= 50.0:
+            raise ValueError(
+                "guidance-scale must be in [0, 50] (1: the plain conditional model, 2-5 usual)"
+            )
+        if self.guidance_scale != 1.0 and self.class_dropout == 0.0:
+            raise ValueError(
+                "guidance-scale != 1 needs class-dropout > 0: without it the null class is never trained"
+            )
         if self.central_dp not in ("off", "client-side-fixed"):
             raise ValueError(
                 f"central-dp: unknown {self.central_dp!r}; choose 'off' or 'client-side-fixed'"
@@ -313,23 +347,31 @@ class SiteConfig:
 
     @classmethod
     def from_flwr(cls, node_config: Mapping[str, Any]) -> SiteConfig:
-        return _from_kebab(cls, node_config, ignore_unknown=True)
+        """Strict: a misspelt key (`epsilonn=1`) would otherwise leave the budget at its default. Only the keys
+        Flower itself puts into a node config (simulation's partition keys) are ignored."""
+        return _from_kebab(cls, node_config, ignore=FLOWER_NODE_KEYS)
 
 
-def _from_kebab(cls: type, values: Mapping[str, Any], ignore_unknown: bool = False) -> Any:
+# What Flower adds to a node config on its own (flwr.common.constant; the simulation engine sets them).
+FLOWER_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _from_kebab(cls: type, values: Mapping[str, Any], ignore: frozenset[str] = frozenset()) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         name = key.replace("-", "_")
-        if name not in fields:
-            if ignore_unknown:
+        if name not in fields or key != name.replace("_", "-"):
+            if key in ignore:
                 continue
             raise ValueError(
-                f"unknown config key {key!r}; known: {sorted(k.replace('_', '-') for k in fields)}"
+                f"unknown config key {key!r} (keys are kebab-case); known: "
+                f"{sorted(k.replace('_', '-') for k in fields)}"
             )
         default = fields[name].default
         if isinstance(default, bool):
-            value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            value = _boolean(key, value)
         elif isinstance(default, int):
             value = int(value)
         elif isinstance(default, float):
@@ -338,4 +380,24 @@ def _from_kebab(cls: type, values: Mapping[str, Any], ignore_unknown: bool = Fal
     return cls(**kwargs)
 
 
-__all__ = ["CLASS_NAMES", "ModelConfig", "PRESETS", "model_config", "RunConfig", "SiteConfig"]
+def _boolean(key: str, value: Any) -> bool:
+    """true/1/yes or false/0/no (any case); anything else is an error, never a silent False (`dp=ture`)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if not isinstance(value, str) else value.lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{key}: {value!r} is not a boolean; write true or false")
+
+
+__all__ = [
+    "CLASS_NAMES",
+    "DP_TRAINABLE",
+    "ModelConfig",
+    "PRESETS",
+    "model_config",
+    "RunConfig",
+    "SiteConfig",
+]

@@ -17,12 +17,15 @@ As Flower's FedAvg does, the strategies are given these record names (server/tra
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Union
 
 from flwr.app import ConfigRecord, MetricRecord
+
+from common.config import DP_TRAINABLE
 
 # Record names in a message's content, and the audit query's action name.
 CONFIG = "config"
@@ -49,7 +52,8 @@ class RoundPlan:
     """The server's instructions for one training round, plus what a site needs to plan its privacy for the run.
 
     `seed` makes a round reproducible only at a site without DP (client/task.py round_seed): under DP nothing the
-    server sends decides the round's randomness."""
+    server sends decides the round's randomness. Every key is required on the wire (`from_record`); the defaults
+    only serve code that builds a plan in Python."""
 
     run_id: str
     server_round: int
@@ -64,10 +68,21 @@ class RoundPlan:
     latent_scale: float
     proximal_mu: float
     seed: int
+    # classifier-free guidance: the probability of replacing a diffusion training label by the null class (the
+    # draws are the site's: under DP from its own OS entropy)
+    class_dropout: float = 0.1
+    # which diffusion UNet parameters the site trains (common/config.py DP_TRAINABLE); the rest come back unchanged
+    dp_trainable: str = "all"
 
     def __post_init__(self) -> None:
+        if self.dp_trainable not in DP_TRAINABLE:
+            raise MessageError(
+                f"RoundPlan: dp-trainable {self.dp_trainable!r} is not one of {list(DP_TRAINABLE)}"
+            )
         if self.phase not in PHASES:
             raise MessageError(f"RoundPlan: phase {self.phase!r} is not one of {PHASES}")
+        if not 0.0 <= self.class_dropout <= 1.0:
+            raise MessageError(f"RoundPlan: class-dropout {self.class_dropout} is not in [0, 1]")
 
     @property
     def remaining_rounds(self) -> int:
@@ -226,3 +241,10 @@ def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is tuple:
         return "a list of strings"
     return {int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+def readable_error(reason: str) -> str:
+    """Flower's error reply reason (`<class 'ValueError'>:<'message'>`, flwr/supernode/runtime/run_clientapp.py)
+    as a person reads it: `ValueError: message`. Other texts pass through unchanged."""
+    m = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", reason.strip(), flags=re.DOTALL)
+    return f"{m.group(1)}: {m.group(2)}" if m else reason

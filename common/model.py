@@ -6,6 +6,7 @@ Per-sample losses are returned (shape (B,)) so DP-SGD can clip per record and au
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from common.config import ModelConfig
+from common.config import DP_TRAINABLE, ModelConfig
 
 SCHEDULE = dict(schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)
 
@@ -45,8 +46,43 @@ def build_unet(cfg: ModelConfig) -> DiffusionModelUNet:
         num_res_blocks=(cfg.unet_res_blocks,) * n,
         norm_num_groups=cfg.unet_norm_groups,
         num_head_channels=cfg.unet_head_channels,
-        num_class_embeds=cfg.num_classes,
+        # one embedding per class plus the null class (index cfg.null_class) of classifier-free guidance
+        num_class_embeds=cfg.num_classes + 1,
     )
+
+
+# DP-LDM's trainable set: every attention block (its GroupNorm, q, k, v, output projection), the class embedding,
+# the time-embedding MLP and each ResBlock's projection of the time + class embedding into its features.
+_ATTENTION_CONDITIONING = re.compile(
+    r"^(time_embed|class_embedding)\.|(^|\.)(attentions\.\d+|attention)\.|\.time_emb_proj\."
+)
+
+
+def trainable_names(unet: torch.nn.Module, which: str) -> list[str]:
+    """The names of the UNet parameters trained under `which` (common/config.py DP_TRAINABLE)."""
+    if which not in DP_TRAINABLE:
+        raise ValueError(f"dp-trainable: unknown {which!r}; choose one of {list(DP_TRAINABLE)}")
+    names = [n for n, _ in unet.named_parameters()]
+    if which == "all":
+        return names
+    return [n for n in names if _ATTENTION_CONDITIONING.search(n)]
+
+
+def select_trainable(unet: torch.nn.Module, which: str) -> tuple[int, int]:
+    """Freeze every UNet parameter outside the `which` set (requires_grad False); returns (trainable, total) counts.
+
+    Call it before DP-SGD wraps the model: the per-sample gradients are then computed, clipped and noised for the
+    trainable parameters only, and the frozen ones leave the round exactly as they came (the global model the
+    server sent). DP holds for any subset: DP-SGD's guarantee is about the released trainable parameters, whose
+    per-sample gradient is clipped to C and noised with sigma C whatever parameters it spans, and the frozen ones
+    are a copy of what the server already had; so the accounting (sigma, q, steps) is exactly the same."""
+    keep = set(trainable_names(unet, which))
+    trainable = total = 0
+    for name, p in unet.named_parameters():
+        p.requires_grad_(name in keep)
+        total += p.numel()
+        trainable += p.numel() if name in keep else 0
+    return trainable, total
 
 
 def ddpm_scheduler(cfg: ModelConfig) -> DDPMScheduler:
@@ -92,6 +128,48 @@ def encode(
     return torch.cat(mus), torch.cat(sigmas)
 
 
+def drop_labels(
+    labels: torch.Tensor, p: float, null_class: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Classifier-free guidance's class dropout: each label independently replaced by the null class with
+    probability p, so the one UNet learns both the class-conditional and the unconditional prediction.
+
+    The draw uses `generator`, else torch's global generator: at a DP site that is seeded from the site's own OS
+    entropy each round (client/task.py round_seed), never from anything the server sends."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"class dropout must be in [0, 1], got {p}")
+    if p == 0.0:
+        return labels
+    u = torch.rand(labels.shape, generator=generator, device="cpu" if generator else labels.device)
+    drop = u.to(labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def guided_prediction(
+    unet: DiffusionModelUNet,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    labels: torch.Tensor,
+    null_class: int,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """The UNet's prediction with classifier-free guidance (Ho & Salimans 2022): uncond + w (cond - uncond).
+
+    w = 1 is the plain conditional prediction (one forward of B); otherwise one batched forward of 2B, the
+    conditional half with `labels` and the unconditional half with the null class. w > 1 pushes samples towards
+    what distinguishes their class, which a rare class needs to be drawn at all."""
+    if guidance_scale == 1.0:
+        return unet(x, timesteps=timesteps, class_labels=labels)
+    null = torch.full_like(labels, null_class)
+    pred = unet(
+        torch.cat([x, x]),
+        timesteps=torch.cat([timesteps, timesteps]),
+        class_labels=torch.cat([labels, null]),
+    )
+    cond, uncond = pred.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 def diffusion_loss(
     unet: DiffusionModelUNet,
     scheduler: DDPMScheduler,
@@ -129,9 +207,11 @@ def sample_latents(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     progress: Callable[[int, int], None] | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Reverse diffusion from Gaussian noise for one batch of class labels (DDIM by default, DDPM for comparison).
-    The starting noise is `noise` (B, *latent_shape) if given, else drawn from `generator`."""
+    The starting noise is `noise` (B, *latent_shape) if given, else drawn from `generator`. `guidance_scale` w:
+    classifier-free guidance (`guided_prediction`); 1 is the plain conditional model."""
     device = labels.device
     if sampler == "ddim":
         scheduler = ddim_scheduler(cfg)
@@ -151,7 +231,7 @@ def sample_latents(
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
         t_batch = torch.full((len(labels),), int(t), device=device, dtype=torch.long)
-        pred = unet(x, timesteps=t_batch, class_labels=labels)
+        pred = guided_prediction(unet, x, t_batch, labels, cfg.null_class, guidance_scale)
         if sampler == "ddim":
             x, _ = scheduler.step(pred.float(), int(t), x, eta=0.0)
         else:

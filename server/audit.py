@@ -113,7 +113,7 @@ def run_audit_round(
     failures: list[str] = []
     for m in replies:
         if m.has_error():
-            failures.append(f"node {m.metadata.src_node_id}: {m.error.reason}")
+            failures.append(f"node {m.metadata.src_node_id}: {msg.readable_error(m.error.reason)}")
             continue
         try:
             result = json.loads(

@@ -10,6 +10,10 @@ A checkpoint is a torch file holding a dict with exactly these keys:
     unet              the diffusion UNet's state dict
     server_optimizer  a server optimiser's moments (FedAdam), or None
 
+The UNet has one class embedding per class plus the null class of classifier-free guidance (common/model.py);
+a checkpoint from before guidance (one embedding per class only) is refused, naming the file, because its UNet
+has no unconditional prediction to guide with: pretrain and train again with this version.
+
 Legacy: checkpoints written before `model_config.prediction_type` existed predicted the noise, so they load as
 "epsilon"; those written before `server_optimizer` existed load with None. Any other missing or unknown key is an
 error naming the file.
@@ -110,10 +114,12 @@ class Checkpoint:
             set(payload["run_state"]),
             {f.name for f in dataclasses.fields(RunState)},
         )
+        model_config = ModelConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+        )
+        _check_class_embeddings(path, model_config, payload["unet"])
         return cls(
-            model_config=ModelConfig(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-            ),
+            model_config=model_config,
             run_config=dict(payload["run_config"]),
             run_state=RunState(**payload["run_state"]),
             autoencoder=payload["autoencoder"],
@@ -127,6 +133,23 @@ class Checkpoint:
         ae.load_state_dict(self.autoencoder)
         unet.load_state_dict(self.unet)
         return ae.to(device).eval(), unet.to(device).eval()
+
+
+def _check_class_embeddings(path: Path, cfg: ModelConfig, unet: dict[str, torch.Tensor]) -> None:
+    weight = unet.get("class_embedding.weight") if isinstance(unet, dict) else None
+    expected = cfg.num_classes + 1
+    if weight is not None and weight.shape[0] != expected:
+        before = weight.shape[0] == cfg.num_classes
+        raise ValueError(
+            f"{path}: the UNet has {weight.shape[0]} class embeddings, this version needs {expected} "
+            f"({cfg.num_classes} classes + the null class of classifier-free guidance)"
+            + (
+                "; the checkpoint was written before classifier-free guidance: pretrain and train a new run "
+                "with this version (its UNet cannot be guided)"
+                if before
+                else ""
+            )
+        )
 
 
 def _exact_keys(path: Path, part: str, got: set[str], expected: set[str]) -> None:

@@ -7,8 +7,14 @@ each SuperNode has its own Runtime port for its ClientApp process; `flwr` reads 
 $FLWR_HOME/config.toml. Every process gets a private FLWR_HOME (never ~/.flwr), which also marks the processes
 Flower spawns itself (SuperExec, flwr-serverapp, flwr-clientapp) so none can outlive the federation.
 
-With a database file the SuperLink's state (registered SuperNodes, runs) survives a restart (`restart_superlink`);
-`run_app` then rides out the SuperLink's absence, and a run that Flower could not carry across the restart is
+The SuperLink runs with `--isolation process`: the SuperExec that starts the ServerApp is a process of its own
+(`flower-superexec`, authenticated by a shared secret), not the SuperLink's child. With a database file the
+SuperLink's state (registered SuperNodes, runs, messages, the ServerApp's task token) survives a crash, so a
+SuperLink that is killed and started again on the same database (`restart_superlink`, or `run_app`'s supervision,
+as systemd's `Restart=always` would) picks up where it was: the ServerApp, the SuperExec and the SuperNodes retry
+their connections and the run goes on in place. Had Flower's own subprocess SuperExec been used, it would have
+died with the SuperLink (it watches its parent's pid) and taken the ServerApp with it. A run that still fails
+after a restart (the ServerApp's task token expired: down for more than Flower's 60 s heartbeat patience) is
 submitted again with the same run-dir and resumes from its last checkpoint (deploy/README.md, section 9).
 """
 
@@ -18,6 +24,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -37,6 +44,15 @@ from server.pki import PkiPaths, make_pki
 CONNECTION = "fedsynth-local"
 SUPERNODE_NICENESS = 10  # local SuperNodes (and their ClientApps) yield the CPU to the SuperLink
 SUPERLINK_NICENESS = -5  # and the SuperLink runs above the rest of the machine, where permitted
+# Seconds between the SuperExec's AcquireTask polls (Flower's FLWR_SUPEREXEC_TASK_POLL_INTERVAL, default 1 s). Every
+# request to a Flower 1.41 SuperLink writes to its SQLite file (sql_corestate._cleanup_expired_task_tokens runs an
+# UPDATE first, even for reads), and SQLite has one writer at a time: fewer idle polls, less lock contention.
+SUPEREXEC_POLL_S = 3.0
+SUPERLINK_RESTART_DELAY_S = (
+    2.0  # like systemd's RestartSec: a SuperLink found dead is started again after this
+)
+MAX_SUPEREXEC_RESTARTS = 5  # a SuperExec that keeps dying is a configuration error, not a glitch
+MAX_RESUBMITS = 2  # a run that fails after a SuperLink restart is submitted again (it resumes) at most this often
 log = logging.getLogger("fedsynth.deployment")
 Progress = Callable[[str], None]
 
@@ -213,6 +229,13 @@ class SuperLink:
     pki: PkiPaths | None  # None when insecure
     argv: list[str] = field(default_factory=list)  # how it was started: a restart uses the same
     database: Path | None = None  # its state file (--database); None: in memory, lost on exit
+    superexec_argv: list[str] = field(default_factory=list)  # the SuperExec that starts ServerApps
+    superexec_env: dict[str, str] = field(default_factory=dict)
+    restarts: int = (
+        0  # how often the SuperLink was started again (by restart_superlink or the supervision)
+    )
+    superexec_restarts: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one restart at a time
 
     @property
     def address(self) -> str:
@@ -260,21 +283,54 @@ def _favour(proc: subprocess.Popen) -> None:
 
 def restart_superlink(link: SuperLink, progress: Progress = print, kill: bool = True) -> None:
     """Stop the SuperLink (SIGKILL, as a crash would, unless `kill` is False) and start it again with the same
-    command line, port and database; the SuperNodes reconnect by themselves (they retry without limit)."""
+    command line, port and database. Only the SuperLink: the SuperExec, the ServerApp and the SuperNodes are
+    processes of their own (as on separate machines or services); they retry their connections and carry on."""
     if link.database is None:
         raise DeploymentError(
             "restart_superlink needs a SuperLink with a database: an in-memory one forgets every node and run"
         )
-    proc = link.procs.procs["superlink"][0]
-    if kill:
-        proc.kill()  # the leader only: what it spawned (SuperExec, the ServerApp) lives on, as after a crash
-        proc.wait()
-    else:
-        link.procs.stop("superlink")
-    progress(f"SuperLink {'killed' if kill else 'stopped'} (exit {proc.returncode}); restarting it")
+    with link.lock:
+        proc = link.procs.procs["superlink"][0]
+        if kill:
+            proc.kill()  # the leader only, as after a crash
+            proc.wait()
+        else:
+            link.procs.stop("superlink")
+        progress(
+            f"SuperLink {'killed' if kill else 'stopped'} (exit {proc.returncode}); restarting it"
+        )
+        _start_superlink_again(link, progress)
+
+
+def _start_superlink_again(link: SuperLink, progress: Progress) -> None:
+    """Start the (dead) SuperLink with its command line and database; the caller holds link.lock."""
     _favour(link.procs.start("superlink", link.argv, link.env))
+    link.restarts += 1
     _wait_port(link.port, link.procs, "superlink")
     progress(f"SuperLink up again on {link.address} with its state from {link.database}")
+
+
+def supervise(link: SuperLink, progress: Progress = print) -> None:
+    """What a service manager does for the SuperLink's processes (systemd `Restart=always`), called while a run
+    is driven: a SuperLink with a database found dead is started again on that database; a SuperExec found
+    dead (Flower 1.41's exits on an HTTP 500) is started again, at most MAX_SUPEREXEC_RESTARTS times."""
+    if link.database is not None and link.procs.procs["superlink"][0].poll() is not None:
+        with link.lock:  # restart_superlink may be restarting it right now
+            proc = link.procs.procs["superlink"][0]
+            if proc.poll() is not None and "superlink" not in link.procs.stopped:
+                progress(
+                    f"SuperLink exited (code {proc.returncode}); starting it again in "
+                    f"{SUPERLINK_RESTART_DELAY_S:g}s on its database {link.database}"
+                )
+                time.sleep(SUPERLINK_RESTART_DELAY_S)
+                _start_superlink_again(link, progress)
+    proc = link.procs.procs["superexec"][0]
+    if proc.poll() is not None and "superexec" not in link.procs.stopped:
+        if link.superexec_restarts >= MAX_SUPEREXEC_RESTARTS:
+            link.procs.check_alive("superexec")  # raises, with its log
+        link.superexec_restarts += 1
+        progress(f"SuperExec exited (code {proc.returncode}); starting it again")
+        link.procs.start("superexec", link.superexec_argv, link.superexec_env)
 
 
 def _wait_port(port: int, procs: Processes, name: str, timeout: float = 60.0) -> None:
@@ -320,6 +376,8 @@ def local_superlink(
     env = {
         **os.environ,
         "FLWR_HOME": str(flwr_home),
+        # Flower's usage telemetry (events, platform details to telemetry.flower.ai) stays off, as in deploy/
+        "FLWR_TELEMETRY_ENABLED": "0",
         "PYTHONUNBUFFERED": "1",
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
     }
@@ -335,6 +393,13 @@ def local_superlink(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n{security}\n',
     )
+    # The SuperExec's credential for the Runtime API's AcquireTask (which hands out a run's ServerApp task token):
+    # without it, anything that reaches the SuperLink's port could take the ServerApp's place.
+    secret = work_dir / "superexec.secret"
+    secret.unlink(missing_ok=True)
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_hex(32).encode())
     argv = [
         str(bin_dir / "flower-superlink"),
         "--host",
@@ -342,7 +407,20 @@ def local_superlink(
         "--port",
         str(port),
         "--disable-runtime-dependency-installation",
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(secret),
     ]
+    superexec_argv = [
+        str(bin_dir / "flower-superexec"),
+        "--runtime-api-address",
+        f"127.0.0.1:{port}",
+        "--superexec-auth-secret-file",
+        str(secret),
+        *(["--insecure"] if insecure else ["--root-certificates", str(pki.ca_cert)]),
+    ]
+    superexec_env = {**env, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL_S)}
     if database is not None:
         database = Path(database).resolve()
         database.parent.mkdir(parents=True, exist_ok=True)
@@ -363,10 +441,14 @@ def local_superlink(
     try:
         _favour(procs.start("superlink", argv, env))
         _wait_port(port, procs, "superlink")
+        procs.start("superexec", superexec_argv, superexec_env)
         progress(
-            f"SuperLink up on 127.0.0.1:{port} ({'INSECURE, no TLS' if insecure else 'TLS, SuperNode auth'})"
+            f"SuperLink up on 127.0.0.1:{port} ({'INSECURE, no TLS' if insecure else 'TLS, SuperNode auth'}), "
+            "its SuperExec beside it"
         )
-        yield SuperLink(port, work_dir, bin_dir, env, procs, pki, argv, database)
+        yield SuperLink(
+            port, work_dir, bin_dir, env, procs, pki, argv, database, superexec_argv, superexec_env
+        )
     finally:
         with _signals_deferred():
             procs.stop_all()
@@ -468,10 +550,13 @@ def run_app(
     on_output: Progress | None = None,
 ) -> FederationResult:
     """`flwr run APP CONNECTION --stream --run-config FILE.toml`; its lines go to `on_output` (default: `progress`)
-    and logs/run.log.
+    and logs/flwr-run*.log.
 
     `flwr run --stream` exits 0 even when the ServerApp raised, so the verdict is the SuperLink's run status.
-    Fails fast if the SuperLink dies; a SuperNode dying is only reported (sites may drop out).
+    A SuperNode dying is only reported (sites may drop out). Without a database a dead SuperLink fails the run.
+    With one, the SuperLink's processes are supervised (`supervise`) and the run is followed across a restart;
+    a run that ends failed after a SuperLink restart is submitted again, at most MAX_RESUBMITS times, with the
+    same run config: the app resumes from the run-dir's last checkpoint.
     """
     overrides = write_flat_toml(link.work_dir / "run-config.toml", run_config)
     argv = [
@@ -483,6 +568,34 @@ def run_app(
         "--run-config",
         str(overrides),
     ]
+    deadline = time.time() + timeout_s
+    for attempt in range(MAX_RESUBMITS + 1):
+        restarts_before = link.restarts
+        result = _follow_run(link, argv, deadline, timeout_s, progress, on_output or progress)
+        if result.status == "finished:completed" and result.returncode == 0:
+            return result
+        if link.database is None or link.restarts == restarts_before or attempt == MAX_RESUBMITS:
+            break
+        progress(
+            f"run {result.run_id} ended {result.status} after a SuperLink restart; submitting it again "
+            "with the same run config: it resumes from its last checkpoint"
+        )
+    raise DeploymentError(
+        f"the Flower run ended with status {result.status!r} (flwr exit code {result.returncode}); last lines "
+        f"of {result.logs['run']}:\n{_tail(result.logs['run'])}\nlast lines of {result.logs['superlink']}:\n"
+        f"{_tail(result.logs['superlink'], 15)}"
+    )
+
+
+def _follow_run(
+    link: SuperLink,
+    argv: list[str],
+    deadline: float,
+    timeout_s: float,
+    progress: Progress,
+    output: Progress,
+) -> FederationResult:
+    """Start `argv` (flwr run --stream), pass on its lines, supervise, and return once the run is finished."""
     runs = sum(name.startswith("flwr-run") for name in link.procs.procs)
     run_name = (
         f"flwr-run-{runs}" if runs else "flwr-run"
@@ -495,9 +608,8 @@ def run_app(
         if not name.startswith("flwr-run")
     }
     logs |= {"run": run_log, "flwr": link.procs.log_dir / "flwr.log"}
-    deadline, pending, dead = time.time() + timeout_s, b"", set()
-    output = on_output or progress
-    run_id, status, down_since = None, "not started", None
+    pending, dead = b"", set()
+    run_id, status = None, "not started"
     with open(run_log, "rb") as f:
         while True:
             done = proc.poll() is not None
@@ -509,7 +621,7 @@ def run_app(
             if done:
                 pending = b""
                 run_id = run_id or _started_run_id(run_log)
-                status = _settled_status(link, run_id, deadline)
+                status = _settled_status(link, run_id, deadline, progress)
                 if link.database is None or run_id is None or status.startswith("finished"):
                     break
                 # The stream broke while the run goes on (the SuperLink restarted): follow it again.
@@ -525,13 +637,9 @@ def run_app(
                 raise DeploymentError(
                     f"the run did not finish within {timeout_s:.0f}s; last lines:\n{_tail(run_log)}"
                 )
-            # A SuperLink with a database may be restarted (restart_superlink, an operator, systemd)
-            if link.procs.procs["superlink"][0].poll() is None:
-                down_since = None
-            elif link.database is None or time.time() - (down_since or time.time()) > 60:
+            if link.database is None:
                 link.procs.check_alive("superlink")
-            else:
-                down_since = down_since or time.time()
+            supervise(link, progress)
             for name, (p, _) in link.procs.procs.items():
                 if name.startswith("supernode-") and name not in dead and p.poll() is not None:
                     dead.add(name)
@@ -541,11 +649,6 @@ def run_app(
                     progress(message)
                     log.warning("%s", message)  # shown at the terminal whatever `progress` shows
             time.sleep(0.2)
-    if proc.returncode != 0 or status != "finished:completed":
-        raise DeploymentError(
-            f"the Flower run ended with status {status!r} (flwr exit code {proc.returncode}); last lines of "
-            f"{run_log}:\n{_tail(run_log)}\nlast lines of {logs['superlink']}:\n{_tail(logs['superlink'], 15)}"
-        )
     return FederationResult(proc.returncode, status, run_id, logs)
 
 
@@ -554,12 +657,16 @@ def _started_run_id(log: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _settled_status(link: SuperLink, run_id: int | None, deadline: float) -> str:
-    """The run's status; while the SuperLink cannot answer (down, restarting) ask again until `deadline`."""
+def _settled_status(
+    link: SuperLink, run_id: int | None, deadline: float, progress: Progress
+) -> str:
+    """The run's status; while the SuperLink cannot answer (down, restarting) supervise and ask again until
+    `deadline`."""
     while True:
         status = _run_status(link, run_id)
         if not status.startswith("unknown") or link.database is None or time.time() > deadline:
             return status
+        supervise(link, progress)
         time.sleep(
             5.0
         )  # each ask is a `flwr` process: do not add to the load of a restarting SuperLink

@@ -66,6 +66,16 @@ class SynthesisRequest:
     # "auto": every visible GPU, else the CPU; "cpu"; "cuda" (every GPU); or a list such as "cuda:0,cuda:2".
     device: str = "auto"
     workers: int = 0  # CPU worker processes (0: one); ignored on GPUs (one process per GPU)
+    # classifier-free guidance scale (common/model.py guided_prediction); None: the run's `guidance-scale` as
+    # recorded in the checkpoint (1.0, no guidance, for a checkpoint whose run did not record one)
+    guidance_scale: float | None = None
+
+
+def guidance_of(req: SynthesisRequest, ckpt: Checkpoint) -> float:
+    """The guidance scale a request samples with: its own, else the one its checkpoint's run configured."""
+    if req.guidance_scale is not None:
+        return float(req.guidance_scale)
+    return float(ckpt.run_config.get("guidance_scale", 1.0))
 
 
 # ---- the format: ids, affine, images, labels, datalist, preview, manifest ---------------------------------------
@@ -235,6 +245,7 @@ def write_manifest(
             "steps": req.steps or cfg.ddim_steps,
             "eta": 0.0,
             "seed": req.seed,
+            "guidance_scale": guidance_of(req, ckpt),
         },
         "synthesis": {
             "devices": devices,
@@ -370,6 +381,7 @@ def generate(
     batch_size: int,
     steps: int | None,
     device: torch.device,
+    guidance_scale: float = 1.0,
 ) -> Iterator[tuple[list[int], np.ndarray]]:
     """Batches of (cohort indices, images (B, 1, ...) in [0, 1]); image i depends only on (seed, i)."""
     autocast = (
@@ -379,7 +391,14 @@ def generate(
         batch = indices[start : start + batch_size]
         noise = torch.stack([image_noise(cfg, seed, i) for i in batch]).to(device)
         with autocast:
-            z = sample_latents(unet, cfg, labels[batch].to(device), steps=steps, noise=noise)
+            z = sample_latents(
+                unet,
+                cfg,
+                labels[batch].to(device),
+                steps=steps,
+                noise=noise,
+                guidance_scale=guidance_scale,
+            )
             images = decode(ae, z.float(), latent_scale)
         yield batch, images.float().cpu().numpy()
 
@@ -418,6 +437,7 @@ def _work(
         batch_size=req.batch_size,
         steps=req.steps,
         device=device,
+        guidance_scale=guidance_of(req, ckpt),
     ):
         for i, image in zip(batch, images, strict=True):
             sid = ids[i][0]
@@ -447,7 +467,9 @@ def _worker_main(req, partial, device_name, worker, indices, threads, messages, 
 
 
 def _plan(req: SynthesisRequest, cfg: ModelConfig) -> dict[str, Any]:
+    guidance = guidance_of(req, Checkpoint.load(req.checkpoint))
     return {
+        "guidance_scale": guidance,
         "format": MANIFEST_FORMAT,
         "checkpoint_sha256": sha256_file(req.checkpoint),
         "per_class": req.per_class,

@@ -43,6 +43,7 @@ from common.model import (
     build_unet,
     ddpm_scheduler,
     diffusion_loss,
+    drop_labels,
     encode,
     estimate_latent_scale,
 )
@@ -152,7 +153,8 @@ def pretrain_public_unet(
     for step in range(steps):
         idx = torch.randint(0, len(mu), (min(run.public_batch_size, len(mu)),))
         z = (mu[idx] + sigma[idx] * torch.randn_like(mu[idx])) * latent_scale
-        loss = diffusion_loss(unet, scheduler, z, labels[idx]).mean()
+        y = drop_labels(labels[idx], run.class_dropout, cfg.null_class)  # classifier-free guidance
+        loss = diffusion_loss(unet, scheduler, z, y).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -325,6 +327,8 @@ class Federation:
             latent_scale=state.latent_scale,
             proximal_mu=self.run.proximal_mu if self.run.strategy == "fedprox" else 0.0,
             seed=self.run.seed,
+            class_dropout=self.run.class_dropout,
+            dp_trainable=self.run.dp_trainable,
         )
         active = self._active_nodes(state, r)
         if self.central.enabled:  # Flower's DP wrapper was set up for exactly these sites
@@ -519,7 +523,12 @@ class Federation:
         self._answered_nodes.add(node)
         if m.has_error():
             self._mark(
-                state, self._site_of(state, node), node, "dropped", r, f"error: {m.error.reason}"
+                state,
+                self._site_of(state, node),
+                node,
+                "dropped",
+                r,
+                f"error: {msg.readable_error(m.error.reason)}",
             )
             return
         try:

@@ -43,7 +43,7 @@ def test_run_config_rejects_bad_values(bad):
 
 def test_site_config_from_node_config():
     site = SiteConfig.from_flwr(
-        {"site-dir": "/data/site-a", "epsilon": "4", "dp": "true", "unrelated": 1}
+        {"site-dir": "/data/site-a", "epsilon": "4", "dp": "true", "partition-id": 1}
     )
     assert site.epsilon == 4.0 and site.dp is True and site.name == "site-a"
     assert str(site.state_path).endswith(".fedsynth")
@@ -51,6 +51,36 @@ def test_site_config_from_node_config():
         SiteConfig.from_flwr({"site-dir": "/x", "accountant": "gdp"})
     with pytest.raises(ValueError):
         SiteConfig.from_flwr({"epsilon": 1})
+
+
+@pytest.mark.parametrize("key", ["epsilonn", "max_grad_norm", "DP", "delta "])
+def test_site_config_refuses_a_misspelt_key(key):
+    """Attack: a site meaning `epsilonn=1` (or another misspelling) must not silently train at the default budget
+    of 10; the error names the key and the known ones."""
+    with pytest.raises(ValueError, match="unknown config key") as err:
+        SiteConfig.from_flwr({"site-dir": "/x", key: "1"})
+    assert "epsilon" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["ture", "flase", "off ", "2", "", "none"])
+def test_site_config_refuses_an_unclear_boolean(value):
+    """Attack: `dp=ture` used to parse as False, so a typo switched DP off."""
+    with pytest.raises(ValueError, match="dp"):
+        SiteConfig.from_flwr({"site-dir": "/x", "dp": value})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(True, True), ("true", True), ("1", True), ("yes", True), (False, False), ("false", False)]
+    + [("0", False), ("no", False), ("False", False), (1, True), (0, False)],
+)
+def test_site_config_booleans(value, expected):
+    assert SiteConfig.from_flwr({"site-dir": "/x", "dp": value}).dp is expected
+
+
+def test_site_config_ignores_only_flowers_own_simulation_keys():
+    site = SiteConfig.from_flwr({"site-dir": "/x", "partition-id": 0, "num-partitions": 3})
+    assert site.site_dir == "/x"
 
 
 def test_model_config_overrides():

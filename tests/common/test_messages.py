@@ -109,3 +109,12 @@ def test_an_extra_key_or_a_wrong_type_is_refused():
 def test_metrics_without_the_opt_in_carry_no_loss_and_no_count():
     record = TrainMetrics(steps=3, seconds=1.0, epsilon=1.0, delta=1e-5).to_record()
     assert set(record) == {"steps", "seconds", "epsilon", "delta"}
+
+
+def test_flowers_error_reason_reads_as_python_does():
+    from common.messages import readable_error
+
+    reason = "<class 'ValueError'>:<'unknown config key \\'epsilonn\\''>"
+    assert readable_error(reason) == "ValueError: unknown config key \\'epsilonn\\'"
+    assert readable_error("<class 'flwr.common.X.MessageError'>:<'bad'>") == "MessageError: bad"
+    assert readable_error("no reply within 30s") == "no reply within 30s"

@@ -25,7 +25,7 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
-ROLES = ("superlink", "supernode")
+ROLES = ("superlink", "supernode", "superexec")
 TLS = {
     "superlink": {
         "--ssl-ca-certfile",
@@ -33,8 +33,17 @@ TLS = {
         "--ssl-keyfile",
         "--enable-supernode-auth",
         "--database",
+        # the ServerApp runs under a SuperExec of its own, which outlives a SuperLink restart
+        "--isolation",
+        "--superexec-auth-secret-file",
     },
     "supernode": {"--root-certificates", "--auth-supernode-private-key", "--superlink"},
+    "superexec": {"--root-certificates", "--superexec-auth-secret-file", "--runtime-api-address"},
+}
+ENV_FILE = {
+    "superlink": "superlink.env",
+    "supernode": "supernode.env",
+    "superexec": "superlink.env",
 }
 
 
@@ -68,9 +77,12 @@ def test_start_scripts_parse_and_pass_only_flags_flower_knows(role, flags):
     assert used <= flags[role], used - flags[role]
     assert TLS[role] - {"--superlink"} <= used and "--insecure" not in used
     # every variable the script reads is set in its env file
-    env = _env_file(DEPLOY / f"{role}.env")
+    env = _env_file(DEPLOY / ENV_FILE[role])
     needed = set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", script.read_text()))
     assert needed <= set(env), needed - set(env)
+    assert (
+        env["FLWR_TELEMETRY_ENABLED"] == "0"
+    )  # the script exports it: no usage telemetry leaves the machine
 
 
 def _env_file(path: Path) -> dict[str, str]:
@@ -142,20 +154,25 @@ def _compose(role: str) -> dict:
 
 @pytest.mark.parametrize("role", ROLES)
 def test_compose_files_use_flowers_images_tls_auth_and_known_flags(role, flags):
-    compose = _compose(role)
+    compose = _compose("supernode" if role == "supernode" else "superlink")
     service = compose["services"][role]
-    base = service["build"]["args"]["BASE_IMAGE"]
+    if role == "superlink":  # runs no fedsynth code (--isolation process): Flower's image as it is
+        assert "build" not in service
+        base = service["image"]
+    else:  # runs the ClientApp or the ServerApp: Flower's image + fedsynth
+        base = service["build"]["args"]["BASE_IMAGE"]
+        context = (DEPLOY / "docker" / service["build"]["context"]).resolve()
+        assert context == ROOT and (context / service["build"]["dockerfile"]).is_file()
     image, version = base.split(":")
     assert image == f"flwr/{role}"  # Flower's official image
     assert (
         version.split(".")[:2] == flwr.__version__.split(".")[:2]
     )  # the Flower the code is tested with
-    context = (DEPLOY / "docker" / service["build"]["context"]).resolve()
-    assert context == ROOT and (context / service["build"]["dockerfile"]).is_file()
     used = _options(service["command"])
     assert set(used) <= flags[role], set(used) - flags[role]
     assert TLS[role] <= set(used) and "--insecure" not in used
     assert service["restart"] == "unless-stopped"
+    assert service["environment"]["FLWR_TELEMETRY_ENABLED"] == "0"
     # every file the command names inside the container is mounted there
     targets = [_volume_target(v) for v in service["volumes"]]
     for arg in service["command"]:
@@ -166,6 +183,15 @@ def test_compose_files_use_flowers_images_tls_auth_and_known_flags(role, flags):
     named = {v.split(":")[0] for v in service["volumes"] if not v.startswith(("$", ".", "/"))}
     assert named <= set(compose["volumes"])
     assert any(t == "/app/state" for t in targets)
+    if role == "superexec":  # the same secret file as the SuperLink's, and the run folders
+        link = compose["services"]["superlink"]
+        assert "--isolation=process" in link["command"]
+        secret = next(
+            v for v in service["volumes"] if v.endswith(":/app/secrets/superexec.secret:ro")
+        )
+        assert secret.split(":")[0].startswith("${SUPEREXEC_SECRET")
+        assert any(v.endswith(":/app/secrets/superexec.secret:ro") for v in link["volumes"])
+        assert any(_volume_target(v) == "/app/runs" for v in service["volumes"])
 
 
 def test_superlink_compose_keeps_state_in_a_database_on_a_volume():

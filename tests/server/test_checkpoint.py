@@ -100,3 +100,16 @@ def test_the_run_folder_names_its_files_and_reads_what_it_wrote(tmp_path):
     folder.run_json.write_text("{")
     with pytest.raises(ValueError, match="run.json: not valid JSON"):
         folder.read_record()
+
+
+def test_a_checkpoint_from_before_classifier_free_guidance_is_refused_naming_the_file(
+    saved, tmp_path
+):
+    _, path = saved
+
+    def two_embeddings(p):  # what build_unet wrote before the null class: one embedding per class
+        p["unet"]["class_embedding.weight"] = p["unet"]["class_embedding.weight"][:2].clone()
+
+    old = _rewrite(path, tmp_path, two_embeddings)
+    with pytest.raises(ValueError, match="edited.pt.*2 class embeddings.*before classifier-free"):
+        Checkpoint.load(old)

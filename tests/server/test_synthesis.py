@@ -52,7 +52,13 @@ def test_cohort_has_images_labels_datalist_preview_and_verifiable_manifest(tmp_p
     assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["privacy"] == {"site-0": {"epsilon": 1.0}}
-    assert manifest["sampler"] == {"kind": "DDIM", "steps": 3, "eta": 0.0, "seed": 7}
+    assert manifest["sampler"] == {
+        "kind": "DDIM",
+        "steps": 3,
+        "eta": 0.0,
+        "seed": 7,
+        "guidance_scale": 3.0,  # the run's, recorded in the checkpoint
+    }
     assert set(manifest["files"]) >= {"labels.csv", "dataset.json", "preview.png"}
     assert manifest["software"]["torch"] and manifest["checkpoint"]["sha256"]
     assert verify_cohort(out) == []

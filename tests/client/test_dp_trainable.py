@@ -1,0 +1,98 @@
+"""DP fine-tuning of a chosen subset of the UNet (`dp-trainable`): frozen parameters leave the round bit-identical,
+the trainable ones move, and the privacy accounting is exactly that of training every parameter."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from client.task import run_training_round
+from common.config import SiteConfig, model_config
+from common.messages import MessageError, RoundPlan
+from common.model import build_autoencoder, build_unet, select_trainable, trainable_names
+from common.phantoms import make_phantom_sites
+
+PLAN = RoundPlan(
+    run_id="run-t",
+    server_round=1,
+    phase="diffusion",
+    num_server_rounds=1,
+    federated_autoencoder_rounds=0,
+    preset="tiny",
+    local_epochs=1,
+    batch_size=5,
+    lr=1e-3,
+    kl_weight=1e-6,
+    latent_scale=1.0,
+    proximal_mu=0.0,
+    seed=0,
+    dp_trainable="attention-conditioning",
+)
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantoms")
+    return make_phantom_sites(out, n_sites=1, n_subjects=16, size=32, seed=5)[0]
+
+
+def test_attention_conditioning_is_the_dp_ldm_set():
+    unet = build_unet(model_config("small"))
+    names = trainable_names(unet, "attention-conditioning")
+    assert "class_embedding.weight" in names and "time_embed.0.weight" in names
+    assert "down_blocks.1.attentions.0.attn.to_q.weight" in names
+    assert "middle_block.attention.attn.to_v.weight" in names
+    assert "down_blocks.0.resnets.0.time_emb_proj.weight" in names
+    assert "down_blocks.0.resnets.0.conv1.conv.weight" not in names
+    assert "conv_in.conv.weight" not in names and "out.2.conv.weight" not in names
+    trainable, total = select_trainable(unet, "attention-conditioning")
+    assert 0.10 < trainable / total < 0.20  # 16.4 % of the small UNet
+    assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == trainable
+    assert select_trainable(unet, "all") == (total, total)
+    with pytest.raises(ValueError, match="dp-trainable"):
+        trainable_names(unet, "everything")
+
+
+@pytest.mark.parametrize("mode", ["bookkeeping", "hooks", "ghost"])
+def test_frozen_parameters_come_back_bit_identical_and_accounting_is_unchanged(
+    tmp_path, site_dir, mode
+):
+    cfg = model_config("tiny")
+    torch.manual_seed(0)
+    ae, unet = build_autoencoder(cfg).state_dict(), build_unet(cfg).state_dict()
+    chosen = set(trainable_names(build_unet(cfg), "attention-conditioning"))
+
+    def train(which: str, state: str):
+        site = SiteConfig(
+            site_dir=str(site_dir),
+            state_dir=str(tmp_path / state),
+            epsilon=8.0,
+            grad_sample_mode=mode,
+            canaries=0,
+        )
+        result = run_training_round(site, dataclasses.replace(PLAN, dp_trainable=which), unet, ae)
+        assert not result.refused
+        return result
+
+    part = train("attention-conditioning", "part")
+    assert part.state_dict.keys() == unet.keys()  # the reply carries the full state
+    params = dict(build_unet(cfg).named_parameters())
+    for name in params:
+        same = torch.equal(part.state_dict[name], unet[name])
+        assert same == (name not in chosen), f"{name}: frozen must be unchanged, trained must move"
+    if mode != "bookkeeping":
+        return
+    whole = train("all", "all")
+    keys = ("noise_multiplier", "sample_rate", "steps_total", "epsilon", "delta", "clipping_norm")
+    assert {k: part.privacy[k] for k in keys} == {k: whole.privacy[k] for k in keys}
+    assert sum(not torch.equal(whole.state_dict[n], unet[n]) for n in params) > len(chosen)
+
+
+def test_the_round_plan_carries_the_trainable_set_strictly():
+    record = PLAN.to_record()
+    assert RoundPlan.from_record(record).dp_trainable == "attention-conditioning"
+    with pytest.raises(MessageError, match="dp-trainable"):
+        dataclasses.replace(PLAN, dp_trainable="lora-everything")
+    del record["dp-trainable"]
+    with pytest.raises(MessageError, match="dp-trainable"):
+        RoundPlan.from_record(record)
