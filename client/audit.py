@@ -222,6 +222,7 @@ def audit_site(
     latent_scale: float,
     run_id: str = "",
     extraction_samples: int = 0,
+    sampler: dict | None = None,
 ) -> dict[str, Any]:
     """Everything the site computes about a candidate cohort; the result holds aggregates only.
 
@@ -230,7 +231,8 @@ def audit_site(
     when the ledger has no entry for it); non-members are the persisted hold-out, never trained on.
 
     `extraction_samples`: samples the site draws itself from the model for the extraction search
-    (client/extraction.py; capped by the site's max-extraction-samples); images it flags among the released
+    (client/extraction.py; capped by the site's max-extraction-samples), with `sampler` ({steps, guidance_scale}:
+    the cohort's, from its manifest; default the preset's steps, no guidance); images it flags among the released
     cohort join the memorization flags (they are withheld like near-copies)."""
     device = configure_compute(site)
     ledger = open_ledger(site)
@@ -280,6 +282,7 @@ def audit_site(
         train,
         holdout,
         extraction_samples,
+        **(sampler or {}),
     )
     mem["extraction"] = extraction
     mem["flagged_ids"] = sorted(set(mem["flagged_ids"]) | set(extraction["flagged_ids"]))

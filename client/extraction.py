@@ -29,9 +29,18 @@ BATCH = 64
 
 @torch.no_grad()
 def draw_samples(
-    ae, unet, cfg: ModelConfig, latent_scale: float, n: int, device: torch.device
+    ae,
+    unet,
+    cfg: ModelConfig,
+    latent_scale: float,
+    n: int,
+    device: torch.device,
+    *,
+    steps: int = 0,
+    guidance_scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """n samples (images in [0, 1], their latents) from the model, class-balanced, from the site's entropy."""
+    """n samples (images in [0, 1], their latents) from the model, class-balanced, from the site's entropy, with
+    the cohort's sampler (DDIM `steps`, 0: the preset's; classifier-free `guidance_scale`)."""
     gen = entropy_generator("cpu")
     per_class = math.ceil(n / cfg.num_classes)
     labels = torch.arange(cfg.num_classes).repeat_interleave(per_class)[:n]
@@ -39,7 +48,9 @@ def draw_samples(
     images, latents = [], []
     for s in range(0, n, BATCH):
         y = labels[s : s + BATCH].to(device)
-        z = sample_latents(unet, cfg, y, generator=gen)
+        z = sample_latents(
+            unet, cfg, y, generator=gen, steps=steps or None, guidance_scale=guidance_scale
+        )
         latents.append((z / latent_scale).cpu().numpy())  # the autoencoder's own latent units
         images.append(decode(ae, z, latent_scale).cpu().numpy())
     return np.concatenate(images), np.concatenate(latents)
@@ -74,6 +85,9 @@ def site_extraction(
     train: SiteData,
     holdout: SiteData,
     samples_requested: int,
+    *,
+    steps: int = 0,
+    guidance_scale: float = 1.0,
 ) -> dict:
     """The extraction search of one site (aggregates; flagged ids of released images only)."""
     n = max(0, min(int(samples_requested), site.max_extraction_samples))
@@ -82,7 +96,9 @@ def site_extraction(
     )
     drawn = None
     if n:
-        images, latents = draw_samples(ae, unet, cfg, latent_scale, n, device)
+        images, latents = draw_samples(
+            ae, unet, cfg, latent_scale, n, device, steps=steps, guidance_scale=guidance_scale
+        )
         drawn = sample_views(ae, images, device, latents)
     out = extraction_audit(
         sample_views(ae, released, device),
@@ -93,5 +109,6 @@ def site_extraction(
         samples_requested=samples_requested,
     )
     out["max_extraction_samples"] = site.max_extraction_samples
+    out["sampler"] = {"steps": steps or cfg.ddim_steps, "guidance_scale": guidance_scale}
     out["lesion_regions"]["mask_problems"] = len(problems)
     return out

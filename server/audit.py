@@ -63,6 +63,8 @@ def audit_request(
         latent_scale=float(ckpt.run_state.latent_scale),
         synthetic_ids=tuple(ids),
         extraction_samples=int(oversample) * len(ids),
+        sampler_steps=int((manifest.get("sampler") or {}).get("steps") or 0),
+        guidance_scale=float((manifest.get("sampler") or {}).get("guidance_scale", 1.0)),
     )
 
 
