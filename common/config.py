@@ -316,8 +316,8 @@ class SiteConfig:
     # the patient count so training grows by <= 20 %), 0 none, m > 0 exactly m. Fixed once drawn.
     canaries: int = -1
     # The most samples this site draws for an audit's extraction search (client/extraction.py), whatever the
-    # server asks: ~0.2 s each on one CPU thread for the `small` preset (docs/PERFORMANCE.md).
-    max_extraction_samples: int = 2000
+    # server asks: ~0.35 s each on one quiet CPU thread for the `small` preset with guidance (docs/PERFORMANCE.md).
+    max_extraction_samples: int = 1000
 
     def __post_init__(self) -> None:
         if self.max_audits_per_run < 0:
