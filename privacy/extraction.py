@@ -101,7 +101,8 @@ def nearest(queries: np.ndarray, references: np.ndarray, k: int) -> tuple[np.nda
     k = min(k, len(r))
     kc = min(len(r), k + REFINE_CANDIDATES)
     out_d, out_i = np.empty((len(q), k)), np.empty((len(q), k), dtype=np.int64)
-    step = max(1, 8_000_000 // max(1, len(r)))
+    # bounded memory: the float32 block (step x references) and the float64 re-measure (step x kc x values)
+    step = max(1, min(8_000_000 // max(1, len(r)), 4_000_000 // (kc * q.shape[1])))
     for s in range(0, len(q), step):
         d = _distance_matrix(q[s : s + step], r)
         cand = (
