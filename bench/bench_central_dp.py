@@ -42,7 +42,34 @@ from common.phantoms import make_phantom_sites
 from server.central_dp import update_norm
 from server.checkpoint import Checkpoint
 from server.run_folder import RunFolder
-from server.training import Federation, public_phantoms
+from server.training import Federation
+
+
+def public_phantoms(cfg, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` phantom images (three default sites, a seed no site here uses) through the sites' loader, and labels."""
+    from common.site import load_site
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sites = make_phantom_sites(
+            Path(tmp),
+            n_sites=3,
+            n_subjects=max(2, -(-n // 3)),
+            dims=cfg.spatial_dims,
+            size=cfg.image_size,
+            seed=seed,
+        )
+        data = [
+            load_site(
+                s,
+                class_names=cfg.class_names,
+                spatial_dims=cfg.spatial_dims,
+                image_size=cfg.image_size,
+            )
+            for s in sites
+        ]
+    images = torch.from_numpy(np.concatenate([d.images for d in data]))
+    labels = torch.from_numpy(np.concatenate([d.labels for d in data]))
+    return images, labels
 
 
 class InProcessGrid:

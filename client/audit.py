@@ -8,8 +8,10 @@ Members are the site's training records, non-members its audit hold-out (never t
   and one patient (privacy/memorization.py);
 - membership inference: ROC summaries (AUC and its interval, TPR at the fixed FPR points
   `privacy.audit_stats.ROC_FPR_POINTS`, counts; no curve, no score, no threshold) and an empirical epsilon lower
-  bound (counts only) for (a) a white-box loss attack on the global model and (b) a black-box distance-to-cohort
-  attack;
+  bound (counts only) and per-member test counts (privacy.audit_stats.per_member_tests) for (a) a white-box loss
+  attack on the global model, (b) the same loss calibrated per record against a reference UNet (the one the run
+  started from at this site, client/reference.py; paired draws) when the site has one, and (c) a black-box
+  distance-to-cohort attack; and the one-run canary audit (client/canaries.py);
 - fidelity and utility: Frechet distance and precision/recall/density/coverage of radiomics features, and
   train-synthetic-test-real vs train-real-test-real classification, per class where it applies.
 Per-patient scores, features and images stay here: `audit_site` returns a dict of summaries only.
@@ -28,7 +30,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from client import canaries
+from client import canaries, reference
 from client.extraction import site_extraction
 from client.task import configure_compute, load_training_data, open_ledger, run_privacy_claim
 from common.config import ModelConfig, SiteConfig
@@ -42,7 +44,12 @@ from common.model import (
 )
 from common.site import SiteData
 from privacy.audit_schema import MIN_RECORDS
-from privacy.audit_stats import empirical_epsilon_lower_bound, roc_summary
+from privacy.audit_stats import (
+    empirical_epsilon_lower_bound,
+    paired_calibrated_scores,
+    per_member_tests,
+    roc_summary,
+)
 from privacy.fidelity import (
     feature_moments,
     frechet_distance,
@@ -53,6 +60,11 @@ from privacy.memorization import memorization_audit, pairwise_min_distances
 from privacy.power import annotate, holdout_power
 
 log = logging.getLogger("fedsynth.site.audit")
+CANARY_ATTACKS = {
+    "calibrated": "calibrated white-box: diffusion loss under the run's starting UNet minus under the global "
+    "model, paired draws (higher = trained on)",
+    "white_box": "white-box diffusion loss on the global model (lower loss = trained on)",
+}
 WHITE_BOX_TIMESTEPS = (
     50,
     100,
@@ -62,6 +74,34 @@ WHITE_BOX_TIMESTEPS = (
 
 
 @torch.no_grad()
+def loss_matrix(
+    ae,
+    unets: list,
+    cfg: ModelConfig,
+    data: SiteData,
+    latent_scale: float,
+    device: torch.device,
+    repeats: int = 4,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Each record's diffusion loss under each UNet in `unets`, per draw: a list of (records, draws) arrays whose
+    column j uses the SAME timestep and noise for every model (paired draws: `WHITE_BOX_TIMESTEPS` x `repeats`).
+    Computed and kept at the site."""
+    gen = torch.Generator().manual_seed(seed)
+    mu, _ = encode(ae, torch.from_numpy(data.images).to(device))
+    z = mu * latent_scale
+    labels = torch.from_numpy(data.labels).to(device)
+    scheduler = ddpm_scheduler(cfg)
+    columns: list[list[np.ndarray]] = [[] for _ in unets]
+    for t in WHITE_BOX_TIMESTEPS:
+        for _ in range(repeats):
+            noise = torch.randn(z.shape, generator=gen).to(device)
+            ts = torch.full((len(z),), t, device=device, dtype=torch.long)
+            for col, unet in zip(columns, unets, strict=True):
+                col.append(diffusion_loss(unet, scheduler, z, labels, ts, noise).cpu().numpy())
+    return [np.stack(col, axis=1).astype(np.float64) for col in columns]
+
+
 def loss_scores(
     ae,
     unet,
@@ -74,19 +114,17 @@ def loss_scores(
 ) -> np.ndarray:
     """White-box membership score per record: minus the mean diffusion loss over fixed timesteps and noise draws
     (members of an overfit model have lower loss). Computed and kept at the site."""
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.from_numpy(data.images).to(device)
-    labels = torch.from_numpy(data.labels).to(device)
-    mu, _ = encode(ae, images)
-    z = mu * latent_scale
-    scheduler = ddpm_scheduler(cfg)
-    total = torch.zeros(len(z), device=device)
-    for t in WHITE_BOX_TIMESTEPS:
-        for _ in range(repeats):
-            noise = torch.randn(z.shape, generator=gen).to(device)
-            ts = torch.full((len(z),), t, device=device, dtype=torch.long)
-            total += diffusion_loss(unet, scheduler, z, labels, ts, noise)
-    return -(total / (len(WHITE_BOX_TIMESTEPS) * repeats)).cpu().numpy()
+    (losses,) = loss_matrix(ae, [unet], cfg, data, latent_scale, device, repeats, seed)
+    return -losses.mean(axis=1)
+
+
+def calibrated_scores(
+    ae, unet, reference_unet, cfg, data: SiteData, latent_scale: float, device, repeats: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """(uncalibrated, calibrated) scores of each record: minus its mean loss under the audited UNet, and its mean
+    paired loss difference reference - audited (privacy.audit_stats.paired_calibrated_scores)."""
+    target, ref = loss_matrix(ae, [unet, reference_unet], cfg, data, latent_scale, device, repeats)
+    return -target.mean(axis=1), paired_calibrated_scores(target, ref)
 
 
 def _mia(
@@ -97,6 +135,7 @@ def _mia(
     # beside the bound: the largest one this many members and non-members could give (privacy/power.py)
     power = holdout_power(len(member_scores), len(nonmember_scores), delta)
     out["epsilon_lower_bound"] = annotate(bound, power, claimed)
+    out["per_member"] = per_member_tests(member_scores, nonmember_scores)
     return out
 
 
@@ -287,33 +326,69 @@ def audit_site(
     mem["extraction"] = extraction
     mem["flagged_ids"] = sorted(set(mem["flagged_ids"]) | set(extraction["flagged_ids"]))
     mem["n_near_copies"] = len(mem["flagged_ids"])
-    white_m = loss_scores(ae, unet, cfg, train, latent_scale, device)
-    white_n = loss_scores(ae, unet, cfg, holdout, latent_scale, device)
+    # The calibrated attack's reference: the UNet this run started from at this site (client/reference.py); it
+    # never saw the site's records, so every hold-out patient stays a non-member of the test.
+    ref_state = reference.load(site, run_id) if run_id else None
+    ref_unet, ref_problem = None, ""
+    if ref_state is not None:
+        ref_unet = build_unet(cfg)
+        try:
+            ref_unet.load_state_dict(ref_state)
+            ref_unet = ref_unet.to(device).eval()
+        except (
+            RuntimeError
+        ) as err:  # a reference of another architecture: no calibrated attack, and why
+            ref_unet, ref_problem = (
+                None,
+                f"the site's reference model does not fit this checkpoint ({err})",
+            )
+    if ref_unet is not None:
+        white_m, cal_m = calibrated_scores(ae, unet, ref_unet, cfg, train, latent_scale, device)
+        white_n, cal_n = calibrated_scores(ae, unet, ref_unet, cfg, holdout, latent_scale, device)
+    else:
+        white_m = loss_scores(ae, unet, cfg, train, latent_scale, device)
+        white_n = loss_scores(ae, unet, cfg, holdout, latent_scale, device)
     # Black box: a record close to some synthetic image is guessed "member" (score = minus the distance).
     black_m = -pairwise_min_distances(train.images, synthetic)[0]
     black_n = -pairwise_min_distances(holdout.images, synthetic)[0]
-    membership = {
-        "white_box": _mia(white_m, white_n, delta, claimed),
-        "black_box": _mia(black_m, black_n, delta, claimed),
+    scores = {"white_box": (white_m, white_n), "black_box": (black_m, black_n)}
+    if ref_unet is not None:
+        scores["calibrated"] = (cal_m, cal_n)
+    membership: dict[str, Any] = {
+        kind: _mia(m_, n_, delta, claimed) for kind, (m_, n_) in scores.items()
     }
+    if ref_unet is None:
+        membership["calibrated_unavailable"] = ref_problem[:300] or (
+            "no reference model at this site for this run (a site keeps the UNet it first receives in a run's "
+            "diffusion phase, client/reference.py): the calibrated attack was not run"
+        )
     per_class: dict[str, Any] = {}
     for c, name in enumerate(cfg.class_names):
         m, n = train.labels == c, holdout.labels == c
         if m.sum() >= 1 and n.sum() >= 1:
             per_class[name] = {
-                "white_box": _mia(white_m[m], white_n[n], delta, claimed),
-                "black_box": _mia(black_m[m], black_n[n], delta, claimed),
+                kind: _mia(m_[m], n_[n], delta, claimed) for kind, (m_, n_) in scores.items()
             }
     membership["per_class"] = per_class
     membership["class_coverage"] = class_coverage(train.labels, holdout.labels, cfg.class_names)
-    # One-run canary audit (client/canaries.py): the same white-box attack on the site's canaries
+    # One-run canary audit (client/canaries.py). The attack is fixed before any score is seen: the calibrated one
+    # when the site has a reference model for the run, the uncalibrated white-box loss otherwise.
+    if ref_unet is not None:
+        canary_attack = CANARY_ATTACKS["calibrated"]
+
+        def canary_score(records):
+            return calibrated_scores(ae, unet, ref_unet, cfg, records, latent_scale, device)[1]
+    else:
+        canary_attack = CANARY_ATTACKS["white_box"]
+
+        def canary_score(records):
+            return loss_scores(ae, unet, cfg, records, latent_scale, device)
+
     membership["canaries"] = canaries.audit_canaries(
-        canaries.load(site),
-        cfg,
-        lambda records: loss_scores(ae, unet, cfg, records, latent_scale, device),
-        delta,
-        claimed,
+        canaries.load(site), cfg, canary_score, delta, claimed
     )
+    if membership["canaries"].get("n_canaries"):
+        membership["canaries"]["attack"] = canary_attack
     return {
         "site": site.name,
         "n_members": int(len(train)),

@@ -23,6 +23,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from client import reference
 from client.task import RoundResult, run_training_round
 from common import messages
 from common.config import SiteConfig, model_config
@@ -90,6 +91,8 @@ def train(msg: Message, context: Context) -> Message:
         plan = RoundPlan.from_record(msg.content.config_records.get(messages.CONFIG))
         arrays = msg.content[messages.ARRAYS].to_torch_state_dict()
         frozen = msg.content.array_records.get(messages.AUTOENCODER)
+        # the UNet this run started from at this site: the calibrated attack's reference (client/reference.py)
+        reference.keep_for_round(site, plan.run_id, plan.phase, arrays)
         result = run_training_round(
             site, plan, arrays, frozen.to_torch_state_dict() if frozen is not None else None
         )

@@ -51,7 +51,7 @@ class ModelConfig:
     # became a x0 error of std 18 and DDIM ended at latents of std 15 against 1.0 for real ones: noise blobs.
     prediction_type: str = "v_prediction"  # or "epsilon"
     # Multiplies latents so they have about unit variance. Never fitted on private data: the server estimates it
-    # on public phantoms (server.training.estimate_latent_scale) and records it in the checkpoint.
+    # on the public data at `fedsynth pretrain` (server/pretrain.py) and records it in the checkpoint.
     latent_scale: float = 1.0
 
     @property
@@ -143,12 +143,13 @@ class RunConfig:
 
     preset: str = "small"
     num_server_rounds: int = 6
-    autoencoder_rounds: int = (
-        2  # the first rounds train the autoencoder, the rest the diffusion UNet
-    )
-    autoencoder_source: str = (
-        "federated"  # "federated" (trained at the sites, with DP) or "public" (phantoms only)
-    )
+    # The first rounds train the autoencoder at the sites (DP-SGD), the rest the diffusion UNet. With `pretrained`,
+    # 0 keeps the public autoencoder as it is (the usual choice); without it the autoencoder must be trained here.
+    autoencoder_rounds: int = 2
+    # A checkpoint made by `fedsynth pretrain` on PUBLIC data (server/pretrain.py): the autoencoder, the UNet and
+    # the latent scale start from it, and the run records its sha256 and its public data hash. "": both models
+    # start from scratch at the sites and the latent scale is 1.
+    pretrained: str = ""
     local_epochs: int = 1
     batch_size: int = 16  # expected (Poisson) batch size at a site
     lr_autoencoder: float = 2e-3
@@ -162,14 +163,6 @@ class RunConfig:
     run_dir: str = "runs/latest"
     synthesize_per_class: int = 8
     seed: int = 0
-    public_phantoms: int = (
-        96  # public phantom images for the latent scale, a public autoencoder, the warm start
-    )
-    public_autoencoder_steps: int = 300  # when autoencoder-source = "public"
-    public_unet_steps: int = (
-        0  # > 0: warm-start the diffusion UNet on public phantoms before DP fine-tuning
-    )
-    public_batch_size: int = 16  # batch size of the server's public-phantom training
     # Classifier-free guidance (Ho & Salimans 2022): in every diffusion training step (the sites' DP-SGD and the
     # server's public pretraining) each label is replaced by the null class with this probability (0.1-0.2 in the
     # paper and in most latent diffusion models since); synthesis then mixes the conditional and unconditional
@@ -201,16 +194,20 @@ class RunConfig:
     )
     # The consortium's client-level ledger (SQLite, all runs); "": central_dp_ledger.sqlite beside run-dir
     central_dp_ledger: str = ""
+    # Non-empty: this run is an experiment (e.g. `fedsynth experiment memorize`, server/control.py), labelled so in
+    # the run record, the cohort manifest, audit.json and both reports; the release gate refuses it.
+    experiment: str = ""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"preset: unknown {self.preset!r}; choose one of {sorted(PRESETS)}")
         if not 0 <= self.autoencoder_rounds <= self.num_server_rounds:
             raise ValueError("autoencoder-rounds must be between 0 and num-server-rounds")
-        if self.autoencoder_source not in ("federated", "public"):
-            raise ValueError("autoencoder-source must be 'federated' or 'public'")
-        if self.autoencoder_source == "federated" and self.autoencoder_rounds == 0:
-            raise ValueError("autoencoder-source 'federated' needs autoencoder-rounds >= 1")
+        if not self.pretrained and self.autoencoder_rounds == 0 and self.mode == "train":
+            raise ValueError(
+                "autoencoder-rounds 0 needs `pretrained` (a checkpoint from `fedsynth pretrain`): without one the "
+                "autoencoder must be trained at the sites (autoencoder-rounds >= 1)"
+            )
         if self.strategy not in ("fedavg", "fedadam", "fedprox"):
             raise ValueError(
                 f"strategy: unknown {self.strategy!r}; choose fedavg, fedadam or fedprox"
@@ -272,7 +269,7 @@ class RunConfig:
 
     @property
     def federated_autoencoder_rounds(self) -> int:
-        return self.autoencoder_rounds if self.autoencoder_source == "federated" else 0
+        return self.autoencoder_rounds
 
     def phase(self, server_round: int) -> str:
         """Round numbers start at 1, as in Flower."""

@@ -133,8 +133,25 @@ PROTOCOLS: dict[str, Protocol] = {
         Protocol("t2_se_3t", "se", 3.0, 5000.0, 90.0),
         Protocol("flair_1.5t", "flair", 1.5, 9000.0, 120.0, ti_ms=2400.0),
         Protocol("flair_3t", "flair", 3.0, 9000.0, 120.0, ti_ms=2500.0),
+        # The demo's PUBLIC data set (an open healthy-volunteer collection, say): T1-weighted like the sites, so
+        # pretraining on it helps, but at a field strength, timing, noise and resolution no default site uses.
+        Protocol(
+            "t1_se_1t_public",
+            "se",
+            1.0,
+            550.0,
+            12.0,
+            noise_sigma=0.02,
+            bias_strength=0.12,
+            voxel_mm=3.25,
+            slice_mm=5.0,
+        ),
     )
 }
+PUBLIC_PROTOCOL = "t1_se_1t_public"
+_PUBLIC_KEY = (
+    1_000_000  # the public set's seed stream: never a site index, so no site shares its draws
+)
 # T1-weighted protocols the default sites cycle through (a coherent modality for the federated generator).
 _SITE_CYCLE: tuple[tuple[str, float], ...] = (
     ("t1_se_1.5t", 0.25),
@@ -490,6 +507,51 @@ def _site_public(
     }
 
 
+def _write_site(
+    final: Path,
+    spec: SiteSpec,
+    key: int,
+    prefix: str,
+    site_id: str,
+    n_subjects: int,
+    dims: int,
+    size: int,
+    seed: int,
+) -> dict[str, int]:
+    """One folder in the site format (images/, masks/, labels.csv, site.json), atomically; its class counts.
+
+    Subject j draws from SeedSequence(seed, spawn_key=(key, 1 + j)) and the lesion subjects from (key, 0)."""
+    class_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(key, 0)))
+    n_lesion = 0
+    if spec.lesion_prevalence > 0:
+        n_lesion = min(n_subjects, max(1, round(spec.lesion_prevalence * n_subjects)))
+    lesion_idx = set(class_rng.choice(n_subjects, size=n_lesion, replace=False).tolist())
+    rows = []
+    with atomic_dir(final) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "masks").mkdir()
+        for j in range(n_subjects):
+            rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(key, 1 + j)))
+            is_lesion = j in lesion_idx
+            image, labels, affine = render_subject(
+                rng, spec.protocol, dims=dims, size=size, lesion=is_lesion
+            )
+            subject_id = f"{prefix}-sub{j:04d}"
+            nib.save(_nifti(image, affine), tmp / "images" / f"{subject_id}.nii.gz")
+            nib.save(_nifti(labels, affine), tmp / "masks" / f"{subject_id}.nii.gz")
+            rows.append((subject_id, CLASS_NAMES[1] if is_lesion else CLASS_NAMES[0], site_id))
+        with open(tmp / "labels.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["subject_id", "class", "site"])
+            writer.writerows(rows)
+        counts = {c: sum(r[1] == c for r in rows) for c in CLASS_NAMES}
+        public = _site_public(site_id, spec, dims, size, counts)
+        (tmp / "site.json").write_text(
+            json.dumps(public, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+    return counts
+
+
 def make_phantom_sites(
     out_dir: Path,
     n_sites: int = 3,
@@ -514,39 +576,33 @@ def make_phantom_sites(
     site_dirs = []
     for i, spec in enumerate(specs):
         final = out_dir / f"site-{i}"
-        class_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i, 0)))
-        n_lesion = 0
-        if spec.lesion_prevalence > 0:
-            n_lesion = min(n_subjects, max(1, round(spec.lesion_prevalence * n_subjects)))
-        lesion_idx = set(class_rng.choice(n_subjects, size=n_lesion, replace=False).tolist())
-        rows = []
-        with atomic_dir(final) as tmp:
-            (tmp / "images").mkdir()
-            (tmp / "masks").mkdir()
-            for j in range(n_subjects):
-                rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i, 1 + j)))
-                is_lesion = j in lesion_idx
-                image, labels, affine = render_subject(
-                    rng, spec.protocol, dims=dims, size=size, lesion=is_lesion
-                )
-                subject_id = f"site{i}-sub{j:04d}"
-                nib.save(_nifti(image, affine), tmp / "images" / f"{subject_id}.nii.gz")
-                nib.save(_nifti(labels, affine), tmp / "masks" / f"{subject_id}.nii.gz")
-                rows.append(
-                    (subject_id, CLASS_NAMES[1] if is_lesion else CLASS_NAMES[0], f"site{i}")
-                )
-            with open(tmp / "labels.csv", "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
-                writer.writerow(["subject_id", "class", "site"])
-                writer.writerows(rows)
-            counts = {c: sum(r[1] == c for r in rows) for c in CLASS_NAMES}
-            public = _site_public(f"site{i}", spec, dims, size, counts)
-            (tmp / "site.json").write_text(
-                json.dumps(public, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-            )
+        counts = _write_site(final, spec, i, f"site{i}", f"site{i}", n_subjects, dims, size, seed)
         site_dirs.append(final)
         if progress is not None:
             progress(
                 f"{spec.name}: {n_subjects} subjects ({counts['lesion']} lesion), protocol {spec.protocol.name}"
             )
     return site_dirs
+
+
+def public_spec() -> SiteSpec:
+    """The public set: healthy subjects only, one protocol (PUBLIC_PROTOCOL) that no default site uses."""
+    return SiteSpec("public", PROTOCOLS[PUBLIC_PROTOCOL], 0.0)
+
+
+def make_public_phantoms(
+    out_dir: Path, n_subjects: int = 300, dims: int = 2, size: int = 64, seed: int = 0
+) -> Path:
+    """Write a PUBLIC data folder in the site format at `out_dir` (atomically): what a consortium would download
+    from an open collection. It differs from the hospitals the way real public data does: healthy volunteers
+    only (lesions exist only at the sites) and one protocol of its own (the sites' protocols exist only at the
+    sites). Its draws never coincide with any site's, whatever the seeds."""
+    if n_subjects < 1:
+        raise ValueError(f"n_subjects must be >= 1, got {n_subjects}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    out_dir = Path(out_dir)
+    _write_site(
+        out_dir, public_spec(), _PUBLIC_KEY, "public", "public", n_subjects, dims, size, seed
+    )
+    return out_dir

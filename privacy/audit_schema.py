@@ -5,7 +5,7 @@ Schema 1.3 (strict JSON: a number that is not finite, e.g. the claimed epsilon o
     schema_version: "1.3"; created_at: ISO 8601 UTC; confidence: 0.95 (of every interval and bound)
     threat_model: {black_box, white_box, out_of_scope}
     definitions: {figure name: what it means}
-    cohort: {path, n_images, class_names, checkpoint_sha256, run_id}
+    cohort: {path, n_images, class_names, checkpoint_sha256, run_id, experiment ("" or the experiment's label)}
     run: {run_id, status, ..., central_dp: the run's client-level DP label} (from the run record, when given)
     sites: {site: {n_members, n_nonmembers,
                    claimed_privacy: {protection, epsilon, delta, accountant, ...}   (from the site's ledger)
@@ -20,10 +20,13 @@ Schema 1.3 (strict JSON: a number that is not finite, e.g. the claimed epsilon o
                                  flagged per space for released and drawn samples, distinct patients copied,
                                  lesion_regions {applicable, why_not, counts}, relative-distance histograms on
                                  fixed bins; flagged released ids also in flagged_ids)
-                   membership: {white_box, black_box, per_class: {class: {white_box, black_box}},
-                               class_coverage: {class: {n_members, n_nonmembers, status, min_records}}}, each
+                   membership: {white_box, black_box, calibrated (when the site has a reference model;
+                               else calibrated_unavailable: why), per_class: {class: {same attacks}},
+                               class_coverage: {class: {n_members, n_nonmembers, status, min_records}},
+                               canaries: the one-run audit (client/canaries.py)}, each attack
                                privacy.audit_stats.roc_summary (AUC and interval, TPR at fixed FPR points,
-                               roc_at_fpr) + epsilon_lower_bound (counts only)
+                               roc_at_fpr, resolvable, nonmembers_needed) + epsilon_lower_bound (counts only)
+                               + per_member (privacy.audit_stats.per_member_tests: counts only)
                    fidelity: {overall, per_class, reference: {holdout_patients, holdout_through_autoencoder}}
                    utility: {train_synthetic_test_real, train_real_test_real}}}
     worst_case: {figure: {value, site, class, attack}}
@@ -66,7 +69,7 @@ REQUIRED_KEYS = (
 # A membership figure from fewer records than this (per side) is reported but not used for the verdict or the
 # worst case: one member and one non-member give an AUC of 0 or 1 by chance.
 MIN_RECORDS = 10
-ATTACKS = ("white_box", "black_box")
+ATTACKS = ("white_box", "black_box", "calibrated")
 SPACES = ("pixel", "feature")
 
 REFERENCE_LABELS = {
@@ -89,6 +92,23 @@ DEFINITIONS = {
     "non-members (needs at least 100 non-members to be measured; 0.1 % needs 1000)",
     "white_box": "attack score: minus the diffusion loss of the record under the global model at fixed timesteps",
     "black_box": "attack score: minus the distance from the record to the closest synthetic image",
+    "calibrated": "attack score (LiRA / RMIA style, offline): the record's diffusion loss under a reference UNet "
+    "minus under the global model, for the same timesteps and noise, averaged over the draws (a log-likelihood "
+    "ratio under the diffusion ELBO). The reference is the UNet the run started from at the site (public warm "
+    "start or pretrained checkpoint), which never saw the site's records, so every hold-out patient stays a "
+    "non-member; absent when the site kept no reference for the run",
+    "per_member": "one test per member: its p-value is its rank among the non-members' scores, (1 + #non-members "
+    "scoring at least as high) / (1 + #non-members); reported: how many members are rejected under "
+    "Benjamini-Hochberg (false discovery rate 5 %) and Holm (family-wise 5 %), and the smallest p-value the "
+    "non-members allow (Holm cannot reject any member when it exceeds 5 % / #members)",
+    "canaries": "one-run audit (Steinke, Nasr & Jagielski 2023): each site includes each of its m canary records "
+    "(phantoms with a rare mark, never patients, never in the cohort) in training with probability 1/2, scores "
+    "them after training with the attack named, and guesses included / excluded / abstains; the number of correct "
+    "guesses bounds epsilon from below at 95 %",
+    "power": "the largest lower bound an audit of that size could give with a perfect attack; a site whose best "
+    "audit cannot reach the claim's range of interest is underpowered, and its 'no finding' says nothing",
+    "experiment": "a cohort from an experiment (cohort.experiment non-empty, e.g. the positive control "
+    "`fedsynth experiment memorize`, trained without DP on purpose) is never releasable; the gate refuses it",
     "epsilon_lower_bound": "a lower bound on epsilon, valid at 95 % confidence, implied by the attack: the "
     "threshold is chosen on a random half of the records and Clopper-Pearson bounds on its true- and "
     "false-positive rates are taken on the other half. A bound above the claimed epsilon means the DP "

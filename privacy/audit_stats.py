@@ -16,6 +16,9 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 # The ROC curve is summarised at these false-positive rates only (fixed in advance, not taken from the data).
 ROC_FPR_POINTS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5)
+# Non-members an attack needs before its TPR at a false-positive rate x can be measured at all (1 / x): with fewer,
+# the lowest non-zero false-positive rate it can show is 1 / n_nonmembers > x.
+NONMEMBERS_NEEDED = {"tpr_at_fpr_1pct": 100, "tpr_at_fpr_0_1pct": 1000}
 
 
 def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
@@ -73,7 +76,8 @@ def roc_summary(member_scores, nonmember_scores, alpha: float = 0.05) -> dict:
         "n_members": int(len(m)),
         "n_nonmembers": int(len(n)),
         "confidence": 1 - alpha,
-        "resolvable": {"tpr_at_fpr_1pct": len(n) >= 100, "tpr_at_fpr_0_1pct": len(n) >= 1000},
+        "resolvable": {k: len(n) >= need for k, need in NONMEMBERS_NEEDED.items()},
+        "nonmembers_needed": dict(NONMEMBERS_NEEDED),
     }
     if len(m) == 0 or len(n) == 0:
         return {
@@ -211,6 +215,60 @@ def empirical_epsilon_lower_bound(
         "n_members_evaluated": int(len(m_eval)),
         "n_nonmembers_evaluated": int(len(n_eval)),
     }
+
+
+def paired_calibrated_scores(target_losses, reference_losses) -> np.ndarray:
+    """Per-record calibrated membership scores (LiRA / RMIA style, offline, one reference model).
+
+    `target_losses` and `reference_losses` are (records, draws) arrays: each record's diffusion loss under the audited
+    model and under a reference model that never saw the site's records, for the SAME draws (timestep and noise) in
+    the same column. The score is the mean over draws of reference loss minus target loss: under the diffusion
+    ELBO a weighted loss is minus a log-likelihood bound, so this is a log-likelihood ratio between the two models,
+    per record. Pairing removes what the draw contributes to both losses (an easy or hard noise draw), and the
+    reference removes what the record contributes to both (an image that is easy or hard to denoise for any
+    model), which an uncalibrated loss attack confuses with membership. Higher = more likely a member."""
+    t = np.asarray(target_losses, dtype=np.float64)
+    r = np.asarray(reference_losses, dtype=np.float64)
+    if t.shape != r.shape or t.ndim != 2 or t.shape[1] == 0:
+        raise ValueError(
+            f"paired_calibrated_scores: need two (records, draws) arrays of the same shape, got {t.shape} "
+            f"and {r.shape}"
+        )
+    return _scores((r - t).mean(axis=1), "paired_calibrated_scores")
+
+
+def per_member_tests(member_scores, nonmember_scores, alpha: float = 0.05) -> dict:
+    """One test per member: is this member's score above what non-members get? Counts only.
+
+    Each member's p-value is its rank among the non-members, (1 + #non-members scoring >= it) / (1 + n_nonmembers),
+    exact and distribution-free under the null "this record is exchangeable with the non-members". Over all members:
+    how many are rejected under Benjamini-Hochberg (false discovery rate alpha) and under Holm (family-wise alpha).
+    The smallest p-value a member can get is 1 / (1 + n_nonmembers); with few non-members no member can pass Holm
+    (it needs alpha / n_members), which `holm_possible` says. Per-member p-values never leave this function."""
+    m = _scores(member_scores, "per_member_tests members")
+    n = _scores(nonmember_scores, "per_member_tests non-members")
+    out = {
+        "method": "per-member empirical p-value against the non-members' scores; Benjamini-Hochberg (FDR) and "
+        "Holm (FWER) over the members",
+        "alpha": float(alpha),
+        "n_members": int(len(m)),
+        "n_nonmembers": int(len(n)),
+        "smallest_possible_p": 1.0 / (1 + len(n)),
+        "holm_possible": bool(len(m) > 0 and 1.0 / (1 + len(n)) <= alpha / max(1, len(m))),
+        "n_rejected_bh": 0,
+        "n_rejected_holm": 0,
+    }
+    if len(m) == 0 or len(n) == 0:
+        return out
+    ns = np.sort(n)
+    p = (1 + len(n) - np.searchsorted(ns, m, side="left")) / (1 + len(n))
+    ps = np.sort(p)
+    k = np.arange(1, len(p) + 1)
+    below = np.flatnonzero(ps <= alpha * k / len(p))
+    out["n_rejected_bh"] = int(below[-1] + 1) if len(below) else 0
+    holm_ok = ps <= alpha / (len(p) - k + 1)
+    out["n_rejected_holm"] = int(len(p) if holm_ok.all() else np.argmin(holm_ok))
+    return out
 
 
 def worst_case(summaries: dict[str, dict], min_records: int = 10) -> dict:

@@ -28,6 +28,9 @@ Rules:
                                  `allow_inconclusive`, but NEVER when a site did not answer: an unanswered audit is
                                  not evidence); a "fail" caused only by near-copies counts as the verdict the
                                  audit's rule gives once they are discounted, when they are withheld
+    not_an_experiment            the cohort does not come from an experiment (`fedsynth experiment memorize`, a
+                                 deliberately memorising control without DP): such a cohort is never releasable,
+                                 whatever the other rules say
 `required_approvals` is not a rule of the gate: it is how many privacy officers must sign a release that passed.
 """
 
@@ -561,6 +564,19 @@ def evaluate_policy(
         *_quality_rules(policy, audit),
         _verdict_rule(policy, audit, withheld),
     ]
+    experiment = str((audit.get("cohort") or {}).get("experiment") or "")
+    if experiment:
+        rules.insert(
+            0,
+            RuleResult(
+                "not_an_experiment",
+                False,
+                "experiment",
+                "not an experiment",
+                "",
+                f"this cohort comes from an experiment and is never releasable: {experiment}",
+            ),
+        )
     if not sites(audit):
         rules.insert(
             0,

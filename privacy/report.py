@@ -101,8 +101,14 @@ def _roc_points(res: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def _roc_plot(sites: dict) -> str:
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, kind in zip(axes, ("white_box", "black_box"), strict=True):
+    kinds = [
+        k
+        for k in ("white_box", "calibrated", "black_box")
+        if k != "calibrated"
+        or any("calibrated" in (s.get("membership") or {}) for s in sites.values())
+    ]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2))
+    for ax, kind in zip(axes, kinds, strict=True):
         for name, site in sites.items():
             res = (site.get("membership") or {}).get(kind)
             if not res:
@@ -238,7 +244,7 @@ def _privacy_rows(sites: dict) -> list[list]:
         claimed = finite(cp.get("epsilon"))
         lbs = {
             kind: max([eps_lower_bound(r) for _, k, r in attacks(site) if k == kind], default=None)
-            for kind in ("white_box", "black_box")
+            for kind in ("white_box", "calibrated", "black_box")
         }
         worst = max([x for x in lbs.values() if x is not None], default=0.0)
         suspect = claimed is not None and worst > claimed
@@ -253,6 +259,7 @@ def _privacy_rows(sites: dict) -> list[list]:
                 fmt_number(cp.get("delta")),
                 cp.get("accountant", ""),
                 fmt_number(lbs["white_box"]),
+                fmt_number(lbs["calibrated"]),
                 fmt_number(lbs["black_box"]),
                 _cell(status, suspect),
                 f"{fmt_number(site.get('n_members'))} / {fmt_number(site.get('n_nonmembers'))}",
@@ -273,6 +280,15 @@ def _membership_rows(sites: dict) -> list[list]:
                 if "true_positives" in lb
                 else str(lb.get("note", "n/a"))
             )
+            need = r.get("nonmembers_needed") or {}
+            pm = r.get("per_member") or {}
+            per_member = (
+                f"{pm.get('n_rejected_bh')} (BH) / {pm.get('n_rejected_holm')} (Holm) of "
+                f"{fmt_number(pm.get('n_members'))}; smallest possible p {fmt_number(pm.get('smallest_possible_p'))}"
+                + ("" if pm.get("holm_possible", True) else ", Holm unreachable")
+                if pm
+                else "n/a"
+            )
             rows.append(
                 [
                     name,
@@ -281,14 +297,58 @@ def _membership_rows(sites: dict) -> list[list]:
                     fmt_number(r.get("auc")),
                     _ci(r.get("auc_ci")),
                     fmt_number(r.get("tpr_at_fpr_1pct"))
-                    + ("" if res.get("tpr_at_fpr_1pct", True) else " (unresolved)"),
+                    + _unresolved(res, need, "tpr_at_fpr_1pct"),
                     fmt_number(r.get("tpr_at_fpr_0_1pct"))
-                    + ("" if res.get("tpr_at_fpr_0_1pct", True) else " (unresolved)"),
+                    + _unresolved(res, need, "tpr_at_fpr_0_1pct"),
+                    per_member,
                     fmt_number(lb.get("epsilon_lower_bound")),
                     counts,
                     f"{fmt_number(r.get('n_members'))} / {fmt_number(r.get('n_nonmembers'))}",
                 ]
             )
+    return rows
+
+
+def _unresolved(resolvable: dict, needed: dict, key: str) -> str:
+    if resolvable.get(key, True):
+        return ""
+    return f" (unresolved: needs {needed[key]} non-members)" if key in needed else " (unresolved)"
+
+
+def _power_rows(audit: dict) -> list[list]:
+    """Per site: the one-run canary audit (its bound, counts and attack) and what every bound could reach at most
+    (privacy/power.py, as the verdict judged it)."""
+    power = (audit.get("verdict") or {}).get("power") or {}
+    rows = []
+    for name, site in (audit.get("sites") or {}).items():
+        can = (site.get("membership") or {}).get("canaries") or {}
+        p = power.get(name) or {}
+        n = can.get("n_canaries") or 0
+        rows.append(
+            [
+                name,
+                f"{fmt_number(n)}"
+                + (f" ({fmt_number(can.get('n_included'))} included)" if n else ""),
+                can.get("attack") or can.get("note") or "n/a",
+                f"{fmt_number(can.get('correct'))} / {fmt_number(can.get('guesses'))}"
+                if n
+                else "n/a",
+                fmt_number(can.get("epsilon_lower_bound")),
+                fmt_number(can.get("power")),
+                fmt_number(p.get("holdout_power")),
+                fmt_number(p.get("range_of_interest")),
+                _cell(
+                    "underpowered"
+                    if p.get("underpowered")
+                    else (
+                        "not judged (no finite claim)"
+                        if p.get("underpowered") is None
+                        else "powered"
+                    ),
+                    bool(p.get("underpowered")),
+                ),
+            ]
+        )
     return rows
 
 
@@ -459,6 +519,8 @@ def _common(audit: dict, source_sha256: str | None) -> dict:
         "definitions": audit.get("definitions") or {},
         "central": central,
         "central_epsilon": fmt_number(finite(central.get("epsilon"))),
+        "experiment": str(cohort.get("experiment") or ""),
+        "power_rows": _power_rows(audit),
         "fmt": fmt_number,
     }
 

@@ -164,6 +164,8 @@ def write_cohort_audit(
             "class_names": class_names,
             "checkpoint_sha256": manifest["checkpoint"]["sha256"],
             "run_id": manifest["checkpoint"]["run_id"],
+            # an experiment's cohort (server/control.py) says so everywhere; the release gate refuses it
+            "experiment": (manifest.get("run_config") or {}).get("experiment") or "",
         },
         failures=failures,
         run_record=run_record,

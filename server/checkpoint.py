@@ -9,14 +9,21 @@ A checkpoint is a torch file holding a dict with exactly these keys:
     autoencoder       the autoencoder's state dict
     unet              the diffusion UNet's state dict
     server_optimizer  a server optimiser's moments (FedAdam), or None
+    pretraining       where the starting weights came from, or None (trained from scratch at the sites):
+                      {"public_data_sha256", "public_files", "public_dir", "preset", "autoencoder_steps",
+                      "unet_steps", "batch_size", "class_dropout", "seed", "seconds", "created", ...}; in a run's
+                      checkpoints also "checkpoint" and "checkpoint_sha256" of the pretrained file it started from
+
+Two kinds: a run's checkpoints (`save`: round-NNN.pt and latest.pt in its run folder) and a public pretrained
+checkpoint (`write`: one file, made by `fedsynth pretrain`, server/pretrain.py; run_state.completed_round 0).
 
 The UNet has one class embedding per class plus the null class of classifier-free guidance (common/model.py);
 a checkpoint from before guidance (one embedding per class only) is refused, naming the file, because its UNet
 has no unconditional prediction to guide with: pretrain and train again with this version.
 
 Legacy: checkpoints written before `model_config.prediction_type` existed predicted the noise, so they load as
-"epsilon"; those written before `server_optimizer` existed load with None. Any other missing or unknown key is an
-error naming the file.
+"epsilon"; those written before `server_optimizer` or `pretraining` existed load with None. Any other missing or
+unknown key is an error naming the file.
 """
 
 from __future__ import annotations
@@ -42,8 +49,12 @@ KEYS = {
     "autoencoder",
     "unet",
     "server_optimizer",
+    "pretraining",
 }
-LEGACY_KEYS = {"server_optimizer": None}  # absent in checkpoints written before the field
+LEGACY_KEYS = {
+    "server_optimizer": None,
+    "pretraining": None,
+}  # absent in checkpoints written before them
 LEGACY_MODEL_CONFIG = {"prediction_type": "epsilon"}  # old checkpoints predicted noise
 
 
@@ -73,11 +84,10 @@ class Checkpoint:
     autoencoder: dict[str, torch.Tensor]
     unet: dict[str, torch.Tensor]
     server_optimizer: dict[str, Any] | None = None
+    pretraining: dict[str, Any] | None = None
 
-    def save(self, run_dir: RunFolder | Path | str) -> Path:
-        """Write round-NNN.pt and latest.pt in the run's checkpoints folder, each atomically; returns the first."""
-        folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(Path(run_dir))
-        payload = {
+    def _payload(self) -> dict[str, Any]:
+        return {
             "format": FORMAT,
             "model_config": dataclasses.asdict(self.model_config),
             "run_config": dict(self.run_config),
@@ -85,7 +95,20 @@ class Checkpoint:
             "autoencoder": self.autoencoder,
             "unet": self.unet,
             "server_optimizer": self.server_optimizer,
+            "pretraining": self.pretraining,
         }
+
+    def write(self, path: Path | str) -> Path:
+        """Write this checkpoint to one file (a pretrained checkpoint), atomically: temp file, then rename."""
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            torch.save(self._payload(), tmp)
+        return path
+
+    def save(self, run_dir: RunFolder | Path | str) -> Path:
+        """Write round-NNN.pt and latest.pt in the run's checkpoints folder, each atomically; returns the first."""
+        folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(Path(run_dir))
+        payload = self._payload()
         path = folder.checkpoint(self.run_state.completed_round)
         for target in (path, folder.latest_checkpoint):
             with atomic_path(target) as tmp:
@@ -125,6 +148,7 @@ class Checkpoint:
             autoencoder=payload["autoencoder"],
             unet=payload["unet"],
             server_optimizer=payload["server_optimizer"],
+            pretraining=payload["pretraining"],
         )
 
     def models(self, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module]:

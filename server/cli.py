@@ -4,7 +4,10 @@ fedsynth [-v|-q] COMMAND ...   -v: every log line at the terminal; -q: warnings,
 Full logs always go to a file in the run folder (demo: DIR/run/demo.log); the terminal shows progress per stage.
 
 fedsynth demo [--out DIR] [--dims 2|3]           the whole path on loopback: phantoms -> TLS federation -> cohort -> release
-fedsynth phantoms --sites N --subjects M --out DIR [--dims 2|3] [--seed S]
+fedsynth phantoms --sites N --subjects M --out DIR [--dims 2|3] [--seed S]   (--public: the demo's public set)
+fedsynth pretrain --public DIR --preset P --out FILE [--autoencoder-steps N] [--unet-steps N] [--batch-size B]
+                                                 the autoencoder and UNet on PUBLIC data only: RunConfig `pretrained`
+fedsynth experiment memorize [--out DIR]        EXPERIMENT: the audit's positive control (no DP; must FAIL; never releasable)
 fedsynth site check DIR                          what a site's folder holds, and every problem in it
 fedsynth site migrate-ledger --site-dir DIR      convert an old (fingerprint-keyed) privacy ledger, conservatively
 fedsynth synthesize --checkpoint CKPT --per-class N --out DIR [--device D] [--workers W]   (resumes a half-written DIR)
@@ -39,8 +42,16 @@ def _say(msg: str) -> None:
 
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
-    from common.phantoms import make_phantom_sites
+    from common.phantoms import PUBLIC_PROTOCOL, make_phantom_sites, make_public_phantoms
 
+    if args.public:
+        out = make_public_phantoms(
+            Path(args.out), n_subjects=args.subjects, dims=args.dims, size=args.size, seed=args.seed
+        )
+        args.console.result(
+            f"public set in {out}: {args.subjects} healthy subjects, protocol {PUBLIC_PROTOCOL} (no site uses it)"
+        )
+        return 0
     sites = make_phantom_sites(
         Path(args.out),
         n_sites=args.sites,
@@ -121,6 +132,30 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from server.pretrain import PretrainConfig, pretrain
+
+    out = Path(args.out)
+    args.console.log_to(out.parent / f"{out.name}.log")
+    pre = PretrainConfig(
+        public_dir=args.public,
+        out=str(out),
+        preset=args.preset,
+        autoencoder_steps=args.autoencoder_steps,
+        unet_steps=args.unet_steps,
+        batch_size=args.batch_size,
+        class_dropout=args.class_dropout,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    path = pretrain(pre, say=args.console.say)
+    args.console.result(
+        f'pretrained checkpoint {path}: use it with the run config `pretrained = "{path.resolve()}"`; '
+        f"full log: {args.console.log_file}"
+    )
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from server.synthesis import verify_cohort
 
@@ -152,10 +187,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         dims=args.dims,
         rounds=args.rounds,
         subjects=args.subjects,
+        public_subjects=args.public_subjects,
+        threads=args.threads,
         insecure=args.insecure,
         epsilon=args.epsilon,
     )
     return run_demo(opts, args.console)
+
+
+def cmd_experiment_memorize(args: argparse.Namespace) -> int:
+    from server.control import ControlOptions, run_control
+
+    opts = ControlOptions(
+        out=Path(args.out),
+        preset=args.preset,
+        sites=args.sites,
+        subjects=args.subjects,
+        canaries=args.canaries,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        insecure=args.insecure,
+    )
+    return run_control(opts, args.console)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -562,11 +615,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="federated rounds (default: the preset's demo plan)",
     )
     d.add_argument("--subjects", type=int, default=None, help="patients per phantom site")
+    d.add_argument(
+        "--public-subjects", type=int, default=None, help="healthy subjects in the public data set"
+    )
+    d.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads of the server's pretraining and of each site (0: auto; 1 on a busy machine)",
+    )
     d.add_argument("--epsilon", type=float, default=10.0, help="each site's privacy budget")
     d.add_argument(
         "--insecure", action="store_true", help="no TLS, no node authentication (debugging only)"
     )
     d.set_defaults(fn=cmd_demo)
+
+    ex = sub.add_parser(
+        "experiment",
+        help="EXPERIMENTS, never releasable (labelled so everywhere; the gate refuses them)",
+    )
+    ex_sub = ex.add_subparsers(dest="experiment_command", required=True)
+    mz = ex_sub.add_parser(
+        "memorize",
+        help="the audit's positive control: a memorising NON-DP federation with planted patient copies; the "
+        "audit must fail (server/control.py)",
+    )
+    mz.add_argument("--out", default="fedsynth-control")
+    mz.add_argument("--preset", default="tiny")
+    mz.add_argument("--sites", type=int, default=2)
+    mz.add_argument("--subjects", type=int, default=16, help="patients per phantom site")
+    mz.add_argument("--canaries", type=int, default=128, help="canaries per site")
+    mz.add_argument("--rounds", type=int, default=2)
+    mz.add_argument("--local-epochs", type=int, default=30, help="full-batch steps per round")
+    mz.add_argument("--insecure", action="store_true", help="no TLS (debugging only)")
+    mz.set_defaults(fn=cmd_experiment_memorize)
 
     ph = sub.add_parser("phantoms", help="write physics-phantom hospitals (NIfTI + labels.csv)")
     ph.add_argument("--sites", type=int, default=3)
@@ -575,7 +657,35 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--dims", type=int, choices=(2, 3), default=2)
     ph.add_argument("--size", type=int, default=64)
     ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument(
+        "--public",
+        action="store_true",
+        help="write ONE public folder at --out instead: healthy subjects only, a protocol no site uses",
+    )
     ph.set_defaults(fn=cmd_phantoms)
+
+    pt = sub.add_parser(
+        "pretrain",
+        help="train the autoencoder and the diffusion UNet on a PUBLIC folder (site format); the checkpoint "
+        "starts runs (run config `pretrained`)",
+    )
+    pt.add_argument(
+        "--public", required=True, help="the public data folder (NIfTI/DICOM + labels.csv)"
+    )
+    pt.add_argument("--preset", default="small", help="model preset (the runs using it must match)")
+    pt.add_argument("--out", required=True, help="the checkpoint file to write (atomically)")
+    pt.add_argument("--autoencoder-steps", type=int, default=400)
+    pt.add_argument("--unet-steps", type=int, default=1200)
+    pt.add_argument("--batch-size", type=int, default=16)
+    pt.add_argument(
+        "--class-dropout",
+        type=float,
+        default=0.1,
+        help="share of labels replaced by the null class (classifier-free guidance)",
+    )
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    pt.set_defaults(fn=cmd_pretrain)
 
     site = sub.add_parser("site", help="site data tools")
     site_sub = site.add_subparsers(dest="site_command", required=True)

@@ -1,23 +1,31 @@
-"""`fedsynth demo`: three phantom hospitals, a TLS federation on loopback, DP training, a synthetic cohort.
+"""`fedsynth demo`: three phantom hospitals, public pretraining, a TLS federation on loopback, DP fine-tuning at
+the sites, a synthetic cohort, its audit and a release candidate.
 
-Everything a real consortium would run, on one machine: a SuperLink with TLS and SuperNode authentication, one
-SuperNode per hospital pointed at its own folder, the Flower app, then synthesis. Every process it starts is
-stopped when it ends, on failure and on Ctrl-C (server.deployment owns that).
+Everything a real consortium would run, on one machine: a public data folder that differs from the hospitals the
+way real public data does (healthy volunteers only, one protocol no site uses: common/phantoms.py), `fedsynth
+pretrain` on it (once: the checkpoint is cached in the demo's folder, keyed by the preset, the steps and the public
+data's hash, and reused by later runs), a SuperLink with TLS and SuperNode authentication, one SuperNode per
+hospital pointed at its own folder, the Flower app, then synthesis. Every process it starts is stopped when it
+ends, on failure and on Ctrl-C (server.deployment owns that).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig, model_config
-from common.phantoms import make_phantom_sites
+from common.phantoms import PUBLIC_PROTOCOL, make_phantom_sites, make_public_phantoms
+from server.checkpoint import Checkpoint
 from server.deployment import DeploymentError, run_federation
+from server.pretrain import PretrainConfig, pretrain, public_data_hash
 from server.run_folder import RunFolder
 from server.terminal import Console, format_seconds
 
@@ -52,6 +60,10 @@ class DemoOptions:
     dims: int = 2  # 2: one axial slice per patient; 3: whole volumes
     rounds: int | None = None
     subjects: int | None = None
+    public_subjects: int | None = None
+    threads: int = (
+        0  # pretraining and each site; 0: torch's default at the server, cores / sites at each site
+    )
     sites: int = 3
     insecure: bool = False
     epsilon: float = 10.0
@@ -69,44 +81,135 @@ class DemoOptions:
         object.__setattr__(self, "preset", preset)
 
 
-def demo_run_config_3d(opts: DemoOptions, run_dir: Path) -> RunConfig:
-    """The 3-D demo's plan: both phases trained with DP-SGD at the sites (one autoencoder round, then the diffusion
-    UNet, warm-started on public phantom volumes encoded by that federated autoencoder)."""
-    return RunConfig(
-        preset=opts.preset,
-        num_server_rounds=opts.rounds or 2,
-        autoencoder_rounds=1,
-        autoencoder_source="federated",
-        public_unet_steps=10,  # measured at load ~20 on 2 cores: 17 s/step; after one DP autoencoder round
-        public_phantoms=24,  # the samples are noise however long the warm start, so it is kept short
+# Per preset: the public set's size and the pretraining steps (server/pretrain.py), the phantom hospitals' size
+# and the federated plan. `small` (the default) is sized for a 2-core CPU: see the README's demo section.
+DEMO_PLANS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        subjects=16,
+        holdout=0.25,
+        public=24,
+        ae_steps=40,
+        unet_steps=40,
+        pretrain_batch=8,
+        rounds=2,
+        ae_rounds=0,
         local_epochs=1,
         batch_size=8,
-        min_sites=min(2, opts.sites),
-        run_dir=str(run_dir),
-        synthesize_per_class=4,
-    )
+        lr=1e-3,
+        per_class=4,
+    ),
+    "small": dict(
+        # 310 patients per site, 35 % held out for the audit: 101-115 hold-out patients at each site, so TPR at
+        # 1 % FPR is measurable (it needs 100), and about 200 training patients each (DP time grows with them)
+        subjects=310,
+        holdout=0.35,
+        public=300,
+        ae_steps=400,
+        unet_steps=1200,
+        pretrain_batch=16,
+        rounds=2,
+        ae_rounds=0,
+        local_epochs=3,
+        batch_size=32,
+        lr=5e-5,
+        per_class=200,
+    ),
+    "tiny3d": dict(
+        # one DP autoencoder round at the sites, from the public autoencoder; the samples are noise at this size
+        subjects=20,
+        holdout=0.25,
+        public=12,
+        ae_steps=10,
+        unet_steps=10,
+        pretrain_batch=4,
+        rounds=2,
+        ae_rounds=1,
+        local_epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        per_class=4,
+    ),
+}
 
 
-def demo_run_config(opts: DemoOptions, run_dir: Path) -> RunConfig:
-    """The demo's plan: a public-phantom autoencoder and UNet warm start, then DP fine-tuning at the sites."""
-    if opts.dims == 3:
-        return demo_run_config_3d(opts, run_dir)
-    tiny = opts.preset == "tiny"
+def demo_plan(opts: DemoOptions) -> dict[str, Any]:
+    return DEMO_PLANS.get(opts.preset, DEMO_PLANS["small"])
+
+
+def demo_run_config(opts: DemoOptions, run_dir: Path, pretrained: Path | str = "") -> RunConfig:
+    """The demo's plan: DP fine-tuning at the sites of the public pretrained checkpoint, then a cohort and its
+    audit."""
+    plan = demo_plan(opts)
     return RunConfig(
         preset=opts.preset,
-        num_server_rounds=opts.rounds or 2,
-        autoencoder_rounds=0,
-        autoencoder_source="public",
-        public_autoencoder_steps=40 if tiny else 400,
-        public_unet_steps=40 if tiny else 1200,
-        public_phantoms=24 if tiny else 120,
-        local_epochs=1 if tiny else 3,
-        batch_size=8 if tiny else 32,
-        lr_diffusion=1e-3 if tiny else 5e-5,  # DP fine-tuning of a warm-started model: small steps
+        pretrained=str(pretrained),
+        num_server_rounds=opts.rounds or plan["rounds"],
+        autoencoder_rounds=plan["ae_rounds"],
+        local_epochs=plan["local_epochs"],
+        batch_size=plan["batch_size"],
+        lr_diffusion=plan["lr"],
         min_sites=min(2, opts.sites),
         run_dir=str(run_dir),
-        synthesize_per_class=4 if tiny else 8,
+        synthesize_per_class=plan["per_class"],
     )
+
+
+def demo_pretrain_config(opts: DemoOptions, public_dir: Path, out: Path) -> PretrainConfig:
+    plan = demo_plan(opts)
+    return PretrainConfig(
+        public_dir=str(public_dir),
+        out=str(out),
+        preset=opts.preset,
+        autoencoder_steps=plan["ae_steps"],
+        unet_steps=plan["unet_steps"],
+        batch_size=plan["pretrain_batch"],
+        threads=opts.threads,
+    )
+
+
+def pretrained_cache_path(pre: PretrainConfig, public_sha256: str, cache_dir: Path) -> Path:
+    """Where the demo keeps the checkpoint of this pretraining: named by a hash of everything that decides it
+    (the preset, the steps, the batch, the class dropout, the seed, the public data's content hash)."""
+    key = {
+        **{
+            k: v
+            for k, v in dataclasses.asdict(pre).items()
+            if k not in ("public_dir", "out", "threads")
+        },
+        "public_data_sha256": public_sha256,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir / f"{pre.preset}-{digest}.pt"
+
+
+def make_public_set(opts: DemoOptions, out: Path, console: Console) -> Path:
+    public = out / "public"
+    if public.exists():
+        console.say(f"[2/5] reusing the public data set in {public}")
+        return public
+    n = opts.public_subjects or demo_plan(opts)["public"]
+    console.say(
+        f"[2/5] making the public data set in {public}: {n} healthy volunteers, one protocol "
+        f"({PUBLIC_PROTOCOL}) that no hospital uses"
+    )
+    size = 64 if opts.dims == 2 else model_config(opts.preset).image_size
+    return make_public_phantoms(public, n_subjects=n, dims=opts.dims, size=size, seed=0)
+
+
+def demo_pretrained(opts: DemoOptions, out: Path, public: Path, console: Console) -> Path:
+    """The public pretrained checkpoint: made once by `fedsynth pretrain`'s code, then reused from the cache."""
+    digest, _ = public_data_hash(public)
+    pre = demo_pretrain_config(opts, public, out / "pretrained" / "pending.pt")
+    path = pretrained_cache_path(pre, digest, out / "pretrained")
+    if path.exists():
+        made = (Checkpoint.load(path).pretraining or {}).get("created", "an unknown date")
+        console.say(f"[3/5] reusing the public checkpoint made on {made}: {path}")
+        return path
+    console.say(
+        f"[3/5] public pretraining (once; later runs reuse it): autoencoder {pre.autoencoder_steps} steps, "
+        f"diffusion UNet {pre.unet_steps} steps on {public} -> {path}"
+    )
+    return pretrain(dataclasses.replace(pre, out=str(path)), say=console.detail)
 
 
 def write_app_dir(app_dir: Path, run: RunConfig) -> Path:
@@ -118,7 +221,9 @@ def write_app_dir(app_dir: Path, run: RunConfig) -> Path:
     return app_dir
 
 
-def demo_node_configs(out: Path, epsilon: float) -> list[dict]:
+def demo_node_configs(
+    out: Path, epsilon: float, threads: int = 0, holdout: float = 0.25
+) -> list[dict]:
     site_dirs = sorted(
         p for p in (out / "sites").iterdir() if p.is_dir() and (p / "labels.csv").exists()
     )
@@ -128,7 +233,8 @@ def demo_node_configs(out: Path, epsilon: float) -> list[dict]:
             "site-name": d.name,
             "state-dir": str(out / "site-state" / d.name),
             "epsilon": epsilon,
-            "threads": max(1, (os.cpu_count() or 1) // len(site_dirs)),
+            "threads": threads or max(1, (os.cpu_count() or 1) // len(site_dirs)),
+            "holdout-fraction": holdout,
         }
         for d in site_dirs
     ]
@@ -252,11 +358,11 @@ def publish_demo_release(out: Path) -> dict[str, Any]:
 def make_demo_sites(opts: DemoOptions, out: Path, console: Console) -> None:
     sites_dir = out / "sites"
     if sites_dir.exists():
-        console.say(f"[1/4] reusing the phantom hospitals in {sites_dir}")
+        console.say(f"[1/5] reusing the phantom hospitals in {sites_dir}")
         return
-    subjects = opts.subjects or {"tiny": 16, "tiny3d": 20}.get(opts.preset, 120)
+    subjects = opts.subjects or demo_plan(opts)["subjects"]
     console.say(
-        f"[1/4] making {opts.sites} phantom hospitals with {subjects} patients each in {sites_dir}"
+        f"[1/5] making {opts.sites} phantom hospitals with {subjects} patients each in {sites_dir}"
     )
     make_phantom_sites(
         sites_dir,
@@ -269,14 +375,15 @@ def make_demo_sites(opts: DemoOptions, out: Path, console: Console) -> None:
     )
 
 
-def train_in_federation(opts: DemoOptions, out: Path, console: Console) -> None:
+def train_in_federation(opts: DemoOptions, out: Path, pretrained: Path, console: Console) -> None:
     """Federated training, synthesis and the sites' audit: one Flower run over TLS on loopback."""
-    run = demo_run_config(opts, out / "run")
-    node_configs = demo_node_configs(out, opts.epsilon)
+    run = demo_run_config(opts, out / "run", pretrained)
+    node_configs = demo_node_configs(out, opts.epsilon, opts.threads, demo_plan(opts)["holdout"])
     app_dir = write_app_dir(out / "app", run)
     console.say(
-        f"[2/4] federation on loopback ({'INSECURE: no TLS' if opts.insecure else 'TLS + SuperNode authentication'}): "
-        f"{len(node_configs)} sites, public pretraining, {run.num_server_rounds} DP rounds, synthesis, audit"
+        f"[4/5] federation on loopback ({'INSECURE: no TLS' if opts.insecure else 'TLS + SuperNode authentication'}): "
+        f"{len(node_configs)} sites, {run.num_server_rounds} DP rounds from the public checkpoint, synthesis of "
+        f"{run.synthesize_per_class * model_config(run.preset).num_classes} images, audit"
     )
     run_federation(
         app_dir,
@@ -290,29 +397,57 @@ def train_in_federation(opts: DemoOptions, out: Path, console: Console) -> None:
     )
 
 
+# What one demo run leaves (kept: the phantom hospitals, the public set and the pretrained checkpoints)
+RUN_OUTPUTS = ("run", "release", "portal", "keys", "site-state", "app", "deployment", "portal-tls")
+
+
+def set_aside_previous_run(out: Path, console: Console) -> None:
+    """A second `fedsynth demo` in the same folder starts a new run: the previous one moves, whole, to
+    out/previous/<time>/ (nothing is deleted). Its phantom hospitals' privacy ledgers go with it, so the new run
+    has the budget again: a demo convenience on phantom patients; a real site's ledger is never reset."""
+    found = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if not (out / "run").exists():
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest = out / "previous" / stamp
+    dest.mkdir(parents=True)
+    for name in found:
+        shutil.move(str(out / name), str(dest / name))
+    console.say(
+        f"the previous demo run moved to {dest} (with its phantom hospitals' privacy ledgers: a new demo run "
+        "starts with the full budget on the same phantom patients; a real site's ledger is never reset)"
+    )
+
+
 def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
     """The whole path; ends with `demo_summary`. 0 when it produced a cohort (released, pending or blocked: the
     summary says which), 1 when the federation failed or produced none."""
     console = console or Console()
     out = opts.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    set_aside_previous_run(out, console)
     folder = RunFolder(out / "run")
-    if folder.cohort.exists():
-        raise FileExistsError(f"{folder.cohort} exists: choose another --out or remove it")
     console.log_to(folder.log("demo"))
     seconds: dict[str, float] = {}
     t0 = time.monotonic()
     make_demo_sites(opts, out, console)
     seconds["phantom hospitals"] = time.monotonic() - t0
+    t1 = time.monotonic()
+    public = make_public_set(opts, out, console)
+    seconds["public data set"] = time.monotonic() - t1
+    t1 = time.monotonic()
+    pretrained = demo_pretrained(opts, out, public, console)
+    seconds["public pretraining"] = time.monotonic() - t1
     t1, failed = time.monotonic(), False
     try:
-        train_in_federation(opts, out, console)
+        train_in_federation(opts, out, pretrained, console)
     except DeploymentError as err:  # the summary below still says where things stand
         console.warn(f"ERROR: the federation failed: {err}")
         failed = True
     seconds["federation"] = time.monotonic() - t1
     release = None
     if folder.cohort.exists() and (folder.audit / "audit.json").exists():
-        console.say("[3/4] release candidate: policy gate, signed release, portal folder")
+        console.say("[5/5] release candidate: policy gate, signed release, portal folder")
         t2 = time.monotonic()
         try:
             release = publish_demo_release(out)
@@ -320,24 +455,25 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
             console.warn(f"the release was not prepared ({type(err).__name__}: {err})")
         seconds["release"] = time.monotonic() - t2
     seconds["total"] = time.monotonic() - t0
-    console.say("[4/4] done")
+    console.say("done")
     console.result(demo_summary(out, stage_times(seconds, console.stage_seconds), release))
     console.result(f"full log: {console.log_file}")
     return 0 if folder.cohort.exists() and not failed else 1
 
 
 def stage_times(measured: dict[str, float], reported: dict[str, float]) -> list[tuple[str, float]]:
-    """Time per stage: what the demo measured itself, split by what the ServerApp's stages reported."""
+    """Time per stage: what the demo measured itself, the federation split by what the ServerApp's stages
+    reported."""
     inside = [
-        (
-            "public pretraining",
-            sum(v for k, v in reported.items() if k.startswith("public pretraining")),
-        ),
         ("federated rounds", reported.get("round", 0.0)),
         ("synthesis", reported.get("synthesis", 0.0)),
         ("audit", reported.get("audit", 0.0)),
     ]
-    rows = [("phantom hospitals", measured.get("phantom hospitals", 0.0))]
+    rows = [
+        (name, measured[name])
+        for name in ("phantom hospitals", "public data set", "public pretraining")
+        if name in measured
+    ]
     if "federation" in measured:
         rows += [(name, s) for name, s in inside if s > 0]
         rows.append(
@@ -367,6 +503,7 @@ def demo_summary(out: Path, times: list[tuple[str, float]], release: dict[str, A
     lines += _wrap_items("time:", [f"{name} {format_seconds(s)}" for name, s in times])
     status = f"{record['status']}, {record['completed_round']}/{record['num_server_rounds']} rounds"
     lines.append(f"run:       {status}" + (f" ({record['reason']})" if record["reason"] else ""))
+    lines += public_lines(record.get("pretraining"))
     lines += privacy_lines(folder.root)
     audit_path = folder.audit / "audit.json"
     if not folder.cohort.exists():
@@ -401,6 +538,23 @@ def _wrap_items(label: str, items: list[str], width: int = 110) -> list[str]:
             lines.append(" " * 11)
         lines[-1] += ("" if len(lines[-1]) == 11 else " ") + text
     return lines
+
+
+def public_lines(p: dict[str, Any] | None) -> list[str]:
+    """Where the run's starting weights came from: the public checkpoint and its data, as run.json records them."""
+    if not p:
+        return ["public:    none: the models were trained from scratch at the sites"]
+    counts = ", ".join(f"{n} {c}" for c, n in p["public_class_counts"].items())
+    return _wrap_items(
+        "public:",
+        [
+            f"pretrained on {p['public_images']} public images ({counts})",
+            f"data sha256 {p['public_data_sha256'][:12]}",
+            f"autoencoder {p['autoencoder_steps']} + UNet {p['unet_steps']} steps in "
+            f"{format_seconds(p['seconds'])}",
+            f"checkpoint {Path(p['checkpoint']).name} (sha256 {p['checkpoint_sha256'][:12]}, made {p['created']})",
+        ],
+    )
 
 
 def privacy_lines(run_dir: Path) -> list[str]:

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -570,15 +571,15 @@ def run_app(
     ]
     deadline = time.time() + timeout_s
     for attempt in range(MAX_RESUBMITS + 1):
-        restarts_before = link.restarts
+        restarts_before = (link.restarts, link.superexec_restarts)
         result = _follow_run(link, argv, deadline, timeout_s, progress, on_output or progress)
         if result.status == "finished:completed" and result.returncode == 0:
             return result
-        if link.database is None or link.restarts == restarts_before or attempt == MAX_RESUBMITS:
-            break
+        if (link.restarts, link.superexec_restarts) == restarts_before or attempt == MAX_RESUBMITS:
+            break  # the app itself failed (or keeps failing): submitting it again would not help
         progress(
-            f"run {result.run_id} ended {result.status} after a SuperLink restart; submitting it again "
-            "with the same run config: it resumes from its last checkpoint"
+            f"run {result.run_id} ended {result.status} after a SuperLink or SuperExec restart; submitting "
+            "it again with the same run config: it resumes from its last checkpoint"
         )
     raise DeploymentError(
         f"the Flower run ended with status {result.status!r} (flwr exit code {result.returncode}); last lines "
@@ -610,14 +611,23 @@ def _follow_run(
     logs |= {"run": run_log, "flwr": link.procs.log_dir / "flwr.log"}
     pending, dead = b"", set()
     run_id, status = None, "not started"
+    # `flwr log` replays the run's log from its start: each line already passed on is passed on once only
+    emitted: Counter[str] = Counter()
+    already, replayed = Counter(), Counter()
+    superexec_restarts, orphan_stopped, next_stop = link.superexec_restarts, False, 0.0
     with open(run_log, "rb") as f:
         while True:
             done = proc.poll() is not None
             *lines, pending = (pending + f.read()).split(b"\n")
             for line in [*lines, pending] if done else lines:
                 text = re.sub(r"\x1b\[[0-9;]*m", "", line.decode(errors="replace")).rstrip()
-                if text.strip() and not text.startswith("$ "):
-                    output(text)
+                if not text.strip() or text.startswith("$ "):
+                    continue
+                replayed[text] += 1
+                if replayed[text] <= already[text]:
+                    continue
+                emitted[text] += 1
+                output(text)
             if done:
                 pending = b""
                 run_id = run_id or _started_run_id(run_log)
@@ -631,6 +641,7 @@ def _follow_run(
                 proc = link.procs.start(
                     run_name, [str(link.bin_dir / "flwr"), "log", str(run_id), CONNECTION], link.env
                 )
+                already, replayed = Counter(emitted), Counter()
                 continue
             if time.time() > deadline:
                 link.procs.stop(run_name)
@@ -640,6 +651,13 @@ def _follow_run(
             if link.database is None:
                 link.procs.check_alive("superlink")
             supervise(link, progress)
+            run_id = run_id or _started_run_id(run_log)
+            stop_due = time.time() >= next_stop and not orphan_stopped
+            if link.superexec_restarts != superexec_restarts and run_id and stop_due:
+                next_stop = time.time() + 5.0  # each try is a `flwr` process
+                # The ServerApp was the dead SuperExec's child (it watches its parent's pid), so it is gone; its
+                # session would only expire after Flower's 60 s heartbeat patience: stop the run now.
+                orphan_stopped = _stop_run(link, run_id, progress)
             for name, (p, _) in link.procs.procs.items():
                 if name.startswith("supernode-") and name not in dead and p.poll() is not None:
                     dead.add(name)
@@ -650,6 +668,26 @@ def _follow_run(
                     log.warning("%s", message)  # shown at the terminal whatever `progress` shows
             time.sleep(0.2)
     return FederationResult(proc.returncode, status, run_id, logs)
+
+
+def _stop_run(link: SuperLink, run_id: int, progress: Progress) -> bool:
+    """`flwr stop RUN_ID` for a run whose ServerApp died with its SuperExec; False if the SuperLink cannot answer
+    yet (the caller tries again)."""
+    try:
+        link.flwr(["stop", str(run_id), CONNECTION], timeout=60)
+    except DeploymentError as err:
+        if "unavailable" in str(err).lower() or "did not answer" in str(err):
+            return False
+        progress(
+            f"could not stop run {run_id} ({_short_error(err)}); Flower fails it within a minute"
+        )
+        return True
+    progress(f"run {run_id}: its ServerApp died with the SuperExec; stopped the run")
+    return True
+
+
+def _short_error(err: Exception) -> str:
+    return " ".join(str(err).split())[:200]
 
 
 def _started_run_id(log: Path) -> int | None:

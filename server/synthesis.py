@@ -262,6 +262,8 @@ def write_manifest(
         },
         "model_config": asdict(cfg),
         "run_config": ckpt.run_config,
+        # the public pretrained checkpoint the run started from (its sha256, its public data's hash), or None
+        "pretraining": ckpt.pretraining,
         "privacy": privacy or {"note": "no privacy record supplied"},
         "software": software_versions(),
         "files": files,

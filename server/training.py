@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -28,37 +27,31 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from common import messages as msg
-from common.config import ModelConfig, RunConfig, model_config
+from common.config import RunConfig, model_config
+from common.io import sha256_file
 from common.messages import MessageError, RoundPlan, TrainMetrics, TrainStatus
-from common.model import (
-    autoencoder_loss,
-    build_autoencoder,
-    build_unet,
-    ddpm_scheduler,
-    diffusion_loss,
-    drop_labels,
-    encode,
-    estimate_latent_scale,
-)
-from common.phantoms import make_phantom_sites
-from common.progress import Stage, say_line
-from common.site import load_site
+from common.model import build_autoencoder, build_unet
+from common.progress import say_line
 from server.central_dp import UNIFORM_WEIGHT_KEY, CentralDP, SitesGrid, sample_level
 from server.checkpoint import Checkpoint, RunState
+from server.pretrain import load_pretrained
 from server.run_folder import RunFolder
 
 log = logging.getLogger("fedsynth.server")
-PUBLIC_PHANTOM_SEED = 1_000_003  # public phantoms never share a seed with any site's data
 AGGREGATION_WEIGHT_KEY = (
     UNIFORM_WEIGHT_KEY  # the server sets it to 1.0 on every reply it aggregates
 )
+AUTOENCODER_SOURCES = {
+    "public": "pretrained on public data only (no patient data, no privacy cost)",
+    "public+federated": "pretrained on public data, then fine-tuned at the sites (DP-SGD)",
+    "federated": "trained federated at the sites (DP-SGD)",
+}
 AGGREGATION_WEIGHTS = (
     "uniform: every site's update counts the same (sites do not report their exact patient counts unless "
     "they opt in with report-training-stats, and those are never used as weights)"
@@ -106,81 +99,6 @@ def restore_server_optimizer(strategy: Strategy, saved: dict[str, Any] | None, p
     return True
 
 
-def public_phantoms(
-    cfg: ModelConfig, n: int, seed: int = PUBLIC_PHANTOM_SEED
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Public phantom images in [0, 1] and their class labels: the only data the server ever fits anything on.
-
-    They go through the same files and loader as a site's scans, so their preprocessing is exactly the sites'.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        sites = make_phantom_sites(
-            Path(tmp),
-            n_sites=3,
-            n_subjects=max(2, -(-n // 3)),
-            dims=cfg.spatial_dims,
-            size=cfg.image_size,
-            seed=seed,
-        )
-        data = [
-            load_site(
-                s,
-                class_names=cfg.class_names,
-                spatial_dims=cfg.spatial_dims,
-                image_size=cfg.image_size,
-            )
-            for s in sites
-        ]
-    images = torch.from_numpy(np.concatenate([d.images for d in data]))
-    labels = torch.from_numpy(np.concatenate([d.labels for d in data]))
-    return images, labels
-
-
-def pretrain_public_unet(
-    cfg: ModelConfig, run: RunConfig, ae_state: dict, latent_scale: float, steps: int
-) -> dict[str, torch.Tensor]:
-    """Warm-start the diffusion UNet on public phantoms (no patient data, no privacy cost); the sites then
-    fine-tune it with DP-SGD. Public pretraining is the standard way to make DP generative models useful."""
-    torch.manual_seed(run.seed + 1)
-    ae = build_autoencoder(cfg)
-    ae.load_state_dict(ae_state)
-    images, labels = public_phantoms(cfg, run.public_phantoms, seed=PUBLIC_PHANTOM_SEED + 1)
-    mu, sigma = encode(ae.eval(), images)
-    unet = build_unet(cfg)
-    opt = torch.optim.Adam(unet.parameters(), lr=run.lr_diffusion)
-    scheduler = ddpm_scheduler(cfg)
-    bar = Stage("pretrain-unet", "public pretraining: diffusion UNet", steps, "step")
-    for step in range(steps):
-        idx = torch.randint(0, len(mu), (min(run.public_batch_size, len(mu)),))
-        z = (mu[idx] + sigma[idx] * torch.randn_like(mu[idx])) * latent_scale
-        y = drop_labels(labels[idx], run.class_dropout, cfg.null_class)  # classifier-free guidance
-        loss = diffusion_loss(unet, scheduler, z, y).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        bar.update(step + 1, loss=loss.detach())
-    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
-
-
-def train_public_autoencoder(
-    cfg: ModelConfig, run: RunConfig, steps: int
-) -> dict[str, torch.Tensor]:
-    """An autoencoder fitted on public phantoms only (no patient data, so no privacy cost)."""
-    torch.manual_seed(run.seed)
-    ae = build_autoencoder(cfg)
-    images, _ = public_phantoms(cfg, run.public_phantoms)
-    opt = torch.optim.Adam(ae.parameters(), lr=run.lr_autoencoder)
-    bar = Stage("pretrain-autoencoder", "public pretraining: autoencoder", steps, "step")
-    for step in range(steps):
-        idx = torch.randint(0, len(images), (min(run.public_batch_size, len(images)),))
-        loss = autoencoder_loss(ae, images[idx], run.kl_weight).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        bar.update(step + 1, loss=loss.detach())
-    return {k: v.detach().clone() for k, v in ae.state_dict().items()}
-
-
 def wait_for_sites(grid: Grid, n: int, timeout: float) -> list[int]:
     deadline = time.time() + timeout
     while True:
@@ -212,6 +130,9 @@ class Federation:
         self._phase_nodes: list[
             int
         ] = []  # central DP: the sites the phase's DP wrapper was set up for
+        self.pretraining: dict[str, Any] | None = (
+            None  # the pretrained checkpoint's provenance, if any
+        )
 
     # ---- state -------------------------------------------------------------------------------------------------
     def _resume_or_start(self) -> tuple[RunState, dict, dict]:
@@ -223,6 +144,8 @@ class Federation:
                     f"{latest}: checkpoint is for preset {saved.model_config.name!r}, "
                     f"this run asks for {self.cfg.name!r}; use a new run-dir"
                 )
+            self.pretraining = saved.pretraining
+            self._check_same_pretrained(latest)
             state = saved.run_state
             state.status, state.reason = "running", ""
             self.say(
@@ -234,15 +157,44 @@ class Federation:
                 self.privacy = sample_level(privacy)
             return state, saved.autoencoder, saved.unet
         torch.manual_seed(self.run.seed)
-        state = RunState(
-            run_id=uuid.uuid4().hex[:12], autoencoder_source=self.run.autoencoder_source
+        state = RunState(run_id=uuid.uuid4().hex[:12], autoencoder_source="federated")
+        if not self.run.pretrained:
+            return (
+                state,
+                build_autoencoder(self.cfg).state_dict(),
+                build_unet(self.cfg).state_dict(),
+            )
+        ckpt, self.pretraining = load_pretrained(self.run.pretrained, self.cfg)
+        state.latent_scale = ckpt.run_state.latent_scale
+        state.unet_warm_started = True
+        state.autoencoder_source = (
+            "public" if self.run.autoencoder_rounds == 0 else "public+federated"
         )
-        ae = build_autoencoder(self.cfg).state_dict()
-        unet = build_unet(self.cfg).state_dict()
-        if self.run.autoencoder_source == "public":
-            self.say("training the autoencoder on public phantoms (no patient data)")
-            ae = train_public_autoencoder(self.cfg, self.run, self.run.public_autoencoder_steps)
-        return state, ae, unet
+        p = self.pretraining
+        self.say(
+            f"starting from the public pretrained checkpoint {p['checkpoint']} (sha256 "
+            f"{p['checkpoint_sha256'][:16]}...; public data sha256 {p['public_data_sha256'][:16]}..., "
+            f"{p['public_files']} files; latent scale {state.latent_scale:.3f})"
+        )
+        return state, ckpt.autoencoder, ckpt.unet
+
+    def _check_same_pretrained(self, latest: Path) -> None:
+        """A resumed run keeps the pretrained checkpoint it started from: naming another one is refused."""
+        started = (self.pretraining or {}).get("checkpoint_sha256")
+        if not self.run.pretrained:
+            if started:
+                raise ValueError(
+                    f"{latest}: this run started from the pretrained checkpoint {self.pretraining['checkpoint']} "
+                    "but the run config names none; set `pretrained` back or use a new run-dir"
+                )
+            return
+        named = Path(self.run.pretrained)
+        sha = sha256_file(named) if named.is_file() else None
+        if started != sha:
+            raise ValueError(
+                f"{latest}: this run started from a pretrained checkpoint with sha256 {started}, but "
+                f"`pretrained` names {named} (sha256 {sha}); set it back or use a new run-dir"
+            )
 
     def _write_record(self, state: RunState) -> None:
         self.folder.write_record(
@@ -252,18 +204,22 @@ class Federation:
                 "reason": state.reason,
                 "completed_round": state.completed_round,
                 "num_server_rounds": self.run.num_server_rounds,
-                "autoencoder": (
-                    "trained on public phantoms only (no patient data, no privacy cost)"
-                    if state.autoencoder_source == "public"
-                    else "trained federated at the sites (DP-SGD)"
+                "autoencoder": AUTOENCODER_SOURCES.get(
+                    state.autoencoder_source, state.autoencoder_source
                 ),
                 "latent_scale": state.latent_scale,
-                "latent_scale_source": "public phantoms",
+                "latent_scale_source": (
+                    "the pretrained checkpoint (estimated on its public data)"
+                    if self.pretraining
+                    else "none: 1.0 (no pretrained checkpoint)"
+                ),
                 "diffusion_warm_start": (
-                    f"pretrained {self.run.public_unet_steps} steps on public phantoms, then fine-tuned with DP at the sites"
-                    if state.unet_warm_started
+                    f"pretrained {self.pretraining['unet_steps']} steps on public data, then fine-tuned with DP "
+                    "at the sites"
+                    if self.pretraining
                     else "none: trained from scratch at the sites"
                 ),
+                "pretraining": self.pretraining,
                 "sites": state.sites,
                 "aggregation_weights": AGGREGATION_WEIGHTS,
                 "central_dp": self.central.summary(state.completed_round),
@@ -592,19 +548,6 @@ class Federation:
                 if self.central.enabled and len(self._phase_nodes) >= self.run.min_sites:
                     # Flower's DP wrapper, for this phase's sites; the accountant is the run's, shared by all phases
                     strategy = self.central.wrap(strategy, len(self._phase_nodes))
-                if phase == "diffusion":
-                    state.latent_scale = estimate_latent_scale(
-                        self._ae(ae), public_phantoms(self.cfg, 48)[0]
-                    )
-                    self.say(f"latent scale {state.latent_scale:.3f} (from public phantoms)")
-                    if self.run.public_unet_steps > 0 and not state.unet_warm_started:
-                        self.say(
-                            f"warm-starting the diffusion UNet on public phantoms ({self.run.public_unet_steps} steps)"
-                        )
-                        unet = pretrain_public_unet(
-                            self.cfg, self.run, ae, state.latent_scale, self.run.public_unet_steps
-                        )
-                        state.unet_warm_started = True
             active = self._active_nodes(state, r)
             if len(active) < self.run.min_sites:
                 return self._stop(
@@ -632,16 +575,12 @@ class Federation:
                 ae,
                 unet,
                 server_optimizer_state(strategy, phase),
+                self.pretraining,
             ).save(self.folder)
             self._write_record(state)
         state.status = "completed"
         self._write_record(state)
         return self.folder.latest_checkpoint if ckpt else None
-
-    def _ae(self, ae_state: dict) -> torch.nn.Module:
-        ae = build_autoencoder(self.cfg)
-        ae.load_state_dict(ae_state)
-        return ae.eval()
 
     def _stop(self, state: RunState, reason: str) -> None:
         state.status, state.reason = "stopped", reason

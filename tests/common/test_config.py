@@ -21,7 +21,7 @@ def test_run_config_reads_flower_keys_and_phases():
         "diffusion",
         "diffusion",
     ]
-    public = RunConfig(autoencoder_source="public", autoencoder_rounds=0, num_server_rounds=2)
+    public = RunConfig(pretrained="public.pt", autoencoder_rounds=0, num_server_rounds=2)
     assert public.phase(1) == "diffusion" and public.federated_autoencoder_rounds == 0
     assert RunConfig.from_flwr(run.to_flwr()) == run
 

@@ -310,3 +310,25 @@ def test_crash_leaves_no_half_site(tmp_path, monkeypatch):
     assert len(_read_labels(tmp_path / "site-0")) == 3
     with pytest.raises(FileExistsError):
         make_phantom_sites(tmp_path, n_sites=1, n_subjects=1, size=16)
+
+
+def test_the_public_set_is_deterministic_healthy_and_never_shares_a_draw_with_a_site(tmp_path):
+    """The demo's public data: healthy volunteers only, the public protocol, reproducible for a seed, and no image
+    equal to any site's (its draws come from a stream no site index uses)."""
+    a = phantoms.make_public_phantoms(tmp_path / "a", n_subjects=4, size=24, seed=0)
+    b = phantoms.make_public_phantoms(tmp_path / "b", n_subjects=4, size=24, seed=0)
+    sites = phantoms.make_phantom_sites(
+        tmp_path / "sites", n_sites=2, n_subjects=4, size=24, seed=0
+    )
+    files = sorted((a / "images").iterdir())
+    assert [sha256_file(f) for f in files] == [sha256_file(b / "images" / f.name) for f in files]
+    with open(a / "labels.csv", newline="") as f:
+        assert {row["class"] for row in csv.DictReader(f)} == {"healthy"}
+    assert json.loads((a / "site.json").read_text())["protocol"]["name"] == phantoms.PUBLIC_PROTOCOL
+    public_images = [np.asarray(nib.load(f).dataobj) for f in files]
+    for site in sites:
+        for f in (site / "images").iterdir():
+            img = np.asarray(nib.load(f).dataobj)
+            assert not any(np.array_equal(img, p) for p in public_images)
+    with pytest.raises(FileExistsError):
+        phantoms.make_public_phantoms(a, n_subjects=1, size=24)

@@ -45,7 +45,6 @@ def test_tls_federation_trains_synthesizes_and_audits_volumes(tmp_path):
         autoencoder_rounds=1,
         batch_size=4,
         min_sites=2,
-        public_phantoms=6,
         run_dir=str(run_dir),
         synthesize_per_class=2,
         round_timeout=600.0,

@@ -46,10 +46,55 @@ def test_demo_dims_3_trains_both_phases_with_dp_on_volumes(tmp_path):
     from server.demo import DemoOptions, demo_run_config
 
     opts = DemoOptions(out=tmp_path, dims=3)
-    run = demo_run_config(opts, Path(tmp_path) / "run")
+    run = demo_run_config(opts, Path(tmp_path) / "run", tmp_path / "public.pt")
     assert opts.preset == "tiny3d" and model_config(run.preset).spatial_dims == 3
-    assert run.autoencoder_source == "federated" and run.federated_autoencoder_rounds >= 1
+    assert run.pretrained and run.federated_autoencoder_rounds >= 1
     assert run.diffusion_rounds >= 1  # both phases trained at the sites, with DP-SGD
     assert DemoOptions(out=tmp_path).preset == "small"
     with pytest.raises(ValueError, match="3-D preset"):
         DemoOptions(out=tmp_path, dims=3, preset="small")
+
+
+def test_the_demo_pretrains_once_and_reuses_the_checkpoint_until_its_inputs_change(tmp_path):
+    """Public pretraining is cached in the demo's folder, keyed by the preset, the steps and the public data's
+    hash: a second demo reuses it (and says so); other public data makes a new one."""
+    import io
+
+    from server.checkpoint import Checkpoint
+    from server.demo import DemoOptions, demo_pretrained, make_public_set
+    from server.terminal import Console
+
+    stream = io.StringIO()
+    console = Console(stream=stream, tty=False)
+    opts = DemoOptions(out=tmp_path, preset="tiny", public_subjects=4)
+    public = make_public_set(opts, tmp_path, console)
+    first = demo_pretrained(opts, tmp_path, public, console)
+    made = Checkpoint.load(first).pretraining
+    assert made["public_images"] == 4 and made["public_class_counts"]["lesion"] == 0
+    assert "reusing" not in stream.getvalue()
+    again = demo_pretrained(opts, tmp_path, public, console)
+    assert again == first
+    assert f"reusing the public checkpoint made on {made['created']}" in stream.getvalue()
+    assert Checkpoint.load(again).pretraining == made  # not trained again
+    (public / "labels.csv").write_text((public / "labels.csv").read_text() + "\n")
+    changed = demo_pretrained(opts, tmp_path, public, console)
+    assert changed != first and changed.parent == first.parent
+
+
+def test_a_second_demo_sets_the_previous_run_aside_whole(tmp_path):
+    import io
+
+    from server.demo import set_aside_previous_run
+    from server.terminal import Console
+
+    for name in ("run", "release", "site-state", "sites", "public", "pretrained"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(name)
+    stream = io.StringIO()
+    set_aside_previous_run(tmp_path, Console(stream=stream, tty=False))
+    kept = {p.name for p in tmp_path.iterdir()}
+    assert kept == {"sites", "public", "pretrained", "previous"}
+    (moved,) = (tmp_path / "previous").iterdir()
+    assert {p.name for p in moved.iterdir()} == {"run", "release", "site-state"}
+    assert (moved / "site-state" / "f").read_text() == "site-state"  # nothing deleted
+    assert "privacy ledgers" in stream.getvalue()

@@ -78,6 +78,13 @@ def test_small_demo_prints_progress_and_a_summary_that_matches_the_run(tmp_path)
     for site, p in privacy.items():
         assert f"{site} epsilon {float(p['epsilon']):.2f} of 10.00: {p['protection']}" in summary
     assert "no client-level DP (central DP off)" in summary
+    # the run started from the public checkpoint: healthy-only public data, recorded in run.json and the manifest
+    pre = record["pretraining"]
+    assert pre["public_class_counts"] == {"healthy": 24, "lesion": 0}
+    assert "public:    pretrained on 24 public images (24 healthy, 0 lesion)" in summary
+    manifest = json.loads((out / "run" / "cohort" / "manifest.json").read_text())
+    assert manifest["pretraining"]["checkpoint_sha256"] == pre["checkpoint_sha256"]
+    assert manifest["pretraining"]["public_data_sha256"] == pre["public_data_sha256"]
     assert "cohort:    8 synthetic images (4 healthy, 4 lesion)" in summary
     verdict = audit["verdict"]
     assert f"audit:     {verdict['status'].upper()}: {verdict['reasons'][0]}" in summary

@@ -1,0 +1,394 @@
+"""The DP fine-tuning recipe (privacy/recipe.py), measured on PUBLIC phantoms only, and what it does at a site.
+
+    python -m bench.bench_recipe [--out bench-results/recipe] [--threads 1] [--grid all:1e-3 ...] [--clip 1.0 ...]
+                                 [--site-patients 1000] [--stage grid|site|both]
+
+Stage `grid` (chooses the recipe; every image is a public phantom, nothing from a site):
+1. public pretraining: the autoencoder and the diffusion UNet (class dropout 0.1) on healthy phantoms of ONE
+   protocol (t1_se_1.5t), as a consortium's public data would be;
+2. DP fine-tuning (client/task.py run_training_round: the sites' own code, ledger and DP-SGD, epsilon 10) on a
+   second public phantom set with a protocol pretraining never saw (t1_gre_3t) and 30 % simulated lesions, for
+   each (trainable set, learning rate, clipping norm) of the grid; batch and steps from privacy.recipe.dp_recipe;
+3. scored on public validation phantoms of that protocol: the conditional diffusion loss (fixed timesteps and
+   noise), and the share of guided lesion-class / healthy-class samples that a lesion classifier trained on REAL
+   validation phantoms calls "lesion" (the same classifier on the validation images through the autoencoder: what
+   a perfect generator in this latent space would reach).
+Stage `site` (reports, chooses nothing): the chosen recipe on a phantom site like the benchmark's (another
+protocol, t1_se_3t, 15 % lesions, `--site-patients` patients), same scores.
+
+Everything is cached in --out (public data, the pretrained checkpoint, one line per finished configuration in
+results.jsonl), so an interrupted run goes on where it stopped. The figures go into docs/RECIPE.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from client.task import run_training_round
+from common.config import SiteConfig, model_config
+from common.messages import RoundPlan
+from common.model import (
+    autoencoder_loss,
+    build_autoencoder,
+    build_unet,
+    ddpm_scheduler,
+    decode,
+    diffusion_loss,
+    drop_labels,
+    encode,
+    estimate_latent_scale,
+    sample_latents,
+)
+from common.noise import silence_known_noise
+from common.phantoms import PROTOCOLS, SiteSpec, make_phantom_sites
+from common.site import load_site
+from privacy.recipe import dp_recipe
+
+PRETRAIN = SiteSpec("public-pretrain", PROTOCOLS["t1_se_1.5t"], 0.0)
+TUNE = SiteSpec("public-tune", PROTOCOLS["t1_gre_3t"], 0.3)
+VALID = SiteSpec("public-valid", PROTOCOLS["t1_gre_3t"], 0.5)
+SITE = SiteSpec("site", PROTOCOLS["t1_se_3t"], 0.15)
+SITE_VALID = SiteSpec("site-valid", PROTOCOLS["t1_se_3t"], 0.5)
+SEEDS = {
+    "public-pretrain": 7001,
+    "public-tune": 7002,
+    "public-valid": 7003,
+    "site": 11,
+    "site-valid": 7004,
+}
+
+
+def render(out: Path, spec: SiteSpec, n: int, size: int) -> Path:
+    folder = out / f"{spec.name}-{n}"
+    if not folder.exists():
+        made = make_phantom_sites(
+            out / f".{spec.name}-{n}", n_subjects=n, size=size, seed=SEEDS[spec.name], specs=[spec]
+        )[0]
+        made.rename(folder)
+        (out / f".{spec.name}-{n}").rmdir()
+    return folder
+
+
+def load(folder: Path, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_site(folder, class_names=cfg.class_names, spatial_dims=2, image_size=cfg.image_size)
+    return torch.from_numpy(data.images), torch.from_numpy(data.labels)
+
+
+def pretrain(cfg, images, labels, ae_steps: int, unet_steps: int, batch: int, log) -> dict:
+    torch.manual_seed(0)
+    ae = build_autoencoder(cfg)
+    opt = torch.optim.Adam(ae.parameters(), lr=2e-3)
+    for step in range(ae_steps):
+        idx = torch.randint(0, len(images), (batch,))
+        loss = autoencoder_loss(ae, images[idx], 1e-6).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            log(f"  autoencoder step {step}: loss {loss.item():.4f}")
+    ae.eval()
+    scale = estimate_latent_scale(ae, images)
+    mu, sigma = encode(ae, images)
+    unet, scheduler = build_unet(cfg), ddpm_scheduler(cfg)
+    opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
+    for step in range(unet_steps):
+        idx = torch.randint(0, len(mu), (batch,))
+        z = (mu[idx] + sigma[idx] * torch.randn_like(mu[idx])) * scale
+        y = drop_labels(labels[idx], 0.1, cfg.null_class)
+        loss = diffusion_loss(unet, scheduler, z, y).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0:
+            log(f"  UNet step {step}: loss {loss.item():.4f}")
+    return {"autoencoder": ae.state_dict(), "unet": unet.state_dict(), "latent_scale": scale}
+
+
+class LesionClassifier(nn.Module):
+    """A small CNN with global max pooling (a lesion is a local blob anywhere in the brain)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
+            nn.Linear(32, 1),
+        )
+
+    def forward(self, x):
+        return self.net(x).squeeze(1)
+
+
+def train_classifier(images, labels, epochs: int = 40) -> LesionClassifier:
+    torch.manual_seed(0)
+    clf = LesionClassifier()
+    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(images)).split(32):
+            x = images[idx]
+            x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, x, x.flip(-1))  # left-right flips
+            loss = nn.functional.binary_cross_entropy_with_logits(clf(x), labels[idx].float())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return clf.eval()
+
+
+@torch.no_grad()
+def lesion_share(clf, images) -> float:
+    return float((clf(images) > 0).float().mean())
+
+
+@torch.no_grad()
+def val_loss(unet, cfg, scale, mu, labels) -> float:
+    g = torch.Generator().manual_seed(123)
+    t = torch.linspace(20, 980, len(mu)).long()
+    noise = torch.randn(mu.shape, generator=g)
+    return float(
+        diffusion_loss(unet.eval(), ddpm_scheduler(cfg), mu * scale, labels, t, noise).mean()
+    )
+
+
+@torch.no_grad()
+def samples(ae, unet, cfg, scale, per_class: int, guidance: float, steps: int):
+    out = {}
+    for c in range(cfg.num_classes):
+        g = torch.Generator().manual_seed(1000 + c)
+        labels = torch.full((per_class,), c)
+        z = sample_latents(
+            unet.eval(), cfg, labels, steps=steps, generator=g, guidance_scale=guidance
+        )
+        out[cfg.class_names[c]] = decode(ae, z, scale)
+    return out
+
+
+def score(ae, unet, cfg, scale, valid, clf, args) -> dict:
+    mu, _ = encode(ae, valid[0])
+    y = valid[1]
+    lesion = y == 1
+    row = {
+        "val_loss": round(val_loss(unet, cfg, scale, mu, y), 5),
+        # class conditioning, measured by likelihood: the lesion images' loss with their true label and with the
+        # healthy label (same timesteps and noise); "label_gain" > 0 means the model uses the lesion label
+        "val_loss_lesion_true": round(val_loss(unet, cfg, scale, mu[lesion], y[lesion]), 5),
+        "val_loss_lesion_as_healthy": round(
+            val_loss(unet, cfg, scale, mu[lesion], torch.zeros_like(y[lesion])), 5
+        ),
+    }
+    row["label_gain"] = round(row["val_loss_lesion_as_healthy"] - row["val_loss_lesion_true"], 5)
+    for w in args.guidance:
+        s = samples(ae, unet, cfg, scale, args.per_class, w, args.ddim_steps)
+        row[f"lesion_share_lesion_w{w:g}"] = round(lesion_share(clf, s["lesion"]), 3)
+        row[f"lesion_share_healthy_w{w:g}"] = round(lesion_share(clf, s["healthy"]), 3)
+    return row
+
+
+def fine_tune(site_dir: Path, state: Path, cfg, public: dict, recipe, lr, clip, trainable, args):
+    site = SiteConfig(
+        site_dir=str(site_dir),
+        state_dir=str(state),
+        epsilon=args.epsilon,
+        max_grad_norm=clip,
+        canaries=0,
+        threads=args.threads,
+    )
+    plan = RoundPlan(
+        run_id=state.name,
+        server_round=1,
+        phase="diffusion",
+        num_server_rounds=1,
+        federated_autoencoder_rounds=0,
+        preset=cfg.name,
+        local_epochs=recipe.local_epochs,
+        batch_size=recipe.batch_size,
+        lr=lr,
+        kl_weight=1e-6,
+        latent_scale=public["latent_scale"],
+        proximal_mu=0.0,
+        seed=0,
+        class_dropout=recipe.class_dropout,
+        dp_trainable=trainable,
+    )
+    result = run_training_round(site, plan, public["unet"], public["autoencoder"])
+    if result.refused:
+        raise SystemExit(f"refused: {result.refused}")
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench-results/recipe")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--epsilon", type=float, default=10.0)
+    ap.add_argument("--stage", choices=("grid", "site", "both"), default="both")
+    ap.add_argument(
+        "--grid",
+        nargs="+",
+        default=[
+            f"{t}:{lr}"
+            for t in ("attention-conditioning", "all")
+            for lr in ("3e-4", "1e-3", "3e-3")
+        ],
+        help="trainable:lr pairs",
+    )
+    ap.add_argument("--clip", nargs="+", type=float, default=[1.0])
+    ap.add_argument("--pretrain-patients", type=int, default=300)
+    ap.add_argument("--tune-patients", type=int, default=400)
+    ap.add_argument("--valid-patients", type=int, default=240)
+    ap.add_argument("--site-patients", type=int, default=1000)
+    ap.add_argument("--ae-steps", type=int, default=400)
+    ap.add_argument("--unet-steps", type=int, default=800)
+    ap.add_argument("--per-class", type=int, default=24)
+    ap.add_argument("--ddim-steps", type=int, default=25)
+    ap.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0])
+    ap.add_argument(
+        "--chosen", default="", help="trainable:lr:clip for stage site (default: recipe)"
+    )
+    args = ap.parse_args()
+    silence_known_noise()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model_config(args.preset)
+    t_start = time.time()
+
+    def log(line: str) -> None:
+        print(f"[{time.time() - t_start:7.0f}s] {line}", flush=True)
+
+    results = out / "results.jsonl"
+    done = {}
+    if results.exists():
+        for line in results.read_text().splitlines():
+            row = json.loads(line)
+            done[row["key"]] = row
+
+    def record(row: dict) -> None:
+        done[row["key"]] = row
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(json.dumps(row))
+
+    ckpt = out / "public.pt"
+    if ckpt.exists():
+        public = torch.load(ckpt, weights_only=False)
+    else:
+        log("public pretraining data and models")
+        images, labels = load(render(out, PRETRAIN, args.pretrain_patients, cfg.image_size), cfg)
+        public = pretrain(cfg, images, labels, args.ae_steps, args.unet_steps, 32, log)
+        torch.save(public, ckpt)
+    ae, unet0 = build_autoencoder(cfg), build_unet(cfg)
+    ae.load_state_dict(public["autoencoder"])
+    ae.eval()
+    unet0.load_state_dict(public["unet"])
+
+    classifiers: dict[str, tuple] = {}
+
+    def evaluate(key: str, valid_spec: SiteSpec, unet_state, extra: dict) -> None:
+        images, labels = load(render(out, valid_spec, args.valid_patients, cfg.image_size), cfg)
+        n_fit = len(images) * 2 // 3
+        if valid_spec.name not in classifiers:
+            classifiers[valid_spec.name] = train_classifier(images[:n_fit], labels[:n_fit])
+        clf = classifiers[valid_spec.name]
+        test_x, test_y = images[n_fit:], labels[n_fit:]
+        with torch.no_grad():
+            pred = clf(test_x) > 0
+            recon = decode(
+                ae, encode(ae, test_x)[0] * public["latent_scale"], public["latent_scale"]
+            )
+        bal = 0.5 * (
+            float(pred[test_y == 1].float().mean()) + float((~pred[test_y == 0]).float().mean())
+        )
+        unet = build_unet(cfg)
+        unet.load_state_dict(unet_state)
+        (out / "states").mkdir(exist_ok=True)
+        torch.save(unet_state, out / "states" / (key.replace(" ", "_").replace("/", "-") + ".pt"))
+        row = {
+            "key": key,
+            **extra,
+            "classifier_balanced_accuracy_real": round(bal, 3),
+            "lesion_share_real_lesion_through_ae": round(lesion_share(clf, recon[test_y == 1]), 3),
+            "lesion_share_real_healthy_through_ae": round(lesion_share(clf, recon[test_y == 0]), 3),
+            **score(ae, unet, cfg, public["latent_scale"], (test_x, test_y), clf, args),
+        }
+        record(row)
+
+    if args.stage in ("grid", "both"):
+        tune_dir = render(out, TUNE, args.tune_patients, cfg.image_size)
+        n_train = round(args.tune_patients * 0.75)
+        recipe = dp_recipe(args.epsilon, 1e-5, n_train, args.preset)
+        log(f"recipe for the public tuning set ({n_train} training patients): {recipe}")
+        if "pretrained" not in done:
+            evaluate("pretrained", VALID, public["unet"], {"note": "public pretraining only"})
+        for item in args.grid:
+            trainable, lr = item.split(":")
+            for clip in args.clip:
+                key = f"grid {trainable} lr={lr} C={clip:g}"
+                if key in done:
+                    continue
+                t0 = time.time()
+                result = fine_tune(
+                    tune_dir, out / "state" / key.replace(" ", "_"), cfg, public, recipe,
+                    float(lr), clip, trainable, args,
+                )  # fmt: skip
+                extra = {
+                    "trainable": trainable,
+                    "lr": float(lr),
+                    "clip": clip,
+                    "batch": recipe.batch_size,
+                    "steps": int(result.metrics["steps"]),
+                    "sigma": round(result.privacy["noise_multiplier"], 3),
+                    "epsilon": round(result.privacy["epsilon"], 3),
+                    "train_seconds": round(time.time() - t0, 1),
+                }
+                evaluate(key, VALID, result.state_dict, extra)
+
+    if args.stage in ("site", "both"):
+        site_dir = render(out, SITE, args.site_patients, cfg.image_size)
+        n_train = math.ceil(args.site_patients * 0.75)
+        recipe = dp_recipe(args.epsilon, 1e-5, n_train, args.preset)
+        trainable, lr, clip = recipe.dp_trainable, recipe.lr, recipe.max_grad_norm
+        if args.chosen:
+            trainable, lr, clip = args.chosen.split(":")
+            lr, clip = float(lr), float(clip)
+        log(f"site recipe ({n_train} training patients): {recipe}")
+        key = f"site n={args.site_patients} {trainable} lr={lr:g} C={clip:g} eps={args.epsilon:g}"
+        if "site pretrained" not in done:
+            evaluate("site pretrained", SITE_VALID, public["unet"], {"note": "public only"})
+        if key not in done:
+            t0 = time.time()
+            result = fine_tune(
+                site_dir, out / "state" / key.replace(" ", "_"), cfg, public, recipe, lr, clip,
+                trainable, args,
+            )  # fmt: skip
+            extra = {
+                **dataclasses.asdict(recipe),
+                "trainable": trainable,
+                "lr": lr,
+                "clip": clip,
+                "sigma": round(result.privacy["noise_multiplier"], 3),
+                "epsilon": round(result.privacy["epsilon"], 3),
+                "train_seconds": round(time.time() - t0, 1),
+            }
+            evaluate(key, SITE_VALID, result.state_dict, extra)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
