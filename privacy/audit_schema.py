@@ -131,8 +131,8 @@ DEFINITIONS = {
     "cohort for copies of its training patients with Carlini et al.'s (2023) relative distance: the distance to "
     "the nearest training patient divided by half the mean distance to the 50 nearest, in pixel space, against "
     "the patients' autoencoder reconstructions (so the autoencoder's blur does not hide a copy) and in latent "
-    "space; flagged when below the 1 % order statistic of the hold-out patients' own relative distances (half "
-    "the smallest below 99 hold-out patients) and closer to a training than to any hold-out patient. Lesion "
+    "space; flagged when below half the smallest of the hold-out patients' own relative distances (through the "
+    "same autoencoder) and closer to a training than to any hold-out patient. Lesion "
     "regions are compared on the training patients' lesion masks where the site has them. A copy among the "
     "drawn samples fails the audit; a search that drew none cannot pass",
     "class_coverage": "how each class was tested for membership: tested (10+ members and non-members), pooled "

@@ -10,7 +10,13 @@ from common.config import model_config
 from common.model import autoencoder_loss, build_autoencoder, decode, encode
 from common.phantoms import make_phantom_sites
 from common.site import load_lesion_masks, load_site
-from privacy.extraction import REL_EDGES, Views, extraction_audit, relative_distance
+from privacy.extraction import (
+    REL_EDGES,
+    Views,
+    extraction_audit,
+    extraction_threshold,
+    relative_distance,
+)
 from privacy.memorization import MIN_BIN_COUNT, memorization_audit
 
 
@@ -134,6 +140,8 @@ def test_relative_distance_is_carlini_et_al():
     knn = np.array([[1.0, 2.0, 3.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
     # d1 / (0.5 x mean of the n nearest, the nearest included)
     np.testing.assert_allclose(relative_distance(knn), [1 / (0.5 * 2.0), 0.0, 0.0])
+    # many samples are judged: half the smallest hold-out value, never a per-sample 1 % quantile
+    assert extraction_threshold(np.linspace(1.0, 3.0, 500))[0] == 0.5
 
 
 def test_no_masks_is_said_and_the_answer_holds_no_distance(world):
