@@ -109,9 +109,8 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
         pretrain_batch=16,
         rounds=2,
         ae_rounds=0,
-        local_epochs=3,
-        batch_size=32,
-        lr=5e-5,
+        # DP fine-tuning: privacy/recipe.py's dp_recipe for the sites' training patients and budget (public facts)
+        recipe=True,
         per_class=200,
     ),
     "tiny3d": dict(
@@ -138,20 +137,45 @@ def demo_plan(opts: DemoOptions) -> dict[str, Any]:
 
 def demo_run_config(opts: DemoOptions, run_dir: Path, pretrained: Path | str = "") -> RunConfig:
     """The demo's plan: DP fine-tuning at the sites of the public pretrained checkpoint, then a cohort and its
-    audit."""
+    audit. With `recipe`, the DP settings are privacy/recipe.py's for the sites' approximate training-patient count
+    and the budget (never chosen by looking at site data)."""
     plan = demo_plan(opts)
+    rounds = opts.rounds or plan["rounds"]
+    dp: dict[str, Any] = dict(
+        local_epochs=plan.get("local_epochs", 1),
+        batch_size=plan.get("batch_size", 16),
+        lr_diffusion=plan.get("lr", 1e-3),
+    )
+    if plan.get("recipe"):
+        r = demo_recipe(opts, rounds - plan["ae_rounds"])
+        dp = dict(
+            local_epochs=r.local_epochs,
+            batch_size=r.batch_size,
+            lr_diffusion=r.lr,
+            dp_trainable=r.dp_trainable,
+            class_dropout=r.class_dropout,
+            guidance_scale=r.guidance_scale,
+        )
     return RunConfig(
         preset=opts.preset,
         pretrained=str(pretrained),
-        num_server_rounds=opts.rounds or plan["rounds"],
+        num_server_rounds=rounds,
         autoencoder_rounds=plan["ae_rounds"],
-        local_epochs=plan["local_epochs"],
-        batch_size=plan["batch_size"],
-        lr_diffusion=plan["lr"],
         min_sites=min(2, opts.sites),
         run_dir=str(run_dir),
         synthesize_per_class=plan["per_class"],
+        **dp,
     )
+
+
+def demo_recipe(opts: DemoOptions, diffusion_rounds: int):
+    """privacy/recipe.py's DP settings for the demo's sites: their expected training-patient count (the phantom
+    sites' size times the share not held out), their budget and delta 1e-5."""
+    from privacy.recipe import dp_recipe
+
+    plan = demo_plan(opts)
+    n = round((opts.subjects or plan["subjects"]) * (1 - plan["holdout"]))
+    return dp_recipe(opts.epsilon, 1e-5, max(1, n), opts.preset, max(1, diffusion_rounds))
 
 
 def demo_pretrain_config(opts: DemoOptions, public_dir: Path, out: Path) -> PretrainConfig:
@@ -196,20 +220,23 @@ def make_public_set(opts: DemoOptions, out: Path, console: Console) -> Path:
     return make_public_phantoms(public, n_subjects=n, dims=opts.dims, size=size, seed=0)
 
 
-def demo_pretrained(opts: DemoOptions, out: Path, public: Path, console: Console) -> Path:
-    """The public pretrained checkpoint: made once by `fedsynth pretrain`'s code, then reused from the cache."""
+def demo_pretrained(
+    opts: DemoOptions, out: Path, public: Path, console: Console
+) -> tuple[Path, bool]:
+    """The public pretrained checkpoint and whether it was reused: made once by `fedsynth pretrain`'s code, then
+    reused from the cache."""
     digest, _ = public_data_hash(public)
     pre = demo_pretrain_config(opts, public, out / "pretrained" / "pending.pt")
     path = pretrained_cache_path(pre, digest, out / "pretrained")
     if path.exists():
         made = (Checkpoint.load(path).pretraining or {}).get("created", "an unknown date")
         console.say(f"[3/5] reusing the public checkpoint made on {made}: {path}")
-        return path
+        return path, True
     console.say(
         f"[3/5] public pretraining (once; later runs reuse it): autoencoder {pre.autoencoder_steps} steps, "
         f"diffusion UNet {pre.unet_steps} steps on {public} -> {path}"
     )
-    return pretrain(dataclasses.replace(pre, out=str(path)), say=console.detail)
+    return pretrain(dataclasses.replace(pre, out=str(path)), say=console.detail), False
 
 
 def write_app_dir(app_dir: Path, run: RunConfig) -> Path:
@@ -222,7 +249,7 @@ def write_app_dir(app_dir: Path, run: RunConfig) -> Path:
 
 
 def demo_node_configs(
-    out: Path, epsilon: float, threads: int = 0, holdout: float = 0.25
+    out: Path, epsilon: float, threads: int = 0, holdout: float = 0.25, max_grad_norm: float = 1.0
 ) -> list[dict]:
     site_dirs = sorted(
         p for p in (out / "sites").iterdir() if p.is_dir() and (p / "labels.csv").exists()
@@ -235,6 +262,7 @@ def demo_node_configs(
             "epsilon": epsilon,
             "threads": threads or max(1, (os.cpu_count() or 1) // len(site_dirs)),
             "holdout-fraction": holdout,
+            "max-grad-norm": max_grad_norm,
         }
         for d in site_dirs
     ]
@@ -378,7 +406,9 @@ def make_demo_sites(opts: DemoOptions, out: Path, console: Console) -> None:
 def train_in_federation(opts: DemoOptions, out: Path, pretrained: Path, console: Console) -> None:
     """Federated training, synthesis and the sites' audit: one Flower run over TLS on loopback."""
     run = demo_run_config(opts, out / "run", pretrained)
-    node_configs = demo_node_configs(out, opts.epsilon, opts.threads, demo_plan(opts)["holdout"])
+    plan = demo_plan(opts)
+    clip = demo_recipe(opts, run.diffusion_rounds).max_grad_norm if plan.get("recipe") else 1.0
+    node_configs = demo_node_configs(out, opts.epsilon, opts.threads, plan["holdout"], clip)
     app_dir = write_app_dir(out / "app", run)
     console.say(
         f"[4/5] federation on loopback ({'INSECURE: no TLS' if opts.insecure else 'TLS + SuperNode authentication'}): "
@@ -401,22 +431,20 @@ def train_in_federation(opts: DemoOptions, out: Path, pretrained: Path, console:
 RUN_OUTPUTS = ("run", "release", "portal", "keys", "site-state", "app", "deployment", "portal-tls")
 
 
-def set_aside_previous_run(out: Path, console: Console) -> None:
+def set_aside_previous_run(out: Path) -> Path | None:
     """A second `fedsynth demo` in the same folder starts a new run: the previous one moves, whole, to
-    out/previous/<time>/ (nothing is deleted). Its phantom hospitals' privacy ledgers go with it, so the new run
-    has the budget again: a demo convenience on phantom patients; a real site's ledger is never reset."""
-    found = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    out/previous/<time>/ (nothing is deleted); returns where, or None when there was none. Its phantom hospitals'
+    privacy ledgers go with it, so the new run has the budget again: a demo convenience on phantom patients; a real
+    site's ledger is never reset."""
     if not (out / "run").exists():
-        return
+        return None
+    found = [name for name in RUN_OUTPUTS if (out / name).exists()]
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     dest = out / "previous" / stamp
     dest.mkdir(parents=True)
     for name in found:
         shutil.move(str(out / name), str(dest / name))
-    console.say(
-        f"the previous demo run moved to {dest} (with its phantom hospitals' privacy ledgers: a new demo run "
-        "starts with the full budget on the same phantom patients; a real site's ledger is never reset)"
-    )
+    return dest
 
 
 def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
@@ -425,9 +453,14 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
     console = console or Console()
     out = opts.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    set_aside_previous_run(out, console)
+    moved = set_aside_previous_run(out)
     folder = RunFolder(out / "run")
     console.log_to(folder.log("demo"))
+    if moved:
+        console.say(
+            f"the previous demo run moved to {moved} (with its phantom hospitals' privacy ledgers: a new demo run "
+            "starts with the full budget on the same phantom patients; a real site's ledger is never reset)"
+        )
     seconds: dict[str, float] = {}
     t0 = time.monotonic()
     make_demo_sites(opts, out, console)
@@ -436,8 +469,10 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
     public = make_public_set(opts, out, console)
     seconds["public data set"] = time.monotonic() - t1
     t1 = time.monotonic()
-    pretrained = demo_pretrained(opts, out, public, console)
-    seconds["public pretraining"] = time.monotonic() - t1
+    pretrained, reused = demo_pretrained(opts, out, public, console)
+    seconds["public pretraining (reused)" if reused else "public pretraining"] = (
+        time.monotonic() - t1
+    )
     t1, failed = time.monotonic(), False
     try:
         train_in_federation(opts, out, pretrained, console)
@@ -471,7 +506,12 @@ def stage_times(measured: dict[str, float], reported: dict[str, float]) -> list[
     ]
     rows = [
         (name, measured[name])
-        for name in ("phantom hospitals", "public data set", "public pretraining")
+        for name in (
+            "phantom hospitals",
+            "public data set",
+            "public pretraining",
+            "public pretraining (reused)",
+        )
         if name in measured
     ]
     if "federation" in measured:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -34,7 +36,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from common import messages as msg
 from common.config import RunConfig, model_config
-from common.io import sha256_file
+from common.io import atomic_path, sha256_file
 from common.messages import MessageError, RoundPlan, TrainMetrics, TrainStatus
 from common.model import build_autoencoder, build_unet
 from common.progress import say_line
@@ -135,8 +137,31 @@ class Federation:
         )
 
     # ---- state -------------------------------------------------------------------------------------------------
-    def _resume_or_start(self) -> tuple[RunState, dict, dict]:
+    def _newest_checkpoint(self) -> Path:
+        """latest.pt, or the newest round-NNN.pt when that is further on. Checkpoint.save writes the round's file
+        first and latest.pt second: a crash between the two (a SuperLink or server restart) leaves the newest
+        state only in the round's file, and resuming from latest.pt would train that round again (or, after
+        round 1, start a new run)."""
         latest = self.folder.latest_checkpoint
+        rounds = {
+            int(m.group(1)): f
+            for f in self.folder.checkpoints.glob("round-*.pt")
+            if (m := re.fullmatch(r"round-(\d+)\.pt", f.name))
+        }
+        if not rounds:
+            return latest
+        newest = max(rounds)
+        if latest.exists() and Checkpoint.load(latest).run_state.completed_round >= newest:
+            return latest
+        return rounds[newest]
+
+    def _resume_or_start(self) -> tuple[RunState, dict, dict]:
+        latest = self._newest_checkpoint()
+        if (
+            latest != self.folder.latest_checkpoint
+        ):  # finish the interrupted save: latest.pt is the newest again
+            with atomic_path(self.folder.latest_checkpoint) as tmp:
+                shutil.copyfile(latest, tmp)
         if latest.exists():
             saved = Checkpoint.load(latest)
             if saved.model_config.name != self.cfg.name:

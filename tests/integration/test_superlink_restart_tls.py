@@ -178,12 +178,18 @@ def test_the_coordinating_machine_reboots_mid_run_the_run_is_submitted_again_and
                 running = pool.submit(
                     run_app, link, app_dir, run.to_flwr(), timeout_s=900, progress=lines.append
                 )
-                wait_for_file(run_dir / "checkpoints" / "round-001.pt", running, timeout=420)
-                # freeze the ServerApp right after round 1's checkpoint, before it sends round 2 ...
-                serverapps = _serverapps(link)
-                assert serverapps, "no ServerApp process found"
+                # freeze the ServerApp right after round 1's checkpoint, before it sends round 2 (it does so
+                # ~0.2 s later): its pid is found beforehand and the checkpoint watched every 10 ms
+                checkpoint, serverapps, scanned = run_dir / "checkpoints" / "round-001.pt", [], 0.0
+                deadline = time.time() + 420
+                while not checkpoint.exists():
+                    assert time.time() < deadline and not running.done(), "no round-1 checkpoint"
+                    if not serverapps and time.time() - scanned > 0.5:  # a scan reads all of /proc
+                        serverapps, scanned = _serverapps(link), time.time()
+                    time.sleep(0.01)
                 for pid in serverapps:
                     os.kill(pid, signal.SIGSTOP)
+                assert serverapps, "no ServerApp process found"
                 # had round 2 been sent, a site would have pulled it and charged its ledger by now, and the
                 # ServerApp's own log (streamed through the SuperLink) would say it asked
                 time.sleep(10)

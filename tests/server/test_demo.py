@@ -68,33 +68,60 @@ def test_the_demo_pretrains_once_and_reuses_the_checkpoint_until_its_inputs_chan
     console = Console(stream=stream, tty=False)
     opts = DemoOptions(out=tmp_path, preset="tiny", public_subjects=4)
     public = make_public_set(opts, tmp_path, console)
-    first = demo_pretrained(opts, tmp_path, public, console)
+    first, reused = demo_pretrained(opts, tmp_path, public, console)
+    assert not reused
     made = Checkpoint.load(first).pretraining
     assert made["public_images"] == 4 and made["public_class_counts"]["lesion"] == 0
     assert "reusing" not in stream.getvalue()
-    again = demo_pretrained(opts, tmp_path, public, console)
-    assert again == first
+    again, reused = demo_pretrained(opts, tmp_path, public, console)
+    assert again == first and reused
     assert f"reusing the public checkpoint made on {made['created']}" in stream.getvalue()
     assert Checkpoint.load(again).pretraining == made  # not trained again
     (public / "labels.csv").write_text((public / "labels.csv").read_text() + "\n")
-    changed = demo_pretrained(opts, tmp_path, public, console)
+    changed, _ = demo_pretrained(opts, tmp_path, public, console)
     assert changed != first and changed.parent == first.parent
 
 
 def test_a_second_demo_sets_the_previous_run_aside_whole(tmp_path):
-    import io
-
     from server.demo import set_aside_previous_run
-    from server.terminal import Console
 
+    assert set_aside_previous_run(tmp_path) is None  # nothing to move
     for name in ("run", "release", "site-state", "sites", "public", "pretrained"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "f").write_text(name)
-    stream = io.StringIO()
-    set_aside_previous_run(tmp_path, Console(stream=stream, tty=False))
+    moved = set_aside_previous_run(tmp_path)
     kept = {p.name for p in tmp_path.iterdir()}
     assert kept == {"sites", "public", "pretrained", "previous"}
-    (moved,) = (tmp_path / "previous").iterdir()
+    assert list((tmp_path / "previous").iterdir()) == [moved]
     assert {p.name for p in moved.iterdir()} == {"run", "release", "site-state"}
     assert (moved / "site-state" / "f").read_text() == "site-state"  # nothing deleted
-    assert "privacy ledgers" in stream.getvalue()
+
+
+def test_the_default_demo_fine_tunes_with_the_recipe_and_has_sites_the_audit_can_measure(tmp_path):
+    """DP settings from privacy/recipe.py (public inputs: budget, patient count), never hand-tuned on site data;
+    sites with 100+ hold-out patients each (TPR at 1 % FPR needs them) and a cohort of hundreds of images."""
+    import hashlib
+
+    from privacy.recipe import dp_recipe
+    from server.demo import DEMO_PLANS, DemoOptions, demo_run_config
+
+    opts = DemoOptions(out=tmp_path)
+    run = demo_run_config(opts, tmp_path / "run", tmp_path / "p.pt")
+    plan = DEMO_PLANS["small"]
+    r = dp_recipe(10.0, 1e-5, round(plan["subjects"] * (1 - plan["holdout"])), "small", 2)
+    assert (run.batch_size, run.local_epochs, run.lr_diffusion, run.dp_trainable) == (
+        r.batch_size,
+        r.local_epochs,
+        r.lr,
+        r.dp_trainable,
+    )
+    assert run.pretrained and run.autoencoder_rounds == 0
+    assert run.synthesize_per_class * 2 >= 200
+
+    def holdout(pid: str) -> bool:  # common/site.py's rule for a new patient
+        d = hashlib.sha256(f"fedsynth-audit-holdout\0{pid}".encode()).digest()
+        return int.from_bytes(d[:8], "big") / 2.0**64 < plan["holdout"]
+
+    for i in range(opts.sites):
+        n = sum(holdout(f"site{i}-sub{j:04d}") for j in range(plan["subjects"]))
+        assert n >= 100, (i, n)

@@ -1,0 +1,165 @@
+"""Where the demo's time goes: the cost of one example in each stage's inner loop, and the work the default demo
+plan (server/demo.py DEMO_PLANS) gives each stage, side by side on this machine.
+
+    python -m bench.bench_demo_stages [--preset small] [--threads 1] [--repeats 3] [--out docs/PERFORMANCE.md]
+
+Per-example costs, measured interleaved on the same process: an autoencoder training step, a UNet training step
+(public pretraining; a DP-SGD step costs about 1 / 0.66 of it in bookkeeping mode, docs/PERFORMANCE.md bench_dp),
+and a UNet forward pass (synthesis: 2 per image per DDIM step with guidance; the audit's white-box attack: 20 per
+patient or canary). The work per stage is counted from the plan; time = work x cost. It is a model of the demo,
+not a timing of it: round overheads, data loading, radiomics and the TLS set-up come on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from bench.report import write_block
+from common.config import model_config
+from common.model import (
+    autoencoder_loss,
+    build_autoencoder,
+    build_unet,
+    ddpm_scheduler,
+    diffusion_loss,
+)
+from server.demo import DEMO_PLANS, DemoOptions, demo_recipe
+
+DP_OVERHEAD = 1 / 0.66  # bookkeeping DP-SGD vs a plain step (docs/PERFORMANCE.md, bench_dp)
+CANARY_SHARE = (
+    0.2  # the auto canaries add at most 20 % records per DP-SGD step (client/canaries.py)
+)
+WHITE_BOX_PASSES = 20  # client/audit.py: 5 timesteps x 4 noise draws per record
+
+
+def _per_example(fn, batch: int, repeats: int) -> float:
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t) / repeats / batch
+
+
+def measure(preset: str, repeats: int) -> dict[str, float]:
+    cfg = model_config(preset)
+    torch.manual_seed(0)
+    ae, unet = build_autoencoder(cfg), build_unet(cfg)
+    scheduler = ddpm_scheduler(cfg)
+    x = torch.rand(16, *cfg.image_shape)
+    z = torch.randn(16, *cfg.latent_shape)
+    y = torch.zeros(16, dtype=torch.long)
+    ae_opt, unet_opt = torch.optim.Adam(ae.parameters()), torch.optim.Adam(unet.parameters())
+
+    def ae_step():
+        loss = autoencoder_loss(ae, x, 1e-6).mean()
+        ae_opt.zero_grad()
+        loss.backward()
+        ae_opt.step()
+
+    def unet_step():
+        loss = diffusion_loss(unet, scheduler, z, y).mean()
+        unet_opt.zero_grad()
+        loss.backward()
+        unet_opt.step()
+
+    zf, yf = torch.randn(64, *cfg.latent_shape), torch.zeros(64, dtype=torch.long)
+
+    @torch.no_grad()
+    def forward():
+        unet(zf, timesteps=torch.full((64,), 100), class_labels=yf)
+
+    return {
+        "autoencoder train": _per_example(ae_step, 16, repeats),
+        "UNet train": _per_example(unet_step, 16, repeats),
+        "UNet forward": _per_example(forward, 64, repeats),
+    }
+
+
+def stage_work(preset: str) -> list[tuple[str, str, float, str]]:
+    """(stage, what, examples, cost kind) for the default demo plan of `preset`."""
+    opts = DemoOptions(preset=preset)
+    plan = DEMO_PLANS[preset]
+    sites = opts.sites
+    train = round(plan["subjects"] * (1 - plan["holdout"]))
+    holdout = plan["subjects"] - train
+    rounds = plan["rounds"] - plan["ae_rounds"]
+    if plan.get("recipe"):
+        r = demo_recipe(opts, rounds)
+        dp_steps, dp_batch = r.steps, r.batch_size
+    else:
+        dp_steps, dp_batch = plan["local_epochs"] * rounds, plan["batch_size"]
+    images = 2 * plan["per_class"]
+    ddim = model_config(preset).ddim_steps
+    canaries = round(0.4 * train)
+    return [
+        (
+            "public pretraining: autoencoder",
+            f"{plan['ae_steps']} steps x {plan['pretrain_batch']}",
+            plan["ae_steps"] * plan["pretrain_batch"],
+            "autoencoder train",
+        ),
+        (
+            "public pretraining: UNet",
+            f"{plan['unet_steps']} steps x {plan['pretrain_batch']}",
+            plan["unet_steps"] * plan["pretrain_batch"],
+            "UNet train",
+        ),
+        (
+            "DP fine-tuning",
+            f"{dp_steps} steps x {dp_batch} x {sites} sites, +{CANARY_SHARE:.0%} canaries, x{DP_OVERHEAD:.2f} DP",
+            dp_steps * dp_batch * sites * (1 + CANARY_SHARE) * DP_OVERHEAD,
+            "UNet train",
+        ),
+        (
+            "synthesis",
+            f"{images} images x {ddim} DDIM steps x 2 (guidance)",
+            images * ddim * 2,
+            "UNet forward",
+        ),
+        (
+            "audit (white-box attack)",
+            f"({train} + {holdout} patients + {canaries} canaries) x {WHITE_BOX_PASSES} x {sites} sites",
+            (train + holdout + canaries) * WHITE_BOX_PASSES * sites,
+            "UNet forward",
+        ),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="docs/PERFORMANCE.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cost = measure(args.preset, args.repeats)
+    rows = stage_work(args.preset)
+    total = sum(n * cost[kind] for _, _, n, kind in rows)
+    lines = [
+        f"Where the demo's time goes (`python -m bench.bench_demo_stages --preset {args.preset} --threads "
+        f"{args.threads}`): per-example costs measured here, times the work of the default demo plan "
+        "(server/demo.py). A model of the demo, not a timing: round overheads, loading, radiomics and the TLS "
+        "set-up come on top; on a loaded machine every figure grows, the shares much less.",
+        "",
+        "| per example | seconds |",
+        "|---|---|",
+        *(f"| {k} | {v:.4f} |" for k, v in cost.items()),
+        "",
+        "| stage | work | examples | seconds | share |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {stage} | {what} | {n:,.0f} | {n * cost[kind]:.0f} | {n * cost[kind] / total:.0%} |"
+            for stage, what, n, kind in rows
+        ),
+    ]
+    block = write_block(Path(args.out), "bench_demo_stages", lines)
+    print(block)
+
+
+if __name__ == "__main__":
+    main()
