@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -69,6 +70,7 @@ SEEDS = {
 def render(out: Path, spec: SiteSpec, n: int, size: int) -> Path:
     folder = out / f"{spec.name}-{n}"
     if not folder.exists():
+        shutil.rmtree(out / f".{spec.name}-{n}", ignore_errors=True)  # an interrupted render
         made = make_phantom_sites(
             out / f".{spec.name}-{n}", n_subjects=n, size=size, seed=SEEDS[spec.name], specs=[spec]
         )[0]
@@ -200,6 +202,9 @@ def score(ae, unet, cfg, scale, valid, clf, args) -> dict:
 
 
 def fine_tune(site_dir: Path, state: Path, cfg, public: dict, recipe, lr, clip, trainable, args):
+    shutil.rmtree(
+        state, ignore_errors=True
+    )  # a fresh ledger: each configuration is its own experiment
     site = SiteConfig(
         site_dir=str(site_dir),
         state_dir=str(state),

@@ -28,7 +28,13 @@ Schema 1.3 (strict JSON: a number that is not finite, e.g. the claimed epsilon o
                                roc_at_fpr, resolvable, nonmembers_needed) + epsilon_lower_bound (counts only)
                                + per_member (privacy.audit_stats.per_member_tests: counts only)
                    fidelity: {overall, per_class, reference: {holdout_patients, holdout_through_autoencoder}}
-                   utility: {train_synthetic_test_real, train_real_test_real}}}
+                   utility: {classifier, n_test, train_synthetic_test_real, train_real_test_real  (radiomics
+                             logistic regression; each {balanced_accuracy, auc[, note]}),
+                             cnn: {classifier, n_test, train_synthetic_test_real, train_real_test_real,
+                                   recognised: {class: share of that class's synthetic images the CNN trained
+                                                on real patients assigns to it (lesion: lesion detectable)},
+                                   recognised_holdout: {class: the same share on the real hold-out}}}
+                             (privacy/utility.py; figures rounded to 0.01)}}
     worst_case: {figure: {value, site, class, attack}}
     failures: [sites that did not answer]
     flags: [human-readable findings and caveats]
@@ -37,6 +43,8 @@ Schema 1.3 (strict JSON: a number that is not finite, e.g. the claimed epsilon o
 
 1.3 (issue 12): memorization.extraction (the extraction search by many samples drawn at the site) and
 membership.class_coverage (every class with its counts: tested, pooled, untestable; nothing dropped silently).
+1.3 also (issue 11) adds utility.cnn; a utility block with an unknown key, or a cnn block with a missing or
+unknown key, is an error (check_utility).
 1.2 (coarse aggregates, issue 9): a site no longer returns a near-copy threshold, median distances, data-derived
 histogram edges or a full ROC curve (each is, or pins down, a distance between one synthetic image and one
 patient); the rest is 1.1. 1.1 added the permutation test to 1.0. `load_audit` reads 1.0 to 1.3; a 1.0
@@ -146,8 +154,24 @@ DEFINITIONS = {
     "real images covered by the synthetic one; density and coverage (Naeem et al. 2020) are robust variants "
     "(k-nearest-neighbour balls)",
     "utility": "balanced accuracy / AUC of a classifier trained on the synthetic cohort and tested on a site's "
-    "hold-out (train-synthetic-test-real), beside one trained on the site's own training data",
+    "hold-out (train-synthetic-test-real), beside one trained on the site's own training data; two classifiers, "
+    "both fixed in advance and never tuned on site data: a logistic regression on radiomics features and a small "
+    "CNN on the images",
+    "recognised": "share of a class's synthetic images that the CNN trained on the site's real patients assigns to "
+    "that class: for the lesion class, the share of synthetic lesion images in which a lesion is detectable; "
+    "beside it the same share on the real hold-out, which is what a perfect generator would reach",
 }
+# utility blocks (privacy/utility.py): the keys each may hold; the cnn block must hold all of its keys
+UTILITY_KEYS = {"classifier", "n_test", "train_synthetic_test_real", "train_real_test_real", "cnn"}
+CNN_UTILITY_KEYS = {
+    "classifier",
+    "n_test",
+    "train_synthetic_test_real",
+    "train_real_test_real",
+    "recognised",
+    "recognised_holdout",
+}
+SCORE_KEYS = {"balanced_accuracy", "auc", "note"}
 
 
 # ---- values -----------------------------------------------------------------------------------------------
@@ -237,6 +261,47 @@ def claimed_privacy(site: dict) -> dict:
     return site.get("claimed_privacy") or {}
 
 
+def check_utility(block: Any, where: str = "utility") -> dict:
+    """A site's utility block, or ValueError naming the unknown or missing key (schema 1.3)."""
+
+    def keys(d: Any, allowed: set[str], required: set[str], at: str) -> None:
+        if not isinstance(d, dict):
+            raise ValueError(f"{at}: expected an object, got {type(d).__name__}")
+        unknown, missing = set(d) - allowed, required - set(d)
+        if unknown or missing:
+            raise ValueError(
+                f"{at}: "
+                + "; ".join(
+                    f"{what} key(s) {', '.join(sorted(ks))}"
+                    for what, ks in (("unknown", unknown), ("missing", missing))
+                    if ks
+                )
+                + " (the format is privacy/audit_schema.py's; utility blocks come from privacy/utility.py)"
+            )
+
+    keys(block, UTILITY_KEYS, set(), where)
+    for k in ("train_synthetic_test_real", "train_real_test_real"):
+        if k in block:
+            keys(block[k], SCORE_KEYS, {"balanced_accuracy", "auc"}, f"{where}.{k}")
+    if "cnn" in block:
+        cnn = block["cnn"]
+        keys(cnn, CNN_UTILITY_KEYS, CNN_UTILITY_KEYS, f"{where}.cnn")
+        for k in ("train_synthetic_test_real", "train_real_test_real"):
+            keys(cnn[k], SCORE_KEYS, {"balanced_accuracy", "auc"}, f"{where}.cnn.{k}")
+        for k in ("recognised", "recognised_holdout"):
+            if not isinstance(cnn[k], dict) or not all(
+                v is None or finite(v) is not None for v in cnn[k].values()
+            ):
+                raise ValueError(f"{where}.cnn.{k}: expected {{class: share}}")
+    return block
+
+
+def utility(site: dict) -> dict:
+    """A site's utility block, checked ({} when the site sent none)."""
+    block = site.get("utility")
+    return {} if block is None else check_utility(block, f"site {site.get('site', '?')} utility")
+
+
 # ---- the file -----------------------------------------------------------------------------------------------
 
 
@@ -256,6 +321,10 @@ def check_audit(audit: Any, where: str = "audit") -> dict:
         )
     if not isinstance(audit["sites"], dict) or not isinstance(audit.get("cohort", {}), dict):
         raise ValueError(f"{where}: not a valid audit ('sites' and 'cohort' must be objects)")
+    if audit["schema_version"] not in ("1.0", "1.1", "1.2"):
+        for name, site in audit["sites"].items():
+            if isinstance(site, dict) and site.get("utility") is not None:
+                check_utility(site["utility"], f"{where}: site {name} utility")
     return audit
 
 

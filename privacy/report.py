@@ -37,6 +37,7 @@ from privacy.audit_schema import (
     fmt_number,
     json_safe,
     shares,
+    utility,
     write_audit_json,
 )
 from privacy.verdict import SHARE_ALPHA, THRESHOLDS, share_tests
@@ -468,20 +469,36 @@ def _fidelity_rows(sites: dict) -> list[list]:
 
 
 def _utility_rows(sites: dict) -> list[list]:
+    """One row per site and classifier: TSTR, TRTR, and (CNN) the share of each class's synthetic images the
+    real-trained CNN recognises, beside the same share on the real hold-out."""
+
+    def score(d: dict) -> str:
+        return f"{fmt_number(d.get('balanced_accuracy'))} / {fmt_number(d.get('auc'))}"
+
     rows = []
     for name, site in sites.items():
-        u = site.get("utility") or {}
+        u = utility(site)
         if not u:
             continue
-        ts, tr = u.get("train_synthetic_test_real") or {}, u.get("train_real_test_real") or {}
-        rows.append(
-            [
-                name,
-                f"{fmt_number(ts.get('balanced_accuracy'))} / {fmt_number(ts.get('auc'))}",
-                f"{fmt_number(tr.get('balanced_accuracy'))} / {fmt_number(tr.get('auc'))}",
-                fmt_number(u.get("n_test")),
-            ]
-        )
+        blocks = [("radiomics logistic regression", u)]
+        if "cnn" in u:
+            blocks.append(("small CNN on images", u["cnn"]))
+        for label, b in blocks:
+            rec, ref = b.get("recognised") or {}, b.get("recognised_holdout") or {}
+            shares = "; ".join(
+                f"{cls} {fmt_number(v)} (hold-out {fmt_number(ref.get(cls))})"
+                for cls, v in rec.items()
+            )
+            rows.append(
+                [
+                    name,
+                    label,
+                    score(b.get("train_synthetic_test_real") or {}),
+                    score(b.get("train_real_test_real") or {}),
+                    shares or "-",
+                    fmt_number(b.get("n_test")),
+                ]
+            )
     return rows
 
 
