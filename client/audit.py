@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from client import canaries, reference
+from client.extraction import site_extraction
 from client.task import configure_compute, load_training_data, open_ledger, run_privacy_claim
 from common.config import ModelConfig, SiteConfig
 from common.model import (
@@ -40,6 +41,7 @@ from common.model import (
     encode,
 )
 from common.site import SiteData
+from privacy.audit_schema import MIN_RECORDS
 from privacy.audit_stats import (
     empirical_epsilon_lower_bound,
     paired_calibrated_scores,
@@ -136,6 +138,31 @@ def _mia(
     return out
 
 
+def class_coverage(member_labels, nonmember_labels, class_names) -> dict[str, dict]:
+    """How each class was tested for membership, with its counts (nothing is dropped silently):
+    "tested": its own attacks rest on MIN_RECORDS+ members and non-members; "pooled": fewer (its own figures are
+    shown but not judged), its records count in the all-class attacks; "untestable": members but no non-member
+    (or the reverse): no attack can test its members at this site; "absent": no patient of the class."""
+    out = {}
+    for c, name in enumerate(class_names):
+        m, n = int(np.sum(member_labels == c)), int(np.sum(nonmember_labels == c))
+        if m == 0:
+            status = "absent" if n == 0 else "no members"
+        elif n == 0:
+            status = "untestable"
+        elif min(m, n) < MIN_RECORDS:
+            status = "pooled"
+        else:
+            status = "tested"
+        out[name] = {
+            "n_members": m,
+            "n_nonmembers": n,
+            "status": status,
+            "min_records": MIN_RECORDS,
+        }
+    return out
+
+
 def utility(
     synthetic: np.ndarray,
     synthetic_labels: np.ndarray,
@@ -218,12 +245,19 @@ def audit_site(
     unet_state: dict,
     latent_scale: float,
     run_id: str = "",
+    extraction_samples: int = 0,
+    sampler: dict | None = None,
 ) -> dict[str, Any]:
     """Everything the site computes about a candidate cohort; the result holds aggregates only.
 
     The claimed privacy is that of run `run_id`'s patients (client/task.py run_privacy_claim): "none" when the
     site's ledger has no entry for the run. Members are the patients that run trained on (all training patients
-    when the ledger has no entry for it); non-members are the persisted hold-out, never trained on."""
+    when the ledger has no entry for it); non-members are the persisted hold-out, never trained on.
+
+    `extraction_samples`: samples the site draws itself from the model for the extraction search
+    (client/extraction.py; capped by the site's max-extraction-samples), with `sampler` ({steps, guidance_scale}:
+    the cohort's, from its manifest; default the preset's steps, no guidance); images it flags among the released
+    cohort join the memorization flags (they are withheld like near-copies)."""
     device = configure_compute(site)
     ledger = open_ledger(site)
     train, holdout = load_training_data(site, cfg, ledger)
@@ -260,6 +294,23 @@ def audit_site(
     ae.load_state_dict(ae_state)
     unet.load_state_dict(unet_state)
     ae, unet = ae.to(device).eval(), unet.to(device).eval()
+    extraction = site_extraction(
+        site,
+        cfg,
+        ae,
+        unet,
+        latent_scale,
+        device,
+        synthetic,
+        list(synthetic_ids),
+        train,
+        holdout,
+        extraction_samples,
+        **(sampler or {}),
+    )
+    mem["extraction"] = extraction
+    mem["flagged_ids"] = sorted(set(mem["flagged_ids"]) | set(extraction["flagged_ids"]))
+    mem["n_near_copies"] = len(mem["flagged_ids"])
     # The calibrated attack's reference: the UNet this run started from at this site (client/reference.py); it
     # never saw the site's records, so every hold-out patient stays a non-member of the test.
     ref_state = reference.load(site, run_id) if run_id else None
@@ -304,6 +355,7 @@ def audit_site(
                 kind: _mia(m_[m], n_[n], delta, claimed) for kind, (m_, n_) in scores.items()
             }
     membership["per_class"] = per_class
+    membership["class_coverage"] = class_coverage(train.labels, holdout.labels, cfg.class_names)
     # One-run canary audit (client/canaries.py). The attack is fixed before any score is seen: the calibrated one
     # when the site has a reference model for the run, the uncalibrated white-box loss otherwise.
     if ref_unet is not None:

@@ -2,7 +2,7 @@
 privacy/verdict.py, the gate in privacy/policy.py, the reports in privacy/report.py).
 
 Schema 1.3 (strict JSON: a number that is not finite, e.g. the claimed epsilon of a site without DP, is null):
-    schema_version: "1.2"; created_at: ISO 8601 UTC; confidence: 0.95 (of every interval and bound)
+    schema_version: "1.3"; created_at: ISO 8601 UTC; confidence: 0.95 (of every interval and bound)
     threat_model: {black_box, white_box, out_of_scope}
     definitions: {figure name: what it means}
     cohort: {path, n_images, class_names, checkpoint_sha256, run_id, experiment ("" or the experiment's label)}
@@ -15,9 +15,14 @@ Schema 1.3 (strict JSON: a number that is not finite, e.g. the claimed epsilon o
                                  share_null_q95, n_distinct_nearest_members / _nonmembers, n_synthetic_tested,
                                  synthetic_subsampled), share_ci95 (binomial, not used), n_near_copies, and
                                  histogram: {edges, counts per distance kind, min_count} on FIXED bins merged
-                                 until each holds min_count values
+                                 until each holds min_count values; extraction:
+                                 privacy.extraction.extraction_audit(...) (samples requested / drawn at the site,
+                                 flagged per space for released and drawn samples, distinct patients copied,
+                                 lesion_regions {applicable, why_not, counts}, relative-distance histograms on
+                                 fixed bins; flagged released ids also in flagged_ids)
                    membership: {white_box, black_box, calibrated (when the site has a reference model;
                                else calibrated_unavailable: why), per_class: {class: {same attacks}},
+                               class_coverage: {class: {n_members, n_nonmembers, status, min_records}},
                                canaries: the one-run audit (client/canaries.py)}, each attack
                                privacy.audit_stats.roc_summary (AUC and interval, TPR at fixed FPR points,
                                roc_at_fpr, resolvable, nonmembers_needed) + epsilon_lower_bound (counts only)
@@ -36,8 +41,11 @@ Schema 1.3 (strict JSON: a number that is not finite, e.g. the claimed epsilon o
     verdict: {status: "pass" | "fail" | "inconclusive", reasons, findings, caveats, thresholds, dp_suspect,
               power: {site: privacy.power figures}, share_tests: {n_tests, correction, alpha}}
 
-1.3 (issue 11) adds utility.cnn; a utility block with an unknown key, or a cnn block with a missing or unknown
-key, is an error (check_utility). 1.2 (coarse aggregates, issue 9): a site no longer returns a near-copy threshold, median distances, data-derived
+1.3 (issue 12): memorization.extraction (the extraction search by many samples drawn at the site) and
+membership.class_coverage (every class with its counts: tested, pooled, untestable; nothing dropped silently).
+1.3 also (issue 11) adds utility.cnn; a utility block with an unknown key, or a cnn block with a missing or
+unknown key, is an error (check_utility).
+1.2 (coarse aggregates, issue 9): a site no longer returns a near-copy threshold, median distances, data-derived
 histogram edges or a full ROC curve (each is, or pins down, a distance between one synthetic image and one
 patient); the rest is 1.1. 1.1 added the permutation test to 1.0. `load_audit` reads 1.0 to 1.3; a 1.0
 memorization block (no share_p_value) is judged by the 1.0 rule (binomial interval), with a caveat.
@@ -126,6 +134,18 @@ DEFINITIONS = {
     "hold-out patients, half the smallest such distance), and closer to that training patient than to any "
     "hold-out patient; checked on pixels, on image features and per class. The threshold itself stays at the "
     "site (it is a distance between two patients)",
+    "extraction": "each site draws many samples from the audited model itself (the run's audit-oversample x "
+    "the cohort size, capped by the site; its own randomness; never released) and searches them and the released "
+    "cohort for copies of its training patients with Carlini et al.'s (2023) relative distance: the distance to "
+    "the nearest training patient divided by half the mean distance to the 50 nearest, in pixel space, against "
+    "the patients' autoencoder reconstructions (so the autoencoder's blur does not hide a copy) and in latent "
+    "space; flagged when below half the smallest of the hold-out patients' own relative distances (through the "
+    "same autoencoder) and closer to a training than to any hold-out patient. Lesion "
+    "regions are compared on the training patients' lesion masks where the site has them. A copy among the "
+    "drawn samples fails the audit; a search that drew none cannot pass",
+    "class_coverage": "how each class was tested for membership: tested (10+ members and non-members), pooled "
+    "(fewer: its own figures are not judged, its patients count in the all-class attacks), untestable "
+    "(training patients but no hold-out patient: the audit cannot pass on it)",
     "distance_histogram": "counts of nearest-neighbour distances on fixed bins, merged with their neighbours "
     "until every reported bin holds at least its minimum count: no bin edge comes from the data and no bin "
     "singles out a few records",
