@@ -13,7 +13,9 @@ Members are the site's training records, non-members its audit hold-out (never t
   started from at this site, client/reference.py; paired draws) when the site has one, and (c) a black-box
   distance-to-cohort attack; and the one-run canary audit (client/canaries.py);
 - fidelity and utility: Frechet distance and precision/recall/density/coverage of radiomics features, and
-  train-synthetic-test-real vs train-real-test-real classification, per class where it applies.
+  train-synthetic-test-real vs train-real-test-real classification (radiomics logistic regression and a small CNN
+  with a recipe fixed in advance, privacy/utility.py), with the share of each class's synthetic images that the
+  CNN trained on real patients recognises (lesion detectable), rounded to 0.01.
 Per-patient scores, features and images stay here: `audit_site` returns a dict of summaries only.
 """
 
@@ -25,12 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from client import canaries, reference
+from client.extraction import site_extraction
 from client.task import configure_compute, load_training_data, open_ledger, run_privacy_claim
 from common.config import ModelConfig, SiteConfig
 from common.model import (
@@ -42,6 +41,7 @@ from common.model import (
     encode,
 )
 from common.site import SiteData
+from privacy.audit_schema import MIN_RECORDS
 from privacy.audit_stats import (
     empirical_epsilon_lower_bound,
     paired_calibrated_scores,
@@ -56,6 +56,7 @@ from privacy.fidelity import (
 )
 from privacy.memorization import memorization_audit, pairwise_min_distances
 from privacy.power import annotate, holdout_power
+from privacy.utility import cnn_utility, radiomics_utility
 
 log = logging.getLogger("fedsynth.site.audit")
 CANARY_ATTACKS = {
@@ -137,36 +138,47 @@ def _mia(
     return out
 
 
-def utility(
-    synthetic: np.ndarray, synthetic_labels: np.ndarray, train: SiteData, holdout: SiteData
-) -> dict:
-    """Train-synthetic-test-real vs train-real-test-real, a logistic regression on radiomics features."""
-
-    def fit_eval(x_tr, y_tr, x_te, y_te) -> dict[str, float]:
-        if len(np.unique(y_tr)) < 2 or len(np.unique(y_te)) < 2:
-            return {
-                "balanced_accuracy": float("nan"),
-                "auc": float("nan"),
-                "note": "needs both classes",
-            }
-        clf = make_pipeline(
-            StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced")
-        )
-        clf.fit(x_tr, y_tr)
-        proba = clf.predict_proba(x_te)[:, 1]
-        return {
-            "balanced_accuracy": float(balanced_accuracy_score(y_te, clf.predict(x_te))),
-            "auc": float(roc_auc_score(y_te, proba)),
+def class_coverage(member_labels, nonmember_labels, class_names) -> dict[str, dict]:
+    """How each class was tested for membership, with its counts (nothing is dropped silently):
+    "tested": its own attacks rest on MIN_RECORDS+ members and non-members; "pooled": fewer (its own figures are
+    shown but not judged), its records count in the all-class attacks; "untestable": members but no non-member
+    (or the reverse): no attack can test its members at this site; "absent": no patient of the class."""
+    out = {}
+    for c, name in enumerate(class_names):
+        m, n = int(np.sum(member_labels == c)), int(np.sum(nonmember_labels == c))
+        if m == 0:
+            status = "absent" if n == 0 else "no members"
+        elif n == 0:
+            status = "untestable"
+        elif min(m, n) < MIN_RECORDS:
+            status = "pooled"
+        else:
+            status = "tested"
+        out[name] = {
+            "n_members": m,
+            "n_nonmembers": n,
+            "status": status,
+            "min_records": MIN_RECORDS,
         }
+    return out
 
-    f_syn, _ = radiomics_features(synthetic)
-    f_tr, _ = radiomics_features(train.images)
-    f_te, _ = radiomics_features(holdout.images)
+
+def utility(
+    synthetic: np.ndarray,
+    synthetic_labels: np.ndarray,
+    train: SiteData,
+    holdout: SiteData,
+    class_names,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Train-synthetic-test-real vs train-real-test-real on the site's hold-out (privacy/utility.py): a logistic
+    regression on radiomics features (top level, what the release policy reads) and a small CNN on the images
+    (`cnn`, with the share of each class's synthetic images the real-trained CNN recognises, e.g. how many
+    lesion-class images show a detectable lesion). Fixed classifiers, never tuned here; coarse figures."""
+    args = (synthetic, synthetic_labels, train.images, train.labels, holdout.images, holdout.labels)
     return {
-        "classifier": "logistic regression on radiomics features (tested on the site's hold-out)",
-        "n_test": int(len(holdout)),
-        "train_synthetic_test_real": fit_eval(f_syn, synthetic_labels, f_te, holdout.labels),
-        "train_real_test_real": fit_eval(f_tr, train.labels, f_te, holdout.labels),
+        **radiomics_utility(*args),
+        "cnn": cnn_utility(*args, class_names=list(class_names), device=device),
     }
 
 
@@ -212,7 +224,7 @@ def _fid(real_feats: np.ndarray, synth_feats: np.ndarray) -> dict[str, float]:
         "n_real": int(len(real_feats)),
         "n_synthetic": int(len(synth_feats)),
     }
-    k = min(5, len(real_feats) - 1, len(synth_feats) - 1)
+    k = min(5, len(real_feats) - 2, len(synth_feats) - 2)  # prdc needs k + 2 records per set
     if k >= 1:
         res.update(
             {
@@ -233,12 +245,19 @@ def audit_site(
     unet_state: dict,
     latent_scale: float,
     run_id: str = "",
+    extraction_samples: int = 0,
+    sampler: dict | None = None,
 ) -> dict[str, Any]:
     """Everything the site computes about a candidate cohort; the result holds aggregates only.
 
     The claimed privacy is that of run `run_id`'s patients (client/task.py run_privacy_claim): "none" when the
     site's ledger has no entry for the run. Members are the patients that run trained on (all training patients
-    when the ledger has no entry for it); non-members are the persisted hold-out, never trained on."""
+    when the ledger has no entry for it); non-members are the persisted hold-out, never trained on.
+
+    `extraction_samples`: samples the site draws itself from the model for the extraction search
+    (client/extraction.py; capped by the site's max-extraction-samples), with `sampler` ({steps, guidance_scale}:
+    the cohort's, from its manifest; default the preset's steps, no guidance); images it flags among the released
+    cohort join the memorization flags (they are withheld like near-copies)."""
     device = configure_compute(site)
     ledger = open_ledger(site)
     train, holdout = load_training_data(site, cfg, ledger)
@@ -275,6 +294,23 @@ def audit_site(
     ae.load_state_dict(ae_state)
     unet.load_state_dict(unet_state)
     ae, unet = ae.to(device).eval(), unet.to(device).eval()
+    extraction = site_extraction(
+        site,
+        cfg,
+        ae,
+        unet,
+        latent_scale,
+        device,
+        synthetic,
+        list(synthetic_ids),
+        train,
+        holdout,
+        extraction_samples,
+        **(sampler or {}),
+    )
+    mem["extraction"] = extraction
+    mem["flagged_ids"] = sorted(set(mem["flagged_ids"]) | set(extraction["flagged_ids"]))
+    mem["n_near_copies"] = len(mem["flagged_ids"])
     # The calibrated attack's reference: the UNet this run started from at this site (client/reference.py); it
     # never saw the site's records, so every hold-out patient stays a non-member of the test.
     ref_state = reference.load(site, run_id) if run_id else None
@@ -319,6 +355,7 @@ def audit_site(
                 kind: _mia(m_[m], n_[n], delta, claimed) for kind, (m_, n_) in scores.items()
             }
     membership["per_class"] = per_class
+    membership["class_coverage"] = class_coverage(train.labels, holdout.labels, cfg.class_names)
     # One-run canary audit (client/canaries.py). The attack is fixed before any score is seen: the calibrated one
     # when the site has a reference model for the run, the uncalibrated white-box loss otherwise.
     if ref_unet is not None:
@@ -356,5 +393,5 @@ def audit_site(
                 ),
             },
         ),
-        "utility": utility(synthetic, synthetic_labels, train, holdout),
+        "utility": utility(synthetic, synthetic_labels, train, holdout, cfg.class_names, device),
     }

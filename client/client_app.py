@@ -159,6 +159,8 @@ def audit(msg: Message, context: Context) -> Message:
         unet_state=msg.content[messages.UNET].to_torch_state_dict(),
         latent_scale=request.latent_scale,
         run_id=request.run_id,
+        extraction_samples=request.extraction_samples,
+        sampler={"steps": request.sampler_steps, "guidance_scale": request.guidance_scale},
     )
     reply = AuditReply(json.dumps(result, default=_json_default))
     return Message(content=RecordDict({messages.AUDIT: reply.to_record()}), reply_to=msg)

@@ -172,6 +172,9 @@ class RunConfig:
     # which UNet parameters the sites fine-tune with DP (DP_TRAINABLE); the privacy accounting is the same for any
     dp_trainable: str = "all"
     audit: bool = True  # run the federated privacy audit on the cohort after synthesis
+    # Extraction by many samples (client/extraction.py): each site draws this many times the cohort's size from the
+    # audited model with its own entropy, never released, and searches them for copies of its patients.
+    audit_oversample: int = 10
     mode: str = "train"  # "train": rounds, synthesis, audit; "audit": only audit `cohort-dir` made from `checkpoint`
     cohort_dir: str = ""  # mode "audit"
     checkpoint: str = ""  # mode "audit"
@@ -211,6 +214,11 @@ class RunConfig:
             )
         if self.mode not in ("train", "audit"):
             raise ValueError("mode must be 'train' or 'audit'")
+        if self.audit_oversample < 0:
+            raise ValueError(
+                "audit-oversample must be >= 0 (samples each site draws for the extraction search, per "
+                "cohort image; 0 means none, and such an audit never passes)"
+            )
         if self.mode == "audit" and not (self.cohort_dir and self.checkpoint):
             raise ValueError("mode 'audit' needs cohort-dir and checkpoint")
         if self.min_sites < 1:
@@ -304,6 +312,9 @@ class SiteConfig:
     # One-run audit canaries (client/canaries.py): -1 auto (enough for half the claimed epsilon, at most 40 % of
     # the patient count so training grows by <= 20 %), 0 none, m > 0 exactly m. Fixed once drawn.
     canaries: int = -1
+    # The most samples this site draws for an audit's extraction search (client/extraction.py), whatever the
+    # server asks: ~0.35 s each on one quiet CPU thread for the `small` preset with guidance (docs/PERFORMANCE.md).
+    max_extraction_samples: int = 1000
 
     def __post_init__(self) -> None:
         if self.max_audits_per_run < 0:
@@ -316,6 +327,8 @@ class SiteConfig:
             raise ValueError("accountant must be 'rdp' or 'prv'")
         if self.grad_sample_mode not in ("bookkeeping", "hooks", "ghost"):
             raise ValueError("grad-sample-mode must be 'bookkeeping', 'hooks' or 'ghost'")
+        if self.max_extraction_samples < 0:
+            raise ValueError("max-extraction-samples must be >= 0")
         if self.canaries < -1:
             raise ValueError("canaries must be -1 (auto), 0 (none) or a positive count")
         if self.epsilon <= 0 or self.delta < 0 or self.max_grad_norm <= 0:

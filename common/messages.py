@@ -147,6 +147,11 @@ class AuditRequest:
     prediction_type: str  # what the checkpoint's UNet predicts: "v_prediction" | "epsilon"
     latent_scale: float
     synthetic_ids: tuple[str, ...]
+    # samples the site is asked to draw for the extraction search (it draws them itself, capped by its own limit),
+    # with the sampler the cohort was made with (its manifest): DDIM steps (0: the preset's) and guidance scale
+    extraction_samples: int
+    sampler_steps: int
+    guidance_scale: float
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(_values(self))

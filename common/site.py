@@ -330,6 +330,59 @@ def load_image(
     return np.asarray(arr, dtype=np.float32), spacing, shape
 
 
+def load_lesion_masks(
+    site_dir: Path | str, subject_ids: Sequence[str], *, spatial_dims: int, image_size: int
+) -> tuple[list[np.ndarray | None], list[SiteProblem]]:
+    """Lesion masks aligned with `load_image`'s records (same orientation, slice and size; nearest-neighbour
+    resizing), as bool arrays (1, *[image_size]*spatial_dims), or None for a subject without a readable mask.
+
+    Masks sit in `DIR/masks/<subject_id>.nii[.gz]`. A voxel is lesion when it equals `tissue_labels.lesion` of
+    `DIR/site.json` (the phantoms' tissue label maps), else when it is non-zero (a binary lesion mask)."""
+    import json
+
+    import torch
+    from monai.transforms import EnsureChannelFirst, Orientation, Resize
+
+    site_dir = Path(site_dir)
+    problems: list[SiteProblem] = []
+    lesion_label = None
+    try:
+        meta = json.loads((site_dir / "site.json").read_text(encoding="utf-8"))
+        lesion_label = (meta.get("tissue_labels") or {}).get("lesion")
+    except (OSError, ValueError, AttributeError):
+        pass  # no site.json (or not one of ours): masks are binary
+    out: list[np.ndarray | None] = []
+    for sid in subject_ids:
+        path = next(
+            (
+                site_dir / "masks" / f"{sid}{s}"
+                for s in NIFTI_SUFFIXES
+                if (site_dir / "masks" / f"{sid}{s}").is_file()
+            ),
+            None,
+        )
+        if path is None:
+            out.append(None)
+            continue
+        try:
+            img = EnsureChannelFirst()(_read(path))
+            ras = Orientation(
+                axcodes="RAS"[: img.ndim - 1], labels=(("L", "R"), ("P", "A"), ("I", "S"))
+            )
+            arr = ras(img.float())
+            if spatial_dims == 2 and arr.ndim == 4:
+                arr = arr[..., arr.shape[-1] // 2]
+            lesion = (arr == lesion_label) if lesion_label is not None else (arr != 0)
+            arr = Resize((image_size,) * spatial_dims, mode="nearest")(
+                torch.as_tensor(lesion).float()
+            )
+            out.append(np.asarray(arr) > 0.5)
+        except Exception as err:  # an unreadable mask: that subject's lesion is not compared, named
+            problems.append(SiteProblem(str(path), f"lesion mask not used ({_reason(err)})"))
+            out.append(None)
+    return out, problems
+
+
 # ---- the site --------------------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,8 @@
 """audit.json: the one owner of its format. Writing, reading, and the accessors every reader uses (the verdict in
 privacy/verdict.py, the gate in privacy/policy.py, the reports in privacy/report.py).
 
-Schema 1.2 (strict JSON: a number that is not finite, e.g. the claimed epsilon of a site without DP, is null):
-    schema_version: "1.2"; created_at: ISO 8601 UTC; confidence: 0.95 (of every interval and bound)
+Schema 1.3 (strict JSON: a number that is not finite, e.g. the claimed epsilon of a site without DP, is null):
+    schema_version: "1.3"; created_at: ISO 8601 UTC; confidence: 0.95 (of every interval and bound)
     threat_model: {black_box, white_box, out_of_scope}
     definitions: {figure name: what it means}
     cohort: {path, n_images, class_names, checkpoint_sha256, run_id, experiment ("" or the experiment's label)}
@@ -15,24 +15,39 @@ Schema 1.2 (strict JSON: a number that is not finite, e.g. the claimed epsilon o
                                  share_null_q95, n_distinct_nearest_members / _nonmembers, n_synthetic_tested,
                                  synthetic_subsampled), share_ci95 (binomial, not used), n_near_copies, and
                                  histogram: {edges, counts per distance kind, min_count} on FIXED bins merged
-                                 until each holds min_count values
+                                 until each holds min_count values; extraction:
+                                 privacy.extraction.extraction_audit(...) (samples requested / drawn at the site,
+                                 flagged per space for released and drawn samples, distinct patients copied,
+                                 lesion_regions {applicable, why_not, counts}, relative-distance histograms on
+                                 fixed bins; flagged released ids also in flagged_ids)
                    membership: {white_box, black_box, calibrated (when the site has a reference model;
                                else calibrated_unavailable: why), per_class: {class: {same attacks}},
+                               class_coverage: {class: {n_members, n_nonmembers, status, min_records}},
                                canaries: the one-run audit (client/canaries.py)}, each attack
                                privacy.audit_stats.roc_summary (AUC and interval, TPR at fixed FPR points,
                                roc_at_fpr, resolvable, nonmembers_needed) + epsilon_lower_bound (counts only)
                                + per_member (privacy.audit_stats.per_member_tests: counts only)
                    fidelity: {overall, per_class, reference: {holdout_patients, holdout_through_autoencoder}}
-                   utility: {train_synthetic_test_real, train_real_test_real}}}
+                   utility: {classifier, n_test, train_synthetic_test_real, train_real_test_real  (radiomics
+                             logistic regression; each {balanced_accuracy, auc[, note]}),
+                             cnn: {classifier, n_test, train_synthetic_test_real, train_real_test_real,
+                                   recognised: {class: share of that class's synthetic images the CNN trained
+                                                on real patients assigns to it (lesion: lesion detectable)},
+                                   recognised_holdout: {class: the same share on the real hold-out}}}
+                             (privacy/utility.py; figures rounded to 0.01)}}
     worst_case: {figure: {value, site, class, attack}}
     failures: [sites that did not answer]
     flags: [human-readable findings and caveats]
     verdict: {status: "pass" | "fail" | "inconclusive", reasons, findings, caveats, thresholds, dp_suspect,
               power: {site: privacy.power figures}, share_tests: {n_tests, correction, alpha}}
 
+1.3 (issue 12): memorization.extraction (the extraction search by many samples drawn at the site) and
+membership.class_coverage (every class with its counts: tested, pooled, untestable; nothing dropped silently).
+1.3 also (issue 11) adds utility.cnn; a utility block with an unknown key, or a cnn block with a missing or
+unknown key, is an error (check_utility).
 1.2 (coarse aggregates, issue 9): a site no longer returns a near-copy threshold, median distances, data-derived
 histogram edges or a full ROC curve (each is, or pins down, a distance between one synthetic image and one
-patient); the rest is 1.1. 1.1 added the permutation test to 1.0. `load_audit` reads 1.0, 1.1 and 1.2; a 1.0
+patient); the rest is 1.1. 1.1 added the permutation test to 1.0. `load_audit` reads 1.0 to 1.3; a 1.0
 memorization block (no share_p_value) is judged by the 1.0 rule (binomial interval), with a caveat.
 """
 
@@ -48,8 +63,8 @@ import numpy as np
 
 from common.io import write_json_atomic
 
-AUDIT_SCHEMA_VERSION = "1.2"
-READABLE_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2")
+AUDIT_SCHEMA_VERSION = "1.3"
+READABLE_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 REQUIRED_KEYS = (
     "schema_version",
     "created_at",
@@ -119,6 +134,18 @@ DEFINITIONS = {
     "hold-out patients, half the smallest such distance), and closer to that training patient than to any "
     "hold-out patient; checked on pixels, on image features and per class. The threshold itself stays at the "
     "site (it is a distance between two patients)",
+    "extraction": "each site draws many samples from the audited model itself (the run's audit-oversample x "
+    "the cohort size, capped by the site; its own randomness; never released) and searches them and the released "
+    "cohort for copies of its training patients with Carlini et al.'s (2023) relative distance: the distance to "
+    "the nearest training patient divided by half the mean distance to the 50 nearest, in pixel space, against "
+    "the patients' autoencoder reconstructions (so the autoencoder's blur does not hide a copy) and in latent "
+    "space; flagged when below half the smallest of the hold-out patients' own relative distances (through the "
+    "same autoencoder) and closer to a training than to any hold-out patient. Lesion "
+    "regions are compared on the training patients' lesion masks where the site has them. A copy among the "
+    "drawn samples fails the audit; a search that drew none cannot pass",
+    "class_coverage": "how each class was tested for membership: tested (10+ members and non-members), pooled "
+    "(fewer: its own figures are not judged, its patients count in the all-class attacks), untestable "
+    "(training patients but no hold-out patient: the audit cannot pass on it)",
     "distance_histogram": "counts of nearest-neighbour distances on fixed bins, merged with their neighbours "
     "until every reported bin holds at least its minimum count: no bin edge comes from the data and no bin "
     "singles out a few records",
@@ -127,8 +154,24 @@ DEFINITIONS = {
     "real images covered by the synthetic one; density and coverage (Naeem et al. 2020) are robust variants "
     "(k-nearest-neighbour balls)",
     "utility": "balanced accuracy / AUC of a classifier trained on the synthetic cohort and tested on a site's "
-    "hold-out (train-synthetic-test-real), beside one trained on the site's own training data",
+    "hold-out (train-synthetic-test-real), beside one trained on the site's own training data; two classifiers, "
+    "both fixed in advance and never tuned on site data: a logistic regression on radiomics features and a small "
+    "CNN on the images",
+    "recognised": "share of a class's synthetic images that the CNN trained on the site's real patients assigns to "
+    "that class: for the lesion class, the share of synthetic lesion images in which a lesion is detectable; "
+    "beside it the same share on the real hold-out, which is what a perfect generator would reach",
 }
+# utility blocks (privacy/utility.py): the keys each may hold; the cnn block must hold all of its keys
+UTILITY_KEYS = {"classifier", "n_test", "train_synthetic_test_real", "train_real_test_real", "cnn"}
+CNN_UTILITY_KEYS = {
+    "classifier",
+    "n_test",
+    "train_synthetic_test_real",
+    "train_real_test_real",
+    "recognised",
+    "recognised_holdout",
+}
+SCORE_KEYS = {"balanced_accuracy", "auc", "note"}
 
 
 # ---- values -----------------------------------------------------------------------------------------------
@@ -218,6 +261,47 @@ def claimed_privacy(site: dict) -> dict:
     return site.get("claimed_privacy") or {}
 
 
+def check_utility(block: Any, where: str = "utility") -> dict:
+    """A site's utility block, or ValueError naming the unknown or missing key (schema 1.3)."""
+
+    def keys(d: Any, allowed: set[str], required: set[str], at: str) -> None:
+        if not isinstance(d, dict):
+            raise ValueError(f"{at}: expected an object, got {type(d).__name__}")
+        unknown, missing = set(d) - allowed, required - set(d)
+        if unknown or missing:
+            raise ValueError(
+                f"{at}: "
+                + "; ".join(
+                    f"{what} key(s) {', '.join(sorted(ks))}"
+                    for what, ks in (("unknown", unknown), ("missing", missing))
+                    if ks
+                )
+                + " (the format is privacy/audit_schema.py's; utility blocks come from privacy/utility.py)"
+            )
+
+    keys(block, UTILITY_KEYS, set(), where)
+    for k in ("train_synthetic_test_real", "train_real_test_real"):
+        if k in block:
+            keys(block[k], SCORE_KEYS, {"balanced_accuracy", "auc"}, f"{where}.{k}")
+    if "cnn" in block:
+        cnn = block["cnn"]
+        keys(cnn, CNN_UTILITY_KEYS, CNN_UTILITY_KEYS, f"{where}.cnn")
+        for k in ("train_synthetic_test_real", "train_real_test_real"):
+            keys(cnn[k], SCORE_KEYS, {"balanced_accuracy", "auc"}, f"{where}.cnn.{k}")
+        for k in ("recognised", "recognised_holdout"):
+            if not isinstance(cnn[k], dict) or not all(
+                v is None or finite(v) is not None for v in cnn[k].values()
+            ):
+                raise ValueError(f"{where}.cnn.{k}: expected {{class: share}}")
+    return block
+
+
+def utility(site: dict) -> dict:
+    """A site's utility block, checked ({} when the site sent none)."""
+    block = site.get("utility")
+    return {} if block is None else check_utility(block, f"site {site.get('site', '?')} utility")
+
+
 # ---- the file -----------------------------------------------------------------------------------------------
 
 
@@ -237,6 +321,10 @@ def check_audit(audit: Any, where: str = "audit") -> dict:
         )
     if not isinstance(audit["sites"], dict) or not isinstance(audit.get("cohort", {}), dict):
         raise ValueError(f"{where}: not a valid audit ('sites' and 'cohort' must be objects)")
+    if audit["schema_version"] not in ("1.0", "1.1", "1.2"):
+        for name, site in audit["sites"].items():
+            if isinstance(site, dict) and site.get("utility") is not None:
+                check_utility(site["utility"], f"{where}: site {name} utility")
     return audit
 
 

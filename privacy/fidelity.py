@@ -1,23 +1,37 @@
 """Fidelity of a synthetic cohort to a site's real data, from radiomics-style features.
 
-`radiomics_features` describes each image by intensity statistics, GLCM texture and tissue proportions (names and
-definitions in `FEATURE_DEFINITIONS`). A site compares its real images with the cohort locally and sends only
-summary numbers: the Frechet distance between Gaussian fits of the two feature sets (`feature_moments` is the
-aggregate a site may send: n, mean, covariance), and improved precision / recall (Kynkaanniemi et al. 2019) and
-density / coverage (Naeem et al. 2020), which need the real features and are therefore computed at the site.
+`radiomics_features` describes each image by intensity statistics, grey-level co-occurrence (GLCM) texture from
+scikit-image (`skimage.feature.graycomatrix` / `graycoprops`) and tissue proportions (names and definitions in
+`FEATURE_DEFINITIONS`). A site compares its real images with the cohort locally and sends only summary numbers: the
+Frechet distance between Gaussian fits of the two feature sets (`feature_moments` is the aggregate a site may send:
+n, mean, covariance), and improved precision / recall (Kynkaanniemi et al. 2019) and density / coverage (Naeem et
+al. 2020) from the `prdc` reference implementation (Naeem et al.'s own package), which need the real features and
+are therefore computed at the site.
+
+pyradiomics (the IBSI-aligned reference) does not install here (3.1.0's sdist declares version 3.0.1a1 and pip
+discards it; 3.0.1's setup.py fails on Python 3.11), so texture comes from scikit-image with IBSI's conventions
+made explicit: fixed bin width (16 bins on [0, 1]), symmetric matrices, only pairs of two region-of-interest
+voxels counted. Volumes: in-plane co-occurrences of every slice (last two axes) summed over the slices per
+direction, features averaged over the 4 in-plane directions (a 2.5-D aggregation; no through-plane pairs, so
+anisotropic slice spacing does not mix into the texture).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
-from scipy.spatial.distance import cdist
+from prdc import compute_prdc
+from skimage.feature import graycomatrix, graycoprops
 
 FOREGROUND_LEVEL = 0.1  # intensity above which a voxel is tissue (images are in [0, 1])
 DARK_MID_BRIGHT = (0.35, 0.65)
 HIST_BINS = 32
 GLCM_LEVELS = 16
-# In-plane neighbour offsets (rows, columns) per distance; each GLCM feature is averaged over the 4 directions.
-GLCM_OFFSETS = {1: ((0, 1), (1, 0), (1, 1), (1, -1)), 2: ((0, 2), (2, 0), (2, 2), (2, -2))}
+GLCM_DISTANCES = (1, 2)
+GLCM_ANGLES = (0.0, np.pi / 4, np.pi / 2, 3 * np.pi / 4)  # skimage's convention: 0 = along a row
+GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation", "entropy")
 CHUNK = 256
 
 FEATURE_DEFINITIONS = {
@@ -30,10 +44,11 @@ FEATURE_DEFINITIONS = {
     "p90": "90th percentile of foreground intensity",
     "histogram_entropy": "Shannon entropy (nats) of the 32-bin foreground intensity histogram on [0, 1]",
     **{
-        f"glcm_{m}_d{d}": f"grey-level co-occurrence {m} of neighbours at distance {d} (16 levels on [0, 1], "
-        "symmetric, foreground pairs only, in-plane, mean of 4 directions)"
-        for d in GLCM_OFFSETS
-        for m in ("contrast", "homogeneity", "energy", "correlation")
+        f"glcm_{m}_d{d}": f"grey-level co-occurrence {m} (scikit-image graycoprops) of neighbours at distance {d} "
+        "(16 levels on [0, 1], symmetric, foreground pairs only, in-plane, mean of 4 directions; volumes: "
+        "matrices summed over slices)"
+        for d in GLCM_DISTANCES
+        for m in GLCM_PROPS
     },
     "foreground_fraction": "fraction of the image that is foreground",
     "dark_fraction": "fraction of the image with intensity in (0.1, 0.35]",
@@ -46,47 +61,40 @@ def feature_names() -> list[str]:
     return list(FEATURE_DEFINITIONS)
 
 
-def _shift(a: np.ndarray, dy: int, dx: int) -> tuple[np.ndarray, np.ndarray]:
-    """The two members of every in-plane neighbour pair (offset dy rows, dx columns) of a (N, ..., H, W) array."""
-    h, w = a.shape[-2:]
-    x0, x1 = (0, w - dx) if dx >= 0 else (-dx, w)
-    first = a[..., : h - dy, x0:x1]
-    second = a[..., dy:, x0 + dx : x1 + dx]
-    return first.reshape(len(a), -1), second.reshape(len(a), -1)
+def glcm(image: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """(levels, levels, distances, directions) co-occurrence counts (directions: along rows, along columns, the
+    two diagonals) of one 2-D image or 3-D volume (slices on the first
+    axis), symmetric, counting only pairs of two foreground voxels. Foreground voxels get levels 1..16 and the
+    background level 0 (dropped afterwards); slices of a volume are stacked with background rows between them, so
+    no pair straddles two slices and the result is the sum of the per-slice matrices."""
+    q = np.where(
+        foreground, 1 + np.clip((image * GLCM_LEVELS).astype(np.int64), 0, GLCM_LEVELS - 1), 0
+    ).astype(np.uint8)
+    if q.ndim == 3:
+        gap = np.zeros((len(q), max(GLCM_DISTANCES), q.shape[2]), np.uint8)
+        q = np.concatenate([q, gap], axis=1).reshape(-1, q.shape[2])
+    # IBSI's Chebyshev distance: the diagonal neighbour at distance d is (d, d) away. skimage rounds
+    # (d sin a, d cos a), so diagonals are asked at distance d sqrt(2).
+    axis, diagonal = (
+        graycomatrix(q, dist, angles, levels=GLCM_LEVELS + 1, symmetric=True, normed=False)
+        for dist, angles in (
+            (GLCM_DISTANCES, GLCM_ANGLES[0::2]),
+            (np.sqrt(2) * np.asarray(GLCM_DISTANCES, float), GLCM_ANGLES[1::2]),
+        )
+    )
+    return np.concatenate([axis, diagonal], axis=3)[1:, 1:]
 
 
-def _glcm(q: np.ndarray, fg: np.ndarray) -> np.ndarray:
-    """(N, 8) GLCM features (contrast, homogeneity, energy, correlation at distances 1 and 2)."""
-    n, L = len(q), GLCM_LEVELS
-    i, j = np.meshgrid(np.arange(L), np.arange(L), indexing="ij")
-    rows = np.arange(n)[:, None]
-    out = []
-    for offsets in GLCM_OFFSETS.values():
-        acc = np.zeros((n, 4))
-        for dy, dx in offsets:
-            a, b = _shift(q, dy, dx)
-            wa, wb = _shift(fg, dy, dx)
-            p = np.bincount(
-                (rows * L * L + a * L + b).ravel(),
-                weights=(wa & wb).ravel().astype(float),
-                minlength=n * L * L,
-            ).reshape(n, L, L)
-            p = p + p.transpose(0, 2, 1)
-            p /= np.maximum(p.sum((1, 2), keepdims=True), 1.0)
-            mu_i = (i * p).sum((1, 2))
-            var_i = (((i - mu_i[:, None, None]) ** 2) * p).sum((1, 2))  # symmetric: same for j
-            cov = ((i - mu_i[:, None, None]) * (j - mu_i[:, None, None]) * p).sum((1, 2))
-            acc += np.stack(
-                [
-                    ((i - j) ** 2 * p).sum((1, 2)),
-                    (p / (1.0 + np.abs(i - j))).sum((1, 2)),
-                    (p**2).sum((1, 2)),
-                    np.where(var_i > 1e-12, cov / np.maximum(var_i, 1e-12), 0.0),
-                ],
-                1,
-            )
-        out.append(acc / len(offsets))
-    return np.concatenate(out, 1)
+def glcm_features(image: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """GLCM_PROPS x GLCM_DISTANCES features (distance-major, as in FEATURE_DEFINITIONS), each averaged over the
+    directions; a matrix with no foreground pair gives 0 rather than NaN."""
+    p = glcm(image, foreground).astype(np.float64)
+    props = []
+    for m in GLCM_PROPS:
+        v = graycoprops(p, m)  # (distances, angles); skimage normalises each matrix
+        empty = p.sum((0, 1)) == 0
+        props.append(np.where(empty, 0.0, np.nan_to_num(v)).mean(1))
+    return np.stack(props, 1).ravel()  # (distances, props) -> d1 props, d2 props
 
 
 def _chunk_features(x: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
@@ -116,7 +124,8 @@ def _chunk_features(x: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
         / cnt[:, None]
     )
     entropy = -(hist * np.log(np.where(hist > 0, hist, 1.0))).sum(1)
-    q = np.clip((img * GLCM_LEVELS).astype(np.int64), 0, GLCM_LEVELS - 1)
+    fg_full = fg.reshape(fg_img.shape)
+    texture = np.stack([glcm_features(img[i], fg_full[i]) for i in range(n)])
     lo, hi = DARK_MID_BRIGHT
     tissue = np.stack(
         [
@@ -128,14 +137,7 @@ def _chunk_features(x: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
         1,
     )
     return np.concatenate(
-        [
-            np.stack([mean, std, skew, kurt], 1),
-            pct,
-            entropy[:, None],
-            _glcm(q, fg.reshape(fg_img.shape)),
-            tissue,
-        ],
-        1,
+        [np.stack([mean, std, skew, kurt], 1), pct, entropy[:, None], texture, tissue], 1
     )
 
 
@@ -143,7 +145,7 @@ def radiomics_features(images, masks=None) -> tuple[np.ndarray, list[str]]:
     """(N, F) features of images (N, 1, H, W) or volumes (N, 1, D, H, W) in [0, 1], and their names (see
     `FEATURE_DEFINITIONS`). `masks` (optional, same shape, > 0 = region of interest) replaces the intensity
     threshold as the foreground for intensity statistics and texture. For volumes, texture pairs are taken
-    in-plane (last two axes) on every slice."""
+    in-plane (last two axes) on every slice and the slices' matrices summed."""
     x = np.asarray(images, dtype=np.float32)
     if x.ndim not in (4, 5) or x.shape[1] != 1:
         raise ValueError(
@@ -226,33 +228,27 @@ def frechet_distance(moments_a: dict, moments_b: dict) -> float:
 
 def precision_recall_coverage(real_feats, synth_feats, k: int = 5) -> dict:
     """Improved precision / recall (Kynkaanniemi et al. 2019) and density / coverage (Naeem et al. 2020) with
-    k-nearest-neighbour balls, in features standardised on the real set. Computed at the site (it needs the real
-    features); returns only the four numbers:
+    k-nearest-neighbour balls, from the `prdc` reference implementation, in features standardised on the real set
+    (so that no feature's unit dominates the distances). Computed at the site (it needs the real features);
+    returns only the four numbers:
     precision: share of synthetic samples inside some real sample's k-NN ball;
     recall: share of real samples inside some synthetic sample's k-NN ball;
     density: mean number of real k-NN balls containing a synthetic sample, divided by k (about 1 when matched);
-    coverage: share of real samples whose k-NN ball contains at least one synthetic sample."""
+    coverage: share of real samples whose k-NN ball contains at least one synthetic sample.
+    prdc counts a sample strictly inside a ball (distance < radius)."""
     real, syn = np.asarray(real_feats, float), np.asarray(synth_feats, float)
     if real.ndim != 2 or syn.ndim != 2 or real.shape[1] != syn.shape[1]:
         raise ValueError(
             f"precision_recall_coverage: feature matrices must be (N, F) with equal F, got {real.shape} "
             f"and {syn.shape}"
         )
-    if not 1 <= k < min(len(real), len(syn)):
+    if not 1 <= k <= min(len(real), len(syn)) - 2:
         raise ValueError(
-            f"precision_recall_coverage: need 1 <= k < number of records (k={k}, {len(real)} real, "
+            f"precision_recall_coverage: need 1 <= k <= number of records - 2 (prdc) (k={k}, {len(real)} real, "
             f"{len(syn)} synthetic)"
         )
     mu, sd = real.mean(0), real.std(0)
     sd = np.where(sd > 1e-12, sd, 1.0)
-    real, syn = (real - mu) / sd, (syn - mu) / sd
-    r_real = np.sort(cdist(real, real), axis=1)[:, k]  # column 0 is the point itself
-    r_syn = np.sort(cdist(syn, syn), axis=1)[:, k]
-    d_sr = cdist(syn, real)  # (S, R)
-    inside_real = d_sr <= r_real[None]
-    return {
-        "precision": float(inside_real.any(1).mean()),
-        "recall": float((d_sr <= r_syn[:, None]).any(0).mean()),
-        "density": float(inside_real.sum(1).mean() / k),
-        "coverage": float((d_sr.min(0) <= r_real).mean()),
-    }
+    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
+        out = compute_prdc((real - mu) / sd, (syn - mu) / sd, nearest_k=k)
+    return {key: float(out[key]) for key in ("precision", "recall", "density", "coverage")}

@@ -37,6 +37,7 @@ from privacy.audit_schema import (
     fmt_number,
     json_safe,
     shares,
+    utility,
     write_audit_json,
 )
 from privacy.verdict import SHARE_ALPHA, THRESHOLDS, share_tests
@@ -397,6 +398,63 @@ def _memorization_blocks(sites: dict) -> list[dict]:
     return out
 
 
+def _extraction_rows(sites: dict) -> list[list]:
+    """One row per site: the extraction search by many samples (privacy/extraction.py)."""
+    rows = []
+    for name, site in sites.items():
+        ext = (site.get("memorization") or {}).get("extraction")
+        if not isinstance(ext, dict):
+            rows.append([name, _cell("not run (older site)", True), "", "", "", "", ""])
+            continue
+        spaces = ext.get("spaces") or {}
+        per_space = "; ".join(
+            f"{sp}: {fmt_number((b.get('released') or {}).get('n_flagged'))} / "
+            f"{fmt_number((b.get('drawn') or {}).get('n_flagged'))}"
+            for sp, b in spaces.items()
+        )
+        lesion = ext.get("lesion_regions") or {}
+        lesion_text = (
+            f"{fmt_number(lesion.get('released_flagged'))} / {fmt_number(lesion.get('drawn_flagged'))} "
+            f"({fmt_number(lesion.get('n_members_with_lesion_masks'))} training lesions compared)"
+            if lesion.get("applicable")
+            else f"not applicable: {lesion.get('why_not', 'no masks')}"
+        )
+        drawn = finite(ext.get("n_samples_drawn")) or 0
+        rows.append(
+            [
+                name,
+                _cell(
+                    f"{fmt_number(drawn)} of {fmt_number(ext.get('samples_requested'))} asked "
+                    f"(site limit {fmt_number(ext.get('max_extraction_samples'))})",
+                    drawn == 0,
+                ),
+                _cell(
+                    fmt_number(ext.get("n_released_flagged")), bool(ext.get("n_released_flagged"))
+                ),
+                _cell(fmt_number(ext.get("n_drawn_flagged")), bool(ext.get("n_drawn_flagged"))),
+                fmt_number(ext.get("n_distinct_members_copied")),
+                per_space,
+                lesion_text,
+            ]
+        )
+    return rows
+
+
+def _class_rows(sites: dict, *, counts: bool) -> list[list]:
+    """Per site and class: how membership was tested (counts for officers only)."""
+    rows = []
+    for name, site in sites.items():
+        for cls, c in ((site.get("membership") or {}).get("class_coverage") or {}).items():
+            status = str(c.get("status", "n/a"))
+            row = [name, cls, _cell(status, status == "untestable")]
+            if counts:
+                row.insert(
+                    2, f"{fmt_number(c.get('n_members'))} / {fmt_number(c.get('n_nonmembers'))}"
+                )
+            rows.append(row)
+    return rows
+
+
 def _fidelity_rows(sites: dict) -> list[list]:
     rows = []
     for name, site in sites.items():
@@ -411,20 +469,36 @@ def _fidelity_rows(sites: dict) -> list[list]:
 
 
 def _utility_rows(sites: dict) -> list[list]:
+    """One row per site and classifier: TSTR, TRTR, and (CNN) the share of each class's synthetic images the
+    real-trained CNN recognises, beside the same share on the real hold-out."""
+
+    def score(d: dict) -> str:
+        return f"{fmt_number(d.get('balanced_accuracy'))} / {fmt_number(d.get('auc'))}"
+
     rows = []
     for name, site in sites.items():
-        u = site.get("utility") or {}
+        u = utility(site)
         if not u:
             continue
-        ts, tr = u.get("train_synthetic_test_real") or {}, u.get("train_real_test_real") or {}
-        rows.append(
-            [
-                name,
-                f"{fmt_number(ts.get('balanced_accuracy'))} / {fmt_number(ts.get('auc'))}",
-                f"{fmt_number(tr.get('balanced_accuracy'))} / {fmt_number(tr.get('auc'))}",
-                fmt_number(u.get("n_test")),
-            ]
-        )
+        blocks = [("radiomics logistic regression", u)]
+        if "cnn" in u:
+            blocks.append(("small CNN on images", u["cnn"]))
+        for label, b in blocks:
+            rec, ref = b.get("recognised") or {}, b.get("recognised_holdout") or {}
+            shares = "; ".join(
+                f"{cls} {fmt_number(v)} (hold-out {fmt_number(ref.get(cls))})"
+                for cls, v in rec.items()
+            )
+            rows.append(
+                [
+                    name,
+                    label,
+                    score(b.get("train_synthetic_test_real") or {}),
+                    score(b.get("train_real_test_real") or {}),
+                    shares or "-",
+                    fmt_number(b.get("n_test")),
+                ]
+            )
     return rows
 
 
@@ -495,6 +569,8 @@ def render_officer_report(
         roc_plot=_roc_plot(sites) if sites else None,
         membership_rows=_membership_rows(sites),
         memorization=_memorization_blocks(sites),
+        extraction_rows=_extraction_rows(sites),
+        class_rows=_class_rows(sites, counts=True),
         n_flagged=len(flagged),
         flagged_grid=image_grid(np.stack([np.asarray(flagged[k]) for k in shown]), shown)
         if shown
@@ -564,6 +640,8 @@ def render_partner_report(
         sample_grid=grid,
         n_sample=min(SAMPLE_GRID, 0 if released_images is None else len(released_images)),
         n_sites=len(audit["sites"]),
+        extraction_rows=[r[:4] + r[5:] for r in _extraction_rows(audit["sites"])],
+        class_rows=_class_rows(audit["sites"], counts=False),
         n_failures=len(audit.get("failures") or []),
     )
 

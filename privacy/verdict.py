@@ -36,7 +36,12 @@ SHARE_ALPHA = (
     0.05  # family-wise level of the share permutation tests (Holm over the tests of one audit)
 )
 CONFIDENCE = 0.95
-THRESHOLDS = {"membership_auc": 0.6, "share_closer_to_member": 0.65, "n_near_copies": 0}
+THRESHOLDS = {
+    "membership_auc": 0.6,
+    "share_closer_to_member": 0.65,
+    "n_near_copies": 0,
+    "n_extraction_copies": 0,
+}
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -62,6 +67,58 @@ def share_tests(sites: dict[str, dict]) -> dict[tuple[str, str, str], tuple[floa
     return {key: (p, padj) for key, p, padj in zip(keys, pvalues, holm(pvalues), strict=False)}
 
 
+def extraction_notes(name: str, site: dict) -> tuple[list[str], list[str], list[str]]:
+    """(findings, inconclusive reasons, caveats) of a site's extraction search (privacy/extraction.py): copies
+    among the samples it drew fail; a search that drew no sample never passes; a lesion check that did not apply is
+    said."""
+    ext = (site.get("memorization") or {}).get("extraction")
+    if not isinstance(ext, dict):
+        return [], [], [f"{name}: no extraction search in this audit (a site of an older version)"]
+    findings, inconclusive, caveats = [], [], []
+    drawn, flagged = int(ext.get("n_samples_drawn") or 0), int(ext.get("n_drawn_flagged") or 0)
+    if flagged > THRESHOLDS["n_extraction_copies"]:
+        lesions = (ext.get("lesion_regions") or {}).get("drawn_flagged") or 0
+        findings.append(
+            f"{name}: extraction search: {flagged} of {drawn} samples the site drew from the model (never "
+            f"released) are copies of training patients ({fmt_number(ext.get('n_distinct_members_copied'))} "
+            f"distinct patient(s) copied, released images included; {lesions} by lesion region): the model "
+            "memorises"
+        )
+    if drawn == 0:
+        inconclusive.append(
+            f"underpowered: {name}: the extraction search drew no samples (asked "
+            f"{fmt_number(ext.get('samples_requested'))}, site limit "
+            f"{fmt_number(ext.get('max_extraction_samples'))}): only the released images were searched"
+        )
+    lesion = ext.get("lesion_regions") or {}
+    if lesion and not lesion.get("applicable"):
+        caveats.append(
+            f"{name}: lesion-region copies not checked: {lesion.get('why_not', 'no lesion masks')}"
+        )
+    return findings, inconclusive, caveats
+
+
+def class_notes(name: str, site: dict) -> tuple[list[str], list[str]]:
+    """(inconclusive reasons, caveats) from a site's class coverage (client/audit.py class_coverage): a class with
+    training patients but no hold-out patient could not be tested, so the verdict cannot pass on it; a class with
+    too few records for its own attacks is pooled into the all-class attacks, said with its counts."""
+    inconclusive, caveats = [], []
+    cover = (site.get("membership") or {}).get("class_coverage") or {}
+    for cls, c in cover.items():
+        counts = f"{fmt_number(c.get('n_members'))} members, {fmt_number(c.get('n_nonmembers'))} non-members"
+        if c.get("status") == "untestable":
+            inconclusive.append(
+                f"underpowered: {name}, class {cls}: {counts}: no membership attack can test this class at "
+                "this site (no hold-out patient of the class)"
+            )
+        elif c.get("status") == "pooled":
+            caveats.append(
+                f"{name}, class {cls}: {counts} (fewer than {fmt_number(c.get('min_records'))} per side): "
+                "underpowered on its own; its patients count in the all-class attacks"
+            )
+    return inconclusive, caveats
+
+
 def worst_case(sites: dict[str, dict]) -> dict[str, Any]:
     worst: dict[str, Any] = {}
 
@@ -80,6 +137,11 @@ def worst_case(sites: dict[str, dict]) -> dict[str, Any]:
                     consider("tpr_at_fpr_1pct", res.get("tpr_at_fpr_1pct"), where)
         m = site.get("memorization") or {}
         consider("n_near_copies", m.get("n_near_copies"), {"site": name, "class": "all"})
+        consider(
+            "n_extraction_copies",
+            (m.get("extraction") or {}).get("n_drawn_flagged"),
+            {"site": name, "class": "all"},
+        )
         for cls, space, blk in shares(site):
             if (
                 min(
@@ -124,6 +186,7 @@ def build_audit(
     n_tests = len(tests)
     findings: list[str] = []
     caveats: list[str] = []
+    site_inconclusive: list[str] = []
     suspect = False
     for name, site in site_results.items():
         cp = site.get("claimed_privacy") or {}
@@ -214,6 +277,13 @@ def build_audit(
             caveats.append(
                 f"{name}: no finite formal privacy guarantee (protection: {cp.get('protection', 'unknown')})"
             )
+        ext_findings, ext_inconclusive, ext_caveats = extraction_notes(name, site)
+        findings += ext_findings
+        site_inconclusive += ext_inconclusive
+        caveats += ext_caveats
+        cls_inconclusive, cls_caveats = class_notes(name, site)
+        site_inconclusive += cls_inconclusive
+        caveats += cls_caveats
         small = [f"{cls}/{kind}" for cls, kind, res in attacks(site) if not enough_records(res)]
         if small:
             caveats.append(
@@ -238,7 +308,7 @@ def build_audit(
     findings += canary_findings
     suspect = suspect or bool(canary_findings)
     worst = worst_case(site_results)
-    inconclusive = list(underpowered)
+    inconclusive = list(underpowered) + site_inconclusive
     if not site_results:
         inconclusive.append("no site returned an audit")
     elif "membership_auc" not in worst:

@@ -38,9 +38,12 @@ def load_cohort(cohort_dir: Path) -> tuple[np.ndarray, list[str], np.ndarray, li
     return cohort.images(), cohort.ids, cohort.labels, cohort.class_names
 
 
-def audit_request(cohort_dir: Path, checkpoint: Path, ids: list[str]) -> AuditRequest:
-    """What the sites are asked: the cohort's ids, how to score with the checkpoint, and the hashes that tie the
-    audit to a run (refused when the cohort was not synthesized from this checkpoint)."""
+def audit_request(
+    cohort_dir: Path, checkpoint: Path, ids: list[str], oversample: int = 10
+) -> AuditRequest:
+    """What the sites are asked: the cohort's ids, how to score with the checkpoint, the hashes that tie the
+    audit to a run (refused when the cohort was not synthesized from this checkpoint), and how many samples each
+    site draws itself for the extraction search (`oversample` x the cohort's size; client/extraction.py)."""
     ckpt = Checkpoint.load(checkpoint)
     checkpoint_sha256 = sha256_file(checkpoint)
     manifest = json.loads((cohort_dir / "manifest.json").read_text())
@@ -59,14 +62,17 @@ def audit_request(cohort_dir: Path, checkpoint: Path, ids: list[str]) -> AuditRe
         prediction_type=ckpt.model_config.prediction_type,
         latent_scale=float(ckpt.run_state.latent_scale),
         synthetic_ids=tuple(ids),
+        extraction_samples=int(oversample) * len(ids),
+        sampler_steps=int((manifest.get("sampler") or {}).get("steps") or 0),
+        guidance_scale=float((manifest.get("sampler") or {}).get("guidance_scale", 1.0)),
     )
 
 
 def audit_messages(
-    grid: Grid, node_ids: list[int], cohort_dir: Path, checkpoint: Path
+    grid: Grid, node_ids: list[int], cohort_dir: Path, checkpoint: Path, oversample: int = 10
 ) -> list[Message]:
     images, ids, labels, _ = load_cohort(cohort_dir)
-    request = audit_request(cohort_dir, checkpoint, ids)
+    request = audit_request(cohort_dir, checkpoint, ids, oversample)
     ckpt = Checkpoint.load(checkpoint)
     content = RecordDict(
         {
@@ -96,13 +102,14 @@ def run_audit_round(
     timeout: float = 1800.0,
     run_record: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    oversample: int = 10,
 ) -> tuple[Path, Path]:
     say = progress or (lambda m: log.info("%s", m))
     nodes = list(grid.get_node_ids())
     say(f"audit: sending the candidate cohort to {len(nodes)} sites")
     t0 = time.time()
     replies = grid.send_and_receive(
-        audit_messages(grid, nodes, cohort_dir, checkpoint), timeout=timeout
+        audit_messages(grid, nodes, cohort_dir, checkpoint, oversample), timeout=timeout
     )
     site_results: dict[str, Any] = {}
     failures: list[str] = []

@@ -48,6 +48,7 @@ def main(grid: Grid, context: Context) -> None:
             Path(run.cohort_dir).parent / "audit",
             timeout=run.round_timeout,
             progress=_say,
+            oversample=run.audit_oversample,
         )
         return
     checkpoint = Federation(grid, run, progress=_say).run_rounds()
@@ -80,4 +81,5 @@ def main(grid: Grid, context: Context) -> None:
             timeout=run.round_timeout,
             run_record=record,
             progress=_say,
+            oversample=run.audit_oversample,
         )

@@ -76,6 +76,9 @@ def test_the_clientapp_refuses_an_unadmitted_audit_with_a_reason_the_server_sees
         prediction_type="v_prediction",
         latent_scale=1.0,
         synthetic_ids=("s0",),
+        extraction_samples=0,
+        sampler_steps=0,
+        guidance_scale=1.0,
     )
     msg = Message(
         content=RecordDict({messages.CONFIG: request.to_record()}),

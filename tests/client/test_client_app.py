@@ -112,6 +112,9 @@ def test_an_audit_for_a_run_the_site_never_trained_in_is_refused(tmp_path, site_
         prediction_type="v_prediction",
         latent_scale=1.0,
         synthetic_ids=("syn-1",),
+        extraction_samples=0,
+        sampler_steps=0,
+        guidance_scale=1.0,
     )
     msg = Message(
         content=RecordDict({messages.CONFIG: request.to_record()}),

@@ -36,6 +36,9 @@ AUDIT = AuditRequest(
     prediction_type="v_prediction",
     latent_scale=0.8,
     synthetic_ids=("syn-0001", "syn-0002"),
+    extraction_samples=0,
+    sampler_steps=0,
+    guidance_scale=1.0,
 )
 EXAMPLES = [
     PLAN,

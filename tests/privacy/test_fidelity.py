@@ -5,11 +5,14 @@ import json
 import numpy as np
 import pytest
 from scipy import stats
+from skimage.feature import graycoprops
 
 from privacy.fidelity import (
     FEATURE_DEFINITIONS,
     feature_moments,
     frechet_distance,
+    glcm,
+    glcm_features,
     pool_moments,
     precision_recall_coverage,
     radiomics_features,
@@ -71,7 +74,33 @@ def test_glcm_of_stripes_is_hand_computable():
     assert row["glcm_contrast_d1"] == pytest.approx(81 * 3 / 4)
     assert row["glcm_contrast_d2"] == pytest.approx(0.0)
     assert row["glcm_homogeneity_d2"] == pytest.approx(1.0)
-    assert row["glcm_energy_d2"] == pytest.approx(0.5)  # two equally frequent (level, level) pairs
+    # two equally frequent (level, level) pairs: ASM 0.5, energy (skimage: sqrt of ASM) sqrt(0.5)
+    assert row["glcm_energy_d2"] == pytest.approx(np.sqrt(0.5))
+    assert row["glcm_entropy_d2"] == pytest.approx(np.log(2))
+
+
+def test_glcm_matches_scikit_image_documented_case():
+    """The 4x4 example of skimage's graycomatrix documentation (levels 0..3 as intensities (level + 0.5) / 16, all
+    foreground): the distance-1, angle-0 matrix and its contrast are the documented ones."""
+    levels = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [0, 2, 2, 2], [2, 2, 3, 3]])
+    p = glcm((levels + 0.5) / 16, np.ones((4, 4), bool))
+    documented = np.array([[2, 2, 1, 0], [0, 2, 0, 0], [0, 0, 3, 1], [0, 0, 0, 1]])
+    assert (p[:4, :4, 0, 0] == documented + documented.T).all() and p[4:].sum() == 0
+    assert graycoprops(p[..., :1], "contrast")[0, 0] == pytest.approx(0.58333333)
+
+
+def test_glcm_counts_only_foreground_pairs_and_sums_slices():
+    rng = np.random.default_rng(5)
+    img = rng.random((8, 8))
+    img[:, :4] = 0.5
+    fg = np.zeros((8, 8), bool)
+    fg[:, :4] = True
+    row = glcm_features(img, fg)
+    names = [n for n in FEATURE_DEFINITIONS if n.startswith("glcm_")]
+    f = dict(zip(names, row, strict=True))
+    assert f["glcm_contrast_d1"] == 0.0 and f["glcm_energy_d1"] == pytest.approx(1.0)
+    vol, fgv = rng.random((3, 8, 8)), rng.random((3, 8, 8)) > 0.3
+    assert (glcm(vol, fgv) == sum(glcm(vol[i], fgv[i]) for i in range(3))).all()
 
 
 def test_mask_restricts_the_statistics():
@@ -140,3 +169,13 @@ def test_precision_recall_density_coverage():
     )
     with pytest.raises(ValueError, match="k"):
         precision_recall_coverage(real[:3], real[:3], k=5)
+
+
+def test_prdc_on_a_hand_computed_case():
+    """1-D, k = 1: real 0, 1, 3 (radii 1, 1, 2); synthetic 0.5, 5.2, 3.1 (radii 2.6, 2.1, 2.1). Precision: 0.5
+    and 3.1 lie in a real ball, 5.2 does not (2.2 from 3); recall and coverage: every real point has a synthetic
+    one within its ball; density: 0.5 is in 2 real balls, 3.1 in 1, 5.2 in none: 3 / 3."""
+    out = precision_recall_coverage([[0.0], [1.0], [3.0]], [[0.5], [5.2], [3.1]], k=1)
+    assert out == pytest.approx(
+        {"precision": 2 / 3, "recall": 1.0, "density": 1.0, "coverage": 1.0}
+    )

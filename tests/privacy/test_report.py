@@ -169,7 +169,7 @@ def test_report_files_are_strict_json_and_self_contained_html(tmp_path, rng):
 
     data = json.loads(j.read_text(), parse_constant=no_constants)
     assert (
-        data["schema_version"] == "1.2"
+        data["schema_version"] == AUDIT_SCHEMA_VERSION
         and data["sites"][hostile]["claimed_privacy"]["epsilon"] is None
     )
     assert load_audit(j)["verdict"] == data["verdict"]
@@ -192,7 +192,7 @@ def test_report_files_are_strict_json_and_self_contained_html(tmp_path, rng):
 
 def test_bad_audit_input_is_named(tmp_path):
     with pytest.raises(ValueError, match="lacks"):
-        write_audit_report({"schema_version": "1.2"}, tmp_path)
+        write_audit_report({"schema_version": AUDIT_SCHEMA_VERSION}, tmp_path)
     bad = tmp_path / "audit.json"
     bad.write_text(json.dumps({"schema_version": "0.1"}))
     with pytest.raises(ValueError, match="schema"):

@@ -1,0 +1,77 @@
+"""The utility benchmark's plumbing, without a training run: its sites, its summary, table and figure."""
+
+import math
+
+import numpy as np
+import pytest
+
+from bench.bench_utility import Setting, make_sites, plot, report_lines, summary
+from bench.report import write_block
+from common.site import load_site
+
+
+def site_figures(tstr, trtr, lesion):
+    score = lambda ba: {"balanced_accuracy": ba, "auc": ba}  # noqa: E731
+    fid = {"frechet_distance": 3.0, "precision": 0.6, "recall": 0.5, "coverage": 0.55}
+    return {
+        "fidelity": {"overall": fid, "per_class": {}},
+        "radiomics": {"train_synthetic_test_real": score(0.6), "train_real_test_real": score(0.7)},
+        "cnn": {
+            "train_synthetic_test_real": score(tstr),
+            "train_real_test_real": score(trtr),
+            "recognised": {"healthy": 0.9, "lesion": lesion},
+            "recognised_holdout": {"healthy": 0.9, "lesion": 0.8},
+        },
+    }
+
+
+def result():
+    rows = []
+    for eps, tstr in ((1.0, 0.5), (math.inf, 0.72)):
+        rows.append(
+            {
+                "epsilon": eps,
+                "recipe": {"batch_size": 187, "steps": 40, "noise_multiplier": 3.2},
+                "sites": {f"site-{i}": site_figures(tstr, 0.8, tstr - 0.1) for i in range(3)},
+                "seconds": {"train": 10.0, "synthesize": 5.0, "score": 3.0},
+            }
+        )
+    return {
+        "setting": {**Setting().__dict__, "patients": 1000, "epsilons": (1.0, math.inf)},
+        "prevalence": (0.25, 0.1, 0.15),
+        "seconds": {"sites": 1.0, "pretrain": 2.0, "trtr": 3.0},
+        "rows": rows,
+    }
+
+
+def test_summary_table_and_figure(tmp_path):
+    r = result()
+    m = summary(r["rows"][1])
+    assert m["cnn_ratio"] == pytest.approx(0.9) and m["lesion_detectable"] == pytest.approx(0.62)
+    assert m["min_coverage"] == 0.55
+    lines = report_lines(r, "python -m bench.bench_utility", "utility_vs_epsilon.png")
+    table = [line for line in lines if line.startswith("| ")]
+    assert len(table) == 3 and table[2].startswith("| no DP | 0.72 / 0.80 (**0.90**)")
+    assert "3 phantom sites x 1000 patients" in "\n".join(lines) and "partial" not in "\n".join(
+        lines
+    )
+    r["setting"]["epsilons"] = (1.0, 4.0, 10.0, math.inf)  # a run cut short says so
+    assert "2 of 4 epsilons measured" in "\n".join(report_lines(r, "cmd", "fig.png"))
+    out = tmp_path / "PERFORMANCE.md"
+    out.write_text("# Performance\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
+    write_block(out, "bench_utility", lines)
+    write_block(out, "bench_utility", lines)  # a rerun replaces its block
+    text = out.read_text()
+    assert text.count("Privacy-utility curve") == 1 and "kept" in text
+    png = plot(r, tmp_path / "fig.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sites_are_non_iid_and_all_carry_lesions(tmp_path):
+    sites = make_sites(tmp_path, Setting(preset="tiny", patients=12))
+    data = [
+        load_site(s, class_names=("healthy", "lesion"), spatial_dims=2, image_size=32)
+        for s in sites
+    ]
+    assert len(data) == 3 and all(d.labels.sum() >= 1 for d in data)
+    assert len({float(np.mean(d.images)) for d in data}) == 3  # three protocols
