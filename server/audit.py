@@ -108,9 +108,13 @@ def run_audit_round(
     nodes = list(grid.get_node_ids())
     say(f"audit: sending the candidate cohort to {len(nodes)} sites")
     t0 = time.time()
-    replies = grid.send_and_receive(
-        audit_messages(grid, nodes, cohort_dir, checkpoint, oversample), timeout=timeout
+    messages = audit_messages(grid, nodes, cohort_dir, checkpoint, oversample)
+    say(
+        f"audit: each site scores its patients, draws up to {oversample}x the cohort's size in extra samples of "
+        "its own for the extraction search (capped by its max-extraction-samples) and trains two classifiers; "
+        "this takes minutes, and each site's log shows its progress"
     )
+    replies = grid.send_and_receive(messages, timeout=timeout)
     site_results: dict[str, Any] = {}
     failures: list[str] = []
     for m in replies:

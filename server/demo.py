@@ -248,6 +248,9 @@ def write_app_dir(app_dir: Path, run: RunConfig) -> Path:
     return app_dir
 
 
+DEMO_EXTRACTION_SAMPLES = 200
+
+
 def demo_node_configs(
     out: Path, epsilon: float, threads: int = 0, holdout: float = 0.25, max_grad_norm: float = 1.0
 ) -> list[dict]:
@@ -262,6 +265,9 @@ def demo_node_configs(
             "epsilon": epsilon,
             "threads": threads or max(1, (os.cpu_count() or 1) // len(site_dirs)),
             "holdout-fraction": holdout,
+            # each site's extraction search draws at most this many extra samples (default 1000, about 6 min per
+            # site on one CPU thread): the demo's three sites share two cores and the demo has 10 minutes
+            "max-extraction-samples": DEMO_EXTRACTION_SAMPLES,
             "max-grad-norm": max_grad_norm,
         }
         for d in site_dirs
