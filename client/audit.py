@@ -56,7 +56,7 @@ from privacy.fidelity import (
 )
 from privacy.memorization import memorization_audit, pairwise_min_distances
 from privacy.power import annotate, holdout_power
-from privacy.utility import cnn_utility, radiomics_utility
+from privacy.utility import cnn_recipe, cnn_utility, radiomics_utility
 
 log = logging.getLogger("fedsynth.site.audit")
 CANARY_ATTACKS = {
@@ -178,7 +178,12 @@ def utility(
     args = (synthetic, synthetic_labels, train.images, train.labels, holdout.images, holdout.labels)
     return {
         **radiomics_utility(*args),
-        "cnn": cnn_utility(*args, class_names=list(class_names), device=device),
+        "cnn": cnn_utility(
+            *args,
+            class_names=list(class_names),
+            recipe=cnn_recipe(np.asarray(synthetic).ndim - 2),  # (N, 1, *spatial)
+            device=device,
+        ),
     }
 
 

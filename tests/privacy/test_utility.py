@@ -83,3 +83,13 @@ def test_schema_rejects_unknown_and_missing_keys(site):
             "train_real_test_real": {"balanced_accuracy": 1, "auc": 1, "auc_ci": 0},
         }
         check_utility({"cnn": bad})
+
+
+def test_volumes_get_a_cheaper_fixed_recipe():
+    from privacy.utility import CNN_RECIPE, CNN_RECIPE_3D, cnn_recipe
+
+    assert cnn_recipe(2) is CNN_RECIPE and cnn_recipe(3) is CNN_RECIPE_3D
+    assert (
+        CNN_RECIPE_3D.steps * CNN_RECIPE_3D.batch_size
+        < CNN_RECIPE.steps * CNN_RECIPE.batch_size / 5
+    )
