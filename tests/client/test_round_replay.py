@@ -1,0 +1,122 @@
+"""Issue 14, the SuperLink restart: the same round (run id, server round, phase) reaches a site twice.
+
+That happens when the server dies after the sites trained round r but before it checkpointed it: the run is
+submitted again, resumes from round r - 1 and asks for round r again. The site must answer with the update it
+released the first time (re-releasing a released DP output is post-processing: it costs nothing), and never
+train that round a second time: a server asking again, with other weights, another seed or another plan, gets
+no second DP output of the same patients for the same round. The ledger holds each mechanism once, never less.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from client.task import open_ledger, run_training_round
+from common.config import SiteConfig, model_config
+from common.messages import RoundPlan
+from common.model import build_autoencoder
+from common.phantoms import make_phantom_sites
+from privacy.accounting import MechanismStep, epsilon_for
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantoms")
+    return make_phantom_sites(out, n_sites=1, n_subjects=20, size=32, seed=5)[0]
+
+
+@pytest.fixture(scope="module")
+def autoencoder():
+    return build_autoencoder(model_config("tiny")).state_dict()
+
+
+def _plan(run_id: str = "run-restarted", rounds: int = 2) -> RoundPlan:
+    return RoundPlan(
+        run_id=run_id,
+        server_round=1,
+        phase="autoencoder",
+        num_server_rounds=rounds,
+        federated_autoencoder_rounds=1,
+        preset="tiny",
+        local_epochs=1,
+        batch_size=5,
+        lr=1e-3,
+        kl_weight=1e-6,
+        latent_scale=1.0,
+        proximal_mu=0.0,
+        seed=0,
+    )
+
+
+def _site(site_dir, tmp_path, epsilon: float) -> SiteConfig:
+    return SiteConfig(site_dir=str(site_dir), state_dir=str(tmp_path / "state"), epsilon=epsilon)
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _steps(entries: list[dict]) -> list[MechanismStep]:
+    return [MechanismStep(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+
+
+def test_attack_a_server_asking_again_with_other_inputs_gets_no_second_dp_output(
+    tmp_path, site_dir, autoencoder
+):
+    """Attack: after round 1, the server asks for round 1 again with other global weights, another seed or
+    another learning rate, hoping for a second, fresh DP output of the same patients. The budget (epsilon 20)
+    would allow a second training, so only the replay rule stands in the way: each request is refused by name,
+    nothing is trained or spent, and the ledger holds round 1 once."""
+    site = _site(site_dir, tmp_path, epsilon=20.0)
+    first = run_training_round(site, _plan(), autoencoder)
+    assert not first.refused
+    ledger = open_ledger(site)
+    spent = ledger.epsilon(first.privacy["delta"], "rdp")
+
+    nudged = {k: v + 1e-3 if v.is_floating_point() else v for k, v in autoencoder.items()}
+    attempts = {
+        "weights": (_plan(), nudged),
+        "seed": (dataclasses.replace(_plan(), seed=99), autoencoder),
+        "lr": (dataclasses.replace(_plan(), lr=3e-3), autoencoder),
+    }
+    for what, (plan, arrays) in attempts.items():
+        again = run_training_round(site, plan, arrays)
+        assert again.state_dict is None or _same(again.state_dict, first.state_dict), (
+            f"a request with another {what} got a second, different DP output for the same round"
+        )
+        assert again.refused, what  # refused, by name: not silently answered with a stale update
+        assert "already" in again.refused and "run-restarted" in again.refused, again.refused
+    assert "global model weights" in run_training_round(site, _plan(), nudged).refused
+    assert "seed" in run_training_round(site, attempts["seed"][0], autoencoder).refused
+
+    entries = ledger.entries()
+    assert [(e["run_id"], e["server_round"], e["phase"]) for e in entries] == [
+        ("run-restarted", 1, "autoencoder")
+    ]
+    assert ledger.epsilon(first.privacy["delta"], "rdp") == spent
+
+
+def test_a_resubmitted_run_redoes_its_last_round_with_the_same_update_and_no_new_spend(
+    tmp_path, site_dir, autoencoder
+):
+    """The gap issue 14 left: a one-round run spends the site's whole budget in its last round; the server dies
+    before checkpointing it and the resubmitted run asks for that round again. The site answers with the very
+    update it released (same bytes, same metrics, same reported spend) and spends nothing: no double spend (one
+    mechanism in the ledger) and no lost spend (the ledger's epsilon is that mechanism's)."""
+    site = _site(site_dir, tmp_path, epsilon=3.0)
+    first = run_training_round(site, _plan(rounds=1), autoencoder)
+    assert not first.refused and first.metrics["epsilon"] > 0.9 * 3.0  # the budget is (nearly) gone
+    again = run_training_round(site, _plan(rounds=1), autoencoder)
+    assert not again.refused, again.refused
+    assert _same(again.state_dict, first.state_dict)
+    assert again.metrics == first.metrics and again.privacy == first.privacy
+
+    ledger = open_ledger(site)
+    entries = ledger.entries()
+    assert [(e["run_id"], e["server_round"]) for e in entries] == [("run-restarted", 1)]
+    delta, accountant = first.privacy["delta"], first.privacy["accountant"]
+    assert ledger.epsilon(delta, accountant) == pytest.approx(
+        epsilon_for(_steps(entries), delta, accountant), rel=1e-12
+    )
+    assert again.metrics["epsilon"] == pytest.approx(ledger.epsilon(delta, accountant), rel=1e-9)
