@@ -12,10 +12,11 @@ import dataclasses
 import pytest
 import torch
 
-from client.task import open_ledger, run_training_round
+from client import replay
+from client.task import load_training_data, open_ledger, run_training_round
 from common.config import SiteConfig, model_config
 from common.messages import RoundPlan
-from common.model import build_autoencoder
+from common.model import build_autoencoder, build_unet
 from common.phantoms import make_phantom_sites
 from privacy.accounting import MechanismStep, epsilon_for
 
@@ -120,3 +121,90 @@ def test_a_resubmitted_run_redoes_its_last_round_with_the_same_update_and_no_new
         epsilon_for(_steps(entries), delta, accountant), rel=1e-12
     )
     assert again.metrics["epsilon"] == pytest.approx(ledger.epsilon(delta, accountant), rel=1e-9)
+
+
+def test_a_kept_update_serves_only_its_own_round_and_a_damaged_or_dropped_one_is_refused(
+    tmp_path, site_dir, autoencoder
+):
+    """The kept copy is bound to its ledger entry: another run id is a new run (trained and charged as such);
+    the run's earlier rounds are no longer kept, and a copy that does not hash to what the ledger recorded is
+    refused, saying what to do. Neither is ever trained again, and nothing is spent."""
+    site = _site(site_dir, tmp_path, epsilon=20.0)
+    unet = build_unet(model_config("tiny")).state_dict()
+    first = _plan(rounds=10)  # a long run: budget left for another one after two rounds
+    r1 = run_training_round(site, first, autoencoder)
+    r2_plan = dataclasses.replace(first, server_round=2, phase="diffusion")
+    r2 = run_training_round(site, r2_plan, unet, r1.state_dict)
+    assert not r1.refused and not r2.refused
+    ledger = open_ledger(site)
+    assert [(r["server_round"], r["phase"]) for r in ledger.releases("run-restarted")] == [
+        (1, "autoencoder"),
+        (2, "diffusion"),
+    ]
+    kept = sorted((site.state_path / replay.FOLDER).glob("*.pt"))
+    assert [p.name for p in kept] == [
+        f"{ledger.release_of('run-restarted', 2, 'diffusion')['mechanism_id']}.pt"
+    ]
+
+    gone = run_training_round(site, first, autoencoder)  # round 1 again: its copy was dropped
+    assert gone.state_dict is None and "is gone" in gone.refused and "backup" in gone.refused
+
+    with open(kept[0], "r+b") as f:  # one byte of the kept round-2 update altered
+        f.seek(-64, 2)
+        byte = f.read(1)
+        f.seek(-64, 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    damaged = run_training_round(site, r2_plan, unet, r1.state_dict)
+    assert damaged.state_dict is None
+    assert "not the one the ledger recorded" in damaged.refused and "backup" in damaged.refused
+    kept[0].write_bytes(b"not a torch file")
+    assert (
+        "not the one the ledger recorded"
+        in run_training_round(site, r2_plan, unet, r1.state_dict).refused
+    )
+    assert len(ledger.entries()) == 2  # nothing trained, nothing spent
+
+    other = run_training_round(
+        site, dataclasses.replace(r2_plan, run_id="run-other"), unet, r1.state_dict
+    )
+    assert not other.refused and not other.replayed
+    assert not _same(other.state_dict, r2.state_dict)
+    assert [(e["run_id"], e["server_round"]) for e in ledger.entries()] == [
+        ("run-restarted", 1),
+        ("run-restarted", 2),
+        ("run-other", 2),
+    ]
+
+
+def test_a_spend_recorded_without_a_release_is_trained_again_and_charged_again(
+    tmp_path, site_dir, autoencoder
+):
+    """The site crashed after committing round 1's spend and before keeping its update: the update never left
+    (its release is recorded before it can), so a repeated request trains again, and the ledger charges both
+    mechanisms (an over-count, never an under-count): what the site reports is their composition."""
+    site = _site(site_dir, tmp_path, epsilon=20.0)
+    train, _ = load_training_data(site, model_config("tiny"))
+    ledger = open_ledger(site)
+    crashed = dict(noise_multiplier=1.0, sample_rate=1 / 3, steps=3, clipping_norm=1.0, delta=1e-5)
+    ledger.record(
+        run_id="run-restarted",
+        server_round=1,
+        phase="autoencoder",
+        accountant="rdp",
+        patients=train.patients,
+        **crashed,
+    )
+    redo = run_training_round(site, _plan(), autoencoder)
+    assert not redo.refused and not redo.replayed
+    entries = ledger.entries()
+    assert [(e["run_id"], e["server_round"]) for e in entries] == [("run-restarted", 1)] * 2
+    assert entries[0]["noise_multiplier"] == 1.0  # the crashed attempt's spend, still charged
+    delta, accountant = redo.privacy["delta"], redo.privacy["accountant"]
+    assert redo.metrics["epsilon"] == pytest.approx(
+        epsilon_for(_steps(entries), delta, accountant), rel=1e-9
+    )
+    assert redo.metrics["epsilon"] > epsilon_for(_steps(entries[1:]), delta, accountant)
+    # once released, that round is answered with the redo's update, never trained a third time
+    again = run_training_round(site, _plan(), autoencoder)
+    assert again.replayed and _same(again.state_dict, redo.state_dict)
+    assert len(ledger.entries()) == 2
