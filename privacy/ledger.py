@@ -10,6 +10,7 @@ One SQLite file per site (WAL, synchronous=FULL, so a commit is fsynced before a
   the sha256 of the weights it sent) and the sha256 of the kept copy of the update (client/replay.py). A site
   releases at most one update per (run id, round, phase); once one is recorded, `record` refuses another
   mechanism for that key, so the round is never trained again: it is answered with the same update or refused.
+  (A ledger written before releases existed gains the empty table when opened; its schema version is unchanged.)
 
 A patient's spend is the composition of every mechanism they were in, whatever else changed (patients added or
 removed, files unreadable, hold-out fraction, the site's name: none of these is a key). The site's spend is the

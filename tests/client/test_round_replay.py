@@ -208,3 +208,26 @@ def test_a_spend_recorded_without_a_release_is_trained_again_and_charged_again(
     again = run_training_round(site, _plan(), autoencoder)
     assert again.replayed and _same(again.state_dict, redo.state_dict)
     assert len(ledger.entries()) == 2
+
+
+def test_the_request_fingerprint_survives_the_wire_and_a_checkpoint_and_sees_any_change(
+    tmp_path, autoencoder
+):
+    """A resumed run sends the weights it loaded from its checkpoint through Flower: the same weights must give the
+    same sha256 (or the replay of an honest resubmission would be refused); any changed value, name or dtype must
+    not."""
+    from flwr.app import ArrayRecord
+
+    sha = replay.weights_sha256(autoencoder)
+    assert replay.weights_sha256(ArrayRecord(autoencoder).to_torch_state_dict()) == sha
+    torch.save(autoencoder, tmp_path / "w.pt")
+    assert replay.weights_sha256(torch.load(tmp_path / "w.pt", weights_only=True)) == sha
+    assert replay.weights_sha256(dict(reversed(list(autoencoder.items())))) == sha
+    name = next(iter(autoencoder))
+    changed = dict(autoencoder)
+    changed[name] = autoencoder[name].clone()
+    changed[name].view(-1)[0] += 1e-6
+    renamed = {("x" + k if k == name else k): v for k, v in autoencoder.items()}
+    retyped = {k: v.double() if k == name else v for k, v in autoencoder.items()}
+    assert len({sha, *(replay.weights_sha256(w) for w in (changed, renamed, retyped))}) == 4
+    assert replay.weights_sha256(None) == ""
