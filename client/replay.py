@@ -125,8 +125,9 @@ def keep(
     privacy: dict[str, Any],
 ) -> Path:
     """Keep the reply of mechanism `mechanism_id` and record its release in the ledger; call it BEFORE the update
-    leaves the site. Then drop the kept replies of the run's earlier rounds: a resumed run only ever asks again
-    for the round after its newest checkpoint, which is always the newest one the site released."""
+    leaves the site. Then drop the kept replies of the run's earlier rounds: a resumed run asks again only for
+    the round after its newest checkpoint, and the server sends no later round before that checkpoint exists, so
+    the round asked again is never older than the newest one a site released."""
     buf = io.BytesIO()
     torch.save(
         {
@@ -137,8 +138,8 @@ def keep(
             "phase": str(plan.phase),
             "request_json": request,
             "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-            "metrics": dict(metrics),
-            "privacy": dict(privacy),
+            "metrics": _plain(metrics),
+            "privacy": _plain(privacy),
         },
         buf,
     )
@@ -147,6 +148,11 @@ def keep(
     ledger.record_release(mechanism_id, request, hashlib.sha256(buf.getvalue()).hexdigest())
     _drop_older(site, ledger, plan.run_id, mechanism_id)
     return path
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """Python scalars (a numpy or torch scalar would make the copy unreadable with `weights_only`)."""
+    return {k: v.item() if hasattr(v, "item") else v for k, v in values.items()}
 
 
 def _drop_older(site: SiteConfig, ledger: PrivacyLedger, run_id: str, newest: int) -> None:

@@ -217,7 +217,8 @@ def test_the_coordinating_machine_reboots_after_the_sites_trained_the_last_round
     assert "after a SuperLink or SuperExec restart; submitting it again" in log, log[-4000:]
     assert _assert_each_round_charged_once(run_dir, node_configs) == run_id
     assert f"resuming run {run_id} after round 1" in log, log[-4000:]
-    # round 2 was asked for twice and trained once: the second answer was the released update, replayed
+    # round 2 was asked for twice and trained once: the second answer was the released update, replayed (a
+    # second training would have been refused by the ledger, and the run stopped)
     for config in node_configs:
         released = [(r["server_round"], r["phase"]) for r in _ledger(config).releases(run_id)]
         assert released == [(1, "autoencoder"), (2, "diffusion")], (config["site-name"], released)
