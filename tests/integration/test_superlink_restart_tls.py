@@ -222,6 +222,11 @@ def test_the_coordinating_machine_reboots_after_the_sites_trained_the_last_round
     for config in node_configs:
         released = [(r["server_round"], r["phase"]) for r in _ledger(config).releases(run_id)]
         assert released == [(1, "autoencoder"), (2, "diffusion")], (config["site-name"], released)
+    # ... and the run's metrics say which answers were replays: both sites' round 2, nothing else
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ok = [(r["round"], r["site"], r.get("replayed")) for r in rows if r.get("status") == "ok"]
+    names = sorted(c["site-name"] for c in node_configs)
+    assert sorted(ok) == [(1, n, None) for n in names] + [(2, n, 1) for n in names], ok
     # the run's log, followed again with `flwr log` after a restart (which replays it from its start), is passed
     # on once: no time-stamped line of the ServerApp twice
     stamped = Counter(line for line in lines if line[:2] == "20")
