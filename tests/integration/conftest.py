@@ -1,4 +1,5 @@
-"""Helpers for the deployment tests that act on a running federation (drop a site, restart the SuperLink)."""
+"""Shared set-up of the deployment tests: each phantom site's SuperNode config, a tiny two-round run, and waiting
+on a running federation (drop a site, restart the SuperLink)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
+
+from common.config import RunConfig
 
 
 def _wait_for_file(path: Path, run: Future, timeout: float) -> None:
@@ -21,7 +24,47 @@ def _wait_for_file(path: Path, run: Future, timeout: float) -> None:
         time.sleep(0.5)
 
 
+def _node_configs(sites: list[Path], state_root: Path, **extra) -> list[dict]:
+    return [
+        {
+            "site-dir": str(s),
+            "site-name": s.name,
+            "state-dir": str(state_root / s.name),
+            "epsilon": 8.0,
+            **extra,
+        }
+        for s in sites
+    ]
+
+
+def _tiny_run(run_dir: Path, **overrides) -> RunConfig:
+    plan = dict(
+        preset="tiny",
+        num_server_rounds=2,
+        autoencoder_rounds=1,
+        batch_size=4,
+        min_sites=2,
+        run_dir=str(run_dir),
+        round_timeout=300.0,
+    )
+    return RunConfig(**{**plan, **overrides})
+
+
 @pytest.fixture
 def wait_for_file():
     """wait_for_file(path, future_of_the_run, timeout): until the running federation writes `path`."""
     return _wait_for_file
+
+
+@pytest.fixture
+def node_configs_for():
+    """node_configs_for(sites, state_root, **extra): one SuperNode config per site folder: the folder, its name, a
+    state folder of its own under `state_root`, a budget of epsilon 8, and the `extra` keys (e.g. threads=1)."""
+    return _node_configs
+
+
+@pytest.fixture
+def tiny_run():
+    """tiny_run(run_dir, **overrides): the tiny preset, two rounds (autoencoder, then diffusion), batch 4, at least
+    two sites, 300 s per round; `overrides` are RunConfig fields."""
+    return _tiny_run

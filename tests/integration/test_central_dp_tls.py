@@ -10,7 +10,6 @@ import math
 
 import pytest
 
-from common.config import RunConfig
 from common.phantoms import make_phantom_sites
 from server.demo import write_app_dir
 from server.deployment import run_federation
@@ -18,29 +17,14 @@ from server.deployment import run_federation
 pytestmark = pytest.mark.slow
 
 
-def test_central_dp_with_sample_level_dp_over_tls(tmp_path):
+def test_central_dp_with_sample_level_dp_over_tls(tmp_path, node_configs_for, tiny_run):
     sites = make_phantom_sites(tmp_path / "sites", n_sites=2, n_subjects=8, size=32, seed=5)
-    node_configs = [
-        {
-            "site-dir": str(s),
-            "site-name": s.name,
-            "state-dir": str(tmp_path / "state" / s.name),
-            "epsilon": 8.0,
-            "threads": 1,
-        }
-        for s in sites
-    ]
+    node_configs = node_configs_for(sites, tmp_path / "state", threads=1)
     run_dir = tmp_path / "run"
-    run = RunConfig(
-        preset="tiny",
-        num_server_rounds=2,
-        autoencoder_rounds=1,
-        batch_size=4,
-        min_sites=2,
-        run_dir=str(run_dir),
+    run = tiny_run(
+        run_dir,
         synthesize_per_class=1,
         audit=False,
-        round_timeout=300.0,
         central_dp="client-side-fixed",
         central_dp_noise_multiplier=1.0,
         central_dp_clipping_norm=0.1,

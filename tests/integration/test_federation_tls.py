@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from client.task import load_training_data, open_ledger
+from client.task import load_training_data
 from common.config import RunConfig, SiteConfig, model_config
 from common.phantoms import make_phantom_sites
 from common.signing import generate_keypair
@@ -19,48 +19,29 @@ from server.demo import write_app_dir
 from server.deployment import run_federation
 from server.release.manifest import build_release, release_status, verify_release
 from server.synthesis import verify_cohort
+from tests.conftest import record_spend
 
 pytestmark = pytest.mark.slow
 
 
-def test_tls_federation_trains_synthesizes_and_audits(tmp_path):
+def test_tls_federation_trains_synthesizes_and_audits(tmp_path, node_configs_for, tiny_run):
     sites = make_phantom_sites(tmp_path / "sites", n_sites=3, n_subjects=16, size=32, seed=11)
-    node_configs = [
-        {
-            "site-dir": str(s),
-            "site-name": s.name,
-            "state-dir": str(tmp_path / "state" / s.name),
-            "epsilon": 8.0,
-        }
-        for s in sites
-    ]
+    node_configs = node_configs_for(sites, tmp_path / "state")
     node_configs[0]["report-training-stats"] = True  # site-0 opts in; site-1 keeps the default
     # site-2 spent its budget on these patients before: its ledger must make it refuse.
     exhausted = SiteConfig.from_flwr(node_configs[2])
     train, _ = load_training_data(exhausted, model_config("tiny"))
-    open_ledger(exhausted).record(
-        run_id="earlier",
-        server_round=1,
-        phase="diffusion",
+    record_spend(
+        exhausted,
+        "earlier",
+        train.patients,
         noise_multiplier=0.5,
         sample_rate=1.0,
         steps=500,
-        clipping_norm=1.0,
-        accountant="rdp",
         delta=1e-3,
-        patients=train.patients,
     )
     run_dir = tmp_path / "run"
-    run = RunConfig(
-        preset="tiny",
-        num_server_rounds=2,
-        autoencoder_rounds=1,
-        batch_size=4,
-        min_sites=2,
-        run_dir=str(run_dir),
-        synthesize_per_class=3,
-        round_timeout=300.0,
-    )
+    run = tiny_run(run_dir, synthesize_per_class=3)
     app_dir = write_app_dir(tmp_path / "app", run)
     lines = []
     result = run_federation(

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from client.task import open_ledger
-from common.config import RunConfig, SiteConfig
+from common.config import SiteConfig
 from common.phantoms import make_phantom_sites
 from server.checkpoint import Checkpoint
 from server.demo import write_app_dir
@@ -56,31 +56,12 @@ def database_dir(tmp_path):
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _federation(tmp_path: Path):
+@pytest.fixture
+def federation(tmp_path, node_configs_for, tiny_run):
     """Two phantom hospitals, a tiny two-round run (autoencoder, then diffusion) and its app folder."""
     sites = make_phantom_sites(tmp_path / "sites", n_sites=2, n_subjects=8, size=32, seed=17)
-    node_configs = [
-        {
-            "site-dir": str(s),
-            "site-name": s.name,
-            "state-dir": str(tmp_path / "state" / s.name),
-            "epsilon": 8.0,
-            "threads": 1,
-        }
-        for s in sites
-    ]
-    run_dir = tmp_path / "run"
-    run = RunConfig(
-        preset="tiny",
-        num_server_rounds=2,
-        autoencoder_rounds=1,
-        batch_size=4,
-        min_sites=2,
-        run_dir=str(run_dir),
-        synthesize_per_class=0,
-        audit=False,
-        round_timeout=300.0,
-    )
+    node_configs = node_configs_for(sites, tmp_path / "state", threads=1)
+    run = tiny_run(tmp_path / "run", synthesize_per_class=0, audit=False)
     app_dir = write_app_dir(tmp_path / "app", run)
     return node_configs, run, app_dir
 
@@ -115,9 +96,9 @@ def _assert_each_round_charged_once(run_dir: Path, node_configs: list[dict]) -> 
 
 
 def test_superlink_killed_mid_round_restarts_from_its_database_and_the_run_survives(
-    tmp_path, wait_for_file, database_dir
+    tmp_path, wait_for_file, database_dir, federation
 ):
-    node_configs, run, app_dir = _federation(tmp_path)
+    node_configs, run, app_dir = federation
     run_dir = Path(run.run_dir)
     database = database_dir / "superlink.db"
     lines: list[str] = []
@@ -168,9 +149,9 @@ def _serverapps(link) -> list[int]:
 
 
 def test_the_coordinating_machine_reboots_after_the_sites_trained_the_last_round_and_the_run_still_finishes(
-    tmp_path, wait_for_file, database_dir
+    tmp_path, wait_for_file, database_dir, federation
 ):
-    node_configs, run, app_dir = _federation(tmp_path)
+    node_configs, run, app_dir = federation
     run_dir = Path(run.run_dir)
     lines: list[str] = []
     with local_superlink(

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from common.config import RunConfig
 from common.phantoms import make_phantom_sites
 from server.demo import write_app_dir
 from server.deployment import local_superlink, local_supernodes, run_app
@@ -22,30 +21,13 @@ pytestmark = pytest.mark.slow
 N_SITES = 10
 
 
-def test_ten_sites_over_tls_two_drop_mid_run_and_the_run_finishes(tmp_path, wait_for_file):
+def test_ten_sites_over_tls_two_drop_mid_run_and_the_run_finishes(
+    tmp_path, wait_for_file, node_configs_for, tiny_run
+):
     sites = make_phantom_sites(tmp_path / "sites", n_sites=N_SITES, n_subjects=6, size=32, seed=21)
-    node_configs = [
-        {
-            "site-dir": str(s),
-            "site-name": s.name,
-            "state-dir": str(tmp_path / "state" / s.name),
-            "epsilon": 8.0,
-            "threads": 1,
-        }
-        for s in sites
-    ]
+    node_configs = node_configs_for(sites, tmp_path / "state", threads=1)
     run_dir = tmp_path / "run"
-    run = RunConfig(
-        preset="tiny",
-        num_server_rounds=2,
-        autoencoder_rounds=1,
-        batch_size=4,
-        min_sites=6,
-        run_dir=str(run_dir),
-        synthesize_per_class=0,
-        audit=False,
-        round_timeout=300.0,
-    )
+    run = tiny_run(run_dir, min_sites=6, synthesize_per_class=0, audit=False)
     app_dir = write_app_dir(tmp_path / "app", run)
     lines: list[str] = []
     with local_superlink(tmp_path / "deploy", N_SITES, progress=lines.append) as link:

@@ -12,7 +12,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.config import RunConfig
 from common.phantoms import make_phantom_sites
 from common.signing import generate_keypair
 from privacy.policy import DEFAULT_POLICY
@@ -24,31 +23,13 @@ from server.synthesis import NOMINAL_FOV_MM, read_cohort, verify_cohort
 pytestmark = pytest.mark.slow
 
 
-def test_tls_federation_trains_synthesizes_and_audits_volumes(tmp_path):
+def test_tls_federation_trains_synthesizes_and_audits_volumes(tmp_path, node_configs_for, tiny_run):
     sites = make_phantom_sites(
         tmp_path / "sites", n_sites=2, n_subjects=10, dims=3, size=32, seed=21
     )
-    node_configs = [
-        {
-            "site-dir": str(s),
-            "site-name": s.name,
-            "state-dir": str(tmp_path / "state" / s.name),
-            "epsilon": 8.0,
-            "threads": 1,
-        }
-        for s in sites
-    ]
+    node_configs = node_configs_for(sites, tmp_path / "state", threads=1)
     run_dir = tmp_path / "run"
-    run = RunConfig(
-        preset="tiny3d",
-        num_server_rounds=2,
-        autoencoder_rounds=1,
-        batch_size=4,
-        min_sites=2,
-        run_dir=str(run_dir),
-        synthesize_per_class=2,
-        round_timeout=600.0,
-    )
+    run = tiny_run(run_dir, preset="tiny3d", synthesize_per_class=2, round_timeout=600.0)
     lines = []
     result = run_federation(
         write_app_dir(tmp_path / "app", run),
