@@ -10,37 +10,17 @@ import torch
 
 from client import reference
 from client.audit import audit_site
-from client.task import open_ledger, run_training_round
+from client.task import run_training_round
 from common.config import SiteConfig, model_config
-from common.messages import RoundPlan
 from common.model import build_autoencoder, build_unet
-from common.phantoms import make_phantom_sites
 from privacy.verdict import build_audit
+from tests.client.conftest import tiny_plan
+from tests.conftest import record_spend
 
 
 @pytest.fixture(scope="module")
-def site_dir(tmp_path_factory):
-    return make_phantom_sites(
-        tmp_path_factory.mktemp("ph"), n_sites=1, n_subjects=48, size=32, seed=6
-    )[0]
-
-
-def plan(run_id="dp", phase="diffusion", epochs=2) -> RoundPlan:
-    return RoundPlan(
-        run_id=run_id,
-        server_round=1,
-        phase=phase,
-        num_server_rounds=1,
-        federated_autoencoder_rounds=0,
-        preset="tiny",
-        local_epochs=epochs,
-        batch_size=8,
-        lr=2e-3,
-        kl_weight=1e-6,
-        latent_scale=1.0,
-        proximal_mu=0.0,
-        seed=0,
-    )
+def site_dir(make_site_dir):
+    return make_site_dir(n_subjects=48, seed=6)
 
 
 def test_the_reference_is_the_model_the_run_started_from_and_is_never_replaced(tmp_path):
@@ -53,18 +33,7 @@ def test_the_reference_is_the_model_the_run_started_from_and_is_never_replaced(t
     assert reference.keep_for_round(site, "r/1", "diffusion", {"w": torch.zeros(3)}) is None
     assert torch.equal(reference.load(site, "r/1")["w"], first["w"])
     # a site that already trained the UNet in a run receives weights that carry its own records: never kept
-    open_ledger(site).record(
-        run_id="r2",
-        server_round=1,
-        phase="diffusion",
-        noise_multiplier=1.0,
-        sample_rate=0.1,
-        steps=1,
-        clipping_norm=1.0,
-        accountant="rdp",
-        delta=1e-5,
-        patients=["p1"],
-    )
+    record_spend(site, "r2", ["p1"], sample_rate=0.1, steps=1)
     assert reference.keep_for_round(site, "r2", "diffusion", first) is None
     assert reference.load(site, "r2") is None
     reference.path_of(site, "r3").write_bytes(b"not a model")
@@ -81,7 +50,15 @@ def test_calibrated_attack_on_a_dp_model_never_over_claims(tmp_path, site_dir):
     torch.manual_seed(0)
     ae, start = build_autoencoder(cfg).state_dict(), build_unet(cfg).state_dict()
     assert reference.keep_for_round(site, "dp", "diffusion", start) is not None
-    trained = run_training_round(site, plan(), start, ae)
+    plan = tiny_plan(
+        run_id="dp",
+        phase="diffusion",
+        federated_autoencoder_rounds=0,
+        local_epochs=2,
+        batch_size=8,
+        lr=2e-3,
+    )
+    trained = run_training_round(site, plan, start, ae)
     assert not trained.refused and 0 < trained.privacy["epsilon"] <= 1.0
     synthetic = np.random.default_rng(1).random((8, 1, 32, 32)).astype(np.float32)
     result = audit_site(

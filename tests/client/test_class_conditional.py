@@ -16,7 +16,6 @@ import torch
 
 from client.task import run_training_round
 from common.config import SiteConfig, model_config
-from common.messages import RoundPlan
 from common.model import (
     autoencoder_loss,
     build_autoencoder,
@@ -25,6 +24,7 @@ from common.model import (
     estimate_latent_scale,
     sample_latents,
 )
+from tests.client.conftest import tiny_plan
 
 SIZE = 32
 YY, XX = np.mgrid[:SIZE, :SIZE]
@@ -86,20 +86,14 @@ def train_and_sample(
     site = SiteConfig(
         site_dir=str(site_dir), state_dir=str(tmp_path / "state"), dp=False, canaries=0
     )
-    plan = RoundPlan(
+    plan = tiny_plan(
         run_id="cfg-test",
-        server_round=1,
         phase="diffusion",
-        num_server_rounds=1,
         federated_autoencoder_rounds=0,
-        preset="tiny",
         local_epochs=40,
         batch_size=16,
         lr=3e-3,
-        kl_weight=1e-6,
         latent_scale=scale,
-        proximal_mu=0.0,
-        seed=0,
         class_dropout=class_dropout,
     )
     result = run_training_round(site, plan, build_unet(cfg).state_dict(), ae.state_dict())

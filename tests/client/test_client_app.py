@@ -12,10 +12,11 @@ from client.client_app import audit, central_dp_clipping_mod, train
 from client.task import load_training_data, open_ledger
 from common import messages
 from common.config import SiteConfig, model_config
-from common.messages import AuditRequest, RoundPlan, TrainMetrics, TrainStatus
+from common.messages import AuditRequest, TrainMetrics, TrainStatus
 from common.model import build_autoencoder
-from common.phantoms import make_phantom_sites
 from privacy.client_level import update_norm
+from tests.client.conftest import tiny_plan
+from tests.conftest import record_spend
 
 
 @pytest.fixture(autouse=True)
@@ -27,28 +28,12 @@ def task_identity(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def site_dir(tmp_path_factory):
-    return make_phantom_sites(
-        tmp_path_factory.mktemp("phantoms"), n_sites=1, n_subjects=12, size=32, seed=5
-    )[0]
+def site_dir(make_site_dir):
+    return make_site_dir(n_subjects=12, seed=5)
 
 
 def _train_message() -> Message:
-    plan = RoundPlan(
-        run_id="run-a",
-        server_round=1,
-        phase="autoencoder",
-        num_server_rounds=2,
-        federated_autoencoder_rounds=1,
-        preset="tiny",
-        local_epochs=1,
-        batch_size=4,
-        lr=1e-3,
-        kl_weight=1e-6,
-        latent_scale=1.0,
-        proximal_mu=0.0,
-        seed=0,
-    )
+    plan = tiny_plan(num_server_rounds=2, batch_size=4)
     content = RecordDict(
         {
             messages.CONFIG: plan.to_record(),
@@ -106,7 +91,11 @@ def test_a_plan_with_a_renamed_key_is_refused_with_an_error_naming_it(tmp_path, 
 
 def test_an_audit_for_a_run_the_site_never_trained_in_is_refused(tmp_path, site_dir):
     """The audit handler reads the AuditRequest's run id and hashes and asks the site's admission before it
-    touches a patient: an unknown run gets an error reply naming the reason, and no audit result."""
+    touches a patient: a run it never trained in (it did train in another) gets an error reply naming the reason
+    the server sees, no audit result, and no audit counted against that run."""
+    context = _context(site_dir, tmp_path / "state")
+    site = SiteConfig.from_flwr(context.node_config)
+    record_spend(site, "run-a", ["p1", "p2"])
     request = AuditRequest(
         run_id="never-trained",
         checkpoint_sha256="a" * 64,
@@ -124,9 +113,10 @@ def test_an_audit_for_a_run_the_site_never_trained_in_is_refused(tmp_path, site_
         message_type=f"{MessageType.QUERY}.{messages.AUDIT}",
         dst_node_id=7,
     )
-    reply = audit(msg, _context(site_dir, tmp_path / "state"))
+    reply = audit(msg, context)
     assert reply.has_error() and "never-trained" in reply.error.reason
     assert not reply.has_content()
+    assert open_ledger(site).audits_answered("never-trained") == 0
 
 
 def test_under_central_dp_the_plan_reaches_the_app_exact_and_the_update_leaves_clipped(

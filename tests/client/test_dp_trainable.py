@@ -10,30 +10,19 @@ from client.task import run_training_round
 from common.config import SiteConfig, model_config
 from common.messages import MessageError, RoundPlan
 from common.model import build_autoencoder, build_unet, select_trainable, trainable_names
-from common.phantoms import make_phantom_sites
+from tests.client.conftest import tiny_plan
 
-PLAN = RoundPlan(
+PLAN = tiny_plan(
     run_id="run-t",
-    server_round=1,
     phase="diffusion",
-    num_server_rounds=1,
     federated_autoencoder_rounds=0,
-    preset="tiny",
-    local_epochs=1,
-    batch_size=5,
-    lr=1e-3,
-    kl_weight=1e-6,
-    latent_scale=1.0,
-    proximal_mu=0.0,
-    seed=0,
     dp_trainable="attention-conditioning",
 )
 
 
 @pytest.fixture(scope="module")
-def site_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantoms")
-    return make_phantom_sites(out, n_sites=1, n_subjects=16, size=32, seed=5)[0]
+def site_dir(make_site_dir):
+    return make_site_dir(n_subjects=16, seed=5)
 
 
 def test_attention_conditioning_is_the_dp_ldm_set():

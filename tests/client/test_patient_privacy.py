@@ -20,31 +20,13 @@ from client.task import (
     run_training_round,
 )
 from common.config import SiteConfig, model_config
-from common.messages import RoundPlan
 from common.model import build_autoencoder
 from common.phantoms import make_phantom_sites
+from tests.client.conftest import tiny_plan
 
+# tiny_plan is a one-round run: its noise is calibrated to spend (almost) the whole budget in that round
 BUDGET = 3.0
 AE = build_autoencoder(model_config("tiny")).state_dict()
-
-
-def plan(run_id: str, batch_size: int = 4) -> RoundPlan:
-    """A one-round run: its noise is calibrated to spend (almost) the whole budget in that round."""
-    return RoundPlan(
-        run_id=run_id,
-        server_round=1,
-        phase="autoencoder",
-        num_server_rounds=1,
-        federated_autoencoder_rounds=1,
-        preset="tiny",
-        local_epochs=1,
-        batch_size=batch_size,
-        lr=1e-3,
-        kl_weight=1e-6,
-        latent_scale=1.0,
-        proximal_mu=0.0,
-        seed=0,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +35,7 @@ def spent(tmp_path_factory):
     root = tmp_path_factory.mktemp("spent")
     site_dir = make_phantom_sites(root / "data", n_sites=1, n_subjects=12, size=32, seed=11)[0]
     site = SiteConfig(site_dir=str(site_dir), state_dir=str(root / "state"), epsilon=BUDGET)
-    first = run_training_round(site, plan("run-a"), AE)
+    first = run_training_round(site, tiny_plan(run_id="run-a", batch_size=4), AE)
     assert not first.refused and first.privacy["epsilon"] > 0.9 * BUDGET
     trained, _ = load_training_data(site, model_config("tiny"))
     return root, first, set(trained.subject_ids)
@@ -99,7 +81,7 @@ def test_adding_a_patient_does_not_reset_the_budget(tmp_path, spent):
         add_scan(site.site_dir, f"newcomer{i}", "site0-sub0001", "healthy")
     train, _ = load_training_data(site, model_config("tiny"))
     assert any(s.startswith("newcomer") for s in train.subject_ids)  # the training set did change
-    second = run_training_round(site, plan("run-b"), AE)
+    second = run_training_round(site, tiny_plan(run_id="run-b", batch_size=4), AE)
     assert second.refused and "budget" in second.refused and second.state_dict is None
     # the original patients' spend, at the delta it was claimed at, stays within the budget
     assert open_ledger(site).epsilon(spent[1].privacy["delta"]) <= BUDGET + 1e-9
@@ -107,7 +89,7 @@ def test_adding_a_patient_does_not_reset_the_budget(tmp_path, spent):
 
 def test_renaming_the_site_keeps_the_history(tmp_path, spent):
     site = copy_of(spent, tmp_path, site_name="renamed-hospital")
-    second = run_training_round(site, plan("run-b"), AE)
+    second = run_training_round(site, tiny_plan(run_id="run-b", batch_size=4), AE)
     assert second.refused and "budget" in second.refused
     assert second.privacy["epsilon"] == pytest.approx(spent[1].privacy["epsilon"])
 
@@ -116,7 +98,7 @@ def test_an_unreadable_file_does_not_reset_the_budget(tmp_path, spent):
     site = copy_of(spent, tmp_path)
     victim = sorted(spent[2])[0]
     (Path(site.site_dir) / "images" / f"{victim}.nii.gz").write_bytes(b"broken")
-    second = run_training_round(site, plan("run-b"), AE)
+    second = run_training_round(site, tiny_plan(run_id="run-b", batch_size=4), AE)
     assert second.refused and "budget" in second.refused
 
 
@@ -127,7 +109,7 @@ def test_a_trained_patient_is_never_a_non_member_when_the_holdout_fraction_chang
     site = copy_of(spent, tmp_path, holdout_fraction=fraction)
     _, holdout = load_training_data(site, model_config("tiny"))
     assert not spent[2] & set(holdout.subject_ids)
-    assert run_training_round(site, plan("run-b"), AE).refused
+    assert run_training_round(site, tiny_plan(run_id="run-b", batch_size=4), AE).refused
 
 
 def test_new_patients_get_a_side_on_arrival_and_keep_it(tmp_path, site_dir):
@@ -162,7 +144,9 @@ def test_two_scans_of_one_patient_are_one_privacy_unit(tmp_path, site_dir):
             assert {base, f"{base}-scan2"} <= set(part.subject_ids)
     n_patients = len(train) // 2
     result = run_training_round(
-        site, plan("run-a", batch_size=2), build_autoencoder(model_config("tiny")).state_dict()
+        site,
+        tiny_plan(run_id="run-a", batch_size=2),
+        build_autoencoder(model_config("tiny")).state_dict(),
     )
     assert not result.refused
     assert result.metrics["steps"] == math.ceil(n_patients / 2)
@@ -178,7 +162,7 @@ def test_the_round_runs_exactly_the_steps_the_ledger_records(tmp_path):
     )
     train, _ = load_training_data(site, model_config("tiny"))
     assert len(train) == 93
-    result = run_training_round(site, plan("run-a", batch_size=1), AE)
+    result = run_training_round(site, tiny_plan(run_id="run-a", batch_size=1), AE)
     assert not result.refused and result.metrics["steps"] == 93
 
 
@@ -198,10 +182,10 @@ def test_the_audit_time_claim_is_the_runs_patients_spend(tmp_path, spent):
 def test_a_run_without_dp_is_never_claimed_as_dp(tmp_path, site_dir):
     """Trained with dp=false, audited with dp=true: the claim is "none", not "formal DP, epsilon 0"."""
     no_dp = SiteConfig(site_dir=str(site_dir), state_dir=str(tmp_path / "state"), dp=False)
-    assert not run_training_round(no_dp, plan("run-plain"), AE).refused
+    assert not run_training_round(no_dp, tiny_plan(run_id="run-plain", batch_size=4), AE).refused
     dp_on = SiteConfig(site_dir=str(site_dir), state_dir=str(tmp_path / "state"), dp=True)
     claim = run_privacy_claim(dp_on, open_ledger(dp_on), "run-plain")
     assert claim["protection"] == "none" and claim["epsilon"] == math.inf
     # and those patients cannot be given a DP claim by a later DP run
-    later = run_training_round(dp_on, plan("run-dp"), AE)
+    later = run_training_round(dp_on, tiny_plan(run_id="run-dp", batch_size=4), AE)
     assert later.refused and "without DP" in later.refused

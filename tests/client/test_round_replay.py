@@ -15,39 +15,22 @@ import torch
 from client import replay
 from client.task import load_training_data, open_ledger, run_training_round
 from common.config import SiteConfig, model_config
-from common.messages import RoundPlan
 from common.model import build_autoencoder, build_unet
-from common.phantoms import make_phantom_sites
 from privacy.accounting import MechanismStep, epsilon_for
+from tests.client.conftest import tiny_plan
+from tests.conftest import record_spend
+
+PLAN = tiny_plan(run_id="run-restarted", num_server_rounds=2)
 
 
 @pytest.fixture(scope="module")
-def site_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantoms")
-    return make_phantom_sites(out, n_sites=1, n_subjects=20, size=32, seed=5)[0]
+def site_dir(make_site_dir):
+    return make_site_dir(n_subjects=20, seed=5)
 
 
 @pytest.fixture(scope="module")
 def autoencoder():
     return build_autoencoder(model_config("tiny")).state_dict()
-
-
-def _plan(run_id: str = "run-restarted", rounds: int = 2) -> RoundPlan:
-    return RoundPlan(
-        run_id=run_id,
-        server_round=1,
-        phase="autoencoder",
-        num_server_rounds=rounds,
-        federated_autoencoder_rounds=1,
-        preset="tiny",
-        local_epochs=1,
-        batch_size=5,
-        lr=1e-3,
-        kl_weight=1e-6,
-        latent_scale=1.0,
-        proximal_mu=0.0,
-        seed=0,
-    )
 
 
 def _site(site_dir, tmp_path, epsilon: float) -> SiteConfig:
@@ -70,16 +53,16 @@ def test_attack_a_server_asking_again_with_other_inputs_gets_no_second_dp_output
     would allow a second training, so only the replay rule stands in the way: each request is refused by name,
     nothing is trained or spent, and the ledger holds round 1 once."""
     site = _site(site_dir, tmp_path, epsilon=20.0)
-    first = run_training_round(site, _plan(), autoencoder)
+    first = run_training_round(site, PLAN, autoencoder)
     assert not first.refused
     ledger = open_ledger(site)
     spent = ledger.epsilon(first.privacy["delta"], "rdp")
 
     nudged = {k: v + 1e-3 if v.is_floating_point() else v for k, v in autoencoder.items()}
     attempts = {
-        "weights": (_plan(), nudged),
-        "seed": (dataclasses.replace(_plan(), seed=99), autoencoder),
-        "lr": (dataclasses.replace(_plan(), lr=3e-3), autoencoder),
+        "weights": (PLAN, nudged),
+        "seed": (dataclasses.replace(PLAN, seed=99), autoencoder),
+        "lr": (dataclasses.replace(PLAN, lr=3e-3), autoencoder),
     }
     for what, (plan, arrays) in attempts.items():
         again = run_training_round(site, plan, arrays)
@@ -88,7 +71,7 @@ def test_attack_a_server_asking_again_with_other_inputs_gets_no_second_dp_output
         )
         assert again.refused, what  # refused, by name: not silently answered with a stale update
         assert "already" in again.refused and "run-restarted" in again.refused, again.refused
-    assert "global model weights" in run_training_round(site, _plan(), nudged).refused
+    assert "global model weights" in run_training_round(site, PLAN, nudged).refused
     assert "seed" in run_training_round(site, attempts["seed"][0], autoencoder).refused
 
     entries = ledger.entries()
@@ -106,9 +89,9 @@ def test_a_resubmitted_run_redoes_its_last_round_with_the_same_update_and_no_new
     update it released (same bytes, same metrics, same reported spend) and spends nothing: no double spend (one
     mechanism in the ledger) and no lost spend (the ledger's epsilon is that mechanism's)."""
     site = _site(site_dir, tmp_path, epsilon=3.0)
-    first = run_training_round(site, _plan(rounds=1), autoencoder)
+    first = run_training_round(site, tiny_plan(run_id="run-restarted"), autoencoder)
     assert not first.refused and first.metrics["epsilon"] > 0.9 * 3.0  # the budget is (nearly) gone
-    again = run_training_round(site, _plan(rounds=1), autoencoder)
+    again = run_training_round(site, tiny_plan(run_id="run-restarted"), autoencoder)
     assert not again.refused, again.refused
     assert _same(again.state_dict, first.state_dict)
     assert again.metrics == first.metrics and again.privacy == first.privacy
@@ -131,7 +114,8 @@ def test_a_kept_update_serves_only_its_own_round_and_a_damaged_or_dropped_one_is
     refused, saying what to do. Neither is ever trained again, and nothing is spent."""
     site = _site(site_dir, tmp_path, epsilon=20.0)
     unet = build_unet(model_config("tiny")).state_dict()
-    first = _plan(rounds=10)  # a long run: budget left for another one after two rounds
+    # a long run: budget left for another one after two rounds
+    first = tiny_plan(run_id="run-restarted", num_server_rounds=10)
     r1 = run_training_round(site, first, autoencoder)
     r2_plan = dataclasses.replace(first, server_round=2, phase="diffusion")
     r2 = run_training_round(site, r2_plan, unet, r1.state_dict)
@@ -185,16 +169,9 @@ def test_a_spend_recorded_without_a_release_is_trained_again_and_charged_again(
     site = _site(site_dir, tmp_path, epsilon=20.0)
     train, _ = load_training_data(site, model_config("tiny"))
     ledger = open_ledger(site)
-    crashed = dict(noise_multiplier=1.0, sample_rate=1 / 3, steps=3, clipping_norm=1.0, delta=1e-5)
-    ledger.record(
-        run_id="run-restarted",
-        server_round=1,
-        phase="autoencoder",
-        accountant="rdp",
-        patients=train.patients,
-        **crashed,
-    )
-    redo = run_training_round(site, _plan(), autoencoder)
+    crashed = dict(phase="autoencoder", noise_multiplier=1.0, sample_rate=1 / 3, steps=3)
+    record_spend(site, "run-restarted", train.patients, **crashed)
+    redo = run_training_round(site, PLAN, autoencoder)
     assert not redo.refused and not redo.replayed
     entries = ledger.entries()
     assert [(e["run_id"], e["server_round"]) for e in entries] == [("run-restarted", 1)] * 2
@@ -205,7 +182,7 @@ def test_a_spend_recorded_without_a_release_is_trained_again_and_charged_again(
     )
     assert redo.metrics["epsilon"] > epsilon_for(_steps(entries[1:]), delta, accountant)
     # once released, that round is answered with the redo's update, never trained a third time
-    again = run_training_round(site, _plan(), autoencoder)
+    again = run_training_round(site, PLAN, autoencoder)
     assert again.replayed and _same(again.state_dict, redo.state_dict)
     assert len(ledger.entries()) == 2
 

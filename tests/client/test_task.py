@@ -11,40 +11,20 @@ from client.task import (
     run_training_round,
 )
 from common.config import SiteConfig, model_config
-from common.messages import RoundPlan
 from common.model import build_autoencoder, build_unet
-from common.phantoms import make_phantom_sites
+from tests.client.conftest import tiny_plan
 
 
 @pytest.fixture(scope="module")
-def site_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantoms")
-    return make_phantom_sites(out, n_sites=1, n_subjects=20, size=32, seed=3)[0]
-
-
-def plan(phase="autoencoder", r=1, rounds=2, ae_rounds=1, run_id="run-a"):
-    return RoundPlan(
-        run_id=run_id,
-        server_round=r,
-        phase=phase,
-        num_server_rounds=rounds,
-        federated_autoencoder_rounds=ae_rounds,
-        preset="tiny",
-        local_epochs=1,
-        batch_size=5,
-        lr=1e-3,
-        kl_weight=1e-6,
-        latent_scale=1.0,
-        proximal_mu=0.0,
-        seed=0,
-    )
+def site_dir(make_site_dir):
+    return make_site_dir(n_subjects=20, seed=3)
 
 
 def test_autoencoder_round_trains_records_spend_and_stays_in_budget(tmp_path, site_dir):
     site = SiteConfig(site_dir=str(site_dir), state_dir=str(tmp_path / "state"), epsilon=5.0)
     cfg = model_config("tiny")
     ae = build_autoencoder(cfg).state_dict()
-    result = run_training_round(site, plan(), ae)
+    result = run_training_round(site, tiny_plan(num_server_rounds=2), ae)
     assert not result.refused
     assert result.state_dict.keys() == ae.keys()
     assert any(not torch.equal(result.state_dict[k], ae[k]) for k in ae)
@@ -62,13 +42,15 @@ def test_whole_planned_run_fits_the_budget_and_the_ledger_keeps_counting(tmp_pat
     site = SiteConfig(site_dir=str(site_dir), state_dir=str(tmp_path / "state"), epsilon=3.0)
     cfg = model_config("tiny")
     ae, unet = build_autoencoder(cfg).state_dict(), build_unet(cfg).state_dict()
-    r1 = run_training_round(site, plan("autoencoder", 1), ae)
-    r2 = run_training_round(site, plan("diffusion", 2), unet, r1.state_dict)
+    r1 = run_training_round(site, tiny_plan(num_server_rounds=2), ae)
+    r2 = run_training_round(
+        site, tiny_plan(phase="diffusion", server_round=2, num_server_rounds=2), unet, r1.state_dict
+    )
     assert r1.metrics["epsilon"] < r2.metrics["epsilon"] <= 3.0 + 1e-9
     # The whole planned run used (almost) the whole budget: the noise was calibrated for it, not per round.
     assert r2.metrics["epsilon"] > 0.9 * 3.0
     # A new run on the same patients keeps counting: nothing is left, so the site refuses and says why.
-    again = run_training_round(site, plan("autoencoder", 1, run_id="run-b"), ae)
+    again = run_training_round(site, tiny_plan(run_id="run-b", num_server_rounds=2), ae)
     assert again.refused and "budget" in again.refused
     assert again.state_dict is None
     train, _ = load_training_data(site, cfg)
@@ -89,7 +71,7 @@ def test_a_replayed_round_is_not_reproducible_under_dp(tmp_path, site_dir):
         site = SiteConfig(
             site_dir=str(site_dir), state_dir=str(tmp_path / name), epsilon=5.0, dp=dp
         )
-        result = run_training_round(site, plan(), ae)
+        result = run_training_round(site, tiny_plan(num_server_rounds=2), ae)
         assert not result.refused
         return result.state_dict
 
