@@ -84,28 +84,28 @@ def stage_work(preset: str) -> list[tuple[str, str, float, str]]:
     opts = DemoOptions(preset=preset)
     plan = DEMO_PLANS[preset]
     sites = opts.sites
-    train = round(plan["subjects"] * (1 - plan["holdout"]))
-    holdout = plan["subjects"] - train
-    rounds = plan["rounds"] - plan["ae_rounds"]
-    if plan.get("recipe"):
-        r = demo_recipe(opts, rounds)
+    train = round(plan.subjects * (1 - plan.holdout))
+    holdout = plan.subjects - train
+    rounds = plan.rounds - plan.ae_rounds
+    if plan.recipe:
+        r = demo_recipe(opts, plan)
         dp_steps, dp_batch = r.steps, r.batch_size
     else:
-        dp_steps, dp_batch = plan["local_epochs"] * rounds, plan["batch_size"]
-    images = 2 * plan["per_class"]
+        dp_steps, dp_batch = plan.local_epochs * rounds, plan.batch_size
+    images = 2 * plan.per_class
     ddim = model_config(preset).ddim_steps
     canaries = round(0.4 * train)
     return [
         (
             "public pretraining: autoencoder",
-            f"{plan['ae_steps']} steps x {plan['pretrain_batch']}",
-            plan["ae_steps"] * plan["pretrain_batch"],
+            f"{plan.ae_steps} steps x {plan.pretrain_batch}",
+            plan.ae_steps * plan.pretrain_batch,
             "autoencoder train",
         ),
         (
             "public pretraining: UNet",
-            f"{plan['unet_steps']} steps x {plan['pretrain_batch']}",
-            plan["unet_steps"] * plan["pretrain_batch"],
+            f"{plan.unet_steps} steps x {plan.pretrain_batch}",
+            plan.unet_steps * plan.pretrain_batch,
             "UNet train",
         ),
         (

@@ -81,10 +81,32 @@ class DemoOptions:
         object.__setattr__(self, "preset", preset)
 
 
-# Per preset: the public set's size and the pretraining steps (server/pretrain.py), the phantom hospitals' size
-# and the federated plan. `small` (the default) is sized for a 2-core CPU: see the README's demo section.
-DEMO_PLANS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
+@dataclass(frozen=True)
+class DemoPlan:
+    """One preset's demo: the phantom hospitals' size, the public set's size and pretraining, the federated plan.
+    `demo_plan` gives the one for a run, the options' overrides applied; the stages read it, never the options."""
+
+    subjects: int  # patients per phantom hospital
+    holdout: float  # share held out for the audit
+    public: int  # healthy volunteers in the public set
+    ae_steps: int  # public pretraining (server/pretrain.py)
+    unet_steps: int
+    pretrain_batch: int
+    rounds: int  # federated rounds, the autoencoder's included
+    ae_rounds: int
+    per_class: int  # synthetic images per class
+    # DP fine-tuning: privacy/recipe.py's dp_recipe for the sites' training patients and budget (public facts);
+    # without it, the three fields below
+    recipe: bool = False
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-3
+
+
+# Per preset. `small` (the default, and the plan of a preset without one here) is sized for a 2-core CPU: see the
+# README's demo section.
+DEMO_PLANS: dict[str, DemoPlan] = {
+    "tiny": DemoPlan(
         subjects=16,
         holdout=0.25,
         public=24,
@@ -98,7 +120,7 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
         lr=1e-3,
         per_class=4,
     ),
-    "small": dict(
+    "small": DemoPlan(
         # 310 patients per site, 35 % held out for the audit: 101-115 hold-out patients at each site, so TPR at
         # 1 % FPR is measurable (it needs 100), and about 200 training patients each (DP time grows with them)
         subjects=310,
@@ -109,11 +131,10 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
         pretrain_batch=16,
         rounds=2,
         ae_rounds=0,
-        # DP fine-tuning: privacy/recipe.py's dp_recipe for the sites' training patients and budget (public facts)
         recipe=True,
         per_class=200,
     ),
-    "tiny3d": dict(
+    "tiny3d": DemoPlan(
         # one DP autoencoder round at the sites, from the public autoencoder; the samples are noise at this size
         subjects=20,
         holdout=0.25,
@@ -131,23 +152,28 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
 }
 
 
-def demo_plan(opts: DemoOptions) -> dict[str, Any]:
-    return DEMO_PLANS.get(opts.preset, DEMO_PLANS["small"])
+def demo_plan(opts: DemoOptions) -> DemoPlan:
+    """The plan of `opts.preset` with the options' patients, public volunteers and rounds where they are given."""
+    plan = DEMO_PLANS.get(opts.preset, DEMO_PLANS["small"])
+    return dataclasses.replace(
+        plan,
+        subjects=opts.subjects or plan.subjects,
+        public=opts.public_subjects or plan.public,
+        rounds=opts.rounds or plan.rounds,
+    )
 
 
-def demo_run_config(opts: DemoOptions, run_dir: Path, pretrained: Path | str = "") -> RunConfig:
+def demo_run_config(
+    opts: DemoOptions, plan: DemoPlan, run_dir: Path, pretrained: Path | str = ""
+) -> RunConfig:
     """The demo's plan: DP fine-tuning at the sites of the public pretrained checkpoint, then a cohort and its
     audit. With `recipe`, the DP settings are privacy/recipe.py's for the sites' approximate training-patient count
     and the budget (never chosen by looking at site data)."""
-    plan = demo_plan(opts)
-    rounds = opts.rounds or plan["rounds"]
     dp: dict[str, Any] = dict(
-        local_epochs=plan.get("local_epochs", 1),
-        batch_size=plan.get("batch_size", 16),
-        lr_diffusion=plan.get("lr", 1e-3),
+        local_epochs=plan.local_epochs, batch_size=plan.batch_size, lr_diffusion=plan.lr
     )
-    if plan.get("recipe"):
-        r = demo_recipe(opts, rounds - plan["ae_rounds"])
+    if plan.recipe:
+        r = demo_recipe(opts, plan)
         dp = dict(
             local_epochs=r.local_epochs,
             batch_size=r.batch_size,
@@ -159,34 +185,36 @@ def demo_run_config(opts: DemoOptions, run_dir: Path, pretrained: Path | str = "
     return RunConfig(
         preset=opts.preset,
         pretrained=str(pretrained),
-        num_server_rounds=rounds,
-        autoencoder_rounds=plan["ae_rounds"],
+        num_server_rounds=plan.rounds,
+        autoencoder_rounds=plan.ae_rounds,
         min_sites=min(2, opts.sites),
         run_dir=str(run_dir),
-        synthesize_per_class=plan["per_class"],
+        synthesize_per_class=plan.per_class,
         **dp,
     )
 
 
-def demo_recipe(opts: DemoOptions, diffusion_rounds: int):
-    """privacy/recipe.py's DP settings for the demo's sites: their expected training-patient count (the phantom
-    sites' size times the share not held out), their budget and delta 1e-5."""
+def demo_recipe(opts: DemoOptions, plan: DemoPlan):
+    """privacy/recipe.py's DP settings for the demo's sites and diffusion rounds: their expected training-patient
+    count (the phantom sites' size times the share not held out), their budget and delta 1e-5."""
     from privacy.recipe import dp_recipe
 
-    plan = demo_plan(opts)
-    n = round((opts.subjects or plan["subjects"]) * (1 - plan["holdout"]))
-    return dp_recipe(opts.epsilon, 1e-5, max(1, n), opts.preset, max(1, diffusion_rounds))
+    n = round(plan.subjects * (1 - plan.holdout))
+    return dp_recipe(
+        opts.epsilon, 1e-5, max(1, n), opts.preset, max(1, plan.rounds - plan.ae_rounds)
+    )
 
 
-def demo_pretrain_config(opts: DemoOptions, public_dir: Path, out: Path) -> PretrainConfig:
-    plan = demo_plan(opts)
+def demo_pretrain_config(
+    opts: DemoOptions, plan: DemoPlan, public_dir: Path, out: Path
+) -> PretrainConfig:
     return PretrainConfig(
         public_dir=str(public_dir),
         out=str(out),
         preset=opts.preset,
-        autoencoder_steps=plan["ae_steps"],
-        unet_steps=plan["unet_steps"],
-        batch_size=plan["pretrain_batch"],
+        autoencoder_steps=plan.ae_steps,
+        unet_steps=plan.unet_steps,
+        batch_size=plan.pretrain_batch,
         threads=opts.threads,
     )
 
@@ -206,27 +234,26 @@ def pretrained_cache_path(pre: PretrainConfig, public_sha256: str, cache_dir: Pa
     return cache_dir / f"{pre.preset}-{digest}.pt"
 
 
-def make_public_set(opts: DemoOptions, out: Path, console: Console) -> Path:
+def make_public_set(opts: DemoOptions, plan: DemoPlan, out: Path, console: Console) -> Path:
     public = out / "public"
     if public.exists():
         console.say(f"[2/5] reusing the public data set in {public}")
         return public
-    n = opts.public_subjects or demo_plan(opts)["public"]
     console.say(
-        f"[2/5] making the public data set in {public}: {n} healthy volunteers, one protocol "
+        f"[2/5] making the public data set in {public}: {plan.public} healthy volunteers, one protocol "
         f"({PUBLIC_PROTOCOL}) that no hospital uses"
     )
     size = 64 if opts.dims == 2 else model_config(opts.preset).image_size
-    return make_public_phantoms(public, n_subjects=n, dims=opts.dims, size=size, seed=0)
+    return make_public_phantoms(public, n_subjects=plan.public, dims=opts.dims, size=size, seed=0)
 
 
 def demo_pretrained(
-    opts: DemoOptions, out: Path, public: Path, console: Console
+    opts: DemoOptions, plan: DemoPlan, out: Path, public: Path, console: Console
 ) -> tuple[Path, bool]:
     """The public pretrained checkpoint and whether it was reused: made once by `fedsynth pretrain`'s code, then
     reused from the cache."""
     digest, _ = public_data_hash(public)
-    pre = demo_pretrain_config(opts, public, out / "pretrained" / "pending.pt")
+    pre = demo_pretrain_config(opts, plan, public, out / "pretrained" / "pending.pt")
     path = pretrained_cache_path(pre, digest, out / "pretrained")
     if path.exists():
         made = (Checkpoint.load(path).pretraining or {}).get("created", "an unknown date")
@@ -389,19 +416,18 @@ def publish_demo_release(out: Path) -> dict[str, Any]:
     }
 
 
-def make_demo_sites(opts: DemoOptions, out: Path, console: Console) -> None:
+def make_demo_sites(opts: DemoOptions, plan: DemoPlan, out: Path, console: Console) -> None:
     sites_dir = out / "sites"
     if sites_dir.exists():
         console.say(f"[1/5] reusing the phantom hospitals in {sites_dir}")
         return
-    subjects = opts.subjects or demo_plan(opts)["subjects"]
     console.say(
-        f"[1/5] making {opts.sites} phantom hospitals with {subjects} patients each in {sites_dir}"
+        f"[1/5] making {opts.sites} phantom hospitals with {plan.subjects} patients each in {sites_dir}"
     )
     make_phantom_sites(
         sites_dir,
         n_sites=opts.sites,
-        n_subjects=subjects,
+        n_subjects=plan.subjects,
         dims=opts.dims,
         size=64 if opts.dims == 2 else model_config(opts.preset).image_size,
         seed=0,
@@ -409,12 +435,13 @@ def make_demo_sites(opts: DemoOptions, out: Path, console: Console) -> None:
     )
 
 
-def train_in_federation(opts: DemoOptions, out: Path, pretrained: Path, console: Console) -> None:
+def train_in_federation(
+    opts: DemoOptions, plan: DemoPlan, out: Path, pretrained: Path, console: Console
+) -> None:
     """Federated training, synthesis and the sites' audit: one Flower run over TLS on loopback."""
-    run = demo_run_config(opts, out / "run", pretrained)
-    plan = demo_plan(opts)
-    clip = demo_recipe(opts, run.diffusion_rounds).max_grad_norm if plan.get("recipe") else 1.0
-    node_configs = demo_node_configs(out, opts.epsilon, opts.threads, plan["holdout"], clip)
+    run = demo_run_config(opts, plan, out / "run", pretrained)
+    clip = demo_recipe(opts, plan).max_grad_norm if plan.recipe else 1.0
+    node_configs = demo_node_configs(out, opts.epsilon, opts.threads, plan.holdout, clip)
     app_dir = write_app_dir(out / "app", run)
     console.say(
         f"[4/5] federation on loopback ({'INSECURE: no TLS' if opts.insecure else 'TLS + SuperNode authentication'}): "
@@ -467,21 +494,22 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
             f"the previous demo run moved to {moved} (with its phantom hospitals' privacy ledgers: a new demo run "
             "starts with the full budget on the same phantom patients; a real site's ledger is never reset)"
         )
+    plan = demo_plan(opts)
     seconds: dict[str, float] = {}
     t0 = time.monotonic()
-    make_demo_sites(opts, out, console)
+    make_demo_sites(opts, plan, out, console)
     seconds["phantom hospitals"] = time.monotonic() - t0
     t1 = time.monotonic()
-    public = make_public_set(opts, out, console)
+    public = make_public_set(opts, plan, out, console)
     seconds["public data set"] = time.monotonic() - t1
     t1 = time.monotonic()
-    pretrained, reused = demo_pretrained(opts, out, public, console)
+    pretrained, reused = demo_pretrained(opts, plan, out, public, console)
     seconds["public pretraining (reused)" if reused else "public pretraining"] = (
         time.monotonic() - t1
     )
     t1, failed = time.monotonic(), False
     try:
-        train_in_federation(opts, out, pretrained, console)
+        train_in_federation(opts, plan, out, pretrained, console)
     except DeploymentError as err:  # the summary below still says where things stand
         console.warn(f"ERROR: the federation failed: {err}")
         failed = True

@@ -43,10 +43,10 @@ def test_demo_dims_3_trains_both_phases_with_dp_on_volumes(tmp_path):
     import pytest
 
     from common.config import model_config
-    from server.demo import DemoOptions, demo_run_config
+    from server.demo import DemoOptions, demo_plan, demo_run_config
 
     opts = DemoOptions(out=tmp_path, dims=3)
-    run = demo_run_config(opts, Path(tmp_path) / "run", tmp_path / "public.pt")
+    run = demo_run_config(opts, demo_plan(opts), Path(tmp_path) / "run", tmp_path / "public.pt")
     assert opts.preset == "tiny3d" and model_config(run.preset).spatial_dims == 3
     assert run.pretrained and run.federated_autoencoder_rounds >= 1
     assert run.diffusion_rounds >= 1  # both phases trained at the sites, with DP-SGD
@@ -61,24 +61,25 @@ def test_the_demo_pretrains_once_and_reuses_the_checkpoint_until_its_inputs_chan
     import io
 
     from server.checkpoint import Checkpoint
-    from server.demo import DemoOptions, demo_pretrained, make_public_set
+    from server.demo import DemoOptions, demo_plan, demo_pretrained, make_public_set
     from server.terminal import Console
 
     stream = io.StringIO()
     console = Console(stream=stream, tty=False)
     opts = DemoOptions(out=tmp_path, preset="tiny", public_subjects=4)
-    public = make_public_set(opts, tmp_path, console)
-    first, reused = demo_pretrained(opts, tmp_path, public, console)
+    plan = demo_plan(opts)
+    public = make_public_set(opts, plan, tmp_path, console)
+    first, reused = demo_pretrained(opts, plan, tmp_path, public, console)
     assert not reused
     made = Checkpoint.load(first).pretraining
     assert made["public_images"] == 4 and made["public_class_counts"]["lesion"] == 0
     assert "reusing" not in stream.getvalue()
-    again, reused = demo_pretrained(opts, tmp_path, public, console)
+    again, reused = demo_pretrained(opts, plan, tmp_path, public, console)
     assert again == first and reused
     assert f"reusing the public checkpoint made on {made['created']}" in stream.getvalue()
     assert Checkpoint.load(again).pretraining == made  # not trained again
     (public / "labels.csv").write_text((public / "labels.csv").read_text() + "\n")
-    changed, _ = demo_pretrained(opts, tmp_path, public, console)
+    changed, _ = demo_pretrained(opts, plan, tmp_path, public, console)
     assert changed != first and changed.parent == first.parent
 
 
@@ -103,12 +104,12 @@ def test_the_default_demo_fine_tunes_with_the_recipe_and_has_sites_the_audit_can
     import hashlib
 
     from privacy.recipe import dp_recipe
-    from server.demo import DEMO_PLANS, DemoOptions, demo_run_config
+    from server.demo import DEMO_PLANS, DemoOptions, demo_plan, demo_run_config
 
     opts = DemoOptions(out=tmp_path)
-    run = demo_run_config(opts, tmp_path / "run", tmp_path / "p.pt")
+    run = demo_run_config(opts, demo_plan(opts), tmp_path / "run", tmp_path / "p.pt")
     plan = DEMO_PLANS["small"]
-    r = dp_recipe(10.0, 1e-5, round(plan["subjects"] * (1 - plan["holdout"])), "small", 2)
+    r = dp_recipe(10.0, 1e-5, round(plan.subjects * (1 - plan.holdout)), "small", 2)
     assert (run.batch_size, run.local_epochs, run.lr_diffusion, run.dp_trainable) == (
         r.batch_size,
         r.local_epochs,
@@ -120,8 +121,8 @@ def test_the_default_demo_fine_tunes_with_the_recipe_and_has_sites_the_audit_can
 
     def holdout(pid: str) -> bool:  # common/site.py's rule for a new patient
         d = hashlib.sha256(f"fedsynth-audit-holdout\0{pid}".encode()).digest()
-        return int.from_bytes(d[:8], "big") / 2.0**64 < plan["holdout"]
+        return int.from_bytes(d[:8], "big") / 2.0**64 < plan.holdout
 
     for i in range(opts.sites):
-        n = sum(holdout(f"site{i}-sub{j:04d}") for j in range(plan["subjects"]))
+        n = sum(holdout(f"site{i}-sub{j:04d}") for j in range(plan.subjects))
         assert n >= 100, (i, n)
