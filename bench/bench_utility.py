@@ -406,6 +406,30 @@ def _f(v, d: int = 2) -> str:
     return "n/a" if v is None or not np.isfinite(v) else f"{v:.{d}f}"
 
 
+def table_row(row: dict) -> str:
+    """One epsilon's row of the report's table: each figure with, in brackets, what it is read against (TSTR / TRTR
+    with their ratio, the real hold-out's lesions, the minimum over the sites)."""
+    m = summary(row)
+    rc, t = row["recipe"], row["seconds"]
+
+    def versus(key: str, bracket: str) -> str:
+        return f"{_f(m[key])} ({_f(m[bracket])})"
+
+    sigma = f"{rc['noise_multiplier']:.2f}" if math.isfinite(row["epsilon"]) else "0"
+    cells = [
+        eps_label(row["epsilon"]),
+        f"{_f(m['cnn_tstr'])} / {_f(m['cnn_trtr'])} (**{_f(m['cnn_ratio'])}**)",
+        f"{_f(m['radiomics_tstr'])} / {versus('radiomics_trtr', 'radiomics_ratio')}",
+        versus("lesion_detectable", "lesion_detectable_holdout"),
+        _f(m["healthy_recognised"]),
+        _f(m["frechet_distance"], 1),
+        *(versus(k, f"min_{k}") for k in ("precision", "recall", "coverage")),
+        f"{rc['batch_size']}, {rc['steps']}, {sigma}",
+        f"{t['train']:.0f} + {t['synthesize']:.0f} + {t['score']:.0f} s",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def report_lines(result: dict, command: str, figure: str) -> list[str]:
     s = result["setting"]
     rows = result["rows"]
@@ -442,19 +466,7 @@ def report_lines(result: dict, command: str, figure: str) -> list[str]:
         "wall time (train + sample + score) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        m = summary(r)
-        rc, t = r["recipe"], r["seconds"]
-        sigma = f"{rc['noise_multiplier']:.2f}" if math.isfinite(r["epsilon"]) else "0"
-        lines.append(
-            f"| {eps_label(r['epsilon'])} | {_f(m['cnn_tstr'])} / {_f(m['cnn_trtr'])} "
-            f"(**{_f(m['cnn_ratio'])}**) | {_f(m['radiomics_tstr'])} / {_f(m['radiomics_trtr'])} "
-            f"({_f(m['radiomics_ratio'])}) | {_f(m['lesion_detectable'])} ({_f(m['lesion_detectable_holdout'])}) | "
-            f"{_f(m['healthy_recognised'])} | {_f(m['frechet_distance'], 1)} | {_f(m['precision'])} "
-            f"({_f(m['min_precision'])}) | {_f(m['recall'])} ({_f(m['min_recall'])}) | {_f(m['coverage'])} "
-            f"({_f(m['min_coverage'])}) | {rc['batch_size']}, {rc['steps']}, {sigma} | "
-            f"{t['train']:.0f} + {t['synthesize']:.0f} + {t['score']:.0f} s |"
-        )
+    lines += [table_row(r) for r in rows]
     sec = result["seconds"]
     total = sum(sum(r["seconds"].values()) for r in rows) + sum(v or 0 for v in sec.values())
     lines += [
