@@ -17,23 +17,7 @@ from privacy.fidelity import (
     precision_recall_coverage,
     radiomics_features,
 )
-
-
-def blobs(rng, n, size=24):
-    yy, xx = np.mgrid[:size, :size] / size
-    out = [
-        np.clip(
-            1.2
-            - np.hypot(xx - rng.uniform(0.4, 0.6), yy - rng.uniform(0.4, 0.6))
-            / rng.uniform(0.2, 0.35),
-            0,
-            1,
-        )
-        * rng.uniform(0.6, 1.0)
-        + rng.normal(0, 0.02, (size, size))
-        for _ in range(n)
-    ]
-    return np.clip(np.asarray(out, np.float32)[:, None], 0, 1)
+from tests.privacy.conftest import blobs
 
 
 def test_names_match_columns_and_are_documented():

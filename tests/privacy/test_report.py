@@ -12,23 +12,7 @@ from privacy.audit_stats import empirical_epsilon_lower_bound, roc_summary
 from privacy.memorization import memorization_audit
 from privacy.report import render_partner_report, write_audit_report
 from privacy.verdict import build_audit, holm
-
-
-def blobs(rng, n, size=24):
-    yy, xx = np.mgrid[:size, :size] / size
-    out = [
-        np.clip(
-            1.2
-            - np.hypot(xx - rng.uniform(0.4, 0.6), yy - rng.uniform(0.4, 0.6))
-            / rng.uniform(0.2, 0.35),
-            0,
-            1,
-        )
-        * rng.uniform(0.6, 1.0)
-        + rng.normal(0, 0.02, (size, size))
-        for _ in range(n)
-    ]
-    return np.clip(np.asarray(out, np.float32)[:, None], 0, 1)
+from tests.privacy.conftest import blobs
 
 
 def attack(rng, shift, n=60, delta=1e-3):

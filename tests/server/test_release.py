@@ -333,21 +333,9 @@ def test_cli_keys_gate_build_approve_verify(world, tmp_path, capsys):
     assert (tmp_path / "k" / "officer.key").exists()
     policy = tmp_path / "policy.toml"
     policy.write_text((world["built"] / "policy.toml").read_text())
-    assert (
-        main(
-            [
-                "release",
-                "gate",
-                "--audit",
-                str(world["audit"]),
-                "--policy",
-                str(policy),
-                "--privacy",
-                str(world["privacy"]),
-            ]
-        )
-        == 0
-    )
+    gate = ["release", "gate", "--audit", str(world["audit"]), "--policy", str(policy)]
+    gate += ["--privacy", str(world["privacy"])]
+    assert main(gate) == 0
     assert "max_membership_auc" in capsys.readouterr().out
     out = tmp_path / "rel"
     assert (
@@ -392,13 +380,10 @@ def test_cli_keys_gate_build_approve_verify(world, tmp_path, capsys):
             == 0
         )
     assert "status: released" in capsys.readouterr().out
-    assert (
-        main(["release", "verify", str(out), "--consortium-key", str(keys["consortium"][1])]) == 0
-    )
+    verify = ["release", "verify", str(out), "--consortium-key", str(keys["consortium"][1])]
+    assert main(verify) == 0
     (out / "cohort" / "dataset.json").write_text("{}")
-    assert (
-        main(["release", "verify", str(out), "--consortium-key", str(keys["consortium"][1])]) == 1
-    )
+    assert main(verify) == 1
     assert "FAIL cohort/dataset.json" in capsys.readouterr().out
     assert (
         main(
@@ -418,21 +403,7 @@ def test_cli_keys_gate_build_approve_verify(world, tmp_path, capsys):
     policy.write_text(
         policy.read_text().replace("max_withheld_share = 0.2", "max_withheld_share = 0.01")
     )
-    assert (
-        main(
-            [
-                "release",
-                "gate",
-                "--audit",
-                str(world["audit"]),
-                "--policy",
-                str(policy),
-                "--privacy",
-                str(world["privacy"]),
-            ]
-        )
-        == 1
-    )
+    assert main(gate) == 1
 
 
 def test_reports_are_rendered_from_the_audit_json_that_ships(world, tmp_path):

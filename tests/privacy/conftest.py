@@ -1,0 +1,21 @@
+"""Set-up shared by the privacy tests."""
+
+import numpy as np
+
+
+def blobs(rng, n, size=24):
+    """`n` smooth random blobs with noise, (n, 1, size, size) in [0, 1]: distinct images that are alike."""
+    yy, xx = np.mgrid[:size, :size] / size
+    out = [
+        np.clip(
+            1.2
+            - np.hypot(xx - rng.uniform(0.4, 0.6), yy - rng.uniform(0.4, 0.6))
+            / rng.uniform(0.2, 0.35),
+            0,
+            1,
+        )
+        * rng.uniform(0.6, 1.0)
+        + rng.normal(0, 0.02, (size, size))
+        for _ in range(n)
+    ]
+    return np.clip(np.asarray(out, np.float32)[:, None], 0, 1)
