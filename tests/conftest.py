@@ -1,10 +1,11 @@
-"""Set-up shared by the site-side tests (tests/client) and the deployment tests (tests/integration)."""
+"""Set-up shared across the test folders: a site that already trained in a run, Flower's task identity."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from client.task import open_ledger
+import pytest
+
 from common.config import SiteConfig
 
 
@@ -12,6 +13,9 @@ def record_spend(site: SiteConfig, run_id: str, patients: Iterable[str], **mecha
     """Record in `site`'s privacy ledger that it trained `patients` in `run_id` (round 1, diffusion, DP-SGD with
     noise 1.0, sampling rate 0.5, 2 steps, clipping 1.0, delta 1e-5 under RDP, unless `mechanism` says otherwise):
     a site that already took part in a run. Returns the mechanism's id."""
+    # imported here: the tests that need no site do not load its training code
+    from client.task import open_ledger
+
     spend = dict(
         server_round=1,
         phase="diffusion",
@@ -23,3 +27,15 @@ def record_spend(site: SiteConfig, run_id: str, patients: Iterable[str], **mecha
         delta=1e-5,
     )
     return open_ledger(site).record(run_id=run_id, patients=patients, **{**spend, **mechanism})
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower stamps new messages with the running task's identity; outside a deployment there is none: this one
+    (run 1, node 0, task 1) for the test. A module whose every test builds messages says
+    `pytestmark = pytest.mark.usefixtures("task_identity")`."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

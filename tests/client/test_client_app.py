@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import audit, central_dp_clipping_mod, train
 from client.task import load_training_data, open_ledger
@@ -18,13 +17,7 @@ from privacy.client_level import update_norm
 from tests.client.conftest import tiny_plan
 from tests.conftest import record_spend
 
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Flower stamps new messages with the running task's identity; outside a deployment there is none."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from flwr.app import (
     MessageType,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import central_dp_clipping_mod
 from common import messages
@@ -36,13 +35,7 @@ from server.central_dp import (
 )
 from server.training import Federation, make_strategy
 
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Flower stamps new messages with the running task's identity; outside a deployment there is none."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:

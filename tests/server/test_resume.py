@@ -5,11 +5,12 @@ import shutil
 
 import pytest
 import torch
-from flwr.supercore.task_identity import TaskIdentity
 
 from server.checkpoint import Checkpoint
 from server.training import Federation
 from tests.server.test_training import RoundSeededGrid, _run
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class CountingGrid(RoundSeededGrid):
@@ -22,13 +23,6 @@ class CountingGrid(RoundSeededGrid):
     def _answer(self, msg):
         self.rounds_asked.add(int(msg.content["config"]["server-round"]))
         return super()._answer(msg)
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def test_a_crash_between_the_round_file_and_latest_resumes_from_the_round_file(tmp_path):

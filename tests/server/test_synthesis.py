@@ -152,15 +152,11 @@ def test_refuses_to_overwrite(tmp_path, checkpoint):
 
 
 def test_audit_task_tells_the_sites_what_the_checkpoints_unet_predicts(
-    tmp_path, checkpoint, monkeypatch
+    tmp_path, checkpoint, task_identity
 ):
     """The sites' white-box attack scores records with the checkpoint's own loss: same prediction type."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     from server.audit import audit_messages
 
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
     cohort = synthesize_cohort(
         SynthesisRequest(checkpoint, tmp_path / "cohort", per_class=1, batch_size=2)
     )

@@ -6,19 +6,13 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Message
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import RunConfig
 from server.checkpoint import Checkpoint
 from server.training import Federation
 from tests.server.test_central_dp import FakeGrid
 
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class RoundSeededGrid(FakeGrid):
