@@ -239,3 +239,51 @@ def test_a_dp_run_whose_noise_is_weaker_than_claimed_is_caught(tmp_path, phantom
     _, r, audit = _dp_round(tmp_path, phantom_site, 1000, "weak")
     assert r.privacy["epsilon"] <= 1.0  # what the broken site would claim
     assert audit["epsilon_lower_bound"] > 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["bookkeeping", "hooks", "ghost"])
+def test_under_dp_sgd_the_canaries_join_the_noised_sum_with_the_patients_divisor(site, mode):
+    """Two identical DP-SGD steps (same noise and sampling seeds, plain SGD), with and without the canaries: the
+    only difference is each included canary's gradient C s / sqrt(d) divided by Opacus' expected batch size."""
+    from torch.utils.data import TensorDataset
+
+    from common.model import ddpm_scheduler, diffusion_loss
+    from privacy.dp import batch_loss, make_private
+    from privacy.sampling import patient_loader
+
+    cfg = model_config("tiny")
+    state = canaries.load_or_create(site, 100, 1e-5)
+    torch.manual_seed(1)
+    start = build_unet(cfg).state_dict()
+    data = TensorDataset(torch.randn((6,) + cfg.latent_shape), torch.tensor([0, 1] * 3))
+    sched = ddpm_scheduler(cfg)
+    after = []
+    for with_canaries in (False, True):
+        unet = build_unet(cfg)
+        unet.load_state_dict(start)
+        unet.train()
+        opt = torch.optim.SGD(unet.parameters(), lr=1.0)
+        loader = patient_loader(data, [[i] for i in range(6)], 0.5, 1)
+        module, opt, loader = make_private(
+            unet, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
+            test_seed=3,
+        )  # fmt: skip
+        if with_canaries:
+            canaries.attach(opt, unet, state, 1.0, 1.0, expected_batch_size=99)
+        torch.manual_seed(2)
+        for z, y in loader:
+            opt.zero_grad(set_to_none=True)
+            batch_loss(opt, diffusion_loss(module, sched, z, y)).backward()
+            opt.step()
+        after.append({k: v.detach().clone() for k, v in unet.state_dict().items()})
+    coords = canaries.coordinates(state, unet)
+    step = (
+        1.0 / np.sqrt(canaries.DIMENSIONS) / opt.expected_batch_size
+    )  # Opacus' divisor: 3, not 99
+    expected = {k: torch.zeros_like(v) for k, v in start.items()}
+    for i in np.flatnonzero(state.included):
+        for name, k, s in zip(coords.names[i], coords.index[i], coords.signs[i], strict=True):
+            expected[name].view(-1)[k] = -s * step
+    for k in start:
+        assert torch.allclose(after[1][k] - after[0][k], expected[k], atol=1e-5), k
