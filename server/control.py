@@ -68,7 +68,9 @@ class ControlOptions:
     preset: str = "tiny"
     sites: int = 2
     subjects: int = 16  # patients per site (half held out: the hold-out is the audit's non-members)
-    canaries: int = 1000  # per site; a perfect attack on 1,000 certifies 5.37 at delta 1e-5 (module docstring)
+    canaries: int = (
+        1000  # per site; a perfect attack on 1,000 certifies 5.37 at delta 1e-5 (module docstring)
+    )
     rounds: int = 2  # diffusion rounds
     local_epochs: int = (
         30  # full-batch steps per round at each site (batch >= patients: every record, every step)
