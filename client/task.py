@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from client import canaries
+from client import canaries, replay
 from common.config import ModelConfig, SiteConfig, model_config
 from common.messages import RoundPlan
 from common.model import (
@@ -75,6 +75,8 @@ class RoundResult:
     state_dict: dict[str, torch.Tensor] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
+    # the reply this site released for the round before, sent again (client/replay.py)
+    replayed: bool = False
 
 
 def round_seed(site: SiteConfig, plan: RoundPlan) -> int:
@@ -317,14 +319,42 @@ def run_training_round(
     autoencoder_arrays: dict[str, torch.Tensor] | None = None,
 ) -> RoundResult:
     """One round at one site. `arrays` is the component to train; in the diffusion phase `autoencoder_arrays` is the
-    frozen global autoencoder used to encode the site's images."""
+    frozen global autoencoder used to encode the site's images.
+
+    A round this site already released an update for (same run id, round and phase) is not trained again: the
+    same request gets the same reply, a different one a refusal (client/replay.py)."""
     t0 = time.time()
     cfg = model_config(plan.preset)
+    ledger = open_ledger(site)
+    request = replay.request_json(plan, arrays, autoencoder_arrays)
+    try:
+        kept, reason = replay.kept_reply(site, ledger, plan, request), ""
+    except (
+        replay.NotReplayable
+    ) as err:  # released once, and this request cannot be answered: refused below
+        kept, reason = None, str(err)
+    if kept is not None:
+        log.info(
+            "site %s round %d %s: released before (ledger mechanism %d); the same update sent again, "
+            "nothing trained, nothing spent",
+            site.name,
+            plan.server_round,
+            plan.phase,
+            kept.mechanism_id,
+        )
+        return RoundResult(
+            site.name,
+            state_dict=kept.state_dict,
+            metrics=kept.metrics,
+            privacy=kept.privacy,
+            replayed=True,
+        )
     device = configure_compute(site)
     torch.manual_seed(round_seed(site, plan))
-    ledger = open_ledger(site)
     train, holdout = load_training_data(site, cfg, ledger)
-    dp, reason = plan_privacy(site, ledger, train, plan)
+    dp = None
+    if not reason:
+        dp, reason = plan_privacy(site, ledger, train, plan)
     if dp is None:
         log.warning("site %s refuses round %d: %s", site.name, plan.server_round, reason)
         return RoundResult(
@@ -335,7 +365,7 @@ def run_training_round(
 
     # The spend, and which patients it covers, is committed before any record touches the mechanism: a crash
     # from here on can only over-count. A round without DP is recorded too: its patients lose any guarantee.
-    ledger.record(
+    mechanism_id = ledger.record(
         run_id=plan.run_id,
         server_round=plan.server_round,
         phase=plan.phase,
@@ -422,6 +452,8 @@ def run_training_round(
         seconds,
     )
     del holdout
+    # kept, and its release in the ledger, before the update can leave: a repeated request gets this same reply
+    replay.keep(site, ledger, mechanism_id, plan, request, state, metrics, privacy)
     return RoundResult(site.name, state_dict=state, metrics=metrics, privacy=privacy)
 
 
