@@ -229,12 +229,14 @@ def _train_loop(
     device: torch.device,
     grad_sample_mode: str = "bookkeeping",
     groups: list[list[int]] | None = None,
+    canary_set: canaries.CanaryState | None = None,
 ) -> dict[str, float]:
     """Local DP-SGD (Opacus, Poisson sampling of patients) for `plan.local_epochs` epochs; returns mean loss and
     step count. `groups`: each patient's record indices (default: one record per patient); a sampled patient
     contributes one of its records, chosen at random.
 
-    `grad_sample_mode`: how the clipped per-sample gradients are computed (privacy/dp.py make_private)."""
+    `grad_sample_mode`: how the clipped per-sample gradients are computed (privacy/dp.py make_private).
+    `canary_set`: the site's gradient canaries, trained on with the patients (client/canaries.py attach)."""
     module.to(device).train()
     global_params = [p.detach().clone() for p in module.parameters()]
     # only the trainable parameters (common/model.py select_trainable); frozen ones keep the global values
@@ -259,6 +261,14 @@ def _train_loop(
                 f"the private loader samples at {sample_rate_of(loader)} for {len(loader)} steps per epoch, "
                 f"not the planned and recorded {dp.sample_rate} for {dp.steps // plan.local_epochs}"
             )
+    canaries.attach(
+        optimizer,
+        _unwrap(module),
+        canary_set,
+        dp.sample_rate,
+        dp.max_grad_norm,
+        max(1, int(len(groups) * dp.sample_rate)),
+    )
     losses, steps = [], 0
     for _ in range(plan.local_epochs):
         for batch in loader:
@@ -367,14 +377,13 @@ def run_training_round(
         delta=dp.delta,
         patients=train.patients,
     )
-    # One-run audit canaries (client/canaries.py): the included ones are extra records, one sampling unit each,
-    # Poisson-sampled at the patients' rate and clipped and noised like them; the rate, steps and noise above
-    # come from the patient count alone, so no patient's mechanism depends on them.
+    # One-run audit canaries (client/canaries.py): gradient canaries in the diffusion UNet, one sampling unit each,
+    # drawn at the patients' rate and added to the clipped, noised sum; the rate, steps and noise above come from
+    # the patient count alone, so no patient's mechanism depends on them.
     canary_set = canaries.load_or_create(site, len(train.patients), dp.delta)
-    records, record_labels = canaries.training_records(train, canary_set, cfg)
-    groups = train.records_by_patient() + [[len(train) + j] for j in range(canary_set.n_included)]
-    images = torch.from_numpy(records)
-    labels = torch.from_numpy(record_labels)
+    groups = train.records_by_patient()
+    images = torch.from_numpy(train.images)
+    labels = torch.from_numpy(train.labels)
     if plan.phase == "autoencoder":
         module: torch.nn.Module = build_autoencoder(cfg)
         module.load_state_dict(arrays)
@@ -419,7 +428,9 @@ def run_training_round(
             return diffusion_loss(m, scheduler, z, y)
 
         dataset = TensorDataset(mu.cpu(), sigma.cpu(), labels)
-        stats = _train_loop(module, dataset, plan, dp, loss, device, site.grad_sample_mode, groups)
+        stats = _train_loop(
+            module, dataset, plan, dp, loss, device, site.grad_sample_mode, groups, canary_set
+        )
     state = {k: v.detach().cpu() for k, v in _unwrap(module).state_dict().items()}
     seconds = time.time() - t0
     metrics = {
