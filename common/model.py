@@ -51,6 +51,23 @@ def build_unet(cfg: ModelConfig) -> DiffusionModelUNet:
     )
 
 
+def init_unseen_classes(
+    unet: DiffusionModelUNet, class_counts: list[int], null_class: int
+) -> list[int]:
+    """Give every class the training data never showed the null (unconditional) class's embedding; returns them.
+
+    Pretraining on public data that lacks a class (the demo's public set has no lesions) leaves that class's
+    embedding at its random initialisation: a label the UNet has never seen, which makes lesion images LESS likely
+    under their own label than under "healthy" and must first be undone by DP fine-tuning's few noisy steps. Starting
+    it at the null class (the public data's unconditional model) makes the unseen label mean "no information yet":
+    the sites' DP-SGD then only has to move it towards what the class looks like. Uses only public class counts."""
+    unseen = [c for c, n in enumerate(class_counts) if n == 0]
+    with torch.no_grad():
+        for c in unseen:
+            unet.class_embedding.weight[c] = unet.class_embedding.weight[null_class]
+    return unseen
+
+
 # DP-LDM's trainable set: every attention block (its GroupNorm, q, k, v, output projection), the class embedding,
 # the time-embedding MLP and each ResBlock's projection of the time + class embedding into its features.
 _ATTENTION_CONDITIONING = re.compile(

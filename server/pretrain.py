@@ -41,6 +41,7 @@ from common.model import (
     drop_labels,
     encode,
     estimate_latent_scale,
+    init_unseen_classes,
 )
 from common.progress import Stage
 from common.site import SiteData, SiteError, load_site
@@ -64,6 +65,9 @@ class PretrainConfig:
     kl_weight: float = 1e-6
     # classifier-free guidance: the share of training labels replaced by the null class (common/model.py)
     class_dropout: float = 0.1
+    # a class the public data never shows (the demo's lesions) starts at the null class's embedding ("null", see
+    # common/model.py init_unseen_classes) or keeps its random initialisation ("random", for comparison)
+    unseen_classes: str = "null"
     seed: int = 0
     threads: int = (
         0  # CPU threads (0: torch's default); on a loaded machine 1 can be many times faster
@@ -77,6 +81,8 @@ class PretrainConfig:
             raise ValueError("--batch-size must be >= 1")
         if self.threads < 0:
             raise ValueError("--threads must be >= 0 (0: torch's default)")
+        if self.unseen_classes not in ("null", "random"):
+            raise ValueError("unseen-classes must be 'null' or 'random'")
         if not 0.0 < self.class_dropout < 1.0:
             raise ValueError(
                 "class-dropout must be in (0, 1): the UNet must learn the unconditional (null-class) path"
@@ -195,12 +201,24 @@ def pretrain(pre: PretrainConfig, say=None) -> Path:
     say(f"latent scale {latent_scale:.3f} (from the public images)")
     mu, sigma = encode(ae, images)
     unet_state = train_unet(cfg, pre, mu, sigma, labels, latent_scale)
+    unseen = [c for c, n in counts.items() if n == 0]
+    if unseen and pre.unseen_classes == "null":
+        unet = build_unet(cfg)
+        unet.load_state_dict(unet_state)
+        init_unseen_classes(unet, list(counts.values()), cfg.null_class)
+        unet_state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        say(
+            f"classes the public data never shows ({', '.join(unseen)}) start at the null class's embedding: "
+            "the sites' DP fine-tuning teaches them"
+        )
     provenance: dict[str, Any] = {
         "public_dir": str(folder.resolve()),
         "public_data_sha256": digest,
         "public_files": n_files,
         "public_images": len(data),
         "public_class_counts": counts,
+        "unseen_classes": unseen,
+        "unseen_classes_start": pre.unseen_classes if unseen else None,
         "preset": pre.preset,
         "autoencoder_steps": pre.autoencoder_steps,
         "unet_steps": pre.unet_steps,
