@@ -198,8 +198,20 @@ def pretrain(pre: PretrainConfig, say=None) -> Path:
     ae.load_state_dict(ae_state)
     ae.eval()
     latent_scale = estimate_latent_scale(ae, images)
-    say(f"latent scale {latent_scale:.3f} (from the public images)")
     mu, sigma = encode(ae, images)
+    with torch.no_grad():
+        recon_mse = float(
+            torch.cat(
+                [
+                    ae.decode(m).sub(x).pow(2)
+                    for m, x in zip(mu.split(64), images.split(64), strict=True)
+                ]
+            ).mean()
+        )
+    say(
+        f"autoencoder on the public images: reconstruction MSE {recon_mse:.4f}, posterior sigma (median) "
+        f"{float(sigma.median()):.4f}; latent scale {latent_scale:.3f}"
+    )
     unet_state = train_unet(cfg, pre, mu, sigma, labels, latent_scale)
     unseen = [c for c, n in counts.items() if n == 0]
     if unseen and pre.unseen_classes == "null":
@@ -226,6 +238,8 @@ def pretrain(pre: PretrainConfig, say=None) -> Path:
         "class_dropout": pre.class_dropout,
         "seed": pre.seed,
         "latent_scale": latent_scale,
+        "autoencoder_reconstruction_mse": round(recon_mse, 5),
+        "autoencoder_posterior_sigma_median": round(float(sigma.median()), 5),
         "seconds": round(time.monotonic() - t0, 1),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
