@@ -11,7 +11,7 @@ Members are the site's training records, non-members its audit hold-out (never t
   bound (counts only) and per-member test counts (privacy.audit_stats.per_member_tests) for (a) a white-box loss
   attack on the global model, (b) the same loss calibrated per record against a reference UNet (the one the run
   started from at this site, client/reference.py; paired draws) when the site has one, and (c) a black-box
-  distance-to-cohort attack; and the one-run canary audit (client/canaries.py);
+  distance-to-cohort attack; and the one-run audit of the site's gradient canaries (client/canaries.py);
 - fidelity and utility: Frechet distance and precision/recall/density/coverage of radiomics features, and
   train-synthetic-test-real vs train-real-test-real classification (radiomics logistic regression and a small CNN
   with a recipe fixed in advance, privacy/utility.py), with the share of each class's synthetic images that the
@@ -59,11 +59,6 @@ from privacy.power import annotate, holdout_power
 from privacy.utility import cnn_recipe, cnn_utility, radiomics_utility
 
 log = logging.getLogger("fedsynth.site.audit")
-CANARY_ATTACKS = {
-    "calibrated": "calibrated white-box: diffusion loss under the run's starting UNet minus under the global "
-    "model, paired draws (higher = trained on)",
-    "white_box": "white-box diffusion loss on the global model (lower loss = trained on)",
-}
 WHITE_BOX_TIMESTEPS = (
     50,
     100,
@@ -361,24 +356,16 @@ def audit_site(
             }
     membership["per_class"] = per_class
     membership["class_coverage"] = class_coverage(train.labels, holdout.labels, cfg.class_names)
-    # One-run canary audit (client/canaries.py). The attack is fixed before any score is seen: the calibrated one
-    # when the site has a reference model for the run, the uncalibrated white-box loss otherwise.
-    if ref_unet is not None:
-        canary_attack = CANARY_ATTACKS["calibrated"]
-
-        def canary_score(records):
-            return calibrated_scores(ae, unet, ref_unet, cfg, records, latent_scale, device)[1]
-    else:
-        canary_attack = CANARY_ATTACKS["white_box"]
-
-        def canary_score(records):
-            return loss_scores(ae, unet, cfg, records, latent_scale, device)
-
+    # One-run canary audit (client/canaries.py): the gradient canaries' movement from the run's starting UNet (the
+    # reference above, kept by the site when the run began) to the audited one.
     membership["canaries"] = canaries.audit_canaries(
-        canaries.load(site), cfg, canary_score, delta, claimed
+        canaries.load(site),
+        unet,
+        unet_state,
+        ref_state if ref_unet is not None else None,
+        delta,
+        claimed,
     )
-    if membership["canaries"].get("n_canaries"):
-        membership["canaries"]["attack"] = canary_attack
     return {
         "site": site.name,
         "n_members": int(len(train)),

@@ -127,6 +127,7 @@ def train_reply(site: SiteConfig, result: RoundResult) -> RecordDict:
             delta=float(m["delta"]),
             loss=float(m["loss"]) if report else None,
             num_examples=int(m["num-examples"]) if report else None,
+            replayed=1 if result.replayed else None,
         ).to_record()
     return content
 

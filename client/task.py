@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from client import canaries
+from client import canaries, replay
 from common.config import ModelConfig, SiteConfig, model_config
 from common.messages import RoundPlan
 from common.model import (
@@ -75,6 +75,8 @@ class RoundResult:
     state_dict: dict[str, torch.Tensor] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
+    # the reply this site released for the round before, sent again (client/replay.py)
+    replayed: bool = False
 
 
 def round_seed(site: SiteConfig, plan: RoundPlan) -> int:
@@ -227,12 +229,14 @@ def _train_loop(
     device: torch.device,
     grad_sample_mode: str = "bookkeeping",
     groups: list[list[int]] | None = None,
+    canary_set: canaries.CanaryState | None = None,
 ) -> dict[str, float]:
     """Local DP-SGD (Opacus, Poisson sampling of patients) for `plan.local_epochs` epochs; returns mean loss and
     step count. `groups`: each patient's record indices (default: one record per patient); a sampled patient
     contributes one of its records, chosen at random.
 
-    `grad_sample_mode`: how the clipped per-sample gradients are computed (privacy/dp.py make_private)."""
+    `grad_sample_mode`: how the clipped per-sample gradients are computed (privacy/dp.py make_private).
+    `canary_set`: the site's gradient canaries, trained on with the patients (client/canaries.py attach)."""
     module.to(device).train()
     global_params = [p.detach().clone() for p in module.parameters()]
     # only the trainable parameters (common/model.py select_trainable); frozen ones keep the global values
@@ -257,6 +261,14 @@ def _train_loop(
                 f"the private loader samples at {sample_rate_of(loader)} for {len(loader)} steps per epoch, "
                 f"not the planned and recorded {dp.sample_rate} for {dp.steps // plan.local_epochs}"
             )
+    canaries.attach(
+        optimizer,
+        _unwrap(module),
+        canary_set,
+        dp.sample_rate,
+        dp.max_grad_norm,
+        max(1, int(len(groups) * dp.sample_rate)),
+    )
     losses, steps = [], 0
     for _ in range(plan.local_epochs):
         for batch in loader:
@@ -307,14 +319,42 @@ def run_training_round(
     autoencoder_arrays: dict[str, torch.Tensor] | None = None,
 ) -> RoundResult:
     """One round at one site. `arrays` is the component to train; in the diffusion phase `autoencoder_arrays` is the
-    frozen global autoencoder used to encode the site's images."""
+    frozen global autoencoder used to encode the site's images.
+
+    A round this site already released an update for (same run id, round and phase) is not trained again: the
+    same request gets the same reply, a different one a refusal (client/replay.py)."""
     t0 = time.time()
     cfg = model_config(plan.preset)
+    ledger = open_ledger(site)
+    request = replay.request_json(plan, arrays, autoencoder_arrays)
+    try:
+        kept, reason = replay.kept_reply(site, ledger, plan, request), ""
+    except (
+        replay.NotReplayable
+    ) as err:  # released once, and this request cannot be answered: refused below
+        kept, reason = None, str(err)
+    if kept is not None:
+        log.info(
+            "site %s round %d %s: released before (ledger mechanism %d); the same update sent again, "
+            "nothing trained, nothing spent",
+            site.name,
+            plan.server_round,
+            plan.phase,
+            kept.mechanism_id,
+        )
+        return RoundResult(
+            site.name,
+            state_dict=kept.state_dict,
+            metrics=kept.metrics,
+            privacy=kept.privacy,
+            replayed=True,
+        )
     device = configure_compute(site)
     torch.manual_seed(round_seed(site, plan))
-    ledger = open_ledger(site)
     train, holdout = load_training_data(site, cfg, ledger)
-    dp, reason = plan_privacy(site, ledger, train, plan)
+    dp = None
+    if not reason:
+        dp, reason = plan_privacy(site, ledger, train, plan)
     if dp is None:
         log.warning("site %s refuses round %d: %s", site.name, plan.server_round, reason)
         return RoundResult(
@@ -325,7 +365,7 @@ def run_training_round(
 
     # The spend, and which patients it covers, is committed before any record touches the mechanism: a crash
     # from here on can only over-count. A round without DP is recorded too: its patients lose any guarantee.
-    ledger.record(
+    mechanism_id = ledger.record(
         run_id=plan.run_id,
         server_round=plan.server_round,
         phase=plan.phase,
@@ -337,14 +377,13 @@ def run_training_round(
         delta=dp.delta,
         patients=train.patients,
     )
-    # One-run audit canaries (client/canaries.py): the included ones are extra records, one sampling unit each,
-    # Poisson-sampled at the patients' rate and clipped and noised like them; the rate, steps and noise above
-    # come from the patient count alone, so no patient's mechanism depends on them.
+    # One-run audit canaries (client/canaries.py): gradient canaries in the diffusion UNet, one sampling unit each,
+    # drawn at the patients' rate and added to the clipped, noised sum; the rate, steps and noise above come from
+    # the patient count alone, so no patient's mechanism depends on them.
     canary_set = canaries.load_or_create(site, len(train.patients), dp.delta)
-    records, record_labels = canaries.training_records(train, canary_set, cfg)
-    groups = train.records_by_patient() + [[len(train) + j] for j in range(canary_set.n_included)]
-    images = torch.from_numpy(records)
-    labels = torch.from_numpy(record_labels)
+    groups = train.records_by_patient()
+    images = torch.from_numpy(train.images)
+    labels = torch.from_numpy(train.labels)
     if plan.phase == "autoencoder":
         module: torch.nn.Module = build_autoencoder(cfg)
         module.load_state_dict(arrays)
@@ -389,7 +428,9 @@ def run_training_round(
             return diffusion_loss(m, scheduler, z, y)
 
         dataset = TensorDataset(mu.cpu(), sigma.cpu(), labels)
-        stats = _train_loop(module, dataset, plan, dp, loss, device, site.grad_sample_mode, groups)
+        stats = _train_loop(
+            module, dataset, plan, dp, loss, device, site.grad_sample_mode, groups, canary_set
+        )
     state = {k: v.detach().cpu() for k, v in _unwrap(module).state_dict().items()}
     seconds = time.time() - t0
     metrics = {
@@ -411,6 +452,8 @@ def run_training_round(
         seconds,
     )
     del holdout
+    # kept, and its release in the ledger, before the update can leave: a repeated request gets this same reply
+    replay.keep(site, ledger, mechanism_id, plan, request, state, metrics, privacy)
     return RoundResult(site.name, state_dict=state, metrics=metrics, privacy=privacy)
 
 

@@ -116,7 +116,9 @@ class TrainStatus:
 @dataclass(frozen=True)
 class TrainMetrics:
     """What a site says about a round it trained. `loss` and `num_examples` (its exact patient count) leave only
-    when the site opts in (`report-training-stats`); the steps reveal the count only to within a batch."""
+    when the site opts in (`report-training-stats`); the steps reveal the count only to within a batch.
+    `replayed` is 1 when the site had released this round's update before (a resumed run asked again) and sent
+    that same update and these same figures again, training and spending nothing (client/replay.py)."""
 
     steps: int
     seconds: float
@@ -124,6 +126,7 @@ class TrainMetrics:
     delta: float
     loss: float | None = None
     num_examples: int | None = None
+    replayed: int | None = None
 
     def to_record(self) -> MetricRecord:
         return MetricRecord({k: v for k, v in _values(self).items() if v is not None})

@@ -109,10 +109,11 @@ DEFINITIONS = {
     "scoring at least as high) / (1 + #non-members); reported: how many members are rejected under "
     "Benjamini-Hochberg (false discovery rate 5 %) and Holm (family-wise 5 %), and the smallest p-value the "
     "non-members allow (Holm cannot reject any member when it exceeds 5 % / #members)",
-    "canaries": "one-run audit (Steinke, Nasr & Jagielski 2023): each site includes each of its m canary records "
-    "(phantoms with a rare mark, never patients, never in the cohort) in training with probability 1/2, scores "
-    "them after training with the attack named, and guesses included / excluded / abstains; the number of correct "
-    "guesses bounds epsilon from below at 95 %",
+    "canaries": "one-run audit (Steinke, Nasr & Jagielski 2023): each site includes each of its m gradient "
+    "canaries (a fixed per-sample gradient of norm C on a few UNet coordinates, drawn like a patient; never a "
+    "patient, never in the cohort) in training with probability 1/2, scores them after training with the attack "
+    "named, and guesses included / excluded / abstains; the number of correct guesses bounds epsilon from below at "
+    "95 %",
     "power": "the largest lower bound an audit of that size could give with a perfect attack; a site whose best "
     "audit cannot reach the claim's range of interest is underpowered, and its 'no finding' says nothing",
     "experiment": "a cohort from an experiment (cohort.experiment non-empty, e.g. the positive control "

@@ -5,7 +5,12 @@ One SQLite file per site (WAL, synchronous=FULL, so a commit is fsynced before a
   WHICH patients (by patient id) were in the training set it sampled from;
 - each patient's audit hold-out assignment, decided once when the patient first appears and never changed, so a
   patient once trained on is never a non-member later;
-- each audit the site answered (run id, checkpoint and cohort-manifest hashes), so audits per run can be bounded.
+- each audit the site answered (run id, checkpoint and cohort-manifest hashes), so audits per run can be bounded;
+- each update released (`releases`): the mechanism it came from, what the server asked for (the round plan and
+  the sha256 of the weights it sent) and the sha256 of the kept copy of the update (client/replay.py). A site
+  releases at most one update per (run id, round, phase); once one is recorded, `record` refuses another
+  mechanism for that key, so the round is never trained again: it is answered with the same update or refused.
+  (A ledger written before releases existed gains the empty table when opened; its schema version is unchanged.)
 
 A patient's spend is the composition of every mechanism they were in, whatever else changed (patients added or
 removed, files unreadable, hold-out fraction, the site's name: none of these is a key). The site's spend is the
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,7 +36,7 @@ LEDGER_FILENAME = "privacy_ledger.sqlite"
 SCHEMA_VERSION = "per-patient-2"
 NO_DP = "none"  # the accountant of a mechanism run without DP (noise multiplier 0): its patients lose any guarantee
 
-_TABLES = ("mechanisms", "participants", "assignments", "audits")
+_TABLES = ("mechanisms", "participants", "assignments", "audits", "releases")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS mechanisms (
@@ -66,12 +72,28 @@ CREATE TABLE IF NOT EXISTS audits (
     cohort_manifest_sha256 TEXT NOT NULL,
     answered_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS releases (
+    mechanism_id INTEGER PRIMARY KEY REFERENCES mechanisms (id),
+    request_json TEXT NOT NULL,
+    update_sha256 TEXT NOT NULL,
+    released_at REAL NOT NULL
+);
 """ + "".join(
     f"CREATE TRIGGER IF NOT EXISTS {t}_no_{op.lower()} BEFORE {op} ON {t} "
     f"BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;\n"
     for t in _TABLES
     for op in ("UPDATE", "DELETE")
 )
+
+
+def _released(db: sqlite3.Connection, run_id: str, server_round: int, phase: str) -> int | None:
+    """The mechanism whose update was released for (run id, round, phase), or None."""
+    row = db.execute(
+        "SELECT r.mechanism_id FROM releases r JOIN mechanisms m ON m.id = r.mechanism_id"
+        " WHERE m.run_id = ? AND m.server_round = ? AND m.phase = ?",
+        (str(run_id), int(server_round), str(phase)),
+    ).fetchone()
+    return None if row is None else int(row[0])
 
 
 class LedgerSchemaError(ValueError):
@@ -154,8 +176,10 @@ class PrivacyLedger:
         patients have no finite guarantee from then on. `delta` is the delta the round was planned at: later
         accounting never uses a larger one (`min_delta`), so a grown or shrunk patient count cannot loosen it.
 
-        Never overwrites: recording a retried (run_id, server_round, phase) again adds to the spend, because the
-        first attempt may already have released an update.
+        Never overwrites: recording a retried (run_id, server_round, phase) again adds to the spend (a first
+        attempt that recorded no release may have crashed at any point after its spend was committed). Refuses a
+        key whose update was already released (`record_release`): that round is answered with the released
+        update or not at all, never trained again.
         """
         patients = sorted({str(p) for p in patients})
         problems = []
@@ -182,6 +206,13 @@ class PrivacyLedger:
         if problems:
             raise ValueError(f"{self.path}: refusing to record ({'; '.join(problems)})")
         with closing(self._connect()) as db, db:
+            released = _released(db, run_id, server_round, phase)
+            if released is not None:
+                raise ValueError(
+                    f"{self.path}: refusing to record a second mechanism for run {run_id!r}, round "
+                    f"{server_round}, {phase}: its update was already released (mechanism {released}); a "
+                    "site trains a round once and answers a repeated request with that same update"
+                )
             cur = db.execute(
                 "INSERT INTO mechanisms (run_id, server_round, phase, noise_multiplier, sample_rate, steps,"
                 " clipping_norm, accountant, delta, n_patients, created_at)"
@@ -323,6 +354,65 @@ class PrivacyLedger:
     def last_mechanism_of(self, run_id: str) -> dict | None:
         runs = [m for m in self.entries() if m["run_id"] == str(run_id)]
         return runs[-1] if runs else None
+
+    # ---- released updates ---------------------------------------------------------------------------------------
+
+    def record_release(self, mechanism_id: int, request_json: str, update_sha256: str) -> None:
+        """Record that mechanism `mechanism_id`'s update is released: what the server asked for (`request_json`,
+        client/replay.py) and the sha256 of the kept copy. Durable when this returns: call it after the copy is
+        written and BEFORE the update leaves the site. At most one release per mechanism and per (run id,
+        round, phase), checked in the same transaction as the insert."""
+        if not re.fullmatch(r"[0-9a-f]{64}", str(update_sha256)):
+            raise ValueError(f"{self.path}: update_sha256 must be a sha256 hex digest")
+        with closing(self._connect()) as db:
+            db.isolation_level = None
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute(
+                    "SELECT run_id, server_round, phase FROM mechanisms WHERE id = ?",
+                    (int(mechanism_id),),
+                ).fetchone()
+                if row is None:
+                    raise ValueError(f"{self.path}: no mechanism {mechanism_id} to release")
+                released = _released(db, *row)
+                if released is not None:
+                    raise ValueError(
+                        f"{self.path}: run {row[0]!r}, round {row[1]}, {row[2]} already released the update of "
+                        f"mechanism {released}; one release per run, round and phase"
+                    )
+                db.execute(
+                    "INSERT INTO releases (mechanism_id, request_json, update_sha256, released_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (int(mechanism_id), str(request_json), str(update_sha256), time.time()),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def releases(self, run_id: str | None = None) -> list[dict]:
+        """Every released update (of run `run_id`, or of all runs), oldest first: mechanism_id, run_id,
+        server_round, phase, request_json, update_sha256, released_at."""
+        query = (
+            "SELECT r.mechanism_id, m.run_id, m.server_round, m.phase, r.request_json, r.update_sha256,"
+            " r.released_at FROM releases r JOIN mechanisms m ON m.id = r.mechanism_id"
+        )
+        args: tuple = ()
+        if run_id is not None:
+            query, args = query + " WHERE m.run_id = ?", (str(run_id),)
+        with closing(self._connect()) as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute(query + " ORDER BY r.mechanism_id", args)]
+
+    def release_of(self, run_id: str, server_round: int, phase: str) -> dict | None:
+        """The update released for (run id, round, phase) (a row of `releases`), or None if none was."""
+        found = [
+            r
+            for r in self.releases(run_id)
+            if r["server_round"] == int(server_round) and r["phase"] == str(phase)
+        ]
+        return found[-1] if found else None
 
     # ---- the audit hold-out ---------------------------------------------------------------------------------------
 

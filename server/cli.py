@@ -644,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     mz.add_argument("--preset", default="tiny")
     mz.add_argument("--sites", type=int, default=2)
     mz.add_argument("--subjects", type=int, default=16, help="patients per phantom site")
-    mz.add_argument("--canaries", type=int, default=128, help="canaries per site")
+    mz.add_argument("--canaries", type=int, default=1000, help="gradient canaries per site")
     mz.add_argument("--rounds", type=int, default=2)
     mz.add_argument("--local-epochs", type=int, default=30, help="full-batch steps per round")
     mz.add_argument("--insecure", action="store_true", help="no TLS (debugging only)")

@@ -4,8 +4,15 @@ A deliberately memorising configuration WITHOUT differential privacy (few patien
 steps, no DP) runs through the real deployment path (a SuperLink and one SuperNode per phantom hospital, over TLS
 with node authentication, server/deployment.py), synthesizes a cohort, then exact copies of training patients are
 planted in it, and every site audits the planted cohort. The audit must catch it: verdict "fail", every planted
-copy flagged by the site it was taken from, and the one-run canary audit (each site includes its `canaries`
-canaries with probability 1/2, client/canaries.py) reports its lower bound beside what it could reach.
+copy flagged by the site it was taken from, and the one-run canary audit (each site includes each of its
+`canaries` gradient canaries with probability 1/2, client/canaries.py) certifying epsilon >= CANARY_TARGET at every
+site, reported beside what a perfect attack could reach.
+
+Why 1,000 canaries: with abstention and Bonferroni over four guess levels, a perfect attack on m canaries certifies
+at most 3.35 (m = 128), 4.05 (256), 5.37 (1,000) at delta 1e-5 (privacy/power.py); at 128 every one of the 128
+guesses must be right AND the fair coins must have included exactly 64 (the guesses are split half "in", half
+"out"), so 3 is out of reach in practice. At 1,000, a perfect separation certifies 4.68 at the 50 % level whatever
+the draw. Gradient canaries cost a sparse addition per step, so the count costs no training time.
 
 The experiment label travels with the run: `experiment` in the run config (so in run.json and the cohort
 manifest), `cohort.experiment` in audit.json, a banner in both reports, and the release gate's
@@ -61,7 +68,9 @@ class ControlOptions:
     preset: str = "tiny"
     sites: int = 2
     subjects: int = 16  # patients per site (half held out: the hold-out is the audit's non-members)
-    canaries: int = 128  # per site; a perfect attack on 128 certifies about 3.3 at delta 1e-5 (privacy/power.py)
+    canaries: int = (
+        1000  # per site; a perfect attack on 1,000 certifies 5.37 at delta 1e-5 (module docstring)
+    )
     rounds: int = 2  # diffusion rounds
     local_epochs: int = (
         30  # full-batch steps per round at each site (batch >= patients: every record, every step)
@@ -247,8 +256,9 @@ def judge(audit: dict, planted: dict[str, list[str]]) -> dict[str, Any]:
 
 
 def run_control(opts: ControlOptions, console: Console | None = None) -> int:
-    """The whole experiment. 0 when the audit caught it (verdict fail and every planted copy flagged), 1 when not
-    (the audit missed a deliberate leak: a defect to report), 2 on bad options."""
+    """The whole experiment. 0 when the audit caught it (verdict fail, every planted copy flagged, and a canary
+    lower bound >= CANARY_TARGET at every site), 1 when not (the audit missed a deliberate leak: a defect to
+    report), 2 on bad options."""
     console = console or Console()
     out = opts.out.resolve()
     folder = RunFolder(out / "run")
@@ -340,7 +350,11 @@ def run_control(opts: ControlOptions, console: Console | None = None) -> int:
     }
     write_json_atomic(out / "control.json", record)
     console.result(control_summary(record))
-    caught = result["verdict_is_fail"] and result["every_planted_copy_flagged"]
+    caught = (
+        result["verdict_is_fail"]
+        and result["every_planted_copy_flagged"]
+        and result["canary_target_met"]
+    )
     return 0 if caught else 1
 
 

@@ -540,9 +540,14 @@ class Federation:
             if metrics.loss is not None and metrics.num_examples is not None
             else ""
         )
+        replayed = (
+            " (the update it released for this round before, sent again: nothing trained or spent now)"
+            if metrics.replayed
+            else ""
+        )
         self.say(
             f"  {site}: {stats}{metrics.steps} steps, {metrics.seconds:.1f}s, "
-            f"epsilon so far {metrics.epsilon:.2f}"
+            f"epsilon so far {metrics.epsilon:.2f}{replayed}"
         )
         # FedAvg weighs every site the same: the strategy sees this weight and nothing the site reported
         m.content[msg.METRICS] = MetricRecord({AGGREGATION_WEIGHT_KEY: 1.0})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from client import reference
+from client import canaries, reference
 from client.audit import audit_site
 from client.task import open_ledger, run_training_round
 from common.config import SiteConfig, model_config
@@ -106,7 +106,7 @@ def test_calibrated_attack_on_a_dp_model_never_over_claims(tmp_path, site_dir):
         "tpr_at_fpr_1pct"
     ]  # 12 non-members cannot measure it, and it says so
     can = membership["canaries"]
-    assert can["attack"].startswith("calibrated") and can["n_canaries"] == 40
+    assert can["attack"] == canaries.ATTACK and can["n_canaries"] == 40
     assert can["epsilon_lower_bound"] <= min(claimed, can["power"])
     audit = build_audit({site.name: json.loads(json.dumps(result, default=float))}, cohort={})
     assert not audit["verdict"]["dp_suspect"]

@@ -1,12 +1,15 @@
 """The ClientApp's train handler, called as Flower calls it: what a site's reply carries (and what it does not)."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import audit, central_dp_clipping_mod, train
-from client.task import load_training_data
+from client.task import load_training_data, open_ledger
 from common import messages
 from common.config import SiteConfig, model_config
 from common.messages import AuditRequest, RoundPlan, TrainMetrics, TrainStatus
@@ -140,3 +143,27 @@ def test_under_central_dp_the_plan_reaches_the_app_exact_and_the_update_leaves_c
     new = reply.content[messages.ARRAYS].to_numpy_ndarrays()
     assert update_norm(new, sent) <= 0.05 * (1 + 1e-6)
     assert msg.content[messages.CONFIG][KEY_CLIPPING_NORM] == 0.05  # the message as received
+
+
+def test_a_train_message_delivered_again_gets_the_same_update_marked_replayed(tmp_path, site_dir):
+    """A resumed run asks for a round the site already answered (issue 14): through the ClientApp and its
+    central-DP mod, the second reply carries the very same (clipped) update and figures, says it is a replay, and
+    the site's ledger holds one mechanism."""
+    msg = _train_message()
+    msg.content[messages.CONFIG][KEY_CLIPPING_NORM] = 0.05
+    context = _context(site_dir, tmp_path / "state")
+    first = central_dp_clipping_mod(msg, context, train)
+    again = central_dp_clipping_mod(msg, context, train)
+    for reply in (first, again):
+        status = TrainStatus.from_record(reply.content[messages.STATUS])
+        assert not status.error and not status.refused
+    a = first.content[messages.ARRAYS].to_numpy_ndarrays()
+    b = again.content[messages.ARRAYS].to_numpy_ndarrays()
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    m1 = TrainMetrics.from_record(first.content[messages.METRICS])
+    m2 = TrainMetrics.from_record(again.content[messages.METRICS])
+    assert m1.replayed is None and m2.replayed == 1
+    assert dataclasses.replace(m2, replayed=None) == m1
+    assert dict(again.content[messages.PRIVACY]) == dict(first.content[messages.PRIVACY])
+    ledger = open_ledger(SiteConfig.from_flwr(context.node_config))
+    assert [(e["run_id"], e["server_round"]) for e in ledger.entries()] == [("run-a", 1)]

@@ -1,6 +1,6 @@
 """The audit's positive control over a real deployment (SuperLink + SuperNodes over TLS with node authentication):
 a deliberately memorising NON-DP federation whose cohort carries planted exact copies of training patients. The
-audit must fail, flag every planted copy, run the one-run canary audit with the power to certify >= 3, and the
+audit must fail, flag every planted copy, certify epsilon >= 3 with the one-run canary audit at every site, and the
 experiment must be labelled everywhere and refused by the release gate."""
 
 import io
@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from client import canaries
 from privacy.policy import DEFAULT_POLICY, evaluate_policy
 from server.control import CANARY_TARGET, LABEL, ControlOptions, run_control
 from server.terminal import QUIET, Console
@@ -20,7 +21,7 @@ def test_memorising_control_fails_its_audit_and_every_planted_copy_is_flagged(tm
     opts = ControlOptions(
         out=out,
         subjects=12,
-        canaries=128,
+        canaries=1000,
         rounds=1,
         local_epochs=10,
         public_steps=5,
@@ -32,16 +33,14 @@ def test_memorising_control_fails_its_audit_and_every_planted_copy_is_flagged(tm
     assert rc == 0, record
     assert record["verdict"] == "fail" and record["verdict_is_fail"]
     assert record["every_planted_copy_flagged"] and not record["sites_not_answering"]
+    assert record["canary_target_met"] and record["canary_lower_bound_min"] >= CANARY_TARGET
     assert set(record["sites"]) == {"site-0", "site-1"}
     for site in record["sites"].values():
         assert len(site["planted"]) == 2 and site["planted_missed"] == []
-        # the canary audit ran, sized so that a perfect attack certifies the issue's 3; its bound never exceeds
-        # what its size allows (whether this attack reaches 3 is reported, not assumed: see control.json)
-        assert site["n_canaries"] == 128 and site["canary_power"] >= CANARY_TARGET
-        assert 0 <= site["canary_epsilon_lower_bound"] <= site["canary_power"]
-        assert site["canary_attack"].startswith(
-            "calibrated"
-        )  # the run's warm start is the reference
+        # the one-run audit of the site's gradient canaries certifies the issue's 3, and never more than its size
+        # allows (a perfect attack on 1,000 canaries: 5.37)
+        assert site["n_canaries"] == 1000 and site["canary_attack"] == canaries.ATTACK
+        assert CANARY_TARGET <= site["canary_epsilon_lower_bound"] <= site["canary_power"]
         assert {"white_box", "calibrated", "black_box"} <= set(site["attacks"])
     assert record["releasable"] is False and record["experiment"] == LABEL
 

@@ -107,6 +107,45 @@ def test_the_ledger_is_append_only(tmp_path):
                 db.execute(sql)
 
 
+def test_one_release_per_run_round_and_phase_and_no_mechanism_after_it(tmp_path):
+    """Attack (issue 14): once a round's update is released, the ledger records no second release and no second
+    mechanism for that (run id, round, phase), so nothing can train it again; other keys are unaffected."""
+    path = tmp_path / "l.sqlite"
+    ledger = PrivacyLedger(path)
+    first = _record(ledger, ["p1"])
+    assert ledger.release_of("run-a", 1, "diffusion") is None
+    ledger.record_release(first, '{"plan": 1}', "a" * 64)
+    assert ledger.release_of("run-a", 1, "diffusion") == {
+        **ledger.releases()[0],
+        "mechanism_id": first,
+        "run_id": "run-a",
+        "server_round": 1,
+        "phase": "diffusion",
+        "request_json": '{"plan": 1}',
+        "update_sha256": "a" * 64,
+    }
+    with pytest.raises(ValueError, match="already released"):
+        _record(ledger, ["p1"])
+    with pytest.raises(ValueError, match="already released"):
+        ledger.record_release(first, "{}", "b" * 64)
+    with pytest.raises(ValueError, match="no mechanism 99"):
+        ledger.record_release(99, "{}", "b" * 64)
+    with pytest.raises(ValueError, match="sha256"):
+        ledger.record_release(first, "{}", "not a digest")
+    # a crashed attempt (spend recorded, nothing released) on another key, then its redo released: one release
+    crashed, redo = _record(ledger, ["p1"], server_round=2), _record(ledger, ["p1"], server_round=2)
+    ledger.record_release(redo, "{}", "c" * 64)
+    with pytest.raises(ValueError, match=f"mechanism {redo}"):
+        ledger.record_release(crashed, "{}", "d" * 64)
+    assert [r["mechanism_id"] for r in PrivacyLedger(path).releases("run-a")] == [first, redo]
+    assert PrivacyLedger(path).releases("run-b") == []
+    assert len(ledger.entries()) == 3
+    with sqlite3.connect(path) as db:
+        for sql in ("DELETE FROM releases", "UPDATE releases SET update_sha256 = 'x'"):
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                db.execute(sql)
+
+
 def test_holdout_assignment_is_kept_and_never_given_to_a_trained_patient(tmp_path):
     ledger = PrivacyLedger(tmp_path / "l.sqlite")
     ledger.assign({"p1": "train", "p2": "holdout"}, 0.25)
