@@ -59,8 +59,8 @@ MAX_CANARIES = 4000
 # coordinates' unrelated movement away (measured on the positive control: docs/AUDIT.md).
 DIMENSIONS = 8
 ATTACK = (
-    "white-box Dirac canaries: each canary's coordinate moved against its sign between the run's starting UNet and "
-    "the audited one (higher = included)"
+    "white-box gradient (Dirac) canaries: how far each canary's coordinates moved against its signs between the "
+    "run's starting UNet and the audited one (higher = included)"
 )
 
 
@@ -233,9 +233,8 @@ def attach(
             torch.from_numpy(owner[at]),
         )
     generator = entropy_generator()  # the canaries' own Poisson draws, from the site's OS entropy
-    base = getattr(
-        optimizer, "original_optimizer", optimizer
-    )  # Opacus calls it after clip, noise, scale
+    # Opacus' wrapper steps the torch optimizer it wraps after clipping, noise and scaling: hook that one
+    base = getattr(optimizer, "original_optimizer", optimizer)
 
     def add_canaries(_optimizer, _args, _kwargs) -> None:
         drawn = torch.rand(len(keep), generator=generator) < sample_rate
