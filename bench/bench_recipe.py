@@ -46,6 +46,7 @@ from common.model import (
     drop_labels,
     encode,
     estimate_latent_scale,
+    init_unseen_classes,
     sample_latents,
 )
 from common.noise import silence_known_noise
@@ -251,7 +252,8 @@ def main() -> None:
             for t in ("attention-conditioning", "all")
             for lr in ("3e-4", "1e-3", "3e-3")
         ],
-        help="trainable:lr pairs",
+        help="trainable:lr[:steps[:init]] (steps: DP-SGD steps, default the recipe's; init: random|null, how the "
+        "class the public data never showed starts, default null as server/pretrain.py does)",
     )
     ap.add_argument("--clip", nargs="+", type=float, default=[1.0])
     ap.add_argument("--pretrain-patients", type=int, default=300)
@@ -305,6 +307,15 @@ def main() -> None:
 
     classifiers: dict[str, tuple] = {}
 
+    def start(init: str) -> dict:
+        """The public checkpoint with the never-seen lesion class as pretraining left it (random) or at null."""
+        if init == "random":
+            return public
+        unet = build_unet(cfg)
+        unet.load_state_dict(public["unet"])
+        init_unseen_classes(unet, [1, 0], cfg.null_class)  # the public set is healthy only
+        return {**public, "unet": unet.state_dict()}
+
     def evaluate(key: str, valid_spec: SiteSpec, unet_state, extra: dict) -> None:
         images, labels = load(render(out, valid_spec, args.valid_patients, cfg.image_size), cfg)
         n_fit = len(images) * 2 // 3
@@ -339,23 +350,34 @@ def main() -> None:
         n_train = round(args.tune_patients * 0.75)
         recipe = dp_recipe(args.epsilon, 1e-5, n_train, args.preset)
         log(f"recipe for the public tuning set ({n_train} training patients): {recipe}")
-        if "pretrained" not in done:
-            evaluate("pretrained", VALID, public["unet"], {"note": "public pretraining only"})
         for item in args.grid:
-            trainable, lr = item.split(":")
+            trainable, lr, *rest = item.split(":")
+            steps = (
+                int(rest[0]) if rest else dp_recipe(args.epsilon, 1e-5, n_train, args.preset).steps
+            )
+            init = rest[1] if len(rest) > 1 else "null"
+            recipe = dp_recipe(args.epsilon, 1e-5, n_train, args.preset, target_steps=steps)
             for clip in args.clip:
-                key = f"grid {trainable} lr={lr} C={clip:g}"
+                key = f"grid {trainable} lr={lr} C={clip:g} T={steps} init={init}"
                 if key in done:
                     continue
+                if f"pretrained init={init}" not in done:
+                    evaluate(
+                        f"pretrained init={init}",
+                        VALID,
+                        start(init)["unet"],
+                        {"note": "public only"},
+                    )
                 t0 = time.time()
                 result = fine_tune(
-                    tune_dir, out / "state" / key.replace(" ", "_"), cfg, public, recipe,
+                    tune_dir, out / "state" / key.replace(" ", "_"), cfg, start(init), recipe,
                     float(lr), clip, trainable, args,
                 )  # fmt: skip
                 extra = {
                     "trainable": trainable,
                     "lr": float(lr),
                     "clip": clip,
+                    "init": init,
                     "batch": recipe.batch_size,
                     "steps": int(result.metrics["steps"]),
                     "sigma": round(result.privacy["noise_multiplier"], 3),
@@ -375,11 +397,11 @@ def main() -> None:
         log(f"site recipe ({n_train} training patients): {recipe}")
         key = f"site n={args.site_patients} {trainable} lr={lr:g} C={clip:g} eps={args.epsilon:g}"
         if "site pretrained" not in done:
-            evaluate("site pretrained", SITE_VALID, public["unet"], {"note": "public only"})
+            evaluate("site pretrained", SITE_VALID, start("null")["unet"], {"note": "public only"})
         if key not in done:
             t0 = time.time()
             result = fine_tune(
-                site_dir, out / "state" / key.replace(" ", "_"), cfg, public, recipe, lr, clip,
+                site_dir, out / "state" / key.replace(" ", "_"), cfg, start("null"), recipe, lr, clip,
                 trainable, args,
             )  # fmt: skip
             extra = {

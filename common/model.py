@@ -19,9 +19,22 @@ from common.config import DP_TRAINABLE, ModelConfig
 SCHEDULE = dict(schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)
 
 
+# The encoder's posterior starts at sigma exp(-1.5) = 0.22 (log-variance -3), not MONAI's sigma 1. With the small KL
+# weight of latent diffusion (1e-6) nothing pulls sigma down but the reconstruction's weak gradient through the noise,
+# so in the few hundred steps a CPU consortium affords it stays where it starts. From sigma 1 the demo's public
+# autoencoder still had sigma 0.79 against a latent std of 0.87 after 400 steps: the decoder ignored most of the
+# latent (reconstruction MSE 0.018, a blurred average head) and the UNet learnt latents that were mostly noise.
+# From sigma 0.007 (log-variance -10) the same 400 steps reached MSE 0.0055 and sigma had drifted up to 0.25; but a
+# decoder trained with almost no latent noise is brittle: in tests/client/test_class_conditional.py (150 steps)
+# the UNet's small errors decoded to bright noise in 17 % of brain pixels of HEALTHY samples and the lesion class
+# no longer stood out (1.3x). Starting near where sigma settles: that test passes at -3 (the demo autoencoder's
+# reconstruction MSE and sigma at -3 are in its checkpoint and the README).
+INITIAL_LOG_VARIANCE = -3.0
+
+
 def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
     n = len(cfg.ae_channels)
-    return AutoencoderKL(
+    ae = AutoencoderKL(
         spatial_dims=cfg.spatial_dims,
         in_channels=1,
         out_channels=1,
@@ -33,6 +46,11 @@ def build_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
         with_encoder_nonlocal_attn=False,
         with_decoder_nonlocal_attn=False,
     )
+    log_var = ae.quant_conv_log_sigma.conv
+    with torch.no_grad():
+        log_var.weight.zero_()
+        log_var.bias.fill_(INITIAL_LOG_VARIANCE)
+    return ae
 
 
 def build_unet(cfg: ModelConfig) -> DiffusionModelUNet:
@@ -49,6 +67,23 @@ def build_unet(cfg: ModelConfig) -> DiffusionModelUNet:
         # one embedding per class plus the null class (index cfg.null_class) of classifier-free guidance
         num_class_embeds=cfg.num_classes + 1,
     )
+
+
+def init_unseen_classes(
+    unet: DiffusionModelUNet, class_counts: list[int], null_class: int
+) -> list[int]:
+    """Give every class the training data never showed the null (unconditional) class's embedding; returns them.
+
+    Pretraining on public data that lacks a class (the demo's public set has no lesions) leaves that class's
+    embedding at its random initialisation: a label the UNet has never seen, which makes lesion images LESS likely
+    under their own label than under "healthy" and must first be undone by DP fine-tuning's few noisy steps. Starting
+    it at the null class (the public data's unconditional model) makes the unseen label mean "no information yet":
+    the sites' DP-SGD then only has to move it towards what the class looks like. Uses only public class counts."""
+    unseen = [c for c, n in enumerate(class_counts) if n == 0]
+    with torch.no_grad():
+        for c in unseen:
+            unet.class_embedding.weight[c] = unet.class_embedding.weight[null_class]
+    return unseen
 
 
 # DP-LDM's trainable set: every attention block (its GroupNorm, q, k, v, output projection), the class embedding,

@@ -45,12 +45,18 @@ def _scores(x, what: str) -> np.ndarray:
     return a
 
 
+def tpr_lower_bound(tpr: float, n_members: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound of a TPR measured on `n_members` members."""
+    x = round(tpr * n_members)
+    return 0.0 if x <= 0 else float(beta.ppf(alpha, x, n_members - x + 1))
+
+
 def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
     ok = fpr <= target
     return float(tpr[ok].max()) if ok.any() else 0.0
 
 
-def _auc_ci(auc: float, n_pos: int, n_neg: int, alpha: float) -> list[float]:
+def auc_interval(auc: float, n_pos: int, n_neg: int, alpha: float) -> list[float]:
     """Hanley-McNeil (1982) normal-approximation interval for the AUC, clipped to [0, 1]."""
     q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
     var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (
@@ -99,7 +105,7 @@ def roc_summary(member_scores, nonmember_scores, alpha: float = 0.05) -> dict:
     return {
         **out,
         "auc": auc,
-        "auc_ci": _auc_ci(auc, len(m), len(n), alpha),
+        "auc_ci": auc_interval(auc, len(m), len(n), alpha),
         "tpr_at_fpr_1pct": _tpr_at(fpr, tpr, 0.01),
         "tpr_at_fpr_0_1pct": _tpr_at(fpr, tpr, 0.001),
         "roc_at_fpr": {

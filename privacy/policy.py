@@ -15,7 +15,9 @@ Rules:
                                  answered the audit, and no other site did; without privacy.json: not measured
     max_membership_auc           white- and black-box attacks, overall and per class; only attacks with at least
     max_tpr_at_1pct_fpr          `min_attack_records` members and non-members count (and TPR at 1 % FPR only where
-                                 the site had the 100+ non-members to resolve it), as in the audit's worst case
+                                 the site had the 100+ non-members to resolve it), as in the audit's worst case.
+                                 Each is judged on its one-sided 95 % lower confidence bound, Bonferroni-corrected
+                                 over the attacks judged (see ATTACK_CONFIDENCE); the note gives the highest estimate
     near-copies                  synthetic images the sites flagged as near-copies of a training patient. With
                                  `withhold_near_copies` they are withheld from the release (`GateResult.withheld_ids`)
                                  and the rule counts the near-copies LEFT in the release against `max_near_copies`;
@@ -57,6 +59,7 @@ from privacy.audit_schema import (
     sites,
     tpr_resolvable,
 )
+from privacy.audit_stats import auc_interval, tpr_lower_bound
 from privacy.verdict import build_audit
 
 
@@ -380,6 +383,14 @@ def _claims_rule(audit: dict, server_privacy: dict | None) -> RuleResult:
     )
 
 
+# The attack rules judge what the audit SHOWS, not its noise: each attack's one-sided lower confidence bound, at
+# ATTACK_CONFIDENCE with a Bonferroni correction over the attacks the rule judges (a site's hold-out of about 100
+# non-members makes TPR at 1 % FPR the TPR at one false positive: the worst of a dozen chance-level attacks passed
+# 0.05 in one demo run and not in the next). An estimate above the limit that the data cannot confirm is said in
+# the rule's note, as the audit's own verdict treats a membership AUC that is not significantly above chance.
+ATTACK_CONFIDENCE = 0.95
+
+
 def _attack_rules(policy: Policy, audit: dict) -> list[RuleResult]:
     auc, tpr = [], []
     for name, site in sites(audit).items():
@@ -387,25 +398,60 @@ def _attack_rules(policy: Policy, audit: dict) -> list[RuleResult]:
             if not enough_records(res, policy.min_attack_records):
                 continue
             where = f"site {name}, class {cls}, {kind.replace('_', '-')} attack"
-            auc.append((finite(res.get("auc")), where))
+            auc.append((res, where))
             if tpr_resolvable(res):
-                tpr.append((finite(res.get("tpr_at_fpr_1pct")), where))
+                tpr.append((res, where))
+
+    def lower_auc(res: dict, alpha: float) -> float | None:
+        a = finite(res.get("auc"))
+        if a is None:
+            return None
+        return float(auc_interval(a, int(res["n_members"]), int(res["n_nonmembers"]), 2 * alpha)[0])
+
+    def lower_tpr(res: dict, alpha: float) -> float | None:
+        t = finite(res.get("tpr_at_fpr_1pct"))
+        return None if t is None else tpr_lower_bound(t, int(res["n_members"]), alpha)
+
+    def judged(rule, items, key, bound, method, threshold, what) -> RuleResult:
+        alpha = (1 - ATTACK_CONFIDENCE) / max(1, len(items))
+        r = _limit(
+            rule,
+            [(bound(res, alpha), where) for res, where in items],
+            threshold,
+            upper=True,
+            what=what,
+            policy=policy,
+        )
+        estimates = [(finite(res.get(key)), where) for res, where in items]
+        estimates = [(v, w) for v, w in estimates if v is not None]
+        if estimates and r.measured is not None:
+            v, w = max(estimates, key=lambda vw: vw[0])
+            said = (
+                f"judged on each attack's one-sided {ATTACK_CONFIDENCE:.0%} lower bound ({method}, Bonferroni "
+                f"over {len(items)} attacks); the highest estimate is {v:.3f} ({w})"
+                + (": above the limit, but not significantly" if v > threshold and r.passed else "")
+            )
+            r.note = "; ".join(x for x in (said, r.note) if x)
+        return r
+
     return [
-        _limit(
+        judged(
             "max_membership_auc",
             auc,
+            "auc",
+            lower_auc,
+            "Hanley-McNeil",
             policy.max_membership_auc,
-            upper=True,
-            what=f"membership AUC from {policy.min_attack_records}+ members and non-members",
-            policy=policy,
+            f"membership AUC from {policy.min_attack_records}+ members and non-members",
         ),
-        _limit(
+        judged(
             "max_tpr_at_1pct_fpr",
             tpr,
+            "tpr_at_fpr_1pct",
+            lower_tpr,
+            "Clopper-Pearson on the members",
             policy.max_tpr_at_1pct_fpr,
-            upper=True,
-            what="resolvable TPR at 1 % FPR (needs 100+ non-members at a site)",
-            policy=policy,
+            "resolvable TPR at 1 % FPR (needs 100+ non-members at a site)",
         ),
     ]
 

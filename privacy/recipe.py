@@ -31,7 +31,7 @@ BATCH_FRACTION = 0.25  # expected share of a site's patients in each DP-SGD step
 MIN_BATCH = 16
 MAX_BATCH = 2048  # DP-LDM's scale
 TARGET_STEPS = 40  # DP-SGD steps over the whole run at a site
-MAX_EPOCHS = 20
+MAX_EPOCHS = 100
 MAX_GRAD_NORM = 1.0
 LEARNING_RATE = (
     3e-3  # measured best for attention-conditioning (docs/RECIPE.md); "all" diverged at 3e-3

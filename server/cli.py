@@ -145,6 +145,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         unet_steps=args.unet_steps,
         batch_size=args.batch_size,
         class_dropout=args.class_dropout,
+        unseen_classes=args.unseen_classes,
         seed=args.seed,
         threads=args.threads,
     )
@@ -682,6 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.1,
         help="share of labels replaced by the null class (classifier-free guidance)",
+    )
+    pt.add_argument(
+        "--unseen-classes",
+        choices=("null", "random"),
+        default="null",
+        help="where a class the public data never shows starts: the null class's embedding, or random",
     )
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")

@@ -41,6 +41,7 @@ from common.model import (
     drop_labels,
     encode,
     estimate_latent_scale,
+    init_unseen_classes,
 )
 from common.progress import Stage
 from common.site import SiteData, SiteError, load_site
@@ -64,6 +65,9 @@ class PretrainConfig:
     kl_weight: float = 1e-6
     # classifier-free guidance: the share of training labels replaced by the null class (common/model.py)
     class_dropout: float = 0.1
+    # a class the public data never shows (the demo's lesions) starts at the null class's embedding ("null", see
+    # common/model.py init_unseen_classes) or keeps its random initialisation ("random", for comparison)
+    unseen_classes: str = "null"
     seed: int = 0
     threads: int = (
         0  # CPU threads (0: torch's default); on a loaded machine 1 can be many times faster
@@ -77,6 +81,8 @@ class PretrainConfig:
             raise ValueError("--batch-size must be >= 1")
         if self.threads < 0:
             raise ValueError("--threads must be >= 0 (0: torch's default)")
+        if self.unseen_classes not in ("null", "random"):
+            raise ValueError("unseen-classes must be 'null' or 'random'")
         if not 0.0 < self.class_dropout < 1.0:
             raise ValueError(
                 "class-dropout must be in (0, 1): the UNet must learn the unconditional (null-class) path"
@@ -192,15 +198,39 @@ def pretrain(pre: PretrainConfig, say=None) -> Path:
     ae.load_state_dict(ae_state)
     ae.eval()
     latent_scale = estimate_latent_scale(ae, images)
-    say(f"latent scale {latent_scale:.3f} (from the public images)")
     mu, sigma = encode(ae, images)
+    with torch.no_grad():
+        recon_mse = float(
+            torch.cat(
+                [
+                    ae.decode(m).sub(x).pow(2)
+                    for m, x in zip(mu.split(64), images.split(64), strict=True)
+                ]
+            ).mean()
+        )
+    say(
+        f"autoencoder on the public images: reconstruction MSE {recon_mse:.4f}, posterior sigma (median) "
+        f"{float(sigma.median()):.4f}; latent scale {latent_scale:.3f}"
+    )
     unet_state = train_unet(cfg, pre, mu, sigma, labels, latent_scale)
+    unseen = [c for c, n in counts.items() if n == 0]
+    if unseen and pre.unseen_classes == "null":
+        unet = build_unet(cfg)
+        unet.load_state_dict(unet_state)
+        init_unseen_classes(unet, list(counts.values()), cfg.null_class)
+        unet_state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        say(
+            f"classes the public data never shows ({', '.join(unseen)}) start at the null class's embedding: "
+            "the sites' DP fine-tuning teaches them"
+        )
     provenance: dict[str, Any] = {
         "public_dir": str(folder.resolve()),
         "public_data_sha256": digest,
         "public_files": n_files,
         "public_images": len(data),
         "public_class_counts": counts,
+        "unseen_classes": unseen,
+        "unseen_classes_start": pre.unseen_classes if unseen else None,
         "preset": pre.preset,
         "autoencoder_steps": pre.autoencoder_steps,
         "unet_steps": pre.unet_steps,
@@ -208,6 +238,8 @@ def pretrain(pre: PretrainConfig, say=None) -> Path:
         "class_dropout": pre.class_dropout,
         "seed": pre.seed,
         "latent_scale": latent_scale,
+        "autoencoder_reconstruction_mse": round(recon_mse, 5),
+        "autoencoder_posterior_sigma_median": round(float(sigma.median()), 5),
         "seconds": round(time.monotonic() - t0, 1),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

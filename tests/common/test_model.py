@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from common.config import model_config
@@ -108,3 +110,15 @@ def test_v_prediction_is_the_default():
         cfg.prediction_type == "v_prediction"
         and ddpm_scheduler(cfg).prediction_type == "v_prediction"
     )
+
+
+def test_a_new_autoencoders_posterior_starts_narrow_but_not_collapsed():
+    """MONAI's start (sigma 1, as large as the latents) left a 400-step autoencoder ignoring its latent; a start
+    near zero made a brittle decoder. Every image starts at sigma exp(-1.5), whatever the input."""
+    from common.model import INITIAL_LOG_VARIANCE
+
+    torch.manual_seed(0)
+    ae = build_autoencoder(model_config("tiny"))
+    _, sigma = encode(ae, torch.rand(4, 1, 32, 32))
+    assert torch.allclose(sigma, torch.full_like(sigma, math.exp(INITIAL_LOG_VARIANCE / 2)))
+    assert 0.1 < math.exp(INITIAL_LOG_VARIANCE / 2) < 0.5

@@ -391,3 +391,22 @@ def test_audit_claims_are_cross_checked_against_the_servers_privacy_json():
 def test_an_audit_with_no_site_fails():
     gate = gate_of(LENIENT, make_audit({}))
     assert not gate.passed and rule(gate, "sites_audited").note.startswith("not measured")
+
+
+def test_attack_rules_judge_what_the_audit_shows_not_its_noise():
+    """TPR at 1 % FPR from about 100 non-members is the TPR at one false positive: a chance-level attack's estimate
+    lands above 0.05 in some runs (the demo's gate flipped on 0.062). The rule judges the attack's lower confidence
+    bound (Bonferroni over the attacks), says the estimate in its note, and still blocks an attack the data confirm."""
+    # 8 of 120 members: about 1.5 times what chance gives at that threshold
+    noisy = site("b", black_tpr=0.0625)
+    strict = replace(LENIENT, max_tpr_at_1pct_fpr=0.05)
+    r = rule(gate_of(strict, make_audit({"a": site("a"), "b": noisy})), "max_tpr_at_1pct_fpr")
+    assert r.passed and r.measured < 0.05, (r.measured, r.note)
+    assert "0.062" in r.note and "not significantly" in r.note and "Bonferroni" in r.note
+    real = site("b", black_tpr=0.3)  # 36 of 120 members at 1 % FPR: a working attack
+    r = rule(gate_of(strict, make_audit({"a": site("a"), "b": real})), "max_tpr_at_1pct_fpr")
+    assert not r.passed and r.measured > 0.05 and r.where.startswith("site b, class all, black-box")
+    # 0.62 on 120 + 120 records is not significantly above 0.6
+    auc = site("b", lesion_auc=0.62)
+    r = rule(gate_of(LENIENT, make_audit({"a": site("a"), "b": auc})), "max_membership_auc")
+    assert r.passed and "0.620" in r.note

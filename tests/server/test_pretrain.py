@@ -89,11 +89,12 @@ def test_the_checkpoint_records_where_it_came_from_and_is_written_atomically(pre
     assert [f.name for f in pretrained.parent.iterdir() if f.name.startswith(".")] == []
 
 
-def test_healthy_only_public_data_trains_the_null_class_and_leaves_the_unseen_class_to_the_sites(
-    pretrained,
+def test_healthy_only_public_data_trains_the_null_class_and_starts_the_unseen_class_at_null(
+    pretrained, public, tmp_path
 ):
     """Classifier-free guidance's class dropout: the public set has one class, yet the UNet learns the null
-    (unconditional) path; the lesion class, never seen in public, keeps its initial embedding."""
+    (unconditional) path; the lesion class, never seen in public, starts at the null class's embedding (so its
+    label means "no information yet"), or keeps its random initialisation when asked (`unseen_classes="random"`)."""
     cfg = model_config("tiny")
     ckpt = Checkpoint.load(pretrained)
     torch.manual_seed(0 + 1)  # the UNet's initial weights: seed + 1
@@ -104,7 +105,16 @@ def test_healthy_only_public_data_trains_the_null_class_and_leaves_the_unseen_cl
     healthy, lesion = cfg.class_names.index("healthy"), cfg.class_names.index("lesion")
     assert not torch.equal(trained[cfg.null_class], init[cfg.null_class])
     assert not torch.equal(trained[healthy], init[healthy])
-    assert torch.equal(trained[lesion], init[lesion])
+    assert torch.equal(trained[lesion], trained[cfg.null_class])
+    p = ckpt.pretraining
+    assert (p["unseen_classes"], p["unseen_classes_start"]) == (["lesion"], "null")
+
+    pre = dataclasses.replace(
+        PretrainConfig(**ckpt.run_config), out=str(tmp_path / "random.pt"), unseen_classes="random"
+    )
+    kept = Checkpoint.load(pretrain(pre)).unet["class_embedding.weight"]
+    assert torch.equal(kept[lesion], init[lesion])
+    assert torch.equal(kept[cfg.null_class], trained[cfg.null_class])  # the same training otherwise
 
 
 def test_bad_public_folders_are_refused_naming_the_file(public, tmp_path):
