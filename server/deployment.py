@@ -557,7 +557,8 @@ def run_app(
     A SuperNode dying is only reported (sites may drop out). Without a database a dead SuperLink fails the run.
     With one, the SuperLink's processes are supervised (`supervise`) and the run is followed across a restart;
     a run that ends failed after a SuperLink restart is submitted again, at most MAX_RESUBMITS times, with the
-    same run config: the app resumes from the run-dir's last checkpoint.
+    same run config: the app resumes from the run-dir's last checkpoint. So is a run whose ServerApp failed on a
+    transport error before it ever ran (it sent nothing to a site).
     """
     overrides = write_flat_toml(link.work_dir / "run-config.toml", run_config)
     argv = [
@@ -575,8 +576,16 @@ def run_app(
         result = _follow_run(link, argv, deadline, timeout_s, progress, on_output or progress)
         if result.status == "finished:completed" and result.returncode == 0:
             return result
-        if (link.restarts, link.superexec_restarts) == restarts_before or attempt == MAX_RESUBMITS:
+        never_ran = _failed_before_running(link, result.run_id)
+        restarted = (link.restarts, link.superexec_restarts) != restarts_before
+        if not (restarted or never_ran) or attempt == MAX_RESUBMITS:
             break  # the app itself failed (or keeps failing): submitting it again would not help
+        if never_ran:
+            progress(
+                f"run {result.run_id}: its ServerApp failed before it ran ({never_ran}); submitting it again "
+                "with the same run config (nothing was sent to a site)"
+            )
+            continue
         progress(
             f"run {result.run_id} ended {result.status} after a SuperLink or SuperExec restart; submitting "
             "it again with the same run config: it resumes from its last checkpoint"
@@ -708,6 +717,33 @@ def _settled_status(
         time.sleep(
             5.0
         )  # each ask is a `flwr` process: do not add to the load of a restarting SuperLink
+
+
+# A ServerApp that fails on its first connection to the SuperLink (seen once in CI: "[SSL:
+# UNEXPECTED_EOF_WHILE_READING] EOF occurred in violation of protocol", 1 s after it started) never sent a message
+# to a site: submitting the run again is safe and is what an operator would do.
+_TRANSPORT_ERRORS = ("ssl", "eof occurred", "connection reset", "connection refused", "unavailable")
+
+
+def _failed_before_running(link: SuperLink, run_id: int | None) -> str:
+    """The SuperLink's reason when the run failed before its ServerApp ever ran, on a transport error; "" else."""
+    if run_id is None:
+        return ""
+    try:
+        runs = json.loads(
+            link.flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
+        ).get("runs")
+        run = runs[0]
+    except (DeploymentError, json.JSONDecodeError, AttributeError, KeyError, TypeError, IndexError):
+        return ""
+    details = str(run.get("status-details", ""))
+    if (
+        run.get("status") == "finished:failed"
+        and run.get("running-at") in (None, "", "N/A")
+        and any(e in details.lower() for e in _TRANSPORT_ERRORS)
+    ):
+        return " ".join(details.split())[:200]
+    return ""
 
 
 def _run_status(link: SuperLink, run_id: int | None) -> str:
