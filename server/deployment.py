@@ -725,16 +725,30 @@ def _settled_status(
 _TRANSPORT_ERRORS = ("ssl", "eof occurred", "connection reset", "connection refused", "unavailable")
 
 
+def _run_record(link: SuperLink, run_id: int) -> dict:
+    """The SuperLink's record of one run (`flwr ls --run-id ... --format json`); raises ValueError if unreadable."""
+    try:
+        return dict(
+            json.loads(link.flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"]))[
+                "runs"
+            ][0]
+        )
+    except (
+        DeploymentError,
+        json.JSONDecodeError,
+        KeyError,
+        IndexError,
+        TypeError,
+        ValueError,
+    ) as e:
+        raise ValueError(str(e)) from e
+
+
 def _failed_before_running(link: SuperLink, run_id: int | None) -> str:
     """The SuperLink's reason when the run failed before its ServerApp ever ran, on a transport error; "" else."""
-    if run_id is None:
-        return ""
     try:
-        runs = json.loads(
-            link.flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
-        ).get("runs")
-        run = runs[0]
-    except (DeploymentError, json.JSONDecodeError, AttributeError, KeyError, TypeError, IndexError):
+        run = _run_record(link, run_id) if run_id is not None else {}
+    except ValueError:
         return ""
     details = str(run.get("status-details", ""))
     if (
@@ -750,11 +764,8 @@ def _run_status(link: SuperLink, run_id: int | None) -> str:
     if run_id is None:
         return "not started"
     try:
-        runs = json.loads(
-            link.flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
-        ).get("runs")
-        return str(runs[0]["status"]) if runs else "unknown"
-    except (DeploymentError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+        return str(_run_record(link, run_id)["status"])
+    except (ValueError, KeyError) as e:
         return f"unknown ({e})"
 
 
