@@ -11,11 +11,11 @@ from client import canaries, reference
 from client.audit import audit_site
 from client.task import load_training_data, run_training_round
 from common.config import SiteConfig, model_config
-from common.messages import RoundPlan
 from common.model import build_autoencoder, build_unet, ddpm_scheduler, diffusion_loss, encode
 from common.phantoms import make_phantom_sites
 from privacy.power import holdout_power
 from privacy.verdict import build_audit
+from tests.client.conftest import tiny_plan
 
 pytestmark = pytest.mark.slow
 
@@ -88,20 +88,13 @@ def test_dp_model_is_not_over_claimed(tmp_path, site_dir):
     torch.manual_seed(0)
     ae, start = build_autoencoder(cfg).state_dict(), build_unet(cfg).state_dict()
     reference.keep_for_round(site, "dp", "diffusion", start)  # as client_app does before the round
-    plan = RoundPlan(
+    plan = tiny_plan(
         run_id="dp",
-        server_round=1,
         phase="diffusion",
-        num_server_rounds=1,
         federated_autoencoder_rounds=0,
-        preset="tiny",
         local_epochs=20,
         batch_size=8,
         lr=2e-3,
-        kl_weight=1e-6,
-        latent_scale=1.0,
-        proximal_mu=0.0,
-        seed=0,
     )
     trained = run_training_round(site, plan, start, ae)
     assert not trained.refused and 0 < trained.privacy["epsilon"] <= 1.0

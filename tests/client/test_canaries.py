@@ -15,6 +15,7 @@ from client import canaries, reference
 from common.config import SiteConfig, model_config
 from common.model import build_autoencoder, build_unet, trainable_names
 from privacy.power import canary_power
+from tests.client.conftest import tiny_plan
 
 
 @pytest.fixture
@@ -187,10 +188,9 @@ def _dp_round(tmp_path, phantom_site, n_canaries, name, epsilon=1.0, epochs=4):
         threads=1,
     )
     reference.keep_for_round(site, "r", "diffusion", start)
-    plan = task.RoundPlan(
-        run_id="r", server_round=1, phase="diffusion", num_server_rounds=1,
-        federated_autoencoder_rounds=0, preset="tiny", local_epochs=epochs, batch_size=6, lr=2e-3,
-        kl_weight=1e-6, latent_scale=1.0, proximal_mu=0.0, seed=0,
+    plan = tiny_plan(
+        run_id="r", phase="diffusion", federated_autoencoder_rounds=0, local_epochs=epochs, batch_size=6,
+        lr=2e-3,
     )  # fmt: skip
     result = task.run_training_round(site, plan, start, ae)
     assert not result.refused
