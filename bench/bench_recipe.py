@@ -307,14 +307,11 @@ def main() -> None:
 
     classifiers: dict[str, tuple] = {}
 
-    def start(init: str) -> dict:
-        """The public checkpoint with the never-seen lesion class as pretraining left it (random) or at null."""
-        if init == "random":
-            return public
-        unet = build_unet(cfg)
-        unet.load_state_dict(public["unet"])
-        init_unseen_classes(unet, [1, 0], cfg.null_class)  # the public set is healthy only
-        return {**public, "unet": unet.state_dict()}
+    # the public checkpoint with the never-seen lesion class as pretraining left it (random) or at null, made once
+    with_null = build_unet(cfg)
+    with_null.load_state_dict(public["unet"])
+    init_unseen_classes(with_null, [1, 0], cfg.null_class)  # the public set is healthy only
+    starts = {"random": public, "null": {**public, "unet": with_null.state_dict()}}
 
     def evaluate(key: str, valid_spec: SiteSpec, unet_state, extra: dict) -> None:
         images, labels = load(render(out, valid_spec, args.valid_patients, cfg.image_size), cfg)
@@ -365,12 +362,12 @@ def main() -> None:
                     evaluate(
                         f"pretrained init={init}",
                         VALID,
-                        start(init)["unet"],
+                        starts[init]["unet"],
                         {"note": "public only"},
                     )
                 t0 = time.time()
                 result = fine_tune(
-                    tune_dir, out / "state" / key.replace(" ", "_"), cfg, start(init), recipe,
+                    tune_dir, out / "state" / key.replace(" ", "_"), cfg, starts[init], recipe,
                     float(lr), clip, trainable, args,
                 )  # fmt: skip
                 extra = {
@@ -397,11 +394,11 @@ def main() -> None:
         log(f"site recipe ({n_train} training patients): {recipe}")
         key = f"site n={args.site_patients} {trainable} lr={lr:g} C={clip:g} eps={args.epsilon:g}"
         if "site pretrained" not in done:
-            evaluate("site pretrained", SITE_VALID, start("null")["unet"], {"note": "public only"})
+            evaluate("site pretrained", SITE_VALID, starts["null"]["unet"], {"note": "public only"})
         if key not in done:
             t0 = time.time()
             result = fine_tune(
-                site_dir, out / "state" / key.replace(" ", "_"), cfg, start("null"), recipe, lr, clip,
+                site_dir, out / "state" / key.replace(" ", "_"), cfg, starts["null"], recipe, lr, clip,
                 trainable, args,
             )  # fmt: skip
             extra = {
