@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -165,18 +166,21 @@ def utility(
     holdout: SiteData,
     class_names,
     device: torch.device | str = "cpu",
+    cnn_steps: int = 0,
 ) -> dict:
     """Train-synthetic-test-real vs train-real-test-real on the site's hold-out (privacy/utility.py): a logistic
     regression on radiomics features (top level, what the release policy reads) and a small CNN on the images
     (`cnn`, with the share of each class's synthetic images the real-trained CNN recognises, e.g. how many
-    lesion-class images show a detectable lesion). Fixed classifiers, never tuned here; coarse figures."""
+    lesion-class images show a detectable lesion). Fixed classifiers, never tuned here; coarse figures. `cnn_steps`:
+    the CNNs' steps (the site's utility-cnn-steps; 0: the recipe's), named in the `cnn` block's classifier."""
     args = (synthetic, synthetic_labels, train.images, train.labels, holdout.images, holdout.labels)
+    recipe = cnn_recipe(np.asarray(synthetic).ndim - 2)  # (N, 1, *spatial)
     return {
         **radiomics_utility(*args),
         "cnn": cnn_utility(
             *args,
             class_names=list(class_names),
-            recipe=cnn_recipe(np.asarray(synthetic).ndim - 2),  # (N, 1, *spatial)
+            recipe=replace(recipe, steps=cnn_steps) if cnn_steps else recipe,
             device=device,
         ),
     }
@@ -385,5 +389,13 @@ def audit_site(
                 ),
             },
         ),
-        "utility": utility(synthetic, synthetic_labels, train, holdout, cfg.class_names, device),
+        "utility": utility(
+            synthetic,
+            synthetic_labels,
+            train,
+            holdout,
+            cfg.class_names,
+            device,
+            cnn_steps=site.utility_cnn_steps,
+        ),
     }

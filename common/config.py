@@ -315,6 +315,10 @@ class SiteConfig:
     # The most samples this site draws for an audit's extraction search (client/extraction.py), whatever the
     # server asks: ~0.35 s each on one quiet CPU thread for the `small` preset with guidance (docs/PERFORMANCE.md).
     max_extraction_samples: int = 1000
+    # Steps of the two small CNNs this site trains in every audit for the image utility figures (privacy/utility.py;
+    # they decide nothing at the release gate): 0 is the fixed recipe's (500 for slices, 150 for volumes). A site
+    # short of CPU may set fewer, chosen by its CPU alone, never by looking at the figures; audit.json says how many.
+    utility_cnn_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.max_audits_per_run < 0:
@@ -329,6 +333,8 @@ class SiteConfig:
             raise ValueError("grad-sample-mode must be 'bookkeeping', 'hooks' or 'ghost'")
         if self.max_extraction_samples < 0:
             raise ValueError("max-extraction-samples must be >= 0")
+        if self.utility_cnn_steps < 0:
+            raise ValueError("utility-cnn-steps must be >= 0 (0: the fixed recipe's steps)")
         if self.canaries < -1:
             raise ValueError("canaries must be -1 (auto), 0 (none) or a positive count")
         if self.epsilon <= 0 or self.delta < 0 or self.max_grad_norm <= 0:

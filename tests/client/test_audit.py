@@ -18,6 +18,10 @@ from privacy.verdict import build_audit
 from tests.client.conftest import tiny_plan
 
 pytestmark = pytest.mark.slow
+# The image utility CNNs (privacy/utility.py, 500 steps each by default) are trained by every audit_site call, and
+# none of these tests reads their figures: a site's utility-cnn-steps keeps them short (tests/privacy/test_utility.py
+# tests the classifiers themselves).
+UTILITY_CNN_STEPS = 20
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,7 @@ def site_dir(tmp_path_factory):
     )[0]
 
 
-def overfit(cfg, ae, train, steps=300):
+def overfit(cfg, ae, train, steps=200):
     """A diffusion UNet trained without DP on a handful of records until it memorises them."""
     torch.manual_seed(0)
     unet = build_unet(cfg)
@@ -48,7 +52,11 @@ def overfit(cfg, ae, train, steps=300):
 def test_overfit_generator_is_caught(tmp_path, site_dir):
     # Half the patients held out: the matched member set is then all members, as in a well-sized audit.
     site = SiteConfig(
-        site_dir=str(site_dir), state_dir=str(tmp_path / "s"), dp=False, holdout_fraction=0.5
+        site_dir=str(site_dir),
+        state_dir=str(tmp_path / "s"),
+        dp=False,
+        holdout_fraction=0.5,
+        utility_cnn_steps=UTILITY_CNN_STEPS,
     )
     cfg = model_config("tiny")
     train, holdout = load_training_data(site, cfg)
@@ -83,7 +91,12 @@ def test_overfit_generator_is_caught(tmp_path, site_dir):
 
 
 def test_dp_model_is_not_over_claimed(tmp_path, site_dir):
-    site = SiteConfig(site_dir=str(site_dir), state_dir=str(tmp_path / "s"), epsilon=1.0)
+    site = SiteConfig(
+        site_dir=str(site_dir),
+        state_dir=str(tmp_path / "s"),
+        epsilon=1.0,
+        utility_cnn_steps=UTILITY_CNN_STEPS,
+    )
     cfg = model_config("tiny")
     torch.manual_seed(0)
     ae, start = build_autoencoder(cfg).state_dict(), build_unet(cfg).state_dict()
@@ -135,7 +148,12 @@ def test_dp_model_is_not_over_claimed(tmp_path, site_dir):
 def test_site_reply_holds_aggregates_only(tmp_path, site_dir):
     """No real image, feature vector or per-patient value crosses the network: every list in the reply is short
     (ROC points, histogram bins, synthetic ids), and no number equals a real record's pixel vector or score."""
-    site = SiteConfig(site_dir=str(site_dir), state_dir=str(tmp_path / "s"), dp=False)
+    site = SiteConfig(
+        site_dir=str(site_dir),
+        state_dir=str(tmp_path / "s"),
+        dp=False,
+        utility_cnn_steps=UTILITY_CNN_STEPS,
+    )
     cfg = model_config("tiny")
     train, holdout = load_training_data(site, cfg)
     ae, unet = build_autoencoder(cfg), build_unet(cfg)
@@ -155,6 +173,9 @@ def test_site_reply_holds_aggregates_only(tmp_path, site_dir):
         ref["holdout_patients"]["frechet_distance"]
         < result["fidelity"]["overall"]["frechet_distance"]
     )
+    # the CNNs ran, with the site's steps, and the reply says so
+    assert f"{UTILITY_CNN_STEPS} steps" in result["utility"]["cnn"]["classifier"]
+    assert "balanced_accuracy" in result["utility"]["cnn"]["train_synthetic_test_real"]
     payload = json.dumps(result, default=float)
     for sid in train.subject_ids + holdout.subject_ids:
         assert sid not in payload  # no patient id

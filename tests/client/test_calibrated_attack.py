@@ -17,6 +17,9 @@ from privacy.verdict import build_audit
 from tests.client.conftest import tiny_plan
 from tests.conftest import record_spend
 
+# audit_site trains the image utility CNNs (500 steps each by default); these tests read none of their figures
+UTILITY_CNN_STEPS = 20
+
 
 @pytest.fixture(scope="module")
 def site_dir(make_site_dir):
@@ -44,7 +47,11 @@ def test_the_reference_is_the_model_the_run_started_from_and_is_never_replaced(t
 @pytest.mark.slow
 def test_calibrated_attack_on_a_dp_model_never_over_claims(tmp_path, site_dir):
     site = SiteConfig(
-        site_dir=str(site_dir), state_dir=str(tmp_path / "s"), epsilon=1.0, canaries=40
+        site_dir=str(site_dir),
+        state_dir=str(tmp_path / "s"),
+        epsilon=1.0,
+        canaries=40,
+        utility_cnn_steps=UTILITY_CNN_STEPS,
     )
     cfg = model_config("tiny")
     torch.manual_seed(0)
@@ -91,7 +98,13 @@ def test_calibrated_attack_on_a_dp_model_never_over_claims(tmp_path, site_dir):
 
 
 def test_without_a_reference_the_audit_says_why_there_is_no_calibrated_attack(tmp_path, site_dir):
-    site = SiteConfig(site_dir=str(site_dir), state_dir=str(tmp_path / "s"), dp=False, canaries=0)
+    site = SiteConfig(
+        site_dir=str(site_dir),
+        state_dir=str(tmp_path / "s"),
+        dp=False,
+        canaries=0,
+        utility_cnn_steps=UTILITY_CNN_STEPS,
+    )
     cfg = model_config("tiny")
     ae, unet = build_autoencoder(cfg).state_dict(), build_unet(cfg).state_dict()
     synthetic = np.random.default_rng(2).random((4, 1, 32, 32)).astype(np.float32)

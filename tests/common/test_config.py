@@ -49,6 +49,9 @@ def test_site_config_from_node_config():
     assert str(site.state_path).endswith(".fedsynth")
     with pytest.raises(ValueError):
         SiteConfig.from_flwr({"site-dir": "/x", "accountant": "gdp"})
+    assert SiteConfig.from_flwr({"site-dir": "/x", "utility-cnn-steps": 25}).utility_cnn_steps == 25
+    with pytest.raises(ValueError, match="utility-cnn-steps"):
+        SiteConfig.from_flwr({"site-dir": "/x", "utility-cnn-steps": -1})
     with pytest.raises(ValueError):
         SiteConfig.from_flwr({"epsilon": 1})
 
