@@ -82,6 +82,8 @@ class ControlOptions:
     )
     insecure: bool = False
     timeout_s: float = 1800.0
+    # the sites' utility-cnn-steps (0: the recipe's): the control judges privacy, never the utility figures
+    utility_cnn_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.sites < 1 or self.subjects < 8:
@@ -141,6 +143,7 @@ def control_node_configs(opts: ControlOptions, out: Path) -> list[dict[str, Any]
             "canaries": opts.canaries,
             "holdout-fraction": 0.5,
             "threads": 1,
+            "utility-cnn-steps": opts.utility_cnn_steps,
         }
         for d in site_dirs
     ]

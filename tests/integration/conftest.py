@@ -24,6 +24,12 @@ def _wait_for_file(path: Path, run: Future, timeout: float) -> None:
         time.sleep(0.5)
 
 
+# Steps of the two image utility CNNs every audit trains at each site (the site's utility-cnn-steps; the recipe's 500,
+# 150 for volumes, cost most of an audit on a 2-core machine). No deployment test reads their figures; the
+# classifiers themselves are tested in tests/privacy/test_utility.py.
+UTILITY_CNN_STEPS = 20
+
+
 def _node_configs(sites: list[Path], state_root: Path, **extra) -> list[dict]:
     return [
         {
@@ -31,6 +37,7 @@ def _node_configs(sites: list[Path], state_root: Path, **extra) -> list[dict]:
             "site-name": s.name,
             "state-dir": str(state_root / s.name),
             "epsilon": 8.0,
+            "utility-cnn-steps": UTILITY_CNN_STEPS,
             **extra,
         }
         for s in sites
@@ -59,7 +66,8 @@ def wait_for_file():
 @pytest.fixture
 def node_configs_for():
     """node_configs_for(sites, state_root, **extra): one SuperNode config per site folder: the folder, its name, a
-    state folder of its own under `state_root`, a budget of epsilon 8, and the `extra` keys (e.g. threads=1)."""
+    state folder of its own under `state_root`, a budget of epsilon 8, utility CNNs of UTILITY_CNN_STEPS steps, and
+    the `extra` keys (e.g. threads=1)."""
     return _node_configs
 
 

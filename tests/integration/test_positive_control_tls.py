@@ -26,6 +26,7 @@ def test_memorising_control_fails_its_audit_and_every_planted_copy_is_flagged(tm
         local_epochs=10,
         public_steps=5,
         planted_per_site=2,
+        utility_cnn_steps=20,  # the image utility CNNs: this test reads none of their figures
     )
     console = Console(QUIET, stream=io.StringIO(), tty=False)
     rc = run_control(opts, console)
