@@ -37,13 +37,11 @@ from client.task import run_training_round
 from common.config import SiteConfig, model_config
 from common.messages import RoundPlan
 from common.model import (
-    autoencoder_loss,
     build_autoencoder,
     build_unet,
     ddpm_scheduler,
     decode,
     diffusion_loss,
-    drop_labels,
     encode,
     estimate_latent_scale,
     init_unseen_classes,
@@ -53,6 +51,7 @@ from common.noise import silence_known_noise
 from common.phantoms import PROTOCOLS, SiteSpec, make_phantom_sites
 from common.site import load_site
 from privacy.recipe import dp_recipe
+from server.pretrain import PretrainConfig, train_autoencoder, train_unet
 
 PRETRAIN = SiteSpec("public-pretrain", PROTOCOLS["t1_se_1.5t"], 0.0)
 TUNE = SiteSpec("public-tune", PROTOCOLS["t1_gre_3t"], 0.3)
@@ -86,33 +85,22 @@ def load(folder: Path, cfg) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pretrain(cfg, images, labels, ae_steps: int, unet_steps: int, batch: int, log) -> dict:
-    torch.manual_seed(0)
+    """Public pretraining with the server's own loops (server/pretrain.py: optimiser, schedule, losses)."""
+    pre = PretrainConfig(
+        public_dir="", out="", preset=cfg.name, autoencoder_steps=ae_steps, unet_steps=unet_steps,
+        batch_size=batch,
+    )  # fmt: skip
+    torch.manual_seed(pre.seed)
+    ae_state = train_autoencoder(cfg, pre, images)
     ae = build_autoencoder(cfg)
-    opt = torch.optim.Adam(ae.parameters(), lr=2e-3)
-    for step in range(ae_steps):
-        idx = torch.randint(0, len(images), (batch,))
-        loss = autoencoder_loss(ae, images[idx], 1e-6).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 100 == 0:
-            log(f"  autoencoder step {step}: loss {loss.item():.4f}")
+    ae.load_state_dict(ae_state)
     ae.eval()
     scale = estimate_latent_scale(ae, images)
     mu, sigma = encode(ae, images)
-    unet, scheduler = build_unet(cfg), ddpm_scheduler(cfg)
-    opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
-    for step in range(unet_steps):
-        idx = torch.randint(0, len(mu), (batch,))
-        z = (mu[idx] + sigma[idx] * torch.randn_like(mu[idx])) * scale
-        y = drop_labels(labels[idx], 0.1, cfg.null_class)
-        loss = diffusion_loss(unet, scheduler, z, y).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 200 == 0:
-            log(f"  UNet step {step}: loss {loss.item():.4f}")
-    return {"autoencoder": ae.state_dict(), "unet": unet.state_dict(), "latent_scale": scale}
+    log(f"  autoencoder: {ae_steps} steps ({pre.lr_schedule}); latent scale {scale:.3f}")
+    unet_state = train_unet(cfg, pre, mu, sigma, labels, scale)
+    log(f"  UNet: {unet_steps} steps ({pre.lr_schedule})")
+    return {"autoencoder": ae_state, "unet": unet_state, "latent_scale": scale}
 
 
 class LesionClassifier(nn.Module):

@@ -25,8 +25,8 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import closing
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +154,21 @@ class PrivacyLedger:
         db.execute("PRAGMA synchronous=FULL")  # in WAL mode: fsync the log on every commit
         db.execute("PRAGMA foreign_keys=ON")
         return db
+
+    @contextmanager
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction taken at its start (BEGIN IMMEDIATE: no other writer can read-then-insert in
+        between), committed (fsynced) when the block ends, rolled back when it raises."""
+        with closing(self._connect()) as db:
+            db.isolation_level = None
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
     # ---- mechanisms -----------------------------------------------------------------------------------------------
 
@@ -364,32 +379,24 @@ class PrivacyLedger:
         round, phase), checked in the same transaction as the insert."""
         if not re.fullmatch(r"[0-9a-f]{64}", str(update_sha256)):
             raise ValueError(f"{self.path}: update_sha256 must be a sha256 hex digest")
-        with closing(self._connect()) as db:
-            db.isolation_level = None
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                row = db.execute(
-                    "SELECT run_id, server_round, phase FROM mechanisms WHERE id = ?",
-                    (int(mechanism_id),),
-                ).fetchone()
-                if row is None:
-                    raise ValueError(f"{self.path}: no mechanism {mechanism_id} to release")
-                released = _released(db, *row)
-                if released is not None:
-                    raise ValueError(
-                        f"{self.path}: run {row[0]!r}, round {row[1]}, {row[2]} already released the update of "
-                        f"mechanism {released}; one release per run, round and phase"
-                    )
-                db.execute(
-                    "INSERT INTO releases (mechanism_id, request_json, update_sha256, released_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (int(mechanism_id), str(request_json), str(update_sha256), time.time()),
+        with self._immediate() as db:
+            row = db.execute(
+                "SELECT run_id, server_round, phase FROM mechanisms WHERE id = ?",
+                (int(mechanism_id),),
+            ).fetchone()
+            if row is None:
+                raise ValueError(f"{self.path}: no mechanism {mechanism_id} to release")
+            released = _released(db, *row)
+            if released is not None:
+                raise ValueError(
+                    f"{self.path}: run {row[0]!r}, round {row[1]}, {row[2]} already released the update of "
+                    f"mechanism {released}; one release per run, round and phase"
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            db.execute(
+                "INSERT INTO releases (mechanism_id, request_json, update_sha256, released_at)"
+                " VALUES (?, ?, ?, ?)",
+                (int(mechanism_id), str(request_json), str(update_sha256), time.time()),
+            )
 
     def releases(self, run_id: str | None = None) -> list[dict]:
         """Every released update (of run `run_id`, or of all runs), oldest first: mechanism_id, run_id,
@@ -454,29 +461,20 @@ class PrivacyLedger:
 
         The count and the insert are one transaction (BEGIN IMMEDIATE), so two concurrent audits cannot both take
         the last slot; the row is committed (fsynced) before this returns, i.e. before any answer is computed."""
-        with closing(self._connect()) as db:
-            db.isolation_level = None
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                n = db.execute(
-                    "SELECT COUNT(*) FROM audits WHERE run_id = ?", (str(run_id),)
-                ).fetchone()[0]
-                if n >= max_audits:
-                    db.execute("ROLLBACK")
-                    return False, (
-                        f"this site already answered {n} audit(s) of run {run_id!r}, the most its "
-                        f"max-audits-per-run ({max_audits}) allows"
-                    )
-                db.execute(
-                    "INSERT INTO audits (run_id, checkpoint_sha256, cohort_manifest_sha256, answered_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (str(run_id), str(checkpoint_sha256), str(cohort_manifest_sha256), time.time()),
+        with self._immediate() as db:
+            n = db.execute(
+                "SELECT COUNT(*) FROM audits WHERE run_id = ?", (str(run_id),)
+            ).fetchone()[0]
+            if n >= max_audits:
+                return False, (
+                    f"this site already answered {n} audit(s) of run {run_id!r}, the most its "
+                    f"max-audits-per-run ({max_audits}) allows"
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            db.execute(
+                "INSERT INTO audits (run_id, checkpoint_sha256, cohort_manifest_sha256, answered_at)"
+                " VALUES (?, ?, ?, ?)",
+                (str(run_id), str(checkpoint_sha256), str(cohort_manifest_sha256), time.time()),
+            )
         return True, f"audit {n + 1} of at most {max_audits} for run {run_id!r}"
 
 

@@ -215,6 +215,7 @@ def build_audit(
                 f"{name}: {m['n_near_copies']} synthetic image(s) are near-copies of training patients "
                 f"(flagged ids: {', '.join(map(str, m.get('flagged_ids', [])[:20]))})"
             )
+        not_significant: list[str] = []
         for cls, space, blk in shares(site):
             share, ci = (
                 finite(blk.get("share_closer_to_member")),
@@ -250,11 +251,10 @@ def build_audit(
                     f"to a hold-out patient, significantly above chance ({detail} < {SHARE_ALPHA})"
                 )
             else:
-                caveats.append(
-                    f"{where}: {share:.0%} of synthetic images are closer to a training patient, above "
-                    f"{THRESHOLDS['share_closer_to_member']} but not significant ({detail}): with few "
-                    "distinct nearest real images this is what a few 'hub' images give by chance; not "
-                    "evidence of memorisation"
+                not_significant.append(
+                    f"{space} space, class {cls}: {share:.0%} (Holm-adjusted p {padj:.3g}, B = "
+                    f"{fmt_number(blk.get('n_permutations'))} shuffles; "
+                    f"{fmt_number(blk.get('n_distinct_nearest_members'))} distinct nearest member(s))"
                 )
             if blk.get("synthetic_subsampled"):
                 caveats.append(
@@ -262,6 +262,14 @@ def build_audit(
                     f"{fmt_number(blk.get('n_synthetic'))} synthetic images (seeded subsample; distance-matrix "
                     "cap)"
                 )
+        if not_significant:
+            caveats.append(
+                f"{name}: the share of synthetic images closer to a training patient than to a hold-out patient "
+                f"is above {THRESHOLDS['share_closer_to_member']} but not significant in "
+                f"{len(not_significant)} of {n_tests} permutation test(s) ({'; '.join(not_significant)}): with few "
+                "distinct nearest real images this is what a few 'hub' images give by chance, not evidence of "
+                "memorisation (each test's null and neighbours are in the memorisation table)"
+            )
         legacy = [
             f"{cls}/{space}"
             for cls, space, blk in shares(site)

@@ -146,6 +146,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         class_dropout=args.class_dropout,
         unseen_classes=args.unseen_classes,
+        lr_schedule=args.lr_schedule,
         seed=args.seed,
         threads=args.threads,
     )
@@ -689,6 +690,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("null", "random"),
         default="null",
         help="where a class the public data never shows starts: the null class's embedding, or random",
+    )
+    pt.add_argument(
+        "--lr-schedule",
+        choices=("one-cycle", "constant"),
+        default="one-cycle",
+        help="learning-rate schedule of both models (one-cycle: warm up, then anneal)",
     )
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")

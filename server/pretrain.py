@@ -50,6 +50,18 @@ from server.checkpoint import Checkpoint, RunState
 log = logging.getLogger("fedsynth.pretrain")
 
 
+LR_SCHEDULES = ("one-cycle", "constant")
+
+
+def lr_scheduler(
+    opt: torch.optim.Optimizer, schedule: str, lr: float, steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The schedule both pretraining loops step once per step (None: constant)."""
+    if schedule == "constant" or steps < 2:
+        return None
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """What `fedsynth pretrain` trains, on what, for how long."""
@@ -68,6 +80,11 @@ class PretrainConfig:
     # a class the public data never shows (the demo's lesions) starts at the null class's embedding ("null", see
     # common/model.py init_unseen_classes) or keeps its random initialisation ("random", for comparison)
     unseen_classes: str = "null"
+    # learning-rate schedule of both models: "one-cycle" (warm up to the lr over the first 10 % of the steps, then
+    # anneal to ~0: torch's OneCycleLR) or "constant". Measured on public phantoms only (docs/RECIPE.md): at a
+    # constant 2e-3 the autoencoder never settles into the fine structure (ventricles) and the UNet's loss stops
+    # falling after a few hundred steps; annealing reaches both with the same steps.
+    lr_schedule: str = "one-cycle"
     seed: int = 0
     threads: int = (
         0  # CPU threads (0: torch's default); on a loaded machine 1 can be many times faster
@@ -79,6 +96,10 @@ class PretrainConfig:
             raise ValueError("--autoencoder-steps and --unet-steps must be >= 1")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"--lr-schedule: {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
+            )
         if self.threads < 0:
             raise ValueError("--threads must be >= 0 (0: torch's default)")
         if self.unseen_classes not in ("null", "random"):
@@ -132,6 +153,7 @@ def train_autoencoder(
 ) -> dict[str, torch.Tensor]:
     ae = build_autoencoder(cfg)
     opt = torch.optim.Adam(ae.parameters(), lr=pre.lr_autoencoder)
+    schedule = lr_scheduler(opt, pre.lr_schedule, pre.lr_autoencoder, pre.autoencoder_steps)
     bar = Stage(
         "pretrain-autoencoder", "public pretraining: autoencoder", pre.autoencoder_steps, "step"
     )
@@ -141,6 +163,8 @@ def train_autoencoder(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
         bar.update(step + 1, loss=loss.detach())
     return {k: v.detach().clone() for k, v in ae.state_dict().items()}
 
@@ -158,6 +182,7 @@ def train_unet(
     torch.manual_seed(pre.seed + 1)
     unet = build_unet(cfg)
     opt = torch.optim.Adam(unet.parameters(), lr=pre.lr_diffusion)
+    schedule = lr_scheduler(opt, pre.lr_schedule, pre.lr_diffusion, pre.unet_steps)
     scheduler = ddpm_scheduler(cfg)
     bar = Stage("pretrain-unet", "public pretraining: diffusion UNet", pre.unet_steps, "step")
     for step in range(pre.unet_steps):
@@ -168,6 +193,8 @@ def train_unet(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
         bar.update(step + 1, loss=loss.detach())
     return {k: v.detach().clone() for k, v in unet.state_dict().items()}
 
@@ -235,6 +262,9 @@ def pretrain(pre: PretrainConfig, say=None) -> Path:
         "autoencoder_steps": pre.autoencoder_steps,
         "unet_steps": pre.unet_steps,
         "batch_size": pre.batch_size,
+        "lr_autoencoder": pre.lr_autoencoder,
+        "lr_diffusion": pre.lr_diffusion,
+        "lr_schedule": pre.lr_schedule,
         "class_dropout": pre.class_dropout,
         "seed": pre.seed,
         "latent_scale": latent_scale,

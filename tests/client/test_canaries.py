@@ -134,6 +134,33 @@ def test_included_canaries_move_their_coordinates_by_exactly_their_gradient(site
     unet.load_state_dict(start)
 
 
+def test_the_per_step_canary_draws_are_the_sites_not_the_seeds_the_server_can_set(site, unet):
+    """Attack: a server that could reproduce which canaries were drawn at which step (by fixing torch's, numpy's
+    and Python's global seeds, as its plan's seed does) would know each included canary's exact contribution.
+    The same attach + steps under the same global seeds must draw different canaries."""
+    state = canaries.load_or_create(site, 100, 1e-5)
+    start = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+    def moved_after_steps() -> np.ndarray:
+        unet.load_state_dict(start)
+        torch.manual_seed(1234)
+        np.random.seed(1234)
+        random.seed(1234)
+        opt = torch.optim.SGD(unet.parameters(), lr=1.0)
+        canaries.attach(opt, unet, state, 0.5, max_grad_norm=1.0, expected_batch_size=4)
+        for _ in range(3):
+            opt.zero_grad()
+            opt.step()
+        return canaries.scores(state, unet, unet.state_dict(), start)
+
+    first, second = moved_after_steps(), moved_after_steps()
+    unet.load_state_dict(start)
+    included = np.array(state.included)
+    assert np.all(first[~included] == 0) and np.all(second[~included] == 0)
+    # ~50 included canaries x 3 steps at rate 1/2: equal draws by chance with probability 2^-150
+    assert not np.allclose(first[included], second[included])
+
+
 def test_audit_canaries_with_a_perfect_and_a_blind_attack(site, unet):
     state = canaries.load_or_create(site, 100, 1e-5)
     start = {k: v.detach().clone() for k, v in unet.state_dict().items()}

@@ -195,10 +195,13 @@ def test_hub_share_does_not_fail_but_is_a_caveat(rng):
     assert px["n_distinct_nearest_members"] == 1 and px["share_p_value"] > 0.3
     audit = build_audit({"a": hub, "b": site(rng, name="b")}, cohort={"n_images": 10})
     assert audit["verdict"]["status"] == "pass", audit["verdict"]
-    caveat = next(
-        c for c in audit["verdict"]["caveats"] if c.startswith("a (pixel space, class all)")
+    caveat = next(c for c in audit["verdict"]["caveats"] if c.startswith("a: the share"))
+    assert "pixel space, class all: 100 %" in caveat.replace("100%", "100 %")
+    assert (
+        "not significant" in caveat
+        and "B = 999" in caveat
+        and "1 distinct nearest member" in caveat
     )
-    assert "not significant" in caveat and "B = 999" in caveat and "1 distinct member" in caveat
     assert audit["verdict"]["share_tests"]["n_tests"] == 4  # 2 sites x pixel, feature
     legacy = {
         "a": {

@@ -14,7 +14,13 @@ from common.config import RunConfig, model_config
 from common.io import sha256_file
 from common.phantoms import PUBLIC_PROTOCOL, default_site_specs, make_public_phantoms
 from server.checkpoint import Checkpoint
-from server.pretrain import PretrainConfig, load_pretrained, pretrain, public_data_hash
+from server.pretrain import (
+    PretrainConfig,
+    load_pretrained,
+    lr_scheduler,
+    pretrain,
+    public_data_hash,
+)
 from server.training import Federation
 from tests.server.test_central_dp import FakeGrid
 
@@ -85,6 +91,7 @@ def test_the_checkpoint_records_where_it_came_from_and_is_written_atomically(pre
     assert (p["public_data_sha256"], p["public_files"]) == public_data_hash(public)
     assert (p["preset"], p["autoencoder_steps"], p["unet_steps"], p["seed"]) == ("tiny", 4, 12, 0)
     assert p["public_class_counts"] == {"healthy": 8, "lesion": 0} and p["seconds"] > 0
+    assert (p["lr_schedule"], p["lr_autoencoder"], p["lr_diffusion"]) == ("one-cycle", 2e-3, 1e-3)
     assert ckpt.run_state.latent_scale == pytest.approx(p["latent_scale"]) != 1.0
     assert [f.name for f in pretrained.parent.iterdir() if f.name.startswith(".")] == []
 
@@ -115,6 +122,25 @@ def test_healthy_only_public_data_trains_the_null_class_and_starts_the_unseen_cl
     kept = Checkpoint.load(pretrain(pre)).unet["class_embedding.weight"]
     assert torch.equal(kept[lesion], init[lesion])
     assert torch.equal(kept[cfg.null_class], trained[cfg.null_class])  # the same training otherwise
+
+
+def test_the_learning_rate_warms_up_then_anneals_and_an_unknown_schedule_is_refused(
+    public, tmp_path
+):
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    schedule = lr_scheduler(opt, "one-cycle", 2e-3, 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert lrs[0] < 2e-4 and max(lrs) == pytest.approx(2e-3) and 9 <= lrs.index(max(lrs)) <= 10
+    assert lrs[-1] < 1e-6  # annealed: the last steps settle into what the first ones found
+    assert lr_scheduler(opt, "constant", 2e-3, 100) is None
+    with pytest.raises(
+        ValueError, match="--lr-schedule: 'cosine'; choose one of one-cycle, constant"
+    ):
+        PretrainConfig(public_dir=str(public), out=str(tmp_path / "x.pt"), lr_schedule="cosine")
 
 
 def test_bad_public_folders_are_refused_naming_the_file(public, tmp_path):
