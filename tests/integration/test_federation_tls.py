@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow
 
 def test_tls_federation_trains_synthesizes_and_audits(tmp_path, node_configs_for, tiny_run):
     sites = make_phantom_sites(tmp_path / "sites", n_sites=3, n_subjects=16, size=32, seed=11)
-    node_configs = node_configs_for(sites, tmp_path / "state")
+    # one torch thread per site, as the demo gives three sites on two cores: more oversubscribes the CPU
+    node_configs = node_configs_for(sites, tmp_path / "state", threads=1)
     node_configs[0]["report-training-stats"] = True  # site-0 opts in; site-1 keeps the default
     # site-2 spent its budget on these patients before: its ledger must make it refuse.
     exhausted = SiteConfig.from_flwr(node_configs[2])
