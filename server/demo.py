@@ -126,7 +126,9 @@ DEMO_PLANS: dict[str, DemoPlan] = {
         subjects=310,
         holdout=0.35,
         public=300,
-        ae_steps=400,
+        # one-cycle schedules (server/pretrain.py); 800 autoencoder steps keep the ventricles (400: faint), see
+        # docs/RECIPE.md
+        ae_steps=800,
         unet_steps=1200,
         pretrain_batch=16,
         rounds=2,
