@@ -201,6 +201,7 @@ def fine_tune(site_dir: Path, state: Path, cfg, public: dict, recipe, lr, clip, 
         max_grad_norm=clip,
         canaries=0,
         threads=args.threads,
+        dp=not args.no_dp,
     )
     plan = RoundPlan(
         run_id=state.name,
@@ -231,6 +232,11 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epsilon", type=float, default=10.0)
+    ap.add_argument(
+        "--no-dp",
+        action="store_true",
+        help="control: the epsilon's plan (batch, steps) trained without DP, to tell the noise from the plan",
+    )
     ap.add_argument("--stage", choices=("grid", "site", "both"), default="both")
     ap.add_argument(
         "--grid",
