@@ -69,7 +69,7 @@ class PretrainConfig:
     public_dir: str
     out: str
     preset: str = "small"
-    autoencoder_steps: int = 400
+    autoencoder_steps: int = 800
     unet_steps: int = 1200
     batch_size: int = 16
     lr_autoencoder: float = 2e-3
