@@ -56,10 +56,13 @@ LR_SCHEDULES = ("one-cycle", "constant")
 def lr_scheduler(
     opt: torch.optim.Optimizer, schedule: str, lr: float, steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The schedule both pretraining loops step once per step (None: constant)."""
-    if schedule == "constant" or steps < 2:
+    """The schedule both pretraining loops step once per step (None: constant). The warm-up is 10 % of the steps
+    and at least 2 (torch's OneCycleLR divides by zero when its warm-up ends at step 0, e.g. 10 steps at 10 %: the
+    `--dims 3` demo's); under 3 steps there is nothing to anneal."""
+    if schedule == "constant" or steps < 3:
         return None
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    warm_up = max(0.1, 2.0 / steps)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warm_up)
 
 
 @dataclass(frozen=True)

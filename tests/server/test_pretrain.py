@@ -137,6 +137,16 @@ def test_the_learning_rate_warms_up_then_anneals_and_an_unknown_schedule_is_refu
     assert lrs[0] < 2e-4 and max(lrs) == pytest.approx(2e-3) and 9 <= lrs.index(max(lrs)) <= 10
     assert lrs[-1] < 1e-6  # annealed: the last steps settle into what the first ones found
     assert lr_scheduler(opt, "constant", 2e-3, 100) is None
+    for steps in range(
+        1, 41
+    ):  # short runs (the --dims 3 demo's 10 steps divided by zero in torch) step cleanly
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+        schedule = lr_scheduler(opt, "one-cycle", 2e-3, steps)
+        for _ in range(steps):
+            opt.step()
+            if schedule is not None:
+                schedule.step()
+        assert schedule is None or 0 <= opt.param_groups[0]["lr"] <= 2e-3
     with pytest.raises(
         ValueError, match="--lr-schedule: 'cosine'; choose one of one-cycle, constant"
     ):
