@@ -170,6 +170,7 @@ def train_federated(
         lr_diffusion=recipe.lr,
         dp_trainable=recipe.dp_trainable,
         class_dropout=recipe.class_dropout,
+        lesion_weight=recipe.lesion_weight,
         guidance_scale=recipe.guidance_scale,
         min_sites=len(sites),
         run_dir=str(work / name / "run"),

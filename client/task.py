@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
@@ -30,9 +31,16 @@ from common.model import (
     diffusion_loss,
     drop_labels,
     encode,
+    lesion_weight_map,
     select_trainable,
 )
-from common.site import SiteData, assign_holdout, load_site, split_by_assignment
+from common.site import (
+    SiteData,
+    assign_holdout,
+    load_lesion_masks,
+    load_site,
+    split_by_assignment,
+)
 from privacy.accounting import (
     MechanismStep,
     calibrate_noise_multiplier,
@@ -425,9 +433,10 @@ def run_training_round(
             # classifier-free guidance: drawn from the round's generator, seeded from the site's OS entropy
             # under DP (round_seed), like the latent sample, the timesteps and the noise
             y = drop_labels(b[2], plan.class_dropout, cfg.null_class)
-            return diffusion_loss(m, scheduler, z, y)
+            return diffusion_loss(m, scheduler, z, y, weight=b[3])
 
-        dataset = TensorDataset(mu.cpu(), sigma.cpu(), labels)
+        weights = lesion_weights(site, train, cfg, plan.lesion_weight)
+        dataset = TensorDataset(mu.cpu(), sigma.cpu(), labels, weights)
         stats = _train_loop(
             module, dataset, plan, dp, loss, device, site.grad_sample_mode, groups, canary_set
         )
@@ -455,6 +464,35 @@ def run_training_round(
     # kept, and its release in the ledger, before the update can leave: a repeated request gets this same reply
     replay.keep(site, ledger, mechanism_id, plan, request, state, metrics, privacy)
     return RoundResult(site.name, state_dict=state, metrics=metrics, privacy=privacy)
+
+
+def lesion_weights(
+    site: SiteConfig, train: SiteData, cfg: ModelConfig, lesion_weight: float
+) -> torch.Tensor:
+    """Each training record's diffusion-loss weights (common/model.py lesion_weight_map) from its own lesion
+    mask in the site's masks/ folder; all ones with `lesion_weight` 0. A record without a usable mask trains with
+    the plain loss; lesion-class patients without one are counted in the log, an unreadable mask is named."""
+    shape = (len(train), 1) + (cfg.latent_size,) * cfg.spatial_dims
+    if lesion_weight == 0:
+        return torch.ones(shape)
+    masks, problems = load_lesion_masks(
+        site.site_dir, train.subject_ids, spatial_dims=cfg.spatial_dims, image_size=cfg.image_size
+    )
+    for problem in problems:
+        log.warning("site %s: %s", site.name, problem)
+    blank = np.zeros((1,) + (cfg.image_size,) * cfg.spatial_dims, dtype=bool)
+    lesion = cfg.class_names.index("lesion") if "lesion" in cfg.class_names else -1
+    unmasked = sum(m is None and y == lesion for m, y in zip(masks, train.labels, strict=True))
+    if unmasked:
+        log.warning(
+            "site %s: %d lesion-class records have no lesion mask in %s/masks/: they train with the plain "
+            "diffusion loss (add masks/<subject_id>.nii.gz to weight their lesions)",
+            site.name,
+            unmasked,
+            site.site_dir,
+        )
+    stacked = torch.from_numpy(np.stack([blank if m is None else m for m in masks]))
+    return lesion_weight_map(stacked, cfg.latent_size, lesion_weight)
 
 
 def _protection(accountant: str, delta: float) -> str:

@@ -171,6 +171,10 @@ class RunConfig:
     guidance_scale: float = 3.0
     # which UNet parameters the sites fine-tune with DP (DP_TRAINABLE); the privacy accounting is the same for any
     dp_trainable: str = "all"
+    # The diffusion loss at the sites weighs each patient's lesion region (from its own mask in masks/) by
+    # 1 + lesion-weight: without it the lesion label is not learnt, even without DP (docs/RECIPE.md, measured on
+    # public phantoms). 0: the plain loss. A patient without a mask trains with the plain loss.
+    lesion_weight: float = 20.0
     audit: bool = True  # run the federated privacy audit on the cohort after synthesis
     # Extraction by many samples (client/extraction.py): each site draws this many times the cohort's size from the
     # audited model with its own entropy, never released, and searches them for copies of its patients.
@@ -231,6 +235,10 @@ class RunConfig:
             raise ValueError(
                 "class-dropout must be in [0, 1): the share of diffusion training labels replaced by the null "
                 "class (classifier-free guidance; 0.1 is usual, 0 turns guidance off)"
+            )
+        if not 0.0 <= self.lesion_weight <= 1e4:
+            raise ValueError(
+                "lesion-weight must be in [0, 10000]: the extra loss weight of a lesion region (0: plain loss)"
             )
         if not 0.0 <= self.guidance_scale <= 50.0:
             raise ValueError(

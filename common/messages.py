@@ -73,8 +73,15 @@ class RoundPlan:
     class_dropout: float = 0.1
     # which diffusion UNet parameters the site trains (common/config.py DP_TRAINABLE); the rest come back unchanged
     dp_trainable: str = "all"
+    # the diffusion loss's extra weight on a patient's lesion region (common/model.py lesion_weight_map; 0: the
+    # plain loss); each sample's weights come from its own mask, so the clipping bounds a patient as before
+    lesion_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.lesion_weight < float("inf"):
+            raise MessageError(
+                f"RoundPlan: lesion-weight {self.lesion_weight} is not >= 0 and finite"
+            )
         if self.dp_trainable not in DP_TRAINABLE:
             raise MessageError(
                 f"RoundPlan: dp-trainable {self.dp_trainable!r} is not one of {list(DP_TRAINABLE)}"

@@ -212,9 +212,11 @@ def diffusion_loss(
     labels: torch.Tensor,
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample MSE of the UNet's prediction (the noise, or v, as the scheduler's prediction_type says), shape
-    (B,). `latents` are already scaled."""
+    (B,). `latents` are already scaled. `weight` (B, 1, *latent spatial), optional: each latent pixel's weight in
+    the mean (lesion_weight_map); each sample's loss still depends on that sample alone."""
     if noise is None:
         noise = torch.randn_like(latents)
     if timesteps is None:
@@ -228,7 +230,24 @@ def diffusion_loss(
         if scheduler.prediction_type == "epsilon"
         else scheduler.get_velocity(latents, noise, timesteps)
     )
-    return F.mse_loss(pred, target, reduction="none").mean(dim=tuple(range(1, latents.ndim)))
+    err = F.mse_loss(pred, target, reduction="none")
+    if weight is not None:
+        err = err * weight
+    return err.mean(dim=tuple(range(1, latents.ndim)))
+
+
+def lesion_weight_map(masks: torch.Tensor, latent_size: int, lesion_weight: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights 1 + lesion_weight x (the share of the pixel's image area that is lesion), from
+    lesion masks (B, 1, *image spatial), bool or float; shape (B, 1, *[latent_size] * spatial dims).
+
+    A lesion of a few latent pixels carries almost none of the plain diffusion loss, so the label that says
+    "lesion" is never learnt (docs/RECIPE.md); weighting the region makes the lesion's reconstruction count. With
+    no mask (all zeros) the weight is 1 everywhere: the plain loss."""
+    if lesion_weight < 0:
+        raise ValueError(f"lesion_weight must be >= 0, got {lesion_weight}")
+    spatial = masks.ndim - 2
+    pool = F.adaptive_avg_pool2d if spatial == 2 else F.adaptive_avg_pool3d
+    return 1.0 + lesion_weight * pool(masks.float(), (latent_size,) * spatial)
 
 
 @torch.no_grad()

@@ -39,11 +39,15 @@ LEARNING_RATE = (
 DP_TRAINABLE_SET = "attention-conditioning"
 CLASS_DROPOUT = 0.1
 GUIDANCE_SCALE = 3.0
+LESION_WEIGHT = (
+    20.0  # the lesion region's extra loss weight (docs/RECIPE.md: public tuning phantoms)
+)
 
 
 @dataclass(frozen=True)
 class DPRecipe:
-    """RunConfig keys (batch-size, local-epochs, lr-diffusion, dp-trainable, class-dropout, guidance-scale) and the
+    """RunConfig keys (batch-size, local-epochs, lr-diffusion, dp-trainable, class-dropout, guidance-scale,
+    lesion-weight) and the
     site's max-grad-norm, plus what the site will then calibrate (for information: the site decides)."""
 
     batch_size: int
@@ -57,6 +61,7 @@ class DPRecipe:
     dp_trainable: str
     class_dropout: float
     guidance_scale: float
+    lesion_weight: float
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -100,4 +105,5 @@ def dp_recipe(
         dp_trainable=DP_TRAINABLE_SET,
         class_dropout=CLASS_DROPOUT,
         guidance_scale=GUIDANCE_SCALE,
+        lesion_weight=LESION_WEIGHT,
     )

@@ -183,6 +183,7 @@ def demo_run_config(
             dp_trainable=r.dp_trainable,
             class_dropout=r.class_dropout,
             guidance_scale=r.guidance_scale,
+            lesion_weight=r.lesion_weight,
         )
     return RunConfig(
         preset=opts.preset,

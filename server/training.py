@@ -310,6 +310,7 @@ class Federation:
             seed=self.run.seed,
             class_dropout=self.run.class_dropout,
             dp_trainable=self.run.dp_trainable,
+            lesion_weight=self.run.lesion_weight,
         )
         active = self._active_nodes(state, r)
         if self.central.enabled:  # Flower's DP wrapper was set up for exactly these sites

@@ -79,3 +79,63 @@ def test_a_replayed_round_is_not_reproducible_under_dp(tmp_path, site_dir):
     assert any(not torch.equal(a[k], b[k]) for k in a), "a replayed DP round reproduced the update"
     c, d = replay(False, "c"), replay(False, "d")
     assert all(torch.equal(c[k], d[k]) for k in c), "without DP the seed should reproduce the round"
+
+
+def test_the_lesion_weights_come_from_each_patients_own_mask(tmp_path, site_dir, caplog):
+    """Lesion-class records with a mask get weights above 1 exactly where their lesion is; healthy records and
+    records without a mask train with the plain loss (weights 1), and a missing or broken mask is reported."""
+    import shutil
+
+    import numpy as np
+
+    from client.task import lesion_weights
+    from common.site import load_lesion_masks
+
+    cfg = model_config("tiny")
+    site = SiteConfig(site_dir=str(site_dir), state_dir=str(tmp_path / "state"), epsilon=5.0)
+    train, _ = load_training_data(site, cfg)
+    w = lesion_weights(site, train, cfg, 20.0)
+    assert w.shape == (len(train), 1, cfg.latent_size, cfg.latent_size)
+    lesion = torch.from_numpy(train.labels == cfg.class_names.index("lesion"))
+    assert lesion.any() and (~lesion).any()
+    assert (w[~lesion] == 1).all() and (w[lesion].amax(dim=(1, 2, 3)) > 1).all()
+    masks, _ = load_lesion_masks(
+        site_dir, train.subject_ids, spatial_dims=2, image_size=cfg.image_size
+    )
+    i = int(lesion.nonzero()[0])  # where the weight is above 1, the record's own mask has lesion
+    grid = torch.nn.functional.adaptive_max_pool2d(
+        torch.from_numpy(masks[i]).float(), cfg.latent_size
+    )
+    assert torch.equal(w[i] > 1, grid > 0)
+    assert torch.equal(lesion_weights(site, train, cfg, 0.0), torch.ones_like(w))
+
+    copy = tmp_path / "site"
+    shutil.copytree(site_dir, copy)
+    lesion_ids = [s for s, y in zip(train.subject_ids, lesion.tolist(), strict=True) if y]
+    (copy / "masks" / f"{lesion_ids[0]}.nii.gz").unlink()  # one mask missing
+    (copy / "masks" / f"{lesion_ids[1]}.nii.gz").write_bytes(b"not a nifti")  # one broken
+    site = SiteConfig(site_dir=str(copy), state_dir=str(tmp_path / "state"), epsilon=5.0)
+    with caplog.at_level("WARNING"):
+        w2 = lesion_weights(site, train, cfg, 20.0)
+    gone = [train.subject_ids.index(s) for s in lesion_ids[:2]]
+    assert (w2[gone] == 1).all()
+    assert np.array_equal(w2[~lesion].numpy(), w[~lesion].numpy())
+    assert f"{lesion_ids[1]}.nii.gz" in caplog.text  # the broken file, named
+    assert "2 lesion-class records have no lesion mask" in caplog.text
+
+
+def test_a_diffusion_round_trains_on_the_lesion_weighted_loss(tmp_path, site_dir):
+    """Same draws (a site without DP: the plan's seed), lesion weight 200 vs 0: the reported training loss is the
+    weighted one, larger (weights >= 1, and above 1 on the lesions)."""
+    cfg = model_config("tiny")
+    ae, unet = build_autoencoder(cfg).state_dict(), build_unet(cfg).state_dict()
+    losses = {}
+    for weight in (0.0, 200.0):
+        site = SiteConfig(
+            site_dir=str(site_dir), state_dir=str(tmp_path / f"w{weight}"), dp=False, threads=1
+        )
+        plan = tiny_plan(phase="diffusion", lesion_weight=weight, batch_size=15)
+        result = run_training_round(site, plan, unet, ae)
+        assert not result.refused
+        losses[weight] = result.metrics["loss"]
+    assert losses[200.0] > 1.2 * losses[0.0]

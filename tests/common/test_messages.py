@@ -100,6 +100,9 @@ def test_an_extra_key_or_a_wrong_type_is_refused():
         RoundPlan.from_record(record)
     with pytest.raises(MessageError, match="phase"):
         RoundPlan.from_record(ConfigRecord({**PLAN.to_record(), "phase": "pretraining"}))
+    for weight in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(MessageError, match="lesion-weight"):
+            RoundPlan.from_record(ConfigRecord({**PLAN.to_record(), "lesion-weight": weight}))
     with pytest.raises(MessageError, match="record is missing"):
         AuditRequest.from_record(None)
     metrics = TrainMetrics(steps=3, seconds=1.0, epsilon=1.0, delta=1e-5).to_record()

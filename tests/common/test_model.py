@@ -12,6 +12,7 @@ from common.model import (
     diffusion_loss,
     encode,
     estimate_latent_scale,
+    lesion_weight_map,
     sample_latents,
 )
 
@@ -42,6 +43,49 @@ def test_diffusion_loss_uses_class_label():
     a = diffusion_loss(unet, ddpm_scheduler(cfg), z, torch.tensor([0, 0]), t, noise)
     b = diffusion_loss(unet, ddpm_scheduler(cfg), z, torch.tensor([1, 1]), t, noise)
     assert not torch.allclose(a, b)
+
+
+def test_the_lesion_weight_map_weighs_the_masked_latent_pixels_only():
+    """2D and 3D: a mask's latent pixels get 1 + w x (their lesion share), the rest 1; a negative weight is
+    refused; with an empty mask, or weight 0, the weighted loss is the plain loss, bit for bit."""
+    import pytest
+
+    mask = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    mask[0, 0, :4, :4] = (
+        True  # exactly the top-left latent pixel of a 4 x 4 latent grid (2 x 2 pooling)
+    )
+    mask[0, 0, 4, 4] = True  # a quarter of one latent pixel
+    w = lesion_weight_map(mask, 4, 20.0)
+    assert w.shape == (2, 1, 4, 4)
+    assert w[0, 0, :2, :2].tolist() == [[21.0, 21.0], [21.0, 21.0]]
+    assert w[0, 0, 2, 2] == 1.0 + 20.0 / 4
+    assert float(w[0].sum()) == 16 + 4 * 20 + 5 and (w[1] == 1).all()
+    assert lesion_weight_map(torch.ones(1, 1, 8, 8, 8), 2, 3.0).shape == (1, 1, 2, 2, 2)
+    with pytest.raises(ValueError, match="lesion_weight"):
+        lesion_weight_map(mask, 4, -1.0)
+
+    cfg = model_config("tiny")
+    torch.manual_seed(0)
+    unet, sched = build_unet(cfg), ddpm_scheduler(cfg)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    z = torch.randn(2, *cfg.latent_shape)
+    y, t, noise = torch.tensor([1, 0]), torch.tensor([300, 700]), torch.randn_like(z)
+    plain = diffusion_loss(unet, sched, z, y, t, noise)
+    empty = torch.zeros(2, 1, cfg.image_size, cfg.image_size)
+    for weight in (
+        lesion_weight_map(empty, cfg.latent_size, 50.0),
+        lesion_weight_map(empty + 1, cfg.latent_size, 0.0),
+    ):
+        assert torch.equal(diffusion_loss(unet, sched, z, y, t, noise, weight=weight), plain)
+    lesion = empty.clone()
+    lesion[0, :, :16, :16] = 1  # the first sample's top-left quarter
+    weighted = diffusion_loss(
+        unet, sched, z, y, t, noise, weight=lesion_weight_map(lesion, cfg.latent_size, 10.0)
+    )
+    assert weighted[1] == plain[1]  # a sample's weights are its own
+    assert weighted[0] > plain[0]
 
 
 def test_ddim_sampling_is_seeded_and_decodes_to_unit_range():

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.task import _empty_step
 from common.config import model_config
-from common.model import build_unet, ddpm_scheduler, diffusion_loss
+from common.model import build_unet, ddpm_scheduler, diffusion_loss, lesion_weight_map
 from privacy.bookkeeping import BookKeepingModule
 from privacy.dp import (
     GRAD_SAMPLE_MODES,
@@ -54,12 +54,12 @@ def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def _summed_clipped_grad(model, opt, x) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-sample raw gradient norms, sum of clipped per-sample gradients) for batch x, before noise."""
+def _summed_clipped_grad(model, opt, x, loss_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample raw gradient norms, sum of clipped per-sample gradients) for batch x, before noise.
+    `loss_fn(model, x)`: the per-sample losses (default: the squared output)."""
     opt.zero_grad()
-    (model(x) ** 2).sum(
-        1
-    ).mean().backward()  # per-sample losses, averaged over the batch as in training
+    per_sample = (model(x) ** 2).sum(1) if loss_fn is None else loss_fn(model, x)
+    per_sample.mean().backward()  # per-sample losses, averaged over the batch as in training
     params = [p for p in model.parameters() if p.requires_grad]
     if isinstance(model, BookKeepingModule):
         return model.clipped_grad_sum(opt.max_grad_norm), _flat(p.grad for p in params)
@@ -88,6 +88,55 @@ def test_per_sample_gradients_are_clipped_to_max_grad_norm(mode):
     raw_all, with_outlier = _summed_clipped_grad(model, opt, torch.cat([x, outlier]))
     _, without = _summed_clipped_grad(model, opt, x)
     assert raw_all[-1] > 4 * clip
+    assert (with_outlier - without).norm() <= clip + 1e-5
+
+
+@pytest.mark.parametrize("mode", ["bookkeeping", "hooks"])
+def test_a_lesion_weight_cannot_take_a_patient_past_the_clipping_norm(mode):
+    """The sites' lesion-weighted diffusion loss (client/task.py): a patient whose weights are huge (an attacker's
+    plan: lesion-weight 10^4, the patient's whole image masked) has a raw gradient far above the clipping norm, yet
+    moves the clipped sum by at most C, as any patient does: the weights come from the patient's own record."""
+    cfg = model_config("tiny")
+    sched = ddpm_scheduler(cfg)
+    g = torch.Generator().manual_seed(3)
+    n = 5
+    z = torch.randn((n + 1,) + cfg.latent_shape, generator=g)
+    labels = torch.randint(0, cfg.num_classes, (n + 1,), generator=g)
+    t = torch.randint(0, cfg.train_timesteps, (n + 1,), generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    masks = torch.zeros((n + 1, 1) + (cfg.image_size,) * 2)
+    masks[-1] = 1.0  # the outlier patient: everything is "lesion"
+    weights = lesion_weight_map(masks, cfg.latent_size, 1e4)
+    torch.manual_seed(0)
+    net = build_unet(cfg).train()
+    with (
+        torch.no_grad()
+    ):  # MONAI zero-initialises output convolutions: make every gradient non-zero
+        for p in net.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    clip = 0.5
+    data = TensorDataset(torch.randn(8 * n, *cfg.latent_shape))
+    model, opt, _ = make_private(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.0),
+        DataLoader(data, batch_size=n),
+        noise_multiplier=1.0,
+        max_grad_norm=clip,
+        test_seed=0,
+        grad_sample_mode=mode,
+    )
+
+    def loss(idx):
+        return lambda m, _: diffusion_loss(
+            m, sched, z[idx], labels[idx], timesteps=t[idx], noise=noise[idx], weight=weights[idx]
+        )
+
+    everyone, others = torch.arange(n + 1), torch.arange(n)
+    raw, with_outlier = _summed_clipped_grad(model, opt, z[everyone], loss(everyone))
+    _, without = _summed_clipped_grad(model, opt, z[others], loss(others))
+    assert (
+        raw[-1] > 20 * clip and raw[-1] > 20 * raw[:-1].max()
+    )  # the weights do inflate that gradient
     assert (with_outlier - without).norm() <= clip + 1e-5
 
 
