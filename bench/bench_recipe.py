@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import shutil
+import textwrap
 import time
 from pathlib import Path
 
@@ -217,7 +218,30 @@ def score(ae, unet, cfg, scale, valid, reader, args) -> dict:
         s = samples(ae, unet, cfg, scale, args.per_class, w, args.ddim_steps)
         row[f"lesion_share_lesion_w{w:g}"] = round(lesion_share(reader, s["lesion"]), 3)
         row[f"lesion_share_healthy_w{w:g}"] = round(lesion_share(reader, s["healthy"]), 3)
-    return row
+    return row, s  # the samples at the last guidance scale
+
+
+def samples_figure(rows: list[tuple[str, torch.Tensor]], path: Path) -> None:
+    """One row of 8 samples per (label, images), brain crops, written to `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(
+        len(rows), 8, figsize=(13, 1.75 * len(rows)), squeeze=False,
+        gridspec_kw=dict(wspace=0.02, hspace=0.04),
+    )  # fmt: skip
+    for i, (label, images) in enumerate(rows):
+        for j in range(8):
+            ax[i, j].imshow(images[j, 0, 6:-6, 6:-6], cmap="gray", vmin=0, vmax=1)
+            ax[i, j].set_xticks([])
+            ax[i, j].set_yticks([])
+        lines = [w for part in label.split("\n") for w in textwrap.wrap(part, 26)]
+        ax[i, 0].set_ylabel("\n".join(lines), fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=64, bbox_inches="tight")
+    plt.close(fig)
 
 
 def fine_tune(
@@ -303,6 +327,14 @@ def main() -> None:
     ap.add_argument(
         "--chosen", default="", help="trainable:lr:clip for stage site (default: recipe)"
     )
+    ap.add_argument(
+        "--figure",
+        nargs="+",
+        default=[],
+        metavar=("PNG", "KEY"),
+        help="draw PNG: guided samples (8 per class, the last --guidance) of the finished configurations KEY ... "
+        "(results.jsonl keys, their states in --out/states; 'LABEL|KEY' names a row), then stop",
+    )
     args = ap.parse_args()
     silence_known_noise()
     torch.set_num_threads(args.threads)
@@ -346,6 +378,7 @@ def main() -> None:
     init_unseen_classes(with_null, [1, 0], cfg.null_class)  # the public set is healthy only
     starts = {"random": public, "null": {**public, "unet": with_null.state_dict()}}
     readers: dict[str, LesionReader] = {}
+    figure_rows: dict[str, list] = {}
 
     def through_ae(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -389,9 +422,27 @@ def main() -> None:
             "lesion_share_real_healthy_through_ae": round(
                 lesion_share(reader, recon[test_y == 0]), 3
             ),
-            **score(ae, unet, cfg, public["latent_scale"], (test_x, test_y), reader, args),
         }
-        record(row)
+        scores, shown = score(ae, unet, cfg, public["latent_scale"], (test_x, test_y), reader, args)
+        record({**row, **scores})
+        name = key.replace(" ", "_").replace("/", "-")
+        figure_rows[key] = [(f"{key}\n{c} class", shown[c]) for c in ("healthy", "lesion")]
+        samples_figure(figure_rows[key], out / "samples" / f"{name}.png")
+
+    if args.figure:
+        rows = []
+        for item in args.figure[1:]:
+            label, _, key = item.rpartition("|")
+            unet = build_unet(cfg)
+            name = key.replace(" ", "_").replace("/", "-")
+            unet.load_state_dict(torch.load(out / "states" / f"{name}.pt", weights_only=False))
+            shown = samples(
+                ae, unet, cfg, public["latent_scale"], 8, args.guidance[-1], args.ddim_steps
+            )
+            rows += [(f"{label or key}\n{c} class", shown[c]) for c in ("healthy", "lesion")]
+        samples_figure(rows, Path(args.figure[0]))
+        log(f"wrote {args.figure[0]}")
+        return
 
     if args.stage in ("grid", "both"):
         tune_dir = render(out, TUNE, args.tune_patients, cfg.image_size)
