@@ -54,6 +54,17 @@ def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+def _tiny_unet(cfg) -> nn.Module:
+    """The tiny UNet in training mode, seeded; MONAI zero-initialises output convolutions, so every parameter is
+    nudged to make every gradient non-zero."""
+    torch.manual_seed(0)
+    net = build_unet(cfg).train()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    return net
+
+
 def _summed_clipped_grad(model, opt, x, loss_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample raw gradient norms, sum of clipped per-sample gradients) for batch x, before noise.
     `loss_fn(model, x)`: the per-sample losses (default: the squared output)."""
@@ -107,24 +118,9 @@ def test_a_lesion_weight_cannot_take_a_patient_past_the_clipping_norm(mode):
     masks = torch.zeros((n + 1, 1) + (cfg.image_size,) * 2)
     masks[-1] = 1.0  # the outlier patient: everything is "lesion"
     weights = lesion_weight_map(masks, cfg.latent_size, 1e4)
-    torch.manual_seed(0)
-    net = build_unet(cfg).train()
-    with (
-        torch.no_grad()
-    ):  # MONAI zero-initialises output convolutions: make every gradient non-zero
-        for p in net.parameters():
-            p.add_(torch.randn_like(p), alpha=0.05)
     clip = 0.5
     data = TensorDataset(torch.randn(8 * n, *cfg.latent_shape))
-    model, opt, _ = make_private(
-        net,
-        torch.optim.SGD(net.parameters(), lr=0.0),
-        DataLoader(data, batch_size=n),
-        noise_multiplier=1.0,
-        max_grad_norm=clip,
-        test_seed=0,
-        grad_sample_mode=mode,
-    )
+    model, opt, _ = _private(_tiny_unet(cfg), DataLoader(data, batch_size=n), clip=clip, mode=mode)
 
     def loss(idx):
         return lambda m, _: diffusion_loss(
@@ -215,14 +211,7 @@ def test_bookkeeping_step_equals_opacus_hooks_step_on_the_unet():
     data = TensorDataset(torch.randn(8 * n, *cfg.latent_shape))
 
     def unet():
-        torch.manual_seed(0)
-        net = build_unet(cfg).train()
-        with (
-            torch.no_grad()
-        ):  # MONAI zero-initialises output convolutions: make every gradient non-zero
-            for p in net.parameters():
-                p.add_(torch.randn_like(p), alpha=0.05)
-        return net
+        return _tiny_unet(cfg)
 
     probe = BookKeepingModule(unet())
     diffusion_loss(probe, sched, x, labels, timesteps=t, noise=noise).mean().backward()
