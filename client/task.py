@@ -470,19 +470,28 @@ def lesion_weights(
     site: SiteConfig, train: SiteData, cfg: ModelConfig, lesion_weight: float
 ) -> torch.Tensor:
     """Each training record's diffusion-loss weights (common/model.py lesion_weight_map) from its own lesion
-    mask in the site's masks/ folder; all ones with `lesion_weight` 0. A record without a usable mask trains with
-    the plain loss; lesion-class patients without one are counted in the log, an unreadable mask is named."""
+    mask in the site's masks/ folder; all ones with `lesion_weight` 0 and for healthy-class records (their masks
+    are not read). A record without a usable mask trains with the plain loss; lesion-class patients without one are
+    counted in the log, an unreadable mask is named."""
     shape = (len(train), 1) + (cfg.latent_size,) * cfg.spatial_dims
     if lesion_weight == 0:
         return torch.ones(shape)
-    masks, problems = load_lesion_masks(
-        site.site_dir, train.subject_ids, spatial_dims=cfg.spatial_dims, image_size=cfg.image_size
+    # only lesion-class records are read: a healthy record's weights are 1 whatever its mask holds
+    lesion = cfg.class_names.index("lesion") if "lesion" in cfg.class_names else -1
+    rows = [i for i, y in enumerate(train.labels) if y == lesion]
+    found, problems = load_lesion_masks(
+        site.site_dir,
+        [train.subject_ids[i] for i in rows],
+        spatial_dims=cfg.spatial_dims,
+        image_size=cfg.image_size,
     )
     for problem in problems:
         log.warning("site %s: %s", site.name, problem)
+    masks: list[np.ndarray | None] = [None] * len(train)
+    for i, m in zip(rows, found, strict=True):
+        masks[i] = m
     blank = np.zeros((1,) + (cfg.image_size,) * cfg.spatial_dims, dtype=bool)
-    lesion = cfg.class_names.index("lesion") if "lesion" in cfg.class_names else -1
-    unmasked = sum(m is None and y == lesion for m, y in zip(masks, train.labels, strict=True))
+    unmasked = sum(m is None for m in found)
     if unmasked:
         log.warning(
             "site %s: %d lesion-class records have no lesion mask in %s/masks/: they train with the plain "
