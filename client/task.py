@@ -487,10 +487,6 @@ def lesion_weights(
     )
     for problem in problems:
         log.warning("site %s: %s", site.name, problem)
-    masks: list[np.ndarray | None] = [None] * len(train)
-    for i, m in zip(rows, found, strict=True):
-        masks[i] = m
-    blank = np.zeros((1,) + (cfg.image_size,) * cfg.spatial_dims, dtype=bool)
     unmasked = sum(m is None for m in found)
     if unmasked:
         log.warning(
@@ -500,8 +496,12 @@ def lesion_weights(
             unmasked,
             site.site_dir,
         )
-    stacked = torch.from_numpy(np.stack([blank if m is None else m for m in masks]))
-    return lesion_weight_map(stacked, cfg.latent_size, lesion_weight)
+    weights = torch.ones(shape)
+    masked = [(i, m) for i, m in zip(rows, found, strict=True) if m is not None]
+    if masked:
+        stacked = torch.from_numpy(np.stack([m for _, m in masked]))
+        weights[[i for i, _ in masked]] = lesion_weight_map(stacked, cfg.latent_size, lesion_weight)
+    return weights
 
 
 def _protection(accountant: str, delta: float) -> str:

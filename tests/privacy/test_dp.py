@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.task import _empty_step
 from common.config import model_config
-from common.model import build_unet, ddpm_scheduler, diffusion_loss, lesion_weight_map
+from common.model import ddpm_scheduler, diffusion_loss, lesion_weight_map
 from privacy.bookkeeping import BookKeepingModule
 from privacy.dp import (
     GRAD_SAMPLE_MODES,
@@ -24,6 +24,7 @@ from privacy.dp import (
     make_private,
     sample_rate_of,
 )
+from tests.privacy.conftest import trained_looking_unet
 
 
 def _loader(n: int = 64, features: int = 16, batch_size: int = 8) -> DataLoader:
@@ -52,17 +53,6 @@ def _private(model, loader, *, sigma=1.0, clip=0.5, mode="bookkeeping"):
 
 def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def _tiny_unet(cfg) -> nn.Module:
-    """The tiny UNet in training mode, seeded; MONAI zero-initialises output convolutions, so every parameter is
-    nudged to make every gradient non-zero."""
-    torch.manual_seed(0)
-    net = build_unet(cfg).train()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p), alpha=0.05)
-    return net
 
 
 def _summed_clipped_grad(model, opt, x, loss_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +110,9 @@ def test_a_lesion_weight_cannot_take_a_patient_past_the_clipping_norm(mode):
     weights = lesion_weight_map(masks, cfg.latent_size, 1e4)
     clip = 0.5
     data = TensorDataset(torch.randn(8 * n, *cfg.latent_shape))
-    model, opt, _ = _private(_tiny_unet(cfg), DataLoader(data, batch_size=n), clip=clip, mode=mode)
+    model, opt, _ = _private(
+        trained_looking_unet(cfg), DataLoader(data, batch_size=n), clip=clip, mode=mode
+    )
 
     def loss(idx):
         return lambda m, _: diffusion_loss(
@@ -211,7 +203,7 @@ def test_bookkeeping_step_equals_opacus_hooks_step_on_the_unet():
     data = TensorDataset(torch.randn(8 * n, *cfg.latent_shape))
 
     def unet():
-        return _tiny_unet(cfg)
+        return trained_looking_unet(cfg)
 
     probe = BookKeepingModule(unet())
     diffusion_loss(probe, sched, x, labels, timesteps=t, noise=noise).mean().backward()

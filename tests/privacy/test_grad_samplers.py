@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from common.config import model_config
-from common.model import build_unet, ddpm_scheduler, diffusion_loss
+from common.model import ddpm_scheduler, diffusion_loss
 from privacy.bookkeeping import BookKeepingModule
 from privacy.grad_samplers import (
     FAST_GRAD_SAMPLERS,
@@ -31,6 +31,7 @@ from privacy.grad_samplers import (
     release_grad_sample_buffers,
     restore_grad_samplers,
 )
+from tests.privacy.conftest import trained_looking_unet
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -133,21 +134,9 @@ def test_linear_per_sample_gradients_are_exact(shape, bias):
         _close(ours[p], reference[p], f"{name} vs Opacus")
 
 
-def _trained_looking_unet(cfg):
-    """MONAI zero-initialises the output convolutions (of the UNet and of each residual block), so at
-    initialisation most parameters get no gradient at all and a test would compare zeros with zeros: perturb
-    every parameter."""
-    torch.manual_seed(0)
-    unet = build_unet(cfg).train()
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(torch.randn_like(p), alpha=0.05)
-    return unet
-
-
 def _unet_batch(n: int = 4):
     cfg = model_config("tiny")
-    unet = _trained_looking_unet(cfg)
+    unet = trained_looking_unet(cfg)
     g = torch.Generator().manual_seed(1)
     x = torch.randn((n,) + cfg.latent_shape, generator=g)
     labels = torch.randint(0, cfg.num_classes, (n,), generator=g)
@@ -394,7 +383,7 @@ def test_bookkeeping_linear_embedding_conv1d_conv3d_are_exact():
 def test_bookkeeping_unet_clipped_sum_matches_per_sample_reference(preset):
     """tiny3d: the 3-D UNet (Conv3d, GroupNorm on volumes, attention over 4^3 tokens) the CPU 3-D path trains."""
     cfg = model_config(preset)
-    unet = _trained_looking_unet(cfg)
+    unet = trained_looking_unet(cfg)
     sched = ddpm_scheduler(cfg)
     g = torch.Generator().manual_seed(1)
     n = 4
