@@ -390,11 +390,22 @@ def main() -> None:
         """The lesion reader of the validation protocol: trained on ITS OWN public phantoms (never the evaluated
         ones) as the public autoencoder reconstructs them, i.e. in the domain the generator's samples live in."""
         if valid_spec.name not in readers:
-            spec = READERS[valid_spec.name]
-            images, labels, masks = load(
-                render(out, spec, args.reader_patients, cfg.image_size), cfg, masks=True
-            )
-            readers[valid_spec.name] = train_reader(through_ae(images), masks, labels)
+            # kept in --out with the public checkpoint it reads through: one reader for every run on this folder
+            path = out / f"reader-{valid_spec.name}-{args.reader_patients}.pt"
+            if path.exists():
+                saved = torch.load(path, weights_only=False)
+                reader = LesionReader()
+                reader.load_state_dict(saved["state"])
+                reader.threshold = saved["threshold"]
+                reader.eval()
+            else:
+                spec = READERS[valid_spec.name]
+                images, labels, masks = load(
+                    render(out, spec, args.reader_patients, cfg.image_size), cfg, masks=True
+                )
+                reader = train_reader(through_ae(images), masks, labels)
+                torch.save({"state": reader.state_dict(), "threshold": reader.threshold}, path)
+            readers[valid_spec.name] = reader
             log(
                 f"  lesion reader for {valid_spec.name}: {args.reader_patients} public phantoms of its protocol"
             )

@@ -310,7 +310,9 @@ def load_pretrained(path: Path | str, cfg: ModelConfig) -> tuple[Checkpoint, dic
             f"{path}: not a pretrained checkpoint (it was not made by `fedsynth pretrain`); a run's own "
             "checkpoint cannot start another run"
         )
-    if ckpt.model_config != cfg:
+    # the sampler's step count is how a model is sampled, not which model it is: a checkpoint made when the preset
+    # sampled with other steps still fits (the run samples with its own)
+    if dataclasses.replace(ckpt.model_config, ddim_steps=cfg.ddim_steps) != cfg:
         mine, theirs = dataclasses.asdict(cfg), dataclasses.asdict(ckpt.model_config)
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
         raise ValueError(

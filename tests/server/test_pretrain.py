@@ -181,6 +181,25 @@ def test_a_run_refuses_a_checkpoint_of_another_preset_or_a_run_checkpoint(pretra
         load_pretrained(latest, model_config("tiny"))
 
 
+def test_a_checkpoint_sampled_with_other_steps_still_fits_but_another_shape_does_not(
+    pretrained, tmp_path
+):
+    """A preset's sampler step count changes (small: DDIM 50 -> 25) without changing the model: a checkpoint made
+    before still starts runs; a checkpoint whose UNet has another shape is refused, naming the field."""
+    ckpt = Checkpoint.load(pretrained)
+    cfg = model_config("tiny")
+    other_steps = dataclasses.replace(
+        ckpt, model_config=dataclasses.replace(cfg, ddim_steps=cfg.ddim_steps + 40)
+    )
+    loaded, _ = load_pretrained(other_steps.write(tmp_path / "steps.pt"), cfg)
+    assert loaded.model_config.ddim_steps == cfg.ddim_steps + 40
+    other_shape = dataclasses.replace(
+        ckpt, model_config=dataclasses.replace(cfg, unet_channels=(16, 64))
+    )
+    with pytest.raises(ValueError, match="differs in unet_channels"):
+        load_pretrained(other_shape.write(tmp_path / "shape.pt"), cfg)
+
+
 def _run(run_dir, pretrained, **kw) -> RunConfig:
     return RunConfig(
         **{
