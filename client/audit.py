@@ -41,7 +41,7 @@ from common.model import (
     diffusion_loss,
     encode,
 )
-from common.site import SiteData
+from common.site import MIN_PER_SIDE, SiteData
 from privacy.audit_schema import MIN_RECORDS
 from privacy.audit_stats import (
     empirical_epsilon_lower_bound,
@@ -270,9 +270,10 @@ def audit_site(
         in_run
     ):  # members: the patients this run trained on (not newcomers assigned to training since)
         train = train.with_patients(in_run)
-    if len(train) < 2 or len(holdout) < 2:
+    if len(train) < MIN_PER_SIDE or len(holdout) < MIN_PER_SIDE:
         raise ValueError(
-            f"site {site.name}: needs >= 2 training and >= 2 hold-out patients to audit"
+            f"site {site.name}: needs >= {MIN_PER_SIDE} training and >= {MIN_PER_SIDE} hold-out patients to "
+            f"audit (has {len(train)} and {len(holdout)})"
         )
     privacy = run_privacy_claim(site, ledger, run_id)
     delta = float(privacy["delta"])

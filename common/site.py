@@ -453,6 +453,7 @@ def load_site(
 
 
 HOLDOUT_SALT = "fedsynth-audit-holdout"
+MIN_PER_SIDE = 2  # training and hold-out patients the audit needs at least (client/audit.py)
 
 
 def _unit_hash(salt: str, sid: str) -> float:
@@ -472,8 +473,9 @@ def assign_holdout(
     A patient in `known` (the sides persisted in the site's privacy ledger) keeps that side, whatever the fraction
     is now. A new patient is held out when hash(salt, patient id) < holdout_fraction, so adding a patient moves
     nobody else. Per class (of a patient's first scan) with two or more patients, if one side would be empty, the
-    NEW patient nearest the threshold is moved so both sides have one; known patients never move. The fraction is
-    therefore approximate.
+    NEW patient nearest the threshold is moved so both sides have one; and a site of 2 x MIN_PER_SIDE patients or
+    more gets at least MIN_PER_SIDE on each side (what the audit needs) the same way. Known patients never move.
+    The fraction is therefore approximate.
     """
     if not 0 < holdout_fraction < 1:
         raise ValueError(f"holdout_fraction must be between 0 and 1, got {holdout_fraction}")
@@ -494,6 +496,15 @@ def assign_holdout(
             side[min(movable, key=u.get)] = "holdout"
         elif all(side[p] == "holdout" for p in members):
             side[max(movable, key=u.get)] = "train"
+    # the audit needs MIN_PER_SIDE patients on each side: a small site the hash left short gets the NEW patients
+    # nearest the threshold moved (so a 20-patient site cannot end with one hold-out patient and no audit)
+    for short, other, nearest in (("holdout", "train", min), ("train", "holdout", max)):
+        while (
+            len(side) >= 2 * MIN_PER_SIDE
+            and sum(s == short for s in side.values()) < MIN_PER_SIDE
+            and (movable := [p for p in side if side[p] == other and p not in known])
+        ):
+            side[nearest(movable, key=u.get)] = short
     return side
 
 

@@ -20,9 +20,13 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from common.site import (
     DEFAULT_CLASS_NAMES,
+    HOLDOUT_SALT,
+    MIN_PER_SIDE,
     SiteData,
     SiteError,
     SiteProblem,
+    _unit_hash,
+    assign_holdout,
     check_site,
     load_site,
     split_site,
@@ -460,6 +464,31 @@ def test_split_is_stable_when_a_subject_is_added():
     for extra in ("new-a", "new-b", "new-c"):
         _, hold_more = split_site(fake_site(ids + [extra], labels + [1]))
         assert set(hold_more.subject_ids) - {extra} == set(hold.subject_ids)
+
+
+def test_a_small_site_gets_two_patients_on_each_side_for_its_audit():
+    # the 3-D demo's lesion-free site: 20 patients of one class, the hash holds out just one at 0.25
+    ids = [f"site2-sub{i:04d}" for i in range(20)]
+    hashed = sum(_unit_hash(HOLDOUT_SALT, p) < 0.25 for p in ids)
+    assert hashed == 1  # what the hash alone gives: no audit possible
+    side = assign_holdout(fake_site(ids, [0] * 20), 0.25)
+    assert sum(s == "holdout" for s in side.values()) == MIN_PER_SIDE
+    # the patient moved is the one nearest the threshold; nobody else moves
+    moved = {p for p in ids if side[p] == "holdout" and _unit_hash(HOLDOUT_SALT, p) >= 0.25}
+    assert moved == {
+        min(
+            (p for p in ids if _unit_hash(HOLDOUT_SALT, p) >= 0.25),
+            key=lambda p: _unit_hash(HOLDOUT_SALT, p),
+        )
+    }
+    # patients already in the ledger keep their side, even if that leaves the site short
+    known = {p: "train" for p in ids}
+    assert set(assign_holdout(fake_site(ids, [0] * 20), 0.25, known=known).values()) == {"train"}
+    # and the other way round: a fraction that holds out nearly everyone still leaves two to train on
+    side = assign_holdout(fake_site(ids, [0] * 20), 0.99)
+    assert sum(s == "train" for s in side.values()) == MIN_PER_SIDE
+    # too small a site for both: as the hash says (and the audit says why it cannot run)
+    assert len(assign_holdout(fake_site(ids[:3], [0] * 3), 0.25)) == 3
 
 
 def test_split_stratifies_small_classes():
