@@ -182,6 +182,10 @@ def write_preview(
     import matplotlib.pyplot as plt
 
     n_views = len(preview_views(images[0])) if len(images) else 1
+    # no empty columns: as many as the largest class shows
+    per_row = max(
+        1, min(per_row, max((int((labels == r).sum()) for r in range(len(class_names))), default=1))
+    )
     view_names = ("sagittal", "coronal", "axial") if n_views == 3 else ("",)
     rows = len(class_names) * n_views
     fig, axes = plt.subplots(rows, per_row, figsize=(per_row * 1.4, rows * 1.5), squeeze=False)

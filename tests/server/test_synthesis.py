@@ -246,3 +246,19 @@ def test_a_failing_worker_is_named_and_the_rest_is_resumed_on_other_devices(tmp_
     synthesize_cohort(replace(req, device="cpu"), progress=messages.append)
     assert any(f"{len(written)} images already written and verified" in m for m in messages)
     assert verify_cohort(tmp_path / "c") == []
+
+
+def test_the_preview_has_no_empty_columns(tmp_path):
+    """A small cohort's preview is as wide as its largest class, not PREVIEW_PER_ROW columns of blank space."""
+    from PIL import Image
+
+    def width(per_class: int, dims: int) -> int:
+        n = 2 * per_class
+        images = np.random.default_rng(0).random((n, 1) + (16,) * dims, dtype=np.float32)
+        labels = np.repeat([0, 1], per_class)
+        path = tmp_path / f"preview-{per_class}-{dims}.png"
+        synthesis.write_preview(path, images, labels, ("healthy", "lesion"))
+        return Image.open(path).size[0]
+
+    assert width(2, 2) < 0.5 * width(synthesis.PREVIEW_PER_ROW, 2)
+    assert width(2, 3) < 0.75 * width(synthesis.PREVIEW_PER_ROW, 3)  # the title sets a floor
