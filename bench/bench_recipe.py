@@ -333,7 +333,7 @@ def main() -> None:
         default=[],
         metavar=("PNG", "KEY"),
         help="draw PNG: guided samples (8 per class, the last --guidance) of the finished configurations KEY ... "
-        "(results.jsonl keys, their states in --out/states; 'LABEL|KEY' names a row), then stop",
+        "(results.jsonl keys, their states in --out/states; 'LABEL|KEY' names a row; 'KEY@DIR' takes the state from another --out made from the same public.pt), then stop",
     )
     args = ap.parse_args()
     silence_known_noise()
@@ -444,9 +444,13 @@ def main() -> None:
         rows = []
         for item in args.figure[1:]:
             label, _, key = item.rpartition("|")
+            key, _, other = key.partition(
+                "@"
+            )  # KEY@DIR: a configuration of another --out on the same public.pt
             unet = build_unet(cfg)
             name = key.replace(" ", "_").replace("/", "-")
-            unet.load_state_dict(torch.load(out / "states" / f"{name}.pt", weights_only=False))
+            states = Path(other) / "states" if other else out / "states"
+            unet.load_state_dict(torch.load(states / f"{name}.pt", weights_only=False))
             shown = samples(
                 ae, unet, cfg, public["latent_scale"], 8, args.guidance[-1], args.ddim_steps
             )
