@@ -335,6 +335,14 @@ def main() -> None:
         help="draw PNG: guided samples (8 per class, the last --guidance) of the finished configurations KEY ... "
         "(results.jsonl keys, their states in --out/states; 'LABEL|KEY' names a row; 'KEY@DIR' takes the state from another --out made from the same public.pt), then stop",
     )
+    ap.add_argument(
+        "--reread",
+        nargs="+",
+        default=[],
+        metavar="KEY",
+        help="re-read finished configurations KEY[@DIR] ... with THIS --out's lesion reader at --per-class samples "
+        "per class (the last --guidance), one JSON line each, then stop: one reader for rows of several runs",
+    )
     args = ap.parse_args()
     silence_known_noise()
     torch.set_num_threads(args.threads)
@@ -440,17 +448,36 @@ def main() -> None:
         figure_rows[key] = [(f"{key}\n{c} class", shown[c]) for c in ("healthy", "lesion")]
         samples_figure(figure_rows[key], out / "samples" / f"{name}.png")
 
+    def state_of(item: str) -> dict:
+        key, _, other = item.partition(
+            "@"
+        )  # KEY@DIR: a configuration of another --out on the same public.pt
+        states = Path(other) / "states" if other else out / "states"
+        return torch.load(
+            states / (key.replace(" ", "_").replace("/", "-") + ".pt"), weights_only=False
+        )
+
+    if args.reread:
+        reader = reader_for(VALID)
+        for item in args.reread:
+            unet = build_unet(cfg)
+            unet.load_state_dict(state_of(item))
+            w = args.guidance[-1]
+            with torch.no_grad():
+                s = samples(
+                    ae, unet, cfg, public["latent_scale"], args.per_class, w, args.ddim_steps
+                )
+            les, hea = lesion_share(reader, s["lesion"]), lesion_share(reader, s["healthy"])
+            print(json.dumps({"key": item, "per_class": args.per_class, "guidance": w, "lesion": round(les, 3),
+                              "healthy": round(hea, 3), "gap": round(les - hea, 3)}), flush=True)  # fmt: skip
+        return
+
     if args.figure:
         rows = []
         for item in args.figure[1:]:
             label, _, key = item.rpartition("|")
-            key, _, other = key.partition(
-                "@"
-            )  # KEY@DIR: a configuration of another --out on the same public.pt
             unet = build_unet(cfg)
-            name = key.replace(" ", "_").replace("/", "-")
-            states = Path(other) / "states" if other else out / "states"
-            unet.load_state_dict(torch.load(states / f"{name}.pt", weights_only=False))
+            unet.load_state_dict(state_of(key))
             shown = samples(
                 ae, unet, cfg, public["latent_scale"], 8, args.guidance[-1], args.ddim_steps
             )
