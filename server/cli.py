@@ -191,6 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         subjects=args.subjects,
         public_subjects=args.public_subjects,
         threads=args.threads,
+        utility_cnn_steps=args.utility_cnn_steps,
         insecure=args.insecure,
         epsilon=args.epsilon,
     )
@@ -625,6 +626,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="CPU threads of the server's pretraining and of each site (0: auto; 1 on a busy machine)",
+    )
+    d.add_argument(
+        "--utility-cnn-steps",
+        type=int,
+        default=0,
+        help="steps of each site's utility classifiers in the audit (0: the recipe's; fewer on a slow machine, "
+        "at the cost of the train-on-synthetic figures)",
     )
     d.add_argument("--epsilon", type=float, default=10.0, help="each site's privacy budget")
     d.add_argument(

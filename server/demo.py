@@ -65,6 +65,9 @@ class DemoOptions:
         0  # pretraining and each site; 0: torch's default at the server, cores / sites at each site
     )
     sites: int = 3
+    utility_cnn_steps: int = (
+        0  # steps of each site's utility CNNs in the audit; 0: the recipe's (privacy/utility.py)
+    )
     insecure: bool = False
     epsilon: float = 10.0
     timeout_s: float = 1800.0
@@ -72,6 +75,8 @@ class DemoOptions:
     def __post_init__(self) -> None:
         if self.dims not in (2, 3):
             raise ValueError("dims must be 2 or 3")
+        if self.utility_cnn_steps < 0:
+            raise ValueError("--utility-cnn-steps must be >= 0 (0: the recipe's steps)")
         preset = self.preset or ("tiny3d" if self.dims == 3 else "small")
         if model_config(preset).spatial_dims != self.dims:
             raise ValueError(
@@ -285,7 +290,12 @@ DEMO_EXTRACTION_SAMPLES = 200
 
 
 def demo_node_configs(
-    out: Path, epsilon: float, threads: int = 0, holdout: float = 0.25, max_grad_norm: float = 1.0
+    out: Path,
+    epsilon: float,
+    threads: int = 0,
+    holdout: float = 0.25,
+    max_grad_norm: float = 1.0,
+    utility_cnn_steps: int = 0,
 ) -> list[dict]:
     site_dirs = sorted(
         p for p in (out / "sites").iterdir() if p.is_dir() and (p / "labels.csv").exists()
@@ -302,6 +312,7 @@ def demo_node_configs(
             # site on one CPU thread): the demo's three sites share two cores and the demo has 10 minutes
             "max-extraction-samples": DEMO_EXTRACTION_SAMPLES,
             "max-grad-norm": max_grad_norm,
+            "utility-cnn-steps": utility_cnn_steps,
         }
         for d in site_dirs
     ]
@@ -447,7 +458,9 @@ def train_in_federation(
     """Federated training, synthesis and the sites' audit: one Flower run over TLS on loopback."""
     run = demo_run_config(opts, plan, out / "run", pretrained)
     clip = demo_recipe(opts, plan).max_grad_norm if plan.recipe else 1.0
-    node_configs = demo_node_configs(out, opts.epsilon, opts.threads, plan.holdout, clip)
+    node_configs = demo_node_configs(
+        out, opts.epsilon, opts.threads, plan.holdout, clip, opts.utility_cnn_steps
+    )
     app_dir = write_app_dir(out / "app", run)
     console.say(
         f"[4/5] federation on loopback ({'INSECURE: no TLS' if opts.insecure else 'TLS + SuperNode authentication'}): "

@@ -1,8 +1,13 @@
-"""Set-up shared across the test folders: a site that already trained in a run, Flower's task identity."""
+"""Set-up shared across the test folders: a site that already trained in a run, Flower's task identity, and
+`fedsynth demo` run as a user runs it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +44,18 @@ def task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def run_demo(out: Path, *args: str) -> subprocess.CompletedProcess:
+    """`fedsynth demo --out OUT ARGS...` in a process of its own, as a terminal runs it (stdout and stderr
+    captured, no stdin, this checkout on the path; 30 minutes at most)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", "demo", *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+        stdin=subprocess.DEVNULL,
+    )

@@ -9,10 +9,6 @@ inference unassessable at this size, and the gate may block; both must be said, 
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -21,22 +17,17 @@ from PIL import Image
 
 from server.release.manifest import verify_release
 from server.synthesis import NOMINAL_FOV_MM, read_cohort, verify_cohort
+from tests.conftest import run_demo
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_3d_demo_trains_synthesizes_audits_and_signs_volumes_over_tls(tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    argv = [sys.executable, "-m", "server.cli", "demo", "--dims", "3", "--subjects", "12"]
-    proc = subprocess.run(
-        [*argv, "--threads", "1", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1500,
-        stdin=subprocess.DEVNULL,
+    # the utility CNNs at 20 steps as in every deployment test (tests/integration/conftest.py): their figures are
+    # not what this test reads
+    proc = run_demo(
+        out, "--dims", "3", "--subjects", "12", "--threads", "1", "--utility-cnn-steps", "20"
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "3 sites, 2 DP rounds" in proc.stdout and "TLS + SuperNode authentication" in proc.stdout

@@ -2,20 +2,16 @@
 summary that agrees with run.json, privacy.json, audit.json and the release's status."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from server.demo import SUMMARY_TITLE
 from server.release.manifest import load_approvals, release_status
+from tests.conftest import run_demo
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 THIRD_PARTY_NOISE = (
     "nvImageCodec",
     "Recommended property",
@@ -31,16 +27,7 @@ THIRD_PARTY_NOISE = (
 
 def test_small_demo_prints_progress_and_a_summary_that_matches_the_run(tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    argv = [sys.executable, "-m", "server.cli", "demo", "--preset", "tiny", "--subjects", "6"]
-    proc = subprocess.run(
-        [*argv, "--rounds", "1", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1800,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = run_demo(out, "--preset", "tiny", "--subjects", "6", "--rounds", "1")
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
