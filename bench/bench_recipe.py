@@ -166,6 +166,11 @@ def train_reader(images, masks, labels, epochs: int = 30) -> LesionReader:
     return reader
 
 
+def file_name(key: str) -> str:
+    """A results.jsonl key as the name of its state and samples files."""
+    return key.replace(" ", "_").replace("/", "-")
+
+
 def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return 0.5 * (
         float(pred[labels == 1].float().mean()) + float((~pred[labels == 0]).float().mean())
@@ -427,7 +432,7 @@ def main() -> None:
         unet = build_unet(cfg)
         unet.load_state_dict(unet_state)
         (out / "states").mkdir(exist_ok=True)
-        torch.save(unet_state, out / "states" / (key.replace(" ", "_").replace("/", "-") + ".pt"))
+        torch.save(unet_state, out / "states" / f"{file_name(key)}.pt")
         row = {
             "key": key,
             **extra,
@@ -444,18 +449,15 @@ def main() -> None:
         }
         scores, shown = score(ae, unet, cfg, public["latent_scale"], (test_x, test_y), reader, args)
         record({**row, **scores})
-        name = key.replace(" ", "_").replace("/", "-")
+        name = file_name(key)
         figure_rows[key] = [(f"{key}\n{c} class", shown[c]) for c in ("healthy", "lesion")]
         samples_figure(figure_rows[key], out / "samples" / f"{name}.png")
 
     def state_of(item: str) -> dict:
-        key, _, other = item.partition(
-            "@"
-        )  # KEY@DIR: a configuration of another --out on the same public.pt
+        # KEY@DIR: a configuration of another --out made from the same public.pt
+        key, _, other = item.partition("@")
         states = Path(other) / "states" if other else out / "states"
-        return torch.load(
-            states / (key.replace(" ", "_").replace("/", "-") + ".pt"), weights_only=False
-        )
+        return torch.load(states / f"{file_name(key)}.pt", weights_only=False)
 
     if args.reread:
         reader = reader_for(VALID)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -496,15 +497,21 @@ def assign_holdout(
             side[min(movable, key=u.get)] = "holdout"
         elif all(side[p] == "holdout" for p in members):
             side[max(movable, key=u.get)] = "train"
+
     # the audit needs MIN_PER_SIDE patients on each side: a small site the hash left short gets the NEW patients
-    # nearest the threshold moved (so a 20-patient site cannot end with one hold-out patient and no audit)
+    # nearest the threshold moved (so a 20-patient site cannot end with one hold-out patient and no audit), never
+    # the last patient of its class on the side it leaves (the per-class rule above stays kept)
+    def movable(side_now: str) -> list[str]:
+        left = Counter(cls[p] for p in side if side[p] == side_now)
+        return [p for p in side if side[p] == side_now and p not in known and left[cls[p]] > 1]
+
     for short, other, nearest in (("holdout", "train", min), ("train", "holdout", max)):
         while (
             len(side) >= 2 * MIN_PER_SIDE
             and sum(s == short for s in side.values()) < MIN_PER_SIDE
-            and (movable := [p for p in side if side[p] == other and p not in known])
+            and (candidates := movable(other))
         ):
-            side[nearest(movable, key=u.get)] = short
+            side[nearest(candidates, key=u.get)] = short
     return side
 
 

@@ -489,6 +489,11 @@ def test_a_small_site_gets_two_patients_on_each_side_for_its_audit():
     assert sum(s == "train" for s in side.values()) == MIN_PER_SIDE
     # too small a site for both: as the hash says (and the audit says why it cannot run)
     assert len(assign_holdout(fake_site(ids[:3], [0] * 3), 0.25)) == 3
+    # a move never takes the only training patient of its class: "les-3" is the one lesion patient and the new
+    # patient nearest the threshold (hash 0.288, the nearest healthy one 0.302); the healthy one moves instead
+    side = assign_holdout(fake_site(ids + ["les-3"], [0] * 20 + [1]), 0.25)
+    assert side["les-3"] == "train"
+    assert sum(s == "holdout" for s in side.values()) == MIN_PER_SIDE
 
 
 def test_split_stratifies_small_classes():
