@@ -39,7 +39,8 @@ Schema 1.3 (strict JSON: a number that is not finite, e.g. the claimed epsilon o
     failures: [sites that did not answer]
     flags: [human-readable findings and caveats]
     verdict: {status: "pass" | "fail" | "inconclusive", reasons, findings, caveats, thresholds, dp_suspect,
-              power: {site: privacy.power figures}, share_tests: {n_tests, correction, alpha}}
+              power: {site: privacy.power figures}, membership_tests: {n_tests, correction, alpha},
+              share_tests: {n_tests, correction, alpha}}
 
 1.3 (issue 12): memorization.extraction (the extraction search by many samples drawn at the site) and
 membership.class_coverage (every class with its counts: tested, pooled, untestable; nothing dropped silently).
@@ -95,7 +96,8 @@ THREAT_MODEL = {
 DEFINITIONS = {
     "membership_auc": "area under the ROC curve of a membership-inference attack separating a site's training "
     "patients (members) from its hold-out patients (non-members, never trained on); 0.5 = no better than "
-    "chance; 95 % interval by Hanley-McNeil",
+    "chance; 95 % interval by Hanley-McNeil; judged by its one-sided p-value, Holm-corrected over every attack of "
+    "the audit",
     "tpr_at_fpr_1pct": "share of members the attack identifies while wrongly accusing at most 1 % of "
     "non-members (needs at least 100 non-members to be measured; 0.1 % needs 1000)",
     "white_box": "attack score: minus the diffusion loss of the record under the global model at fixed timesteps",

@@ -56,16 +56,32 @@ def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
     return float(tpr[ok].max()) if ok.any() else 0.0
 
 
-def auc_interval(auc: float, n_pos: int, n_neg: int, alpha: float) -> list[float]:
-    """Hanley-McNeil (1982) normal-approximation interval for the AUC, clipped to [0, 1]."""
+def _hanley_mcneil_sd(auc: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of an AUC (Hanley and McNeil 1982), at the observed AUC."""
     q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
     var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (
         n_pos * n_neg
     )
-    half = norm.ppf(1 - alpha / 2) * math.sqrt(max(var, 0.0))
+    return math.sqrt(max(var, 0.0))
+
+
+def auc_interval(auc: float, n_pos: int, n_neg: int, alpha: float) -> list[float]:
+    """Hanley-McNeil (1982) normal-approximation interval for the AUC, clipped to [0, 1]."""
+    half = norm.ppf(1 - alpha / 2) * _hanley_mcneil_sd(auc, n_pos, n_neg)
     # a perfect or empty-looking AUC still has sampling error: never report a zero-width interval
     half = max(half, 1.0 / math.sqrt(n_pos * n_neg))
     return [max(0.0, auc - half), min(1.0, auc + half)]
+
+
+def auc_p_value(auc: float, n_pos: int, n_neg: int) -> float:
+    """One-sided p-value of "the AUC is above chance (0.5)" by the same Hanley-McNeil approximation as
+    `auc_interval`: below alpha / 2 exactly when that function's (1 - alpha) interval excludes 0.5 (the interval's
+    floor on its half-width included), so Holm or Bonferroni over these p-values corrects that very rule."""
+    excess, sd = auc - 0.5, _hanley_mcneil_sd(auc, n_pos, n_neg)
+    p = float(norm.sf(excess / sd)) if sd > 0 else (0.0 if excess > 0 else 1.0)
+    if excess <= 1.0 / math.sqrt(n_pos * n_neg):  # inside the interval's floor: never significant
+        p = max(p, 0.5)
+    return p
 
 
 def roc_summary(member_scores, nonmember_scores, alpha: float = 0.05) -> dict:

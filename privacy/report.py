@@ -40,7 +40,13 @@ from privacy.audit_schema import (
     utility,
     write_audit_json,
 )
-from privacy.verdict import SHARE_ALPHA, THRESHOLDS, share_tests
+from privacy.verdict import (
+    MEMBERSHIP_ALPHA,
+    SHARE_ALPHA,
+    THRESHOLDS,
+    membership_tests,
+    share_tests,
+)
 
 MAX_GRID = 48
 SAMPLE_GRID = 24
@@ -270,7 +276,7 @@ def _privacy_rows(sites: dict) -> list[list]:
 
 
 def _membership_rows(sites: dict) -> list[list]:
-    rows = []
+    rows, tests = [], membership_tests(sites)
     for name, site in sites.items():
         for cls, kind, r in attacks(site):
             lb = r.get("epsilon_lower_bound") or {}
@@ -297,6 +303,9 @@ def _membership_rows(sites: dict) -> list[list]:
                     kind.replace("_", "-"),
                     fmt_number(r.get("auc")),
                     _ci(r.get("auc_ci")),
+                    fmt_number(tests[(name, cls, kind)][1])
+                    if (name, cls, kind) in tests
+                    else "n/a",
                     fmt_number(r.get("tpr_at_fpr_1pct"))
                     + _unresolved(res, need, "tpr_at_fpr_1pct"),
                     fmt_number(r.get("tpr_at_fpr_0_1pct"))
@@ -563,6 +572,8 @@ def render_officer_report(
         thresholds=audit["verdict"].get("thresholds") or THRESHOLDS,
         share_alpha=SHARE_ALPHA,
         n_share_tests=n_tests,
+        membership_alpha=MEMBERSHIP_ALPHA,
+        n_membership_tests=len(membership_tests(sites)),
         privacy_rows=_privacy_rows(sites),
         epsilon_plot=_epsilon_plot(sites) if sites else None,
         worst_rows=_worst_rows(audit, where=True),

@@ -3,12 +3,15 @@ sites' aggregates (the format is privacy/audit_schema.py's).
 
 Verdict rule: "fail" if any site's empirical epsilon lower bound exceeds its claimed epsilon (the DP
 implementation is suspect), if any near-copy was found, if a membership AUC is above its threshold AND
-significantly above chance (its 95 % interval excludes 0.5), or if a share closer to a member is above its
+significantly above chance after a Holm correction over every membership attack of the audit (site x class x
+attack with enough records; one-sided Hanley-McNeil p-values, family-wise 2.5 %: with a single attack the rule is
+"its 95 % interval excludes 0.5"), or if a share closer to a member is above its
 threshold AND significant in its one-sided label-permutation test after a Holm correction over all the share tests
 of the audit (every site x space x class that has a p-value): Holm-adjusted p < 0.05. Otherwise "inconclusive" if
 a site did not answer or no site has enough records to assess membership; otherwise "pass". A share above its
 threshold that is not significant is listed as a caveat (typically a few "hub" real images nearest to most
-synthetic images), not a finding.
+synthetic images), not a finding; so is a membership AUC above its threshold that is not significant after the
+correction (one chance interval among the 27 attacks of a three-site audit would otherwise decide the verdict).
 """
 
 from __future__ import annotations
@@ -30,12 +33,16 @@ from privacy.audit_schema import (
     shares,
     tpr_resolvable,
 )
+from privacy.audit_stats import auc_p_value
 from privacy.power import verdict_notes
 
 SHARE_ALPHA = (
     0.05  # family-wise level of the share permutation tests (Holm over the tests of one audit)
 )
 CONFIDENCE = 0.95
+# family-wise level of the membership AUC tests (Holm over the attacks of one audit), one-sided: with one attack the
+# rule is the 1.0 rule "its 95 % interval excludes 0.5"
+MEMBERSHIP_ALPHA = 0.025
 THRESHOLDS = {
     "membership_auc": 0.6,
     "share_closer_to_member": 0.65,
@@ -65,6 +72,19 @@ def share_tests(sites: dict[str, dict]) -> dict[tuple[str, str, str], tuple[floa
                 keys.append((name, cls, space))
                 pvalues.append(p)
     return {key: (p, padj) for key, p, padj in zip(keys, pvalues, holm(pvalues), strict=False)}
+
+
+def membership_tests(sites: dict[str, dict]) -> dict[tuple[str, str, str], tuple[float, float]]:
+    """{(site, class, attack): (one-sided p-value, Holm-adjusted p-value)} over every membership attack of the
+    audit with enough records (privacy.audit_schema.MIN_RECORDS) and an AUC."""
+    keys, pvalues = [], []
+    for name, site in sites.items():
+        for cls, kind, res in attacks(site):
+            auc = finite(res.get("auc"))
+            if enough_records(res) and auc is not None:
+                keys.append((name, cls, kind))
+                pvalues.append(auc_p_value(auc, int(res["n_members"]), int(res["n_nonmembers"])))
+    return {key: (p, padj) for key, p, padj in zip(keys, pvalues, holm(pvalues), strict=True)}
 
 
 def extraction_notes(name: str, site: dict) -> tuple[list[str], list[str], list[str]]:
@@ -184,6 +204,8 @@ def build_audit(
     failures = [str(f) for f in failures or []]
     tests = share_tests(site_results)
     n_tests = len(tests)
+    mtests = membership_tests(site_results)
+    auc_not_significant: list[str] = []
     findings: list[str] = []
     caveats: list[str] = []
     site_inconclusive: list[str] = []
@@ -199,16 +221,21 @@ def build_audit(
                     f"{name} ({kind.replace('_', '-')} attack, class {cls}): empirical epsilon lower bound {lb:.2f} "
                     f"exceeds the claimed epsilon {claimed:.2f}: the DP implementation is suspect"
                 )
-            if (
-                enough_records(res)
-                and (finite(res.get("auc")) or 0) > THRESHOLDS["membership_auc"]
-                and (res.get("auc_ci") or [0.0])[0] > 0.5
-            ):
-                findings.append(
-                    f"{name} ({kind.replace('_', '-')} attack, class {cls}): membership AUC {res['auc']:.3f} (95 % "
-                    f"interval {res['auc_ci'][0]:.3f}-{res['auc_ci'][1]:.3f}) is above "
-                    f"{THRESHOLDS['membership_auc']} and significantly above chance"
+            if (name, cls, kind) in mtests and res["auc"] > THRESHOLDS["membership_auc"]:
+                p, padj = mtests[(name, cls, kind)]
+                ci = res.get("auc_ci") or [float("nan")] * 2
+                where = f"{name} ({kind.replace('_', '-')} attack, class {cls})"
+                detail = (
+                    f"95 % interval {ci[0]:.3f}-{ci[1]:.3f}, one-sided p {p:.3g}, Holm-adjusted over "
+                    f"{len(mtests)} membership test(s): {padj:.3g}"
                 )
+                if padj < MEMBERSHIP_ALPHA:
+                    findings.append(
+                        f"{where}: membership AUC {res['auc']:.3f} ({detail} < {MEMBERSHIP_ALPHA:g}) is above "
+                        f"{THRESHOLDS['membership_auc']} and significantly above chance"
+                    )
+                else:
+                    auc_not_significant.append(f"{where}: {res['auc']:.3f} ({detail})")
         m = site.get("memorization") or {}
         if (m.get("n_near_copies") or 0) > THRESHOLDS["n_near_copies"]:
             findings.append(
@@ -298,6 +325,13 @@ def build_audit(
                 f"{name}: membership figures from fewer than {MIN_RECORDS} members or non-members are "
                 f"shown but not used for the verdict: {', '.join(small)}"
             )
+    if auc_not_significant:
+        caveats.append(
+            f"membership AUC above {THRESHOLDS['membership_auc']} but not significant after Holm over "
+            f"{len(mtests)} membership test(s) (family-wise {MEMBERSHIP_ALPHA:g}, one-sided): "
+            f"{'; '.join(auc_not_significant)}: what the largest of that many chance-level attacks reads, not "
+            "evidence of membership leakage"
+        )
     blind = [
         f"{name}/{cls}/{space}"
         for name, site in site_results.items()
@@ -363,6 +397,13 @@ def build_audit(
                 "thresholds": THRESHOLDS,
                 "dp_suspect": suspect,
                 "power": power,
+                "membership_tests": {
+                    "n_tests": len(mtests),
+                    "alpha": MEMBERSHIP_ALPHA,
+                    "correction": f"Holm over the {len(mtests)} membership attack(s) of this audit with "
+                    f"{MIN_RECORDS}+ members and non-members (site x class x attack), one-sided Hanley-McNeil "
+                    "p-values",
+                },
                 "share_tests": {
                     "n_tests": n_tests,
                     "alpha": SHARE_ALPHA,
