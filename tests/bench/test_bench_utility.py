@@ -51,7 +51,14 @@ def test_summary_table_and_figure(tmp_path):
     assert m["min_coverage"] == 0.55
     lines = report_lines(r, "python -m bench.bench_utility", "utility_vs_epsilon.png")
     table = [line for line in lines if line.startswith("| ")]
-    assert len(table) == 3 and table[2].startswith("| no DP | 0.72 / 0.80 (**0.90**)")
+    assert len(table) == 3 and table[2].startswith("| no DP | 0.72 / 0.80 (0.90; **0.73**)")
+    assert table[1].startswith("| 1 | 0.50 / 0.80 (0.62; **0.00**)")
+    # classifiers that cannot tell the classes on real data either: a ratio near 1 says nothing, the gain n/a
+    near_chance = {**r["rows"][0], "sites": {"a": site_figures(0.5, 0.53, 0.4)}}
+    assert summary(near_chance)["cnn_ratio"] == pytest.approx(0.943, abs=1e-3)
+    assert "0.50 / 0.53 (0.94; **n/a**)" in "\n".join(
+        report_lines({**r, "rows": [near_chance]}, "cmd", "fig.png")
+    )
     assert "3 phantom sites x 1000 patients" in "\n".join(lines) and "partial" not in "\n".join(
         lines
     )
