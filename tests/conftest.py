@@ -39,7 +39,8 @@ def pytest_collection_modifyitems(config, items):
     taking a whole file at a time (pyproject's addopts), a four-minute file handed out last keeps the other worker
     idle for those minutes; handed out first, the many short files fill in around it (longest first)."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # a stable sort: order within a group kept
+    # a stable sort: the order within each group is kept
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture
