@@ -226,8 +226,10 @@ class SiteScorer:
         self.name = site.name
         self.train, self.holdout = load_training_data(site, self.cfg)
         self.recipe = (
-            dataclasses.replace(CNN_RECIPE, steps=s.cnn_steps) if s.cnn_steps else CNN_RECIPE
-        )
+            dataclasses.replace(CNN_RECIPE, steps=s.cnn_steps, epochs=0.0)
+            if s.cnn_steps
+            else CNN_RECIPE
+        ).for_training_size(len(self.train))
         self.trtr = train_cnn(
             self.train.images, self.train.labels, self.cfg.num_classes, self.recipe
         )
@@ -308,6 +310,34 @@ def run_bench(s: Setting, work: Path, checkpoint: Path | None, on_row=None) -> d
         if on_row is not None:
             on_row(result)
     return result
+
+
+def rescore(result: dict, work: Path, on_row=None) -> dict:
+    """An earlier run's cohorts scored again with the current classifiers (privacy/utility.py): each epsilon's final
+    checkpoint in `work` (that run's --work) is sampled again with the same seed and scored at the same sites; the
+    training, its recipe and its seconds are the earlier run's. What a change of the scorers alone does."""
+    s = Setting(**{**result["setting"], "epsilons": tuple(result["setting"]["epsilons"])})
+    torch.set_num_threads(s.threads)
+    sites = sorted((work / "sites").glob("site-*"))
+    t0 = time.time()
+    scorers = [SiteScorer(d, work / "scoring" / d.name, s) for d in sites]
+    out = {**result, "rows": [], "rescored": "classifiers of this checkout, cohorts re-sampled"}
+    out["seconds"] = {**result["seconds"], "trtr": round(time.time() - t0, 1)}
+    for row in result["rows"]:
+        ckpt = work / f"eps-{float(row['epsilon']):g}" / "run" / "checkpoints" / "latest.pt"
+        t0 = time.time()
+        synthetic, labels = synthesize(ckpt, s, row["recipe"]["guidance_scale"])
+        t_synth = time.time() - t0
+        t0 = time.time()
+        per_site = {sc.name: sc.score(synthetic, labels) for sc in scorers}
+        seconds = {**row["seconds"], "synthesize": round(t_synth, 1)}
+        out["rows"].append(
+            {**row, "sites": per_site, "seconds": {**seconds, "score": round(time.time() - t0, 1)}}
+        )
+        print(json.dumps(out["rows"][-1], default=str), flush=True)
+        if on_row is not None:
+            on_row(out)
+    return out
 
 
 def _mean(values: list) -> float:
@@ -467,6 +497,11 @@ def report_lines(result: dict, command: str, figure: str) -> list[str]:
         f"### Privacy-utility curve (`{command}`)",
         "",
         f"**{done}a partial run (the rest did not finish in time).**" if done else "",
+        "Scored again with the classifiers of a later checkout (`--replot RESULT.json --rescore WORK`): each "
+        "epsilon's final checkpoint re-sampled with the same seed and scored at the same sites; the training and "
+        "its seconds are the first run's."
+        if result.get("rescored")
+        else "",
         f"Setting: 3 phantom sites x {s['patients']} patients (lesion prevalence "
         f"{', '.join(f'{p:g}' for p in result['prevalence'])}; 25 % of each site's patients held out for "
         f"scoring), preset `{s['preset']}`, the public checkpoint "
@@ -514,6 +549,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "PERFORMANCE.md"))
     ap.add_argument("--figure", default=str(ROOT / "docs" / "utility_vs_epsilon.png"))
     ap.add_argument("--json", default="", help="also write the raw results here")
+    ap.add_argument(
+        "--rescore",
+        default="",
+        help="with --replot JSON: re-sample that run's checkpoints in this --work and score them with the current "
+        "classifiers (no training)",
+    )
     ap.add_argument(
         "--replot",
         default="",
@@ -566,6 +607,9 @@ def main() -> None:
     if args.replot:
         result = json.loads(Path(args.replot).read_text())
         command = result.get("command", command)
+        if args.rescore:
+            rescore(result, Path(args.rescore), on_row=write)
+            return
         args.json = ""
         write(result)
         return

@@ -180,7 +180,7 @@ def utility(
         "cnn": cnn_utility(
             *args,
             class_names=list(class_names),
-            recipe=replace(recipe, steps=cnn_steps) if cnn_steps else recipe,
+            recipe=replace(recipe, steps=cnn_steps, epochs=0.0) if cnn_steps else recipe,
             device=device,
         ),
     }

@@ -62,6 +62,9 @@ def test_summary_table_and_figure(tmp_path):
     assert "3 phantom sites x 1000 patients" in "\n".join(lines) and "partial" not in "\n".join(
         lines
     )
+    assert "Scored again" not in "\n".join(lines)
+    rescored = "\n".join(report_lines({**r, "rescored": "yes"}, "cmd", "fig.png"))
+    assert "Scored again with the classifiers of a later checkout" in rescored  # --rescore says so
     r["setting"]["epsilons"] = (1.0, 4.0, 10.0, math.inf)  # a run cut short says so
     assert "2 of 4 epsilons measured" in "\n".join(report_lines(r, "cmd", "fig.png"))
     out = tmp_path / "PERFORMANCE.md"

@@ -93,3 +93,25 @@ def test_volumes_get_a_cheaper_fixed_recipe():
         CNN_RECIPE_3D.steps * CNN_RECIPE_3D.batch_size
         < CNN_RECIPE.steps * CNN_RECIPE.batch_size / 5
     )
+
+
+def test_the_cnn_steps_follow_the_real_training_set_and_are_the_same_for_tstr_and_trtr(site):
+    """70 epochs of the site's real training set, 500 to 4,000 steps (a site of 1,800 needs about 4,000 to learn a
+    faint lesion; one of 200 learns nothing more from more steps): fixed before any training, never by a score."""
+    from privacy.utility import CNN_RECIPE
+
+    assert CNN_RECIPE.for_training_size(200).steps == 500
+    assert CNN_RECIPE.for_training_size(1800).steps == 3938
+    assert CNN_RECIPE.for_training_size(100_000).steps == 4000
+    fixed = CNNRecipe(steps=60)
+    assert (
+        fixed.for_training_size(100_000) is fixed
+    )  # epochs 0: the steps as given (tests, a site's override)
+    x_tr, y_tr, x_te, y_te, _ = site
+    scaled = CNNRecipe(
+        steps=10, epochs=8, batch_size=16
+    )  # 8 epochs of the 120 real images: 60 steps
+    out = cnn_utility(x_tr[:40], y_tr[:40], x_tr, y_tr, x_te, y_te, CLASSES, scaled)
+    assert (
+        "60 steps of 16" in out["classifier"]
+    )  # set by the real training set (120), not the synthetic (40)
