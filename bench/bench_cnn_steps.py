@@ -13,7 +13,6 @@ no privacy and was not tuned on any evaluation set.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 import time
@@ -65,8 +64,7 @@ def main() -> None:
         n, steps = (int(v) for v in run.split(":"))
         idx = pool[:n]
         t = time.perf_counter()
-        recipe = dataclasses.replace(CNN_RECIPE, steps=steps, epochs=0.0)
-        model = train_cnn(x[idx], y[idx], 2, recipe)
+        model = train_cnn(x[idx], y[idx], 2, CNN_RECIPE.fixed(steps))
         ba = balanced_accuracy_score(y[test], predict_proba(model, x[test])[:, 1] > 0.5)
         print(
             json.dumps(

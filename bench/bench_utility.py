@@ -225,11 +225,8 @@ class SiteScorer:
         site = SiteConfig(site_dir=str(site_dir), state_dir=str(state_dir))
         self.name = site.name
         self.train, self.holdout = load_training_data(site, self.cfg)
-        self.recipe = (
-            dataclasses.replace(CNN_RECIPE, steps=s.cnn_steps, epochs=0.0)
-            if s.cnn_steps
-            else CNN_RECIPE
-        ).for_training_size(len(self.train))
+        recipe = CNN_RECIPE.fixed(s.cnn_steps) if s.cnn_steps else CNN_RECIPE
+        self.recipe = recipe.for_training_size(len(self.train))
         self.trtr = train_cnn(
             self.train.images, self.train.labels, self.cfg.num_classes, self.recipe
         )
@@ -476,9 +473,9 @@ def table_row(row: dict) -> str:
 
 
 def report_lines(result: dict, command: str, figure: str) -> list[str]:
-    s = result["setting"]
     from common.config import model_config
 
+    s = result["setting"]
     rows = result["rows"]
     p = result.get("pretraining") or {}
     public = (

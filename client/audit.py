@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -180,7 +179,7 @@ def utility(
         "cnn": cnn_utility(
             *args,
             class_names=list(class_names),
-            recipe=replace(recipe, steps=cnn_steps, epochs=0.0) if cnn_steps else recipe,
+            recipe=recipe.fixed(cnn_steps) if cnn_steps else recipe,
             device=device,
         ),
     }

@@ -55,9 +55,8 @@ class CNNRecipe:
 
     channels: tuple[int, ...] = (8, 16, 32)
     steps: int = 500  # at least this many; exactly this many when `epochs` is 0
-    epochs: float = (
-        0.0  # enough steps for this many passes over the real training set (0: `steps`, fixed)
-    )
+    # enough steps for this many passes over the real training set, up to max_steps (0: `steps`, fixed)
+    epochs: float = 0.0
     max_steps: int = 4000
     batch_size: int = 32
     lr: float = 1e-3
@@ -69,7 +68,11 @@ class CNNRecipe:
         if not self.epochs:
             return self
         need = math.ceil(self.epochs * n_train / self.batch_size)
-        return replace(self, steps=min(self.max_steps, max(self.steps, need)), epochs=0.0)
+        return self.fixed(min(self.max_steps, max(self.steps, need)))
+
+    def fixed(self, steps: int) -> CNNRecipe:
+        """The recipe with exactly `steps` steps, whatever the training set (a site's override, a quick run)."""
+        return replace(self, steps=steps, epochs=0.0)
 
 
 CNN_RECIPE = CNNRecipe(epochs=70)
@@ -204,9 +207,8 @@ def cnn_utility(
     syn, y_syn = _check(synthetic, synthetic_labels, "cnn_utility (synthetic)")
     tr, y_tr = _check(train_images, train_labels, "cnn_utility (training)")
     te, y_te = _check(test_images, test_labels, "cnn_utility (hold-out)")
-    recipe = recipe.for_training_size(
-        len(tr)
-    )  # the same steps for TSTR and TRTR, set by the real set's size
+    # the same steps for TSTR and TRTR, set by the real training set's size
+    recipe = recipe.for_training_size(len(tr))
     k = len(class_names)
     out: dict[str, Any] = {
         "classifier": f"SmallCNN {list(recipe.channels)}, Adam lr {recipe.lr}, {recipe.steps} steps of "

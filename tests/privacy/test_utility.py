@@ -104,9 +104,9 @@ def test_the_cnn_steps_follow_the_real_training_set_and_are_the_same_for_tstr_an
     assert CNN_RECIPE.for_training_size(1800).steps == 3938
     assert CNN_RECIPE.for_training_size(100_000).steps == 4000
     fixed = CNNRecipe(steps=60)
-    assert (
-        fixed.for_training_size(100_000) is fixed
-    )  # epochs 0: the steps as given (tests, a site's override)
+    # epochs 0: the steps as given (tests, a site's override)
+    assert fixed.for_training_size(100_000) is fixed
+    assert CNN_RECIPE.fixed(20).for_training_size(100_000).steps == 20
     x_tr, y_tr, x_te, y_te, _ = site
     scaled = CNNRecipe(
         steps=10, epochs=8, batch_size=16
