@@ -1,16 +1,18 @@
 """What the autoencoder loses: radiomics fidelity of real images passed through it, measured on PUBLIC data only.
 
-    python -m bench.bench_autoencoder_texture [--preset small] [--public 300] [--valid 200] [--adversarial 0.05 0.01]
+    python -m bench.bench_autoencoder_texture [--preset small] [--public 300] [--valid 200] [--steps 800 3200]
+        [--adversarial 0.05 0.01] [--noise 0.01 0.02 0.03]
 
 The audit's fidelity ceiling (docs/PERFORMANCE.md, bench_sampler_steps) says that real images through the
 `fedsynth pretrain` autoencoder score radiomics precision / coverage of about 0.08 / 0.02: no generator in that
 latent space can do better. This bench asks why and what helps, side by side in one run, on public phantoms only
 (healthy subjects of the public protocol: a training set and a validation set of other subjects):
-- the autoencoder exactly as `fedsynth pretrain` trains it (server.pretrain.train_autoencoder: squared error + KL);
+- the autoencoder exactly as `fedsynth pretrain` trains it (server.pretrain.train_autoencoder: squared error + KL),
+  for each `--steps` (the one-cycle schedule stretched over them);
 - the same with an adversarial term (MONAI's PatchDiscriminator with a least-squares GAN loss, as MONAI's latent
   diffusion tutorials add to their autoencoders; no perceptual network, which would need downloaded weights), at
   each `--adversarial` weight, switched on after `--warmup` of the steps;
-- the plain autoencoder's reconstructions with Rician noise added at each `--noise` sigma (the public protocol's
+- the first plain autoencoder's reconstructions with Rician noise added at each `--noise` sigma (the public protocol's
   own noise level is 0.02 of the image maximum, common/phantoms.py): how much of the gap is the noise the
   autoencoder removes.
 Each row: pixel MSE on the validation images, radiomics Frechet distance and prdc precision / recall / coverage of
@@ -24,6 +26,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -103,12 +106,16 @@ def main() -> None:
         "--public", type=int, default=300, help="public training subjects (the demo's count)"
     )
     ap.add_argument("--valid", type=int, default=200, help="public validation subjects (others)")
+    ap.add_argument(
+        "--steps", type=int, nargs="+", default=[800], help="autoencoder steps (800: the demo's)"
+    )
     ap.add_argument("--adversarial", type=float, nargs="*", default=[0.05, 0.01])
     ap.add_argument(
         "--warmup", type=float, default=0.5, help="share of the steps before the adversarial term"
     )
     ap.add_argument("--noise", type=float, nargs="*", default=[0.01, 0.02, 0.03])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--figure", default="", help="a PNG of validation images and reconstructions")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = model_config(args.preset)
@@ -136,13 +143,17 @@ def main() -> None:
         }
         print(json.dumps(row), flush=True)
 
-    t = time.perf_counter()
-    torch.manual_seed(pre.seed)
-    ae = build_autoencoder(cfg)
-    ae.load_state_dict(train_autoencoder(cfg, pre, train))
-    seconds = time.perf_counter() - t
-    plain = reconstruct(ae, torch.from_numpy(valid))
-    score(f"fedsynth pretrain ({pre.autoencoder_steps} steps)", plain, seconds)
+    plain, pictures = None, [("public validation images (real)", valid)]
+    for steps in args.steps:
+        t = time.perf_counter()
+        torch.manual_seed(pre.seed)
+        ae = build_autoencoder(cfg)
+        ae.load_state_dict(train_autoencoder(cfg, replace(pre, autoencoder_steps=steps), train))
+        seconds = time.perf_counter() - t
+        recon = reconstruct(ae, torch.from_numpy(valid))
+        score(f"fedsynth pretrain ({steps} steps, {args.public} public images)", recon, seconds)
+        plain = recon if plain is None else plain
+        pictures.append((f"through the autoencoder trained {steps} steps", recon))
     for sigma in args.noise:
         score(f"the same + Rician noise sigma {sigma:g}", rician(plain, sigma))
     for weight in args.adversarial:
@@ -154,6 +165,10 @@ def main() -> None:
             time.perf_counter() - t,
         )
     print(f"public protocol noise sigma: {PROTOCOLS[PUBLIC_PROTOCOL].noise_sigma}")
+    if args.figure:
+        from bench.bench_pretrain_steps import figure
+
+        figure(pictures, Path(args.figure))
 
 
 if __name__ == "__main__":
