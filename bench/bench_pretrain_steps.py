@@ -1,6 +1,7 @@
 """How long public pretraining must run: samples of `fedsynth pretrain`'s model against real public images.
 
     python -m bench.bench_pretrain_steps [--preset small] [--public 300] [--valid 200] [--unet-steps 1200 4800]
+        [--autoencoder-steps 800]
 
 The privacy-utility curve (docs/PERFORMANCE.md) found the cohort's images far from every site's, with or without DP:
 tilted, distorted heads with blurred ventricles. A DP fine-tuning can only move a pretrained model so far, so this
@@ -91,6 +92,7 @@ def main() -> None:
     )
     ap.add_argument("--valid", type=int, default=200, help="public validation subjects (others)")
     ap.add_argument("--unet-steps", type=int, nargs="+", default=[1200, 4800])
+    ap.add_argument("--autoencoder-steps", type=int, default=800)
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench-results/pretrain-steps")
@@ -127,8 +129,9 @@ def main() -> None:
     for steps in args.unet_steps:
         pre = PretrainConfig(
             public_dir=str(train_dir),
-            out=str(out / f"{args.preset}-unet{steps}.pt"),
+            out=str(out / f"{args.preset}-ae{args.autoencoder_steps}-unet{steps}.pt"),
             preset=args.preset,
+            autoencoder_steps=args.autoencoder_steps,
             unet_steps=steps,
             threads=args.threads,
         )
