@@ -99,6 +99,19 @@ def rician(images: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
     return np.clip(np.sqrt(re**2 + im**2), 0, 1).astype(np.float32)
 
 
+def fidelity_row(f_real: np.ndarray, names: list[str], images: np.ndarray) -> dict:
+    """`images` against the real images' features `f_real` as the audit scores a cohort: Frechet distance, prdc
+    precision / recall / density / coverage, and the three features that moved most (in real SDs)."""
+    f, _ = radiomics_features(images)
+    shift = (f.mean(0) - f_real.mean(0)) / (f_real.std(0) + 1e-12)
+    top = np.argsort(-np.abs(shift))[:3]
+    return {
+        "frechet": round(frechet_distance(feature_moments(f_real), feature_moments(f)), 3),
+        **{k: round(v, 3) for k, v in precision_recall_coverage(f_real, f).items()},
+        "largest_shifts_sd": {names[i]: round(float(shift[i]), 2) for i in top},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small")
@@ -127,18 +140,12 @@ def main() -> None:
         valid = load_public(Path(tmp) / "valid", cfg).images.astype(np.float32)
     pre = PretrainConfig(public_dir="-", out="-", preset=args.preset)
     f_real, names = radiomics_features(valid)
-    sd = f_real.std(0) + 1e-12
 
     def score(name: str, images: np.ndarray, seconds: float | None = None) -> None:
-        f, _ = radiomics_features(images)
-        shift = (f.mean(0) - f_real.mean(0)) / sd
-        top = np.argsort(-np.abs(shift))[:3]
         row = {
             "autoencoder": name,
             "mse": round(float(((images - valid) ** 2).mean()), 5),
-            "frechet": round(frechet_distance(feature_moments(f_real), feature_moments(f)), 3),
-            **{k: round(v, 3) for k, v in precision_recall_coverage(f_real, f).items()},
-            "largest_shifts_sd": {names[i]: round(float(shift[i]), 2) for i in top},
+            **fidelity_row(f_real, names, images),
             "train_seconds": None if seconds is None else round(seconds),
         }
         print(json.dumps(row), flush=True)

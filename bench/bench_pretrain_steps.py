@@ -27,15 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.bench_autoencoder_texture import reconstruct, rician
+from bench.bench_autoencoder_texture import fidelity_row, reconstruct, rician
 from common.config import model_config
 from common.phantoms import PROTOCOLS, PUBLIC_PROTOCOL, make_public_phantoms
-from privacy.fidelity import (
-    feature_moments,
-    frechet_distance,
-    precision_recall_coverage,
-    radiomics_features,
-)
+from privacy.fidelity import radiomics_features
 from server.checkpoint import Checkpoint
 from server.pretrain import PretrainConfig, load_public, pretrain
 from server.synthesis import generate
@@ -109,20 +104,10 @@ def main() -> None:
         make_public_phantoms(valid_dir, args.valid, cfg.spatial_dims, cfg.image_size, seed=1)
     valid = load_public(valid_dir, cfg).images.astype(np.float32)
     f_real, names = radiomics_features(valid)
-    sd = f_real.std(0) + 1e-12
     results, pictures = [], [("public validation images (real)", valid)]
 
     def score(name: str, images: np.ndarray, **extra) -> None:
-        f, _ = radiomics_features(images)
-        shift = (f.mean(0) - f_real.mean(0)) / sd
-        top = np.argsort(-np.abs(shift))[:3]
-        row = {
-            "images": name,
-            "frechet": round(frechet_distance(feature_moments(f_real), feature_moments(f)), 3),
-            **{k: round(v, 3) for k, v in precision_recall_coverage(f_real, f).items()},
-            "largest_shifts_sd": {names[i]: round(float(shift[i]), 2) for i in top},
-            **extra,
-        }
+        row = {"images": name, **fidelity_row(f_real, names, images), **extra}
         results.append(row)
         print(json.dumps(row), flush=True)
 
