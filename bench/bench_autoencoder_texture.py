@@ -173,7 +173,7 @@ def main() -> None:
         )
     print(f"public protocol noise sigma: {PROTOCOLS[PUBLIC_PROTOCOL].noise_sigma}")
     if args.figure:
-        from bench.bench_pretrain_steps import figure
+        from bench.report import figure
 
         figure(pictures, Path(args.figure))
 

@@ -36,14 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.bench_pretrain_steps import figure
+from bench.bench_utility import draw_images
+from bench.report import figure
 from client.audit import autoencoder_reconstructions, fidelity
 from client.task import lesion_weights, load_training_data
 from common.config import SiteConfig
 from common.model import ddpm_scheduler, diffusion_loss, drop_labels, encode, select_trainable
 from privacy.recipe import CLASS_DROPOUT, GUIDANCE_SCALE, LEARNING_RATE, LESION_WEIGHT
 from server.checkpoint import Checkpoint
-from server.synthesis import generate
 
 VARIANTS = (
     "public",
@@ -160,23 +160,7 @@ def make(sites: Sites, variant: str) -> tuple[torch.nn.Module, bool]:
 
 
 def draw(sites: Sites, unet, labels: list[int]) -> np.ndarray:
-    out = np.zeros((len(labels), 1, *sites.cfg.image_shape[1:]), np.float32)
-    with torch.no_grad():
-        for idx, images in generate(
-            sites.cfg,
-            sites.ae,
-            unet,
-            list(range(len(labels))),
-            torch.tensor(labels),
-            sites.scale,
-            seed=0,
-            batch_size=50,
-            steps=sites.cfg.ddim_steps,
-            device=torch.device("cpu"),
-            guidance_scale=GUIDANCE_SCALE,
-        ):
-            out[idx] = images
-    return out
+    return draw_images(sites.cfg, sites.ae, unet, labels, sites.scale, GUIDANCE_SCALE, seed=0)
 
 
 def main() -> None:

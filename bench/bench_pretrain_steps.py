@@ -28,55 +28,21 @@ import numpy as np
 import torch
 
 from bench.bench_autoencoder_texture import fidelity_row, reconstruct, rician
+from bench.bench_utility import draw_images
+from bench.report import figure
 from common.config import model_config
 from common.phantoms import PROTOCOLS, PUBLIC_PROTOCOL, make_public_phantoms
 from privacy.fidelity import radiomics_features
 from server.checkpoint import Checkpoint
 from server.pretrain import PretrainConfig, load_public, pretrain
-from server.synthesis import generate
 
 
 def draw(ckpt_path: Path, n: int, seed: int = 0) -> np.ndarray:
-    """`n` healthy-class images of the checkpoint, as `fedsynth synthesize` draws them."""
+    """`n` healthy-class images of the checkpoint, as `fedsynth synthesize` draws them (guidance 1)."""
     ckpt = Checkpoint.load(ckpt_path)
-    cfg = ckpt.model_config
     ae, unet = ckpt.models()
-    out = np.zeros((n, 1, *cfg.image_shape[1:]), np.float32)
-    with torch.no_grad():
-        for idx, images in generate(
-            cfg,
-            ae,
-            unet,
-            list(range(n)),
-            torch.zeros(n, dtype=torch.long),
-            ckpt.run_state.latent_scale,
-            seed=seed,
-            batch_size=50,
-            steps=cfg.ddim_steps,
-            device=torch.device("cpu"),
-            guidance_scale=1.0,
-        ):
-            out[idx] = images
-    return out
-
-
-def figure(rows: list[tuple[str, np.ndarray]], path: Path, per_row: int = 8) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(rows), per_row, figsize=(1.3 * per_row, 1.45 * len(rows)))
-    for r, (name, images) in enumerate(rows):
-        for c in range(per_row):
-            ax = axes[r, c]
-            ax.imshow(images[c, 0], cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r, 0].set_title(name, fontsize=8, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    labels = torch.zeros(n, dtype=torch.long)
+    return draw_images(ckpt.model_config, ae, unet, labels, ckpt.run_state.latent_scale, 1.0, seed)
 
 
 def main() -> None:

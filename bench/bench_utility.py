@@ -184,15 +184,21 @@ def train_federated(
     return ckpt, recipe.as_dict()
 
 
-def synthesize(ckpt_path: Path, s: Setting, guidance_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    from common.config import model_config
-    from server.checkpoint import Checkpoint
+def draw_images(
+    cfg,
+    ae,
+    unet,
+    labels,
+    latent_scale: float,
+    guidance_scale: float,
+    seed: int = SEED,
+    steps: int = 0,
+) -> np.ndarray:
+    """Images (N, 1, ...) for `labels` as `fedsynth synthesize` draws them (server.synthesis.generate: image i
+    depends only on (seed, i)); DDIM `steps`, 0: the preset's."""
     from server.synthesis import generate
 
-    ckpt = Checkpoint.load(ckpt_path)
-    cfg = model_config(s.preset)
-    ae, unet = ckpt.models()
-    labels = torch.arange(cfg.num_classes).repeat_interleave(s.per_class)
+    labels = torch.as_tensor(labels)
     out = np.zeros((len(labels), *cfg.image_shape), np.float32)
     with torch.no_grad():
         for idx, images in generate(
@@ -201,15 +207,28 @@ def synthesize(ckpt_path: Path, s: Setting, guidance_scale: float) -> tuple[np.n
             unet,
             list(range(len(labels))),
             labels,
-            ckpt.run_state.latent_scale,
-            seed=SEED,
+            latent_scale,
+            seed=seed,
             batch_size=32,
-            steps=s.ddim_steps or cfg.ddim_steps,
+            steps=steps or cfg.ddim_steps,
             device=torch.device("cpu"),
             guidance_scale=guidance_scale,
         ):
             out[idx] = images
-    return out, labels.numpy()
+    return out
+
+
+def synthesize(ckpt_path: Path, s: Setting, guidance_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    from common.config import model_config
+    from server.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.load(ckpt_path)
+    cfg = model_config(s.preset)
+    ae, unet = ckpt.models()
+    labels = torch.arange(cfg.num_classes).repeat_interleave(s.per_class)
+    latent_scale = ckpt.run_state.latent_scale
+    images = draw_images(cfg, ae, unet, labels, latent_scale, guidance_scale, steps=s.ddim_steps)
+    return images, labels.numpy()
 
 
 class SiteScorer:
