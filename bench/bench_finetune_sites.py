@@ -36,12 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.bench_autoencoder_texture import fidelity_row
 from bench.bench_utility import draw_images
 from bench.report import figure
-from client.audit import autoencoder_reconstructions, fidelity
+from client.audit import autoencoder_reconstructions
 from client.task import lesion_weights, load_training_data
 from common.config import SiteConfig
 from common.model import ddpm_scheduler, diffusion_loss, drop_labels, encode, select_trainable
+from privacy.fidelity import feature_names, radiomics_features
 from privacy.recipe import CLASS_DROPOUT, GUIDANCE_SCALE, LEARNING_RATE, LESION_WEIGHT
 from server.checkpoint import Checkpoint
 
@@ -62,7 +64,7 @@ class Sites:
         self.cfg = ckpt.model_config
         self.ae, self.unet = ckpt.models()
         self.scale = ckpt.run_state.latent_scale
-        self.data, self.holdout = [], []
+        self.data, self.holdout, self.real_features = [], [], {}
         for d in sorted((work / "sites").glob("site-*")):
             site = SiteConfig(site_dir=str(d), state_dir=str(work / "scoring" / d.name))
             train, holdout = load_training_data(site, self.cfg)
@@ -71,6 +73,7 @@ class Sites:
             labels = torch.from_numpy(train.labels).long()
             self.data.append((d.name, train, mu, sigma, labels, weights))
             self.holdout.append(holdout)
+            self.real_features[d.name] = radiomics_features(train.images)[0]  # once per site
 
     def label(self, site: int, cls: int) -> int:
         """(site, class) -> embedding row: site 0 keeps the class rows, the null class keeps its row, the other
@@ -159,6 +162,12 @@ def make(sites: Sites, variant: str) -> tuple[torch.nn.Module, bool]:
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
+def score(real_features: np.ndarray, images: np.ndarray) -> dict:
+    """Frechet distance / precision / coverage against a site's training patients, as the audit scores a cohort."""
+    row = fidelity_row(real_features, feature_names(), images)
+    return {key: row[key] for key in ("frechet", "precision", "coverage")}
+
+
 def draw(sites: Sites, unet, labels: list[int]) -> np.ndarray:
     return draw_images(sites.cfg, sites.ae, unet, labels, sites.scale, GUIDANCE_SCALE, seed=0)
 
@@ -185,15 +194,10 @@ def main() -> None:
         "real hold-out patients": {},
         "hold-out through the autoencoder": {},
     }
-    for (name, train_set, *_), holdout in zip(sites.data, sites.holdout, strict=True):
+    for (name, *_), holdout in zip(sites.data, sites.holdout, strict=True):
         recon = autoencoder_reconstructions(sites.ae, holdout, sites.scale, torch.device("cpu"))
         for ref, images in zip(references, (holdout.images, recon), strict=True):
-            f = fidelity(images, holdout.labels, train_set, sites.cfg.class_names)["overall"]
-            references[ref][name] = {
-                "frechet": round(f["frechet_distance"], 2),
-                "precision": round(f["precision"], 3),
-                "coverage": round(f["coverage"], 3),
-            }
+            references[ref][name] = score(sites.real_features[name], images)
     for ref, row in references.items():
         results[ref] = row
         print(ref, json.dumps(row), flush=True)
@@ -203,15 +207,10 @@ def main() -> None:
         unet, per_site = make(sites, variant)
         row = {"train_seconds": round(time.perf_counter() - t)}
         shared = None if per_site else draw(sites, unet, [c for c in range(k) for _ in range(n)])
-        for s, (name, train_set, *_) in enumerate(sites.data):
+        for s, (name, *_) in enumerate(sites.data):
             labels = [sites.label(s, c) if per_site else c for c in range(k) for _ in range(n)]
             images = draw(sites, unet, labels) if per_site else shared
-            f = fidelity(images, np.repeat(np.arange(k), n), train_set, sites.cfg.class_names)
-            row[name] = {
-                "frechet": round(f["overall"]["frechet_distance"], 2),
-                "precision": round(f["overall"]["precision"], 3),
-                "coverage": round(f["overall"]["coverage"], 3),
-            }
+            row[name] = score(sites.real_features[name], images)
             if per_site or s == 0:
                 shown = np.concatenate([images[c * n : c * n + 4] for c in range(k)])
                 where = f", {name}'s condition" if per_site else ""
