@@ -66,6 +66,22 @@ def federation(tmp_path, node_configs_for, tiny_run):
     return node_configs, run, app_dir
 
 
+def _wait_until(
+    condition, what: str, running, lines: list[str], timeout: float, every: float
+) -> None:
+    """Until `condition()`; fail with the run's log tail (the SuperLink's, SuperNodes' and ServerApp's lines) if the
+    run ends first or `timeout` seconds pass, so that a failure says where the run stood."""
+    deadline = time.time() + timeout
+    while not condition():
+        if running is not None and running.done():
+            pytest.fail(
+                f"{what}: the run ended first ({running.result()!r})\n" + "\n".join(lines[-80:])
+            )
+        if time.time() > deadline:
+            pytest.fail(f"{what} within {timeout:.0f}s; the log's tail:\n" + "\n".join(lines[-80:]))
+        time.sleep(every)
+
+
 def _assert_each_round_charged_once(run_dir: Path, node_configs: list[dict]) -> str:
     """run.json says completed with both rounds checkpointed; every site's ledger holds each round of the run
     exactly once; privacy.json reports exactly the ledgers' spend. Returns the run id."""
@@ -113,10 +129,14 @@ def test_superlink_killed_mid_round_restarts_from_its_database_and_the_run_survi
                 wait_for_file(run_dir / "checkpoints" / "round-001.pt", running, timeout=420)
                 # the fixed point: round 1 is checkpointed and a site has paid for round 2
                 ledgers = [_ledger(c) for c in node_configs]
-                deadline = time.time() + 300
-                while not any(e["server_round"] >= 2 for led in ledgers for e in led.entries()):
-                    assert time.time() < deadline and not running.done(), "round 2 never started"
-                    time.sleep(0.2)
+                _wait_until(
+                    lambda: any(e["server_round"] >= 2 for led in ledgers for e in led.entries()),
+                    "round 2 never started",
+                    running,
+                    lines,
+                    timeout=300,
+                    every=0.2,
+                )
                 run_id_before = Checkpoint.load(
                     run_dir / "checkpoints" / "latest.pt"
                 ).run_state.run_id
@@ -169,16 +189,25 @@ def test_the_coordinating_machine_reboots_after_the_sites_trained_the_last_round
                 # freeze the ServerApp once round 2 is sent (a site has charged its ledger for it): it waits for
                 # both sites' updates, so it cannot have aggregated them yet
                 ledgers = [_ledger(c) for c in node_configs]
-                deadline = time.time() + 300
-                while not any(e["server_round"] == 2 for led in ledgers for e in led.entries()):
-                    assert time.time() < deadline and not running.done(), "round 2 never started"
-                    time.sleep(0.1)
+                _wait_until(
+                    lambda: any(e["server_round"] == 2 for led in ledgers for e in led.entries()),
+                    "round 2 never started",
+                    running,
+                    lines,
+                    timeout=300,
+                    every=0.1,
+                )
                 for pid in serverapps:
                     os.kill(pid, signal.SIGSTOP)
                 # the sites go on: both train round 2 and release their updates, which nobody aggregates
-                while not all(led.release_of(run_id, 2, "diffusion") for led in ledgers):
-                    assert time.time() < deadline, "the sites did not release round 2"
-                    time.sleep(0.5)
+                _wait_until(
+                    lambda: all(led.release_of(run_id, 2, "diffusion") for led in ledgers),
+                    "the sites did not release round 2",
+                    None,  # the ServerApp is frozen: the run cannot end
+                    lines,
+                    timeout=300,
+                    every=0.5,
+                )
                 assert not (run_dir / "checkpoints" / "round-002.pt").exists(), (
                     "round 2 was checkpointed before the ServerApp could be frozen: the test did not test"
                 )
