@@ -67,18 +67,24 @@ def federation(tmp_path, node_configs_for, tiny_run):
 
 
 def _wait_until(
-    condition, what: str, running, lines: list[str], timeout: float, every: float
+    condition, what: str, running, lines: list[str], link, timeout: float, every: float
 ) -> None:
-    """Until `condition()`; fail with the run's log tail (the SuperLink's, SuperNodes' and ServerApp's lines) if the
-    run ends first or `timeout` seconds pass, so that a failure says where the run stood."""
+    """Until `condition()`; fail with the run's log tail and the last lines of every Flower process's log (SuperLink,
+    SuperExec, SuperNodes) if the run ends first or `timeout` seconds pass, so that a failure says where it stood."""
     deadline = time.time() + timeout
     while not condition():
-        if running is not None and running.done():
-            pytest.fail(
-                f"{what}: the run ended first ({running.result()!r})\n" + "\n".join(lines[-80:])
+        ended = running is not None and running.done()
+        if ended or time.time() > deadline:
+            tails = [
+                f"--- {log.name}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+                for log in sorted(link.procs.log_dir.glob("*.log"))
+            ]
+            why = (
+                f"the run ended first ({running.result()!r})"
+                if ended
+                else f"not within {timeout:.0f}s"
             )
-        if time.time() > deadline:
-            pytest.fail(f"{what} within {timeout:.0f}s; the log's tail:\n" + "\n".join(lines[-80:]))
+            pytest.fail(f"{what}: {why}; the run's log:\n" + "\n".join(lines[-60:] + tails))
         time.sleep(every)
 
 
@@ -134,6 +140,7 @@ def test_superlink_killed_mid_round_restarts_from_its_database_and_the_run_survi
                     "round 2 never started",
                     running,
                     lines,
+                    link,
                     timeout=300,
                     every=0.2,
                 )
@@ -194,6 +201,7 @@ def test_the_coordinating_machine_reboots_after_the_sites_trained_the_last_round
                     "round 2 never started",
                     running,
                     lines,
+                    link,
                     timeout=300,
                     every=0.1,
                 )
@@ -205,6 +213,7 @@ def test_the_coordinating_machine_reboots_after_the_sites_trained_the_last_round
                     "the sites did not release round 2",
                     None,  # the ServerApp is frozen: the run cannot end
                     lines,
+                    link,
                     timeout=300,
                     every=0.5,
                 )
