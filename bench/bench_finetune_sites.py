@@ -21,7 +21,10 @@ patients as the audit does (radiomics Frechet distance, prdc precision and cover
 - `site-conditioned-all-400`: the same, every parameter, 400 steps of 64 at lr 1e-3 (ten times the recipe's
   steps: what a much larger budget could buy).
 Two reference rows come first: each site's real hold-out patients (what a perfect generator would score) and the
-same patients through the public autoencoder (the best any generator in its latent space can score).
+same patients through the public autoencoder (the best any generator in its latent space can score). With
+`--site-noise`, every row of decoded images is scored a second time with Rician noise added at the site's own level
+(estimated from its training images' background, `background_sigma`; the product would have to release it under DP):
+the autoencoder denoises, and the radiomics features read the scanner's noise.
 A figure (`--out`/finetune-sites.png) shows each variant's images beside each site's real ones.
 """
 
@@ -36,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.bench_autoencoder_texture import fidelity_row
+from bench.bench_autoencoder_texture import fidelity_row, rician
 from bench.bench_utility import draw_images
 from bench.report import figure
 from client.audit import autoencoder_reconstructions
@@ -162,6 +165,13 @@ def make(sites: Sites, variant: str) -> tuple[torch.nn.Module, bool]:
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
+def background_sigma(images: np.ndarray, threshold: float = 0.1) -> float:
+    """The Rician noise level of a set of magnitude images, from their background (pixels below `threshold`, where the
+    magnitude of pure complex Gaussian noise is Rayleigh: median = sigma * sqrt(2 ln 2)); the median over images."""
+    per_image = [np.median(im[im < threshold]) / np.sqrt(2 * np.log(2)) for im in images]
+    return float(np.median(per_image))
+
+
 def score(real_features: np.ndarray, images: np.ndarray) -> dict:
     """Frechet distance / precision / coverage against a site's training patients, as the audit scores a cohort."""
     row = fidelity_row(real_features, feature_names(), images)
@@ -179,6 +189,11 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--site-noise",
+        action="store_true",
+        help="also score every decoded row with the site's own Rician noise level added",
+    )
     ap.add_argument("--out", default="bench-results/finetune-sites")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -194,9 +209,14 @@ def main() -> None:
         "real hold-out patients": {},
         "hold-out through the autoencoder": {},
     }
+    sigma = {name: background_sigma(train_set.images) for name, train_set, *_ in sites.data}
+    if args.site_noise:
+        print("the sites' noise levels (background):", json.dumps(sigma), flush=True)
+        references["the same + the site's noise"] = {}
     for (name, *_), holdout in zip(sites.data, sites.holdout, strict=True):
         recon = autoencoder_reconstructions(sites.ae, holdout, sites.scale, torch.device("cpu"))
-        for ref, images in zip(references, (holdout.images, recon), strict=True):
+        scored = [holdout.images, recon] + ([rician(recon, sigma[name])] if args.site_noise else [])
+        for ref, images in zip(references, scored, strict=True):
             references[ref][name] = score(sites.real_features[name], images)
     for ref, row in references.items():
         results[ref] = row
@@ -211,6 +231,9 @@ def main() -> None:
             labels = [sites.label(s, c) if per_site else c for c in range(k) for _ in range(n)]
             images = draw(sites, unet, labels) if per_site else shared
             row[name] = score(sites.real_features[name], images)
+            if args.site_noise:
+                noisy = rician(images, sigma[name], seed=s)
+                row[f"{name} + noise"] = score(sites.real_features[name], noisy)
             if per_site or s == 0:
                 shown = np.concatenate([images[c * n : c * n + 4] for c in range(k)])
                 where = f", {name}'s condition" if per_site else ""
