@@ -275,8 +275,9 @@ def _privacy_rows(sites: dict) -> list[list]:
     return rows
 
 
-def _membership_rows(sites: dict) -> list[list]:
-    rows, tests = [], membership_tests(sites)
+def _membership_rows(sites: dict, tests: dict) -> list[list]:
+    """One row per membership attack; `tests`: privacy.verdict.membership_tests of the same sites."""
+    rows = []
     for name, site in sites.items():
         for cls, kind, r in attacks(site):
             lb = r.get("epsilon_lower_bound") or {}
@@ -566,6 +567,7 @@ def render_officer_report(
     flagged = dict(flagged_images or {})
     shown = list(flagged)[:MAX_GRID]
     n_tests = len(share_tests(sites))
+    mtests = membership_tests(sites)
     return _ENV.get_template("officer_report.html.j2").render(
         **_common(audit, source_sha256),
         verdict=audit["verdict"],
@@ -573,12 +575,12 @@ def render_officer_report(
         share_alpha=SHARE_ALPHA,
         n_share_tests=n_tests,
         membership_alpha=MEMBERSHIP_ALPHA,
-        n_membership_tests=len(membership_tests(sites)),
+        n_membership_tests=len(mtests),
         privacy_rows=_privacy_rows(sites),
         epsilon_plot=_epsilon_plot(sites) if sites else None,
         worst_rows=_worst_rows(audit, where=True),
         roc_plot=_roc_plot(sites) if sites else None,
-        membership_rows=_membership_rows(sites),
+        membership_rows=_membership_rows(sites, mtests),
         memorization=_memorization_blocks(sites),
         extraction_rows=_extraction_rows(sites),
         class_rows=_class_rows(sites, counts=True),
