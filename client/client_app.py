@@ -128,6 +128,8 @@ def train_reply(site: SiteConfig, result: RoundResult) -> RecordDict:
             loss=float(m["loss"]) if report else None,
             num_examples=int(m["num-examples"]) if report else None,
             replayed=1 if result.replayed else None,
+            noise_level=m.get("noise-level"),
+            noise_level_std=m.get("noise-level-std"),
         ).to_record()
     return content
 

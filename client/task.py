@@ -49,9 +49,18 @@ from privacy.accounting import (
 )
 from privacy.dp import batch_loss, make_private, sample_rate_of
 from privacy.ledger import LEDGER_FILENAME, NO_DP, PrivacyLedger
+from privacy.noise_level import (
+    NoiseLevelRelease,
+    patient_noise_levels,
+    release_noise_level,
+    release_step,
+)
 from privacy.sampling import patient_loader
 
 log = logging.getLogger("fedsynth.site")
+# the ledger phase of a noise-level release (privacy/noise_level.py); it shares the round number of the diffusion
+# round that makes it
+NOISE_LEVEL_PHASE = "noise-level"
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,8 @@ class DPPlan:
     epsilon_before: float
     epsilon_after: float
     epsilon_budget: float
+    # this round also releases the site's noise level (one Gaussian mechanism over every training patient)
+    noise_level: bool = False
 
     @property
     def protection(self) -> str:
@@ -164,23 +175,52 @@ def steps_per_round(n_patients: int, plan: RoundPlan) -> tuple[float, int]:
     return 1.0 / batches, batches * plan.local_epochs
 
 
+def noise_level_due(ledger: PrivacyLedger, plan: RoundPlan) -> bool:
+    """Whether the run asks for this site's noise level and has not had it yet: no release of it in this run whose
+    round's update left the site (one whose round crashed before its update left released nothing: it is made, and
+    charged, again)."""
+    if not plan.release_noise_level:
+        return False
+    return not any(
+        e["run_id"] == plan.run_id
+        and e["phase"] == NOISE_LEVEL_PHASE
+        and ledger.release_of(plan.run_id, e["server_round"], "diffusion") is not None
+        for e in ledger.entries()
+    )
+
+
 def plan_privacy(
     site: SiteConfig, ledger: PrivacyLedger, train: SiteData, plan: RoundPlan
 ) -> tuple[DPPlan | None, str]:
     """Calibrate this round's noise so the whole remaining run fits the budget of EVERY patient in it, given each
-    one's past spend (the worst patient decides), and refuse a round that would take any patient past it.
+    one's past spend (the worst patient decides), and refuse a round that would take any patient past it. A noise-level
+    release the run still owes is part of the remaining run: planned from the first round, made in the first
+    diffusion round (`DPPlan.noise_level`).
 
     Returns (plan, "") or (None, reason to refuse).
     """
     patients = train.patients
     q, steps = steps_per_round(len(patients), plan)
     delta = accounting_delta(site, ledger, len(patients))
+    due = noise_level_due(ledger, plan)
+    release_now = due and plan.phase == "diffusion"
     if not site.dp:
         return DPPlan(
-            False, 0.0, q, steps, site.max_grad_norm, delta, "none", 0.0, math.inf, math.inf
+            False,
+            0.0,
+            q,
+            steps,
+            site.max_grad_norm,
+            delta,
+            "none",
+            0.0,
+            math.inf,
+            math.inf,
+            release_now,
         ), ""
-    histories = ledger.histories(patients)
-    worst_now = max(epsilon_for(h, delta, site.accountant) for h in histories)
+    reserved = [release_step(site.noise_level_multiplier)] if due else []
+    past = ledger.histories(patients)
+    worst_now = max(epsilon_for(h, delta, site.accountant) for h in past)
     eps_now = ledger.epsilon(delta, site.accountant)
     if math.isinf(worst_now):
         return None, (
@@ -196,10 +236,10 @@ def plan_privacy(
                 q,
                 remaining_steps,
                 accountant=site.accountant,
-                prior=h,
+                prior=list(h) + reserved,
                 max_noise=site.max_noise_multiplier,
             )
-            for h in histories
+            for h in past
         )
     except ValueError as err:
         return (
@@ -207,7 +247,7 @@ def plan_privacy(
             f"privacy budget: {err} (worst patient in this round has spent epsilon={worst_now:.3f} of "
             f"{site.epsilon} at delta={delta:.2e})",
         )
-    this_round = [MechanismStep(noise_multiplier=sigma, sample_rate=q, steps=steps)]
+    this_round = [MechanismStep(noise_multiplier=sigma, sample_rate=q, steps=steps)] + reserved
     decision = ledger.check_budget(this_round, patients, site.epsilon, delta, site.accountant)
     if not decision.allowed:
         return None, decision.reason
@@ -223,6 +263,7 @@ def plan_privacy(
             eps_now,
             decision.epsilon_after,
             site.epsilon,
+            release_now,
         ),
         "",
     )
@@ -385,6 +426,7 @@ def run_training_round(
         delta=dp.delta,
         patients=train.patients,
     )
+    noise_level = _release_noise_level(site, ledger, plan, dp, train) if dp.noise_level else None
     # One-run audit canaries (client/canaries.py): gradient canaries in the diffusion UNet, one sampling unit each,
     # drawn at the patients' rate and added to the clipped, noised sum; the rate, steps and noise above come from
     # the patient count alone, so no patient's mechanism depends on them.
@@ -448,6 +490,8 @@ def run_training_round(
         "steps": stats["steps"],
         "seconds": seconds,
     }
+    if noise_level is not None:
+        metrics.update({"noise-level": noise_level.sigma, "noise-level-std": noise_level.std})
     privacy = privacy_summary(site, ledger, train, dp, plan.run_id)
     metrics.update({"epsilon": privacy["epsilon"], "delta": privacy["delta"]})
     log.info(
@@ -464,6 +508,38 @@ def run_training_round(
     # kept, and its release in the ledger, before the update can leave: a repeated request gets this same reply
     replay.keep(site, ledger, mechanism_id, plan, request, state, metrics, privacy)
     return RoundResult(site.name, state_dict=state, metrics=metrics, privacy=privacy)
+
+
+def _release_noise_level(
+    site: SiteConfig, ledger: PrivacyLedger, plan: RoundPlan, dp: DPPlan, train: SiteData
+) -> NoiseLevelRelease:
+    """The site's scanner noise level, released under DP (privacy/noise_level.py): charged to every training patient
+    in the ledger (as planned by plan_privacy) before anything is computed, so a crash can only over-count. Without
+    DP (experiments) the exact level, recorded without a guarantee."""
+    multiplier = site.noise_level_multiplier if dp.enabled else 0.0
+    ledger.record(
+        run_id=plan.run_id,
+        server_round=plan.server_round,
+        phase=NOISE_LEVEL_PHASE,
+        noise_multiplier=multiplier,
+        sample_rate=1.0,
+        steps=1,
+        clipping_norm=site.noise_level_clip,
+        accountant=dp.accountant if dp.enabled else NO_DP,
+        delta=dp.delta,
+        patients=train.patients,
+    )
+    levels, unusable = patient_noise_levels(train.images, train.records_by_patient())
+    release = release_noise_level(levels, site.noise_level_clip, multiplier)
+    log.info(
+        "site %s: noise level %.4f released (DP noise std %.4f; %d of %d patients without a usable background)",
+        site.name,
+        release.sigma,
+        release.std,
+        unusable,
+        len(levels),
+    )
+    return release
 
 
 def lesion_weights(

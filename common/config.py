@@ -177,6 +177,10 @@ class RunConfig:
     # 1 + lesion-weight: without it the lesion label is not learnt, even without DP (docs/RECIPE.md, measured on
     # public phantoms). 0: the plain loss. A patient without a mask trains with the plain loss.
     lesion_weight: float = 20.0
+    # Ask every site for its scanner noise level, released under DP with the site's own clip and noise
+    # (privacy/noise_level.py; planned into each site's budget from the first round, made in its first diffusion
+    # round). The levels go to run.json, privacy.json and the cohort's manifest.
+    release_noise_levels: bool = False
     audit: bool = True  # run the federated privacy audit on the cohort after synthesis
     # Extraction by many samples (client/extraction.py): each site draws this many times the cohort's size from the
     # audited model with its own entropy, never released, and searches them for copies of its patients.
@@ -329,8 +333,17 @@ class SiteConfig:
     # they decide nothing at the release gate): 0 is the fixed recipe's (500 for slices, 150 for volumes). A site
     # short of CPU may set fewer, chosen by its CPU alone, never by looking at the figures; audit.json says how many.
     utility_cnn_steps: int = 0
+    # The DP release of this site's scanner noise level, when a run asks for one (privacy/noise_level.py): each
+    # training patient's level (estimated from the air around the head) is clipped to [0, noise-level-clip], in
+    # units of the image range (the default phantom protocols: 0.012-0.045), and their sum gets Gaussian noise of
+    # noise-level-multiplier x clip. One mechanism over every training patient (one step, sampling rate 1), planned
+    # into the run's budget and charged in the ledger like a DP-SGD round; the site's own settings, never the server's.
+    noise_level_clip: float = 0.1
+    noise_level_multiplier: float = 10.0
 
     def __post_init__(self) -> None:
+        if not (self.noise_level_clip > 0 and self.noise_level_multiplier > 0):
+            raise ValueError("noise-level-clip and noise-level-multiplier must be > 0")
         if self.max_audits_per_run < 0:
             raise ValueError("max-audits-per-run must be >= 0 (0: answer no audit)")
         if not self.site_dir:

@@ -76,6 +76,9 @@ class RoundPlan:
     # the diffusion loss's extra weight on a patient's lesion region (common/model.py lesion_weight_map; 0: the
     # plain loss); each sample's weights come from its own mask, so the clipping bounds a patient as before
     lesion_weight: float = 0.0
+    # the run asks every site for its scanner noise level, released under DP (privacy/noise_level.py): a site plans
+    # the release into the run's budget from the first round and makes it once, in its first diffusion round
+    release_noise_level: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lesion_weight < float("inf"):
@@ -134,6 +137,10 @@ class TrainMetrics:
     loss: float | None = None
     num_examples: int | None = None
     replayed: int | None = None
+    # the round that made the site's DP noise-level release (RoundPlan.release_noise_level): the level and the
+    # standard deviation of its DP noise
+    noise_level: float | None = None
+    noise_level_std: float | None = None
 
     def to_record(self) -> MetricRecord:
         return MetricRecord({k: v for k, v in _values(self).items() if v is not None})
@@ -234,6 +241,8 @@ def _typed(name: str, key: str, value: Any, hint: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (Union, types.UnionType):
         hint = args[0]
+    if hint is bool and isinstance(value, bool):
+        return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
@@ -253,7 +262,7 @@ def _typed(name: str, key: str, value: Any, hint: Any) -> Any:
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is tuple:
         return "a list of strings"
-    return {int: "an integer", float: "a number", str: "a string"}[hint]
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
 
 
 def readable_error(reason: str) -> str:

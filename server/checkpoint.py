@@ -70,6 +70,9 @@ class RunState:
     sites: dict[str, dict[str, Any]] = field(
         default_factory=dict
     )  # site name -> {node_id, status, reason, round}
+    # site name -> {sigma, std, round}: each site's scanner noise level as it released it under DP (RunConfig
+    # release_noise_levels; privacy/noise_level.py)
+    noise_levels: dict[str, dict[str, Any]] = field(default_factory=dict)
     status: str = "running"
     reason: str = ""
 

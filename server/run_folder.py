@@ -1,8 +1,8 @@
 """A run's folder: the one place that names its files, and the one reader and writer of run.json and privacy.json.
 
-run.json          the run record: config, sites, who dropped or refused and why, status
+run.json          the run record: config, sites, who dropped or refused and why, status, noise levels
 privacy.json      {"sample_level": {site: spend as last reported}, "client_level": {...},
-                  "aggregation_weights": ...}
+                  "aggregation_weights": ..., "noise_levels": {site: {sigma, std, round}} (DP releases)}
 metrics.jsonl     one line per site per round
 checkpoints/      round-NNN.pt, latest.pt -> the newest (server/checkpoint.py writes and reads them)
 cohort/           the synthetic cohort (server/synthesis.py)

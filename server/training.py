@@ -10,7 +10,8 @@ a checkpoint and the per-site metrics, and go on. Everything a later reader need
                       from sites that opt in: common/messages.py TrainMetrics)
     privacy.json      {"sample_level": {site: spend as last reported}, "client_level": {...},
                       "aggregation_weights": ...}, each labelled with the kind of protection (client_level:
-                      central DP, or "none"); each site's entry says whether it reported its loss and count
+                      central DP, or "none"); each site's entry says whether it reported its loss and count;
+                      "noise_levels": each site's scanner noise level as released under DP (release-noise-levels)
     ../central_dp_ledger.sqlite  the consortium's client-level releases over all runs, when central DP is on
                       (server/central_dp.py; `central-dp-ledger` puts it elsewhere)
     checkpoints/      round-NNN.pt (atomic), latest.pt -> the newest (server/checkpoint.py)
@@ -246,6 +247,7 @@ class Federation:
                 ),
                 "pretraining": self.pretraining,
                 "sites": state.sites,
+                "noise_levels": state.noise_levels,
                 "aggregation_weights": AGGREGATION_WEIGHTS,
                 "central_dp": self.central.summary(state.completed_round),
                 "run_config": dataclasses.asdict(self.run),
@@ -257,6 +259,8 @@ class Federation:
                 "sample_level": self.privacy,
                 "client_level": self.central.summary(state.completed_round),
                 "aggregation_weights": AGGREGATION_WEIGHTS,
+                # each site's scanner noise level, released under DP (with its own clip and noise multiplier)
+                "noise_levels": state.noise_levels,
             },
         )
 
@@ -311,6 +315,7 @@ class Federation:
             class_dropout=self.run.class_dropout,
             dp_trainable=self.run.dp_trainable,
             lesion_weight=self.run.lesion_weight,
+            release_noise_level=self.run.release_noise_levels,
         )
         active = self._active_nodes(state, r)
         if self.central.enabled:  # Flower's DP wrapper was set up for exactly these sites
@@ -550,6 +555,16 @@ class Federation:
             f"  {site}: {stats}{metrics.steps} steps, {metrics.seconds:.1f}s, "
             f"epsilon so far {metrics.epsilon:.2f}{replayed}"
         )
+        if metrics.noise_level is not None:
+            state.noise_levels[site] = {
+                "sigma": metrics.noise_level,
+                "std": metrics.noise_level_std,
+                "round": r,
+            }
+            self.say(
+                f"  {site}: scanner noise level {metrics.noise_level:.4f} (released under DP, noise std "
+                f"{metrics.noise_level_std:.4f})"
+            )
         # FedAvg weighs every site the same: the strategy sees this weight and nothing the site reported
         m.content[msg.METRICS] = MetricRecord({AGGREGATION_WEIGHT_KEY: 1.0})
         good.append(m)

@@ -1,4 +1,5 @@
-"""Resuming a FedAdam run continues the same server optimiser: its moments travel in the checkpoint."""
+"""Resuming a FedAdam run continues the same server optimiser: its moments travel in the checkpoint. Sites that
+drop are recorded. Each site's DP noise-level release reaches the run's records."""
 
 import json
 
@@ -83,3 +84,56 @@ def test_a_site_whose_supernode_disconnects_is_recorded_as_dropped(tmp_path):
     gone = record["sites"]["site-2"]
     assert gone["status"] == "dropped" and gone["round"] == 2 and "disconnected" in gone["reason"]
     assert {record["sites"][s]["status"] for s in ("site-0", "site-1")} == {"active"}
+
+
+class SitesInProcess:
+    """Real sites answering through the ClientApp's train handler, in this process (no deployment)."""
+
+    def __init__(self, node_configs: list[dict]):
+        from types import SimpleNamespace
+
+        self.contexts = {i + 1: SimpleNamespace(node_config=c) for i, c in enumerate(node_configs)}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        from client.client_app import train
+
+        return [train(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+
+
+def test_each_sites_dp_noise_level_reaches_the_run_record_privacy_json_and_the_checkpoint(tmp_path):
+    from client.task import NOISE_LEVEL_PHASE, open_ledger
+    from common.config import SiteConfig
+    from common.phantoms import make_phantom_sites
+
+    sites = make_phantom_sites(tmp_path / "sites", n_sites=2, n_subjects=12, size=32, seed=4)
+    configs = [
+        {"site-dir": str(s), "state-dir": str(tmp_path / "state" / s.name), "threads": 1}
+        for s in sites
+    ]
+    run = RunConfig(
+        preset="tiny",
+        num_server_rounds=3,
+        autoencoder_rounds=1,
+        batch_size=4,
+        min_sites=2,
+        run_dir=str(tmp_path / "run"),
+        synthesize_per_class=0,
+        audit=False,
+        release_noise_levels=True,
+    )
+    latest = Federation(SitesInProcess(configs), run).run_rounds()
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    privacy = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    levels = Checkpoint.load(latest).run_state.noise_levels
+    assert set(levels) == {s.name for s in sites}
+    for name, level in levels.items():
+        assert level["round"] == 2  # the first diffusion round, once
+        assert 0.0 <= level["sigma"] and level["std"] > 0
+        assert record["noise_levels"][name] == privacy["noise_levels"][name] == level
+    for config in configs:  # made once per site, in round 2, and charged there
+        ledger = open_ledger(SiteConfig.from_flwr(config))
+        made = [e["server_round"] for e in ledger.entries() if e["phase"] == NOISE_LEVEL_PHASE]
+        assert made == [2]
