@@ -41,6 +41,7 @@ from privacy.fidelity import (
     precision_recall_coverage,
     radiomics_features,
 )
+from privacy.noise_level import add_rician_noise
 from server.pretrain import PretrainConfig, load_public, lr_scheduler, train_autoencoder
 
 
@@ -93,10 +94,8 @@ def train_adversarial(cfg, pre: PretrainConfig, images: torch.Tensor, weight: fl
 
 
 def rician(images: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
-    """Magnitude of the image plus complex Gaussian noise (the phantoms' noise model), clipped to [0, 1]."""
-    rng = np.random.default_rng(seed)
-    re, im = images + rng.normal(0, sigma, images.shape), rng.normal(0, sigma, images.shape)
-    return np.clip(np.sqrt(re**2 + im**2), 0, 1).astype(np.float32)
+    """Magnitude of the image plus complex Gaussian noise (privacy/noise_level.py), clipped to [0, 1]; seeded."""
+    return add_rician_noise(images, sigma, np.random.default_rng(seed))
 
 
 def fidelity_row(f_real: np.ndarray, names: list[str], images: np.ndarray) -> dict:

@@ -23,7 +23,7 @@ patients as the audit does (radiomics Frechet distance, prdc precision and cover
 Two reference rows come first: each site's real hold-out patients (what a perfect generator would score) and the
 same patients through the public autoencoder (the best any generator in its latent space can score). With
 `--site-noise`, every row of decoded images is scored a second time with Rician noise added at the site's own level
-(estimated from its training images' background, `background_sigma`; the product would have to release it under DP):
+(its training patients' mean level, privacy/noise_level.py: what a site releases under DP with `release-noise-levels`):
 the autoencoder denoises, and the radiomics features read the scanner's noise.
 A figure (`--out`/finetune-sites.png) shows each variant's images beside each site's real ones.
 """
@@ -47,6 +47,7 @@ from client.task import lesion_weights, load_training_data
 from common.config import SiteConfig
 from common.model import ddpm_scheduler, diffusion_loss, drop_labels, encode, select_trainable
 from privacy.fidelity import feature_names, radiomics_features
+from privacy.noise_level import site_noise_level
 from privacy.recipe import CLASS_DROPOUT, GUIDANCE_SCALE, LEARNING_RATE, LESION_WEIGHT
 from server.checkpoint import Checkpoint
 
@@ -165,13 +166,6 @@ def make(sites: Sites, variant: str) -> tuple[torch.nn.Module, bool]:
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
-def background_sigma(images: np.ndarray, threshold: float = 0.1) -> float:
-    """The Rician noise level of a set of magnitude images, from their background (pixels below `threshold`, where the
-    magnitude of pure complex Gaussian noise is Rayleigh: median = sigma * sqrt(2 ln 2)); the median over images."""
-    per_image = [np.median(im[im < threshold]) / np.sqrt(2 * np.log(2)) for im in images]
-    return float(np.median(per_image))
-
-
 def score(real_features: np.ndarray, images: np.ndarray) -> dict:
     """Frechet distance / precision / coverage against a site's training patients, as the audit scores a cohort."""
     row = fidelity_row(real_features, feature_names(), images)
@@ -209,7 +203,10 @@ def main() -> None:
         "real hold-out patients": {},
         "hold-out through the autoencoder": {},
     }
-    sigma = {name: background_sigma(train_set.images) for name, train_set, *_ in sites.data}
+    sigma = {
+        name: site_noise_level(train_set.images, train_set.records_by_patient())
+        for name, train_set, *_ in sites.data
+    }
     if args.site_noise:
         print("the sites' noise levels (background):", json.dumps(sigma), flush=True)
         references["the same + the site's noise"] = {}

@@ -99,6 +99,22 @@ def patient_noise_levels(
     return levels, unusable
 
 
+def site_noise_level(images: np.ndarray, groups: Sequence[Sequence[int]]) -> float:
+    """The site's level without DP noise: the mean of its patients' levels (what `release_noise_level` releases
+    with noise; for scoring at the site itself, never sent as it is)."""
+    levels, _ = patient_noise_levels(images, groups)
+    return float(levels.mean())
+
+
+def add_rician_noise(images: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """What a scanner's magnitude image carries: |image + complex Gaussian noise of std sigma|, clipped to [0, 1]
+    (the phantoms' noise model, common/phantoms.py)."""
+    images = np.asarray(images, dtype=np.float64)
+    real = images + rng.normal(0.0, sigma, images.shape)
+    imaginary = rng.normal(0.0, sigma, images.shape)
+    return np.clip(np.hypot(real, imaginary), 0.0, 1.0).astype(np.float32)
+
+
 def release_step(noise_multiplier: float) -> MechanismStep:
     """The release as the ledger and the accountant see it: one Gaussian mechanism over every training patient."""
     return MechanismStep(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
@@ -126,19 +142,22 @@ def release_noise_level(
     generator: torch.Generator | None = None,
 ) -> NoiseLevelRelease:
     """The Gaussian mechanism on the patients' clipped levels. `generator`: tests only; a site draws from
-    privacy.dp.entropy_generator() (OS entropy), never from a seed it was sent."""
-    if clip <= 0 or noise_multiplier <= 0:
+    privacy.dp.entropy_generator() (OS entropy), never from a seed it was sent. A noise multiplier of 0 (a site
+    without DP, experiments) gives the exact mean of the clipped levels."""
+    if not (clip > 0 and noise_multiplier >= 0):
         raise ValueError(
-            f"a DP noise-level release needs clip > 0 and noise_multiplier > 0 (got {clip}, {noise_multiplier})"
+            f"a noise-level release needs clip > 0 and noise_multiplier >= 0 (got {clip}, {noise_multiplier})"
         )
     levels = np.asarray(levels, dtype=np.float64)
     if levels.ndim != 1 or levels.size == 0:
         raise ValueError("one noise level per patient, at least one patient")
     total = float(np.clip(np.nan_to_num(levels, nan=0.0), 0.0, clip).sum())
-    gen = generator or entropy_generator()
-    noise = float(
-        torch.normal(0.0, noise_multiplier * clip, (1,), generator=gen, dtype=torch.float64)
-    )
+    noise = 0.0
+    if noise_multiplier > 0:
+        gen = generator or entropy_generator()
+        noise = float(
+            torch.normal(0.0, noise_multiplier * clip, (1,), generator=gen, dtype=torch.float64)
+        )
     return NoiseLevelRelease(
         sigma=max(0.0, (total + noise) / levels.size),
         n_patients=int(levels.size),

@@ -1,14 +1,11 @@
 """The site-conditioning of the fine-tuning diagnosis: one embedding row per (site, class), none shared, the null
-class's row untouched, every new row starting at its class's public row; the noise-level estimate the diagnosis
-adds back."""
+class's row untouched, every new row starting at its class's public row."""
 
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
-from bench.bench_autoencoder_texture import rician
-from bench.bench_finetune_sites import Sites, background_sigma, site_conditioned
+from bench.bench_finetune_sites import Sites, site_conditioned
 from common.config import model_config
 from common.model import build_unet
 
@@ -31,13 +28,3 @@ def test_site_conditioning_gives_each_site_class_its_own_row_from_the_public_cla
         assert torch.equal(new[row], old[c]), (s, c)
     # the public model itself is not modified
     assert sites.unet.class_embedding.weight.shape[0] == cfg.num_classes + 1
-
-
-def test_background_sigma_recovers_the_rician_noise_level_of_a_head_on_black():
-    yy, xx = np.mgrid[:64, :64]
-    head = np.where((yy - 32) ** 2 + (xx - 32) ** 2 < 24**2, 0.7, 0.0)
-    images = np.repeat(head[None], 8, axis=0)
-    for sigma in (0.015, 0.03):
-        estimate = background_sigma(rician(images, sigma, seed=1))
-        assert abs(estimate - sigma) < 0.1 * sigma, (sigma, estimate)
-    assert background_sigma(images + 0.0) == 0.0  # no noise, nothing estimated

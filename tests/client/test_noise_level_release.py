@@ -102,3 +102,14 @@ def test_a_release_the_budget_cannot_pay_for_refuses_the_round(tmp_path, site_di
         plain, dataclasses.replace(DIFFUSION, release_noise_level=False), unet, ae
     )
     assert not trained.refused
+
+
+def test_a_site_without_dp_releases_its_exact_level_recorded_without_a_guarantee(
+    tmp_path, site_dir, models
+):
+    ae, unet = models
+    site = dataclasses.replace(_site(site_dir, tmp_path / "state"), dp=False)
+    result = run_training_round(site, DIFFUSION, unet, ae)
+    assert result.metrics["noise-level-std"] == 0.0 and result.metrics["noise-level"] > 0
+    [release] = [e for e in open_ledger(site).entries() if e["phase"] == NOISE_LEVEL_PHASE]
+    assert (release["noise_multiplier"], release["accountant"]) == (0.0, "none")

@@ -9,6 +9,7 @@ from common.phantoms import default_site_specs, make_phantom_sites
 from common.site import load_site
 from privacy.accounting import epsilon_for
 from privacy.noise_level import (
+    add_rician_noise,
     background_sigma,
     patient_noise_levels,
     release_noise_level,
@@ -29,18 +30,15 @@ def phantom_sites(tmp_path_factory):
     return [(spec.protocol.noise_sigma, load_site(d)) for spec, d in zip(specs, sites, strict=True)]
 
 
-def rician(images: np.ndarray, sigma: float, seed: int) -> np.ndarray:
-    """The magnitude of the image plus complex Gaussian noise: what a scanner's magnitude image carries."""
-    rng = np.random.default_rng(seed)
-    return np.hypot(images + rng.normal(0, sigma, images.shape), rng.normal(0, sigma, images.shape))
-
-
 def test_a_head_on_black_gives_its_rician_noise_level_back():
     yy, xx = np.mgrid[:64, :64]
     head = np.where((yy - 32) ** 2 + (xx - 32) ** 2 < 24**2, 0.7, 0.0)[None, None]
     for sigma in (0.005, 0.02, 0.045):  # the default protocols' range (0.012-0.045)
         # the cut at the threshold is corrected for: a plain Rayleigh median reads 6 % low at 0.045
-        estimates = [background_sigma(rician(head, sigma, seed=i)[0]) for i in range(10)]
+        estimates = [
+            background_sigma(add_rician_noise(head, sigma, np.random.default_rng(i))[0])
+            for i in range(10)
+        ]
         assert abs(np.mean(estimates) / sigma - 1) < 0.03, (sigma, estimates)
 
 
