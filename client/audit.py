@@ -55,6 +55,7 @@ from privacy.fidelity import (
     radiomics_features,
 )
 from privacy.memorization import memorization_audit, pairwise_min_distances
+from privacy.noise_level import add_rician_noise, site_noise_level
 from privacy.power import annotate, holdout_power
 from privacy.utility import cnn_recipe, cnn_utility, radiomics_utility
 
@@ -217,6 +218,22 @@ def autoencoder_reconstructions(
     generator working in this latent space could produce for them."""
     mu, _ = encode(ae, torch.from_numpy(data.images).to(device))
     return decode(ae, mu * latent_scale, latent_scale).cpu().numpy()
+
+
+def _fidelity_references(synthetic, train, holdout, ae, latent_scale, device) -> dict:
+    """Image sets scored like the cohort, for scale: the real hold-out, the hold-out through the autoencoder, and
+    both decoded images with the scanner noise of this site added back (its training patients' mean level,
+    privacy/noise_level.py, drawn from the site's own entropy): the autoencoder denoises and the radiomics read the
+    noise, so these say how much of the gap decoding with the site's noise level would close."""
+    recon = autoencoder_reconstructions(ae, holdout, latent_scale, device)
+    sigma = site_noise_level(train.images, train.records_by_patient())
+    rng = np.random.default_rng()
+    return {
+        "holdout_patients": holdout.images,
+        "holdout_through_autoencoder": recon,
+        "holdout_through_autoencoder_with_site_noise": add_rician_noise(recon, sigma, rng),
+        "synthetic_with_site_noise": add_rician_noise(synthetic, sigma, rng),
+    }
 
 
 def _fid(real_feats: np.ndarray, synth_feats: np.ndarray) -> dict[str, float]:
@@ -382,12 +399,7 @@ def audit_site(
             synthetic_labels,
             train,
             cfg.class_names,
-            references={
-                "holdout_patients": holdout.images,
-                "holdout_through_autoencoder": autoencoder_reconstructions(
-                    ae, holdout, latent_scale, device
-                ),
-            },
+            references=_fidelity_references(synthetic, train, holdout, ae, latent_scale, device),
         ),
         "utility": utility(
             synthetic,

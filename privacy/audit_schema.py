@@ -27,7 +27,8 @@ Schema 1.3 (strict JSON: a number that is not finite, e.g. the claimed epsilon o
                                privacy.audit_stats.roc_summary (AUC and interval, TPR at fixed FPR points,
                                roc_at_fpr, resolvable, nonmembers_needed) + epsilon_lower_bound (counts only)
                                + per_member (privacy.audit_stats.per_member_tests: counts only)
-                   fidelity: {overall, per_class, reference: {holdout_patients, holdout_through_autoencoder}}
+                   fidelity: {overall, per_class, reference: {holdout_patients, holdout_through_autoencoder,
+                             holdout_through_autoencoder_with_site_noise, synthetic_with_site_noise}}
                    utility: {classifier, n_test, train_synthetic_test_real, train_real_test_real  (radiomics
                              logistic regression; each {balanced_accuracy, auc[, note]}),
                              cnn: {classifier, n_test, train_synthetic_test_real, train_real_test_real,
@@ -85,6 +86,9 @@ REFERENCE_LABELS = {
     "holdout_patients": "hold-out patients (real images never trained on)",
     "holdout_through_autoencoder": "hold-out patients through the autoencoder (the best a generator in this "
     "latent space could reach)",
+    "holdout_through_autoencoder_with_site_noise": "the same with this site's scanner noise level added back",
+    "synthetic_with_site_noise": "the cohort with this site's scanner noise level added (decoding with the "
+    "site's level: release-noise-levels)",
 }
 
 THREAT_MODEL = {

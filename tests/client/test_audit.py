@@ -165,7 +165,12 @@ def test_site_reply_holds_aggregates_only(tmp_path, site_dir):
     ref = result["fidelity"][
         "reference"
     ]  # real hold-out images and their autoencoder reconstructions, for scale
-    assert set(ref) == {"holdout_patients", "holdout_through_autoencoder"}
+    assert set(ref) == {
+        "holdout_patients",
+        "holdout_through_autoencoder",
+        "holdout_through_autoencoder_with_site_noise",  # the site's own scanner noise added back
+        "synthetic_with_site_noise",
+    }
     assert (
         ref["holdout_patients"]["precision"] > 0.8 > result["fidelity"]["overall"]["precision"]
     )  # noise is not
