@@ -201,6 +201,8 @@ def demo_run_config(
         min_sites=min(2, opts.sites),
         run_dir=str(run_dir),
         synthesize_per_class=plan.per_class,
+        # each site's scanner noise level under DP: the audit scores the cohort with it added back
+        release_noise_levels=True,
         **dp,
     )
 
@@ -664,6 +666,11 @@ def privacy_lines(run_dir: Path) -> list[str]:
         )
     if not lines:
         lines.append("privacy:   no site reported any spend")
+    for site, level in sorted((record.get("noise_levels") or {}).items()):
+        lines.append(
+            f"           {site} scanner noise level {level['sigma']:.4f} (DP release, noise std "
+            f"{level['std']:.4f}; in its epsilon above)"
+        )
     client = record.get("client_level") or {}
     if client.get("protection") == "none":
         lines.append("           the model as a whole: no client-level DP (central DP off)")
