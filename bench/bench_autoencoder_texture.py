@@ -164,7 +164,9 @@ def main() -> None:
         score(f"the same + Rician noise sigma {sigma:g}", rician(plain, sigma))
     for weight in args.adversarial:
         t = time.perf_counter()
-        adv_ae = train_adversarial(cfg, pre, train, weight, args.warmup)
+        adv_ae = train_adversarial(
+            cfg, replace(pre, autoencoder_steps=args.steps[0]), train, weight, args.warmup
+        )
         score(
             f"+ adversarial {weight:g} from {args.warmup:.0%} of the steps",
             reconstruct(adv_ae, torch.from_numpy(valid)),

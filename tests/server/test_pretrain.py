@@ -278,3 +278,14 @@ def test_cli_pretrain_writes_the_checkpoint_and_names_a_bad_folder(public, tmp_p
         [*argv, "--public", str(tmp_path), *steps], capture_output=True, text=True, env=env
     )
     assert bad.returncode == 2 and f"{tmp_path}: no labels.csv" in bad.stdout
+
+
+def test_the_pretrain_commands_defaults_are_the_configs():
+    """`fedsynth pretrain` builds its parser without importing torch, so it spells its defaults again: they must
+    be PretrainConfig's (one source of truth for the recipe)."""
+    from server.cli import build_parser
+
+    args = build_parser().parse_args(["pretrain", "--public", "p", "--out", "o.pt"])
+    pre = PretrainConfig(public_dir="p", out="o.pt")
+    for field in ("autoencoder_steps", "unet_steps", "batch_size", "class_dropout", "seed"):
+        assert getattr(args, field) == getattr(pre, field), field
