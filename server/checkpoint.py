@@ -56,6 +56,9 @@ LEGACY_KEYS = {
     "pretraining": None,
 }  # absent in checkpoints written before them
 LEGACY_MODEL_CONFIG = {"prediction_type": "epsilon"}  # old checkpoints predicted noise
+LEGACY_RUN_STATE = {
+    "noise_levels": {}
+}  # written before the sites' noise-level releases: none were made
 
 
 @dataclass
@@ -134,11 +137,9 @@ class Checkpoint:
         _exact_keys(
             path, "model_config", set(cfg), {f.name for f in dataclasses.fields(ModelConfig)}
         )
+        run_state = {**LEGACY_RUN_STATE, **payload["run_state"]}
         _exact_keys(
-            path,
-            "run_state",
-            set(payload["run_state"]),
-            {f.name for f in dataclasses.fields(RunState)},
+            path, "run_state", set(run_state), {f.name for f in dataclasses.fields(RunState)}
         )
         model_config = ModelConfig(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
@@ -147,7 +148,7 @@ class Checkpoint:
         return cls(
             model_config=model_config,
             run_config=dict(payload["run_config"]),
-            run_state=RunState(**payload["run_state"]),
+            run_state=RunState(**run_state),
             autoencoder=payload["autoencoder"],
             unet=payload["unet"],
             server_optimizer=payload["server_optimizer"],

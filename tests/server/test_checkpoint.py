@@ -1,5 +1,6 @@
 """The checkpoint format and the run folder: what is saved loads back; a file from another version fails loudly,
-naming the file; the two legacy cases (no prediction_type: the noise; no server_optimizer) still load."""
+naming the file; the legacy cases (no prediction_type: the noise; no server_optimizer; no noise_levels) still
+load."""
 
 import dataclasses
 
@@ -51,10 +52,12 @@ def test_old_checkpoints_predicted_noise_and_had_no_server_optimizer(saved, tmp_
     def legacy(payload):
         del payload["model_config"]["prediction_type"]
         del payload["server_optimizer"]
+        del payload["run_state"]["noise_levels"]  # before the sites' noise-level releases
 
     loaded = Checkpoint.load(_rewrite(saved[1], tmp_path, legacy))
     assert saved[0].model_config.prediction_type == "v_prediction"
     assert loaded.model_config.prediction_type == "epsilon" and loaded.server_optimizer is None
+    assert loaded.run_state.noise_levels == {}
     loaded.models()
 
 
