@@ -8,6 +8,7 @@ import pytest
 import torch
 from flwr.app import Message
 
+from bench.bench_utility import InProcessGrid
 from common.config import RunConfig
 from server.checkpoint import Checkpoint
 from server.training import Federation
@@ -86,23 +87,6 @@ def test_a_site_whose_supernode_disconnects_is_recorded_as_dropped(tmp_path):
     assert {record["sites"][s]["status"] for s in ("site-0", "site-1")} == {"active"}
 
 
-class SitesInProcess:
-    """Real sites answering through the ClientApp's train handler, in this process (no deployment)."""
-
-    def __init__(self, node_configs: list[dict]):
-        from types import SimpleNamespace
-
-        self.contexts = {i + 1: SimpleNamespace(node_config=c) for i, c in enumerate(node_configs)}
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        from client.client_app import train
-
-        return [train(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
-
-
 def test_each_sites_dp_noise_level_reaches_the_run_record_privacy_json_and_the_checkpoint(tmp_path):
     from client.task import NOISE_LEVEL_PHASE, open_ledger
     from common.config import SiteConfig
@@ -124,7 +108,8 @@ def test_each_sites_dp_noise_level_reaches_the_run_record_privacy_json_and_the_c
         audit=False,
         release_noise_levels=True,
     )
-    latest = Federation(SitesInProcess(configs), run).run_rounds()
+    # real sites answering through the ClientApp's train handler, in this process (no deployment)
+    latest = Federation(InProcessGrid(configs), run).run_rounds()
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     privacy = json.loads((tmp_path / "run" / "privacy.json").read_text())
     levels = Checkpoint.load(latest).run_state.noise_levels
