@@ -24,7 +24,9 @@ Two reference rows come first: each site's real hold-out patients (what a perfec
 same patients through the public autoencoder (the best any generator in its latent space can score). With
 `--site-noise`, every row of decoded images is scored a second time with Rician noise added at the site's own level
 (its training patients' mean level, privacy/noise_level.py: what a site releases under DP with `release-noise-levels`):
-the autoencoder denoises, and the radiomics features read the scanner's noise.
+the autoencoder denoises, and the radiomics features read the scanner's noise. With `--autoencoder-steps N` the
+public autoencoder is first fine-tuned N steps on the three sites' pooled training images without DP (what DP
+autoencoder rounds at the sites could at best buy; `--variants` with no name scores the references only).
 A figure (`--out`/finetune-sites.png) shows each variant's images beside each site's real ones.
 """
 
@@ -45,11 +47,19 @@ from bench.report import figure
 from client.audit import autoencoder_reconstructions
 from client.task import lesion_weights, load_training_data
 from common.config import SiteConfig
-from common.model import ddpm_scheduler, diffusion_loss, drop_labels, encode, select_trainable
+from common.model import (
+    autoencoder_loss,
+    ddpm_scheduler,
+    diffusion_loss,
+    drop_labels,
+    encode,
+    select_trainable,
+)
 from privacy.fidelity import feature_names, radiomics_features
 from privacy.noise_level import site_noise_level
 from privacy.recipe import CLASS_DROPOUT, GUIDANCE_SCALE, LEARNING_RATE, LESION_WEIGHT
 from server.checkpoint import Checkpoint
+from server.pretrain import PretrainConfig, lr_scheduler
 
 VARIANTS = (
     "public",
@@ -62,16 +72,22 @@ VARIANTS = (
 
 
 class Sites:
-    """The phantom hospitals' training patients as latents of the public autoencoder."""
+    """The phantom hospitals' training patients as latents of the public autoencoder (or of that autoencoder
+    fine-tuned on them without DP for `autoencoder_steps`)."""
 
-    def __init__(self, work: Path, ckpt: Checkpoint):
+    def __init__(self, work: Path, ckpt: Checkpoint, autoencoder_steps: int = 0):
         self.cfg = ckpt.model_config
         self.ae, self.unet = ckpt.models()
         self.scale = ckpt.run_state.latent_scale
         self.data, self.holdout, self.real_features = [], [], {}
+        loaded = []
         for d in sorted((work / "sites").glob("site-*")):
             site = SiteConfig(site_dir=str(d), state_dir=str(work / "scoring" / d.name))
-            train, holdout = load_training_data(site, self.cfg)
+            loaded.append((d, site, *load_training_data(site, self.cfg)))
+        if autoencoder_steps:
+            pooled = torch.from_numpy(np.concatenate([train.images for *_, train, _ in loaded]))
+            finetune_autoencoder(self.ae, pooled, autoencoder_steps)
+        for d, site, train, holdout in loaded:
             mu, sigma = encode(self.ae, torch.from_numpy(train.images))
             weights = lesion_weights(site, train, self.cfg, LESION_WEIGHT)
             labels = torch.from_numpy(train.labels).long()
@@ -93,6 +109,24 @@ class Sites:
             else cat(4)
         )
         return cat(2), cat(3), labels, cat(5)
+
+
+def finetune_autoencoder(ae: torch.nn.Module, images: torch.Tensor, steps: int) -> None:
+    """`steps` of the autoencoder's own loss on `images` (batches of 16, Adam at a quarter of pretraining's peak
+    learning rate, one-cycle), without DP, in place: can the public autoencoder learn the sites' protocols at all?"""
+    pre = PretrainConfig(public_dir="-", out="-", autoencoder_steps=steps)
+    lr = pre.lr_autoencoder / 4
+    ae.train()
+    opt = torch.optim.Adam(ae.parameters(), lr=lr)
+    schedule = lr_scheduler(opt, pre.lr_schedule, lr, steps)
+    for _ in range(steps):
+        batch = images[torch.randint(0, len(images), (pre.batch_size,))]
+        loss = autoencoder_loss(ae, batch, pre.kl_weight).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+    ae.eval()
 
 
 def site_conditioned(sites: Sites) -> torch.nn.Module:
@@ -180,7 +214,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="a finished bench_utility --work folder")
     ap.add_argument("--checkpoint", required=True, help="the public checkpoint that run used")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument(
+        "--autoencoder-steps",
+        type=int,
+        default=0,
+        help="first fine-tune the public autoencoder on the sites' pooled training images, without DP (a "
+        "diagnosis of the autoencoder's ceiling; the UNet variants then run on its latents)",
+    )
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
@@ -193,7 +234,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sites = Sites(Path(args.work), Checkpoint.load(args.checkpoint))
+    sites = Sites(Path(args.work), Checkpoint.load(args.checkpoint), args.autoencoder_steps)
     k, n = sites.cfg.num_classes, args.per_class
     results, pictures = {}, []
     for name, train_set, *_ in sites.data:
