@@ -177,6 +177,7 @@ def train_federated(
         synthesize_per_class=0,
         audit=False,
         seed=0,
+        release_noise_levels=True,  # each site's scanner noise level under DP (privacy/noise_level.py)
     )
     ckpt = Federation(InProcessGrid(node_configs), run, progress=print).run_rounds()
     if ckpt is None:
@@ -231,6 +232,16 @@ def synthesize(ckpt_path: Path, s: Setting, guidance_scale: float) -> tuple[np.n
     return images, labels.numpy()
 
 
+def noise_levels(ckpt_path: Path) -> dict[str, float]:
+    """Each site's scanner noise level as it released it under DP in the run (none for runs made before)."""
+    from server.checkpoint import Checkpoint
+
+    return {
+        site: float(v["sigma"])
+        for site, v in Checkpoint.load(ckpt_path).run_state.noise_levels.items()
+    }
+
+
 class SiteScorer:
     """A site's real data and its TRTR classifier, trained once (fixed recipe and seed: the audit would train the
     very same model each time)."""
@@ -250,8 +261,13 @@ class SiteScorer:
             self.train.images, self.train.labels, self.cfg.num_classes, self.recipe
         )
 
-    def score(self, synthetic: np.ndarray, labels: np.ndarray) -> dict:
+    def score(
+        self, synthetic: np.ndarray, labels: np.ndarray, noise_level: float | None = None
+    ) -> dict:
+        """The audit's figures for the cohort; with the site's released `noise_level`, also its fidelity and
+        radiomics utility with Rician noise of that level added (as decoding with the site's level would give)."""
         from client.audit import fidelity
+        from privacy.noise_level import add_rician_noise
         from privacy.utility import cnn_utility, radiomics_utility
 
         args = (
@@ -263,7 +279,20 @@ class SiteScorer:
             self.holdout.labels,
         )
         fid = fidelity(synthetic, labels, self.train, self.cfg.class_names)
+        noisy = {}
+        if noise_level is not None:
+            images = add_rician_noise(synthetic, noise_level, np.random.default_rng(SEED))
+            noisy = {
+                "with_noise_level": {
+                    "sigma": noise_level,
+                    "fidelity": fidelity(images, labels, self.train, self.cfg.class_names)[
+                        "overall"
+                    ],
+                    "radiomics": radiomics_utility(images, *args[1:]),
+                }
+            }
         return {
+            **noisy,
             "fidelity": {"overall": fid["overall"], "per_class": fid["per_class"]},
             "radiomics": radiomics_utility(*args),
             "cnn": cnn_utility(
@@ -308,7 +337,8 @@ def run_bench(s: Setting, work: Path, checkpoint: Path | None, on_row=None) -> d
         synthetic, labels = synthesize(ckpt, s, recipe["guidance_scale"])
         t_synth = time.time() - t0
         t0 = time.time()
-        per_site = {sc.name: sc.score(synthetic, labels) for sc in scorers}
+        levels = noise_levels(ckpt)
+        per_site = {sc.name: sc.score(synthetic, labels, levels.get(sc.name)) for sc in scorers}
         t_score = time.time() - t0
         result["rows"].append(
             {
@@ -345,7 +375,8 @@ def rescore(result: dict, work: Path, on_row=None) -> dict:
         synthetic, labels = synthesize(ckpt, s, row["recipe"]["guidance_scale"])
         t_synth = time.time() - t0
         t0 = time.time()
-        per_site = {sc.name: sc.score(synthetic, labels) for sc in scorers}
+        levels = noise_levels(ckpt)
+        per_site = {sc.name: sc.score(synthetic, labels, levels.get(sc.name)) for sc in scorers}
         seconds = {**row["seconds"], "synthesize": round(t_synth, 1)}
         out["rows"].append(
             {**row, "sites": per_site, "seconds": {**seconds, "score": round(time.time() - t0, 1)}}
@@ -397,6 +428,14 @@ def summary(row: dict) -> dict:
     for k in ("frechet_distance", "precision", "recall", "coverage"):
         out[k] = _mean([s["fidelity"]["overall"].get(k) for s in sites])
         out[f"min_{k}"] = float(np.nanmin([s["fidelity"]["overall"].get(k) for s in sites]))
+    noisy = [s["with_noise_level"] for s in sites if "with_noise_level" in s]
+    if len(noisy) == len(sites):  # every site released its level in this run
+        for k in ("frechet_distance", "precision", "coverage"):
+            out[f"noise_{k}"] = _mean([n["fidelity"].get(k) for n in noisy])
+            out[f"noise_min_{k}"] = float(np.nanmin([n["fidelity"].get(k) for n in noisy]))
+        out["noise_radiomics_tstr"] = _mean(
+            [n["radiomics"]["train_synthetic_test_real"]["balanced_accuracy"] for n in noisy]
+        )
     return out
 
 
@@ -485,6 +524,12 @@ def table_row(row: dict) -> str:
         _f(m["healthy_recognised"]),
         _f(m["frechet_distance"], 1),
         *(versus(k, f"min_{k}") for k in ("precision", "recall", "coverage")),
+        (
+            f"{_f(m['noise_frechet_distance'], 1)} / {versus('noise_precision', 'noise_min_precision')} / "
+            f"{versus('noise_coverage', 'noise_min_coverage')}; {_f(m['noise_radiomics_tstr'])}"
+            if "noise_precision" in m
+            else "-"
+        ),
         f"{rc['batch_size']}, {rc['steps']}, {sigma}",
         f"{t['train']:.0f} + {t['synthesize']:.0f} + {t['score']:.0f} s",
     ]
@@ -529,13 +574,16 @@ def report_lines(result: dict, command: str, figure: str) -> list[str]:
         "bench prints); TSTR / TRTR is the mean of the per-site ratios; the gain kept is the mean of the per-site "
         "(TSTR - 0.5) / (TRTR - 0.5), the share of the real data's accuracy above chance that the synthetic data "
         f"keeps, over the sites whose TRTR is at least {MIN_TRTR_GAIN} above chance (n/a: none); precision / recall / coverage are against "
-        "each site's training patients (min over sites in brackets).",
+        "each site's training patients (min over sites in brackets). With each site's DP noise level: the same cohort with Rician noise added at the "
+        "level each site released under DP in the run (`release-noise-levels`, privacy/noise_level.py), scored "
+        "against that site (the autoencoder denoises; the radiomics read the scanner's noise).",
         "",
         "| epsilon | CNN TSTR / TRTR (ratio; **gain kept**) | radiomics TSTR / TRTR (ratio; **gain kept**) | "
         "lesion detectable (real hold-out) | "
-        "healthy recognised | Frechet distance | precision | recall | coverage | batch, steps, sigma | "
+        "healthy recognised | Frechet distance | precision | recall | coverage | with each site's DP noise "
+        "level: Frechet / precision / coverage; radiomics TSTR | batch, steps, sigma | "
         "wall time (train + sample + score) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [table_row(r) for r in rows]
     sec = result["seconds"]

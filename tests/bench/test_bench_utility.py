@@ -65,6 +65,29 @@ def test_summary_table_and_figure(tmp_path):
     assert "Scored again" not in "\n".join(lines)
     rescored = "\n".join(report_lines({**r, "rescored": "yes"}, "cmd", "fig.png"))
     assert "Scored again with the classifiers of a later checkout" in rescored  # --rescore says so
+    # rows of runs whose sites released their noise levels carry the cohort scored with them; others say "-"
+    assert table[1].split(" | ")[9] == "-"
+    noisy = {
+        **r["rows"][1],
+        "sites": {
+            f"site-{i}": {
+                **site_figures(0.72, 0.8, 0.6),
+                "with_noise_level": {
+                    "sigma": 0.02,
+                    "fidelity": {
+                        "frechet_distance": 1.0,
+                        "precision": 0.5 + i / 10,
+                        "coverage": 0.3,
+                    },
+                    "radiomics": {"train_synthetic_test_real": {"balanced_accuracy": 0.7}},
+                },
+            }
+            for i in range(3)
+        },
+    }
+    assert summary(noisy)["noise_precision"] == pytest.approx(0.6)
+    [row] = [x for x in report_lines({**r, "rows": [noisy]}, "c", "f") if x.startswith("| no DP")]
+    assert row.split(" | ")[9] == "1.0 / 0.60 (0.50) / 0.30 (0.30); 0.70"
     r["setting"]["epsilons"] = (1.0, 4.0, 10.0, math.inf)  # a run cut short says so
     assert "2 of 4 epsilons measured" in "\n".join(report_lines(r, "cmd", "fig.png"))
     out = tmp_path / "PERFORMANCE.md"

@@ -88,7 +88,9 @@ def test_a_patient_with_many_images_counts_once(phantom_sites):
 def test_the_noise_is_not_decided_by_any_seed_the_server_can_set():
     """Attack: the server sends a seed and the site seeds torch and numpy with it (round seeds do exactly that for
     data order). A release drawn from the global generators would then repeat; one drawn from OS entropy does not."""
-    levels = np.full(400, 0.03)  # noise std 0.001: never clipped at 0, so distinct draws stay distinct
+    levels = np.full(
+        400, 0.03
+    )  # noise std 0.001: never clipped at 0, so distinct draws stay distinct
     draws = set()
     for _ in range(5):
         torch.manual_seed(0)
