@@ -55,7 +55,7 @@ from privacy.fidelity import (
     radiomics_features,
 )
 from privacy.memorization import memorization_audit, pairwise_min_distances
-from privacy.noise_level import add_rician_noise, site_noise_level
+from privacy.noise_level import add_rician_noise
 from privacy.power import annotate, holdout_power
 from privacy.utility import cnn_recipe, cnn_utility, radiomics_utility
 
@@ -220,20 +220,21 @@ def autoencoder_reconstructions(
     return decode(ae, mu * latent_scale, latent_scale).cpu().numpy()
 
 
-def _fidelity_references(synthetic, train, holdout, ae, latent_scale, device) -> dict:
-    """Image sets scored like the cohort, for scale: the real hold-out, the hold-out through the autoencoder, and
-    both decoded images with the scanner noise of this site added back (its training patients' mean level,
-    privacy/noise_level.py, drawn from the site's own entropy): the autoencoder denoises and the radiomics read the
-    noise, so these say how much of the gap decoding with the site's noise level would close."""
+def _fidelity_references(synthetic, holdout, ae, latent_scale, device, noise_level) -> dict:
+    """Image sets scored like the cohort, for scale: the real hold-out and the hold-out through the autoencoder;
+    with the scanner noise level this site released under DP in the run (`noise_level`, privacy/noise_level.py),
+    also both decoded sets with that noise added (drawn from the site's entropy): the autoencoder denoises and the
+    radiomics read the noise, so these say how much of the gap decoding with the site's level would close. The
+    released level, not the site's exact one: an exact level would be one more aggregate of its patients."""
     recon = autoencoder_reconstructions(ae, holdout, latent_scale, device)
-    sigma = site_noise_level(train.images, train.records_by_patient())
-    rng = np.random.default_rng()
-    return {
-        "holdout_patients": holdout.images,
-        "holdout_through_autoencoder": recon,
-        "holdout_through_autoencoder_with_site_noise": add_rician_noise(recon, sigma, rng),
-        "synthetic_with_site_noise": add_rician_noise(synthetic, sigma, rng),
-    }
+    out = {"holdout_patients": holdout.images, "holdout_through_autoencoder": recon}
+    if noise_level is not None:
+        rng = np.random.default_rng()
+        out["holdout_through_autoencoder_with_site_noise"] = add_rician_noise(
+            recon, float(noise_level), rng
+        )
+        out["synthetic_with_site_noise"] = add_rician_noise(synthetic, float(noise_level), rng)
+    return out
 
 
 def _fid(real_feats: np.ndarray, synth_feats: np.ndarray) -> dict[str, float]:
@@ -267,6 +268,7 @@ def audit_site(
     run_id: str = "",
     extraction_samples: int = 0,
     sampler: dict | None = None,
+    noise_level: float | None = None,
 ) -> dict[str, Any]:
     """Everything the site computes about a candidate cohort; the result holds aggregates only.
 
@@ -399,7 +401,9 @@ def audit_site(
             synthetic_labels,
             train,
             cfg.class_names,
-            references=_fidelity_references(synthetic, train, holdout, ae, latent_scale, device),
+            references=_fidelity_references(
+                synthetic, holdout, ae, latent_scale, device, noise_level
+            ),
         ),
         "utility": utility(
             synthetic,

@@ -164,6 +164,7 @@ def audit(msg: Message, context: Context) -> Message:
         run_id=request.run_id,
         extraction_samples=request.extraction_samples,
         sampler={"steps": request.sampler_steps, "guidance_scale": request.guidance_scale},
+        noise_level=json.loads(request.noise_levels_json).get(site.name),
     )
     reply = AuditReply(json.dumps(result, default=_json_default))
     return Message(content=RecordDict({messages.AUDIT: reply.to_record()}), reply_to=msg)

@@ -169,6 +169,10 @@ class AuditRequest:
     extraction_samples: int
     sampler_steps: int
     guidance_scale: float
+    # {site name: the scanner noise level it released under DP in the run} as JSON ("{}": none released); a site
+    # scores the cohort with its own level added back. Nothing the server could not do itself: it could send a
+    # cohort with any noise added
+    noise_levels_json: str = "{}"
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(_values(self))

@@ -86,9 +86,10 @@ REFERENCE_LABELS = {
     "holdout_patients": "hold-out patients (real images never trained on)",
     "holdout_through_autoencoder": "hold-out patients through the autoencoder (the best a generator in this "
     "latent space could reach)",
-    "holdout_through_autoencoder_with_site_noise": "the same with this site's scanner noise level added back",
-    "synthetic_with_site_noise": "the cohort with this site's scanner noise level added (decoding with the "
-    "site's level: release-noise-levels)",
+    "holdout_through_autoencoder_with_site_noise": "the same with the scanner noise level this site released "
+    "under DP added back",
+    "synthetic_with_site_noise": "the cohort with the scanner noise level this site released under DP added "
+    "(release-noise-levels)",
 }
 
 THREAT_MODEL = {

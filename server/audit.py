@@ -65,6 +65,9 @@ def audit_request(
         extraction_samples=int(oversample) * len(ids),
         sampler_steps=int((manifest.get("sampler") or {}).get("steps") or 0),
         guidance_scale=float((manifest.get("sampler") or {}).get("guidance_scale", 1.0)),
+        noise_levels_json=json.dumps(
+            {site: float(v["sigma"]) for site, v in ckpt.run_state.noise_levels.items()}
+        ),
     )
 
 

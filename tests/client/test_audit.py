@@ -160,7 +160,15 @@ def test_site_reply_holds_aggregates_only(tmp_path, site_dir):
     synthetic = np.random.default_rng(2).random((6, 1, 32, 32)).astype(np.float32)
     ids = [f"s{i}" for i in range(6)]
     result = audit_site(
-        site, cfg, synthetic, ids, np.array([0, 1] * 3), ae.state_dict(), unet.state_dict(), 1.0
+        site,
+        cfg,
+        synthetic,
+        ids,
+        np.array([0, 1] * 3),
+        ae.state_dict(),
+        unet.state_dict(),
+        1.0,
+        noise_level=0.02,  # the level the site released under DP in the run, as the server sends it back
     )
     ref = result["fidelity"][
         "reference"

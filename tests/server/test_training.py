@@ -122,3 +122,11 @@ def test_each_sites_dp_noise_level_reaches_the_run_record_privacy_json_and_the_c
         ledger = open_ledger(SiteConfig.from_flwr(config))
         made = [e["server_round"] for e in ledger.entries() if e["phase"] == NOISE_LEVEL_PHASE]
         assert made == [2]
+    # ... and the cohort's audit sends each site the level it released, to score the cohort with it
+    from server.audit import audit_request
+    from server.synthesis import SynthesisRequest, synthesize_cohort
+
+    cohort = tmp_path / "cohort"
+    synthesize_cohort(SynthesisRequest(latest, cohort, per_class=1, steps=2))
+    request = audit_request(cohort, latest, ["x"])
+    assert json.loads(request.noise_levels_json) == {n: v["sigma"] for n, v in levels.items()}
