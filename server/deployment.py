@@ -53,6 +53,10 @@ SUPERLINK_RESTART_DELAY_S = (
     2.0  # like systemd's RestartSec: a SuperLink found dead is started again after this
 )
 MAX_SUPEREXEC_RESTARTS = 5  # a SuperExec that keeps dying is a configuration error, not a glitch
+# A SuperNode that exits on its own during a run is started again, as a site's service manager does
+# (deploy/systemd/fedsynth-supernode.service: Restart=always): Flower 1.41 SuperNodes exit on an HTTP 500 from
+# a SuperLink that restarted or starved (seen in CI). One stopped on purpose (Processes.stop) stays down.
+MAX_SUPERNODE_RESTARTS = 3
 MAX_RESUBMITS = 2  # a run that fails after a SuperLink restart is submitted again (it resumes) at most this often
 log = logging.getLogger("fedsynth.deployment")
 Progress = Callable[[str], None]
@@ -505,14 +509,7 @@ def local_supernodes(
                     "--auth-supernode-private-key",
                     str(link.pki.node_keys[i]),
                 ]
-            proc = link.procs.start(name, argv, link.env)
-            # On one machine the hospitals' training (the SuperNode's ClientApp processes inherit this) yields
-            # the CPU to the SuperLink, as on separate machines: a starved SuperLink misses its database's lock
-            # timeout and answers 500, which stops Flower 1.41 SuperNodes (measured at load 20 on 2 cores).
-            try:
-                os.setpriority(os.PRIO_PROCESS, proc.pid, SUPERNODE_NICENESS)
-            except (OSError, AttributeError):  # not permitted, or not POSIX: run at normal priority
-                pass
+            _start_supernode(link, name, argv)
             names.append(name)
             progress(
                 f"SuperNode {i} started for {config.get('site-name', config.get('site-dir', i))}"
@@ -523,6 +520,44 @@ def local_supernodes(
     finally:
         with _signals_deferred():
             link.procs.stop(*names)
+
+
+def _start_supernode(link: SuperLink, name: str, argv: list[str]) -> None:
+    proc = link.procs.start(name, argv, link.env)
+    # On one machine the hospitals' training (the SuperNode's ClientApp processes inherit this) yields the CPU to
+    # the SuperLink, as on separate machines: a starved SuperLink misses its database's lock timeout and answers
+    # 500, which stops Flower 1.41 SuperNodes (measured at load 20 on 2 cores).
+    try:
+        os.setpriority(os.PRIO_PROCESS, proc.pid, SUPERNODE_NICENESS)
+    except (OSError, AttributeError):  # not permitted, or not POSIX: run at normal priority
+        pass
+
+
+def _supervise_supernodes(
+    link: SuperLink, restarts: dict[str, int], reported: set[str], progress: Progress
+) -> None:
+    """Start again a SuperNode that exited on its own (not one stopped on purpose), at most
+    MAX_SUPERNODE_RESTARTS times each; one past that is reported once and left down (its site drops out)."""
+    for name, (proc, log_file) in list(link.procs.procs.items()):
+        if not name.startswith("supernode-") or name in link.procs.stopped or name in reported:
+            continue
+        if proc.poll() is None:
+            continue
+        if restarts.get(name, 0) < MAX_SUPERNODE_RESTARTS:
+            restarts[name] = restarts.get(name, 0) + 1
+            message = (
+                f"{name} exited with code {proc.returncode} during the run; starting it again, as its service "
+                f"manager would (restart {restarts[name]} of at most {MAX_SUPERNODE_RESTARTS}; see {log_file})"
+            )
+            _start_supernode(link, name, list(proc.args))
+        else:
+            reported.add(name)
+            message = (
+                f"{name} exited with code {proc.returncode} during the run, after {MAX_SUPERNODE_RESTARTS} "
+                f"restarts; left down (see {log_file})"
+            )
+        progress(message)
+        log.warning("%s", message)  # shown at the terminal whatever `progress` shows
 
 
 def _wait_connected(procs: Processes, names: list[str], timeout: float = 90.0) -> None:
@@ -554,7 +589,8 @@ def run_app(
     and logs/flwr-run*.log.
 
     `flwr run --stream` exits 0 even when the ServerApp raised, so the verdict is the SuperLink's run status.
-    A SuperNode dying is only reported (sites may drop out). Without a database a dead SuperLink fails the run.
+    A SuperNode that exits on its own is started again (MAX_SUPERNODE_RESTARTS); one stopped on purpose stays down
+    and its site drops out. Without a database a dead SuperLink fails the run.
     With one, the SuperLink's processes are supervised (`supervise`) and the run is followed across a restart;
     a run that ends failed after a SuperLink restart is submitted again, at most MAX_RESUBMITS times, with the
     same run config: the app resumes from the run-dir's last checkpoint. So is a run whose ServerApp failed on a
@@ -618,7 +654,7 @@ def _follow_run(
         if not name.startswith("flwr-run")
     }
     logs |= {"run": run_log, "flwr": link.procs.log_dir / "flwr.log"}
-    pending, dead = b"", set()
+    pending, dead, supernode_restarts = b"", set(), {}
     run_id, status = None, "not started"
     # `flwr log` replays the run's log from its start: each line already passed on is passed on once only
     emitted: Counter[str] = Counter()
@@ -667,14 +703,7 @@ def _follow_run(
                 # The ServerApp was the dead SuperExec's child (it watches its parent's pid), so it is gone; its
                 # session would only expire after Flower's 60 s heartbeat patience: stop the run now.
                 orphan_stopped = _stop_run(link, run_id, progress)
-            for name, (p, _) in link.procs.procs.items():
-                if name.startswith("supernode-") and name not in dead and p.poll() is not None:
-                    dead.add(name)
-                    message = (
-                        f"{name} exited with code {p.returncode} during the run (see {logs[name]})"
-                    )
-                    progress(message)
-                    log.warning("%s", message)  # shown at the terminal whatever `progress` shows
+            _supervise_supernodes(link, supernode_restarts, dead, progress)
             time.sleep(0.2)
     return FederationResult(proc.returncode, status, run_id, logs)
 

@@ -237,3 +237,30 @@ def test_bad_config_value_is_refused_before_anything_starts(tmp_path):
             tmp_path, tmp_path / "deploy", [{"site-name": "a"}], {}, progress=lambda _: None
         )
     assert not (tmp_path / "deploy").exists()
+
+
+def test_a_supernode_that_exits_on_its_own_is_started_again_and_one_stopped_on_purpose_is_not(
+    tmp_path,
+):
+    """What a site's service manager does (systemd Restart=always): Flower 1.41 SuperNodes exit on an HTTP 500 from
+    a SuperLink that restarted or starved (CI saw one stay down while the resumed run waited for its site)."""
+    import os
+    from types import SimpleNamespace
+
+    from server.deployment import MAX_SUPERNODE_RESTARTS, Processes, _supervise_supernodes
+
+    procs = Processes(tmp_path)
+    link = SimpleNamespace(procs=procs, env=dict(os.environ))
+    crashing = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    procs.start("supernode-0", crashing, link.env)
+    procs.start("supernode-1", [sys.executable, "-c", "import time; time.sleep(60)"], link.env)
+    procs.stop("supernode-1")  # the hospital shuts its SuperNode down: it stays down
+    restarts, reported, lines = {}, set(), []
+    for _ in range(MAX_SUPERNODE_RESTARTS + 2):
+        procs.procs["supernode-0"][0].wait()
+        _supervise_supernodes(link, restarts, reported, lines.append)
+    assert restarts == {"supernode-0": MAX_SUPERNODE_RESTARTS} and reported == {"supernode-0"}
+    assert sum("starting it again" in line for line in lines) == MAX_SUPERNODE_RESTARTS
+    assert "left down" in lines[-1] and len(lines) == MAX_SUPERNODE_RESTARTS + 1
+    assert procs.procs["supernode-0"][0].args == crashing  # the same command line each time
+    assert "supernode-1" not in " ".join(lines)
