@@ -56,7 +56,7 @@ from common.model import (
     select_trainable,
 )
 from privacy.fidelity import feature_names, radiomics_features
-from privacy.noise_level import site_noise_level
+from privacy.noise_level import patient_noise_levels
 from privacy.recipe import CLASS_DROPOUT, GUIDANCE_SCALE, LEARNING_RATE, LESION_WEIGHT
 from server.checkpoint import Checkpoint
 from server.pretrain import PretrainConfig, lr_scheduler
@@ -245,7 +245,9 @@ def main() -> None:
         "hold-out through the autoencoder": {},
     }
     sigma = {
-        name: site_noise_level(train_set.images, train_set.records_by_patient())
+        name: float(
+            patient_noise_levels(train_set.images, train_set.records_by_patient())[0].mean()
+        )
         for name, train_set, *_ in sites.data
     }
     if args.site_noise:

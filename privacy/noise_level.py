@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.optimize import brentq
 
 from privacy.accounting import MechanismStep
 from privacy.dp import entropy_generator
@@ -56,7 +57,7 @@ def background_sigma(image: np.ndarray, threshold: float = BACKGROUND_THRESHOLD)
 
     In air the magnitude is Rayleigh(sigma); keeping only pixels below `threshold` truncates it, so sigma is the
     one whose truncated median is the observed median m: F(m) = F(threshold) / 2 with F(x) = 1 - exp(-x^2 / 2s^2),
-    solved by bisection (without the cut, sigma = m / sqrt(2 ln 2))."""
+    solved with scipy's brentq (without the cut, sigma = m / sqrt(2 ln 2))."""
     pixels = _frame(np.asarray(image, dtype=np.float64))
     background = pixels[pixels < threshold]
     if background.size < MIN_BACKGROUND_PIXELS:
@@ -65,21 +66,15 @@ def background_sigma(image: np.ndarray, threshold: float = BACKGROUND_THRESHOLD)
     if m <= 0:
         return 0.0
 
-    def excess(
-        s: float,
-    ) -> float:  # F(m) - F(t)/2, increasing in s from 1/2 (s -> 0) to m^2/t^2 - 1/2 (s -> inf)
+    # F(m) - F(t)/2 falls from 1/2 (s -> 0) towards 0, and drops below 0 only when m < t / sqrt(2); the root lies
+    # above the uncut solution m / sqrt(2 ln 2)
+    def excess(s: float) -> float:
         return -math.expm1(-(m * m) / (2 * s * s)) + 0.5 * math.expm1(-(threshold**2) / (2 * s * s))
 
-    lo, hi = (
-        0.5 * m / _RAYLEIGH_MEDIAN,
-        50.0 * threshold,
-    )  # the root is above the uncut solution m / sqrt(2 ln 2)
+    lo, hi = 0.5 * m / _RAYLEIGH_MEDIAN, 50.0 * threshold
     if excess(hi) > 0:  # no sigma explains it: the cut decides the median
         return math.nan
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if excess(mid) <= 0 else (mid, hi)
-    return 0.5 * (lo + hi)
+    return float(brentq(excess, lo, hi, xtol=1e-12))
 
 
 def patient_noise_levels(
@@ -97,13 +92,6 @@ def patient_noise_levels(
         else:
             unusable += 1
     return levels, unusable
-
-
-def site_noise_level(images: np.ndarray, groups: Sequence[Sequence[int]]) -> float:
-    """The site's level without DP noise: the mean of its patients' levels (what `release_noise_level` releases
-    with noise; for scoring at the site itself, never sent as it is)."""
-    levels, _ = patient_noise_levels(images, groups)
-    return float(levels.mean())
 
 
 def add_rician_noise(images: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:

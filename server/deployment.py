@@ -654,7 +654,7 @@ def _follow_run(
         if not name.startswith("flwr-run")
     }
     logs |= {"run": run_log, "flwr": link.procs.log_dir / "flwr.log"}
-    pending, dead, supernode_restarts = b"", set(), {}
+    pending, left_down, supernode_restarts = b"", set(), {}
     run_id, status = None, "not started"
     # `flwr log` replays the run's log from its start: each line already passed on is passed on once only
     emitted: Counter[str] = Counter()
@@ -703,7 +703,7 @@ def _follow_run(
                 # The ServerApp was the dead SuperExec's child (it watches its parent's pid), so it is gone; its
                 # session would only expire after Flower's 60 s heartbeat patience: stop the run now.
                 orphan_stopped = _stop_run(link, run_id, progress)
-            _supervise_supernodes(link, supernode_restarts, dead, progress)
+            _supervise_supernodes(link, supernode_restarts, left_down, progress)
             time.sleep(0.2)
     return FederationResult(proc.returncode, status, run_id, logs)
 

@@ -80,6 +80,12 @@ def test_calibrated_attack_on_a_dp_model_never_over_claims(tmp_path, site_dir):
         run_id="dp",
     )
     claimed = result["claimed_privacy"]["epsilon"]
+    # no noise level in the request: no noise-added rows (the site never scores with its own exact level, which
+    # would be one more undisturbed aggregate of its patients)
+    assert set(result["fidelity"]["reference"]) == {
+        "holdout_patients",
+        "holdout_through_autoencoder",
+    }
     membership = result["membership"]
     cal = membership["calibrated"]
     assert "calibrated_unavailable" not in membership

@@ -98,6 +98,12 @@ def test_an_extra_key_or_a_wrong_type_is_refused():
     record["batch-size"] = "16"
     with pytest.raises(MessageError, match="'batch-size' should be an integer"):
         RoundPlan.from_record(record)
+    # a flag that asks a site for a DP release is a boolean, not anything truthy
+    with pytest.raises(MessageError, match="'release-noise-level' should be true or false"):
+        RoundPlan.from_record(ConfigRecord({**PLAN.to_record(), "release-noise-level": 1}))
+    assert RoundPlan.from_record(
+        ConfigRecord({**PLAN.to_record(), "release-noise-level": True})
+    ).release_noise_level
     with pytest.raises(MessageError, match="phase"):
         RoundPlan.from_record(ConfigRecord({**PLAN.to_record(), "phase": "pretraining"}))
     for weight in (-1.0, float("inf"), float("nan")):
