@@ -57,7 +57,7 @@ MAX_SUPEREXEC_RESTARTS = 5  # a SuperExec that keeps dying is a configuration er
 # (deploy/systemd/fedsynth-supernode.service: Restart=always): Flower 1.41 SuperNodes exit on an HTTP 500 from
 # a SuperLink that restarted or starved (seen in CI). One stopped on purpose (Processes.stop) stays down.
 MAX_SUPERNODE_RESTARTS = 3
-MAX_RESUBMITS = 2  # a run that fails after a SuperLink restart is submitted again (it resumes) at most this often
+MAX_RESUBMITS = 2  # a run failed by the SuperLink (restart, HTTP 5xx) is submitted again (it resumes) at most this often
 log = logging.getLogger("fedsynth.deployment")
 Progress = Callable[[str], None]
 
@@ -134,6 +134,9 @@ class Processes:
         self.log_dir = log_dir
         self.procs: dict[str, tuple[subprocess.Popen, Path]] = {}
         self.stopped: set[str] = set()
+        # held by `stop` while it marks names stopped and by a supervisor's check-and-start, so a process being
+        # stopped on purpose is never taken for one that exited on its own and started again (CI saw it)
+        self.lock = threading.RLock()
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
         """Start `argv` as `name`; a name started again (a restarted SuperLink) appends to the same log."""
@@ -158,7 +161,9 @@ class Processes:
 
     def stop(self, *names: str, grace: float = 10.0) -> None:
         """SIGTERM the process groups together (Flower shuts down gracefully on it), then SIGKILL what is left."""
-        names = tuple(n for n in names if n not in self.stopped)
+        with self.lock:  # marked first: from the SIGTERM on, a supervisor must leave these down
+            names = tuple(n for n in names if n not in self.stopped)
+            self.stopped.update(names)
         _signal_groups([self.procs[n][0] for n in names], signal.SIGTERM)
         deadline = time.time() + grace
         for name in names:
@@ -170,7 +175,6 @@ class Processes:
         _signal_groups([self.procs[n][0] for n in names], signal.SIGKILL, even_if_exited=True)
         for name in names:
             self.procs[name][0].wait()
-        self.stopped.update(names)
 
     def stop_all(self) -> None:
         self.stop(*reversed(list(self.procs)))
@@ -322,20 +326,23 @@ def supervise(link: SuperLink, progress: Progress = print) -> None:
     if link.database is not None and link.procs.procs["superlink"][0].poll() is not None:
         with link.lock:  # restart_superlink may be restarting it right now
             proc = link.procs.procs["superlink"][0]
-            if proc.poll() is not None and "superlink" not in link.procs.stopped:
+            with link.procs.lock:
+                gone = proc.poll() is not None and "superlink" not in link.procs.stopped
+            if gone:
                 progress(
                     f"SuperLink exited (code {proc.returncode}); starting it again in "
                     f"{SUPERLINK_RESTART_DELAY_S:g}s on its database {link.database}"
                 )
                 time.sleep(SUPERLINK_RESTART_DELAY_S)
                 _start_superlink_again(link, progress)
-    proc = link.procs.procs["superexec"][0]
-    if proc.poll() is not None and "superexec" not in link.procs.stopped:
-        if link.superexec_restarts >= MAX_SUPEREXEC_RESTARTS:
-            link.procs.check_alive("superexec")  # raises, with its log
-        link.superexec_restarts += 1
-        progress(f"SuperExec exited (code {proc.returncode}); starting it again")
-        link.procs.start("superexec", link.superexec_argv, link.superexec_env)
+    with link.procs.lock:
+        proc = link.procs.procs["superexec"][0]
+        if proc.poll() is not None and "superexec" not in link.procs.stopped:
+            if link.superexec_restarts >= MAX_SUPEREXEC_RESTARTS:
+                link.procs.check_alive("superexec")  # raises, with its log
+            link.superexec_restarts += 1
+            progress(f"SuperExec exited (code {proc.returncode}); starting it again")
+            link.procs.start("superexec", link.superexec_argv, link.superexec_env)
 
 
 def _wait_port(port: int, procs: Processes, name: str, timeout: float = 60.0) -> None:
@@ -538,24 +545,24 @@ def _supervise_supernodes(
 ) -> None:
     """Start again a SuperNode that exited on its own (not one stopped on purpose), at most
     MAX_SUPERNODE_RESTARTS times each; one past that is reported once and left down (its site drops out)."""
-    for name, (proc, log_file) in list(link.procs.procs.items()):
-        if not name.startswith("supernode-") or name in link.procs.stopped or name in reported:
-            continue
-        if proc.poll() is None:
-            continue
-        if restarts.get(name, 0) < MAX_SUPERNODE_RESTARTS:
-            restarts[name] = restarts.get(name, 0) + 1
-            message = (
-                f"{name} exited with code {proc.returncode} during the run; starting it again, as its service "
-                f"manager would (restart {restarts[name]} of at most {MAX_SUPERNODE_RESTARTS}; see {log_file})"
-            )
-            _start_supernode(link, name, list(proc.args))
-        else:
-            reported.add(name)
-            message = (
-                f"{name} exited with code {proc.returncode} during the run, after {MAX_SUPERNODE_RESTARTS} "
-                f"restarts; left down (see {log_file})"
-            )
+    for name in [n for n in link.procs.procs if n.startswith("supernode-")]:
+        with link.procs.lock:  # `stop` marks a name under it before its SIGTERM
+            proc, log_file = link.procs.procs[name]
+            if name in link.procs.stopped or name in reported or proc.poll() is None:
+                continue
+            if restarts.get(name, 0) < MAX_SUPERNODE_RESTARTS:
+                restarts[name] = restarts.get(name, 0) + 1
+                message = (
+                    f"{name} exited with code {proc.returncode} during the run; starting it again, as its service "
+                    f"manager would (restart {restarts[name]} of at most {MAX_SUPERNODE_RESTARTS}; see {log_file})"
+                )
+                _start_supernode(link, name, list(proc.args))
+            else:
+                reported.add(name)
+                message = (
+                    f"{name} exited with code {proc.returncode} during the run, after {MAX_SUPERNODE_RESTARTS} "
+                    f"restarts; left down (see {log_file})"
+                )
         progress(message)
         log.warning("%s", message)  # shown at the terminal whatever `progress` shows
 
@@ -592,9 +599,10 @@ def run_app(
     A SuperNode that exits on its own is started again (MAX_SUPERNODE_RESTARTS); one stopped on purpose stays down
     and its site drops out. Without a database a dead SuperLink fails the run.
     With one, the SuperLink's processes are supervised (`supervise`) and the run is followed across a restart;
-    a run that ends failed after a SuperLink restart is submitted again, at most MAX_RESUBMITS times, with the
-    same run config: the app resumes from the run-dir's last checkpoint. So is a run whose ServerApp failed on a
-    transport error before it ever ran (it sent nothing to a site).
+    a run that ends failed after a SuperLink restart, or on the SuperLink's own HTTP 5xx error, is submitted
+    again, at most MAX_RESUBMITS times, with the same run config: the app resumes from the run-dir's last
+    checkpoint. So is a run whose ServerApp failed on a transport error before it ever ran (it sent nothing to a
+    site).
     """
     overrides = write_flat_toml(link.work_dir / "run-config.toml", run_config)
     argv = [
@@ -614,7 +622,8 @@ def run_app(
             return result
         never_ran = _failed_before_running(link, result.run_id)
         restarted = (link.restarts, link.superexec_restarts) != restarts_before
-        if not (restarted or never_ran) or attempt == MAX_RESUBMITS:
+        superlink_error = _superlink_server_error(result.logs["run"])
+        if not (restarted or never_ran or superlink_error) or attempt == MAX_RESUBMITS:
             break  # the app itself failed (or keeps failing): submitting it again would not help
         if never_ran:
             progress(
@@ -622,9 +631,14 @@ def run_app(
                 "with the same run config (nothing was sent to a site)"
             )
             continue
+        why = (
+            "after a SuperLink or SuperExec restart"
+            if restarted
+            else f"on the SuperLink's {superlink_error}"
+        )
         progress(
-            f"run {result.run_id} ended {result.status} after a SuperLink or SuperExec restart; submitting "
-            "it again with the same run config: it resumes from its last checkpoint"
+            f"run {result.run_id} ended {result.status} {why}; submitting it again with the same run config: it "
+            "resumes from its last checkpoint (a site answers a round it trained from its ledger)"
         )
     raise DeploymentError(
         f"the Flower run ended with status {result.status!r} (flwr exit code {result.returncode}); last lines "
@@ -787,6 +801,20 @@ def _failed_before_running(link: SuperLink, run_id: int | None) -> str:
     ):
         return " ".join(details.split())[:200]
     return ""
+
+
+_SERVER_ERROR = re.compile(r"Server error '(5\d\d [^']*)' for url '[^']*?(/v1/[^']*)'")
+
+
+def _superlink_server_error(run_log: Path) -> str:
+    """The SuperLink's own failure that ended a ServerApp, as the run's log shows it: an HTTP 5xx on one of its
+    calls (CI saw a heartbeat answered 500 while the SuperLink's SQLite was busy under load); "" if none. The
+    ServerApp talks to no one else, so such a failure is the coordinating machine's, not the app's."""
+    try:
+        found = _SERVER_ERROR.search(run_log.read_text(errors="replace"))
+    except OSError:
+        return ""
+    return f"{found[1]} on {found[2]}" if found else ""
 
 
 def _run_status(link: SuperLink, run_id: int | None) -> str:

@@ -264,3 +264,56 @@ def test_a_supernode_that_exits_on_its_own_is_started_again_and_one_stopped_on_p
     assert "left down" in lines[-1] and len(lines) == MAX_SUPERNODE_RESTARTS + 1
     assert procs.procs["supernode-0"][0].args == crashing  # the same command line each time
     assert "supernode-1" not in " ".join(lines)
+
+
+def test_a_supernode_being_stopped_on_purpose_is_not_started_again_by_a_supervisor_that_runs_meanwhile(
+    tmp_path, monkeypatch
+):
+    """CI's ten-site run: the hospital's SuperNode, stopped while the run was supervised, was started again (it
+    exited on the SIGTERM before `stop` had marked it stopped) and trained round 2 instead of dropping out."""
+    import os
+    from types import SimpleNamespace
+
+    import server.deployment as deployment
+
+    procs = deployment.Processes(tmp_path)
+    link = SimpleNamespace(procs=procs, env=dict(os.environ))
+    procs.start("supernode-9", [sys.executable, "-c", "import time; time.sleep(60)"], link.env)
+    restarts, reported, lines = {}, set(), []
+    signal_groups = deployment._signal_groups
+
+    def supervisor_runs_right_after_the_signal(group, sig, **kwargs):
+        signal_groups(group, sig, **kwargs)
+        for proc in group:
+            proc.wait()  # exited on the SIGTERM, `stop` not yet returned
+        deployment._supervise_supernodes(link, restarts, reported, lines.append)
+
+    monkeypatch.setattr(deployment, "_signal_groups", supervisor_runs_right_after_the_signal)
+    procs.stop("supernode-9")
+    assert restarts == {} and lines == [], lines
+    assert procs.procs["supernode-9"][0].poll() is not None  # still down
+
+
+def test_a_run_ended_by_the_superlinks_own_server_error_is_told_from_an_app_failure(tmp_path):
+    """A ServerApp whose heartbeat the SuperLink answered with HTTP 500 (its SQLite busy under load; CI) failed
+    because of the coordinating machine: it is submitted again and resumes. An app's own exception is not."""
+    from server.deployment import _superlink_server_error
+
+    superlink_failed = tmp_path / "flwr-run-1.log"
+    superlink_failed.write_text(
+        "2026-11-30 11:40:18,938 fedsynth.server INFO round 2/2 (diffusion): asking 2 sites\n"
+        "Exception in thread Thread-2 (_run):\nTraceback (most recent call last):\n"
+        "httpx.HTTPStatusError: Server error '500 Internal Server Error' for url "
+        "'https://127.0.0.1:45263/v1/runtime/send-task-heartbeat'\n"
+    )
+    app_failed = tmp_path / "flwr-run-2.log"
+    app_failed.write_text(
+        'Traceback (most recent call last):\n  File "server/training.py", line 1\n'
+        "ValueError: checkpoint round 3 does not match run config 'num-server-rounds' = 2\n"
+        "httpx.HTTPStatusError: Client error '401 Unauthorized' for url 'https://127.0.0.1:1/v1/runtime/push-logs'\n"
+    )
+    assert _superlink_server_error(superlink_failed) == (
+        "500 Internal Server Error on /v1/runtime/send-task-heartbeat"
+    )
+    assert _superlink_server_error(app_failed) == ""
+    assert _superlink_server_error(tmp_path / "missing.log") == ""
