@@ -437,6 +437,15 @@ def run_training_round(
     if plan.phase == "autoencoder":
         module: torch.nn.Module = build_autoencoder(cfg)
         module.load_state_dict(arrays)
+        trainable, total = select_trainable(module, plan.dp_trainable_autoencoder)
+        log.info(
+            "site %s: DP training %s of the autoencoder: %d of %d parameters (%.1f %%)",
+            site.name,
+            plan.dp_trainable_autoencoder,
+            trainable,
+            total,
+            100.0 * trainable / total,
+        )
         dataset = TensorDataset(images)
         stats = _train_loop(
             module,

@@ -22,6 +22,10 @@ CLASS_NAMES: tuple[str, ...] = ("healthy", "lesion")
 # DP-LDM's choice (Lyu et al. 2024): the attention blocks and the conditioning (class and time embeddings, and each
 # ResBlock's projection of them), the rest frozen at the public pretraining.
 DP_TRAINABLE: tuple[str, ...] = ("all", "attention-conditioning")
+# Which autoencoder parameters the sites train with DP-SGD in the autoencoder rounds: every one, the decoder only
+# (the public encoder, so the public UNet's latent space, stays as it is), or only the GroupNorm scales and shifts
+# (a few hundred numbers: the most signal per parameter under DP's noise).
+AE_TRAINABLE: tuple[str, ...] = ("all", "decoder", "norms")
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,8 @@ class RunConfig:
     guidance_scale: float = 3.0
     # which UNet parameters the sites fine-tune with DP (DP_TRAINABLE); the privacy accounting is the same for any
     dp_trainable: str = "all"
+    # which autoencoder parameters the sites train in the autoencoder rounds (AE_TRAINABLE); same accounting
+    dp_trainable_autoencoder: str = "all"
     # The diffusion loss at the sites weighs each patient's lesion region (from its own mask in masks/) by
     # 1 + lesion-weight: without it the lesion label is not learnt, even without DP (docs/RECIPE.md, measured on
     # public phantoms). 0: the plain loss. A patient without a mask trains with the plain loss.
@@ -236,6 +242,11 @@ class RunConfig:
         if self.dp_trainable not in DP_TRAINABLE:
             raise ValueError(
                 f"dp-trainable: unknown {self.dp_trainable!r}; choose one of {list(DP_TRAINABLE)}"
+            )
+        if self.dp_trainable_autoencoder not in AE_TRAINABLE:
+            raise ValueError(
+                f"dp-trainable-autoencoder: unknown {self.dp_trainable_autoencoder!r}; choose one of "
+                f"{list(AE_TRAINABLE)}"
             )
         if not 0.0 <= self.class_dropout < 1.0:
             raise ValueError(
@@ -420,6 +431,7 @@ def _boolean(key: str, value: Any) -> bool:
 
 __all__ = [
     "CLASS_NAMES",
+    "AE_TRAINABLE",
     "DP_TRAINABLE",
     "ModelConfig",
     "PRESETS",

@@ -25,7 +25,7 @@ from typing import Any, Union
 
 from flwr.app import ConfigRecord, MetricRecord
 
-from common.config import DP_TRAINABLE
+from common.config import AE_TRAINABLE, DP_TRAINABLE
 
 # Record names in a message's content, and the audit query's action name.
 CONFIG = "config"
@@ -73,6 +73,8 @@ class RoundPlan:
     class_dropout: float = 0.1
     # which diffusion UNet parameters the site trains (common/config.py DP_TRAINABLE); the rest come back unchanged
     dp_trainable: str = "all"
+    # which autoencoder parameters the site trains in an autoencoder round (common/config.py AE_TRAINABLE)
+    dp_trainable_autoencoder: str = "all"
     # the diffusion loss's extra weight on a patient's lesion region (common/model.py lesion_weight_map; 0: the
     # plain loss); each sample's weights come from its own mask, so the clipping bounds a patient as before
     lesion_weight: float = 0.0
@@ -88,6 +90,11 @@ class RoundPlan:
         if self.dp_trainable not in DP_TRAINABLE:
             raise MessageError(
                 f"RoundPlan: dp-trainable {self.dp_trainable!r} is not one of {list(DP_TRAINABLE)}"
+            )
+        if self.dp_trainable_autoencoder not in AE_TRAINABLE:
+            raise MessageError(
+                f"RoundPlan: dp-trainable-autoencoder {self.dp_trainable_autoencoder!r} is not one of "
+                f"{list(AE_TRAINABLE)}"
             )
         if self.phase not in PHASES:
             raise MessageError(f"RoundPlan: phase {self.phase!r} is not one of {PHASES}")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from common.config import DP_TRAINABLE, ModelConfig
+from common.config import AE_TRAINABLE, DP_TRAINABLE, ModelConfig
 
 SCHEDULE = dict(schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)
 
@@ -93,27 +93,36 @@ _ATTENTION_CONDITIONING = re.compile(
 )
 
 
-def trainable_names(unet: torch.nn.Module, which: str) -> list[str]:
-    """The names of the UNet parameters trained under `which` (common/config.py DP_TRAINABLE)."""
-    if which not in DP_TRAINABLE:
-        raise ValueError(f"dp-trainable: unknown {which!r}; choose one of {list(DP_TRAINABLE)}")
-    names = [n for n, _ in unet.named_parameters()]
+def trainable_names(model: torch.nn.Module, which: str) -> list[str]:
+    """The names of the parameters trained under `which`: a UNet set (common/config.py DP_TRAINABLE) for the
+    diffusion UNet, an autoencoder set (AE_TRAINABLE) for the autoencoder."""
+    names = [n for n, _ in model.named_parameters()]
+    autoencoder = isinstance(model, AutoencoderKL)
+    choices = AE_TRAINABLE if autoencoder else DP_TRAINABLE
+    if which not in choices:
+        what = "dp-trainable-autoencoder" if autoencoder else "dp-trainable"
+        raise ValueError(f"{what}: unknown {which!r}; choose one of {list(choices)}")
     if which == "all":
         return names
+    if which == "decoder":  # and the 1x1 convolution from the latent into it
+        return [n for n in names if n.startswith(("decoder.", "post_quant_conv."))]
+    if which == "norms":
+        return [n for n in names if re.search(r"(^|\.)norm[^.]*\.(weight|bias)$", n)]
     return [n for n in names if _ATTENTION_CONDITIONING.search(n)]
 
 
-def select_trainable(unet: torch.nn.Module, which: str) -> tuple[int, int]:
-    """Freeze every UNet parameter outside the `which` set (requires_grad False); returns (trainable, total) counts.
+def select_trainable(model: torch.nn.Module, which: str) -> tuple[int, int]:
+    """Freeze every parameter of `model` (the UNet or the autoencoder) outside the `which` set (requires_grad
+    False); returns (trainable, total) counts.
 
     Call it before DP-SGD wraps the model: the per-sample gradients are then computed, clipped and noised for the
     trainable parameters only, and the frozen ones leave the round exactly as they came (the global model the
     server sent). DP holds for any subset: DP-SGD's guarantee is about the released trainable parameters, whose
     per-sample gradient is clipped to C and noised with sigma C whatever parameters it spans, and the frozen ones
     are a copy of what the server already had; so the accounting (sigma, q, steps) is exactly the same."""
-    keep = set(trainable_names(unet, which))
+    keep = set(trainable_names(model, which))
     trainable = total = 0
-    for name, p in unet.named_parameters():
+    for name, p in model.named_parameters():
         p.requires_grad_(name in keep)
         total += p.numel()
         trainable += p.numel() if name in keep else 0

@@ -314,6 +314,7 @@ class Federation:
             seed=self.run.seed,
             class_dropout=self.run.class_dropout,
             dp_trainable=self.run.dp_trainable,
+            dp_trainable_autoencoder=self.run.dp_trainable_autoencoder,
             lesion_weight=self.run.lesion_weight,
             release_noise_level=self.run.release_noise_levels,
         )

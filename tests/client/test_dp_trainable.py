@@ -1,5 +1,6 @@
-"""DP fine-tuning of a chosen subset of the UNet (`dp-trainable`): frozen parameters leave the round bit-identical,
-the trainable ones move, and the privacy accounting is exactly that of training every parameter."""
+"""DP fine-tuning of a chosen subset of the UNet (`dp-trainable`) or of the autoencoder (`dp-trainable-autoencoder`):
+frozen parameters leave the round bit-identical, the trainable ones move, and the privacy accounting is exactly that
+of training every parameter."""
 
 import dataclasses
 
@@ -84,4 +85,58 @@ def test_the_round_plan_carries_the_trainable_set_strictly():
         dataclasses.replace(PLAN, dp_trainable="lora-everything")
     del record["dp-trainable"]
     with pytest.raises(MessageError, match="dp-trainable"):
+        RoundPlan.from_record(record)
+
+
+def test_the_autoencoder_sets_are_the_decoder_and_the_norms():
+    ae = build_autoencoder(model_config("small"))
+    decoder = trainable_names(ae, "decoder")
+    assert "post_quant_conv.conv.weight" in decoder or "post_quant_conv.weight" in decoder
+    assert all(n.startswith(("decoder.", "post_quant_conv.")) for n in decoder)
+    assert not any(n.startswith("encoder.") for n in decoder)
+    norms = trainable_names(ae, "norms")
+    assert norms and all(".norm" in n and n.endswith((".weight", ".bias")) for n in norms)
+    trainable, total = select_trainable(ae, "norms")
+    assert trainable < 0.01 * total  # 896 of 251,569 in the small preset
+    assert 0.5 < select_trainable(ae, "decoder")[0] / total < 0.75
+    with pytest.raises(ValueError, match="dp-trainable-autoencoder"):
+        trainable_names(ae, "attention-conditioning")  # a UNet set
+
+
+@pytest.mark.parametrize("which", ["decoder", "norms"])
+def test_an_autoencoder_round_trains_only_its_set_with_the_same_accounting(
+    tmp_path, site_dir, which
+):
+    cfg = model_config("tiny")
+    torch.manual_seed(0)
+    ae = build_autoencoder(cfg).state_dict()
+    chosen = set(trainable_names(build_autoencoder(cfg), which))
+    plan = dataclasses.replace(
+        PLAN, phase="autoencoder", federated_autoencoder_rounds=1, dp_trainable_autoencoder=which
+    )
+
+    def train(p: RoundPlan, state: str):
+        site = SiteConfig(
+            site_dir=str(site_dir), state_dir=str(tmp_path / state), epsilon=8.0, canaries=0
+        )
+        result = run_training_round(site, p, ae)
+        assert not result.refused, result.refused
+        return result
+
+    part = train(plan, "part")
+    for name, _ in build_autoencoder(cfg).named_parameters():
+        same = torch.equal(part.state_dict[name], ae[name])
+        assert same == (name not in chosen), f"{name}: frozen must be unchanged, trained must move"
+    whole = train(dataclasses.replace(plan, dp_trainable_autoencoder="all"), "all")
+    keys = ("noise_multiplier", "sample_rate", "steps_total", "epsilon", "delta", "clipping_norm")
+    assert {k: part.privacy[k] for k in keys} == {k: whole.privacy[k] for k in keys}
+
+
+def test_the_round_plan_carries_the_autoencoder_set_strictly():
+    record = dataclasses.replace(PLAN, dp_trainable_autoencoder="norms").to_record()
+    assert RoundPlan.from_record(record).dp_trainable_autoencoder == "norms"
+    with pytest.raises(MessageError, match="dp-trainable-autoencoder"):
+        dataclasses.replace(PLAN, dp_trainable_autoencoder="attention-conditioning")
+    del record["dp-trainable-autoencoder"]
+    with pytest.raises(MessageError, match="dp-trainable-autoencoder"):
         RoundPlan.from_record(record)

@@ -34,6 +34,7 @@ def test_run_config_reads_flower_keys_and_phases():
         {"no-such-key": 1},
         {"autoencoder-rounds": 9},
         {"min-sites": 0},
+        {"dp-trainable-autoencoder": "attention-conditioning"},  # a UNet set
     ],
 )
 def test_run_config_rejects_bad_values(bad):
