@@ -51,6 +51,8 @@ class Setting:
     public: int = 600  # public (healthy, one protocol) subjects for the pretrained checkpoint
     epsilons: tuple[float, ...] = (1.0, 4.0, 10.0, math.inf)
     diffusion_rounds: int = 2
+    # DP rounds of the public autoencoder at the sites first (privacy/recipe.py AE_*: chosen on public stand-ins)
+    autoencoder_rounds: int = 0
     per_class: int = 200  # synthetic images per class
     ddim_steps: int = 0  # 0: the preset's (what `fedsynth synthesize` uses)
     cnn_steps: int = 0  # 0: privacy.utility.CNN_RECIPE's (the audit's); quick runs use fewer
@@ -146,6 +148,7 @@ def train_federated(
         n_train,
         s.preset,
         diffusion_rounds=s.diffusion_rounds,
+        autoencoder_rounds=s.autoencoder_rounds,
     )
     node_configs = [
         {
@@ -162,12 +165,14 @@ def train_federated(
     ]
     run = RunConfig(
         preset=s.preset,
-        num_server_rounds=s.diffusion_rounds,
-        autoencoder_rounds=0,
+        num_server_rounds=s.autoencoder_rounds + s.diffusion_rounds,
+        autoencoder_rounds=s.autoencoder_rounds,
         pretrained=str(checkpoint),
         batch_size=recipe.batch_size,
         local_epochs=recipe.local_epochs,
         lr_diffusion=recipe.lr,
+        lr_autoencoder=recipe.lr_autoencoder,
+        dp_trainable_autoencoder=recipe.dp_trainable_autoencoder,
         dp_trainable=recipe.dp_trainable,
         class_dropout=recipe.class_dropout,
         lesion_weight=recipe.lesion_weight,
@@ -567,7 +572,14 @@ def report_lines(result: dict, command: str, figure: str) -> list[str]:
         f"{', '.join(f'{p:g}' for p in result['prevalence'])}; 25 % of each site's patients held out for "
         f"scoring), preset `{s['preset']}`, the public checkpoint "
         f"({public}), "
-        f"{s['diffusion_rounds']} diffusion rounds planned by `privacy.recipe.dp_recipe`, {s['per_class']} synthetic "
+        + (
+            f"{s['autoencoder_rounds']} DP autoencoder round(s) at the sites (training "
+            f"{rows[0]['recipe'].get('dp_trainable_autoencoder', '?')} of it at lr "
+            f"{rows[0]['recipe'].get('lr_autoencoder', '?')}) then "
+            if s.get("autoencoder_rounds") and rows
+            else ""
+        )
+        + f"{s['diffusion_rounds']} diffusion rounds planned by `privacy.recipe.dp_recipe`, {s['per_class']} synthetic "
         f"images per class (DDIM-{s['ddim_steps'] or model_config(s['preset']).ddim_steps}), CNN "
         f"{cnn}; "
         f"torch threads {s['threads']}. Figures are means over the 3 sites (per site in the JSON the "
@@ -608,6 +620,12 @@ def main() -> None:
     ap.add_argument("--epsilons", type=float, nargs="+", default=None, help="inf: DP off")
     ap.add_argument("--per-class", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=0, help="diffusion rounds (0: the setting's)")
+    ap.add_argument(
+        "--autoencoder-rounds",
+        type=int,
+        default=0,
+        help="DP autoencoder rounds at the sites before the diffusion rounds (the recipe's AE set and lr)",
+    )
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--work", default="", help="keep the sites, runs and checkpoints here")
     ap.add_argument("--out", default=str(ROOT / "docs" / "PERFORMANCE.md"))
@@ -635,6 +653,7 @@ def main() -> None:
                 ("patients", args.patients),
                 ("per_class", args.per_class),
                 ("diffusion_rounds", args.rounds),
+                ("autoencoder_rounds", args.autoencoder_rounds),
                 ("threads", args.threads),
             )
             if v

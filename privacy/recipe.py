@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from common.config import DP_TRAINABLE, PRESETS
+from common.config import AE_TRAINABLE, DP_TRAINABLE, PRESETS
 from privacy.accounting import calibrate_noise_multiplier
 
 BATCH_FRACTION = 0.25  # expected share of a site's patients in each DP-SGD step
@@ -37,6 +37,10 @@ LEARNING_RATE = (
     3e-3  # measured best for attention-conditioning (docs/RECIPE.md); "all" diverged at 3e-3
 )
 DP_TRAINABLE_SET = "attention-conditioning"
+# The autoencoder rounds' trainable set and learning rate: to be chosen by bench/bench_ae_recipe.py on public
+# stand-in phantoms, never on a site (provisional until its run: every parameter at 3e-4).
+AE_TRAINABLE_SET = "all"
+AE_LEARNING_RATE = 3e-4
 CLASS_DROPOUT = 0.1
 GUIDANCE_SCALE = 3.0
 LESION_WEIGHT = (
@@ -53,7 +57,7 @@ class DPRecipe:
     batch_size: int
     local_epochs: int  # per diffusion round
     diffusion_rounds: int
-    steps: int  # DP-SGD steps at the site over the run's diffusion rounds
+    steps: int  # DP-SGD steps at the site over the run (its autoencoder rounds, if any, and diffusion rounds)
     sample_rate: float
     noise_multiplier: float  # what a fresh site calibrates for this plan at (epsilon, delta)
     max_grad_norm: float
@@ -62,6 +66,11 @@ class DPRecipe:
     class_dropout: float
     guidance_scale: float
     lesion_weight: float
+    autoencoder_rounds: int = (
+        0  # DP rounds of the public autoencoder at the sites before the diffusion rounds
+    )
+    lr_autoencoder: float = 0.0  # their RunConfig keys (lr-autoencoder, dp-trainable-autoencoder)
+    dp_trainable_autoencoder: str = "all"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -74,8 +83,13 @@ def dp_recipe(
     preset: str = "small",
     diffusion_rounds: int = 1,
     target_steps: int = TARGET_STEPS,
+    autoencoder_rounds: int = 0,
 ) -> DPRecipe:
     """The recipe for a site with `n_patients` training patients and budget (epsilon, delta) over the run.
+
+    `autoencoder_rounds` DP rounds of the public autoencoder come first (AE_TRAINABLE_SET at AE_LEARNING_RATE); they
+    run the diffusion rounds' batch and epochs (a run has one of each), so they add their steps to the run's and the
+    noise is calibrated over all of them.
 
     `n_patients` may be approximate (the server knows it to within a batch); with several sites of different
     sizes, pass the smallest (its batch is the smallest and its noise the largest)."""
@@ -83,14 +97,18 @@ def dp_recipe(
         raise ValueError(f"preset: unknown {preset!r}; choose one of {sorted(PRESETS)}")
     if not (epsilon > 0 and 0 < delta < 1 and n_patients >= 1 and diffusion_rounds >= 1):
         raise ValueError("need epsilon > 0, 0 < delta < 1, n_patients >= 1, diffusion_rounds >= 1")
+    if autoencoder_rounds < 0:
+        raise ValueError("autoencoder_rounds must be >= 0")
     if DP_TRAINABLE_SET not in DP_TRAINABLE:  # pragma: no cover - a constant edited by hand
         raise ValueError(f"DP_TRAINABLE_SET {DP_TRAINABLE_SET!r} is not one of {DP_TRAINABLE}")
+    if AE_TRAINABLE_SET not in AE_TRAINABLE:  # pragma: no cover - a constant edited by hand
+        raise ValueError(f"AE_TRAINABLE_SET {AE_TRAINABLE_SET!r} is not one of {AE_TRAINABLE}")
     batch = min(MAX_BATCH, max(MIN_BATCH, round(BATCH_FRACTION * n_patients)), n_patients)
     per_epoch = math.ceil(
         n_patients / batch
     )  # the site's steps per epoch (client/task.py steps_per_round)
     epochs = max(1, min(MAX_EPOCHS, math.ceil(target_steps / (per_epoch * diffusion_rounds))))
-    steps = per_epoch * epochs * diffusion_rounds
+    steps = per_epoch * epochs * (diffusion_rounds + autoencoder_rounds)
     q = 1.0 / per_epoch
     sigma = calibrate_noise_multiplier(epsilon, delta, q, steps, max_noise=1e3)
     return DPRecipe(
@@ -106,4 +124,7 @@ def dp_recipe(
         class_dropout=CLASS_DROPOUT,
         guidance_scale=GUIDANCE_SCALE,
         lesion_weight=LESION_WEIGHT,
+        autoencoder_rounds=autoencoder_rounds,
+        lr_autoencoder=AE_LEARNING_RATE,
+        dp_trainable_autoencoder=AE_TRAINABLE_SET,
     )

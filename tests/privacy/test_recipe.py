@@ -35,7 +35,27 @@ def test_a_smaller_budget_means_more_noise_and_the_inputs_are_public():
         dp_recipe(1.0, 1e-5, 1000).noise_multiplier > dp_recipe(10.0, 1e-5, 1000).noise_multiplier
     )
     assert list(inspect.signature(dp_recipe).parameters) == [
-        "epsilon", "delta", "n_patients", "preset", "diffusion_rounds", "target_steps",
+        "epsilon", "delta", "n_patients", "preset", "diffusion_rounds", "target_steps", "autoencoder_rounds",
     ]  # fmt: skip
     with pytest.raises(ValueError, match="preset"):
         dp_recipe(10.0, 1e-5, 100, "huge")
+
+
+def test_autoencoder_rounds_add_their_steps_to_the_budget_and_carry_their_own_settings():
+    """An autoencoder round runs the diffusion rounds' batch and epochs (plan_privacy plans every round alike), so
+    the recipe's noise must be calibrated over its steps too: a recipe that left them out would promise a noise
+    the sites then cannot keep."""
+    from common.config import AE_TRAINABLE
+    from privacy.accounting import calibrate_noise_multiplier
+
+    plain = dp_recipe(10.0, 1e-5, 1800, diffusion_rounds=2)
+    with_ae = dp_recipe(10.0, 1e-5, 1800, diffusion_rounds=2, autoencoder_rounds=1)
+    assert (with_ae.batch_size, with_ae.local_epochs) == (plain.batch_size, plain.local_epochs)
+    assert with_ae.steps == plain.steps * 3 // 2
+    assert with_ae.noise_multiplier > plain.noise_multiplier
+    assert with_ae.noise_multiplier == pytest.approx(
+        calibrate_noise_multiplier(10.0, 1e-5, with_ae.sample_rate, with_ae.steps, max_noise=1e3)
+    )
+    assert with_ae.dp_trainable_autoencoder in AE_TRAINABLE and with_ae.lr_autoencoder > 0
+    with pytest.raises(ValueError, match="autoencoder_rounds"):
+        dp_recipe(10.0, 1e-5, 1800, autoencoder_rounds=-1)
