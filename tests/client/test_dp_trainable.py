@@ -78,13 +78,21 @@ def test_frozen_parameters_come_back_bit_identical_and_accounting_is_unchanged(
     assert sum(not torch.equal(whole.state_dict[n], unet[n]) for n in params) > len(chosen)
 
 
-def test_the_round_plan_carries_the_trainable_set_strictly():
-    record = PLAN.to_record()
-    assert RoundPlan.from_record(record).dp_trainable == "attention-conditioning"
-    with pytest.raises(MessageError, match="dp-trainable"):
-        dataclasses.replace(PLAN, dp_trainable="lora-everything")
-    del record["dp-trainable"]
-    with pytest.raises(MessageError, match="dp-trainable"):
+@pytest.mark.parametrize(
+    "field, value, wrong",
+    [
+        ("dp_trainable", "attention-conditioning", "lora-everything"),
+        ("dp_trainable_autoencoder", "norms", "attention-conditioning"),  # a UNet set
+    ],
+)
+def test_the_round_plan_carries_the_trainable_sets_strictly(field, value, wrong):
+    key = field.replace("_", "-")
+    record = dataclasses.replace(PLAN, **{field: value}).to_record()
+    assert getattr(RoundPlan.from_record(record), field) == value
+    with pytest.raises(MessageError, match=key):
+        dataclasses.replace(PLAN, **{field: wrong})
+    del record[key]
+    with pytest.raises(MessageError, match=key):
         RoundPlan.from_record(record)
 
 
@@ -130,13 +138,3 @@ def test_an_autoencoder_round_trains_only_its_set_with_the_same_accounting(
     whole = train(dataclasses.replace(plan, dp_trainable_autoencoder="all"), "all")
     keys = ("noise_multiplier", "sample_rate", "steps_total", "epsilon", "delta", "clipping_norm")
     assert {k: part.privacy[k] for k in keys} == {k: whole.privacy[k] for k in keys}
-
-
-def test_the_round_plan_carries_the_autoencoder_set_strictly():
-    record = dataclasses.replace(PLAN, dp_trainable_autoencoder="norms").to_record()
-    assert RoundPlan.from_record(record).dp_trainable_autoencoder == "norms"
-    with pytest.raises(MessageError, match="dp-trainable-autoencoder"):
-        dataclasses.replace(PLAN, dp_trainable_autoencoder="attention-conditioning")
-    del record["dp-trainable-autoencoder"]
-    with pytest.raises(MessageError, match="dp-trainable-autoencoder"):
-        RoundPlan.from_record(record)
