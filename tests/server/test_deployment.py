@@ -317,3 +317,32 @@ def test_a_run_ended_by_the_superlinks_own_server_error_is_told_from_an_app_fail
     )
     assert _superlink_server_error(app_failed) == ""
     assert _superlink_server_error(tmp_path / "missing.log") == ""
+
+
+@pytest.mark.parametrize(
+    "status, expected, done",
+    [
+        ("finished:stopped", "its ServerApp died with the SuperExec; stopped the run", True),
+        ("running", "", False),  # the SuperLink failed and the run is still open: asked again
+    ],
+)
+def test_a_stop_answered_with_the_superlinks_internal_error_is_judged_by_the_runs_status(
+    tmp_path, status, expected, done
+):
+    """CI: `flwr stop` made the stop, then the SuperLink's SQLite was locked and it answered "Internal server
+    error"; the run WAS stopped, and reporting that it could not be stopped made the restart test fail."""
+    import json
+    from types import SimpleNamespace
+
+    from server.deployment import DeploymentError, _stop_run
+
+    def flwr(args, timeout=120.0):
+        if args[0] == "stop":
+            raise DeploymentError(
+                "flwr stop 7 fedsynth-local failed (1): Error: Internal server error."
+            )
+        return json.dumps({"success": True, "runs": [{"run-id": "7", "status": status}]})
+
+    lines: list[str] = []
+    assert _stop_run(SimpleNamespace(flwr=flwr), 7, lines.append) is done
+    assert (expected in lines[0]) if expected else lines == []
