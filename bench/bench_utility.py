@@ -184,7 +184,7 @@ def train_federated(
         seed=0,
         release_noise_levels=True,  # each site's scanner noise level under DP (privacy/noise_level.py)
     )
-    ckpt = Federation(InProcessGrid(node_configs), run, progress=print).run_rounds()
+    ckpt = Federation(InProcessGrid(node_configs), run, progress=say).run_rounds()
     if ckpt is None:
         raise RuntimeError(f"{name}: the federation stopped early (see {run.run_dir}/run.json)")
     return ckpt, recipe.as_dict()
@@ -309,17 +309,26 @@ class SiteScorer:
         }
 
 
+def say(line: str) -> None:
+    """A progress line, flushed at once (a benchmark's output is usually a file it is followed in)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+
 def run_bench(s: Setting, work: Path, checkpoint: Path | None, on_row=None) -> dict:
     """The whole curve; `on_row(result so far)` after each epsilon (the bench writes its outputs each time, so a
     run cut short still leaves what it measured, labelled as partial)."""
     torch.set_num_threads(s.threads)
     t0 = time.time()
+    say(f"making 3 phantom sites of {s.patients} patients in {work / 'sites'}")
     sites = make_sites(work, s)
     t_sites = time.time() - t0
     t0 = time.time()
+    if not checkpoint:
+        say(f"public pretraining on {s.public} phantoms")
     pretrained = Path(checkpoint) if checkpoint else public_checkpoint(work, s)
     t_pretrain = time.time() - t0 if not checkpoint else None
     t0 = time.time()
+    say("training each site's TRTR classifier on its real training patients")
     scorers = [SiteScorer(d, work / "scoring" / d.name, s) for d in sites]
     t_trtr = time.time() - t0
     result = {
@@ -336,12 +345,15 @@ def run_bench(s: Setting, work: Path, checkpoint: Path | None, on_row=None) -> d
     }
     for eps in s.epsilons:
         t0 = time.time()
+        say(f"epsilon {eps_label(eps)}: the federation")
         ckpt, recipe = train_federated(work, sites, s, eps, pretrained)
         t_train = time.time() - t0
         t0 = time.time()
+        say(f"epsilon {eps_label(eps)}: sampling {s.per_class} images per class")
         synthetic, labels = synthesize(ckpt, s, recipe["guidance_scale"])
         t_synth = time.time() - t0
         t0 = time.time()
+        say(f"epsilon {eps_label(eps)}: scoring the cohort at each site")
         levels = noise_levels(ckpt)
         per_site = {sc.name: sc.score(synthetic, labels, levels.get(sc.name)) for sc in scorers}
         t_score = time.time() - t0
