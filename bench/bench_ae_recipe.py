@@ -49,7 +49,9 @@ DIFFUSION_ROUNDS = 2  # the benchmark's run: 1 autoencoder round, then 2 diffusi
 GRID = ("all:3e-4", "all:1e-3", "decoder:3e-4", "decoder:1e-3", "norms:3e-3", "norms:1e-2")
 
 
-def one_round(site_dir: Path, state: Path, ckpt: Checkpoint, trainable: str, lr: float, args):
+def one_round(
+    site_dir: Path, state: Path, ckpt: Checkpoint, ae_state: dict, trainable: str, lr: float, args
+):
     """One DP autoencoder round at the stand-in, planned as the run's first of 1 + DIFFUSION_ROUNDS."""
     shutil.rmtree(
         state, ignore_errors=True
@@ -89,7 +91,6 @@ def one_round(site_dir: Path, state: Path, ckpt: Checkpoint, trainable: str, lr:
         seed=0,
         dp_trainable_autoencoder=trainable,
     )
-    ae_state = {k: v for k, v in ckpt.models()[0].state_dict().items()}
     result = run_training_round(site, plan, ae_state)
     if result.refused:
         raise SystemExit(f"{trainable}:{lr}: refused: {result.refused}")
@@ -161,13 +162,12 @@ def main() -> None:
         if key in done:
             continue
         t0 = time.time()
-        ae = ckpt.models()[0]
+        ae = ckpt.models()[0]  # the public autoencoder, afresh for each row
         row: dict = {"key": key, "stand_in": STAND_IN.protocol.name, "noise_level": round(level, 4)}
         if spec is not None:
             trainable, lr = spec[0], float(spec[1])
-            result, recipe = one_round(
-                site_dir, out / "states" / key.replace(":", "-"), ckpt, trainable, lr, args
-            )
+            state = out / "states" / key.replace(":", "-")
+            result, recipe = one_round(site_dir, state, ckpt, ae.state_dict(), trainable, lr, args)
             ae.load_state_dict(result.state_dict)
             row |= {
                 "trainable": trainable,

@@ -66,11 +66,11 @@ class DPRecipe:
     class_dropout: float
     guidance_scale: float
     lesion_weight: float
-    autoencoder_rounds: int = (
-        0  # DP rounds of the public autoencoder at the sites before the diffusion rounds
+    autoencoder_rounds: (
+        int  # DP rounds of the public autoencoder at the sites before the diffusion rounds
     )
-    lr_autoencoder: float = 0.0  # their RunConfig keys (lr-autoencoder, dp-trainable-autoencoder)
-    dp_trainable_autoencoder: str = "all"
+    lr_autoencoder: float  # their RunConfig keys (lr-autoencoder, dp-trainable-autoencoder)
+    dp_trainable_autoencoder: str
 
     def as_dict(self) -> dict:
         return asdict(self)

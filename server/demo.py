@@ -192,6 +192,8 @@ def demo_run_config(
             class_dropout=r.class_dropout,
             guidance_scale=r.guidance_scale,
             lesion_weight=r.lesion_weight,
+            lr_autoencoder=r.lr_autoencoder,
+            dp_trainable_autoencoder=r.dp_trainable_autoencoder,
         )
     return RunConfig(
         preset=opts.preset,
@@ -208,13 +210,18 @@ def demo_run_config(
 
 
 def demo_recipe(opts: DemoOptions, plan: DemoPlan):
-    """privacy/recipe.py's DP settings for the demo's sites and diffusion rounds: their expected training-patient
+    """privacy/recipe.py's DP settings for the demo's sites and rounds (autoencoder and diffusion): their expected training-patient
     count (the phantom sites' size times the share not held out), their budget and delta 1e-5."""
     from privacy.recipe import dp_recipe
 
     n = round(plan.subjects * (1 - plan.holdout))
     return dp_recipe(
-        opts.epsilon, 1e-5, max(1, n), opts.preset, max(1, plan.rounds - plan.ae_rounds)
+        opts.epsilon,
+        1e-5,
+        max(1, n),
+        opts.preset,
+        max(1, plan.rounds - plan.ae_rounds),
+        autoencoder_rounds=plan.ae_rounds,
     )
 
 

@@ -116,6 +116,10 @@ def test_the_default_demo_fine_tunes_with_the_recipe_and_has_sites_the_audit_can
         r.lr,
         r.dp_trainable,
     )
+    assert (run.lr_autoencoder, run.dp_trainable_autoencoder) == (
+        r.lr_autoencoder,
+        r.dp_trainable_autoencoder,
+    )
     assert run.pretrained and run.autoencoder_rounds == 0
     assert run.synthesize_per_class * 2 >= 200
 
