@@ -673,7 +673,7 @@ def _follow_run(
     # `flwr log` replays the run's log from its start: each line already passed on is passed on once only
     emitted: Counter[str] = Counter()
     already, replayed = Counter(), Counter()
-    superexec_restarts, orphan_stopped, next_stop = link.superexec_restarts, False, 0.0
+    superexec_restarts, orphan_handled, next_check = link.superexec_restarts, False, 0.0
     with open(run_log, "rb") as f:
         while True:
             done = proc.poll() is not None
@@ -711,15 +711,46 @@ def _follow_run(
                 link.procs.check_alive("superlink")
             supervise(link, progress)
             run_id = run_id or _started_run_id(run_log)
-            stop_due = time.time() >= next_stop and not orphan_stopped
-            if link.superexec_restarts != superexec_restarts and run_id and stop_due:
-                next_stop = time.time() + 5.0  # each try is a `flwr` process
-                # The ServerApp was the dead SuperExec's child (it watches its parent's pid), so it is gone; its
-                # session would only expire after Flower's 60 s heartbeat patience: stop the run now.
-                orphan_stopped = _stop_run(link, run_id, progress)
+            check_due = time.time() >= next_check and not orphan_handled
+            if link.superexec_restarts != superexec_restarts and run_id and check_due:
+                next_check = time.time() + 5.0  # each try is a `flwr` process
+                orphan_handled = _stop_if_orphaned(link, run_id, progress)
             _supervise_supernodes(link, supernode_restarts, left_down, progress)
             time.sleep(0.2)
     return FederationResult(proc.returncode, status, run_id, logs)
+
+
+def _stop_if_orphaned(link: SuperLink, run_id: int, progress: Progress) -> bool:
+    """After a SuperExec restart: stop the run if its ServerApp died with the SuperExec before (it watches its
+    parent's pid); its session would only expire after Flower's 60 s heartbeat patience. True once handled, False
+    to be asked again.
+
+    The restart is not enough to tell: a run submitted around it (CI: a resubmitted run, the SuperExec restarted
+    again while it was pending) has its ServerApp started by the NEW SuperExec, alive, and stopping it failed the
+    run. So the run is stopped only if it is running and no live ServerApp of this deployment is a child of the
+    current SuperExec (one SuperLink drives one run at a time here). Pending or starting: the current SuperExec
+    starts it; asked again until it runs or ends."""
+    status = _run_status(link, run_id)
+    if status.startswith("finished"):
+        return True
+    if status != "running":
+        return False
+    if link.procs.procs["superexec"][0].pid in serverapp_parents(link.flwr_home):
+        return True  # served by the current SuperExec: nothing died with the one before
+    return _stop_run(link, run_id, progress)
+
+
+def serverapp_parents(flwr_home: Path) -> set[int]:
+    """The SuperExec pid (`--parent-pid`) of each live ServerApp process with FLWR_HOME=flwr_home."""
+    parents = set()
+    for pid in flwr_processes(flwr_home):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if any(a.endswith(b"flwr-serverapp") for a in argv) and b"--parent-pid" in argv:
+                parents.add(int(argv[argv.index(b"--parent-pid") + 1]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return parents
 
 
 def _stop_run(link: SuperLink, run_id: int, progress: Progress) -> bool:

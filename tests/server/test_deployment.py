@@ -346,3 +346,52 @@ def test_a_stop_answered_with_the_superlinks_internal_error_is_judged_by_the_run
     lines: list[str] = []
     assert _stop_run(SimpleNamespace(flwr=flwr), 7, lines.append) is done
     assert (expected in lines[0]) if expected else lines == []
+
+
+@pytest.mark.parametrize(
+    "status, served_by_current, stopped, handled",
+    [
+        (
+            "running",
+            True,
+            False,
+            True,
+        ),  # CI: the resubmitted run's ServerApp, started by the new SuperExec
+        ("running", False, True, True),  # its ServerApp died with the SuperExec before: stopped now
+        ("pending", False, False, False),  # the current SuperExec will start it: asked again later
+        ("finished:completed", False, False, True),
+    ],
+)
+def test_after_a_superexec_restart_only_a_run_whose_serverapp_died_with_it_is_stopped(
+    tmp_path, status, served_by_current, stopped, handled
+):
+    """CI: the SuperExec restarted while a resubmitted run was pending; the new SuperExec started its ServerApp,
+    and the deployment, taking any restart for the death of the run's ServerApp, stopped the live run."""
+    import os
+    from types import SimpleNamespace
+
+    from server.deployment import _stop_if_orphaned
+
+    home = tmp_path / "flwr-home"
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    superexec = subprocess.Popen(sleep, env=env)
+    parent = superexec.pid if served_by_current else 1  # 1: reparented, its SuperExec dead
+    serverapp = subprocess.Popen([*sleep, "flwr-serverapp", "--parent-pid", str(parent)], env=env)
+    calls: list[list[str]] = []
+
+    def flwr(args, timeout=120.0):
+        calls.append(args)
+        return json.dumps({"success": True, "runs": [{"run-id": "7", "status": status}]})
+
+    link = SimpleNamespace(
+        flwr=flwr, flwr_home=home, procs=SimpleNamespace(procs={"superexec": (superexec, None)})
+    )
+    try:
+        lines: list[str] = []
+        assert _stop_if_orphaned(link, 7, lines.append) is handled
+        assert any(c[0] == "stop" for c in calls) is stopped, calls
+    finally:
+        for p in (superexec, serverapp):
+            p.kill()
+            p.wait()
