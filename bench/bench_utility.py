@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from bench.report import write_block
+from client.task import select_device
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lesion prevalence per site: all three carry lesions (so TSTR is measurable everywhere), at different rates.
@@ -57,6 +58,8 @@ class Setting:
     ddim_steps: int = 0  # 0: the preset's (what `fedsynth synthesize` uses)
     cnn_steps: int = 0  # 0: privacy.utility.CNN_RECIPE's (the audit's); quick runs use fewer
     threads: int = 1  # torch threads (1 is fastest on a busy 2-core machine)
+    # where the sites train, the cohort is sampled and the CNNs train: auto (a GPU when there is one) | cpu | cuda
+    device: str = "auto"
     pretrain_ae_steps: int = 400
     pretrain_unet_steps: int = 1200
 
@@ -159,6 +162,7 @@ def train_federated(
             "dp": math.isfinite(epsilon),
             "max-grad-norm": recipe.max_grad_norm,
             "threads": s.threads,
+            "device": s.device,
             "canaries": 0,  # canaries serve the audit, not utility
         }
         for d in sites
@@ -199,6 +203,7 @@ def draw_images(
     guidance_scale: float,
     seed: int = SEED,
     steps: int = 0,
+    device: str = "cpu",
 ) -> np.ndarray:
     """Images (N, 1, ...) for `labels` as `fedsynth synthesize` draws them (server.synthesis.generate: image i
     depends only on (seed, i)); DDIM `steps`, 0: the preset's."""
@@ -217,7 +222,7 @@ def draw_images(
             seed=seed,
             batch_size=32,
             steps=steps or cfg.ddim_steps,
-            device=torch.device("cpu"),
+            device=select_device(device),
             guidance_scale=guidance_scale,
         ):
             out[idx] = images
@@ -233,7 +238,9 @@ def synthesize(ckpt_path: Path, s: Setting, guidance_scale: float) -> tuple[np.n
     ae, unet = ckpt.models()
     labels = torch.arange(cfg.num_classes).repeat_interleave(s.per_class)
     latent_scale = ckpt.run_state.latent_scale
-    images = draw_images(cfg, ae, unet, labels, latent_scale, guidance_scale, steps=s.ddim_steps)
+    images = draw_images(
+        cfg, ae, unet, labels, latent_scale, guidance_scale, steps=s.ddim_steps, device=s.device
+    )
     return images, labels.numpy()
 
 
@@ -257,13 +264,14 @@ class SiteScorer:
         from privacy.utility import CNN_RECIPE, train_cnn
 
         self.cfg = model_config(s.preset)
+        self.device = select_device(s.device)
         site = SiteConfig(site_dir=str(site_dir), state_dir=str(state_dir))
         self.name = site.name
         self.train, self.holdout = load_training_data(site, self.cfg)
         recipe = CNN_RECIPE.fixed(s.cnn_steps) if s.cnn_steps else CNN_RECIPE
         self.recipe = recipe.for_training_size(len(self.train))
         self.trtr = train_cnn(
-            self.train.images, self.train.labels, self.cfg.num_classes, self.recipe
+            self.train.images, self.train.labels, self.cfg.num_classes, self.recipe, self.device
         )
 
     def score(
@@ -294,6 +302,15 @@ class SiteScorer:
                         "overall"
                     ],
                     "radiomics": radiomics_utility(images, *args[1:]),
+                    # a CNN trained on the noisy cohort (TRTR: the same real-trained model as below)
+                    "cnn": cnn_utility(
+                        images,
+                        *args[1:],
+                        list(self.cfg.class_names),
+                        self.recipe,
+                        device=self.device,
+                        trtr_model=self.trtr,
+                    ),
                 }
             }
         return {
@@ -301,12 +318,21 @@ class SiteScorer:
             "fidelity": {"overall": fid["overall"], "per_class": fid["per_class"]},
             "radiomics": radiomics_utility(*args),
             "cnn": cnn_utility(
-                *args, list(self.cfg.class_names), self.recipe, trtr_model=self.trtr
+                *args,
+                list(self.cfg.class_names),
+                self.recipe,
+                device=self.device,
+                trtr_model=self.trtr,
             ),
             "n_train": len(self.train),
             "n_holdout": len(self.holdout),
             "holdout_lesions": int((self.holdout.labels == 1).sum()),
         }
+
+
+def _device_name(device: str) -> str:
+    d = select_device(device)
+    return torch.cuda.get_device_name(d) if d.type == "cuda" else "CPU"
 
 
 def say(line: str) -> None:
@@ -334,6 +360,7 @@ def run_bench(s: Setting, work: Path, checkpoint: Path | None, on_row=None) -> d
     result = {
         "setting": dataclasses.asdict(s),
         "prevalence": PREVALENCE,
+        "device": _device_name(s.device),
         "pretrained": str(pretrained) if checkpoint else "made by this run (fedsynth pretrain)",
         "pretraining": pretraining_provenance(pretrained),
         "seconds": {
@@ -453,6 +480,19 @@ def summary(row: dict) -> dict:
         out["noise_radiomics_tstr"] = _mean(
             [n["radiomics"]["train_synthetic_test_real"]["balanced_accuracy"] for n in noisy]
         )
+        if all(
+            "cnn" in n for n in noisy
+        ):  # runs before session 18 scored only the radiomics with noise
+            tstr = [ba(n, "cnn", "train_synthetic_test_real") for n in noisy]
+            trtr = [ba(s, "cnn", "train_real_test_real") for s in sites]
+            out["noise_cnn_tstr"] = _mean(tstr)
+            out["noise_cnn_gain"] = _mean(
+                [
+                    (a - 0.5) / (b - 0.5)
+                    for a, b in zip(tstr, trtr, strict=True)
+                    if a is not None and b is not None and b - 0.5 >= MIN_TRTR_GAIN
+                ]
+            )
     return out
 
 
@@ -544,6 +584,11 @@ def table_row(row: dict) -> str:
         (
             f"{_f(m['noise_frechet_distance'], 1)} / {versus('noise_precision', 'noise_min_precision')} / "
             f"{versus('noise_coverage', 'noise_min_coverage')}; {_f(m['noise_radiomics_tstr'])}"
+            + (
+                f"; {_f(m['noise_cnn_tstr'])} (**{_f(m['noise_cnn_gain'])}**)"
+                if "noise_cnn_tstr" in m
+                else ""
+            )
             if "noise_precision" in m
             else "-"
         ),
@@ -594,18 +639,21 @@ def report_lines(result: dict, command: str, figure: str) -> list[str]:
         + f"{s['diffusion_rounds']} diffusion rounds planned by `privacy.recipe.dp_recipe`, {s['per_class']} synthetic "
         f"images per class (DDIM-{s['ddim_steps'] or model_config(s['preset']).ddim_steps}), CNN "
         f"{cnn}; "
-        f"torch threads {s['threads']}. Figures are means over the 3 sites (per site in the JSON the "
+        f"torch threads {s['threads']}"
+        + (f", device {result['device']}" if result.get("device") else "")
+        + ". Figures are means over the 3 sites (per site in the JSON the "
         "bench prints); TSTR / TRTR is the mean of the per-site ratios; the gain kept is the mean of the per-site "
         "(TSTR - 0.5) / (TRTR - 0.5), the share of the real data's accuracy above chance that the synthetic data "
         f"keeps, over the sites whose TRTR is at least {MIN_TRTR_GAIN} above chance (n/a: none); precision / recall / coverage are against "
         "each site's training patients (min over sites in brackets). With each site's DP noise level: the same cohort with Rician noise added at the "
         "level each site released under DP in the run (`release-noise-levels`, privacy/noise_level.py), scored "
-        "against that site (the autoencoder denoises; the radiomics read the scanner's noise).",
+        "against that site (the autoencoder denoises; the radiomics read the scanner's noise), and the CNN trained on "
+        "that noisy cohort, tested on the site's real hold-out.",
         "",
         "| epsilon | CNN TSTR / TRTR (ratio; **gain kept**) | radiomics TSTR / TRTR (ratio; **gain kept**) | "
         "lesion detectable (real hold-out) | "
         "healthy recognised | Frechet distance | precision | recall | coverage | with each site's DP noise "
-        "level: Frechet / precision / coverage; radiomics TSTR | batch, steps, sigma | "
+        "level: Frechet / precision / coverage; radiomics TSTR; CNN TSTR (**gain kept**) | batch, steps, sigma | "
         "wall time (train + sample + score) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -639,6 +687,12 @@ def main() -> None:
         help="DP autoencoder rounds at the sites before the diffusion rounds (the recipe's AE set and lr)",
     )
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument(
+        "--device",
+        default="",
+        choices=["", "auto", "cpu", "cuda"],
+        help="where the sites train, the cohort is sampled and the CNNs train (default: auto, a GPU if any)",
+    )
     ap.add_argument("--work", default="", help="keep the sites, runs and checkpoints here")
     ap.add_argument("--out", default=str(ROOT / "docs" / "PERFORMANCE.md"))
     ap.add_argument("--figure", default=str(ROOT / "docs" / "utility_vs_epsilon.png"))
@@ -667,6 +721,7 @@ def main() -> None:
                 ("diffusion_rounds", args.rounds),
                 ("autoencoder_rounds", args.autoencoder_rounds),
                 ("threads", args.threads),
+                ("device", args.device),
             )
             if v
         },

@@ -88,6 +88,15 @@ def test_summary_table_and_figure(tmp_path):
     assert summary(noisy)["noise_precision"] == pytest.approx(0.6)
     [row] = [x for x in report_lines({**r, "rows": [noisy]}, "c", "f") if x.startswith("| no DP")]
     assert row.split(" | ")[9] == "1.0 / 0.60 (0.50) / 0.30 (0.30); 0.70"
+    # with a CNN trained on the noisy cohort (session 18 on): its TSTR and the gain it keeps of the real CNN's
+    for i, site in enumerate(noisy["sites"].values()):
+        site["with_noise_level"]["cnn"] = {
+            "train_synthetic_test_real": {"balanced_accuracy": 0.55 + 0.05 * i}
+        }
+    m = summary(noisy)
+    assert m["noise_cnn_tstr"] == pytest.approx(0.6) and m["noise_cnn_gain"] == pytest.approx(1 / 3)
+    [row] = [x for x in report_lines({**r, "rows": [noisy]}, "c", "f") if x.startswith("| no DP")]
+    assert row.split(" | ")[9] == "1.0 / 0.60 (0.50) / 0.30 (0.30); 0.70; 0.60 (**0.33**)"
     r["setting"]["epsilons"] = (1.0, 4.0, 10.0, math.inf)  # a run cut short says so
     assert "2 of 4 epsilons measured" in "\n".join(report_lines(r, "cmd", "fig.png"))
     out = tmp_path / "PERFORMANCE.md"
