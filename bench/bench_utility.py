@@ -235,7 +235,7 @@ def synthesize(ckpt_path: Path, s: Setting, guidance_scale: float) -> tuple[np.n
 
     ckpt = Checkpoint.load(ckpt_path)
     cfg = model_config(s.preset)
-    ae, unet = ckpt.models()
+    ae, unet = ckpt.models(select_device(s.device))
     labels = torch.arange(cfg.num_classes).repeat_interleave(s.per_class)
     latent_scale = ckpt.run_state.latent_scale
     images = draw_images(
