@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -281,6 +282,7 @@ def audit_site(
     the cohort's, from its manifest; default the preset's steps, no guidance); images it flags among the released
     cohort join the memorization flags (they are withheld like near-copies)."""
     device = configure_compute(site)
+    stages = _Stages(site.name)
     ledger = open_ledger(site)
     train, holdout = load_training_data(site, cfg, ledger)
     in_run = ledger.patients_of(run_id) if run_id else set()
@@ -303,6 +305,7 @@ def audit_site(
         len(train),
         len(holdout),
     )
+    stages.done("data")
     mem = memorization_audit(
         synthetic,
         list(synthetic_ids),
@@ -313,6 +316,7 @@ def audit_site(
         nonmember_labels=holdout.labels,
         class_names=list(cfg.class_names),
     )
+    stages.done("memorization")
     ae, unet = build_autoencoder(cfg), build_unet(cfg)
     ae.load_state_dict(ae_state)
     unet.load_state_dict(unet_state)
@@ -334,6 +338,7 @@ def audit_site(
     mem["extraction"] = extraction
     mem["flagged_ids"] = sorted(set(mem["flagged_ids"]) | set(extraction["flagged_ids"]))
     mem["n_near_copies"] = len(mem["flagged_ids"])
+    stages.done("extraction")
     # The calibrated attack's reference: the UNet this run started from at this site (client/reference.py); it
     # never saw the site's records, so every hold-out patient stays a non-member of the test.
     ref_state = reference.load(site, run_id) if run_id else None
@@ -389,6 +394,25 @@ def audit_site(
         delta,
         claimed,
     )
+    stages.done("membership")
+    fid = fidelity(
+        synthetic,
+        synthetic_labels,
+        train,
+        cfg.class_names,
+        references=_fidelity_references(synthetic, holdout, ae, latent_scale, device, noise_level),
+    )
+    stages.done("fidelity")
+    util = utility(
+        synthetic,
+        synthetic_labels,
+        train,
+        holdout,
+        cfg.class_names,
+        device,
+        cnn_steps=site.utility_cnn_steps,
+    )
+    stages.done("utility")
     return {
         "site": site.name,
         "n_members": int(len(train)),
@@ -396,22 +420,21 @@ def audit_site(
         "claimed_privacy": privacy,
         "memorization": mem,
         "membership": membership,
-        "fidelity": fidelity(
-            synthetic,
-            synthetic_labels,
-            train,
-            cfg.class_names,
-            references=_fidelity_references(
-                synthetic, holdout, ae, latent_scale, device, noise_level
-            ),
-        ),
-        "utility": utility(
-            synthetic,
-            synthetic_labels,
-            train,
-            holdout,
-            cfg.class_names,
-            device,
-            cnn_steps=site.utility_cnn_steps,
-        ),
+        "fidelity": fid,
+        "utility": util,
+        "seconds": stages.seconds,
     }
+
+
+class _Stages:
+    """Seconds per stage of a site's audit, logged as each ends: an audit takes minutes, and the site's operator
+    (and the audit.json) see where they went."""
+
+    def __init__(self, site: str):
+        self.site, self.seconds, self.start = site, {}, time.monotonic()
+
+    def done(self, stage: str) -> None:
+        now = time.monotonic()
+        self.seconds[stage] = round(now - self.start, 1)
+        self.start = now
+        log.info("site %s: audit stage %s done in %.1f s", self.site, stage, self.seconds[stage])

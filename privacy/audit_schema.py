@@ -35,7 +35,9 @@ Schema 1.3 (strict JSON: a number that is not finite, e.g. the claimed epsilon o
                                    recognised: {class: share of that class's synthetic images the CNN trained
                                                 on real patients assigns to it (lesion: lesion detectable)},
                                    recognised_holdout: {class: the same share on the real hold-out}}}
-                             (privacy/utility.py; figures rounded to 0.01)}}
+                             (privacy/utility.py; figures rounded to 0.01)}
+                   seconds: {stage: wall seconds at the site} (data, memorization, extraction, membership,
+                            fidelity, utility; where an audit's minutes go; absent from audits made before)}
     worst_case: {figure: {value, site, class, attack}}
     failures: [sites that did not answer]
     flags: [human-readable findings and caveats]

@@ -132,8 +132,16 @@ def run_audit_round(
             failures.append(f"node {m.metadata.src_node_id}: malformed audit reply: {err}")
             continue
         site_results[result["site"]] = result
+        stages = result.get("seconds") or {}
         say(
             f"  audit from {result['site']}: {result['n_members']} members, {result['n_nonmembers']} non-members"
+            + (
+                f"; {sum(stages.values()):.0f} s at the site ("
+                + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
+                + ")"
+                if stages
+                else ""
+            )
         )
     answered = {m.metadata.src_node_id for m in replies}
     failures += [

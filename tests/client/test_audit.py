@@ -84,6 +84,16 @@ def test_overfit_generator_is_caught(tmp_path, site_dir):
     )  # clearly above 0 with 28 + 28 records
     assert result["membership"]["white_box"]["auc"] > 0.75
     assert result["claimed_privacy"]["protection"] == "none"
+    # where the audit's time went, stage by stage (the site's log says it as each ends)
+    assert list(result["seconds"]) == [
+        "data",
+        "memorization",
+        "extraction",
+        "membership",
+        "fidelity",
+        "utility",
+    ]
+    assert all(v >= 0 for v in result["seconds"].values())
     audit = build_audit(
         {site.name: json.loads(json.dumps(result, default=float))}, cohort={"n_images": 20}
     )
