@@ -311,9 +311,17 @@ def restart_superlink(link: SuperLink, progress: Progress = print, kill: bool = 
         _start_superlink_again(link, progress)
 
 
-def _start_superlink_again(link: SuperLink, progress: Progress) -> None:
-    """Start the (dead) SuperLink with its command line and database; the caller holds link.lock."""
-    _favour(link.procs.start("superlink", link.argv, link.env))
+def _start_superlink_again(
+    link: SuperLink, progress: Progress, *, unless_stopped: bool = False
+) -> None:
+    """Start the (dead) SuperLink with its command line and database; the caller holds link.lock.
+    `unless_stopped`: not if it was stopped on purpose meanwhile (a teardown during a supervisor's restart delay:
+    a SuperLink started after it would outlive the deployment)."""
+    with link.procs.lock:  # `stop` marks its names under this lock: checked and started as one step
+        if unless_stopped and "superlink" in link.procs.stopped:
+            progress("SuperLink stopped on purpose during the restart delay; not started again")
+            return
+        _favour(link.procs.start("superlink", link.argv, link.env))
     link.restarts += 1
     _wait_port(link.port, link.procs, "superlink")
     progress(f"SuperLink up again on {link.address} with its state from {link.database}")
@@ -334,7 +342,7 @@ def supervise(link: SuperLink, progress: Progress = print) -> None:
                     f"{SUPERLINK_RESTART_DELAY_S:g}s on its database {link.database}"
                 )
                 time.sleep(SUPERLINK_RESTART_DELAY_S)
-                _start_superlink_again(link, progress)
+                _start_superlink_again(link, progress, unless_stopped=True)
     with link.procs.lock:
         proc = link.procs.procs["superexec"][0]
         if proc.poll() is not None and "superexec" not in link.procs.stopped:

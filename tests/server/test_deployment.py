@@ -348,6 +348,48 @@ def test_a_stop_answered_with_the_superlinks_internal_error_is_judged_by_the_run
     assert (expected in lines[0]) if expected else lines == []
 
 
+def test_a_superlink_stopped_during_the_supervisors_restart_delay_is_not_started_again(
+    tmp_path, monkeypatch
+):
+    """A teardown that stops the SuperLink while a supervisor waits out its restart delay: started after that, the
+    SuperLink would outlive the deployment (nothing would stop it again)."""
+    import os
+    import threading
+    from types import SimpleNamespace
+
+    import server.deployment as deployment
+
+    procs = deployment.Processes(tmp_path)
+    env = dict(os.environ)
+    dead = procs.start("superlink", [sys.executable, "-c", "pass"], env)
+    dead.wait()  # crashed: the supervisor will restart it
+    procs.start("superexec", [sys.executable, "-c", "import time; time.sleep(60)"], env)
+    link = SimpleNamespace(
+        procs=procs,
+        database=tmp_path / "superlink.db",
+        lock=threading.Lock(),
+        argv=[sys.executable, "-c", "import time; time.sleep(60)"],
+        env=env,
+        restarts=0,
+        superexec_restarts=0,
+    )
+    sleep = time.sleep
+
+    def teardown_during_the_delay(seconds):
+        procs.stop("superlink")  # the deployment's exit, from another thread in real life
+        sleep(0)
+
+    monkeypatch.setattr(deployment.time, "sleep", teardown_during_the_delay)
+    lines: list[str] = []
+    try:
+        deployment.supervise(link, lines.append)
+        assert procs.procs["superlink"][0] is dead and link.restarts == 0, lines
+        assert "not started again" in lines[-1]
+    finally:
+        monkeypatch.undo()
+        procs.stop("superlink", "superexec")
+
+
 @pytest.mark.parametrize(
     "status, served_by_current, stopped, handled",
     [
