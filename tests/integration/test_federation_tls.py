@@ -108,6 +108,12 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path, node_configs_for
     assert {"site-0", "site-1"} <= set(audit["sites"])
     assert "site-2" in audit["sites"] or any("site" in f or "node" in f for f in audit["failures"])
     assert "<html" in (run_dir / "audit" / "audit.html").read_text().lower()
+    # each site says where its audit's time went (its log and the server's progress line show the same)
+    assert all(
+        set(site["seconds"])
+        == {"data", "memorization", "extraction", "membership", "fidelity", "utility"}
+        for site in audit["sites"].values()
+    )
 
     # The real cohort and audit become a signed release candidate that verifies; with 4 hold-out patients per site
     # no membership attack has the 10 records the default policy needs, so the gate refuses ("not measured").
