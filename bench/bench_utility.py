@@ -480,9 +480,8 @@ def summary(row: dict) -> dict:
         out["noise_radiomics_tstr"] = _mean(
             [n["radiomics"]["train_synthetic_test_real"]["balanced_accuracy"] for n in noisy]
         )
-        if all(
-            "cnn" in n for n in noisy
-        ):  # runs before session 18 scored only the radiomics with noise
+        # runs before session 18 scored only the radiomics with noise
+        if all("cnn" in n for n in noisy):
             tstr = [ba(n, "cnn", "train_synthetic_test_real") for n in noisy]
             trtr = [ba(s, "cnn", "train_real_test_real") for s in sites]
             out["noise_cnn_tstr"] = _mean(tstr)

@@ -681,7 +681,7 @@ def _follow_run(
     # `flwr log` replays the run's log from its start: each line already passed on is passed on once only
     emitted: Counter[str] = Counter()
     already, replayed = Counter(), Counter()
-    superexec_restarts, orphan_handled, next_check = link.superexec_restarts, False, 0.0
+    judged, next_check = link.superexec_restarts, 0.0  # SuperExec restarts whose run was looked at
     with open(run_log, "rb") as f:
         while True:
             done = proc.poll() is not None
@@ -719,10 +719,11 @@ def _follow_run(
                 link.procs.check_alive("superlink")
             supervise(link, progress)
             run_id = run_id or _started_run_id(run_log)
-            check_due = time.time() >= next_check and not orphan_handled
-            if link.superexec_restarts != superexec_restarts and run_id and check_due:
+            restarts = link.superexec_restarts
+            if restarts != judged and run_id and time.time() >= next_check:
                 next_check = time.time() + 5.0  # each try is a `flwr` process
-                orphan_handled = _stop_if_orphaned(link, run_id, progress)
+                if _stop_if_orphaned(link, run_id, progress):
+                    judged = restarts  # a later restart is judged again
             _supervise_supernodes(link, supernode_restarts, left_down, progress)
             time.sleep(0.2)
     return FederationResult(proc.returncode, status, run_id, logs)
