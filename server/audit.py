@@ -132,17 +132,7 @@ def run_audit_round(
             failures.append(f"node {m.metadata.src_node_id}: malformed audit reply: {err}")
             continue
         site_results[result["site"]] = result
-        stages = result.get("seconds") or {}
-        say(
-            f"  audit from {result['site']}: {result['n_members']} members, {result['n_nonmembers']} non-members"
-            + (
-                f"; {sum(stages.values()):.0f} s at the site ("
-                + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
-                + ")"
-                if stages
-                else ""
-            )
-        )
+        say(site_audit_line(result))
     answered = {m.metadata.src_node_id for m in replies}
     failures += [
         f"node {n}: no audit reply within {timeout:.0f}s" for n in nodes if n not in answered
@@ -157,6 +147,18 @@ def run_audit_round(
         "audit", line + "".join(f"; {f}" for f in failures), elapsed=round(time.time() - t0, 3)
     )
     return paths
+
+
+def site_audit_line(result: dict[str, Any]) -> str:
+    """The progress line for one site's audit reply: its counts and where its minutes went."""
+    line = f"  audit from {result['site']}: {result['n_members']} members, {result['n_nonmembers']} non-members"
+    stages = result.get("seconds")
+    if not isinstance(stages, dict) or not stages:
+        return line  # a site of an earlier version sends no stage times
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stages.values()):
+        return line + "; its stage times are malformed"
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
+    return line + f"; {sum(stages.values()):.0f} s at the site ({parts})"
 
 
 def write_cohort_audit(
