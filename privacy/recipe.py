@@ -66,10 +66,10 @@ class DPRecipe:
     class_dropout: float
     guidance_scale: float
     lesion_weight: float
-    autoencoder_rounds: (
-        int  # DP rounds of the public autoencoder at the sites before the diffusion rounds
-    )
-    lr_autoencoder: float  # their RunConfig keys (lr-autoencoder, dp-trainable-autoencoder)
+    # DP rounds of the public autoencoder at the sites before the diffusion rounds, and their RunConfig keys
+    # (lr-autoencoder, dp-trainable-autoencoder)
+    autoencoder_rounds: int
+    lr_autoencoder: float
     dp_trainable_autoencoder: str
 
     def as_dict(self) -> dict:

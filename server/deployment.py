@@ -744,22 +744,25 @@ def _stop_if_orphaned(link: SuperLink, run_id: int, progress: Progress) -> bool:
         return True
     if status != "running":
         return False
-    if link.procs.procs["superexec"][0].pid in serverapp_parents(link.flwr_home):
+    if link.procs.procs["superexec"][0].pid in serverapps(link.flwr_home).values():
         return True  # served by the current SuperExec: nothing died with the one before
     return _stop_run(link, run_id, progress)
 
 
-def serverapp_parents(flwr_home: Path) -> set[int]:
-    """The SuperExec pid (`--parent-pid`) of each live ServerApp process with FLWR_HOME=flwr_home."""
-    parents = set()
+def serverapps(flwr_home: Path) -> dict[int, int]:
+    """Live ServerApp processes with FLWR_HOME=flwr_home: {pid: the SuperExec pid that started it (`--parent-pid`;
+    0 if its command line has none)}."""
+    found = {}
     for pid in flwr_processes(flwr_home):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if any(a.endswith(b"flwr-serverapp") for a in argv) and b"--parent-pid" in argv:
-                parents.add(int(argv[argv.index(b"--parent-pid") + 1]))
+            if any(a.endswith(b"flwr-serverapp") for a in argv):
+                found[pid] = (
+                    int(argv[argv.index(b"--parent-pid") + 1]) if b"--parent-pid" in argv else 0
+                )
         except (OSError, ValueError, IndexError):
             continue
-    return parents
+    return found
 
 
 def _stop_run(link: SuperLink, run_id: int, progress: Progress) -> bool:

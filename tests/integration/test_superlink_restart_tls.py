@@ -36,7 +36,8 @@ from common.config import SiteConfig
 from common.phantoms import make_phantom_sites
 from server.checkpoint import Checkpoint
 from server.demo import write_app_dir
-from server.deployment import flwr_processes, local_superlink, local_supernodes, run_app
+from server.deployment import local_superlink, local_supernodes, run_app
+from server.deployment import serverapps as deployment_serverapps
 
 pytestmark = pytest.mark.slow
 
@@ -164,17 +165,6 @@ def test_superlink_killed_mid_round_restarts_from_its_database_and_the_run_survi
     assert _assert_each_round_charged_once(run_dir, node_configs) == run_id_before
 
 
-def _serverapps(link) -> list[int]:
-    pids = []
-    for pid in flwr_processes(link.flwr_home):
-        try:
-            if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(pid)
-        except OSError:
-            continue
-    return pids
-
-
 def test_the_coordinating_machine_reboots_after_the_sites_trained_the_last_round_and_the_run_still_finishes(
     tmp_path, wait_for_file, database_dir, federation
 ):
@@ -191,7 +181,7 @@ def test_the_coordinating_machine_reboots_after_the_sites_trained_the_last_round
                 )
                 wait_for_file(run_dir / "checkpoints" / "round-001.pt", running, timeout=420)
                 run_id = Checkpoint.load(run_dir / "checkpoints" / "latest.pt").run_state.run_id
-                serverapps = _serverapps(link)
+                serverapps = list(deployment_serverapps(link.flwr_home))
                 assert serverapps, "no ServerApp process found"
                 # freeze the ServerApp once round 2 is sent (a site has charged its ledger for it): it waits for
                 # both sites' updates, so it cannot have aggregated them yet
