@@ -57,7 +57,7 @@ MAX_SUPEREXEC_RESTARTS = 5  # a SuperExec that keeps dying is a configuration er
 # (deploy/systemd/fedsynth-supernode.service: Restart=always): Flower 1.41 SuperNodes exit on an HTTP 500 from
 # a SuperLink that restarted or starved (seen in CI). One stopped on purpose (Processes.stop) stays down.
 MAX_SUPERNODE_RESTARTS = 3
-MAX_RESUBMITS = 2  # a run failed by the SuperLink (restart, HTTP 5xx) is submitted again (it resumes) at most this often
+MAX_RESUBMITS = 2  # a run failed by the SuperLink (restart, HTTP 5xx, refused push) is submitted again (it resumes) at most this often
 log = logging.getLogger("fedsynth.deployment")
 Progress = Callable[[str], None]
 
@@ -607,9 +607,9 @@ def run_app(
     A SuperNode that exits on its own is started again (MAX_SUPERNODE_RESTARTS); one stopped on purpose stays down
     and its site drops out. Without a database a dead SuperLink fails the run.
     With one, the SuperLink's processes are supervised (`supervise`) and the run is followed across a restart;
-    a run that ends failed after a SuperLink restart, or on the SuperLink's own HTTP 5xx error, is submitted
-    again, at most MAX_RESUBMITS times, with the same run config: the app resumes from the run-dir's last
-    checkpoint. So is a run whose ServerApp failed on a transport error before it ever ran (it sent nothing to a
+    a run that ends failed after a SuperLink restart, or on the SuperLink's own failure (an HTTP 5xx answer, a
+    refused object push), is submitted again, at most MAX_RESUBMITS times, with the same run config: the app
+    resumes from the run-dir's last checkpoint. So is a run whose ServerApp failed on a transport error before it ever ran (it sent nothing to a
     site).
     """
     overrides = write_flat_toml(link.work_dir / "run-config.toml", run_config)
@@ -651,7 +651,8 @@ def run_app(
     raise DeploymentError(
         f"the Flower run ended with status {result.status!r} (flwr exit code {result.returncode}); last lines "
         f"of {result.logs['run']}:\n{_tail(result.logs['run'])}\nlast lines of {result.logs['superlink']}:\n"
-        f"{_tail(result.logs['superlink'], 15)}"
+        f"{_tail(result.logs['superlink'], 15)}\nits last errors and warnings:\n"
+        f"{_superlink_complaints(result.logs['superlink'])}"
     )
 
 
@@ -857,17 +858,35 @@ def _failed_before_running(link: SuperLink, run_id: int | None) -> str:
 
 
 _SERVER_ERROR = re.compile(r"Server error '(5\d\d [^']*)' for url '[^']*?(/v1/[^']*)'")
+_PUSH_REFUSED = re.compile(r"ObjectPushError: Failed to push object with ID '([0-9a-f]{8})")
 
 
 def _superlink_server_error(run_log: Path) -> str:
-    """The SuperLink's own failure that ended a ServerApp, as the run's log shows it: an HTTP 5xx on one of its
-    calls (CI saw a heartbeat answered 500 while the SuperLink's SQLite was busy under load); "" if none. The
-    ServerApp talks to no one else, so such a failure is the coordinating machine's, not the app's."""
+    """The SuperLink's own failure that ended a ServerApp, as the run's log shows it; "" if none. Either an HTTP
+    5xx on one of its calls (CI saw a heartbeat answered 500 while the SuperLink's SQLite was busy under load) or
+    its refusal to store an object of a message the ServerApp was sending (Flower's ObjectPushError: the SuperLink
+    dropped the push session; CI saw it once mid-round, in memory, under load). The ServerApp talks to no one else,
+    so such a failure is the coordinating machine's, not the app's."""
     try:
-        found = _SERVER_ERROR.search(run_log.read_text(errors="replace"))
+        text = run_log.read_text(errors="replace")
     except OSError:
         return ""
-    return f"{found[1]} on {found[2]}" if found else ""
+    if found := _SERVER_ERROR.search(text):
+        return f"{found[1]} on {found[2]}"
+    if found := _PUSH_REFUSED.search(text):
+        return f"refusal to store object {found[1]}... of a message (ObjectPushError)"
+    return ""
+
+
+def _superlink_complaints(superlink_log: Path, n: int = 8) -> str:
+    """The last `n` ERROR/WARNING lines of the SuperLink's log (its own account of a failure, which may lie far
+    above the log's last lines)."""
+    try:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", superlink_log.read_text(errors="replace"))
+    except OSError:
+        return f"(no log at {superlink_log})"
+    lines = [line for line in text.splitlines() if line.startswith(("ERROR", "WARNING"))]
+    return "\n".join(lines[-n:]) or "(none)"
 
 
 def _run_status(link: SuperLink, run_id: int | None) -> str:

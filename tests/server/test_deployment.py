@@ -318,6 +318,36 @@ def test_a_run_ended_by_the_superlinks_own_server_error_is_told_from_an_app_fail
     assert _superlink_server_error(app_failed) == ""
     assert _superlink_server_error(tmp_path / "missing.log") == ""
 
+    # CI: the SuperLink dropped the push session of a round's messages while the ServerApp was still sending them
+    push_refused = tmp_path / "flwr-run-3.log"
+    push_refused.write_text(
+        '  File "/app/server/training.py", line 351, in _round\n'
+        "    replies = list(self.grid.send_and_receive(messages, timeout=self.run.round_timeout))\n"
+        "flwr.supercore.inflatable.inflatable_utils.ObjectPushError: Failed to push object with ID "
+        "'6e4bbfb71d788e7eccb096f6f8ee11fafd29b51f14f1b6e2060b41c30afe19a3' for run 812 using session 'ab-12'. "
+        "The push session may have expired or been replaced.\n"
+    )
+    assert _superlink_server_error(push_refused) == (
+        "refusal to store object 6e4bbfb7... of a message (ObjectPushError)"
+    )
+
+
+def test_a_failed_runs_error_carries_the_superlinks_own_complaints(tmp_path):
+    """The SuperLink's account of a failure may lie far above its log's last lines (CI: 15 lines of polling after
+    it): the error quotes its last ERROR and WARNING lines, whatever follows them."""
+    from server.deployment import _superlink_complaints
+
+    log = tmp_path / "superlink.log"
+    log.write_text(
+        "INFO :      Starting\n"
+        "\x1b[91mERROR \x1b[0m:     Failed to store object 6e4b: database is locked\n"
+        "WARNING :   heartbeat late\n" + "INFO :      ControlServicer.ListRuns\n" * 40
+    )
+    assert _superlink_complaints(log) == (
+        "ERROR :     Failed to store object 6e4b: database is locked\nWARNING :   heartbeat late"
+    )
+    assert _superlink_complaints(tmp_path / "none.log") == f"(no log at {tmp_path / 'none.log'})"
+
 
 @pytest.mark.parametrize(
     "status, expected, done",
