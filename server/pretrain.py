@@ -158,7 +158,11 @@ def load_public(folder: Path | str, cfg: ModelConfig) -> SiteData:
 def train_autoencoder(
     cfg: ModelConfig, pre: PretrainConfig, images: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    ae = build_autoencoder(cfg)
+    # 2D: channels-last convolutions, the same float32 arithmetic in an order oneDNN runs 1.2x faster here
+    # (bench_precision); 3D is left as it is (not measured)
+    layout = torch.channels_last if cfg.spatial_dims == 2 else torch.contiguous_format
+    ae = build_autoencoder(cfg).to(memory_format=layout)
+    images = images.contiguous(memory_format=layout)
     opt = torch.optim.Adam(ae.parameters(), lr=pre.lr_autoencoder)
     schedule = lr_scheduler(opt, pre.lr_schedule, pre.lr_autoencoder, pre.autoencoder_steps)
     bar = Stage(
@@ -173,7 +177,10 @@ def train_autoencoder(
         if schedule is not None:
             schedule.step()
         bar.update(step + 1, loss=loss.detach())
-    return {k: v.detach().clone() for k, v in ae.state_dict().items()}
+    return {
+        k: v.detach().clone(memory_format=torch.contiguous_format)
+        for k, v in ae.state_dict().items()
+    }
 
 
 def train_unet(

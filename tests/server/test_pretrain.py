@@ -94,6 +94,9 @@ def test_the_checkpoint_records_where_it_came_from_and_is_written_atomically(pre
     assert (p["lr_schedule"], p["lr_autoencoder"], p["lr_diffusion"]) == ("one-cycle", 2e-3, 1e-3)
     assert ckpt.run_state.latent_scale == pytest.approx(p["latent_scale"]) != 1.0
     assert [f.name for f in pretrained.parent.iterdir() if f.name.startswith(".")] == []
+    # trained channels-last, stored in the plain layout every reader expects
+    for part in (ckpt.autoencoder, ckpt.unet):
+        assert all(w.dtype == torch.float32 and w.is_contiguous() for w in part.values())
 
 
 def test_healthy_only_public_data_trains_the_null_class_and_starts_the_unseen_class_at_null(
