@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 from flwr.app import (
@@ -84,9 +85,28 @@ logging.getLogger(
 silence_known_noise()  # this process loads every scan of the site: MONAI's reader warning would repeat per file
 
 
+SITE_LOG = "site.log"  # in the site's state folder: the site's own record, never sent
+
+
+def keep_site_log(site: SiteConfig) -> Path:
+    """Every `fedsynth` record of this process also goes to `<state>/site.log` (appended; one handler per file
+    however many messages the process serves). Flower's SuperNode does not keep a ClientApp's output, and this log
+    holds what stays at the site: the loss, the exact patient counts, a central-DP update's unclipped norm."""
+    path = (site.state_path / SITE_LOG).resolve()
+    logger = logging.getLogger("fedsynth")
+    if not any(getattr(h, "baseFilename", None) == str(path) for h in logger.handlers):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return path
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     site = SiteConfig.from_flwr(context.node_config)
+    keep_site_log(site)
     try:
         plan = RoundPlan.from_record(msg.content.config_records.get(messages.CONFIG))
         arrays = msg.content[messages.ARRAYS].to_torch_state_dict()
@@ -144,6 +164,7 @@ def audit(msg: Message, context: Context) -> Message:
     from client.audit_admission import admit
 
     site = SiteConfig.from_flwr(context.node_config)
+    keep_site_log(site)
     request = AuditRequest.from_record(msg.content.config_records.get(messages.CONFIG))
     ok, reason = admit(
         site, request.run_id, request.checkpoint_sha256, request.cohort_manifest_sha256

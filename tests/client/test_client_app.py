@@ -7,7 +7,7 @@ import pytest
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.client_app import audit, central_dp_clipping_mod, train
+from client.client_app import SITE_LOG, audit, central_dp_clipping_mod, train
 from client.task import load_training_data, open_ledger
 from common import messages
 from common.config import SiteConfig, model_config
@@ -60,6 +60,21 @@ def test_a_default_reply_carries_no_loss_and_no_patient_count(tmp_path, site_dir
     assert _patients(site_dir) not in privacy.values()  # the exact count is nowhere
 
 
+def test_what_stays_at_the_site_is_in_the_sites_own_log(tmp_path, site_dir):
+    """The site's log (its state folder's site.log) has the round's loss, which the reply withheld; the same
+    message delivered again to the same process appends its own line, once (no handler added twice)."""
+    msg = _train_message()
+    train(msg, _context(site_dir, tmp_path / "state"))
+    log = tmp_path / "state" / SITE_LOG
+    lines = log.read_text().splitlines()
+    trained = [line for line in lines if "round 1 autoencoder: loss" in line]
+    assert len(trained) == 1 and "fedsynth.site INFO" in trained[0]
+    train(msg, _context(site_dir, tmp_path / "state"))  # answered from the ledger
+    again = log.read_text().splitlines()
+    assert again[: len(lines)] == lines
+    assert len([line for line in again if "released before" in line]) == 1
+
+
 def test_a_site_that_opts_in_reports_its_loss_and_count(tmp_path, site_dir):
     context = _context(site_dir, tmp_path / "state", **{"report-training-stats": True})
     reply = train(_train_message(), context)
@@ -79,7 +94,9 @@ def test_a_plan_with_a_renamed_key_is_refused_with_an_error_naming_it(tmp_path, 
     status = TrainStatus.from_record(reply.content[messages.STATUS])
     assert "MessageError" in status.error and "'latent_scale'" in status.error
     assert messages.ARRAYS not in reply.content
-    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir())
+    # nothing recorded in the site's state but its own log, which says why
+    assert [p.name for p in (tmp_path / "state").iterdir()] == [SITE_LOG]
+    assert "training round failed" in (tmp_path / "state" / SITE_LOG).read_text()
 
 
 def test_an_audit_for_a_run_the_site_never_trained_in_is_refused(tmp_path, site_dir):

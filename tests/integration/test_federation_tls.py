@@ -6,10 +6,13 @@ the sites, a cohort whose manifest verifies, and the federated audit report.
 """
 
 import json
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from client.client_app import SITE_LOG
 from client.task import load_training_data
 from common.config import RunConfig, SiteConfig, model_config
 from common.phantoms import make_phantom_sites
@@ -79,6 +82,11 @@ def test_tls_federation_trains_synthesizes_and_audits(tmp_path, node_configs_for
     assert all(m["loss"] > 0 and m["num-examples"] == trained["site-0"] for m in opted_in)
     # by default neither the loss nor the patient count leaves a site (issue 9, item 5)
     assert not any("loss" in m or "num-examples" in m for m in ok if m["site"] == "site-1")
+    # ... they stay in the site's own log, which the real ClientApp processes wrote, with the refusal at site-2
+    site_logs = {c["site-name"]: Path(c["state-dir"]) / SITE_LOG for c in node_configs}
+    for s in ("site-0", "site-1"):
+        assert len(re.findall(rf"site {s} round \d \w+: loss", site_logs[s].read_text())) == 2, s
+    assert "site site-2 refuses round 1" in site_logs["site-2"].read_text()
 
     record_privacy = json.loads((run_dir / "privacy.json").read_text())
     assert record_privacy["client_level"]["protection"] == "none"  # central DP is off in this run
