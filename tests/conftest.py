@@ -43,6 +43,17 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path not in slow_files)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Each pytest worker computes on one thread. The suite runs two workers on two cores beside the end-to-end
+    tests' own processes; torch's default (a thread per core) then oversubscribes the CPU, and an in-process test
+    that takes 26 s alone took 233 s in the suite (test_audit's DP case). The processes the tests start choose
+    their own threads (`threads` in their configs)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def task_identity(monkeypatch):
     """Flower stamps new messages with the running task's identity; outside a deployment there is none: this one
