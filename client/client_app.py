@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,11 @@ def keep_site_log(site: SiteConfig) -> Path:
 def train(msg: Message, context: Context) -> Message:
     site = SiteConfig.from_flwr(context.node_config)
     keep_site_log(site)
+    logging.getLogger("fedsynth.site").info(
+        "site %s: train message received (this process started %.1f s ago)",
+        site.name,
+        _process_age(),
+    )
     try:
         plan = RoundPlan.from_record(msg.content.config_records.get(messages.CONFIG))
         arrays = msg.content[messages.ARRAYS].to_torch_state_dict()
@@ -165,6 +171,11 @@ def audit(msg: Message, context: Context) -> Message:
 
     site = SiteConfig.from_flwr(context.node_config)
     keep_site_log(site)
+    logging.getLogger("fedsynth.site").info(
+        "site %s: audit message received (this process started %.1f s ago)",
+        site.name,
+        _process_age(),
+    )
     request = AuditRequest.from_record(msg.content.config_records.get(messages.CONFIG))
     ok, reason = admit(
         site, request.run_id, request.checkpoint_sha256, request.cohort_manifest_sha256
@@ -189,6 +200,19 @@ def audit(msg: Message, context: Context) -> Message:
     )
     reply = AuditReply(json.dumps(result, default=_json_default))
     return Message(content=RecordDict({messages.AUDIT: reply.to_record()}), reply_to=msg)
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Flower starts a ClientApp process per message: the start-up, mostly
+    importing torch and MONAI, is part of every round's time)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def _json_default(value):

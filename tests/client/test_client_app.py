@@ -1,6 +1,7 @@
 """The ClientApp's train handler, called as Flower calls it: what a site's reply carries (and what it does not)."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -69,6 +70,10 @@ def test_what_stays_at_the_site_is_in_the_sites_own_log(tmp_path, site_dir):
     lines = log.read_text().splitlines()
     trained = [line for line in lines if "round 1 autoencoder: loss" in line]
     assert len(trained) == 1 and "fedsynth.site INFO" in trained[0]
+    received = re.search(
+        r"site-0: train message received \(this process started ([\d.]+) s ago\)", lines[0]
+    )
+    assert received and float(received[1]) > 0
     train(msg, _context(site_dir, tmp_path / "state"))  # answered from the ledger
     again = log.read_text().splitlines()
     assert again[: len(lines)] == lines
