@@ -18,15 +18,9 @@ from pathlib import Path
 
 import torch
 
+from bench.bench_precision import loops
 from bench.report import write_block
 from common.config import model_config
-from common.model import (
-    autoencoder_loss,
-    build_autoencoder,
-    build_unet,
-    ddpm_scheduler,
-    diffusion_loss,
-)
 from server.demo import DEMO_PLANS, DemoOptions, demo_recipe
 
 DP_OVERHEAD = 1 / 0.66  # bookkeeping DP-SGD vs a plain step (docs/PERFORMANCE.md, bench_dp)
@@ -44,37 +38,10 @@ def _per_example(fn, batch: int, repeats: int) -> float:
 
 
 def measure(preset: str, repeats: int) -> dict[str, float]:
-    cfg = model_config(preset)
-    torch.manual_seed(0)
-    ae, unet = build_autoencoder(cfg), build_unet(cfg)
-    scheduler = ddpm_scheduler(cfg)
-    x = torch.rand(16, *cfg.image_shape)
-    z = torch.randn(16, *cfg.latent_shape)
-    y = torch.zeros(16, dtype=torch.long)
-    ae_opt, unet_opt = torch.optim.Adam(ae.parameters()), torch.optim.Adam(unet.parameters())
-
-    def ae_step():
-        loss = autoencoder_loss(ae, x, 1e-6).mean()
-        ae_opt.zero_grad()
-        loss.backward()
-        ae_opt.step()
-
-    def unet_step():
-        loss = diffusion_loss(unet, scheduler, z, y).mean()
-        unet_opt.zero_grad()
-        loss.backward()
-        unet_opt.step()
-
-    zf, yf = torch.randn(64, *cfg.latent_shape), torch.zeros(64, dtype=torch.long)
-
-    @torch.no_grad()
-    def forward():
-        unet(zf, timesteps=torch.full((64,), 100), class_labels=yf)
-
+    """Seconds per example of each of the demo's inner loops (bench_precision's loops, in plain float32)."""
     return {
-        "autoencoder train": _per_example(ae_step, 16, repeats),
-        "UNet train": _per_example(unet_step, 16, repeats),
-        "UNet forward": _per_example(forward, 64, repeats),
+        name: _per_example(lambda fn=fn: fn("float32"), batch, repeats)
+        for name, (batch, fn) in loops(preset).items()
     }
 
 
