@@ -57,7 +57,8 @@ MAX_SUPEREXEC_RESTARTS = 5  # a SuperExec that keeps dying is a configuration er
 # (deploy/systemd/fedsynth-supernode.service: Restart=always): Flower 1.41 SuperNodes exit on an HTTP 500 from
 # a SuperLink that restarted or starved (seen in CI). One stopped on purpose (Processes.stop) stays down.
 MAX_SUPERNODE_RESTARTS = 3
-MAX_RESUBMITS = 2  # a run failed by the SuperLink (restart, HTTP 5xx, refused push) is submitted again (it resumes) at most this often
+# a run failed by the SuperLink (restart, HTTP 5xx, refused push) is submitted again (it resumes) at most this often
+MAX_RESUBMITS = 2
 log = logging.getLogger("fedsynth.deployment")
 Progress = Callable[[str], None]
 
@@ -609,8 +610,8 @@ def run_app(
     With one, the SuperLink's processes are supervised (`supervise`) and the run is followed across a restart;
     a run that ends failed after a SuperLink restart, or on the SuperLink's own failure (an HTTP 5xx answer, a
     refused object push), is submitted again, at most MAX_RESUBMITS times, with the same run config: the app
-    resumes from the run-dir's last checkpoint. So is a run whose ServerApp failed on a transport error before it ever ran (it sent nothing to a
-    site).
+    resumes from the run-dir's last checkpoint. So is a run whose ServerApp failed on a transport error before it
+    ever ran (it sent nothing to a site).
     """
     overrides = write_flat_toml(link.work_dir / "run-config.toml", run_config)
     argv = [
