@@ -84,12 +84,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tail(path: Path, n: int = 40) -> str:
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")  # Flower's coloured log levels
+
+
+def _log_lines(path: Path) -> list[str] | None:
+    """A log's lines without colour codes; None if it cannot be read."""
     try:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace"))
-        return "\n".join(text.splitlines()[-n:])
+        return _COLOURS.sub("", path.read_text(errors="replace")).splitlines()
     except OSError:
-        return f"(no log at {path})"
+        return None
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    lines = _log_lines(path)
+    return f"(no log at {path})" if lines is None else "\n".join(lines[-n:])
 
 
 def toml_value(key: str, value: Any) -> str:
@@ -689,7 +697,7 @@ def _follow_run(
             done = proc.poll() is not None
             *lines, pending = (pending + f.read()).split(b"\n")
             for line in [*lines, pending] if done else lines:
-                text = re.sub(r"\x1b\[[0-9;]*m", "", line.decode(errors="replace")).rstrip()
+                text = _COLOURS.sub("", line.decode(errors="replace")).rstrip()
                 if not text.strip() or text.startswith("$ "):
                     continue
                 replayed[text] += 1
@@ -882,12 +890,11 @@ def _superlink_server_error(run_log: Path) -> str:
 def _superlink_complaints(superlink_log: Path, n: int = 8) -> str:
     """The last `n` ERROR/WARNING lines of the SuperLink's log (its own account of a failure, which may lie far
     above the log's last lines)."""
-    try:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", superlink_log.read_text(errors="replace"))
-    except OSError:
+    lines = _log_lines(superlink_log)
+    if lines is None:
         return f"(no log at {superlink_log})"
-    lines = [line for line in text.splitlines() if line.startswith(("ERROR", "WARNING"))]
-    return "\n".join(lines[-n:]) or "(none)"
+    complaints = [line for line in lines if line.startswith(("ERROR", "WARNING"))]
+    return "\n".join(complaints[-n:]) or "(none)"
 
 
 def _run_status(link: SuperLink, run_id: int | None) -> str:
